@@ -1,1 +1,37 @@
-//! placeholder
+//! # herald-engine
+//!
+//! Herald's runtime, a thin layer over `herald-operators` (pure dataflow logic) and
+//! `herald-connectors` (I/O):
+//!
+//! - [`driver`]: runs the segment dataflow on timely workers in event time and collects
+//!   the membership changes.
+//! - [`replay`]: the `herald replay` job: read segment file, events, snapshots and lists;
+//!   run the driver; write changes (JSONL + Parquet) and dead letters; summarise.
+//! - [`check`]: the `herald check` command: validate a segment file and explain its plan.
+
+pub mod check;
+pub mod driver;
+pub mod replay;
+
+/// Errors of the engine. Each says whose fault it is: the user's input, an external
+/// system, or Herald itself.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A command-line or configuration mistake (user input; fix and retry).
+    #[error("{0}")]
+    Usage(String),
+    /// A segment file that does not parse or check (user input).
+    #[error("{path}:{err}")]
+    Segments {
+        /// The segment file.
+        path: String,
+        /// What is wrong and where.
+        err: herald_operators::lang::parse::SegmentError,
+    },
+    /// Reading or writing a file or object failed (external system; a retry may help).
+    #[error(transparent)]
+    Io(#[from] herald_connectors::ConnectorError),
+    /// The dataflow failed (internal).
+    #[error("dataflow failed: {0}")]
+    Dataflow(String),
+}

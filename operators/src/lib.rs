@@ -10,8 +10,11 @@
 //! - `dataflow`: the timely/differential operators that keep every segment's membership
 //!   exact as facts arrive and as time passes.
 
+pub mod dataflow;
+pub mod eval;
 pub mod event;
 pub mod lang;
+pub mod plan;
 pub mod time;
 pub mod value;
 

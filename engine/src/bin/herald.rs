@@ -1,1 +1,126 @@
-fn main() {}
+//! The `herald` command line: a thin layer over `herald-engine`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use herald_engine::replay::{replay, ReplayArgs, ReplaySummary};
+use herald_engine::EngineError;
+
+/// Herald: live customer segments as an incremental dataflow.
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replay events and profile snapshots from files in event time; write every
+    /// segment membership change.
+    Replay {
+        /// The segment file.
+        #[arg(long, value_name = "FILE")]
+        segments: String,
+        /// Event JSONL files (local paths, file:// or s3:// URLs), read in order.
+        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        events: Vec<String>,
+        /// A profile snapshot (Parquet) and the instant it applies at: PATH@RFC3339.
+        /// Repeat for several snapshots.
+        #[arg(long, value_name = "PATH@RFC3339")]
+        profiles: Vec<String>,
+        /// Run the clock up to this instant, so lapses after the last event are emitted.
+        #[arg(long, value_name = "RFC3339")]
+        until: String,
+        /// Output directory.
+        #[arg(long, value_name = "DIR")]
+        out: String,
+        /// Timely worker threads.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+    },
+    /// Validate a segment file and print each segment's plan, showing what is shared.
+    Check {
+        /// The segment file.
+        file: String,
+    },
+}
+
+fn print_summary(s: &ReplaySummary, out: &str) {
+    let secs = s.dataflow_time.as_secs_f64().max(1e-9);
+    let total = (s.read_time + s.dataflow_time + s.write_time).as_secs_f64().max(1e-9);
+    println!(
+        "replayed {} events ({} lines, {} rejected, {} duplicates) -> {} changes in {}",
+        s.applied,
+        s.lines,
+        s.rejected.values().sum::<u64>(),
+        s.duplicates,
+        s.changes,
+        out
+    );
+    println!(
+        "throughput: {:.0} events/s in the dataflow ({:.2} s), {:.0} events/s end to end ({:.2} s: read {:.2} s, write {:.2} s)",
+        s.applied as f64 / secs,
+        secs,
+        s.applied as f64 / total,
+        total,
+        s.read_time.as_secs_f64(),
+        s.write_time.as_secs_f64()
+    );
+    if !s.rejected.is_empty() {
+        let reasons: Vec<String> = s.rejected.iter().map(|(r, n)| format!("{r}={n}")).collect();
+        println!("dead letters by reason: {}", reasons.join(", "));
+    }
+    println!("segment sizes at --until:");
+    let width = s.sizes.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (name, size) in &s.sizes {
+        println!("  {name:<width$}  {size}");
+    }
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: Result<(), EngineError> = match cli.command {
+        Command::Replay {
+            segments,
+            events,
+            profiles,
+            until,
+            out,
+            workers,
+        } => {
+            let args = ReplayArgs {
+                segments,
+                events,
+                profiles,
+                until,
+                out: out.clone(),
+                workers,
+                progress: std::io::stderr().is_terminal(),
+            };
+            replay(&args).map(|s| print_summary(&s, &out))
+        }
+        Command::Check { file } => herald_engine::check::check(&file).map(|report| print!("{report}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            match e {
+                EngineError::Usage(_) | EngineError::Segments { .. } => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}

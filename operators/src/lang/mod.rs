@@ -5,4 +5,6 @@
 //! is returned.
 
 pub mod ast;
+mod display;
+mod lower;
 pub mod parse;

@@ -1,0 +1,225 @@
+//! `herald replay`: the segment engine over files, in event time.
+//!
+//! Owns [`ReplayArgs`] (what the user typed) -> [`replay`] -> [`ReplaySummary`]: read the
+//! segment file, events (JSONL, local or object store), profile snapshots (Parquet) and
+//! static lists (CSV); run the dataflow up to `--until`; write
+//! `OUT/segment_changes.jsonl`, `OUT/segment_changes.parquet` and `OUT/dead_letters.jsonl`.
+//! The output depends only on the input, never on the worker count or the run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use herald_connectors::events::{read_events, DEFAULT_DEDUP_HORIZON_MS};
+use herald_connectors::sink::{
+    write_changes_jsonl, write_changes_parquet, write_dead_letters_jsonl, SegmentChange,
+};
+use herald_operators::event::Limits;
+use herald_operators::plan::SegmentKind;
+use herald_operators::time::parse_rfc3339_ms;
+use indicatif::ProgressBar;
+
+use crate::check::load_segments;
+use crate::driver::{run_dataflow, ChangeRow, DataflowInput};
+use crate::EngineError;
+
+/// The replay command's arguments, as typed.
+#[derive(Clone, Debug)]
+pub struct ReplayArgs {
+    /// Segment file (path or URL).
+    pub segments: String,
+    /// Event JSONL files (paths or URLs), read in this order.
+    pub events: Vec<String>,
+    /// Profile snapshots, each `PATH@RFC3339`.
+    pub profiles: Vec<String>,
+    /// Run the clock up to this instant (RFC 3339).
+    pub until: String,
+    /// Output directory (path or URL).
+    pub out: String,
+    /// Timely worker threads.
+    pub workers: usize,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default)]
+pub struct ReplaySummary {
+    /// Members per segment at `until`, in file order.
+    pub sizes: Vec<(String, i64)>,
+    /// Input lines read.
+    pub lines: u64,
+    /// Events accepted (after dedup).
+    pub accepted: u64,
+    /// Events applied (accepted, at or before `until`).
+    pub applied: u64,
+    /// Accepted events after `until`, not applied.
+    pub after_until: u64,
+    /// Rejected messages by reason (all in the dead-letter file).
+    pub rejected: BTreeMap<String, u64>,
+    /// Duplicates ignored.
+    pub duplicates: u64,
+    /// Changes written.
+    pub changes: u64,
+    /// Time spent reading and parsing inputs.
+    pub read_time: Duration,
+    /// Time spent in the dataflow.
+    pub dataflow_time: Duration,
+    /// Time spent writing outputs.
+    pub write_time: Duration,
+    /// Warnings for the user (e.g. warehouse segments that replay does not run).
+    pub warnings: Vec<String>,
+}
+
+/// Parses `PATH@RFC3339` (the last `@` separates: URLs may contain `@`).
+pub fn parse_profile_arg(arg: &str) -> Result<(String, i64), EngineError> {
+    let (path, at) = arg.rsplit_once('@').ok_or_else(|| {
+        EngineError::Usage(format!(
+            "--profiles '{arg}' must be PATH@RFC3339, e.g. profiles.parquet@2026-03-01T00:00:00Z"
+        ))
+    })?;
+    let at = parse_rfc3339_ms(at)
+        .map_err(|e| EngineError::Usage(format!("--profiles '{arg}': {e}")))?;
+    Ok((path.to_string(), at))
+}
+
+/// Resolves a list URL written in a segment file: a relative local path is relative to
+/// the segment file's directory.
+fn resolve_relative(segments: &str, url: &str) -> String {
+    if url.contains("://") || Path::new(url).is_absolute() || segments.contains("://") {
+        return url.to_string();
+    }
+    match Path::new(segments).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(url).to_string_lossy().into_owned(),
+        _ => url.to_string(),
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.trim_end_matches('/'))
+}
+
+/// Runs a replay; see the module docs.
+pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
+    let until = parse_rfc3339_ms(&args.until)
+        .map_err(|e| EngineError::Usage(format!("--until: {e}")))?;
+    let profiles = args
+        .profiles
+        .iter()
+        .map(|p| parse_profile_arg(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.workers == 0 {
+        return Err(EngineError::Usage("--workers must be at least 1".into()));
+    }
+    let mut summary = ReplaySummary::default();
+    let started = Instant::now();
+    let (_file, plan) = load_segments(&args.segments)?;
+
+    let mut lists = BTreeMap::new();
+    for (i, seg) in plan.segments.iter().enumerate() {
+        match &seg.kind {
+            SegmentKind::List { url, .. } => {
+                let url = resolve_relative(&args.segments, url);
+                let members: BTreeSet<String> =
+                    herald_connectors::csvlist::read_user_list(&url)?;
+                lists.insert(i, members);
+            }
+            SegmentKind::Warehouse { .. } => summary.warnings.push(format!(
+                "segment '{}' is FROM WAREHOUSE: replay does not run warehouse queries, so it has no members here",
+                seg.name
+            )),
+            SegmentKind::Expr(_) => {}
+        }
+    }
+
+    let threads = args.workers.max(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let batch = read_events(
+        &args.events,
+        Limits::default(),
+        DEFAULT_DEDUP_HORIZON_MS,
+        threads,
+    )?;
+    let mut snapshots = Vec::with_capacity(profiles.len());
+    for (path, at) in &profiles {
+        let snap = herald_connectors::snapshot::read_snapshot(path)?;
+        snapshots.push((*at, snap.rows));
+    }
+    summary.lines = batch.lines;
+    summary.accepted = batch.events.len() as u64;
+    summary.rejected = batch.rejected_by_reason.clone();
+    summary.duplicates = batch.duplicates;
+    summary.read_time = started.elapsed();
+
+    let first_instant = batch
+        .events
+        .iter()
+        .map(|(e, _)| e.timestamp)
+        .chain(snapshots.iter().map(|(at, _)| *at))
+        .min()
+        .unwrap_or(until);
+    let events: Vec<_> = batch.events.into_iter().map(|(e, _)| e).collect();
+    let progress = if args.progress {
+        let bar = ProgressBar::new(events.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} replaying [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let dataflow_started = Instant::now();
+    let names: Vec<String> = plan.segments.iter().map(|s| s.name.clone()).collect();
+    let output = run_dataflow(
+        DataflowInput {
+            plan,
+            events,
+            snapshots,
+            lists,
+            until,
+            lists_at: first_instant,
+            workers: args.workers,
+        },
+        progress,
+    )?;
+    summary.dataflow_time = dataflow_started.elapsed();
+    summary.applied = output.applied;
+    summary.after_until = output.after_until;
+    summary.changes = output.changes.len() as u64;
+    if output.after_until > 0 {
+        summary.warnings.push(format!(
+            "{} event(s) are later than --until and were not applied",
+            output.after_until
+        ));
+    }
+
+    let mut sizes: BTreeMap<&str, i64> = names.iter().map(|n| (n.as_str(), 0)).collect();
+    for c in &output.changes {
+        if let Some(s) = sizes.get_mut(c.segment.as_str()) {
+            *s += c.diff;
+        }
+    }
+    summary.sizes = names
+        .iter()
+        .map(|n| (n.clone(), sizes.get(n.as_str()).copied().unwrap_or(0)))
+        .collect();
+
+    let write_started = Instant::now();
+    let rows: Vec<SegmentChange> = output.changes.into_iter().map(to_sink_row).collect();
+    write_changes_jsonl(&join(&args.out, "segment_changes.jsonl"), &rows)?;
+    write_changes_parquet(&join(&args.out, "segment_changes.parquet"), &rows)?;
+    write_dead_letters_jsonl(&join(&args.out, "dead_letters.jsonl"), &batch.dead_letters)?;
+    summary.write_time = write_started.elapsed();
+    Ok(summary)
+}
+
+fn to_sink_row(c: ChangeRow) -> SegmentChange {
+    SegmentChange {
+        segment: c.segment,
+        user_id: c.user_id,
+        diff: c.diff,
+        time: c.time,
+    }
+}

@@ -1,0 +1,189 @@
+//! The segment dataflow: timely/differential operators that keep membership exact.
+//!
+//! Shape (every operator named):
+//!
+//! ```text
+//! facts (user, slot, value, [from, until)) --temporal--> (user, (slot, value))  ──┐
+//! trait writes (user, slot, ts, msg, value) ──join── snapshot clock (bucket, at) ─┤
+//!                                                                                 ▼
+//!                         arrangement "events_by_user" (one per worker, all segments)
+//!                                                                                 │
+//!                           reduce "segment_membership": Plan::evaluate_user      │
+//!                                                                                 ▼
+//!         (user, membership intervals) --temporal--> consolidate --> (segment, user) ±1
+//! ```
+//!
+//! Invariants: all data is keyed by user, so each user's state lives on exactly one worker
+//! (exchange by hash of the user key), in one process or across a timely cluster. Facts
+//! and memberships carry explicit instants; the two temporal operators turn them into
+//! updates at those instants (possibly in the future), which differential holds until the
+//! frontier reaches them. So a fact leaving a 7-day window is retracted at exactly t+7d
+//! with no new input, as soon as the input frontier passes that instant.
+//!
+//! Does not own input (see the engine's replay driver) or output formatting.
+
+use std::rc::Rc;
+
+use differential_dataflow::input::{Input, InputSession};
+use differential_dataflow::{AsCollection, VecCollection};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::Scope;
+
+use crate::plan::{FactVal, Membership, Plan, TimedFact};
+use crate::time::Time;
+use crate::value::Value;
+
+/// Number of buckets the snapshot clock is replicated into, so that joining trait writes
+/// with it spreads over workers instead of landing on the one worker that owns key `()`.
+pub const CLOCK_BUCKETS: u32 = 64;
+
+/// An identify trait write: `(user, trait slot, timestamp, message id, value)`.
+pub type TraitWrite = (String, u32, i64, String, Value);
+
+/// A change of membership: `(segment index, user)`, with the diff on the update.
+pub type Change = (u16, String);
+
+/// The input handles of the segment dataflow.
+pub struct SegmentInputs {
+    /// Facts from events, snapshot cells, presence and lists, with their validity interval.
+    pub facts: InputSession<Time, TimedFact, isize>,
+    /// Identify trait writes.
+    pub writes: InputSession<Time, TraitWrite, isize>,
+    /// The current snapshot's instant, replicated into [`CLOCK_BUCKETS`] rows.
+    pub clock: InputSession<Time, (u32, i64), isize>,
+}
+
+impl SegmentInputs {
+    /// Advances every input to `t`.
+    pub fn advance_to(&mut self, t: Time) {
+        self.facts.advance_to(t);
+        self.writes.advance_to(t);
+        self.clock.advance_to(t);
+    }
+
+    /// Flushes buffered updates into the dataflow.
+    pub fn flush(&mut self) {
+        self.facts.flush();
+        self.writes.flush();
+        self.clock.flush();
+    }
+
+    /// Sets the snapshot clock from `old` (None: no snapshot yet) to `new`, at the inputs'
+    /// current time.
+    pub fn set_snapshot_clock(&mut self, old: Option<i64>, new: i64) {
+        for b in 0..CLOCK_BUCKETS {
+            if let Some(o) = old {
+                self.clock.update((b, o), -1);
+            }
+            self.clock.update((b, new), 1);
+        }
+    }
+}
+
+/// Which clock bucket a user's trait writes join in.
+pub fn clock_bucket(user: &str) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(user.as_bytes()) % CLOCK_BUCKETS as u64) as u32
+}
+
+/// Turns `(data, [from, until))` records into updates at `from` and `until`: the
+/// temporal filter. An update at time `t` with diff `r` contributes `r` over
+/// `[max(from, t), until)`.
+fn temporal<'s, D, F>(
+    input: VecCollection<'s, Time, D, isize>,
+    mut split: F,
+) -> VecCollection<'s, Time, <F as SplitOut<D>>::Out, isize>
+where
+    D: Clone + 'static,
+    F: SplitOut<D> + 'static,
+{
+    input
+        .inner
+        .flat_map(move |(d, t, r)| {
+            let mut out = Vec::with_capacity(2);
+            split.split(d, &mut |data, from, until| {
+                let start = from.max(t);
+                if until > start {
+                    if until != Time::MAX {
+                        out.push((data.clone(), until, -r));
+                    }
+                    out.push((data, start, r));
+                }
+            });
+            out
+        })
+        .as_collection()
+}
+
+/// Splits a record into `(data, from, until)` triples for [`temporal`].
+trait SplitOut<D> {
+    type Out: Clone + 'static;
+    fn split(&mut self, d: D, emit: &mut dyn FnMut(Self::Out, Time, Time));
+}
+
+struct FactSplit;
+impl SplitOut<TimedFact> for FactSplit {
+    type Out = (String, (u32, FactVal));
+    fn split(&mut self, (user, fact, from, until): TimedFact, emit: &mut dyn FnMut(Self::Out, Time, Time)) {
+        emit((user, fact), from, until)
+    }
+}
+
+struct MembershipSplit;
+impl SplitOut<(String, Membership)> for MembershipSplit {
+    type Out = Change;
+    fn split(&mut self, (user, m): (String, Membership), emit: &mut dyn FnMut(Change, Time, Time)) {
+        for (seg, from, until) in m {
+            emit((seg, user.clone()), from, until);
+        }
+    }
+}
+
+/// Builds the segment dataflow for `plan` in `scope`. Returns its inputs and the
+/// consolidated changes of membership.
+pub fn build_segments<'s>(
+    scope: Scope<'s, Time>,
+    plan: Rc<Plan>,
+) -> (SegmentInputs, VecCollection<'s, Time, Change, isize>) {
+    let (facts_in, facts) = scope.new_collection::<TimedFact, isize>();
+    let (writes_in, writes) = scope.new_collection::<TraitWrite, isize>();
+    let (clock_in, clock) = scope.new_collection::<(u32, i64), isize>();
+
+    let facts = temporal(facts, FactSplit);
+
+    // A write is fresh while no snapshot at or after its instant has been applied.
+    let write_facts = writes
+        .map(|w| (clock_bucket(&w.0), w))
+        .join_map(clock, |_bucket, (user, slot, ts, msg, val), at| {
+            (
+                user.clone(),
+                (
+                    *slot,
+                    FactVal::Write {
+                        fresh: *ts >= *at,
+                        ts: *ts,
+                        msg: msg.clone(),
+                        val: val.clone(),
+                    },
+                ),
+            )
+        });
+
+    let memberships = facts
+        .concat(write_facts)
+        .reduce_named("events_by_user", move |user: &String, input, output| {
+            let m = plan.evaluate_user(user, input);
+            if !m.is_empty() {
+                output.push((m, 1isize));
+            }
+        });
+
+    let changes = temporal(memberships, MembershipSplit).consolidate();
+    (
+        SegmentInputs {
+            facts: facts_in,
+            writes: writes_in,
+            clock: clock_in,
+        },
+        changes,
+    )
+}

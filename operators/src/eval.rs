@@ -1,0 +1,520 @@
+//! Compiled expressions and their evaluation, including evaluation as a function of time.
+//!
+//! Owns [`CExpr`] (an [`Expr`] with aggregates, traits and segment references resolved to
+//! slot numbers), three-valued evaluation against a [`Context`], and [`true_intervals`]:
+//! the exact set of instants at which a condition holds, found from the breakpoints its
+//! `now()` comparisons induce. Because `now()` only appears compared with values that do
+//! not themselves depend on `now()`, a condition is constant between consecutive
+//! breakpoints, so evaluating it once per breakpoint is exact at millisecond resolution.
+
+use std::cmp::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
+use crate::ast::{ArithOp, CmpOp, EventField};
+use crate::time::Time;
+use crate::value::Value;
+
+/// Comparisons evaluated between values of different types (NULL by the spec). A process-wide
+/// counter, exported as a metric; it counts evaluations, not events.
+pub static TYPE_MISMATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// A compiled expression: names resolved to slots.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CExpr {
+    /// A literal.
+    Lit(Value),
+    /// An interval in ms (right side of `±` on a timestamp).
+    Interval(i64),
+    /// `now()` plus an offset in ms.
+    Now(i64),
+    /// The user key.
+    UserId,
+    /// A user trait, by trait slot.
+    Trait(usize),
+    /// An event field (event-level only).
+    Field(EventField),
+    /// An aggregate's value, by aggregate slot.
+    Agg(usize),
+    /// Membership of another segment, by segment index.
+    InSegment(usize),
+    /// Comparison.
+    Cmp(CmpOp, Box<CExpr>, Box<CExpr>),
+    /// Arithmetic.
+    Arith(ArithOp, Box<CExpr>, Box<CExpr>),
+    /// Unary minus.
+    Neg(Box<CExpr>),
+    /// Three-valued AND.
+    And(Box<CExpr>, Box<CExpr>),
+    /// Three-valued OR.
+    Or(Box<CExpr>, Box<CExpr>),
+    /// Three-valued NOT.
+    Not(Box<CExpr>),
+    /// `IS [NOT] NULL`.
+    IsNull(Box<CExpr>, bool),
+    /// `[NOT] IN (list)`.
+    InList(Box<CExpr>, Vec<CExpr>, bool),
+    /// `[NOT] BETWEEN low AND high`.
+    Between(Box<CExpr>, Box<CExpr>, Box<CExpr>, bool),
+    /// `[NOT] LIKE pattern`.
+    Like(Box<CExpr>, Box<CExpr>, bool),
+    /// `coalesce(…)`.
+    Coalesce(Vec<CExpr>),
+    /// `lower(s)`.
+    Lower(Box<CExpr>),
+    /// `upper(s)`.
+    Upper(Box<CExpr>),
+    /// `hash_bucket(key, salt, n)`.
+    HashBucket(Box<CExpr>, String, u64),
+}
+
+/// What an expression can look up while it is evaluated.
+pub trait Context {
+    /// The value of an event field (event-level contexts).
+    fn field(&self, _field: &EventField) -> Value {
+        Value::Null
+    }
+    /// The user key.
+    fn user_id(&self) -> Value {
+        Value::Null
+    }
+    /// A trait's current value.
+    fn trait_value(&self, _slot: usize) -> Value {
+        Value::Null
+    }
+    /// An aggregate's current value.
+    fn agg(&self, _slot: usize) -> Value {
+        Value::Null
+    }
+    /// Whether the user is in the segment (already evaluated at the same instant).
+    fn in_segment(&self, _segment: usize) -> bool {
+        false
+    }
+}
+
+fn truth(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        _ => None,
+    }
+}
+
+fn from_truth(b: Option<bool>) -> Value {
+    b.map(Value::Bool).unwrap_or(Value::Null)
+}
+
+fn compare(op: CmpOp, a: &Value, b: &Value) -> Value {
+    match a.sql_cmp(b) {
+        None => {
+            if a.type_mismatch(b) {
+                TYPE_MISMATCHES.fetch_add(1, AtomicOrdering::Relaxed);
+            }
+            Value::Null
+        }
+        Some(ord) => Value::Bool(match op {
+            CmpOp::Eq => ord == Ordering::Equal,
+            CmpOp::Ne => ord != Ordering::Equal,
+            CmpOp::Lt => ord == Ordering::Less,
+            CmpOp::Le => ord != Ordering::Greater,
+            CmpOp::Gt => ord == Ordering::Greater,
+            CmpOp::Ge => ord != Ordering::Less,
+        }),
+    }
+}
+
+fn arith(op: ArithOp, a: &Value, b: &Value) -> Value {
+    match (a, b) {
+        (Value::Num(x), Value::Num(y)) => {
+            let (x, y) = (x.0, y.0);
+            let r = match op {
+                ArithOp::Add => x + y,
+                ArithOp::Sub => x - y,
+                ArithOp::Mul => x * y,
+                ArithOp::Div => {
+                    if y == 0.0 {
+                        return Value::Null;
+                    }
+                    x / y
+                }
+            };
+            if r.is_finite() {
+                Value::num(r)
+            } else {
+                Value::Null
+            }
+        }
+        _ => Value::Null,
+    }
+}
+
+/// Evaluates `e` at instant `now` (ms).
+pub fn eval(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
+    match e {
+        CExpr::Lit(v) => v.clone(),
+        // An interval only means something next to a timestamp; see `Arith` below.
+        CExpr::Interval(ms) => Value::num(*ms as f64),
+        CExpr::Now(off) => Value::Ts(now.saturating_add(*off)),
+        CExpr::UserId => ctx.user_id(),
+        CExpr::Trait(s) => ctx.trait_value(*s),
+        CExpr::Field(f) => ctx.field(f),
+        CExpr::Agg(s) => ctx.agg(*s),
+        CExpr::InSegment(s) => Value::Bool(ctx.in_segment(*s)),
+        CExpr::Cmp(op, a, b) => compare(*op, &eval(a, ctx, now), &eval(b, ctx, now)),
+        CExpr::Arith(op, a, b) => {
+            let av = eval(a, ctx, now);
+            if let CExpr::Interval(ms) = **b {
+                return match (av.as_ts(), op) {
+                    (Some(t), ArithOp::Add) => Value::Ts(t.saturating_add(ms)),
+                    (Some(t), ArithOp::Sub) => Value::Ts(t.saturating_sub(ms)),
+                    _ => Value::Null,
+                };
+            }
+            arith(*op, &av, &eval(b, ctx, now))
+        }
+        CExpr::Neg(a) => match eval(a, ctx, now) {
+            Value::Num(n) => Value::num(-n.0),
+            _ => Value::Null,
+        },
+        CExpr::And(a, b) => {
+            let x = truth(&eval(a, ctx, now));
+            if x == Some(false) {
+                return Value::Bool(false);
+            }
+            let y = truth(&eval(b, ctx, now));
+            from_truth(match (x, y) {
+                (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            })
+        }
+        CExpr::Or(a, b) => {
+            let x = truth(&eval(a, ctx, now));
+            if x == Some(true) {
+                return Value::Bool(true);
+            }
+            let y = truth(&eval(b, ctx, now));
+            from_truth(match (x, y) {
+                (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            })
+        }
+        CExpr::Not(a) => from_truth(truth(&eval(a, ctx, now)).map(|b| !b)),
+        CExpr::IsNull(a, negated) => Value::Bool(eval(a, ctx, now).is_null() != *negated),
+        CExpr::InList(a, list, negated) => {
+            let x = eval(a, ctx, now);
+            let mut saw_null = x.is_null();
+            let mut found = false;
+            if !saw_null {
+                for item in list {
+                    match compare(CmpOp::Eq, &x, &eval(item, ctx, now)) {
+                        Value::Bool(true) => {
+                            found = true;
+                            break;
+                        }
+                        Value::Bool(false) => {}
+                        _ => saw_null = true,
+                    }
+                }
+            }
+            let r = if found {
+                Some(true)
+            } else if saw_null {
+                None
+            } else {
+                Some(false)
+            };
+            from_truth(if *negated { r.map(|b| !b) } else { r })
+        }
+        CExpr::Between(a, lo, hi, negated) => {
+            let x = eval(a, ctx, now);
+            let ge = truth(&compare(CmpOp::Ge, &x, &eval(lo, ctx, now)));
+            let le = truth(&compare(CmpOp::Le, &x, &eval(hi, ctx, now)));
+            let r = match (ge, le) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            };
+            from_truth(if *negated { r.map(|b| !b) } else { r })
+        }
+        CExpr::Like(a, p, negated) => match (eval(a, ctx, now), eval(p, ctx, now)) {
+            (Value::Str(s), Value::Str(p)) => Value::Bool(like(&s, &p) != *negated),
+            (Value::Null, _) | (_, Value::Null) => Value::Null,
+            _ => {
+                TYPE_MISMATCHES.fetch_add(1, AtomicOrdering::Relaxed);
+                Value::Null
+            }
+        },
+        CExpr::Coalesce(items) => items
+            .iter()
+            .map(|i| eval(i, ctx, now))
+            .find(|v| !v.is_null())
+            .unwrap_or(Value::Null),
+        CExpr::Lower(a) => match eval(a, ctx, now) {
+            Value::Str(s) => Value::Str(s.to_lowercase()),
+            _ => Value::Null,
+        },
+        CExpr::Upper(a) => match eval(a, ctx, now) {
+            Value::Str(s) => Value::Str(s.to_uppercase()),
+            _ => Value::Null,
+        },
+        CExpr::HashBucket(key, salt, n) => {
+            let k = match eval(key, ctx, now) {
+                Value::Null => return Value::Null,
+                Value::Str(s) => s,
+                other => other.to_json().to_string(),
+            };
+            Value::num((hash_bucket(&k, salt) % n) as f64)
+        }
+    }
+}
+
+/// xxh3-64 of `salt || ':' || key`: stable across runs, workers and processes.
+pub fn hash_bucket(key: &str, salt: &str) -> u64 {
+    let mut buf = String::with_capacity(salt.len() + 1 + key.len());
+    buf.push_str(salt);
+    buf.push(':');
+    buf.push_str(key);
+    xxhash_rust::xxh3::xxh3_64(buf.as_bytes())
+}
+
+/// SQL LIKE: `%` any run, `_` one character, case-sensitive, whole string.
+pub fn like(s: &str, pattern: &str) -> bool {
+    let s: Vec<char> = s.chars().collect();
+    let p: Vec<char> = pattern.chars().collect();
+    // Iterative matcher with single-star backtracking: linear in practice.
+    let (mut i, mut j) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        if j < p.len() && (p[j] == '_' || p[j] == s[i]) && p[j] != '%' {
+            i += 1;
+            j += 1;
+        } else if j < p.len() && p[j] == '%' {
+            star = Some((j, i));
+            j += 1;
+        } else if let Some((sj, si)) = star {
+            j = sj + 1;
+            i = si + 1;
+            star = Some((sj, si + 1));
+        } else {
+            return false;
+        }
+    }
+    while j < p.len() && p[j] == '%' {
+        j += 1;
+    }
+    j == p.len()
+}
+
+/// Collects the instants at which `e`'s value may change as `now` moves: for each
+/// comparison of `now() + off` with a value `v`, the instants `v - off` and `v - off + 1`.
+pub fn breakpoints(e: &CExpr, ctx: &dyn Context, out: &mut Vec<i64>) {
+    match e {
+        CExpr::Cmp(_, a, b) => {
+            let other = match (&**a, &**b) {
+                (CExpr::Now(off), x) | (x, CExpr::Now(off)) => Some((x, *off)),
+                _ => None,
+            };
+            if let Some((x, off)) = other {
+                // `x` never depends on now(): the parser guarantees it.
+                if let Some(t) = eval(x, ctx, 0).as_ts() {
+                    let c = t.saturating_sub(off);
+                    out.push(c);
+                    out.push(c.saturating_add(1));
+                }
+            }
+            breakpoints(a, ctx, out);
+            breakpoints(b, ctx, out);
+        }
+        CExpr::Between(a, lo, hi, _) => {
+            for bound in [lo, hi] {
+                if let CExpr::Now(off) = **bound {
+                    if let Some(t) = eval(a, ctx, 0).as_ts() {
+                        let c = t.saturating_sub(off);
+                        out.push(c);
+                        out.push(c.saturating_add(1));
+                    }
+                }
+            }
+            if let CExpr::Now(_) = **a {
+                for bound in [lo, hi] {
+                    if let Some(t) = eval(bound, ctx, 0).as_ts() {
+                        out.push(t);
+                        out.push(t.saturating_add(1));
+                    }
+                }
+            }
+            for x in [a, lo, hi] {
+                breakpoints(x, ctx, out);
+            }
+        }
+        CExpr::Arith(_, a, b)
+        | CExpr::And(a, b)
+        | CExpr::Or(a, b)
+        | CExpr::Like(a, b, _) => {
+            breakpoints(a, ctx, out);
+            breakpoints(b, ctx, out);
+        }
+        CExpr::Neg(a)
+        | CExpr::Not(a)
+        | CExpr::IsNull(a, _)
+        | CExpr::Lower(a)
+        | CExpr::Upper(a)
+        | CExpr::HashBucket(a, _, _) => breakpoints(a, ctx, out),
+        CExpr::InList(a, list, _) => {
+            breakpoints(a, ctx, out);
+            for x in list {
+                breakpoints(x, ctx, out);
+            }
+        }
+        CExpr::Coalesce(list) => {
+            for x in list {
+                breakpoints(x, ctx, out);
+            }
+        }
+        CExpr::Lit(_)
+        | CExpr::Interval(_)
+        | CExpr::Now(_)
+        | CExpr::UserId
+        | CExpr::Trait(_)
+        | CExpr::Field(_)
+        | CExpr::Agg(_)
+        | CExpr::InSegment(_) => {}
+    }
+}
+
+/// True if `e` mentions `now()` anywhere (so its value depends on time).
+pub fn mentions_now(e: &CExpr) -> bool {
+    fn walk(e: &CExpr, found: &mut bool) {
+        match e {
+            CExpr::Now(_) => *found = true,
+            CExpr::Cmp(_, a, b)
+            | CExpr::Arith(_, a, b)
+            | CExpr::And(a, b)
+            | CExpr::Or(a, b)
+            | CExpr::Like(a, b, _) => {
+                walk(a, found);
+                walk(b, found);
+            }
+            CExpr::Neg(a)
+            | CExpr::Not(a)
+            | CExpr::IsNull(a, _)
+            | CExpr::Lower(a)
+            | CExpr::Upper(a)
+            | CExpr::HashBucket(a, _, _) => walk(a, found),
+            CExpr::Between(a, b, c, _) => {
+                walk(a, found);
+                walk(b, found);
+                walk(c, found);
+            }
+            CExpr::InList(a, l, _) => {
+                walk(a, found);
+                l.iter().for_each(|x| walk(x, found));
+            }
+            CExpr::Coalesce(l) => l.iter().for_each(|x| walk(x, found)),
+            _ => {}
+        }
+    }
+    let mut found = false;
+    walk(e, &mut found);
+    found
+}
+
+/// The half-open intervals `[from, until)` of dataflow time, at or after `start`, during
+/// which `holds(now)` is true; `until == Time::MAX` means "for ever". `points` are the
+/// candidate breakpoints (unsorted, may repeat). `holds` is called once per distinct
+/// breakpoint after `start`, plus once at `start`.
+pub fn true_intervals(
+    start: Time,
+    points: &mut Vec<i64>,
+    mut holds: impl FnMut(i64) -> bool,
+) -> Vec<(Time, Time)> {
+    points.sort_unstable();
+    points.dedup();
+    let mut out = Vec::new();
+    let mut open: Option<Time> = if holds(start as i64) {
+        Some(start)
+    } else {
+        None
+    };
+    for &p in points.iter() {
+        if p <= start as i64 {
+            continue;
+        }
+        let t = p as Time;
+        let h = holds(p);
+        match (open, h) {
+            (None, true) => open = Some(t),
+            (Some(from), false) => {
+                out.push((from, t));
+                open = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = open {
+        out.push((from, Time::MAX));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Ev(i64);
+    impl Context for Ev {
+        fn field(&self, f: &EventField) -> Value {
+            match f {
+                EventField::Timestamp => Value::Ts(self.0),
+                _ => Value::Null,
+            }
+        }
+    }
+
+    #[test]
+    fn like_matches_sql_wildcards() {
+        assert!(like("Order Completed", "Order%"));
+        assert!(like("abc", "a_c"));
+        assert!(!like("abc", "A%"));
+        assert!(like("", "%"));
+        assert!(like("a%b", "a%b"));
+        assert!(!like("ab", "a_b"));
+        assert!(like("xxaxxb", "%a%b"));
+    }
+
+    #[test]
+    fn a_seven_day_window_holds_until_exactly_t_plus_seven_days() {
+        // timestamp > now() - 7 days
+        let e = CExpr::Cmp(
+            CmpOp::Gt,
+            Box::new(CExpr::Field(EventField::Timestamp)),
+            Box::new(CExpr::Now(-7 * 86_400_000)),
+        );
+        let ctx = Ev(1_000);
+        let mut pts = Vec::new();
+        breakpoints(&e, &ctx, &mut pts);
+        let iv = true_intervals(1_000, &mut pts, |now| {
+            eval(&e, &ctx, now) == Value::Bool(true)
+        });
+        assert_eq!(iv, vec![(1_000, 1_000 + 7 * 86_400_000)]);
+    }
+
+    #[test]
+    fn three_valued_logic() {
+        let null = || Box::new(CExpr::Lit(Value::Null));
+        let t = || Box::new(CExpr::Lit(Value::Bool(true)));
+        let f = || Box::new(CExpr::Lit(Value::Bool(false)));
+        struct C;
+        impl Context for C {}
+        assert_eq!(eval(&CExpr::And(null(), f()), &C, 0), Value::Bool(false));
+        assert_eq!(eval(&CExpr::And(null(), t()), &C, 0), Value::Null);
+        assert_eq!(eval(&CExpr::Or(null(), t()), &C, 0), Value::Bool(true));
+        assert_eq!(eval(&CExpr::Not(null()), &C, 0), Value::Null);
+        let in_list = CExpr::InList(
+            Box::new(CExpr::Lit(Value::num(1.0))),
+            vec![CExpr::Lit(Value::num(2.0)), CExpr::Lit(Value::Null)],
+            true,
+        );
+        assert_eq!(eval(&in_list, &C, 0), Value::Null);
+    }
+}

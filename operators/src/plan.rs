@@ -1,0 +1,733 @@
+//! Compiling a checked segment file into a dataflow plan.
+//!
+//! Owns [`Plan`]: the segments in dependency order, and the *slots* every segment reads:
+//! one per distinct aggregate (two segments that write `count(*) FILTER (WHERE event =
+//! 'Order Completed')` share one slot), one per trait name, one per static list, plus two
+//! presence slots that define the universe. Also owns the two pure functions the dataflow
+//! runs: [`Plan::event_facts`] (an event -> the facts it contributes, each with the
+//! interval of time during which it counts) and [`Plan::evaluate_user`] (a user's facts ->
+//! the intervals of time during which the user is in each segment).
+//!
+//! Invariant: every time-dependence is expressed as explicit instants in facts and
+//! membership intervals, so the dataflow never polls a clock.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ast::{AggKind, Aggregate, EventField, Expr, SegmentBody, SegmentFile};
+use crate::eval::{breakpoints, eval, mentions_now, true_intervals, CExpr, Context};
+use crate::event::Event;
+use crate::time::{to_time, Time};
+use crate::value::Value;
+
+/// Slot of the "has at least one event" presence fact.
+pub const SLOT_SEEN: u32 = 0;
+/// Slot of the "has a row in the current profile snapshot" presence fact.
+pub const SLOT_PROFILE: u32 = 1;
+const FIRST_DYNAMIC_SLOT: u32 = 2;
+
+/// The value part of a fact, as stored in the per-user arrangement.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FactVal {
+    /// Presence; for counts, the multiplicity is the count.
+    Unit,
+    /// A value of an aggregate's argument (sum, avg, min, max, count distinct).
+    Val(Value),
+    /// `(timestamp, message_id, x)` for first/last.
+    Ordered(i64, String, Value),
+    /// A profile snapshot cell (written at the current snapshot's instant).
+    Snap(Value),
+    /// An identify trait write; `fresh` when it is at or after the current snapshot's instant.
+    Write {
+        /// Whether the write is at or after the current snapshot's instant.
+        fresh: bool,
+        /// The write's instant.
+        ts: i64,
+        /// Its message id (tie-break between writes at the same instant).
+        msg: String,
+        /// The written value.
+        val: Value,
+    },
+}
+
+/// A fact with the interval of dataflow time during which it counts: `[from, until)`.
+pub type TimedFact = (String, (u32, FactVal), Time, Time);
+
+/// The segments a user is in, as intervals: `(segment index, from, until)`, `until ==
+/// Time::MAX` meaning for ever. Sorted.
+pub type Membership = Vec<(u16, Time, Time)>;
+
+/// How a segment's membership is defined, after compilation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SegmentKind {
+    /// A compiled boolean expression over the user row.
+    Expr(CExpr),
+    /// A static list; the membership fact lives in the given slot.
+    List {
+        /// Fact slot of the list membership.
+        slot: u32,
+        /// Where the list is read from.
+        url: String,
+    },
+    /// A warehouse audience (run by the warehouse connector, not by replay).
+    Warehouse {
+        /// The SQL query.
+        query: String,
+        /// Refresh period in ms.
+        refresh_ms: i64,
+    },
+}
+
+/// One compiled segment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SegmentPlan {
+    /// Its name.
+    pub name: String,
+    /// Its definition.
+    pub kind: SegmentKind,
+    /// The source expression, for display.
+    pub source: Option<Expr>,
+}
+
+/// One distinct aggregate, shared by every segment that uses it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AggSlot {
+    /// The aggregate as written.
+    pub agg: Aggregate,
+    /// Its compiled argument.
+    pub arg: Option<CExpr>,
+    /// Its compiled FILTER.
+    pub filter: Option<CExpr>,
+    /// Whether the FILTER depends on now() (so facts expire or start later).
+    pub temporal: bool,
+    /// Names of the segments that read it.
+    pub used_by: Vec<String>,
+}
+
+/// A compiled segment file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Segments in file order.
+    pub segments: Vec<SegmentPlan>,
+    /// Segment indices in evaluation order (every `in_segment` target before its readers).
+    pub order: Vec<usize>,
+    /// Distinct aggregates.
+    pub aggs: Vec<AggSlot>,
+    /// Distinct trait names, with the segments that read each.
+    pub traits: Vec<(String, Vec<String>)>,
+}
+
+struct Compiler<'a> {
+    file: &'a SegmentFile,
+    aggs: Vec<AggSlot>,
+    agg_index: BTreeMap<Aggregate, usize>,
+    traits: Vec<(String, Vec<String>)>,
+    trait_index: BTreeMap<String, usize>,
+    current: String,
+}
+
+impl Compiler<'_> {
+    fn segment_index(&self, name: &str) -> usize {
+        self.file
+            .segments
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or(usize::MAX)
+    }
+
+    fn compile(&mut self, e: &Expr) -> CExpr {
+        let b = |c: &mut Self, x: &Expr| Box::new(c.compile(x));
+        match e {
+            Expr::Lit(v) => CExpr::Lit(v.clone()),
+            Expr::Interval(ms) => CExpr::Interval(*ms),
+            Expr::Now(off) => CExpr::Now(*off),
+            Expr::UserId => CExpr::UserId,
+            Expr::Trait(name) => {
+                let idx = match self.trait_index.get(name) {
+                    Some(i) => *i,
+                    None => {
+                        self.traits.push((name.clone(), vec![]));
+                        self.trait_index.insert(name.clone(), self.traits.len() - 1);
+                        self.traits.len() - 1
+                    }
+                };
+                let users = &mut self.traits[idx].1;
+                if !users.contains(&self.current) {
+                    users.push(self.current.clone());
+                }
+                CExpr::Trait(idx)
+            }
+            Expr::Event(f) => CExpr::Field(f.clone()),
+            Expr::Agg(agg) => {
+                let idx = match self.agg_index.get(&**agg) {
+                    Some(i) => *i,
+                    None => {
+                        let arg = agg.arg.as_ref().map(|a| self.compile(a));
+                        let filter = agg.filter.as_ref().map(|f| self.compile(f));
+                        let temporal = filter.as_ref().is_some_and(mentions_now);
+                        self.aggs.push(AggSlot {
+                            agg: (**agg).clone(),
+                            arg,
+                            filter,
+                            temporal,
+                            used_by: vec![],
+                        });
+                        self.agg_index.insert((**agg).clone(), self.aggs.len() - 1);
+                        self.aggs.len() - 1
+                    }
+                };
+                let users = &mut self.aggs[idx].used_by;
+                if !users.contains(&self.current) {
+                    users.push(self.current.clone());
+                }
+                CExpr::Agg(idx)
+            }
+            Expr::Cmp(op, x, y) => CExpr::Cmp(*op, b(self, x), b(self, y)),
+            Expr::Arith(op, x, y) => CExpr::Arith(*op, b(self, x), b(self, y)),
+            Expr::Neg(x) => CExpr::Neg(b(self, x)),
+            Expr::And(x, y) => CExpr::And(b(self, x), b(self, y)),
+            Expr::Or(x, y) => CExpr::Or(b(self, x), b(self, y)),
+            Expr::Not(x) => CExpr::Not(b(self, x)),
+            Expr::IsNull { expr, negated } => CExpr::IsNull(b(self, expr), *negated),
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } => {
+                let x = b(self, expr);
+                let l = list.iter().map(|i| self.compile(i)).collect();
+                CExpr::InList(x, l, *negated)
+            }
+            Expr::Between {
+                expr,
+                low,
+                high,
+                negated,
+            } => CExpr::Between(b(self, expr), b(self, low), b(self, high), *negated),
+            Expr::Like {
+                expr,
+                pattern,
+                negated,
+            } => CExpr::Like(b(self, expr), b(self, pattern), *negated),
+            Expr::Coalesce(list) => CExpr::Coalesce(list.iter().map(|i| self.compile(i)).collect()),
+            Expr::Lower(x) => CExpr::Lower(b(self, x)),
+            Expr::Upper(x) => CExpr::Upper(b(self, x)),
+            Expr::InSegment(name) => CExpr::InSegment(self.segment_index(name)),
+            Expr::HashBucket { key, salt, n } => CExpr::HashBucket(b(self, key), salt.clone(), *n),
+        }
+    }
+}
+
+/// Segment indices ordered so that every `in_segment` target comes before its readers;
+/// ties keep file order. The parser has already rejected cycles.
+fn dependency_order(file: &SegmentFile) -> Vec<usize> {
+    fn refs(e: &Expr, out: &mut Vec<String>) {
+        match e {
+            Expr::InSegment(n) => out.push(n.clone()),
+            Expr::Cmp(_, a, b) | Expr::Arith(_, a, b) | Expr::And(a, b) | Expr::Or(a, b) => {
+                refs(a, out);
+                refs(b, out);
+            }
+            Expr::Neg(a) | Expr::Not(a) | Expr::Lower(a) | Expr::Upper(a) => refs(a, out),
+            Expr::IsNull { expr, .. } => refs(expr, out),
+            Expr::InList { expr, list, .. } => {
+                refs(expr, out);
+                list.iter().for_each(|x| refs(x, out));
+            }
+            Expr::Between {
+                expr, low, high, ..
+            } => {
+                refs(expr, out);
+                refs(low, out);
+                refs(high, out);
+            }
+            Expr::Like { expr, pattern, .. } => {
+                refs(expr, out);
+                refs(pattern, out);
+            }
+            Expr::Coalesce(l) => l.iter().for_each(|x| refs(x, out)),
+            Expr::HashBucket { key, .. } => refs(key, out),
+            _ => {}
+        }
+    }
+    let n = file.segments.len();
+    let deps: Vec<Vec<usize>> = file
+        .segments
+        .iter()
+        .map(|s| {
+            let mut names = vec![];
+            if let SegmentBody::Expr(e) = &s.body {
+                refs(e, &mut names);
+            }
+            names
+                .iter()
+                .filter_map(|name| file.segments.iter().position(|t| &t.name == name))
+                .collect()
+        })
+        .collect();
+    let mut order = Vec::with_capacity(n);
+    let mut state = vec![0u8; n]; // 0 new, 1 visiting, 2 done
+    fn visit(i: usize, deps: &[Vec<usize>], state: &mut [u8], order: &mut Vec<usize>) {
+        if state[i] != 0 {
+            return;
+        }
+        state[i] = 1;
+        for &d in &deps[i] {
+            visit(d, deps, state, order);
+        }
+        state[i] = 2;
+        order.push(i);
+    }
+    for i in 0..n {
+        visit(i, &deps, &mut state, &mut order);
+    }
+    order
+}
+
+struct EventCtx<'a>(&'a Event);
+
+impl Context for EventCtx<'_> {
+    fn field(&self, field: &EventField) -> Value {
+        self.0.field(field)
+    }
+}
+
+/// A user's resolved row: aggregate and trait values and the segments evaluated so far.
+struct UserCtx<'a> {
+    user: &'a str,
+    aggs: Vec<Value>,
+    traits: Vec<Value>,
+    member: Vec<bool>,
+}
+
+impl Context for UserCtx<'_> {
+    fn user_id(&self) -> Value {
+        Value::Str(self.user.to_string())
+    }
+    fn trait_value(&self, slot: usize) -> Value {
+        self.traits.get(slot).cloned().unwrap_or(Value::Null)
+    }
+    fn agg(&self, slot: usize) -> Value {
+        self.aggs.get(slot).cloned().unwrap_or(Value::Null)
+    }
+    fn in_segment(&self, segment: usize) -> bool {
+        self.member.get(segment).copied().unwrap_or(false)
+    }
+}
+
+/// Rank of a type for min/max/sum/avg over values of mixed types: only values of the
+/// highest-ranked type present take part (numbers, then timestamps, strings, booleans).
+fn type_rank(v: &Value) -> u8 {
+    match v {
+        Value::Num(_) => 4,
+        Value::Ts(_) => 3,
+        Value::Str(_) => 2,
+        Value::Bool(_) => 1,
+        Value::Null => 0,
+    }
+}
+
+impl Plan {
+    /// Compiles a checked segment file.
+    pub fn compile(file: &SegmentFile) -> Plan {
+        let mut c = Compiler {
+            file,
+            aggs: vec![],
+            agg_index: BTreeMap::new(),
+            traits: vec![],
+            trait_index: BTreeMap::new(),
+            current: String::new(),
+        };
+        let mut lists = 0u32;
+        let mut segments = Vec::with_capacity(file.segments.len());
+        for s in &file.segments {
+            c.current = s.name.clone();
+            let (kind, source) = match &s.body {
+                SegmentBody::Expr(e) => (SegmentKind::Expr(c.compile(e)), Some(e.clone())),
+                SegmentBody::Csv { url } => {
+                    lists += 1;
+                    (
+                        SegmentKind::List {
+                            slot: lists - 1, // renumbered below, once aggregates are known
+                            url: url.clone(),
+                        },
+                        None,
+                    )
+                }
+                SegmentBody::Warehouse { query, refresh_ms } => (
+                    SegmentKind::Warehouse {
+                        query: query.clone(),
+                        refresh_ms: *refresh_ms,
+                    },
+                    None,
+                ),
+            };
+            segments.push(SegmentPlan {
+                name: s.name.clone(),
+                kind,
+                source,
+            });
+        }
+        let list_base = FIRST_DYNAMIC_SLOT + (c.aggs.len() + c.traits.len()) as u32;
+        for s in &mut segments {
+            if let SegmentKind::List { slot, .. } = &mut s.kind {
+                *slot += list_base;
+            }
+        }
+        Plan {
+            order: dependency_order(file),
+            segments,
+            aggs: c.aggs,
+            traits: c.traits,
+        }
+    }
+
+    /// Fact slot of aggregate `i`.
+    pub fn agg_slot(&self, i: usize) -> u32 {
+        FIRST_DYNAMIC_SLOT + i as u32
+    }
+
+    /// Fact slot of trait `i`.
+    pub fn trait_slot(&self, i: usize) -> u32 {
+        FIRST_DYNAMIC_SLOT + (self.aggs.len() + i) as u32
+    }
+
+    /// The trait index of a trait name, if any segment reads it.
+    pub fn trait_index(&self, name: &str) -> Option<usize> {
+        self.traits.iter().position(|(n, _)| n == name)
+    }
+
+    /// Index of a segment by name.
+    pub fn segment_index(&self, name: &str) -> Option<usize> {
+        self.segments.iter().position(|s| s.name == name)
+    }
+
+    /// The facts one accepted event contributes, each with the interval of time during
+    /// which it counts (from the event's timestamp on, narrowed by temporal FILTERs).
+    pub fn event_facts(&self, ev: &Event, out: &mut Vec<TimedFact>) {
+        let ctx = EventCtx(ev);
+        let start = to_time(ev.timestamp);
+        out.push((ev.user.clone(), (SLOT_SEEN, FactVal::Unit), start, Time::MAX));
+        let mut points = Vec::new();
+        for (i, slot) in self.aggs.iter().enumerate() {
+            let intervals = match &slot.filter {
+                None => vec![(start, Time::MAX)],
+                Some(f) if !slot.temporal => {
+                    if eval(f, &ctx, ev.timestamp) == Value::Bool(true) {
+                        vec![(start, Time::MAX)]
+                    } else {
+                        continue;
+                    }
+                }
+                Some(f) => {
+                    points.clear();
+                    breakpoints(f, &ctx, &mut points);
+                    true_intervals(start, &mut points, |now| {
+                        eval(f, &ctx, now) == Value::Bool(true)
+                    })
+                }
+            };
+            if intervals.is_empty() {
+                continue;
+            }
+            let arg = slot
+                .arg
+                .as_ref()
+                .map(|a| eval(a, &ctx, ev.timestamp))
+                .unwrap_or(Value::Null);
+            let val = match slot.agg.kind {
+                AggKind::Count if slot.arg.is_none() => FactVal::Unit,
+                AggKind::Count if arg.is_null() => continue,
+                AggKind::Count if slot.agg.distinct => FactVal::Val(arg),
+                AggKind::Count => FactVal::Unit,
+                AggKind::Sum | AggKind::Avg | AggKind::Min | AggKind::Max => {
+                    if arg.is_null() {
+                        continue;
+                    }
+                    FactVal::Val(arg)
+                }
+                AggKind::First | AggKind::Last => {
+                    FactVal::Ordered(ev.timestamp, ev.message_id.clone(), arg)
+                }
+            };
+            let slot = self.agg_slot(i);
+            for (from, until) in intervals {
+                out.push((ev.user.clone(), (slot, val.clone()), from, until));
+            }
+        }
+    }
+
+    /// The trait writes of an identify event that some segment reads: `(trait slot, value)`.
+    pub fn trait_writes(&self, ev: &Event) -> Vec<(u32, Value)> {
+        ev.trait_writes()
+            .into_iter()
+            .filter_map(|(name, v)| self.trait_index(&name).map(|i| (self.trait_slot(i), v)))
+            .collect()
+    }
+
+    /// Evaluates every segment for one user from the user's consolidated facts (sorted by
+    /// slot, as an arrangement holds them), as intervals of time. A user outside the
+    /// universe (no event, no profile row) is in no expression segment.
+    pub fn evaluate_user(&self, user: &str, facts: &[(&(u32, FactVal), isize)]) -> Membership {
+        let n_aggs = self.aggs.len();
+        let n_traits = self.traits.len();
+        let mut seen = false;
+        let mut lists: Vec<u32> = Vec::new();
+        // Per aggregate: the facts of its slot.
+        let mut per_slot: Vec<&[(&(u32, FactVal), isize)]> = vec![&[]; n_aggs + n_traits];
+        let mut i = 0;
+        while i < facts.len() {
+            let slot = facts[i].0 .0;
+            let mut j = i;
+            while j < facts.len() && facts[j].0 .0 == slot {
+                j += 1;
+            }
+            let live = facts[i..j].iter().any(|(_, r)| *r > 0);
+            if slot == SLOT_SEEN || slot == SLOT_PROFILE {
+                seen |= live;
+            } else {
+                let k = (slot - FIRST_DYNAMIC_SLOT) as usize;
+                if k < n_aggs + n_traits {
+                    per_slot[k] = &facts[i..j];
+                } else if live {
+                    lists.push(slot);
+                }
+            }
+            i = j;
+        }
+        let aggs: Vec<Value> = (0..n_aggs)
+            .map(|k| aggregate(&self.aggs[k].agg, per_slot[k]))
+            .collect();
+        let traits: Vec<Value> = (0..n_traits)
+            .map(|k| resolve_trait(per_slot[n_aggs + k]))
+            .collect();
+        let mut ctx = UserCtx {
+            user,
+            aggs,
+            traits,
+            member: vec![false; self.segments.len()],
+        };
+        // Every instant at which some segment's value may change.
+        let mut points = Vec::new();
+        if seen {
+            for s in &self.segments {
+                if let SegmentKind::Expr(e) = &s.kind {
+                    breakpoints(e, &ctx, &mut points);
+                }
+            }
+        }
+        points.sort_unstable();
+        points.dedup();
+        let mut out: Membership = Vec::new();
+        let mut open: Vec<Option<Time>> = vec![None; self.segments.len()];
+        let mut instants = Vec::with_capacity(points.len() + 1);
+        instants.push(0i64);
+        instants.extend(points.iter().copied().filter(|p| *p > 0));
+        for &now in &instants {
+            for &si in &self.order {
+                let holds = match &self.segments[si].kind {
+                    SegmentKind::Expr(e) => seen && eval(e, &ctx, now) == Value::Bool(true),
+                    SegmentKind::List { slot, .. } => lists.contains(slot),
+                    SegmentKind::Warehouse { .. } => false,
+                };
+                ctx.member[si] = holds;
+                match (open[si], holds) {
+                    (None, true) => open[si] = Some(now as Time),
+                    (Some(from), false) => {
+                        out.push((si as u16, from, now as Time));
+                        open[si] = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (si, from) in open.iter().enumerate() {
+            if let Some(from) = from {
+                out.push((si as u16, *from, Time::MAX));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// A human-readable plan: slots and which segments share them.
+    pub fn explain(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "segments ({}), in evaluation order:", self.segments.len());
+        for &i in &self.order {
+            let seg = &self.segments[i];
+            match &seg.kind {
+                SegmentKind::Expr(_) => {
+                    let aggs: Vec<String> = self
+                        .aggs
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, a)| a.used_by.contains(&seg.name))
+                        .map(|(k, _)| format!("a{k}"))
+                        .collect();
+                    let traits: Vec<String> = self
+                        .traits
+                        .iter()
+                        .filter(|(_, u)| u.contains(&seg.name))
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    let expr = seg.source.as_ref().map(|e| e.to_string()).unwrap_or_default();
+                    let _ = writeln!(s, "  {}: {}", seg.name, expr);
+                    let _ = writeln!(
+                        s,
+                        "      reads aggregates [{}], traits [{}]",
+                        aggs.join(", "),
+                        traits.join(", ")
+                    );
+                }
+                SegmentKind::List { url, .. } => {
+                    let _ = writeln!(s, "  {}: static list from {url}", seg.name);
+                }
+                SegmentKind::Warehouse { query, refresh_ms } => {
+                    let _ = writeln!(
+                        s,
+                        "  {}: warehouse query {query:?} every {} s",
+                        seg.name,
+                        refresh_ms / 1000
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            s,
+            "aggregates ({}), computed once per user from the shared events_by_user arrangement:",
+            self.aggs.len()
+        );
+        for (k, a) in self.aggs.iter().enumerate() {
+            let shared = if a.used_by.len() > 1 { "  [shared]" } else { "" };
+            let window = if a.temporal {
+                "  [temporal: facts enter/leave at exact instants]"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "  a{k} = {}  used by {}{shared}{window}",
+                Expr::Agg(Box::new(a.agg.clone())),
+                a.used_by.join(", ")
+            );
+        }
+        let _ = writeln!(s, "traits ({}):", self.traits.len());
+        for (name, users) in &self.traits {
+            let _ = writeln!(s, "  {name}  used by {}", users.join(", "));
+        }
+        s
+    }
+}
+
+/// Computes an aggregate from its slot's consolidated facts.
+fn aggregate(agg: &Aggregate, facts: &[(&(u32, FactVal), isize)]) -> Value {
+    let live = facts.iter().filter(|(_, r)| *r > 0);
+    match agg.kind {
+        AggKind::Count => {
+            if agg.distinct {
+                Value::num(live.count() as f64)
+            } else {
+                Value::num(live.map(|(_, r)| *r as f64).sum())
+            }
+        }
+        AggKind::Sum | AggKind::Avg | AggKind::Min | AggKind::Max => {
+            let vals: Vec<(&Value, isize)> = live
+                .filter_map(|((_, f), r)| match f {
+                    FactVal::Val(v) => Some((v, *r)),
+                    _ => None,
+                })
+                .collect();
+            let Some(rank) = vals.iter().map(|(v, _)| type_rank(v)).max() else {
+                return Value::Null;
+            };
+            let mut of_rank = vals.into_iter().filter(|(v, _)| type_rank(v) == rank);
+            match agg.kind {
+                AggKind::Min => of_rank.next().map(|(v, _)| v.clone()).unwrap_or(Value::Null),
+                AggKind::Max => of_rank.last().map(|(v, _)| v.clone()).unwrap_or(Value::Null),
+                _ if rank != 4 => Value::Null,
+                AggKind::Sum => Value::num(
+                    of_rank
+                        .map(|(v, r)| v.as_f64().unwrap_or(0.0) * r as f64)
+                        .sum(),
+                ),
+                _ => {
+                    let (sum, n) = of_rank.fold((0.0, 0.0), |(s, n), (v, r)| {
+                        (s + v.as_f64().unwrap_or(0.0) * r as f64, n + r as f64)
+                    });
+                    Value::num(sum / n)
+                }
+            }
+        }
+        AggKind::First | AggKind::Last => {
+            let mut ordered = live.filter_map(|((_, f), _)| match f {
+                FactVal::Ordered(_, _, v) => Some(v),
+                _ => None,
+            });
+            let v = if agg.kind == AggKind::First {
+                ordered.next()
+            } else {
+                ordered.last()
+            };
+            v.cloned().unwrap_or(Value::Null)
+        }
+    }
+}
+
+/// A trait's current value: the latest identify write if it is at or after the current
+/// snapshot, else the snapshot's cell, else the latest (older) identify write, else NULL.
+fn resolve_trait(facts: &[(&(u32, FactVal), isize)]) -> Value {
+    let mut snap: Option<&Value> = None;
+    let mut latest: Option<(i64, &str, bool, &Value)> = None;
+    for ((_, f), r) in facts {
+        if *r <= 0 {
+            continue;
+        }
+        match f {
+            FactVal::Snap(v) => snap = Some(v),
+            FactVal::Write {
+                fresh,
+                ts,
+                msg,
+                val,
+            } => {
+                if latest.is_none_or(|(t, m, _, _)| (*ts, msg.as_str()) > (t, m)) {
+                    latest = Some((*ts, msg, *fresh, val));
+                }
+            }
+            _ => {}
+        }
+    }
+    match (latest, snap) {
+        (Some((_, _, true, v)), _) => v.clone(),
+        (_, Some(v)) => v.clone(),
+        (Some((_, _, false, v)), None) => v.clone(),
+        (None, None) => Value::Null,
+    }
+}
+
+/// A profile snapshot's rows: user key -> trait name -> value (NULL cells absent).
+pub type SnapshotRows = BTreeMap<String, BTreeMap<String, Value>>;
+
+impl Plan {
+    /// The facts a profile snapshot contributes: a presence fact per user and a cell fact
+    /// for each trait some segment reads. Diffing two such sets gives the updates that
+    /// move the dataflow from one snapshot to the next.
+    pub fn snapshot_facts(&self, rows: &SnapshotRows) -> std::collections::BTreeSet<(String, (u32, FactVal))> {
+        let mut out = std::collections::BTreeSet::new();
+        for (user, cells) in rows {
+            out.insert((user.clone(), (SLOT_PROFILE, FactVal::Unit)));
+            for (name, v) in cells {
+                if v.is_null() {
+                    continue;
+                }
+                if let Some(i) = self.trait_index(name) {
+                    out.insert((user.clone(), (self.trait_slot(i), FactVal::Snap(v.clone()))));
+                }
+            }
+        }
+        out
+    }
+}

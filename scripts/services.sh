@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs (once, into a cache outside the clone) and starts the real services Herald's
+# tests use, bound to 127.0.0.1 only. Prints `export` lines for the test environment.
+#
+#   eval "$(scripts/services.sh start)"   # install if needed, start, export endpoints
+#   scripts/services.sh stop
+#
+# Services:
+#   s3s-fs  an S3-compatible object store (crates.io), serving a scratch directory.
+set -euo pipefail
+
+TOOLS="${HERALD_TOOLS_DIR:-$HOME/.cache/herald-tools}"
+RUN="${HERALD_RUN_DIR:-${TMPDIR:-/tmp}/herald-services}"
+S3_PORT="${HERALD_S3_PORT:-19000}"
+S3_VERSION="0.14.1"   # 0.15+ needs a newer rustc than the workspace's MSRV allows
+
+log() { echo "services: $*" >&2; }
+
+install_s3() {
+  if [ -x "$TOOLS/bin/s3s-fs" ] && "$TOOLS/bin/s3s-fs" --version 2>/dev/null | grep -q "$S3_VERSION"; then
+    return
+  fi
+  log "installing s3s-fs $S3_VERSION into $TOOLS (about 2 minutes, once)"
+  # Its own target dir, so it never invalidates the workspace's build cache.
+  CARGO_TARGET_DIR="$TOOLS/build" cargo install "s3s-fs@$S3_VERSION" --features binary --locked \
+    --root "$TOOLS" --quiet >&2
+}
+
+wait_port() {
+  local port=$1 i
+  for i in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  log "nothing listening on 127.0.0.1:$port after 10 s"; return 1
+}
+
+start() {
+  install_s3
+  mkdir -p "$RUN/s3/herald-test"
+  if [ -f "$RUN/s3.pid" ] && kill -0 "$(cat "$RUN/s3.pid")" 2>/dev/null; then
+    log "s3s-fs already running on 127.0.0.1:$S3_PORT"
+  else
+    "$TOOLS/bin/s3s-fs" --host 127.0.0.1 --port "$S3_PORT" \
+      --access-key herald --secret-key herald-secret "$RUN/s3" >"$RUN/s3.log" 2>&1 &
+    echo $! >"$RUN/s3.pid"
+    wait_port "$S3_PORT"
+    log "s3s-fs on 127.0.0.1:$S3_PORT (bucket herald-test, data in $RUN/s3)"
+  fi
+  echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
+  echo "export AWS_ALLOW_HTTP=true"
+  echo "export AWS_ACCESS_KEY_ID=herald"
+  echo "export AWS_SECRET_ACCESS_KEY=herald-secret"
+  echo "export AWS_REGION=us-east-1"
+  echo "export HERALD_TEST_S3_BUCKET=herald-test"
+}
+
+stop() {
+  if [ -f "$RUN/s3.pid" ]; then kill "$(cat "$RUN/s3.pid")" 2>/dev/null || true; rm -f "$RUN/s3.pid"; fi
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
