@@ -78,8 +78,8 @@ pub fn parse_profile_arg(arg: &str) -> Result<(String, i64), EngineError> {
             "--profiles '{arg}' must be PATH@RFC3339, e.g. profiles.parquet@2026-03-01T00:00:00Z"
         ))
     })?;
-    let at = parse_rfc3339_ms(at)
-        .map_err(|e| EngineError::Usage(format!("--profiles '{arg}': {e}")))?;
+    let at =
+        parse_rfc3339_ms(at).map_err(|e| EngineError::Usage(format!("--profiles '{arg}': {e}")))?;
     Ok((path.to_string(), at))
 }
 
@@ -101,8 +101,8 @@ fn join(dir: &str, name: &str) -> String {
 
 /// Runs a replay; see the module docs.
 pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
-    let until = parse_rfc3339_ms(&args.until)
-        .map_err(|e| EngineError::Usage(format!("--until: {e}")))?;
+    let until =
+        parse_rfc3339_ms(&args.until).map_err(|e| EngineError::Usage(format!("--until: {e}")))?;
     let profiles = args
         .profiles
         .iter()
@@ -132,7 +132,9 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         }
     }
 
-    let threads = args.workers.max(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args
+        .workers
+        .max(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let batch = read_events(
         &args.events,
         Limits::default(),
@@ -181,6 +183,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
             until,
             lists_at: first_instant,
             workers: args.workers,
+            on_caught_up: None,
         },
         progress,
     )?;

@@ -123,7 +123,11 @@ trait SplitOut<D> {
 struct FactSplit;
 impl SplitOut<TimedFact> for FactSplit {
     type Out = (String, (u32, FactVal));
-    fn split(&mut self, (user, fact, from, until): TimedFact, emit: &mut dyn FnMut(Self::Out, Time, Time)) {
+    fn split(
+        &mut self,
+        (user, fact, from, until): TimedFact,
+        emit: &mut dyn FnMut(Self::Out, Time, Time),
+    ) {
         emit((user, fact), from, until)
     }
 }
@@ -151,9 +155,9 @@ pub fn build_segments<'s>(
     let facts = temporal(facts, FactSplit);
 
     // A write is fresh while no snapshot at or after its instant has been applied.
-    let write_facts = writes
-        .map(|w| (clock_bucket(&w.0), w))
-        .join_map(clock, |_bucket, (user, slot, ts, msg, val), at| {
+    let write_facts = writes.map(|w| (clock_bucket(&w.0), w)).join_map(
+        clock,
+        |_bucket, (user, slot, ts, msg, val), at| {
             (
                 user.clone(),
                 (
@@ -166,16 +170,18 @@ pub fn build_segments<'s>(
                     },
                 ),
             )
-        });
+        },
+    );
 
-    let memberships = facts
-        .concat(write_facts)
-        .reduce_named("events_by_user", move |user: &String, input, output| {
+    let memberships = facts.concat(write_facts).reduce_named(
+        "events_by_user",
+        move |user: &String, input, output| {
             let m = plan.evaluate_user(user, input);
             if !m.is_empty() {
                 output.push((m, 1isize));
             }
-        });
+        },
+    );
 
     let changes = temporal(memberships, MembershipSplit).consolidate();
     (

@@ -347,10 +347,7 @@ pub fn breakpoints(e: &CExpr, ctx: &dyn Context, out: &mut Vec<i64>) {
                 breakpoints(x, ctx, out);
             }
         }
-        CExpr::Arith(_, a, b)
-        | CExpr::And(a, b)
-        | CExpr::Or(a, b)
-        | CExpr::Like(a, b, _) => {
+        CExpr::Arith(_, a, b) | CExpr::And(a, b) | CExpr::Or(a, b) | CExpr::Like(a, b, _) => {
             breakpoints(a, ctx, out);
             breakpoints(b, ctx, out);
         }

@@ -216,9 +216,12 @@ pub fn parse_message(
                 ))
             } else {
                 match item {
-                    Json::Object(m) => {
-                        accept_object(m, envelope_sent_at, received_at, &serde_json::to_vec(item).unwrap_or_default())
-                    }
+                    Json::Object(m) => accept_object(
+                        m,
+                        envelope_sent_at,
+                        received_at,
+                        &serde_json::to_vec(item).unwrap_or_default(),
+                    ),
                     _ => Err(Rejection::new(
                         RejectReason::NotAnObject,
                         "a batch item must be a JSON object",
@@ -266,9 +269,9 @@ fn string_field(obj: &Map<String, Json>, key: &str) -> Option<String> {
 fn instant_field(obj: &Map<String, Json>, key: &str) -> Result<Option<i64>, Rejection> {
     match obj.get(key) {
         None | Some(Json::Null) => Ok(None),
-        Some(Json::String(s)) => parse_rfc3339_ms(s).map(Some).map_err(|e| {
-            Rejection::new(RejectReason::BadTimestamp, format!("`{key}`: {e}"))
-        }),
+        Some(Json::String(s)) => parse_rfc3339_ms(s)
+            .map(Some)
+            .map_err(|e| Rejection::new(RejectReason::BadTimestamp, format!("`{key}`: {e}"))),
         Some(other) => Err(Rejection::new(
             RejectReason::BadTimestamp,
             format!("`{key}` must be an RFC 3339 string, found {other}"),
@@ -325,40 +328,38 @@ fn accept_object(
             "an alias message needs `previousId` and `userId`",
         ));
     }
-    let timestamp = match instant_field(obj, "timestamp")? {
-        Some(t) => t,
-        None => {
-            let received = match instant_field(obj, "receivedAt")? {
-                Some(t) => Some(t),
-                None => received_at,
-            };
-            let sent = match instant_field(obj, "sentAt")? {
-                Some(t) => Some(t),
-                None => match envelope_sent_at {
-                    Some(Json::String(s)) => Some(parse_rfc3339_ms(s).map_err(|e| {
-                        Rejection::new(RejectReason::BadTimestamp, format!("`sentAt`: {e}"))
-                    })?),
-                    _ => None,
-                },
-            };
-            match (instant_field(obj, "originalTimestamp")?, received, sent) {
-                // The spec's clock-skew rule: correct the device clock by the skew
-                // between when the SDK sent the message and when it arrived.
-                (Some(orig), Some(recv), Some(sent)) => orig + (recv - sent),
-                (Some(orig), _, _) => orig,
-                (None, Some(recv), _) => recv,
-                (None, None, _) => {
-                    return Err(Rejection::new(
+    let timestamp =
+        match instant_field(obj, "timestamp")? {
+            Some(t) => t,
+            None => {
+                let received = match instant_field(obj, "receivedAt")? {
+                    Some(t) => Some(t),
+                    None => received_at,
+                };
+                let sent = match instant_field(obj, "sentAt")? {
+                    Some(t) => Some(t),
+                    None => match envelope_sent_at {
+                        Some(Json::String(s)) => Some(parse_rfc3339_ms(s).map_err(|e| {
+                            Rejection::new(RejectReason::BadTimestamp, format!("`sentAt`: {e}"))
+                        })?),
+                        _ => None,
+                    },
+                };
+                match (instant_field(obj, "originalTimestamp")?, received, sent) {
+                    // The spec's clock-skew rule: correct the device clock by the skew
+                    // between when the SDK sent the message and when it arrived.
+                    (Some(orig), Some(recv), Some(sent)) => orig + (recv - sent),
+                    (Some(orig), _, _) => orig,
+                    (None, Some(recv), _) => recv,
+                    (None, None, _) => return Err(Rejection::new(
                         RejectReason::MissingTimestamp,
                         "no `timestamp`, `originalTimestamp` or `receivedAt`, and no receive time",
-                    ))
+                    )),
                 }
             }
-        }
-    };
-    let message_id = string_field(obj, "messageId").unwrap_or_else(|| {
-        format!("gen-{:016x}", xxhash_rust::xxh3::xxh3_64(raw))
-    });
+        };
+    let message_id = string_field(obj, "messageId")
+        .unwrap_or_else(|| format!("gen-{:016x}", xxhash_rust::xxh3::xxh3_64(raw)));
     Ok(Event {
         user,
         kind,
@@ -452,7 +453,13 @@ mod tests {
     fn accepts_a_track_and_keys_by_user_then_anonymous_id() {
         let e = one(r#"{"type":"track","event":"Order Completed","userId":"u1","anonymousId":"a1","messageId":"m1","timestamp":"2026-03-01T10:00:00Z","properties":{"revenue":12.5}}"#).unwrap();
         assert_eq!(e.user, "u1");
-        assert_eq!(e.field(&EventField::Path(PathRoot::Properties, vec!["revenue".into()])), Value::num(12.5));
+        assert_eq!(
+            e.field(&EventField::Path(
+                PathRoot::Properties,
+                vec!["revenue".into()]
+            )),
+            Value::num(12.5)
+        );
         let e = one(r#"{"type":"page","name":"Home","anonymousId":"a1","timestamp":"2026-03-01T10:00:00Z"}"#).unwrap();
         assert_eq!(e.user, "a1");
         assert_eq!(e.event.as_deref(), Some("Home"));
@@ -463,18 +470,39 @@ mod tests {
     fn rejects_what_the_spec_rejects() {
         assert_eq!(one("{nope"), Err(RejectReason::InvalidJson));
         assert_eq!(one("[1]"), Err(RejectReason::NotAnObject));
-        assert_eq!(one(r#"{"type":"track","userId":"u","timestamp":"2026-03-01T10:00:00Z"}"#), Err(RejectReason::MissingEvent));
-        assert_eq!(one(r#"{"type":"track","event":"x","timestamp":"2026-03-01T10:00:00Z"}"#), Err(RejectReason::MissingUser));
-        assert_eq!(one(r#"{"type":"alias","userId":"u","timestamp":"2026-03-01T10:00:00Z"}"#), Err(RejectReason::MissingAliasIds));
-        assert_eq!(one(r#"{"type":"shout","userId":"u"}"#), Err(RejectReason::BadType));
-        assert_eq!(one(r#"{"type":"track","event":"x","userId":"u","timestamp":"yesterday"}"#), Err(RejectReason::BadTimestamp));
-        assert_eq!(one(r#"{"type":"track","event":"x","userId":"u"}"#), Err(RejectReason::MissingTimestamp));
+        assert_eq!(
+            one(r#"{"type":"track","userId":"u","timestamp":"2026-03-01T10:00:00Z"}"#),
+            Err(RejectReason::MissingEvent)
+        );
+        assert_eq!(
+            one(r#"{"type":"track","event":"x","timestamp":"2026-03-01T10:00:00Z"}"#),
+            Err(RejectReason::MissingUser)
+        );
+        assert_eq!(
+            one(r#"{"type":"alias","userId":"u","timestamp":"2026-03-01T10:00:00Z"}"#),
+            Err(RejectReason::MissingAliasIds)
+        );
+        assert_eq!(
+            one(r#"{"type":"shout","userId":"u"}"#),
+            Err(RejectReason::BadType)
+        );
+        assert_eq!(
+            one(r#"{"type":"track","event":"x","userId":"u","timestamp":"yesterday"}"#),
+            Err(RejectReason::BadTimestamp)
+        );
+        assert_eq!(
+            one(r#"{"type":"track","event":"x","userId":"u"}"#),
+            Err(RejectReason::MissingTimestamp)
+        );
     }
 
     #[test]
     fn corrects_original_timestamp_by_clock_skew() {
         let e = one(r#"{"type":"track","event":"x","userId":"u","originalTimestamp":"2026-03-01T10:00:00Z","sentAt":"2026-03-01T10:00:05Z","receivedAt":"2026-03-01T10:00:02Z"}"#).unwrap();
-        assert_eq!(e.timestamp, parse_rfc3339_ms("2026-03-01T09:59:57Z").unwrap());
+        assert_eq!(
+            e.timestamp,
+            parse_rfc3339_ms("2026-03-01T09:59:57Z").unwrap()
+        );
     }
 
     #[test]
@@ -494,13 +522,19 @@ mod tests {
         let e = one(r#"{"type":"identify","userId":"u","timestamp":"2026-03-01T10:00:00Z","traits":{"plan":"pro"},"context":{"traits":{"plan":"free","country":"IN"}}}"#).unwrap();
         assert_eq!(
             e.trait_writes(),
-            vec![("country".into(), Value::Str("IN".into())), ("plan".into(), Value::Str("pro".into()))]
+            vec![
+                ("country".into(), Value::Str("IN".into())),
+                ("plan".into(), Value::Str("pro".into()))
+            ]
         );
     }
 
     #[test]
     fn oversized_messages_are_rejected() {
-        let big = format!(r#"{{"type":"track","event":"x","userId":"u","timestamp":"2026-03-01T10:00:00Z","properties":{{"p":"{}"}}}}"#, "x".repeat(40_000));
+        let big = format!(
+            r#"{{"type":"track","event":"x","userId":"u","timestamp":"2026-03-01T10:00:00Z","properties":{{"p":"{}"}}}}"#,
+            "x".repeat(40_000)
+        );
         assert_eq!(one(&big), Err(RejectReason::TooLarge));
     }
 }

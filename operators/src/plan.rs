@@ -409,7 +409,12 @@ impl Plan {
     pub fn event_facts(&self, ev: &Event, out: &mut Vec<TimedFact>) {
         let ctx = EventCtx(ev);
         let start = to_time(ev.timestamp);
-        out.push((ev.user.clone(), (SLOT_SEEN, FactVal::Unit), start, Time::MAX));
+        out.push((
+            ev.user.clone(),
+            (SLOT_SEEN, FactVal::Unit),
+            start,
+            Time::MAX,
+        ));
         let mut points = Vec::new();
         for (i, slot) in self.aggs.iter().enumerate() {
             let intervals = match &slot.filter {
@@ -555,7 +560,11 @@ impl Plan {
     /// A human-readable plan: slots and which segments share them.
     pub fn explain(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "segments ({}), in evaluation order:", self.segments.len());
+        let _ = writeln!(
+            s,
+            "segments ({}), in evaluation order:",
+            self.segments.len()
+        );
         for &i in &self.order {
             let seg = &self.segments[i];
             match &seg.kind {
@@ -573,7 +582,11 @@ impl Plan {
                         .filter(|(_, u)| u.contains(&seg.name))
                         .map(|(n, _)| n.clone())
                         .collect();
-                    let expr = seg.source.as_ref().map(|e| e.to_string()).unwrap_or_default();
+                    let expr = seg
+                        .source
+                        .as_ref()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
                     let _ = writeln!(s, "  {}: {}", seg.name, expr);
                     let _ = writeln!(
                         s,
@@ -601,7 +614,11 @@ impl Plan {
             self.aggs.len()
         );
         for (k, a) in self.aggs.iter().enumerate() {
-            let shared = if a.used_by.len() > 1 { "  [shared]" } else { "" };
+            let shared = if a.used_by.len() > 1 {
+                "  [shared]"
+            } else {
+                ""
+            };
             let window = if a.temporal {
                 "  [temporal: facts enter/leave at exact instants]"
             } else {
@@ -645,8 +662,14 @@ fn aggregate(agg: &Aggregate, facts: &[(&(u32, FactVal), isize)]) -> Value {
             };
             let mut of_rank = vals.into_iter().filter(|(v, _)| type_rank(v) == rank);
             match agg.kind {
-                AggKind::Min => of_rank.next().map(|(v, _)| v.clone()).unwrap_or(Value::Null),
-                AggKind::Max => of_rank.last().map(|(v, _)| v.clone()).unwrap_or(Value::Null),
+                AggKind::Min => of_rank
+                    .next()
+                    .map(|(v, _)| v.clone())
+                    .unwrap_or(Value::Null),
+                AggKind::Max => of_rank
+                    .next_back()
+                    .map(|(v, _)| v.clone())
+                    .unwrap_or(Value::Null),
                 _ if rank != 4 => Value::Null,
                 AggKind::Sum => Value::num(
                     of_rank
@@ -669,7 +692,7 @@ fn aggregate(agg: &Aggregate, facts: &[(&(u32, FactVal), isize)]) -> Value {
             let v = if agg.kind == AggKind::First {
                 ordered.next()
             } else {
-                ordered.last()
+                ordered.next_back()
             };
             v.cloned().unwrap_or(Value::Null)
         }
@@ -692,10 +715,8 @@ fn resolve_trait(facts: &[(&(u32, FactVal), isize)]) -> Value {
                 ts,
                 msg,
                 val,
-            } => {
-                if latest.is_none_or(|(t, m, _, _)| (*ts, msg.as_str()) > (t, m)) {
-                    latest = Some((*ts, msg, *fresh, val));
-                }
+            } if latest.is_none_or(|(t, m, _, _)| (*ts, msg.as_str()) > (t, m)) => {
+                latest = Some((*ts, msg, *fresh, val));
             }
             _ => {}
         }
@@ -715,7 +736,10 @@ impl Plan {
     /// The facts a profile snapshot contributes: a presence fact per user and a cell fact
     /// for each trait some segment reads. Diffing two such sets gives the updates that
     /// move the dataflow from one snapshot to the next.
-    pub fn snapshot_facts(&self, rows: &SnapshotRows) -> std::collections::BTreeSet<(String, (u32, FactVal))> {
+    pub fn snapshot_facts(
+        &self,
+        rows: &SnapshotRows,
+    ) -> std::collections::BTreeSet<(String, (u32, FactVal))> {
         let mut out = std::collections::BTreeSet::new();
         for (user, cells) in rows {
             out.insert((user.clone(), (SLOT_PROFILE, FactVal::Unit)));

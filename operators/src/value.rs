@@ -190,7 +190,10 @@ mod tests {
 
     #[test]
     fn numbers_compare_numerically_and_types_do_not_mix() {
-        assert_eq!(Value::num(3.0).sql_cmp(&Value::num(3.5)), Some(Ordering::Less));
+        assert_eq!(
+            Value::num(3.0).sql_cmp(&Value::num(3.5)),
+            Some(Ordering::Less)
+        );
         assert_eq!(Value::num(1.0).sql_cmp(&Value::Str("1".into())), None);
         assert!(Value::num(1.0).type_mismatch(&Value::Str("1".into())));
         assert!(!Value::Null.type_mismatch(&Value::num(1.0)));

@@ -49,7 +49,9 @@ enum Command {
 
 fn print_summary(s: &ReplaySummary, out: &str) {
     let secs = s.dataflow_time.as_secs_f64().max(1e-9);
-    let total = (s.read_time + s.dataflow_time + s.write_time).as_secs_f64().max(1e-9);
+    let total = (s.read_time + s.dataflow_time + s.write_time)
+        .as_secs_f64()
+        .max(1e-9);
     println!(
         "replayed {} events ({} lines, {} rejected, {} duplicates) -> {} changes in {}",
         s.applied,
@@ -111,7 +113,9 @@ fn main() -> ExitCode {
             };
             replay(&args).map(|s| print_summary(&s, &out))
         }
-        Command::Check { file } => herald_engine::check::check(&file).map(|report| print!("{report}")),
+        Command::Check { file } => {
+            herald_engine::check::check(&file).map(|report| print!("{report}"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::value::Value;
 
 /// A position in the segment file: 1-based line and column.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Pos {
     /// 1-based line.
     pub line: u64,

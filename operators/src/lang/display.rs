@@ -8,11 +8,35 @@ use std::fmt::{self, Display, Formatter};
 
 use crate::ast::{AggKind, ArithOp, CmpOp, EventField, Expr, PathRoot};
 
+/// Names that mean something else when bare; a trait with one of them must be quoted.
+const RESERVED: &[&str] = &[
+    "event",
+    "type",
+    "timestamp",
+    "message_id",
+    "user_id",
+    "now",
+    "properties",
+    "context",
+    "traits",
+    "and",
+    "or",
+    "not",
+    "null",
+    "true",
+    "false",
+    "in",
+    "is",
+    "like",
+    "between",
+];
+
 fn ident(name: &str) -> String {
-    let plain = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+    let plain = !RESERVED.contains(&name.to_ascii_lowercase().as_str())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
@@ -24,15 +48,17 @@ fn ident(name: &str) -> String {
 }
 
 fn interval(ms: i64) -> String {
-    if ms % 86_400_000 == 0 {
-        format!("INTERVAL '{} days'", ms / 86_400_000)
+    let (n, unit) = if ms % 86_400_000 == 0 {
+        (ms / 86_400_000, "day")
     } else if ms % 3_600_000 == 0 {
-        format!("INTERVAL '{} hours'", ms / 3_600_000)
+        (ms / 3_600_000, "hour")
     } else if ms % 60_000 == 0 {
-        format!("INTERVAL '{} minutes'", ms / 60_000)
+        (ms / 60_000, "minute")
     } else {
-        format!("INTERVAL '{} seconds'", ms as f64 / 1000.0)
-    }
+        return format!("INTERVAL '{} seconds'", ms as f64 / 1000.0);
+    };
+    let plural = if n == 1 { "" } else { "s" };
+    format!("INTERVAL '{n} {unit}{plural}'")
 }
 
 impl Display for EventField {
@@ -137,7 +163,12 @@ impl Display for Expr {
             Expr::Or(a, b) => write!(f, "{} OR {}", Operand(a), Operand(b)),
             Expr::Not(a) => write!(f, "NOT {}", Operand(a)),
             Expr::IsNull { expr, negated } => {
-                write!(f, "{} IS {}NULL", Operand(expr), if *negated { "NOT " } else { "" })
+                write!(
+                    f,
+                    "{} IS {}NULL",
+                    Operand(expr),
+                    if *negated { "NOT " } else { "" }
+                )
             }
             Expr::InList {
                 expr,

@@ -1,0 +1,144 @@
+//! The replay throughput run: how fast the segment dataflow replays a large event file,
+//! and how much state it keeps.
+//!
+//! Isolates the dataflow: inputs are read and parsed first (timed separately), then the
+//! dataflow runs to `--until`. Memory: resident set before the dataflow (inputs loaded),
+//! at the instant the dataflow has caught up with `--until` (its state is live), and the
+//! peak in between. State per user = (RSS at catch-up - RSS before) / users.
+//!
+//! Run via `benches/replay_throughput.sh` (generates 1M events for 100k users and runs
+//! this twice to separate per-user state from per-in-window-event state), or by hand:
+//! `cargo run --release -p herald-benches --bin replay-throughput -- --segments benches/segments20.sql --events DIR/events.jsonl --until 2026-04-01T00:00:00Z --workers 2`
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Parser;
+use herald_benches::{reset_peak_rss, rss};
+use herald_connectors::events::{read_events, DEFAULT_DEDUP_HORIZON_MS};
+use herald_engine::check::load_segments;
+use herald_engine::driver::{run_dataflow, DataflowInput};
+use herald_engine::replay::parse_profile_arg;
+use herald_operators::event::Limits;
+use herald_operators::plan::TimedFact;
+use herald_operators::time::{parse_rfc3339_ms, to_time};
+
+/// Replay throughput and state size.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Segment file.
+    #[arg(long)]
+    segments: String,
+    /// Event JSONL files.
+    #[arg(long, num_args = 1.., required = true)]
+    events: Vec<String>,
+    /// Profile snapshots, PATH@RFC3339.
+    #[arg(long)]
+    profiles: Vec<String>,
+    /// Clock horizon.
+    #[arg(long)]
+    until: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let until = parse_rfc3339_ms(&args.until).map_err(anyhow::Error::msg)?;
+    let (_, plan) = load_segments(&args.segments).context("loading segments")?;
+    let read_started = Instant::now();
+    let batch = read_events(&args.events, Limits::default(), DEFAULT_DEDUP_HORIZON_MS, 0)?;
+    let mut snapshots = Vec::new();
+    for p in &args.profiles {
+        let (path, at) = parse_profile_arg(p)?;
+        snapshots.push((at, herald_connectors::snapshot::read_snapshot(&path)?.rows));
+    }
+    let read_time = read_started.elapsed();
+    let events: Vec<_> = batch.events.into_iter().map(|(e, _)| e).collect();
+    let mut users: BTreeSet<&str> = events.iter().map(|e| e.user.as_str()).collect();
+    for (_, rows) in &snapshots {
+        users.extend(rows.keys().map(String::as_str));
+    }
+    let n_users = users.len() as u64;
+    // Facts whose window still holds at `until`: the in-window state.
+    let mut facts: Vec<TimedFact> = Vec::new();
+    let mut in_window = 0u64;
+    let mut total_facts = 0u64;
+    for e in &events {
+        facts.clear();
+        plan.event_facts(e, &mut facts);
+        total_facts += facts.len() as u64;
+        in_window += facts
+            .iter()
+            .filter(|(_, _, from, until_)| {
+                *until_ != u64::MAX && *from <= to_time(until) && to_time(until) < *until_
+            })
+            .count() as u64;
+    }
+    let first = events.iter().map(|e| e.timestamp).min().unwrap_or(until);
+    let n_events = events.len() as u64;
+    let n_segments = plan.segments.len();
+
+    let (rss_before, _) = rss().unwrap_or((0, 0));
+    reset_peak_rss();
+    let at_catch_up = Arc::new(Mutex::new(0u64));
+    let hook_slot = Arc::clone(&at_catch_up);
+    let started = Instant::now();
+    let out = run_dataflow(
+        DataflowInput {
+            plan,
+            events,
+            snapshots,
+            lists: Default::default(),
+            until,
+            lists_at: first,
+            workers: args.workers,
+            on_caught_up: Some(Arc::new(move || {
+                if let (Some((now, _)), Ok(mut slot)) = (rss(), hook_slot.lock()) {
+                    *slot = now;
+                }
+            })),
+        },
+        None,
+    )?;
+    let elapsed = started.elapsed();
+    let (_, peak) = rss().unwrap_or((0, 0));
+    let caught_up = *at_catch_up
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let state = caught_up.saturating_sub(rss_before);
+
+    println!("segments            {n_segments}");
+    println!("events applied      {}", out.applied);
+    println!("users               {n_users}");
+    println!("facts               {total_facts} ({in_window} in a window at --until)");
+    println!("changes             {}", out.changes.len());
+    println!("workers             {}", args.workers);
+    println!(
+        "read+parse          {:.2} s ({:.0} events/s)",
+        read_time.as_secs_f64(),
+        n_events as f64 / read_time.as_secs_f64()
+    );
+    println!("dataflow            {:.2} s", elapsed.as_secs_f64());
+    println!(
+        "throughput          {:.0} events/s",
+        out.applied as f64 / elapsed.as_secs_f64()
+    );
+    println!("rss before dataflow {:.1} MiB", mib(rss_before));
+    println!("rss at --until      {:.1} MiB", mib(caught_up));
+    println!("peak rss (dataflow) {:.1} MiB", mib(peak));
+    println!(
+        "state               {:.1} MiB = {:.0} bytes/user",
+        mib(state),
+        state as f64 / n_users.max(1) as f64
+    );
+    println!("METRICS state_bytes={state} users={n_users} in_window={in_window} events={n_events} seconds={:.3}", elapsed.as_secs_f64());
+    Ok(())
+}

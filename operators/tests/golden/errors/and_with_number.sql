@@ -1,0 +1,2 @@
+CREATE SEGMENT odd AS
+    plan = 'pro' AND count(*);

@@ -1,0 +1,2 @@
+CREATE SEGMENT lapsed AS
+    max(timestamp) < now() - INTERVAL '2 months';

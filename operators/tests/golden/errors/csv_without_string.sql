@@ -1,0 +1,1 @@
+CREATE SEGMENT beta FROM CSV s3_beta_list;

@@ -1,0 +1,2 @@
+CREATE SEGMENT spenders AS
+    sum(DISTINCT properties.revenue) > 100;

@@ -1,0 +1,2 @@
+CREATE SEGMENT signed_up AS
+    event = 'Signed Up';

@@ -1,0 +1,2 @@
+CREATE SEGMENT big_order AS
+    properties.revenue > 100;

@@ -1,0 +1,2 @@
+CREATE SEGMENT buyers AS
+    count(*) FILTER (event = 'Order Completed') > 0;

@@ -1,0 +1,2 @@
+CREATE SEGMENT experiment AS
+    hash_bucket(user_id, 'exp-42', 0) < 10;

@@ -1,0 +1,2 @@
+CREATE SEGMENT gmail AS
+    email ILIKE '%@gmail.com';

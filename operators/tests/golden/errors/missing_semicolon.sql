@@ -1,0 +1,2 @@
+CREATE SEGMENT pro AS plan = 'pro'
+CREATE SEGMENT free AS plan = 'free';

@@ -1,0 +1,1 @@
+CREATE SEGMENT 2nd_wave AS plan = 'pro';

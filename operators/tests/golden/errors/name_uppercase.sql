@@ -1,0 +1,1 @@
+CREATE SEGMENT VIP AS plan = 'pro';

@@ -1,0 +1,2 @@
+CREATE SEGMENT big_spenders AS
+    count(sum(properties.revenue)) > 1;

@@ -1,0 +1,2 @@
+CREATE SEGMENT revenue AS
+    sum(properties.revenue) FILTER (WHERE event = 'Order Completed');

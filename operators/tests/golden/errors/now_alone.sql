@@ -1,0 +1,2 @@
+CREATE SEGMENT always AS
+    plan = 'pro' AND now();

@@ -1,0 +1,2 @@
+CREATE SEGMENT weird AS
+    count(*) > now();

@@ -1,0 +1,2 @@
+CREATE SEGMENT recent AS
+    max(timestamp) > now() - 3600;

@@ -1,0 +1,2 @@
+CREATE SEGMENT odd AS
+    sum(event) > 0;

@@ -1,0 +1,2 @@
+CREATE SEGMENT frequent AS
+    cnt(*) FILTER (WHERE event = 'Order Completed') >= 3;

@@ -1,0 +1,2 @@
+CREATE SEGMENT pro AS
+    plan = 'pro;

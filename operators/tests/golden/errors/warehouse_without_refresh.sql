@@ -1,0 +1,1 @@
+CREATE SEGMENT churn_risk FROM WAREHOUSE 'SELECT user_id FROM scores';
