@@ -258,14 +258,28 @@ pub fn eval(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             _ => Value::Null,
         },
         CExpr::HashBucket(key, salt, n) => {
-            let k = match eval(key, ctx, now) {
-                Value::Null => return Value::Null,
-                Value::Str(s) => s,
-                other => other.to_json().to_string(),
+            let k = match key_text(&eval(key, ctx, now)) {
+                Some(k) => k,
+                None => return Value::Null,
             };
             Value::num((hash_bucket(&k, salt) % n) as f64)
         }
     }
+}
+
+/// The text a value is hashed as by `hash_bucket`: strings as they are, whole numbers
+/// without a fraction (`42`, as SDKs send numeric ids), other numbers in Rust's shortest
+/// round-trip form, booleans as `true`/`false`, timestamps as RFC 3339 with milliseconds.
+/// `None` for NULL.
+pub fn key_text(v: &Value) -> Option<String> {
+    Some(match v {
+        Value::Null => return None,
+        Value::Str(s) => s.clone(),
+        Value::Num(n) if n.0.fract() == 0.0 && n.0.abs() < 9.0e15 => format!("{}", n.0 as i64),
+        Value::Num(n) => n.0.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Ts(t) => crate::time::format_rfc3339_ms(*t),
+    })
 }
 
 /// xxh3-64 of `salt || ':' || key`: stable across runs, workers and processes.

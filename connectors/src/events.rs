@@ -1,0 +1,364 @@
+//! Event JSONL files: one Segment-spec message (or `batch` envelope) per line.
+//!
+//! Owns [`read_events`]: sources are read in the given order and lines in order; every
+//! non-blank line goes through [`parse_message`] (in parallel over chunks of lines), and
+//! the results are merged in input order, so the output does not depend on the number of
+//! threads. Rejections become [`DeadLetter`]s (with the line's original text and a reason)
+//! and are counted per reason; duplicates are dropped by a [`Deduplicator`].
+//! Does not own the acceptance rules themselves (`herald_operators::event`).
+//!
+//! Gzip-compressed input is refused with a clear error: decompress it first.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use herald_operators::event::{parse_message, Event, Limits, RejectReason};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::error::ConnectorError;
+use crate::store::read_all;
+
+/// The default dedup horizon: 24 hours, in milliseconds.
+pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Below this many bytes a source is parsed on the calling thread alone.
+const MIN_PARALLEL_BYTES: usize = 256 * 1024;
+
+/// Where an event came from: the index of its source in the list given to
+/// [`read_events`] and its 1-based line. Events of one `batch` envelope share a position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// Index of the source file in the list passed to [`read_events`].
+    pub source: usize,
+    /// 1-based line number in that file.
+    pub line: u64,
+}
+
+/// A rejected message, as written to the dead-letter output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The source file or URL, as given.
+    pub source: String,
+    /// 1-based line number in the source.
+    pub line: u64,
+    /// Index inside a `batch` envelope, when the message came from one.
+    pub batch_index: Option<usize>,
+    /// Why the message was rejected.
+    pub reason: RejectReason,
+    /// A sentence naming the problem.
+    pub detail: String,
+    /// The original line (the whole envelope for a batch item), lossy UTF-8.
+    pub raw: String,
+}
+
+/// Everything read from a list of event files.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EventBatch {
+    /// Accepted, deduplicated events in input order, with their positions.
+    pub events: Vec<(Event, Position)>,
+    /// Rejected messages in input order.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Number of rejected messages per reason (the [`RejectReason::as_str`] names).
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Number of messages dropped as duplicates.
+    pub duplicates: u64,
+    /// Number of lines read, blank lines included.
+    pub lines: u64,
+    /// Number of bytes read.
+    pub bytes: u64,
+}
+
+/// Drops messages whose `messageId` was already accepted within the dedup horizon.
+///
+/// A message is a duplicate when an earlier accepted message has the same id and a
+/// timestamp at most `horizon_ms` away from it (in either direction). Outside the
+/// horizon it is accepted again, and the horizon then counts from it. A negative horizon
+/// disables deduplication. Ids are remembered by their 128-bit xxh3 hash (16 bytes per
+/// distinct id; a collision is astronomically unlikely), so memory grows with the number
+/// of distinct ids.
+#[derive(Clone, Debug, Default)]
+pub struct Deduplicator {
+    horizon_ms: i64,
+    seen: HashMap<u128, i64, BuildHasherDefault<PrehashedHasher>>,
+}
+
+/// A hasher for keys that are already hashes: keeps the low 64 bits.
+#[derive(Clone, Copy, Debug, Default)]
+struct PrehashedHasher(u64);
+
+impl Hasher for PrehashedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for u128 keys; fold anything else in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+impl Deduplicator {
+    /// A deduplicator with the given horizon in milliseconds.
+    pub fn new(horizon_ms: i64) -> Self {
+        Deduplicator {
+            horizon_ms,
+            seen: HashMap::default(),
+        }
+    }
+
+    /// Makes room for `additional` more distinct ids.
+    pub fn reserve(&mut self, additional: usize) {
+        self.seen.reserve(additional);
+    }
+
+    /// Returns true when the message is to be applied (and remembers it), false for a
+    /// duplicate.
+    pub fn admit(&mut self, message_id: &str, timestamp: i64) -> bool {
+        if self.horizon_ms < 0 {
+            return true;
+        }
+        match self.seen.entry(xxh3_128(message_id.as_bytes())) {
+            Entry::Occupied(mut first) => {
+                if timestamp.abs_diff(*first.get()) <= self.horizon_ms as u64 {
+                    false
+                } else {
+                    first.insert(timestamp);
+                    true
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(timestamp);
+                true
+            }
+        }
+    }
+}
+
+/// Reads event JSONL files.
+///
+/// `sources` are local paths or URLs (see [`crate::store::open`]), read in order.
+/// `threads` is the number of parsing threads (0 means the machine's parallelism); the
+/// result is the same for any value. `dedup_horizon_ms` is usually
+/// [`DEFAULT_DEDUP_HORIZON_MS`]. Bad messages never fail the call; only an unreadable
+/// source (missing, gzip-compressed, storage failure) does.
+pub fn read_events(
+    sources: &[String],
+    limits: Limits,
+    dedup_horizon_ms: i64,
+    threads: usize,
+) -> Result<EventBatch, ConnectorError> {
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    let mut out = EventBatch::default();
+    let mut dedup = Deduplicator::new(dedup_horizon_ms);
+    for (index, source) in sources.iter().enumerate() {
+        let bytes = read_all(source)?;
+        if source.to_ascii_lowercase().ends_with(".gz") || bytes.starts_with(&[0x1f, 0x8b]) {
+            return Err(ConnectorError::input(
+                source,
+                "gzip-compressed input is not supported; decompress it first",
+            ));
+        }
+        out.bytes += bytes.len() as u64;
+        let mut parsed = parse_jsonl(&bytes, index, source, limits, threads);
+        drop(bytes);
+        out.lines += parsed.lines;
+        dedup.reserve(parsed.events.len());
+        let before = parsed.events.len();
+        parsed
+            .events
+            .retain(|(event, _)| dedup.admit(&event.message_id, event.timestamp));
+        out.duplicates += (before - parsed.events.len()) as u64;
+        if out.events.is_empty() {
+            out.events = parsed.events;
+        } else {
+            out.events.append(&mut parsed.events);
+        }
+        for dl in &parsed.dead_letters {
+            *out.rejected_by_reason
+                .entry(dl.reason.as_str().to_string())
+                .or_default() += 1;
+        }
+        out.dead_letters.extend(parsed.dead_letters);
+    }
+    Ok(out)
+}
+
+/// The parse of one source, before deduplication.
+#[derive(Debug, Default)]
+pub struct ParsedLines {
+    /// Accepted events in input order.
+    pub events: Vec<(Event, Position)>,
+    /// Rejected messages in input order.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Number of lines, blank lines included.
+    pub lines: u64,
+}
+
+/// Parses the bytes of one JSONL source (no deduplication, no counters): `source_index`
+/// and `source` label positions and dead letters. Deterministic for any `threads`.
+pub fn parse_jsonl(
+    bytes: &[u8],
+    source_index: usize,
+    source: &str,
+    limits: Limits,
+    threads: usize,
+) -> ParsedLines {
+    let threads = threads.max(1);
+    if threads == 1 || bytes.len() < MIN_PARALLEL_BYTES {
+        return parse_chunk(bytes, source_index, source, limits);
+    }
+    let chunks = split_at_newlines(bytes, threads * 4);
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, ParsedLines)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(chunks.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(chunk) = chunks.get(i) else { break };
+                        done.push((i, parse_chunk(chunk, source_index, source, limits)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(done) => done,
+                // A panic in the parser is a bug; re-raise it rather than lose lines.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    let mut out = ParsedLines {
+        events: Vec::with_capacity(results.iter().map(|(_, p)| p.events.len()).sum()),
+        ..ParsedLines::default()
+    };
+    for (_, mut part) in results {
+        let offset = out.lines;
+        for (_, pos) in &mut part.events {
+            pos.line += offset;
+        }
+        for dl in &mut part.dead_letters {
+            dl.line += offset;
+        }
+        out.events.append(&mut part.events);
+        out.dead_letters.append(&mut part.dead_letters);
+        out.lines += part.lines;
+    }
+    out
+}
+
+/// Splits bytes into about `n` chunks, each ending just after a newline (the last one at
+/// the end of the input), so that no line is cut.
+fn split_at_newlines(bytes: &[u8], n: usize) -> Vec<&[u8]> {
+    let target = bytes.len().div_ceil(n.max(1)).max(1);
+    let mut chunks = Vec::with_capacity(n + 1);
+    let mut start = 0;
+    while start < bytes.len() {
+        let want = (start + target).min(bytes.len());
+        let end = match bytes[want..].iter().position(|&b| b == b'\n') {
+            Some(p) => want + p + 1,
+            None => bytes.len(),
+        };
+        chunks.push(&bytes[start..end]);
+        start = end;
+    }
+    chunks
+}
+
+/// Parses a run of whole lines, numbering them from 1.
+fn parse_chunk(bytes: &[u8], source_index: usize, source: &str, limits: Limits) -> ParsedLines {
+    let mut out = ParsedLines {
+        events: Vec::with_capacity(bytes.iter().filter(|&&b| b == b'\n').count() + 1),
+        ..ParsedLines::default()
+    };
+    let mut line_no = 0;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (line, tail) = match rest.iter().position(|&b| b == b'\n') {
+            Some(p) => (&rest[..p], &rest[p + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = tail;
+        line_no += 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        let (events, rejections) = parse_message(line, None, limits);
+        let position = Position {
+            source: source_index,
+            line: line_no,
+        };
+        out.events.extend(events.into_iter().map(|e| (e, position)));
+        if !rejections.is_empty() {
+            let raw = String::from_utf8_lossy(line).into_owned();
+            for r in rejections {
+                out.dead_letters.push(DeadLetter {
+                    source: source.to_string(),
+                    line: line_no,
+                    batch_index: r.batch_index,
+                    reason: r.reason,
+                    detail: r.detail,
+                    raw: raw.clone(),
+                });
+            }
+        }
+    }
+    out.lines = line_no;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_end_at_newlines_and_cover_the_input() {
+        let data = b"a\nbb\n\nccc\nd";
+        for n in 1..8 {
+            let chunks = split_at_newlines(data, n);
+            assert_eq!(chunks.concat(), data.to_vec());
+            for c in &chunks[..chunks.len() - 1] {
+                assert_eq!(c.last(), Some(&b'\n'));
+            }
+        }
+        assert!(split_at_newlines(b"", 4).is_empty());
+    }
+
+    #[test]
+    fn counts_lines_including_blank_ones_and_crlf() {
+        let p = parse_jsonl(b"\r\n  \n{\"x\":1}\r\n", 0, "s", Limits::default(), 1);
+        assert_eq!(p.lines, 3);
+        assert_eq!(p.dead_letters.len(), 1);
+        assert_eq!(p.dead_letters[0].line, 3);
+        assert_eq!(p.dead_letters[0].raw, "{\"x\":1}");
+    }
+
+    #[test]
+    fn dedup_horizon_is_inclusive_and_restarts_on_reaccept() {
+        let mut d = Deduplicator::new(10);
+        assert!(d.admit("m", 100));
+        assert!(!d.admit("m", 110));
+        assert!(!d.admit("m", 90));
+        assert!(d.admit("m", 111));
+        assert!(!d.admit("m", 121));
+        let mut off = Deduplicator::new(-1);
+        assert!(off.admit("m", 0) && off.admit("m", 0));
+    }
+}

@@ -1,0 +1,172 @@
+//! Writers for the replay's outputs: segment membership changes (JSONL or Parquet) and
+//! dead letters (JSONL).
+//!
+//! Owns [`SegmentChange`] and the file formats. Every writer streams through
+//! [`OutputFile`]: a local file is written through a buffer to a temporary file and
+//! renamed into place when complete; a remote object is uploaded when complete.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use herald_operators::time::format_rfc3339_ms;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+use serde::Serialize;
+
+use crate::error::ConnectorError;
+use crate::events::DeadLetter;
+use crate::store::OutputFile;
+
+/// Rows per record batch (and at most per row group) in Parquet output.
+const PARQUET_BATCH_ROWS: usize = 128 * 1024;
+
+/// A change of segment membership: `diff` is `+1` when the user enters, `-1` when it
+/// leaves, at `time`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentChange {
+    /// The segment's name.
+    pub segment: String,
+    /// The user key.
+    pub user_id: String,
+    /// `+1` (entered) or `-1` (left).
+    pub diff: i64,
+    /// The instant of the change, ms since the epoch.
+    pub time: i64,
+}
+
+#[derive(Serialize)]
+struct ChangeLine<'a> {
+    segment: &'a str,
+    user_id: &'a str,
+    diff: i64,
+    time: String,
+}
+
+#[derive(Serialize)]
+struct DeadLetterLine<'a> {
+    source: &'a str,
+    line: u64,
+    batch_index: Option<usize>,
+    reason: &'a str,
+    detail: &'a str,
+    raw: &'a str,
+}
+
+fn io_err(location: &str) -> impl Fn(std::io::Error) -> ConnectorError + '_ {
+    move |e| ConnectorError::io(location, e)
+}
+
+/// Writes changes as JSON lines, in the given order, one object a line:
+/// `{"segment":"vip","user_id":"u1","diff":1,"time":"2026-03-01T10:00:00.000Z"}`.
+pub fn write_changes_jsonl(
+    url_or_path: &str,
+    changes: &[SegmentChange],
+) -> Result<(), ConnectorError> {
+    let mut out = OutputFile::create(url_or_path)?;
+    for c in changes {
+        let line = ChangeLine {
+            segment: &c.segment,
+            user_id: &c.user_id,
+            diff: c.diff,
+            time: format_rfc3339_ms(c.time),
+        };
+        serde_json::to_writer(&mut out, &line).map_err(|e| json_err(url_or_path, e))?;
+        out.write_all(b"\n").map_err(io_err(url_or_path))?;
+    }
+    out.finish()
+}
+
+/// Writes dead letters as JSON lines, one object a line:
+/// `{"source":…,"line":…,"batch_index":…|null,"reason":"invalid_json","detail":…,"raw":…}`.
+pub fn write_dead_letters_jsonl(
+    url_or_path: &str,
+    dead_letters: &[DeadLetter],
+) -> Result<(), ConnectorError> {
+    let mut out = OutputFile::create(url_or_path)?;
+    for d in dead_letters {
+        let line = DeadLetterLine {
+            source: &d.source,
+            line: d.line,
+            batch_index: d.batch_index,
+            reason: d.reason.as_str(),
+            detail: &d.detail,
+            raw: &d.raw,
+        };
+        serde_json::to_writer(&mut out, &line).map_err(|e| json_err(url_or_path, e))?;
+        out.write_all(b"\n").map_err(io_err(url_or_path))?;
+    }
+    out.finish()
+}
+
+fn json_err(location: &str, e: serde_json::Error) -> ConnectorError {
+    // Serialising these plain structs can only fail in the writer.
+    ConnectorError::io(location, std::io::Error::other(e))
+}
+
+/// The Arrow schema of change files: `segment` Utf8, `user_id` Utf8, `diff` Int64,
+/// `time` Timestamp(Millisecond, "UTC"), none nullable.
+pub fn changes_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("segment", DataType::Utf8, false),
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("diff", DataType::Int64, false),
+        Field::new(
+            "time",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+}
+
+/// Maps a Parquet writer error: an I/O failure underneath is external, anything else
+/// (a schema problem) is reported as input.
+pub(crate) fn parquet_write_err(location: &str, e: ParquetError) -> ConnectorError {
+    match e {
+        ParquetError::External(inner) => match inner.downcast::<std::io::Error>() {
+            Ok(io) => ConnectorError::io(location, *io),
+            Err(other) => ConnectorError::input(location, format!("cannot write Parquet: {other}")),
+        },
+        other => ConnectorError::input(location, format!("cannot write Parquet: {other}")),
+    }
+}
+
+/// Writes changes as a Parquet file (zstd-compressed) with the [`changes_schema`], in the
+/// given order.
+pub fn write_changes_parquet(
+    url_or_path: &str,
+    changes: &[SegmentChange],
+) -> Result<(), ConnectorError> {
+    let schema = changes_schema();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut out = OutputFile::create(url_or_path)?;
+    let err = |e| parquet_write_err(url_or_path, e);
+    let mut writer =
+        ArrowWriter::try_new(&mut out, Arc::clone(&schema), Some(props)).map_err(err)?;
+    for chunk in changes.chunks(PARQUET_BATCH_ROWS) {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                chunk.iter().map(|c| c.segment.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                chunk.iter().map(|c| c.user_id.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter_values(chunk.iter().map(|c| c.diff))),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(chunk.iter().map(|c| c.time))
+                    .with_timezone("UTC"),
+            ),
+        ];
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(|e| {
+            ConnectorError::input(url_or_path, format!("cannot build a record batch: {e}"))
+        })?;
+        writer.write(&batch).map_err(err)?;
+    }
+    writer.close().map_err(err)?;
+    out.finish()
+}
