@@ -5,19 +5,19 @@
 //! timestamps (ms) up to `until`, and returns every membership change at or before
 //! `until`, in a deterministic order.
 //!
-//! How the work is split: every worker walks the same time-ordered event list and the same
-//! schedule of instants, so all advance their inputs in lockstep; each turns only its share
-//! of events (every `peers`-th) into facts, so fact extraction runs in parallel, and the
-//! dataflow exchanges facts to the worker that owns the user. Worker 0 alone feeds
-//! snapshot diffs, the snapshot clock and static lists.
+//! How the work is split: each worker owns the events of the users whose hash lands on it
+//! (the same hash the dataflow exchanges by, so nothing crosses threads at the door) and
+//! feeds them in time order; the input frontier is the slowest worker's. Worker 0 alone
+//! feeds snapshot diffs, the snapshot clock and static lists.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::InputSession;
-use herald_operators::dataflow::build_segments;
+use herald_operators::dataflow::{build_segments, SegmentInputs};
+use herald_operators::door::user_hash;
 use herald_operators::event::Event;
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows, TimedFact};
 use herald_operators::time::{to_time, Time};
@@ -28,7 +28,7 @@ use crate::EngineError;
 
 /// Updates fed between two waits for the dataflow to catch up: bounds the memory held in
 /// input buffers while keeping enough work in flight for every worker.
-pub const FEED_BATCH: usize = 32 * 1024;
+pub const FEED_BATCH: usize = 256 * 1024;
 
 /// One change of membership, as reported.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -80,12 +80,11 @@ type RawChange = (u16, String, isize, Time);
 /// A snapshot's facts, kept to diff the next snapshot against.
 type SnapshotFacts = BTreeSet<(String, (u32, FactVal))>;
 
-/// One scheduled input at an instant: an event (by index) or worker 0's snapshot or lists.
+/// Worker 0's extra inputs at an instant: static lists or a snapshot (by index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Item {
+enum Extra {
     Lists,
     Snapshot(usize),
-    Event(usize),
 }
 
 /// Runs the dataflow; see the module docs.
@@ -107,35 +106,43 @@ pub fn run_dataflow(
         return Err(EngineError::Usage("--workers must be at least 1".into()));
     }
     snapshots.sort_by_key(|(at, _)| *at);
-    // The schedule: every input item at its instant, in time order; ties keep
-    // lists < snapshots < events so an event at a snapshot's instant sees that snapshot.
-    let mut schedule: Vec<(i64, Item)> = Vec::with_capacity(events.len() + snapshots.len() + 1);
+    // Each worker owns the events of the users whose hash lands on it, so the door's
+    // exchange keeps them local; each share is fed in time order.
+    let mut shares: Vec<Vec<Event>> = (0..workers).map(|_| Vec::new()).collect();
     let mut after_until = 0u64;
-    for (i, e) in events.iter().enumerate() {
+    let mut applied = 0u64;
+    for e in events {
         if e.timestamp <= until {
-            schedule.push((e.timestamp, Item::Event(i)));
+            applied += 1;
+            shares[(user_hash(&e.user) % workers as u64) as usize].push(e);
         } else {
             after_until += 1;
         }
     }
-    let applied = schedule.len() as u64;
-    for (i, (at, _)) in snapshots.iter().enumerate() {
-        if *at <= until {
-            schedule.push((*at, Item::Snapshot(i)));
-        }
+    for share in &mut shares {
+        share.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
     }
+    let shares: Vec<Mutex<Vec<Event>>> = shares.into_iter().map(Mutex::new).collect();
+    // Worker 0's schedule of lists and snapshots; at equal instants lists, then
+    // snapshots, then events, so an event at a snapshot's instant sees that snapshot.
+    let mut extras: Vec<(i64, Extra)> = snapshots
+        .iter()
+        .enumerate()
+        .filter(|(_, (at, _))| *at <= until)
+        .map(|(i, (at, _))| (*at, Extra::Snapshot(i)))
+        .collect();
     if !lists.is_empty() {
-        schedule.push((lists_at.min(until), Item::Lists));
+        extras.push((lists_at.min(until), Extra::Lists));
     }
-    schedule.sort_unstable();
+    extras.sort_unstable();
 
     let names: Vec<String> = plan.segments.iter().map(|s| s.name.clone()).collect();
     let shared = Arc::new(Shared {
         plan,
-        events,
+        shares,
         snapshots,
         lists,
-        schedule,
+        extras,
         until,
     });
     let progress = Arc::new(progress);
@@ -145,7 +152,6 @@ pub fn run_dataflow(
         let progress = Arc::clone(&progress);
         let on_caught_up = Arc::clone(&on_caught_up);
         let index = worker.index();
-        let peers = worker.peers();
         let plan = Rc::new(shared.plan.clone());
         let out: Rc<RefCell<Vec<RawChange>>> = Rc::default();
         let sink = Rc::clone(&out);
@@ -167,81 +173,68 @@ pub fn run_dataflow(
         if index == 0 {
             inputs.set_snapshot_clock(None, i64::MIN);
         }
-        let mut facts: Vec<TimedFact> = Vec::new();
+        let my_events = match shared.shares[index].lock() {
+            Ok(mut share) => std::mem::take(&mut *share),
+            Err(_) => Vec::new(),
+        };
+        let my_extras: &[(i64, Extra)] = if index == 0 { &shared.extras } else { &[] };
+        let mut extras = my_extras.iter().peekable();
         let mut prev_snapshot: Option<(i64, SnapshotFacts)> = None;
         let mut fed = 0usize;
-        let mut event_counter = 0usize;
-        for &(at, item) in &shared.schedule {
-            let t = to_time(at);
-            if *inputs.facts.time() < t {
-                inputs.advance_to(t);
-            }
-            match item {
-                Item::Event(i) => {
-                    event_counter += 1;
-                    if event_counter % peers != index {
-                        continue;
-                    }
-                    let ev = &shared.events[i];
-                    facts.clear();
-                    plan.event_facts(ev, &mut facts);
-                    for f in facts.drain(..) {
-                        inputs.facts.update(f, 1);
-                        fed += 1;
-                    }
-                    for (slot, val) in plan.trait_writes(ev) {
-                        inputs.writes.update(
-                            (
-                                ev.user.clone(),
-                                slot,
-                                ev.timestamp,
-                                ev.message_id.clone(),
-                                val,
-                            ),
-                            1,
+        let mut counter = 0u64;
+        let mut feed_extra =
+            |inputs: &mut SegmentInputs, at: i64, extra: Extra, fed: &mut usize| {
+                let t = to_time(at);
+                match extra {
+                    Extra::Snapshot(i) => {
+                        let (snap_at, rows) = &shared.snapshots[i];
+                        let next = plan.snapshot_facts(rows);
+                        let empty = BTreeSet::new();
+                        let prev = prev_snapshot.as_ref().map(|(_, s)| s).unwrap_or(&empty);
+                        for gone in prev.difference(&next) {
+                            feed_fact(&mut inputs.facts, gone, t, -1);
+                            *fed += 1;
+                        }
+                        for new in next.difference(prev) {
+                            feed_fact(&mut inputs.facts, new, t, 1);
+                            *fed += 1;
+                        }
+                        inputs.set_snapshot_clock(
+                            Some(prev_snapshot.as_ref().map_or(i64::MIN, |(a, _)| *a)),
+                            *snap_at,
                         );
-                        fed += 1;
+                        prev_snapshot = Some((*snap_at, next));
                     }
-                    if index == 0 {
-                        if let Some(p) = progress.as_ref() {
-                            if event_counter.is_multiple_of(4096) {
-                                p.set_position(event_counter as u64);
+                    Extra::Lists => {
+                        for (seg, members) in &shared.lists {
+                            if let SegmentKind::List { slot, .. } = plan.segments[*seg].kind {
+                                for user in members {
+                                    inputs.facts.update(
+                                        (user.clone(), (slot, FactVal::Unit), t, Time::MAX),
+                                        1,
+                                    );
+                                    *fed += 1;
+                                }
                             }
                         }
                     }
                 }
-                Item::Snapshot(i) if index == 0 => {
-                    let (snap_at, rows) = &shared.snapshots[i];
-                    let next = plan.snapshot_facts(rows);
-                    let empty = BTreeSet::new();
-                    let prev = prev_snapshot.as_ref().map(|(_, s)| s).unwrap_or(&empty);
-                    for gone in prev.difference(&next) {
-                        feed_fact(&mut inputs.facts, gone, t, -1);
-                        fed += 1;
-                    }
-                    for new in next.difference(prev) {
-                        feed_fact(&mut inputs.facts, new, t, 1);
-                        fed += 1;
-                    }
-                    inputs.set_snapshot_clock(
-                        Some(prev_snapshot.as_ref().map_or(i64::MIN, |(a, _)| *a)),
-                        *snap_at,
-                    );
-                    prev_snapshot = Some((*snap_at, next));
+            };
+        for ev in my_events {
+            while let Some(&&(at, extra)) = extras.peek().filter(|(at, _)| *at <= ev.timestamp) {
+                extras.next();
+                advance(&mut inputs, to_time(at));
+                feed_extra(&mut inputs, at, extra, &mut fed);
+            }
+            advance(&mut inputs, to_time(ev.timestamp));
+            inputs.events.update(ev, 1);
+            fed += 1;
+            counter += 1;
+            if index == 0 && counter.is_multiple_of(4096) {
+                if let Some(p) = progress.as_ref() {
+                    // Worker 0 sees about 1/peers of the events.
+                    p.set_position(counter * worker.peers() as u64);
                 }
-                Item::Lists if index == 0 => {
-                    for (seg, members) in &shared.lists {
-                        if let SegmentKind::List { slot, .. } = plan.segments[*seg].kind {
-                            for user in members {
-                                inputs
-                                    .facts
-                                    .update((user.clone(), (slot, FactVal::Unit), t, Time::MAX), 1);
-                                fed += 1;
-                            }
-                        }
-                    }
-                }
-                _ => {}
             }
             if fed >= FEED_BATCH {
                 fed = 0;
@@ -249,6 +242,10 @@ pub fn run_dataflow(
                 let now = *inputs.facts.time();
                 worker.step_while(|| probe.less_than(&now));
             }
+        }
+        for &(at, extra) in extras {
+            advance(&mut inputs, to_time(at));
+            feed_extra(&mut inputs, at, extra, &mut fed);
         }
         // Run the clock past `until` so every lapse up to it is emitted, then stop: later
         // instants are not asked for, so the dataflow is dropped rather than drained.
@@ -309,9 +306,16 @@ fn feed_fact(
 
 struct Shared {
     plan: Plan,
-    events: Vec<Event>,
+    shares: Vec<Mutex<Vec<Event>>>,
     snapshots: Vec<(i64, SnapshotRows)>,
     lists: BTreeMap<usize, BTreeSet<String>>,
-    schedule: Vec<(i64, Item)>,
+    extras: Vec<(i64, Extra)>,
     until: i64,
+}
+
+/// Advances every input to `t` if it is not there yet.
+fn advance(inputs: &mut SegmentInputs, t: Time) {
+    if *inputs.facts.time() < t {
+        inputs.advance_to(t);
+    }
 }

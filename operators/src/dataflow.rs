@@ -3,8 +3,9 @@
 //! Shape (every operator named):
 //!
 //! ```text
+//! events --door (running values, latest trait writes; see `door`)--┐
 //! facts (user, slot, value, [from, until)) --temporal--> (user, (slot, value))  ──┐
-//! trait writes (user, slot, ts, msg, value) ──join── snapshot clock (bucket, at) ─┤
+//! door's trait writes (user, slot, ts, msg, value) ──join── snapshot clock ───────┤
 //!                                                                                 ▼
 //!                         arrangement "events_by_user" (one per worker, all segments)
 //!                                                                                 │
@@ -29,6 +30,8 @@ use differential_dataflow::{AsCollection, VecCollection};
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::Scope;
 
+use crate::door::{facts_at_the_door, DoorOut};
+use crate::event::Event;
 use crate::plan::{FactVal, Membership, Plan, TimedFact};
 use crate::time::Time;
 use crate::value::Value;
@@ -45,10 +48,10 @@ pub type Change = (u16, String);
 
 /// The input handles of the segment dataflow.
 pub struct SegmentInputs {
-    /// Facts from events, snapshot cells, presence and lists, with their validity interval.
+    /// Accepted events (insert only: events are never retracted).
+    pub events: InputSession<Time, Event, isize>,
+    /// Facts from snapshot cells, profile presence and lists, with their validity interval.
     pub facts: InputSession<Time, TimedFact, isize>,
-    /// Identify trait writes.
-    pub writes: InputSession<Time, TraitWrite, isize>,
     /// The current snapshot's instant, replicated into [`CLOCK_BUCKETS`] rows.
     pub clock: InputSession<Time, (u32, i64), isize>,
 }
@@ -56,15 +59,15 @@ pub struct SegmentInputs {
 impl SegmentInputs {
     /// Advances every input to `t`.
     pub fn advance_to(&mut self, t: Time) {
+        self.events.advance_to(t);
         self.facts.advance_to(t);
-        self.writes.advance_to(t);
         self.clock.advance_to(t);
     }
 
     /// Flushes buffered updates into the dataflow.
     pub fn flush(&mut self) {
+        self.events.flush();
         self.facts.flush();
-        self.writes.flush();
         self.clock.flush();
     }
 
@@ -148,11 +151,20 @@ pub fn build_segments<'s>(
     scope: Scope<'s, Time>,
     plan: Rc<Plan>,
 ) -> (SegmentInputs, VecCollection<'s, Time, Change, isize>) {
+    let (events_in, events) = scope.new_collection::<Event, isize>();
     let (facts_in, facts) = scope.new_collection::<TimedFact, isize>();
-    let (writes_in, writes) = scope.new_collection::<TraitWrite, isize>();
     let (clock_in, clock) = scope.new_collection::<(u32, i64), isize>();
 
-    let facts = temporal(facts, FactSplit);
+    let door = facts_at_the_door(events, plan.clone());
+    let event_facts = door.clone().flat_map(|d| match d {
+        DoorOut::Fact(f) => Some(f),
+        DoorOut::Write(_) => None,
+    });
+    let writes = door.flat_map(|d| match d {
+        DoorOut::Write(w) => Some(w),
+        DoorOut::Fact(_) => None,
+    });
+    let facts = temporal(facts.concat(event_facts), FactSplit);
 
     // A write is fresh while no snapshot at or after its instant has been applied.
     let write_facts = writes.map(|w| (clock_bucket(&w.0), w)).join_map(
@@ -186,8 +198,8 @@ pub fn build_segments<'s>(
     let changes = temporal(memberships, MembershipSplit).consolidate();
     (
         SegmentInputs {
+            events: events_in,
             facts: facts_in,
-            writes: writes_in,
             clock: clock_in,
         },
         changes,

@@ -7,6 +7,7 @@
 //! not themselves depend on `now()`, a condition is constant between consecutive
 //! breakpoints, so evaluating it once per breakpoint is exact at millisecond resolution.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
@@ -70,20 +71,20 @@ pub enum CExpr {
 /// What an expression can look up while it is evaluated.
 pub trait Context {
     /// The value of an event field (event-level contexts).
-    fn field(&self, _field: &EventField) -> Value {
-        Value::Null
+    fn field(&self, _field: &EventField) -> Cow<'_, Value> {
+        Cow::Owned(Value::Null)
     }
     /// The user key.
-    fn user_id(&self) -> Value {
-        Value::Null
+    fn user_id(&self) -> Cow<'_, Value> {
+        Cow::Owned(Value::Null)
     }
     /// A trait's current value.
-    fn trait_value(&self, _slot: usize) -> Value {
-        Value::Null
+    fn trait_value(&self, _slot: usize) -> Cow<'_, Value> {
+        Cow::Owned(Value::Null)
     }
     /// An aggregate's current value.
-    fn agg(&self, _slot: usize) -> Value {
-        Value::Null
+    fn agg(&self, _slot: usize) -> Cow<'_, Value> {
+        Cow::Owned(Value::Null)
     }
     /// Whether the user is in the segment (already evaluated at the same instant).
     fn in_segment(&self, _segment: usize) -> bool {
@@ -148,15 +149,43 @@ fn arith(op: ArithOp, a: &Value, b: &Value) -> Value {
 
 /// Evaluates `e` at instant `now` (ms).
 pub fn eval(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
+    eval_ref(e, ctx, now).into_owned()
+}
+
+/// Evaluates `e` at instant `now` (ms), borrowing literals and the context's values
+/// instead of copying them: this is the per-event and per-user hot path.
+pub fn eval_ref<'a>(e: &'a CExpr, ctx: &'a dyn Context, now: i64) -> Cow<'a, Value> {
+    let owned = match e {
+        CExpr::Lit(v) => return Cow::Borrowed(v),
+        CExpr::UserId => return ctx.user_id(),
+        CExpr::Trait(s) => return ctx.trait_value(*s),
+        CExpr::Field(f) => return ctx.field(f),
+        CExpr::Agg(s) => return ctx.agg(*s),
+        CExpr::Coalesce(items) => {
+            for i in items {
+                let v = eval_ref(i, ctx, now);
+                if !v.is_null() {
+                    return v;
+                }
+            }
+            Value::Null
+        }
+        other => eval_owned(other, ctx, now),
+    };
+    Cow::Owned(owned)
+}
+
+fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
+    let eval = eval_ref;
     match e {
         CExpr::Lit(v) => v.clone(),
         // An interval only means something next to a timestamp; see `Arith` below.
         CExpr::Interval(ms) => Value::num(*ms as f64),
         CExpr::Now(off) => Value::Ts(now.saturating_add(*off)),
-        CExpr::UserId => ctx.user_id(),
-        CExpr::Trait(s) => ctx.trait_value(*s),
-        CExpr::Field(f) => ctx.field(f),
-        CExpr::Agg(s) => ctx.agg(*s),
+        CExpr::UserId => ctx.user_id().into_owned(),
+        CExpr::Trait(s) => ctx.trait_value(*s).into_owned(),
+        CExpr::Field(f) => ctx.field(f).into_owned(),
+        CExpr::Agg(s) => ctx.agg(*s).into_owned(),
         CExpr::InSegment(s) => Value::Bool(ctx.in_segment(*s)),
         CExpr::Cmp(op, a, b) => compare(*op, &eval(a, ctx, now), &eval(b, ctx, now)),
         CExpr::Arith(op, a, b) => {
@@ -170,7 +199,7 @@ pub fn eval(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             }
             arith(*op, &av, &eval(b, ctx, now))
         }
-        CExpr::Neg(a) => match eval(a, ctx, now) {
+        CExpr::Neg(a) => match *eval(a, ctx, now) {
             Value::Num(n) => Value::num(-n.0),
             _ => Value::Null,
         },
@@ -236,8 +265,8 @@ pub fn eval(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             };
             from_truth(if *negated { r.map(|b| !b) } else { r })
         }
-        CExpr::Like(a, p, negated) => match (eval(a, ctx, now), eval(p, ctx, now)) {
-            (Value::Str(s), Value::Str(p)) => Value::Bool(like(&s, &p) != *negated),
+        CExpr::Like(a, p, negated) => match (&*eval(a, ctx, now), &*eval(p, ctx, now)) {
+            (Value::Str(s), Value::Str(p)) => Value::Bool(like(s, p) != *negated),
             (Value::Null, _) | (_, Value::Null) => Value::Null,
             _ => {
                 TYPE_MISMATCHES.fetch_add(1, AtomicOrdering::Relaxed);
@@ -248,12 +277,13 @@ pub fn eval(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             .iter()
             .map(|i| eval(i, ctx, now))
             .find(|v| !v.is_null())
+            .map(Cow::into_owned)
             .unwrap_or(Value::Null),
-        CExpr::Lower(a) => match eval(a, ctx, now) {
+        CExpr::Lower(a) => match &*eval(a, ctx, now) {
             Value::Str(s) => Value::Str(s.to_lowercase()),
             _ => Value::Null,
         },
-        CExpr::Upper(a) => match eval(a, ctx, now) {
+        CExpr::Upper(a) => match &*eval(a, ctx, now) {
             Value::Str(s) => Value::Str(s.to_uppercase()),
             _ => Value::Null,
         },
@@ -474,11 +504,11 @@ mod tests {
 
     struct Ev(i64);
     impl Context for Ev {
-        fn field(&self, f: &EventField) -> Value {
-            match f {
+        fn field(&self, f: &EventField) -> Cow<'_, Value> {
+            Cow::Owned(match f {
                 EventField::Timestamp => Value::Ts(self.0),
                 _ => Value::Null,
-            }
+            })
         }
     }
 

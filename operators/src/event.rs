@@ -372,6 +372,43 @@ fn accept_object(
     })
 }
 
+/// Events order by (timestamp, user, message id, …) so they can flow through
+/// differential collections; the JSON objects break remaining ties by their text, which
+/// keeps the order consistent with equality.
+impl Ord for Event {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (
+            self.timestamp,
+            &self.user,
+            &self.message_id,
+            self.kind,
+            &self.event,
+        )
+            .cmp(&(
+                other.timestamp,
+                &other.user,
+                &other.message_id,
+                other.kind,
+                &other.event,
+            ))
+            .then_with(|| {
+                let text = |e: &Event| {
+                    serde_json::to_string(&(&e.properties, &e.context, &e.traits))
+                        .unwrap_or_default()
+                };
+                text(self).cmp(&text(other))
+            })
+    }
+}
+
+impl PartialOrd for Event {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Eq for Event {}
+
 impl Event {
     /// The value of an event field as the segment language sees it.
     pub fn field(&self, field: &EventField) -> Value {

@@ -11,6 +11,7 @@
 //!   exact as facts arrive and as time passes.
 
 pub mod dataflow;
+pub mod door;
 pub mod eval;
 pub mod event;
 pub mod lang;

@@ -11,13 +11,14 @@
 //! Invariant: every time-dependence is expressed as explicit instants in facts and
 //! membership intervals, so the dataflow never polls a clock.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ast::{AggKind, Aggregate, EventField, Expr, SegmentBody, SegmentFile};
-use crate::eval::{breakpoints, eval, mentions_now, true_intervals, CExpr, Context};
+use crate::eval::{breakpoints, eval, eval_ref, mentions_now, true_intervals, CExpr, Context};
 use crate::event::Event;
 use crate::time::{to_time, Time};
 use crate::value::Value;
@@ -286,11 +287,31 @@ fn dependency_order(file: &SegmentFile) -> Vec<usize> {
     order
 }
 
-struct EventCtx<'a>(&'a Event);
+/// An event as FILTERs and arguments see it; its scalar fields are materialised once, so
+/// every aggregate's FILTER borrows them instead of copying.
+struct EventCtx<'a> {
+    ev: &'a Event,
+    event: Value,
+    kind: Value,
+}
+
+impl<'a> EventCtx<'a> {
+    fn new(ev: &'a Event) -> Self {
+        EventCtx {
+            ev,
+            event: ev.field(&EventField::Event),
+            kind: ev.field(&EventField::Type),
+        }
+    }
+}
 
 impl Context for EventCtx<'_> {
-    fn field(&self, field: &EventField) -> Value {
-        self.0.field(field)
+    fn field(&self, field: &EventField) -> Cow<'_, Value> {
+        match field {
+            EventField::Event => Cow::Borrowed(&self.event),
+            EventField::Type => Cow::Borrowed(&self.kind),
+            other => Cow::Owned(self.ev.field(other)),
+        }
     }
 }
 
@@ -303,14 +324,20 @@ struct UserCtx<'a> {
 }
 
 impl Context for UserCtx<'_> {
-    fn user_id(&self) -> Value {
-        Value::Str(self.user.to_string())
+    fn user_id(&self) -> Cow<'_, Value> {
+        Cow::Owned(Value::Str(self.user.to_string()))
     }
-    fn trait_value(&self, slot: usize) -> Value {
-        self.traits.get(slot).cloned().unwrap_or(Value::Null)
+    fn trait_value(&self, slot: usize) -> Cow<'_, Value> {
+        self.traits
+            .get(slot)
+            .map(Cow::Borrowed)
+            .unwrap_or(Cow::Owned(Value::Null))
     }
-    fn agg(&self, slot: usize) -> Value {
-        self.aggs.get(slot).cloned().unwrap_or(Value::Null)
+    fn agg(&self, slot: usize) -> Cow<'_, Value> {
+        self.aggs
+            .get(slot)
+            .map(Cow::Borrowed)
+            .unwrap_or(Cow::Owned(Value::Null))
     }
     fn in_segment(&self, segment: usize) -> bool {
         self.member.get(segment).copied().unwrap_or(false)
@@ -407,7 +434,7 @@ impl Plan {
     /// The facts one accepted event contributes, each with the interval of time during
     /// which it counts (from the event's timestamp on, narrowed by temporal FILTERs).
     pub fn event_facts(&self, ev: &Event, out: &mut Vec<TimedFact>) {
-        let ctx = EventCtx(ev);
+        let ctx = EventCtx::new(ev);
         let start = to_time(ev.timestamp);
         out.push((
             ev.user.clone(),
@@ -417,10 +444,13 @@ impl Plan {
         ));
         let mut points = Vec::new();
         for (i, slot) in self.aggs.iter().enumerate() {
+            if self.accumulated_at_door(i) {
+                continue;
+            }
             let intervals = match &slot.filter {
                 None => vec![(start, Time::MAX)],
                 Some(f) if !slot.temporal => {
-                    if eval(f, &ctx, ev.timestamp) == Value::Bool(true) {
+                    if *eval_ref(f, &ctx, ev.timestamp) == Value::Bool(true) {
                         vec![(start, Time::MAX)]
                     } else {
                         continue;
@@ -430,7 +460,7 @@ impl Plan {
                     points.clear();
                     breakpoints(f, &ctx, &mut points);
                     true_intervals(start, &mut points, |now| {
-                        eval(f, &ctx, now) == Value::Bool(true)
+                        *eval_ref(f, &ctx, now) == Value::Bool(true)
                     })
                 }
             };
@@ -462,6 +492,40 @@ impl Plan {
                 out.push((ev.user.clone(), (slot, val.clone()), from, until));
             }
         }
+    }
+
+    /// Whether aggregate `i` is kept as a running value at the door (see `door`): every
+    /// aggregate without a time window except counts, which consolidate by themselves.
+    pub fn accumulated_at_door(&self, i: usize) -> bool {
+        let a = &self.aggs[i];
+        !a.temporal && !matches!(a.agg.kind, AggKind::Count)
+    }
+
+    /// For the aggregates kept at the door (`accumulated`, indices into `aggs`): the
+    /// position in `accumulated` and the argument value of each whose FILTER holds for
+    /// the event (NULL argument for `count(*)`).
+    pub fn door_args(&self, ev: &Event, accumulated: &[usize], out: &mut Vec<(usize, Value)>) {
+        let ctx = EventCtx::new(ev);
+        for (k, &i) in accumulated.iter().enumerate() {
+            let slot = &self.aggs[i];
+            let holds = match &slot.filter {
+                None => true,
+                Some(f) => *eval_ref(f, &ctx, ev.timestamp) == Value::Bool(true),
+            };
+            if holds {
+                let v = slot
+                    .arg
+                    .as_ref()
+                    .map(|a| eval(a, &ctx, ev.timestamp))
+                    .unwrap_or(Value::Null);
+                out.push((k, v));
+            }
+        }
+    }
+
+    /// The trait index of a trait fact slot.
+    pub fn trait_of_slot(&self, slot: u32) -> usize {
+        (slot - FIRST_DYNAMIC_SLOT) as usize - self.aggs.len()
     }
 
     /// The trait writes of an identify event that some segment reads: `(trait slot, value)`.
@@ -533,7 +597,7 @@ impl Plan {
         for &now in &instants {
             for &si in &self.order {
                 let holds = match &self.segments[si].kind {
-                    SegmentKind::Expr(e) => seen && eval(e, &ctx, now) == Value::Bool(true),
+                    SegmentKind::Expr(e) => seen && *eval_ref(e, &ctx, now) == Value::Bool(true),
                     SegmentKind::List { slot, .. } => lists.contains(slot),
                     SegmentKind::Warehouse { .. } => false,
                 };

@@ -18,10 +18,7 @@ const T0: i64 = 1_772_323_200_000; // 2026-03-01T00:00:00Z
 const HOUR: i64 = 3_600_000;
 
 /// Members of each segment at `now` according to the changes: running sums.
-fn members_from_changes(
-    changes: &[ChangeRow],
-    now: i64,
-) -> BTreeMap<String, BTreeSet<String>> {
+fn members_from_changes(changes: &[ChangeRow], now: i64) -> BTreeMap<String, BTreeSet<String>> {
     let mut sums: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for c in changes.iter().take_while(|c| c.time <= now) {
         *sums.entry((&c.segment, &c.user_id)).or_default() += c.diff;
@@ -33,18 +30,15 @@ fn members_from_changes(
             "running sum of ({seg}, {user}) at {now} is {n}, not 0 or 1"
         );
         if n == 1 {
-            out.entry(seg.to_string()).or_default().insert(user.to_string());
+            out.entry(seg.to_string())
+                .or_default()
+                .insert(user.to_string());
         }
     }
     out
 }
 
-fn run(
-    plan: &Plan,
-    world: &World,
-    until: i64,
-    workers: usize,
-) -> Vec<ChangeRow> {
+fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<ChangeRow> {
     let lists = world
         .csv_lists
         .iter()
@@ -54,7 +48,11 @@ fn run(
         DataflowInput {
             plan: plan.clone(),
             events: world.events.clone(),
-            snapshots: world.snapshots.iter().map(|s| (s.at, s.rows.clone())).collect(),
+            snapshots: world
+                .snapshots
+                .iter()
+                .map(|s| (s.at, s.rows.clone()))
+                .collect(),
             lists,
             until,
             lists_at: T0,
@@ -89,7 +87,9 @@ fn check_case(seed: u64, n_segments: usize, n_users: usize, n_events: usize, wor
     let mut rng = seed;
     let mut instants: Vec<i64> = (0..6)
         .map(|_| {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             T0 - HOUR + (rng >> 11) as i64 % (until - T0 + HOUR)
         })
         .collect();
@@ -144,6 +144,10 @@ fn output_is_identical_for_every_worker_count() {
     let one = run(&plan, &world, until, 1);
     assert!(!one.is_empty(), "the case should produce changes");
     for workers in 2..=4 {
-        assert_eq!(run(&plan, &world, until, workers), one, "{workers} workers differ from 1");
+        assert_eq!(
+            run(&plan, &world, until, workers),
+            one,
+            "{workers} workers differ from 1"
+        );
     }
 }
