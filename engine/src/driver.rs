@@ -28,7 +28,7 @@ use crate::EngineError;
 
 /// Updates fed between two waits for the dataflow to catch up: bounds the memory held in
 /// input buffers while keeping enough work in flight for every worker.
-pub const FEED_BATCH: usize = 256 * 1024;
+pub const FEED_BATCH: usize = 128 * 1024;
 
 /// One change of membership, as reported.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -32,7 +32,7 @@ use timely::dataflow::Scope;
 
 use crate::door::{facts_at_the_door, DoorOut};
 use crate::event::Event;
-use crate::plan::{FactVal, Membership, Plan, TimedFact};
+use crate::plan::{FactVal, Plan, TimedFact};
 use crate::time::Time;
 use crate::value::Value;
 
@@ -136,12 +136,14 @@ impl SplitOut<TimedFact> for FactSplit {
 }
 
 struct MembershipSplit;
-impl SplitOut<(String, Membership)> for MembershipSplit {
+impl SplitOut<(String, (u16, Time, Time))> for MembershipSplit {
     type Out = Change;
-    fn split(&mut self, (user, m): (String, Membership), emit: &mut dyn FnMut(Change, Time, Time)) {
-        for (seg, from, until) in m {
-            emit((seg, user.clone()), from, until);
-        }
+    fn split(
+        &mut self,
+        (user, (seg, from, until)): (String, (u16, Time, Time)),
+        emit: &mut dyn FnMut(Change, Time, Time),
+    ) {
+        emit((seg, user), from, until)
     }
 }
 
@@ -188,9 +190,10 @@ pub fn build_segments<'s>(
     let memberships = facts.concat(write_facts).reduce_named(
         "events_by_user",
         move |user: &String, input, output| {
-            let m = plan.evaluate_user(user, input);
-            if !m.is_empty() {
-                output.push((m, 1isize));
+            // One record per membership interval: differential then diffs the old and new
+            // intervals itself, so only intervals that moved flow downstream.
+            for interval in plan.evaluate_user(user, input) {
+                output.push((interval, 1isize));
             }
         },
     );

@@ -114,6 +114,8 @@ pub struct Plan {
     pub segments: Vec<SegmentPlan>,
     /// Segment indices in evaluation order (every `in_segment` target before its readers).
     pub order: Vec<usize>,
+    /// Each segment's direct `in_segment` targets.
+    pub refs: Vec<Vec<usize>>,
     /// Distinct aggregates.
     pub aggs: Vec<AggSlot>,
     /// Distinct trait names, with the segments that read each.
@@ -221,9 +223,10 @@ impl Compiler<'_> {
     }
 }
 
-/// Segment indices ordered so that every `in_segment` target comes before its readers;
-/// ties keep file order. The parser has already rejected cycles.
-fn dependency_order(file: &SegmentFile) -> Vec<usize> {
+/// Segment indices ordered so that every `in_segment` target comes before its readers
+/// (ties keep file order), and each segment's direct `in_segment` targets. The parser has
+/// already rejected cycles.
+fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
     fn refs(e: &Expr, out: &mut Vec<String>) {
         match e {
             Expr::InSegment(n) => out.push(n.clone()),
@@ -284,7 +287,7 @@ fn dependency_order(file: &SegmentFile) -> Vec<usize> {
     for i in 0..n {
         visit(i, &deps, &mut state, &mut order);
     }
-    order
+    (order, deps)
 }
 
 /// An event as FILTERs and arguments see it; its scalar fields are materialised once, so
@@ -320,7 +323,10 @@ struct UserCtx<'a> {
     user: &'a str,
     aggs: Vec<Value>,
     traits: Vec<Value>,
-    member: Vec<bool>,
+    /// Membership intervals of the segments evaluated so far.
+    intervals: Vec<Vec<(Time, Time)>>,
+    /// The instant being evaluated, for `in_segment`.
+    now: std::cell::Cell<i64>,
 }
 
 impl Context for UserCtx<'_> {
@@ -340,7 +346,10 @@ impl Context for UserCtx<'_> {
             .unwrap_or(Cow::Owned(Value::Null))
     }
     fn in_segment(&self, segment: usize) -> bool {
-        self.member.get(segment).copied().unwrap_or(false)
+        let now = self.now.get().max(0) as Time;
+        self.intervals
+            .get(segment)
+            .is_some_and(|iv| iv.iter().any(|&(a, b)| a <= now && now < b))
     }
 }
 
@@ -403,8 +412,10 @@ impl Plan {
                 *slot += list_base;
             }
         }
+        let (order, refs) = dependency_order(file);
         Plan {
-            order: dependency_order(file),
+            order,
+            refs,
             segments,
             aggs: c.aggs,
             traits: c.traits,
@@ -576,46 +587,38 @@ impl Plan {
             user,
             aggs,
             traits,
-            member: vec![false; self.segments.len()],
+            intervals: vec![Vec::new(); self.segments.len()],
+            now: std::cell::Cell::new(0),
         };
-        // Every instant at which some segment's value may change.
+        // Each segment is evaluated only at the instants where it can change: its own
+        // now() breakpoints and the boundaries of the segments it references (evaluated
+        // first, in dependency order).
         let mut points = Vec::new();
-        if seen {
-            for s in &self.segments {
-                if let SegmentKind::Expr(e) = &s.kind {
-                    breakpoints(e, &ctx, &mut points);
-                }
-            }
-        }
-        points.sort_unstable();
-        points.dedup();
         let mut out: Membership = Vec::new();
-        let mut open: Vec<Option<Time>> = vec![None; self.segments.len()];
-        let mut instants = Vec::with_capacity(points.len() + 1);
-        instants.push(0i64);
-        instants.extend(points.iter().copied().filter(|p| *p > 0));
-        for &now in &instants {
-            for &si in &self.order {
-                let holds = match &self.segments[si].kind {
-                    SegmentKind::Expr(e) => seen && *eval_ref(e, &ctx, now) == Value::Bool(true),
-                    SegmentKind::List { slot, .. } => lists.contains(slot),
-                    SegmentKind::Warehouse { .. } => false,
-                };
-                ctx.member[si] = holds;
-                match (open[si], holds) {
-                    (None, true) => open[si] = Some(now as Time),
-                    (Some(from), false) => {
-                        out.push((si as u16, from, now as Time));
-                        open[si] = None;
+        for &si in &self.order {
+            let iv = match &self.segments[si].kind {
+                SegmentKind::Expr(e) if seen => {
+                    points.clear();
+                    breakpoints(e, &ctx, &mut points);
+                    for &d in &self.refs[si] {
+                        for &(a, b) in &ctx.intervals[d] {
+                            points.push(a as i64);
+                            if b != Time::MAX {
+                                points.push(b as i64);
+                            }
+                        }
                     }
-                    _ => {}
+                    true_intervals(0, &mut points, |now| {
+                        ctx.now.set(now);
+                        *eval_ref(e, &ctx, now) == Value::Bool(true)
+                    })
                 }
-            }
-        }
-        for (si, from) in open.iter().enumerate() {
-            if let Some(from) = from {
-                out.push((si as u16, *from, Time::MAX));
-            }
+                SegmentKind::Expr(_) | SegmentKind::Warehouse { .. } => Vec::new(),
+                SegmentKind::List { slot, .. } if lists.contains(slot) => vec![(0, Time::MAX)],
+                SegmentKind::List { .. } => Vec::new(),
+            };
+            out.extend(iv.iter().map(|&(a, b)| (si as u16, a, b)));
+            ctx.intervals[si] = iv;
         }
         out.sort_unstable();
         out
