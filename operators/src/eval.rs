@@ -1,6 +1,6 @@
 //! Compiled expressions and their evaluation, including evaluation as a function of time.
 //!
-//! Owns [`CExpr`] (an [`Expr`] with aggregates, traits and segment references resolved to
+//! Owns [`CExpr`] (an [`Expr`](crate::ast::Expr) with aggregates, traits and segment references resolved to
 //! slot numbers), three-valued evaluation against a [`Context`], and [`true_intervals`]:
 //! the exact set of instants at which a condition holds, found from the breakpoints its
 //! `now()` comparisons induce. Because `now()` only appears compared with values that do

@@ -2,7 +2,7 @@
 //!
 //! Herald's cross-crate test support:
 //!
-//! - [`reference`]: a naive, independent evaluator of the segment language
+//! - [`mod@reference`]: a naive, independent evaluator of the segment language
 //!   ([`members_at`] over a [`World`]), the oracle the incremental engine is checked against.
 //! - [`gen`]: deterministic random inputs for property tests: event streams, segment
 //!   files (as source text, so they go through the real parser) and profile snapshots.
