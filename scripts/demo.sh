@@ -24,8 +24,8 @@ echo "==> herald check $OUT/segments.sql"
 
 echo "==> herald replay ($WORKERS workers)"
 "$BIN/herald" replay --segments "$OUT/segments.sql" --events "$OUT/events.jsonl" \
-  --profiles "$OUT/profiles.parquet@2026-03-01T00:00:00Z" \
-  --until 2026-04-07T00:00:00Z --out "$OUT/out" --workers "$WORKERS"
+  --profiles "$OUT/profiles.parquet@2026-03-16T00:00:00Z" \
+  --until 2026-03-31T00:00:00Z --out "$OUT/out" --workers "$WORKERS"
 
 echo "==> first changes ($OUT/out/segment_changes.jsonl)"
 head -n 5 "$OUT/out/segment_changes.jsonl"
