@@ -29,7 +29,7 @@ use timely::dataflow::operators::Capability;
 use crate::ast::AggKind;
 use crate::dataflow::TraitWrite;
 use crate::event::Event;
-use crate::plan::{FactVal, Plan, TimedFact};
+use crate::plan::{type_rank, FactVal, Plan, TimedFact};
 use crate::time::Time;
 use crate::value::Value;
 
@@ -64,16 +64,6 @@ impl Acc {
     }
 }
 
-fn rank(v: &Value) -> u8 {
-    match v {
-        Value::Num(_) => 4,
-        Value::Ts(_) => 3,
-        Value::Str(_) => 2,
-        Value::Bool(_) => 1,
-        Value::Null => 0,
-    }
-}
-
 /// Folds one event's contribution into an accumulator; returns the new accumulator.
 fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Event, v: Value) -> Option<Acc> {
     match kind {
@@ -92,7 +82,7 @@ fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Event, v: Value) -> Option<Acc> {
             }
             match acc {
                 Some(Acc::Extreme(cur)) => {
-                    let better = match rank(&v).cmp(&rank(cur)) {
+                    let better = match type_rank(&v).cmp(&type_rank(cur)) {
                         std::cmp::Ordering::Greater => true,
                         std::cmp::Ordering::Less => false,
                         std::cmp::Ordering::Equal if kind == AggKind::Min => v < *cur,

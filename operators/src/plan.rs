@@ -355,7 +355,7 @@ impl Context for UserCtx<'_> {
 
 /// Rank of a type for min/max/sum/avg over values of mixed types: only values of the
 /// highest-ranked type present take part (numbers, then timestamps, strings, booleans).
-fn type_rank(v: &Value) -> u8 {
+pub(crate) fn type_rank(v: &Value) -> u8 {
     match v {
         Value::Num(_) => 4,
         Value::Ts(_) => 3,
