@@ -164,7 +164,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         let bar = ProgressBar::new(events.len() as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{spinner} replaying [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+                "{spinner} replaying [{bar:40}] {human_pos}/{human_len} events (eta {eta})",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
