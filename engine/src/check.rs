@@ -19,6 +19,14 @@ pub fn load_segments(path: &str) -> Result<(SegmentFile, Plan), EngineError> {
         path: path.to_string(),
         err,
     })?;
+    // Segment indices travel through the dataflow as u16.
+    if file.segments.len() > usize::from(u16::MAX) {
+        return Err(EngineError::Usage(format!(
+            "{path}: {} segments; a segment file holds at most {}",
+            file.segments.len(),
+            u16::MAX
+        )));
+    }
     let plan = Plan::compile(&file);
     Ok((file, plan))
 }

@@ -180,6 +180,15 @@ fn missing_inputs_and_bad_arguments_get_clear_errors() {
         "--events",
         events.to_str().unwrap_or_default(),
         "--until",
+        "1969-12-31T00:00:00Z",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("before 1970"));
+
+    let out = base(&[
+        "--events",
+        events.to_str().unwrap_or_default(),
+        "--until",
         "2026-03-20T00:00:00Z",
         "--profiles",
         "profiles.parquet",
