@@ -103,6 +103,13 @@ fn join(dir: &str, name: &str) -> String {
 pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     let until =
         parse_rfc3339_ms(&args.until).map_err(|e| EngineError::Usage(format!("--until: {e}")))?;
+    if until < 0 {
+        // Dataflow time starts at the Unix epoch; earlier changes could not be told apart.
+        return Err(EngineError::Usage(format!(
+            "--until {} is before 1970-01-01T00:00:00Z, where dataflow time starts",
+            args.until
+        )));
+    }
     let profiles = args
         .profiles
         .iter()
