@@ -157,14 +157,6 @@ pub fn open(url_or_path: &str) -> Result<(Arc<dyn ObjectStore>, Path), Connector
     }
 }
 
-/// The local file system path of a location, or `None` for a remote URL.
-pub fn local_path(url_or_path: &str) -> Result<Option<PathBuf>, ConnectorError> {
-    Ok(match parse(url_or_path)? {
-        Target::Local { path, .. } => Some(path),
-        Target::S3 { .. } => None,
-    })
-}
-
 /// Runs a future to completion on the crate's runtime. Safe to call from any thread,
 /// including from inside another tokio runtime (then the work runs on a helper thread).
 pub(crate) fn block_on<F>(location: &str, fut: F) -> Result<F::Output, ConnectorError>

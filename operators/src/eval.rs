@@ -178,14 +178,16 @@ pub fn eval_ref<'a>(e: &'a CExpr, ctx: &'a dyn Context, now: i64) -> Cow<'a, Val
 fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
     let eval = eval_ref;
     match e {
-        CExpr::Lit(v) => v.clone(),
+        // The variants `eval_ref` answers by borrowing.
+        CExpr::Lit(_)
+        | CExpr::UserId
+        | CExpr::Trait(_)
+        | CExpr::Field(_)
+        | CExpr::Agg(_)
+        | CExpr::Coalesce(_) => eval_ref(e, ctx, now).into_owned(),
         // An interval only means something next to a timestamp; see `Arith` below.
         CExpr::Interval(ms) => Value::num(*ms as f64),
         CExpr::Now(off) => Value::Ts(now.saturating_add(*off)),
-        CExpr::UserId => ctx.user_id().into_owned(),
-        CExpr::Trait(s) => ctx.trait_value(*s).into_owned(),
-        CExpr::Field(f) => ctx.field(f).into_owned(),
-        CExpr::Agg(s) => ctx.agg(*s).into_owned(),
         CExpr::InSegment(s) => Value::Bool(ctx.in_segment(*s)),
         CExpr::Cmp(op, a, b) => compare(*op, &eval(a, ctx, now), &eval(b, ctx, now)),
         CExpr::Arith(op, a, b) => {
@@ -273,12 +275,6 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
                 Value::Null
             }
         },
-        CExpr::Coalesce(items) => items
-            .iter()
-            .map(|i| eval(i, ctx, now))
-            .find(|v| !v.is_null())
-            .map(Cow::into_owned)
-            .unwrap_or(Value::Null),
         CExpr::Lower(a) => match &*eval(a, ctx, now) {
             Value::Str(s) => Value::Str(s.to_lowercase()),
             _ => Value::Null,
