@@ -67,17 +67,41 @@ pub fn write_changes_jsonl(
     changes: &[SegmentChange],
 ) -> Result<(), ConnectorError> {
     let mut out = OutputFile::create(url_or_path)?;
+    let mut line = Vec::with_capacity(128);
     for c in changes {
-        let line = ChangeLine {
-            segment: &c.segment,
-            user_id: &c.user_id,
-            diff: c.diff,
-            time: format_rfc3339_ms(c.time),
-        };
-        serde_json::to_writer(&mut out, &line).map_err(|e| json_err(url_or_path, e))?;
-        out.write_all(b"\n").map_err(io_err(url_or_path))?;
+        line.clear();
+        change_line(c, &mut line);
+        out.write_all(&line).map_err(io_err(url_or_path))?;
     }
     out.finish()
+}
+
+/// Appends one change as a JSON line (with its newline) to `out`: the format of the
+/// change files and of the Kafka changelog's values.
+pub fn change_line(c: &SegmentChange, out: &mut Vec<u8>) {
+    let line = ChangeLine {
+        segment: &c.segment,
+        user_id: &c.user_id,
+        diff: c.diff,
+        time: format_rfc3339_ms(c.time),
+    };
+    // Serialising a struct of strings and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &line);
+    out.push(b'\n');
+}
+
+/// Appends one dead letter as a JSON line (with its newline) to `out`.
+pub fn dead_letter_line(d: &DeadLetter, out: &mut Vec<u8>) {
+    let line = DeadLetterLine {
+        source: &d.source,
+        line: d.line,
+        batch_index: d.batch_index,
+        reason: d.reason.as_str(),
+        detail: &d.detail,
+        raw: &d.raw,
+    };
+    let _ = serde_json::to_writer(&mut *out, &line);
+    out.push(b'\n');
 }
 
 /// Writes dead letters as JSON lines, one object a line:
@@ -87,24 +111,13 @@ pub fn write_dead_letters_jsonl(
     dead_letters: &[DeadLetter],
 ) -> Result<(), ConnectorError> {
     let mut out = OutputFile::create(url_or_path)?;
+    let mut line = Vec::with_capacity(256);
     for d in dead_letters {
-        let line = DeadLetterLine {
-            source: &d.source,
-            line: d.line,
-            batch_index: d.batch_index,
-            reason: d.reason.as_str(),
-            detail: &d.detail,
-            raw: &d.raw,
-        };
-        serde_json::to_writer(&mut out, &line).map_err(|e| json_err(url_or_path, e))?;
-        out.write_all(b"\n").map_err(io_err(url_or_path))?;
+        line.clear();
+        dead_letter_line(d, &mut line);
+        out.write_all(&line).map_err(io_err(url_or_path))?;
     }
     out.finish()
-}
-
-fn json_err(location: &str, e: serde_json::Error) -> ConnectorError {
-    // Serialising these plain structs can only fail in the writer.
-    ConnectorError::io(location, std::io::Error::other(e))
 }
 
 /// The Arrow schema of change files: `segment` Utf8, `user_id` Utf8, `diff` Int64,

@@ -229,6 +229,14 @@ pub fn exists(url_or_path: &str) -> Result<bool, ConnectorError> {
 /// `s3://` URL), ready to pass to [`read_all`]. A prefix with nothing under it gives an
 /// empty list.
 pub fn list(prefix_url: &str) -> Result<Vec<String>, ConnectorError> {
+    Ok(list_with_times(prefix_url)?
+        .into_iter()
+        .map(|(entry, _)| entry)
+        .collect())
+}
+
+/// Like [`list`], with each entry's last-modified instant (ms since the epoch).
+pub fn list_with_times(prefix_url: &str) -> Result<Vec<(String, i64)>, ConnectorError> {
     let target = parse(prefix_url)?;
     let (store, prefix) = open(prefix_url)?;
     let prefix_opt = (!prefix.is_root()).then_some(prefix);
@@ -254,7 +262,7 @@ pub fn list(prefix_url: &str) -> Result<Vec<String>, ConnectorError> {
             }
             Target::S3 { bucket, .. } => format!("s3://{bucket}/{}", meta.location),
         };
-        out.push(entry);
+        out.push((entry, meta.last_modified.timestamp_millis()));
     }
     out.sort();
     Ok(out)

@@ -179,46 +179,16 @@ pub fn run_dataflow(
         };
         let my_extras: &[(i64, Extra)] = if index == 0 { &shared.extras } else { &[] };
         let mut extras = my_extras.iter().peekable();
-        let mut prev_snapshot: Option<(i64, SnapshotFacts)> = None;
+        let mut snapshots = SnapshotFeeder::default();
         let mut fed = 0usize;
         let mut counter = 0u64;
         let mut feed_extra =
-            |inputs: &mut SegmentInputs, at: i64, extra: Extra, fed: &mut usize| {
-                let t = to_time(at);
-                match extra {
-                    Extra::Snapshot(i) => {
-                        let (snap_at, rows) = &shared.snapshots[i];
-                        let next = plan.snapshot_facts(rows);
-                        let empty = BTreeSet::new();
-                        let prev = prev_snapshot.as_ref().map(|(_, s)| s).unwrap_or(&empty);
-                        for gone in prev.difference(&next) {
-                            feed_fact(&mut inputs.facts, gone, t, -1);
-                            *fed += 1;
-                        }
-                        for new in next.difference(prev) {
-                            feed_fact(&mut inputs.facts, new, t, 1);
-                            *fed += 1;
-                        }
-                        inputs.set_snapshot_clock(
-                            Some(prev_snapshot.as_ref().map_or(i64::MIN, |(a, _)| *a)),
-                            *snap_at,
-                        );
-                        prev_snapshot = Some((*snap_at, next));
-                    }
-                    Extra::Lists => {
-                        for (seg, members) in &shared.lists {
-                            if let SegmentKind::List { slot, .. } = plan.segments[*seg].kind {
-                                for user in members {
-                                    inputs.facts.update(
-                                        (user.clone(), (slot, FactVal::Unit), t, Time::MAX),
-                                        1,
-                                    );
-                                    *fed += 1;
-                                }
-                            }
-                        }
-                    }
+            |inputs: &mut SegmentInputs, at: i64, extra: Extra, fed: &mut usize| match extra {
+                Extra::Snapshot(i) => {
+                    let (snap_at, rows) = &shared.snapshots[i];
+                    *fed += snapshots.apply(&plan, inputs, *snap_at, rows);
                 }
+                Extra::Lists => *fed += feed_lists(&plan, inputs, &shared.lists, to_time(at)),
             };
         for ev in my_events {
             while let Some(&&(at, extra)) = extras.peek().filter(|(at, _)| *at <= ev.timestamp) {
@@ -293,6 +263,66 @@ pub fn run_dataflow(
         applied,
         after_until,
     })
+}
+
+/// Feeds profile snapshots as diffs of their facts: each snapshot retracts the facts of
+/// the previous one that it no longer has and adds the new ones, at the inputs' current
+/// time, and moves the snapshot clock.
+#[derive(Default)]
+pub struct SnapshotFeeder {
+    prev: Option<(i64, SnapshotFacts)>,
+}
+
+impl SnapshotFeeder {
+    /// Applies the snapshot taken at `at` (ms); returns the number of updates fed.
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        inputs: &mut SegmentInputs,
+        at: i64,
+        rows: &SnapshotRows,
+    ) -> usize {
+        let t = *inputs.facts.time();
+        let next = plan.snapshot_facts(rows);
+        let empty = BTreeSet::new();
+        let prev = self.prev.as_ref().map(|(_, s)| s).unwrap_or(&empty);
+        let mut fed = 0;
+        for gone in prev.difference(&next) {
+            feed_fact(&mut inputs.facts, gone, t, -1);
+            fed += 1;
+        }
+        for new in next.difference(prev) {
+            feed_fact(&mut inputs.facts, new, t, 1);
+            fed += 1;
+        }
+        inputs.set_snapshot_clock(
+            Some(self.prev.as_ref().map_or(i64::MIN, |(a, _)| *a)),
+            at,
+        );
+        self.prev = Some((at, next));
+        fed
+    }
+}
+
+/// Feeds static list members as facts valid from `t` on; returns the number fed.
+pub fn feed_lists(
+    plan: &Plan,
+    inputs: &mut SegmentInputs,
+    lists: &BTreeMap<usize, BTreeSet<String>>,
+    t: Time,
+) -> usize {
+    let mut fed = 0;
+    for (seg, members) in lists {
+        if let SegmentKind::List { slot, .. } = plan.segments[*seg].kind {
+            for user in members {
+                inputs
+                    .facts
+                    .update((user.clone(), (slot, FactVal::Unit), t, Time::MAX), 1);
+                fed += 1;
+            }
+        }
+    }
+    fed
 }
 
 fn feed_fact(

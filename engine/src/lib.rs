@@ -8,9 +8,14 @@
 //! - [`replay`]: the `herald replay` job: read segment file, events, snapshots and lists;
 //!   run the driver; write changes (JSONL + Parquet) and dead letters; summarise.
 //! - [`check`]: the `herald check` command: validate a segment file and explain its plan.
+//! - [`config`]: `herald.toml`, the typed configuration of `herald run`.
+//! - [`live`]: the `herald run` service: Kafka and HTTP in, the dataflow on the wall
+//!   clock, changes out to files and Kafka, the query and ops API.
 
 pub mod check;
+pub mod config;
 pub mod driver;
+pub mod live;
 pub mod replay;
 
 /// Errors of the engine. Each says whose fault it is: the user's input, an external

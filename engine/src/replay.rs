@@ -15,7 +15,7 @@ use herald_connectors::sink::{
     write_changes_jsonl, write_changes_parquet, write_dead_letters_jsonl, SegmentChange,
 };
 use herald_operators::event::Limits;
-use herald_operators::plan::SegmentKind;
+use herald_operators::plan::{Plan, SegmentKind};
 use herald_operators::time::parse_rfc3339_ms;
 use indicatif::ProgressBar;
 
@@ -99,6 +99,33 @@ fn join(dir: &str, name: &str) -> String {
     format!("{}/{name}", dir.trim_end_matches('/'))
 }
 
+/// Reads the members of every `FROM CSV` segment (paths relative to the segment file)
+/// and warns, in `warnings`, about `FROM WAREHOUSE` segments, which `job` does not run.
+pub fn load_lists(
+    segments_path: &str,
+    plan: &Plan,
+    job: &str,
+    warnings: &mut Vec<String>,
+) -> Result<BTreeMap<usize, BTreeSet<String>>, EngineError> {
+    let mut lists = BTreeMap::new();
+    for (i, seg) in plan.segments.iter().enumerate() {
+        match &seg.kind {
+            SegmentKind::List { url, .. } => {
+                let url = resolve_relative(segments_path, url);
+                let members: BTreeSet<String> =
+                    herald_connectors::csvlist::read_user_list(&url)?;
+                lists.insert(i, members);
+            }
+            SegmentKind::Warehouse { .. } => warnings.push(format!(
+                "segment '{}' is FROM WAREHOUSE: {job} does not run warehouse queries yet, so it has no members here",
+                seg.name
+            )),
+            SegmentKind::Expr(_) => {}
+        }
+    }
+    Ok(lists)
+}
+
 /// Runs a replay; see the module docs.
 pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     let until =
@@ -122,22 +149,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     let started = Instant::now();
     let (_file, plan) = load_segments(&args.segments)?;
 
-    let mut lists = BTreeMap::new();
-    for (i, seg) in plan.segments.iter().enumerate() {
-        match &seg.kind {
-            SegmentKind::List { url, .. } => {
-                let url = resolve_relative(&args.segments, url);
-                let members: BTreeSet<String> =
-                    herald_connectors::csvlist::read_user_list(&url)?;
-                lists.insert(i, members);
-            }
-            SegmentKind::Warehouse { .. } => summary.warnings.push(format!(
-                "segment '{}' is FROM WAREHOUSE: replay does not run warehouse queries, so it has no members here",
-                seg.name
-            )),
-            SegmentKind::Expr(_) => {}
-        }
-    }
+    let lists = load_lists(&args.segments, &plan, "replay", &mut summary.warnings)?;
 
     let threads = args
         .workers

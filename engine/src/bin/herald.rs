@@ -40,6 +40,13 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         workers: usize,
     },
+    /// Run Herald as a service: events from Kafka and HTTP, segments on the wall clock,
+    /// changes to files and Kafka, the query API. Stops gracefully on SIGINT/SIGTERM.
+    Run {
+        /// The configuration file (see docs/operations.md).
+        #[arg(long, value_name = "FILE", default_value = "herald.toml")]
+        config: String,
+    },
     /// Validate a segment file and print each segment's plan, showing what is shared.
     Check {
         /// The segment file.
@@ -84,6 +91,43 @@ fn print_summary(s: &ReplaySummary, out: &str) {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn run(config: &str) -> Result<(), EngineError> {
+    let config = herald_engine::config::Config::load(config)?;
+    let mode = if config.kafka.is_some() { "kafka" } else { "embedded" };
+    let workers = config.engine.workers;
+    herald_engine::live::run(config, shutdown_signal(), move |addr| {
+        use std::io::Write;
+        println!("herald: listening on http://{addr} ({mode} mode, {workers} workers)");
+        let _ = std::io::stdout().flush();
+    })
+    .map(|_| {
+        println!("herald: stopped");
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -113,6 +157,7 @@ fn main() -> ExitCode {
             };
             replay(&args).map(|s| print_summary(&s, &out))
         }
+        Command::Run { config } => run(&config),
         Command::Check { file } => {
             herald_engine::check::check(&file).map(|report| print!("{report}"))
         }

@@ -1,0 +1,432 @@
+//! `herald.toml`: the typed configuration of `herald run`, with every default in one place.
+//!
+//! Owns [`Config`] and [`Config::load`]/[`Config::parse`]. Unknown keys are refused (a
+//! typo must not silently fall back to a default), and every error names the key:
+//! syntax and type errors come from the TOML parser with line, column and key; checks
+//! that span keys (a port that does not parse, zero workers) are done by
+//! [`Config::validate`] and name the key as `table.key`.
+//!
+//! Relative paths in the file (segment file, output directory, snapshot prefix) are
+//! resolved against the config file's directory, so a config can be run from anywhere.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::EngineError;
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[engine]`: the dataflow.
+    pub engine: EngineConfig,
+    /// `[http]`: ingest and query API.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// `[kafka]`: when present, events come from Kafka and changes go to Kafka.
+    pub kafka: Option<KafkaConfig>,
+    /// `[snapshots]`: profile snapshots picked up from an object-store prefix.
+    pub snapshots: Option<SnapshotsConfig>,
+    /// `[output]`: local (or object-store) files written by the service.
+    #[serde(default)]
+    pub output: OutputConfig,
+    /// `[cluster]`: this process's place in a multi-process timely cluster.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[engine]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// The segment file (required).
+    pub segments: String,
+    /// Timely worker threads in this process.
+    #[serde(default = "defaults::workers")]
+    pub workers: usize,
+    /// How often (ms) the dataflow clock follows the wall clock when idle; also the most
+    /// an event waits for its instant to close.
+    #[serde(default = "defaults::tick_ms")]
+    pub tick_ms: u64,
+    /// `messageId` dedup horizon, as an interval (`"24 hours"`).
+    #[serde(default = "defaults::dedup_horizon")]
+    pub dedup_horizon: String,
+    /// Largest accepted message, bytes.
+    #[serde(default = "defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+/// `[http]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on (`host:port`); port 0 picks a free port.
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    /// Accepted write keys (the HTTP Basic user name). Empty: ingest is refused.
+    #[serde(default = "defaults::write_keys")]
+    pub write_keys: Vec<String>,
+    /// Largest accepted request body after decompression, bytes.
+    #[serde(default = "defaults::max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// Page size of `/v1/segments/{name}/members` when the caller gives none.
+    #[serde(default = "defaults::page_size")]
+    pub page_size: usize,
+}
+
+/// `[kafka]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group.
+    #[serde(default = "defaults::group_id")]
+    pub group_id: String,
+    /// Topics events are read from (HTTP ingest produces to the first).
+    #[serde(default = "defaults::events_topics")]
+    pub events_topics: Vec<String>,
+    /// Topic for malformed messages (reason and position in headers).
+    #[serde(default = "defaults::dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Topic the segment changelog is written to, keyed by user id.
+    #[serde(default = "defaults::changes_topic")]
+    pub changes_topic: String,
+    /// The consumer's `fetch.wait.max.ms`: with tansu, the latency floor (see docs).
+    #[serde(default = "defaults::fetch_wait_max_ms")]
+    pub fetch_wait_max_ms: u64,
+    /// Where a group with no committed offset starts: `earliest` or `latest`.
+    #[serde(default = "defaults::auto_offset_reset")]
+    pub auto_offset_reset: String,
+    /// Extra librdkafka properties for every client (consumer and producers).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// `[snapshots]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// Object-store prefix (`s3://bucket/profiles/`, `file:///…`, or a directory).
+    pub prefix: String,
+    /// How often the prefix is listed, as an interval (`"1 minute"`).
+    #[serde(default = "defaults::snapshot_refresh")]
+    pub refresh: String,
+}
+
+/// `[output]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Directory for `segment_changes.jsonl` and `dead_letters.jsonl` (appended); empty
+    /// string: no files.
+    #[serde(default = "defaults::output_dir")]
+    pub dir: String,
+}
+
+/// `[cluster]`: see timely's cluster mode. Every process runs the same config except
+/// `process`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This process's index into `addresses`.
+    pub process: usize,
+    /// `host:port` of every process, in order.
+    pub addresses: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: defaults::listen(),
+            write_keys: defaults::write_keys(),
+            max_batch_bytes: defaults::max_batch_bytes(),
+            page_size: defaults::page_size(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: defaults::output_dir(),
+        }
+    }
+}
+
+/// Every default, in one place.
+pub mod defaults {
+    /// One worker per core.
+    pub fn workers() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+    /// 1 ms: the clock's resolution.
+    pub fn tick_ms() -> u64 {
+        1
+    }
+    /// The spec's 24 hours.
+    pub fn dedup_horizon() -> String {
+        "24 hours".into()
+    }
+    /// The spec's 32 KB.
+    pub fn max_message_bytes() -> usize {
+        herald_operators::event::DEFAULT_MAX_MESSAGE_BYTES
+    }
+    /// Loopback only, port 8080.
+    pub fn listen() -> String {
+        "127.0.0.1:8080".into()
+    }
+    /// No keys: ingest refused until one is configured.
+    pub fn write_keys() -> Vec<String> {
+        Vec::new()
+    }
+    /// The spec's 500 KB.
+    pub fn max_batch_bytes() -> usize {
+        500 * 1024
+    }
+    /// Members per page.
+    pub fn page_size() -> usize {
+        1000
+    }
+    /// `herald`.
+    pub fn group_id() -> String {
+        "herald".into()
+    }
+    /// `events`.
+    pub fn events_topics() -> Vec<String> {
+        vec!["events".into()]
+    }
+    /// `herald.dead_letters`.
+    pub fn dead_letter_topic() -> String {
+        "herald.dead_letters".into()
+    }
+    /// `herald.segment_changes`.
+    pub fn changes_topic() -> String {
+        "herald.segment_changes".into()
+    }
+    /// 5 ms (tansu answers a waiting fetch only at this deadline).
+    pub fn fetch_wait_max_ms() -> u64 {
+        5
+    }
+    /// A new group reads the topic from the start.
+    pub fn auto_offset_reset() -> String {
+        "earliest".into()
+    }
+    /// One minute.
+    pub fn snapshot_refresh() -> String {
+        "1 minute".into()
+    }
+    /// `herald-out` next to the config file.
+    pub fn output_dir() -> String {
+        "herald-out".into()
+    }
+}
+
+fn bad(key: &str, problem: impl std::fmt::Display) -> EngineError {
+    EngineError::Usage(format!("config: `{key}`: {problem}"))
+}
+
+impl Config {
+    /// Reads, parses, resolves relative paths against the file's directory, validates.
+    pub fn load(path: &str) -> Result<Config, EngineError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| EngineError::Usage(format!("cannot read config file {path}: {e}")))?;
+        let mut config = Config::parse(&text).map_err(|e| match e {
+            EngineError::Usage(m) => EngineError::Usage(format!("{path}: {m}")),
+            other => other,
+        })?;
+        let base = Path::new(path).parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Parses and validates config text (paths left as written).
+    pub fn parse(text: &str) -> Result<Config, EngineError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| EngineError::Usage(format!("config: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot say.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        if self.engine.workers == 0 {
+            return Err(bad("engine.workers", "must be at least 1"));
+        }
+        if self.engine.tick_ms == 0 || self.engine.tick_ms > 60_000 {
+            return Err(bad("engine.tick_ms", "must be between 1 and 60000"));
+        }
+        self.dedup_horizon_ms()?;
+        if self.engine.max_message_bytes == 0 {
+            return Err(bad("engine.max_message_bytes", "must be positive"));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad(
+                "http.listen",
+                format!(
+                    "'{}' is not an address like 127.0.0.1:8080",
+                    self.http.listen
+                ),
+            ));
+        }
+        if self.http.write_keys.iter().any(|k| k.is_empty()) {
+            return Err(bad("http.write_keys", "a write key cannot be empty"));
+        }
+        if self.http.max_batch_bytes < self.engine.max_message_bytes {
+            return Err(bad(
+                "http.max_batch_bytes",
+                "must be at least engine.max_message_bytes",
+            ));
+        }
+        if self.http.page_size == 0 {
+            return Err(bad("http.page_size", "must be positive"));
+        }
+        if let Some(k) = &self.kafka {
+            if k.brokers.trim().is_empty() {
+                return Err(bad("kafka.brokers", "must name at least one broker"));
+            }
+            if k.events_topics.is_empty() || k.events_topics.iter().any(|t| t.is_empty()) {
+                return Err(bad(
+                    "kafka.events_topics",
+                    "must list at least one topic name",
+                ));
+            }
+            if k.group_id.is_empty() {
+                return Err(bad("kafka.group_id", "cannot be empty"));
+            }
+            if !matches!(k.auto_offset_reset.as_str(), "earliest" | "latest") {
+                return Err(bad(
+                    "kafka.auto_offset_reset",
+                    format!("'{}' is not earliest or latest", k.auto_offset_reset),
+                ));
+            }
+        }
+        if let Some(s) = &self.snapshots {
+            self.snapshot_refresh_ms()?;
+            if s.prefix.is_empty() {
+                return Err(bad("snapshots.prefix", "cannot be empty"));
+            }
+        }
+        if let Some(c) = &self.cluster {
+            if c.addresses.is_empty() {
+                return Err(bad("cluster.addresses", "must list every process"));
+            }
+            if c.process >= c.addresses.len() {
+                return Err(bad(
+                    "cluster.process",
+                    format!(
+                        "{} is not an index into cluster.addresses ({} entries)",
+                        c.process,
+                        c.addresses.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The dedup horizon in ms.
+    pub fn dedup_horizon_ms(&self) -> Result<i64, EngineError> {
+        herald_operators::time::parse_interval_ms(&self.engine.dedup_horizon)
+            .map_err(|e| bad("engine.dedup_horizon", e))
+    }
+
+    /// The snapshot refresh interval in ms (at least 100 ms).
+    pub fn snapshot_refresh_ms(&self) -> Result<u64, EngineError> {
+        let Some(s) = &self.snapshots else {
+            return Ok(60_000);
+        };
+        let ms = herald_operators::time::parse_interval_ms(&s.refresh)
+            .map_err(|e| bad("snapshots.refresh", e))?;
+        Ok(ms.max(100) as u64)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut String| {
+            if !p.is_empty() && !p.contains("://") && Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).to_string_lossy().into_owned();
+            }
+        };
+        resolve(&mut self.engine.segments);
+        resolve(&mut self.output.dir);
+        if let Some(s) = &mut self.snapshots {
+            resolve(&mut s.prefix);
+        }
+    }
+
+    /// The timely configuration: threads in this process, or the cluster.
+    pub fn timely(&self) -> timely::Config {
+        let communication = match &self.cluster {
+            None if self.engine.workers == 1 => timely::CommunicationConfig::Thread,
+            None => timely::CommunicationConfig::Process(self.engine.workers),
+            Some(c) => timely::CommunicationConfig::Cluster {
+                threads: self.engine.workers,
+                process: c.process,
+                addresses: c.addresses.clone(),
+                report: false,
+                zerocopy: false,
+            },
+        };
+        timely::Config {
+            communication,
+            worker: timely::WorkerConfig::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse("[engine]\nsegments = \"s.sql\"\n").unwrap();
+        assert_eq!(c.engine.tick_ms, 1);
+        assert_eq!(c.http.listen, "127.0.0.1:8080");
+        assert_eq!(c.http.max_batch_bytes, 500 * 1024);
+        assert_eq!(c.dedup_horizon_ms().unwrap(), 86_400_000);
+        assert!(c.kafka.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err("[engine]\nsegments = \"s.sql\"\nwokers = 2\n");
+        assert!(e.contains("wokers") && e.contains("line 3"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\nworkers = \"two\"\n");
+        assert!(e.contains("workers"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\nworkers = 0\n");
+        assert!(e.contains("engine.workers") && e.contains("at least 1"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\ndedup_horizon = \"1 fortnight\"\n");
+        assert!(e.contains("engine.dedup_horizon"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[http]\nlisten = \"localhost\"\n");
+        assert!(e.contains("http.listen"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[kafka]\nbrokers = \"b:9092\"\nauto_offset_reset = \"middle\"\n");
+        assert!(e.contains("kafka.auto_offset_reset"), "{e}");
+        let e = err("[engine]\n");
+        assert!(e.contains("segments"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[cluster]\nprocess = 2\naddresses = [\"a:1\", \"b:2\"]\n");
+        assert!(e.contains("cluster.process"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("herald.toml");
+        std::fs::write(
+            &path,
+            "[engine]\nsegments = \"s.sql\"\n[snapshots]\nprefix = \"s3://b/p/\"\n",
+        )
+        .unwrap();
+        let c = Config::load(path.to_str().unwrap()).unwrap();
+        assert_eq!(
+            c.engine.segments,
+            dir.path().join("s.sql").to_string_lossy()
+        );
+        assert_eq!(c.snapshots.unwrap().prefix, "s3://b/p/");
+        assert!(c.output.dir.ends_with("herald-out"));
+    }
+}

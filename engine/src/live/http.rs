@@ -1,0 +1,456 @@
+//! The HTTP API of `herald run` (axum): Segment/RudderStack-compatible ingest, the query
+//! API, health and metrics.
+//!
+//! Ingest (`POST /v1/{track,identify,page,screen,group,alias,batch}`, `/v1/import` as an
+//! alias of batch): the write key is the HTTP Basic user name; the body is JSON, gzip when
+//! `Content-Encoding: gzip`, at most `http.max_batch_bytes` after decompression. On the
+//! single-message endpoints the endpoint decides the type (as Segment's API does). Each
+//! message is checked by the same parser as every other source; rejected ones go to the
+//! dead-letter output. Replies: 200 `{"success":true}` when everything was accepted;
+//! 200 with `accepted` and `rejected` (index, reason, detail) when a batch was partly
+//! accepted; 400 with the same when nothing was; 401 bad key; 413 too large; 503 when
+//! the events topic (Kafka mode) or the workers (shutting down) cannot take the events,
+//! so the SDK retries. Embedded mode hands events to the workers; Kafka mode produces
+//! each accepted message to the first events topic (key: user) and replies after the
+//! broker's ack.
+//!
+//! Query: `GET /v1/segments`, `/v1/segments/{name}/members?cursor=&limit=`,
+//! `/v1/users/{id}`, `/healthz`, `/metrics`.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json as AxumJson, Router};
+use base64::Engine as _;
+use herald_connectors::events::DeadLetter;
+use herald_operators::event::{parse_message, Event, RejectReason};
+use herald_operators::time::format_rfc3339_ms;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+
+use super::sink::SinkMsg;
+use super::{now_ms, Live};
+use crate::EngineError;
+
+#[derive(Clone)]
+struct App {
+    live: Arc<Live>,
+    producer: Option<FutureProducer>,
+    events_topic: String,
+}
+
+/// The API's routes.
+pub fn router(live: Arc<Live>, _runtime: &tokio::runtime::Runtime) -> Result<Router, EngineError> {
+    let (producer, events_topic) = match &live.config.kafka {
+        Some(k) => (
+            Some(super::kafka::producer(k)?),
+            k.events_topics.first().cloned().unwrap_or_default(),
+        ),
+        None => (None, String::new()),
+    };
+    let app = App {
+        live,
+        producer,
+        events_topic,
+    };
+    let mut router = Router::new();
+    for kind in ["track", "identify", "page", "screen", "group", "alias"] {
+        router = router.route(
+            &format!("/v1/{kind}"),
+            post(move |State(app): State<App>, headers: HeaderMap, body: Body| {
+                ingest(app, Some(kind), headers, body)
+            }),
+        );
+    }
+    for path in ["/v1/batch", "/v1/import"] {
+        router = router.route(
+            path,
+            post(|State(app): State<App>, headers: HeaderMap, body: Body| {
+                ingest(app, None, headers, body)
+            }),
+        );
+    }
+    Ok(router
+        .route("/v1/segments", get(segments))
+        .route("/v1/segments/{name}/members", get(members))
+        .route("/v1/users/{id}", get(user))
+        .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(app))
+}
+
+fn refuse(app: &App, status: StatusCode, reason: &str, error: String) -> Response {
+    app.live
+        .metrics
+        .http_refused
+        .get_or_create(&super::metrics::ReasonLabel {
+            reason: reason.into(),
+        })
+        .inc();
+    (
+        status,
+        AxumJson(json!({"success": false, "reason": reason, "error": error})),
+    )
+        .into_response()
+}
+
+/// The write key from `Authorization: Basic base64(key:)`.
+fn write_key(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':').map_or(text.clone(), |(k, _)| k.to_string()))
+}
+
+async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: Body) -> Response {
+    let live = &app.live;
+    let cfg = &live.config.http;
+    match write_key(&headers) {
+        Some(k) if cfg.write_keys.contains(&k) => {}
+        Some(_) => {
+            return refuse(
+                &app,
+                StatusCode::UNAUTHORIZED,
+                "bad_write_key",
+                "unknown write key (the HTTP Basic user name)".into(),
+            )
+        }
+        None => {
+            return refuse(
+                &app,
+                StatusCode::UNAUTHORIZED,
+                "missing_write_key",
+                "no write key: send it as the HTTP Basic user name".into(),
+            )
+        }
+    }
+    if live.stopping() {
+        return refuse(
+            &app,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "Herald is shutting down; retry against another instance".into(),
+        );
+    }
+    let limit = cfg.max_batch_bytes;
+    let raw = match axum::body::to_bytes(body, limit + 64 * 1024).await {
+        Ok(b) => b,
+        Err(_) => {
+            return refuse(
+                &app,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body is over the limit of {limit} bytes"),
+            )
+        }
+    };
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    let bytes: Vec<u8> = if gzip {
+        let mut out = Vec::new();
+        let mut decoder = flate2::read::GzDecoder::new(&raw[..]).take(limit as u64 + 1);
+        if let Err(e) = decoder.read_to_end(&mut out) {
+            return refuse(
+                &app,
+                StatusCode::BAD_REQUEST,
+                "bad_gzip",
+                format!("Content-Encoding is gzip but the body does not decompress: {e}"),
+            );
+        }
+        out
+    } else {
+        raw.to_vec()
+    };
+    if bytes.len() > limit {
+        return refuse(
+            &app,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body is over the limit of {limit} bytes"),
+        );
+    }
+    let received = now_ms() as i64;
+    let source = format!("http:/v1/{}", kind.unwrap_or("batch"));
+    let dead_letter = |reason: RejectReason, detail: String, index: Option<usize>, raw: &[u8]| {
+        live.metrics.dead_letter(reason.as_str());
+        live.to_sink(SinkMsg::DeadLetter {
+            letter: DeadLetter {
+                source: source.clone(),
+                line: 0,
+                batch_index: index,
+                reason,
+                detail,
+                raw: String::from_utf8_lossy(raw).into_owned(),
+            },
+            raw: raw.to_vec(),
+            kafka: None,
+        });
+    };
+
+    // The messages as JSON: the endpoint sets the type of a single message.
+    let mut json: Json = match serde_json::from_slice(&bytes) {
+        Ok(j) => j,
+        Err(e) => {
+            let detail = format!("not valid JSON: {e}");
+            dead_letter(RejectReason::InvalidJson, detail.clone(), None, &bytes);
+            return rejected_response(0, &[(None, RejectReason::InvalidJson, detail)]);
+        }
+    };
+    if let (Some(kind), Json::Object(obj)) = (kind, &mut json) {
+        obj.insert("type".into(), Json::from(kind));
+        if bytes.len() > live.limits.max_message_bytes {
+            let detail = format!(
+                "message is {} bytes, over the limit of {}",
+                bytes.len(),
+                live.limits.max_message_bytes
+            );
+            dead_letter(RejectReason::TooLarge, detail.clone(), None, &bytes);
+            return rejected_response(0, &[(None, RejectReason::TooLarge, detail)]);
+        }
+    }
+    let normalized = serde_json::to_vec(&json).unwrap_or_default();
+    let (events, rejections) = parse_message(&normalized, Some(received), live.limits);
+    let mut rejected = Vec::with_capacity(rejections.len());
+    for r in &rejections {
+        let item_raw = match (r.batch_index, &json) {
+            (Some(i), Json::Object(o)) => o
+                .get("batch")
+                .and_then(|b| b.get(i))
+                .and_then(|item| serde_json::to_vec(item).ok())
+                .unwrap_or_else(|| bytes.clone()),
+            _ => bytes.clone(),
+        };
+        dead_letter(r.reason, r.detail.clone(), r.batch_index, &item_raw);
+        rejected.push((r.batch_index, r.reason, r.detail.clone()));
+    }
+    let accepted = events.len();
+    if accepted > 0 {
+        if let Err(resp) = hand_on(&app, &json, kind, received, events, &rejections).await {
+            return resp;
+        }
+    }
+    if rejected.is_empty() {
+        (StatusCode::OK, AxumJson(json!({"success": true}))).into_response()
+    } else {
+        rejected_response(accepted, &rejected)
+    }
+}
+
+fn rejected_response(accepted: usize, rejected: &[(Option<usize>, RejectReason, String)]) -> Response {
+    let status = if accepted > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let list: Vec<Json> = rejected
+        .iter()
+        .map(|(i, reason, detail)| json!({"index": i, "reason": reason.as_str(), "detail": detail}))
+        .collect();
+    (
+        status,
+        AxumJson(json!({"success": accepted > 0, "accepted": accepted, "rejected": list})),
+    )
+        .into_response()
+}
+
+/// Hands accepted events on: to the workers (embedded) or to the events topic (Kafka).
+async fn hand_on(
+    app: &App,
+    json: &Json,
+    kind: Option<&str>,
+    received: i64,
+    events: Vec<Event>,
+    rejections: &[herald_operators::event::Rejection],
+) -> Result<(), Response> {
+    let live = &app.live;
+    let Some(producer) = &app.producer else {
+        for ev in events {
+            if !live.ingest(ev) {
+                return Err(refuse(
+                    app,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "Herald is shutting down; retry".into(),
+                ));
+            }
+            live.metrics.event_in("http");
+        }
+        return Ok(());
+    };
+    // Kafka mode: one record per accepted message, as the Segment JSON it arrived as
+    // (plus receivedAt and the envelope's sentAt), keyed by user.
+    let mut items: Vec<Map<String, Json>> = Vec::with_capacity(events.len());
+    match (kind, json) {
+        (Some(_), Json::Object(o)) => items.push(o.clone()),
+        (None, Json::Object(o)) => {
+            let bad: BTreeSet<usize> = rejections.iter().filter_map(|r| r.batch_index).collect();
+            let sent_at = o.get("sentAt").cloned();
+            if let Some(Json::Array(batch)) = o.get("batch") {
+                for (i, item) in batch.iter().enumerate() {
+                    if let (false, Json::Object(m)) = (bad.contains(&i), item) {
+                        let mut m = m.clone();
+                        if let (Some(s), false) = (&sent_at, m.contains_key("sentAt")) {
+                            m.insert("sentAt".into(), s.clone());
+                        }
+                        items.push(m);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    let received_at = Json::from(format_rfc3339_ms(received));
+    let payloads: Vec<(String, Vec<u8>)> = items
+        .into_iter()
+        .zip(events.iter())
+        .map(|(mut m, ev)| {
+            m.entry("receivedAt").or_insert(received_at.clone());
+            (ev.user.clone(), serde_json::to_vec(&m).unwrap_or_default())
+        })
+        .collect();
+    let mut acks = Vec::with_capacity(payloads.len());
+    for (key, payload) in &payloads {
+        acks.push(producer.send(
+            FutureRecord::to(&app.events_topic).key(key).payload(payload),
+            Duration::from_secs(5),
+        ));
+    }
+    for r in futures::future::join_all(acks).await {
+        if let Err((e, _)) = r {
+            live.metrics.error("kafka_ingest");
+            return Err(refuse(
+                app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "kafka_unavailable",
+                format!("the events topic did not take the batch ({e}); retry"),
+            ));
+        }
+    }
+    for _ in &payloads {
+        live.metrics.event_in("http");
+    }
+    Ok(())
+}
+
+async fn segments(State(app): State<App>) -> Response {
+    let live = &app.live;
+    let Ok(state) = live.state.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let list: Vec<Json> = live
+        .plan
+        .segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"name": s.name, "kind": live.segment_kind(i), "size": state.size(i)}))
+        .collect();
+    let frontier = live.frontier.load(Ordering::Acquire);
+    AxumJson(json!({"segments": list, "as_of": format_rfc3339_ms(frontier as i64)})).into_response()
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn members(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    let live = &app.live;
+    let Some(i) = live.plan.segment_index(&name) else {
+        return (
+            StatusCode::NOT_FOUND,
+            AxumJson(json!({"error": format!("no segment named '{name}'")})),
+        )
+            .into_response();
+    };
+    let limit = q.limit.unwrap_or(live.config.http.page_size).clamp(1, 100_000);
+    let Ok(state) = live.state.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let page = state.page(i, q.cursor.as_deref(), limit);
+    let next = (page.len() == limit).then(|| page.last().cloned()).flatten();
+    AxumJson(json!({
+        "segment": name,
+        "size": state.size(i),
+        "members": page,
+        "next_cursor": next,
+    }))
+    .into_response()
+}
+
+async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
+    let live = &app.live;
+    let Ok(state) = live.state.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let segs = state.segments_of(&id);
+    let traits = state.traits_of(&id);
+    if segs.is_none() && traits.is_none() {
+        return (
+            StatusCode::NOT_FOUND,
+            AxumJson(json!({"error": format!("no user '{id}' in any segment or with traits")})),
+        )
+            .into_response();
+    }
+    let segments: Vec<&str> = segs
+        .map(|s| {
+            s.iter()
+                .map(|i| live.plan.segments[*i as usize].name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let traits: Map<String, Json> = traits
+        .map(|t| t.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    AxumJson(json!({"user_id": id, "traits": traits, "segments": segments})).into_response()
+}
+
+async fn health(State(app): State<App>) -> Response {
+    let live = &app.live;
+    let frontier = live.frontier.load(Ordering::Acquire);
+    let delay = now_ms().saturating_sub(frontier);
+    let (status, text) = if live.stopping() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping")
+    } else if frontier == 0 || delay > 10_000 {
+        (StatusCode::SERVICE_UNAVAILABLE, "behind")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    (
+        status,
+        AxumJson(json!({"status": text, "frontier_delay_ms": delay})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.live.metrics.encode(),
+    )
+        .into_response()
+}

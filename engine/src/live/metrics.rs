@@ -1,0 +1,192 @@
+//! Prometheus metrics of a live Herald, served at `/metrics` (OpenMetrics text).
+//!
+//! Owns [`Metrics`]: one registry with every family, cheap to update from any thread
+//! (atomics). Names are documented in `docs/operations.md`; the Grafana dashboard in
+//! `docs/grafana-dashboard.json` reads them.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// `source`: where events came in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// `http` or `kafka`.
+    pub source: String,
+}
+
+/// `reason`: a dead-letter reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The [`RejectReason`](herald_operators::event::RejectReason) name.
+    pub reason: String,
+}
+
+/// `topic`, `partition`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    /// Topic.
+    pub topic: String,
+    /// Partition id.
+    pub partition: i32,
+}
+
+/// `segment`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SegmentLabel {
+    /// Segment name.
+    pub segment: String,
+}
+
+/// `segment`, `direction`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    /// Segment name.
+    pub segment: String,
+    /// `enter` or `leave`.
+    pub direction: String,
+}
+
+/// `sink`: a sink or client that failed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    /// `kafka_changes`, `kafka_dead_letters`, `file`, `kafka_consumer`, `snapshots`.
+    pub sink: String,
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    /// Events accepted, by source.
+    pub events_in: Family<SourceLabel, Counter>,
+    /// Messages rejected, by reason.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Consumer lag (messages) per partition, from librdkafka statistics.
+    pub consumer_lag: Family<PartitionLabel, Gauge>,
+    /// Wall clock minus the output frontier, ms.
+    pub frontier_delay_ms: Gauge,
+    /// Members per segment.
+    pub segment_size: Family<SegmentLabel, Gauge>,
+    /// Membership changes, by segment and direction.
+    pub segment_changes: Family<ChangeLabel, Counter>,
+    /// Snapshots applied.
+    pub snapshots_applied: Counter,
+    /// Errors talking to external systems (each also logged), by component.
+    pub errors: Family<SinkLabel, Counter>,
+    /// HTTP ingest requests refused as a whole (auth, size, body).
+    pub http_refused: Family<ReasonLabel, Counter>,
+    /// Time (ms) spent by the sink handing a watermark's changes over (flush and acks).
+    pub sink_flush_ms: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("herald");
+        let events_in = Family::<SourceLabel, Counter>::default();
+        registry.register("events_in", "Events accepted, by source", events_in.clone());
+        let dead_letters = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dead_letters",
+            "Messages rejected to the dead-letter output, by reason",
+            dead_letters.clone(),
+        );
+        let consumer_lag = Family::<PartitionLabel, Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Kafka consumer lag in messages, per partition",
+            consumer_lag.clone(),
+        );
+        let frontier_delay_ms = Gauge::default();
+        registry.register(
+            "frontier_delay_ms",
+            "Wall clock minus the dataflow's output frontier, in milliseconds",
+            frontier_delay_ms.clone(),
+        );
+        let segment_size = Family::<SegmentLabel, Gauge>::default();
+        registry.register("segment_size", "Members per segment", segment_size.clone());
+        let segment_changes = Family::<ChangeLabel, Counter>::default();
+        registry.register(
+            "segment_changes",
+            "Segment membership changes, by direction",
+            segment_changes.clone(),
+        );
+        let snapshots_applied = Counter::default();
+        registry.register(
+            "snapshots_applied",
+            "Profile snapshots applied",
+            snapshots_applied.clone(),
+        );
+        let errors = Family::<SinkLabel, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors from external systems, by component (details in the log)",
+            errors.clone(),
+        );
+        let http_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "http_refused",
+            "HTTP ingest requests refused as a whole, by reason",
+            http_refused.clone(),
+        );
+        let sink_flush_ms = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "sink_flush_ms",
+            "Milliseconds the last sink flush (file flush and Kafka acks) took",
+            sink_flush_ms.clone(),
+        );
+        Metrics {
+            registry,
+            events_in,
+            dead_letters,
+            consumer_lag,
+            frontier_delay_ms,
+            segment_size,
+            segment_changes,
+            snapshots_applied,
+            errors,
+            http_refused,
+            sink_flush_ms,
+        }
+    }
+}
+
+impl Metrics {
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts an accepted event.
+    pub fn event_in(&self, source: &str) {
+        self.events_in
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a dead letter.
+    pub fn dead_letter(&self, reason: &str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts an external error.
+    pub fn error(&self, component: &str) {
+        self.errors
+            .get_or_create(&SinkLabel {
+                sink: component.into(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,295 @@
+//! `herald run`: the segment dataflow as a long-running service on the wall clock.
+//!
+//! Owns [`run`]. Threads and what crosses between them:
+//!
+//! ```text
+//! HTTP (tokio/axum) --events by user hash--> timely workers <-- Kafka partitions (one
+//!   |  embedded mode             ^  (snapshots: worker 0)       consumer per worker,
+//!   |  Kafka mode: produce to    |                              one consumer group)
+//!   |  the events topic          snapshot watcher thread
+//!   v
+//! query API <-- LiveState <-- sink thread <-- changes, dead letters, watermarks
+//!                               |--> segment_changes.jsonl, dead_letters.jsonl
+//!                               '--> Kafka changelog topic, dead-letter topic
+//! ```
+//!
+//! Time: every worker advances its inputs to the wall clock (ms since the epoch) at
+//! least every `engine.tick_ms`, so temporal lapses fire on time with no new events.
+//! Events are fed at the current instant; their own timestamps still decide windows.
+//!
+//! Delivery: a watermark `f` (the output frontier: every change at an instant before
+//! `f` has been emitted by every worker) follows the changes into the sink channel; the
+//! sink flushes its files and waits for Kafka's acks, then publishes `durable = f`.
+//! Workers commit a Kafka offset only once the instant its event was fed at is below
+//! `durable`: at-least-once, with `messageId` dedup at the door making redeliveries
+//! harmless.
+//!
+//! Shutdown (SIGINT/SIGTERM): the HTTP server stops taking requests and finishes those in
+//! flight; workers stop polling, drain what was accepted, run the clock to an agreed
+//! instant, wait for the sink to hand everything over, commit, and exit.
+
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod sink;
+pub mod snapshots;
+pub mod state;
+mod worker;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use herald_operators::event::{Event, Limits};
+use herald_operators::plan::{Plan, SegmentKind, SnapshotRows};
+
+use crate::config::Config;
+use crate::EngineError;
+use metrics::Metrics;
+use sink::SinkMsg;
+use state::LiveState;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A profile snapshot on its way to worker 0.
+pub struct SnapshotMsg {
+    /// Where it was read from.
+    pub location: String,
+    /// Its instant (the object's last-modified time, capped at now).
+    pub at: i64,
+    /// Its rows.
+    pub rows: SnapshotRows,
+}
+
+/// What every thread of the service shares.
+pub struct Live {
+    /// The configuration, paths resolved.
+    pub config: Config,
+    /// The compiled segment set.
+    pub plan: Plan,
+    /// Static list members by segment index.
+    pub lists: BTreeMap<usize, BTreeSet<String>>,
+    /// Members and traits for the query API.
+    pub state: RwLock<LiveState>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Message parsing limits.
+    pub limits: Limits,
+    /// 0 while running; the instant the dataflow stops at once shutdown begins.
+    pub stop_at: AtomicU64,
+    /// Every change at an instant below this has been handed to the sinks.
+    pub durable: AtomicU64,
+    /// The output frontier last seen by a worker.
+    pub frontier: AtomicU64,
+    /// The sink's channel.
+    pub sink: Mutex<Sender<SinkMsg>>,
+    /// Embedded mode: one channel per local worker, chosen by user hash.
+    pub ingest: Vec<Mutex<Sender<Event>>>,
+}
+
+impl Live {
+    /// Hands an event to the local worker that owns its user (embedded mode). False when
+    /// the workers are gone (shutting down).
+    pub fn ingest(&self, ev: Event) -> bool {
+        let n = self.ingest.len() as u64;
+        let i = (herald_operators::door::user_hash(&ev.user) % n) as usize;
+        match self.ingest[i].lock() {
+            Ok(tx) => tx.send(ev).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Sends a message to the sink thread (dropped only if the sink is gone).
+    pub fn to_sink(&self, msg: SinkMsg) {
+        if let Ok(tx) = self.sink.lock() {
+            let _ = tx.send(msg);
+        }
+    }
+
+    /// Segment kind names for the API.
+    pub fn segment_kind(&self, i: usize) -> &'static str {
+        match self.plan.segments[i].kind {
+            SegmentKind::Expr(_) => "query",
+            SegmentKind::List { .. } => "list",
+            SegmentKind::Warehouse { .. } => "warehouse",
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.stop_at.load(Ordering::Acquire) != 0
+    }
+}
+
+/// What the service did, for the exit summary.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// The address the HTTP API listened on.
+    pub http_addr: String,
+}
+
+/// Runs the service until `shutdown` resolves, then stops gracefully. `on_ready` gets
+/// the HTTP address once everything listens.
+pub fn run<F>(
+    config: Config,
+    shutdown: F,
+    on_ready: impl FnOnce(&str) + Send + 'static,
+) -> Result<RunSummary, EngineError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (_file, plan) = crate::check::load_segments(&config.engine.segments)?;
+    let mut warnings = Vec::new();
+    let lists =
+        crate::replay::load_lists(&config.engine.segments, &plan, "herald run", &mut warnings)?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
+    let local_workers = config.engine.workers;
+    let (sink_tx, sink_rx) = std::sync::mpsc::channel::<SinkMsg>();
+    let mut ingest_rx: Vec<Option<Receiver<Event>>> = Vec::new();
+    let mut ingest_tx = Vec::new();
+    for _ in 0..local_workers {
+        let (tx, rx) = std::sync::mpsc::channel();
+        ingest_tx.push(Mutex::new(tx));
+        ingest_rx.push(Some(rx));
+    }
+    let limits = Limits {
+        max_message_bytes: config.engine.max_message_bytes,
+    };
+    let segments = plan.segments.len();
+    let live = Arc::new(Live {
+        config,
+        plan,
+        lists,
+        state: RwLock::new(LiveState::new(segments)),
+        metrics: Metrics::default(),
+        limits,
+        stop_at: AtomicU64::new(0),
+        durable: AtomicU64::new(0),
+        frontier: AtomicU64::new(0),
+        sink: Mutex::new(sink_tx),
+        ingest: ingest_tx,
+    });
+    for seg in &live.plan.segments {
+        live.metrics
+            .segment_size
+            .get_or_create(&metrics::SegmentLabel {
+                segment: seg.name.clone(),
+            })
+            .set(0);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("herald-io")
+        .build()
+        .map_err(|e| EngineError::Dataflow(format!("cannot start the I/O runtime: {e}")))?;
+
+    // Kafka topics and the sink come first: a broker that is down is an error here,
+    // named, rather than a hang later.
+    if let Some(k) = &live.config.kafka {
+        runtime.block_on(kafka::ensure_output_topics(k))?;
+    }
+    let sink = sink::Sink::open(&live)?;
+    let sink_live = Arc::clone(&live);
+    let sink_thread = std::thread::Builder::new()
+        .name("herald-sink".into())
+        .spawn(move || sink.run(sink_rx, &sink_live))
+        .map_err(|e| EngineError::Dataflow(format!("cannot start the sink thread: {e}")))?;
+
+    // Snapshots go to worker 0 of process 0 only.
+    let process = live.config.cluster.as_ref().map_or(0, |c| c.process);
+    let (snap_tx, snap_rx) = std::sync::mpsc::channel::<SnapshotMsg>();
+    let watcher = match (&live.config.snapshots, process) {
+        (Some(_), 0) => Some(snapshots::spawn_watcher(Arc::clone(&live), snap_tx)?),
+        _ => None,
+    };
+
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&live.config.http.listen))
+        .map_err(|e| {
+            EngineError::Usage(format!(
+                "config: `http.listen`: cannot listen on {}: {e}",
+                live.config.http.listen
+            ))
+        })?;
+    let http_addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+
+    // The workers.
+    let io: Arc<Mutex<worker::WorkerIo>> = Arc::new(Mutex::new(worker::WorkerIo {
+        events: ingest_rx,
+        snapshots: Some(snap_rx),
+    }));
+    let worker_live = Arc::clone(&live);
+    let timely_config = live.config.timely();
+    let guards = timely::execute(timely_config, move |w| {
+        worker::run_worker(w, Arc::clone(&worker_live), &io)
+    })
+    .map_err(|e| EngineError::Dataflow(format!("cannot start timely workers: {e}")))?;
+
+    // The HTTP server, and shutdown: stop taking requests first, then stop the workers.
+    let app = http::router(Arc::clone(&live), &runtime)?;
+    let stop_live = Arc::clone(&live);
+    let (workers_done_tx, workers_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let served = runtime.spawn(async move {
+        let stop_live2 = Arc::clone(&stop_live);
+        let graceful = async move {
+            tokio::select! {
+                _ = shutdown => {},
+                _ = workers_done_rx => {},
+            }
+            tracing::info!("shutting down: no new HTTP requests");
+        };
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(graceful)
+            .await;
+        // Every accepted request has been handed on: stop the workers at an instant
+        // they all reach.
+        let tick = stop_live2.config.engine.tick_ms;
+        stop_live2
+            .stop_at
+            .store(now_ms() + tick, Ordering::Release);
+        result
+    });
+    on_ready(&http_addr);
+
+    let mut failure = None;
+    for r in guards.join() {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(e) => failure = failure.or(Some(format!("a worker panicked: {e}"))),
+        }
+    }
+    // Workers are gone (normally after shutdown; on failure, stop serving too).
+    let _ = workers_done_tx.send(());
+    if let Ok(Err(e)) = runtime.block_on(served) {
+        tracing::warn!("HTTP server: {e}");
+    }
+    live.to_sink(SinkMsg::Stop);
+    if let Ok(Err(e)) = sink_thread.join() {
+        failure = failure.or(Some(e.to_string()));
+    }
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match failure {
+        Some(e) => Err(EngineError::Dataflow(e)),
+        None => Ok(RunSummary { http_addr }),
+    }
+}

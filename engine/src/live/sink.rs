@@ -1,0 +1,353 @@
+//! The sink thread of `herald run`: hands segment changes and dead letters to their
+//! outputs and says how far that is done.
+//!
+//! Owns [`Sink`]. Changes update the query state and metrics, are appended to
+//! `segment_changes.jsonl` and produced to the changelog topic (key `user_id`, value the
+//! same JSON line as the replay output). Dead letters go to `dead_letters.jsonl` and, in
+//! Kafka mode, to the dead-letter topic with the original bytes and the reason and
+//! source position in headers. On a watermark `f` the sink flushes its files, waits for
+//! every Kafka ack (re-producing anything the broker refused), and then publishes
+//! `durable = f`, which releases the workers' offset commits.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use herald_connectors::events::DeadLetter;
+use herald_connectors::sink::{change_line, dead_letter_line, SegmentChange};
+use herald_operators::time::Time;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use super::metrics::{ChangeLabel, SegmentLabel};
+use super::Live;
+use crate::EngineError;
+
+/// The longest the sink waits for Kafka's acks when the service stops.
+pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// A message to the sink thread.
+pub enum SinkMsg {
+    /// A membership change at `time`.
+    Change {
+        /// Segment index.
+        segment: u16,
+        /// User key.
+        user: String,
+        /// Instant (ms).
+        time: Time,
+        /// +1 or -1.
+        diff: i64,
+    },
+    /// A rejected message.
+    DeadLetter {
+        /// What is written to the dead-letter file.
+        letter: DeadLetter,
+        /// The original bytes.
+        raw: Vec<u8>,
+        /// Topic, partition, offset when it came from Kafka.
+        kafka: Option<(String, i32, i64)>,
+    },
+    /// Every change before this instant has been sent.
+    Watermark(Time),
+    /// Flush and exit.
+    Stop,
+}
+
+/// A record waiting for the broker's ack, kept to re-produce it if refused.
+struct InFlight {
+    topic: String,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+    ack: DeliveryFuture,
+}
+
+/// The sink's outputs.
+pub struct Sink {
+    changes_file: Option<BufWriter<File>>,
+    dead_letters_file: Option<BufWriter<File>>,
+    producer: Option<FutureProducer>,
+    changes_topic: String,
+    dead_letter_topic: String,
+    in_flight: Vec<InFlight>,
+    line: Vec<u8>,
+}
+
+fn open_append(dir: &str, name: &str) -> Result<BufWriter<File>, EngineError> {
+    let path = Path::new(dir).join(name);
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map(|f| BufWriter::with_capacity(256 * 1024, f))
+        .map_err(|e| {
+            EngineError::Usage(format!(
+                "config: `output.dir`: cannot open {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+impl Sink {
+    /// Opens the files (creating the output directory) and the Kafka producer.
+    pub fn open(live: &Live) -> Result<Sink, EngineError> {
+        let dir = &live.config.output.dir;
+        let (changes_file, dead_letters_file) = if dir.is_empty() {
+            (None, None)
+        } else {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                EngineError::Usage(format!("config: `output.dir`: cannot create {dir}: {e}"))
+            })?;
+            (
+                Some(open_append(dir, "segment_changes.jsonl")?),
+                Some(open_append(dir, "dead_letters.jsonl")?),
+            )
+        };
+        let (producer, changes_topic, dead_letter_topic) = match &live.config.kafka {
+            Some(k) => (
+                Some(super::kafka::producer(k)?),
+                k.changes_topic.clone(),
+                k.dead_letter_topic.clone(),
+            ),
+            None => (None, String::new(), String::new()),
+        };
+        Ok(Sink {
+            changes_file,
+            dead_letters_file,
+            producer,
+            changes_topic,
+            dead_letter_topic,
+            in_flight: Vec::new(),
+            line: Vec::with_capacity(256),
+        })
+    }
+
+    /// Runs until [`SinkMsg::Stop`] (or every sender is gone).
+    pub fn run(mut self, rx: Receiver<SinkMsg>, live: &Live) -> Result<(), EngineError> {
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                SinkMsg::Change {
+                    segment,
+                    user,
+                    time,
+                    diff,
+                } => self.change(live, segment, user, time, diff),
+                SinkMsg::DeadLetter { letter, raw, kafka } => {
+                    self.dead_letter(live, letter, raw, kafka)
+                }
+                SinkMsg::Watermark(f) => {
+                    let started = Instant::now();
+                    self.flush(live)?;
+                    live.metrics
+                        .sink_flush_ms
+                        .set(started.elapsed().as_secs_f64() * 1e3);
+                    live.durable.fetch_max(f, Ordering::AcqRel);
+                }
+                SinkMsg::Stop => break,
+            }
+        }
+        self.final_flush(live)
+    }
+
+    /// At exit: a broker that stays away must not hang the process. Waits up to
+    /// [`FINAL_ACK_WAIT`] for acks; what is still unacknowledged is reported (its
+    /// events' offsets were not committed, so they are consumed again on restart).
+    fn final_flush(&mut self, live: &Live) -> Result<(), EngineError> {
+        use futures::FutureExt;
+        use rdkafka::producer::Producer;
+        if let Some(p) = &self.producer {
+            if let Err(e) = p.flush(FINAL_ACK_WAIT) {
+                tracing::warn!("Kafka producer flush at exit: {e}");
+            }
+        }
+        let unacked = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .filter_map(|mut r| {
+                let acked = matches!((&mut r.ack).now_or_never(), Some(Ok(Ok(_))));
+                (!acked).then_some(())
+            })
+            .count();
+        if unacked > 0 {
+            live.metrics.error("kafka_producer");
+            tracing::error!("{unacked} records were not acknowledged by Kafka at exit");
+        }
+        self.flush_files(live)
+    }
+
+    fn change(&mut self, live: &Live, segment: u16, user: String, time: Time, diff: i64) {
+        let name = &live.plan.segments[segment as usize].name;
+        let size = match live.state.write() {
+            Ok(mut state) => state.apply(segment, &user, diff),
+            Err(_) => 0,
+        };
+        live.metrics
+            .segment_size
+            .get_or_create(&SegmentLabel {
+                segment: name.clone(),
+            })
+            .set(size as i64);
+        live.metrics
+            .segment_changes
+            .get_or_create(&ChangeLabel {
+                segment: name.clone(),
+                direction: if diff > 0 { "enter" } else { "leave" }.into(),
+            })
+            .inc();
+        let row = SegmentChange {
+            segment: name.clone(),
+            user_id: user,
+            diff,
+            time: time as i64,
+        };
+        self.line.clear();
+        change_line(&row, &mut self.line);
+        if let Some(f) = &mut self.changes_file {
+            if let Err(e) = f.write_all(&self.line) {
+                live.metrics.error("file");
+                tracing::error!("cannot write segment_changes.jsonl: {e}");
+            }
+        }
+        if self.producer.is_some() {
+            // The Kafka value is the JSON object without the file's newline.
+            let payload = self.line[..self.line.len() - 1].to_vec();
+            let topic = self.changes_topic.clone();
+            self.produce(live, topic, row.user_id.into_bytes(), payload, None);
+        }
+    }
+
+    fn dead_letter(
+        &mut self,
+        live: &Live,
+        letter: DeadLetter,
+        raw: Vec<u8>,
+        kafka: Option<(String, i32, i64)>,
+    ) {
+        self.line.clear();
+        dead_letter_line(&letter, &mut self.line);
+        if let Some(f) = &mut self.dead_letters_file {
+            if let Err(e) = f.write_all(&self.line) {
+                live.metrics.error("file");
+                tracing::error!("cannot write dead_letters.jsonl: {e}");
+            }
+        }
+        if self.producer.is_some() {
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "herald.reason",
+                    value: Some(letter.reason.as_str()),
+                })
+                .insert(Header {
+                    key: "herald.detail",
+                    value: Some(letter.detail.as_str()),
+                })
+                .insert(Header {
+                    key: "herald.source",
+                    value: Some(letter.source.as_str()),
+                });
+            if let Some((topic, partition, offset)) = &kafka {
+                headers = headers
+                    .insert(Header {
+                        key: "herald.topic",
+                        value: Some(topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: "herald.partition",
+                        value: Some(&partition.to_string()),
+                    })
+                    .insert(Header {
+                        key: "herald.offset",
+                        value: Some(&offset.to_string()),
+                    });
+            }
+            if let Some(i) = letter.batch_index {
+                headers = headers.insert(Header {
+                    key: "herald.batch_index",
+                    value: Some(&i.to_string()),
+                });
+            }
+            let topic = self.dead_letter_topic.clone();
+            let key = letter.source.into_bytes();
+            self.produce(live, topic, key, raw, Some(headers));
+        }
+    }
+
+    /// Queues a record, waiting while librdkafka's queue is full.
+    fn produce(
+        &mut self,
+        live: &Live,
+        topic: String,
+        key: Vec<u8>,
+        payload: Vec<u8>,
+        headers: Option<OwnedHeaders>,
+    ) {
+        let Some(producer) = &self.producer else {
+            return;
+        };
+        loop {
+            let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            if let Some(h) = &headers {
+                record = record.headers(h.clone());
+            }
+            match producer.send_result(record) {
+                Ok(ack) => {
+                    self.in_flight.push(InFlight {
+                        topic,
+                        key,
+                        payload,
+                        headers,
+                        ack,
+                    });
+                    return;
+                }
+                Err((e, _)) => {
+                    live.metrics.error("kafka_producer");
+                    tracing::warn!("producing to {topic}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Flushes files and waits for every ack, re-producing refused records.
+    fn flush(&mut self, live: &Live) -> Result<(), EngineError> {
+        self.flush_files(live)?;
+        while !self.in_flight.is_empty() {
+            let batch = std::mem::take(&mut self.in_flight);
+            for rec in batch {
+                match futures::executor::block_on(rec.ack) {
+                    Ok(Ok(_)) => {}
+                    failed => {
+                        let why = match failed {
+                            Ok(Err((e, _))) => e.to_string(),
+                            _ => "producer dropped the record".to_string(),
+                        };
+                        live.metrics.error("kafka_producer");
+                        tracing::warn!("delivery to {} failed: {why}; producing again", rec.topic);
+                        std::thread::sleep(Duration::from_millis(50));
+                        self.produce(live, rec.topic, rec.key, rec.payload, rec.headers);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_files(&mut self, live: &Live) -> Result<(), EngineError> {
+        for f in [&mut self.changes_file, &mut self.dead_letters_file]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = f.flush() {
+                live.metrics.error("file");
+                return Err(EngineError::Dataflow(format!(
+                    "cannot flush an output file: {e}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,344 @@
+//! One timely worker of `herald run`: feeds events (HTTP channel and/or its Kafka
+//! partitions), snapshots (worker 0) and the wall clock into the segment dataflow, reports
+//! the output frontier to the sink, and commits Kafka offsets once their changes are
+//! durable. See the module docs of [`crate::live`] for the protocol.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use herald_connectors::events::DeadLetter;
+use herald_operators::dataflow::{build_segments, SegmentInputs};
+use herald_operators::event::{parse_message, Event};
+use herald_operators::time::Time;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use timely::dataflow::operators::probe::Handle as ProbeHandle;
+
+use super::kafka::{self, KafkaContext};
+use super::sink::SinkMsg;
+use super::{now_ms, Live, SnapshotMsg};
+use crate::driver::{feed_lists, SnapshotFeeder};
+
+/// Most messages taken from one source per loop turn, so the clock keeps moving.
+const MAX_PER_TURN: usize = 8192;
+
+/// How long shutdown waits for the sink to hand the last changes over.
+const SHUTDOWN_SINK_WAIT: Duration = Duration::from_secs(30);
+
+/// Channels the workers take theirs from, by local index.
+pub(crate) struct WorkerIo {
+    pub events: Vec<Option<Receiver<Event>>>,
+    pub snapshots: Option<Receiver<SnapshotMsg>>,
+}
+
+/// Offsets to commit once the instant they were fed at is durable.
+type Pending = VecDeque<(Time, BTreeMap<(String, i32), i64>)>;
+
+/// Runs one worker until shutdown. An error stops the whole service.
+pub(crate) fn run_worker(
+    worker: &mut timely::worker::Worker,
+    live: Arc<Live>,
+    io: &Mutex<WorkerIo>,
+) -> Result<(), String> {
+    let result = run(worker, &live, io);
+    if let Err(e) = &result {
+        tracing::error!("worker {}: {e}", worker.index());
+        let _ = live
+            .stop_at
+            .compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
+    }
+    result
+}
+
+fn run(
+    worker: &mut timely::worker::Worker,
+    live: &Arc<Live>,
+    io: &Mutex<WorkerIo>,
+) -> Result<(), String> {
+    let index = worker.index();
+    let local_workers = live.config.engine.workers;
+    let local = index % local_workers;
+    let (events_rx, snapshots_rx) = {
+        let mut io = io.lock().map_err(|_| "worker channels poisoned".to_string())?;
+        let ev = io.events.get_mut(local).and_then(Option::take);
+        let snaps = if index == 0 { io.snapshots.take() } else { None };
+        (ev, snaps)
+    };
+    let tick = Duration::from_millis(live.config.engine.tick_ms);
+
+    let plan = Rc::new(live.plan.clone());
+    let probe = ProbeHandle::new();
+    let sink = live
+        .sink
+        .lock()
+        .map_err(|_| "sink channel poisoned".to_string())?
+        .clone();
+    let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
+        let (inputs, changes) = build_segments(scope, plan.clone());
+        changes
+            .inspect(move |((seg, user), t, r)| {
+                let _ = sink.send(SinkMsg::Change {
+                    segment: *seg,
+                    user: user.clone(),
+                    time: *t,
+                    diff: *r as i64,
+                });
+            })
+            .probe_with(&probe);
+        inputs
+    });
+
+    let mut cur: Time = now_ms();
+    inputs.advance_to(cur);
+    if index == 0 {
+        inputs.set_snapshot_clock(None, i64::MIN);
+        feed_lists(&plan, &mut inputs, &live.lists, cur);
+    }
+    inputs.flush();
+
+    let consumer: Option<BaseConsumer<KafkaContext>> = match &live.config.kafka {
+        Some(k) => Some(kafka::consumer(k, Arc::clone(live)).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut pending: Pending = VecDeque::new();
+    let mut snapshots = SnapshotFeeder::default();
+    let mut last_frontier: Time = 0;
+    let mut last_error_log = Instant::now() - Duration::from_secs(60);
+    let mut identify: Vec<Event> = Vec::new();
+
+    loop {
+        let stop_at = live.stop_at.load(Ordering::Acquire);
+        let stopping = stop_at != 0;
+
+        // Events from HTTP (embedded mode): always drained, so nothing accepted is lost.
+        if let Some(rx) = &events_rx {
+            let most = if stopping { usize::MAX } else { MAX_PER_TURN };
+            for _ in 0..most {
+                match rx.try_recv() {
+                    Ok(ev) => feed(&mut inputs, ev, &mut identify),
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                }
+            }
+        }
+        // Events from this worker's Kafka partitions.
+        if let (Some(c), false) = (&consumer, stopping) {
+            let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+            for _ in 0..MAX_PER_TURN {
+                match c.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(m)) => {
+                        let topic = m.topic().to_string();
+                        let (partition, offset) = (m.partition(), m.offset());
+                        let payload = m.payload().unwrap_or(&[]);
+                        let received = m.timestamp().to_millis().unwrap_or(cur as i64);
+                        accept_kafka(
+                            live,
+                            &mut inputs,
+                            &mut identify,
+                            payload,
+                            received,
+                            (&topic, partition, offset),
+                        );
+                        offsets.insert((topic, partition), offset + 1);
+                    }
+                    Some(Err(e)) => {
+                        live.metrics.error("kafka_consumer");
+                        if last_error_log.elapsed() > Duration::from_secs(5) {
+                            tracing::warn!("worker {index}: Kafka consumer: {e} (retrying)");
+                            last_error_log = Instant::now();
+                        }
+                        break;
+                    }
+                }
+            }
+            if !offsets.is_empty() {
+                pending.push_back((cur, offsets));
+            }
+        }
+        record_traits(live, &mut identify);
+        // Snapshots (worker 0).
+        if let Some(rx) = &snapshots_rx {
+            while let Ok(snap) = rx.try_recv() {
+                let n = snapshots.apply(&plan, &mut inputs, snap.at, &snap.rows);
+                live.metrics.snapshots_applied.inc();
+                tracing::info!(
+                    "applied snapshot {} ({} profiles, {n} fact updates)",
+                    snap.location,
+                    snap.rows.len()
+                );
+            }
+        }
+        // The clock.
+        let now = now_ms();
+        let target = if stopping { now.min(stop_at) } else { now };
+        if target > cur {
+            cur = target;
+            inputs.advance_to(cur);
+        }
+        inputs.flush();
+        worker.step_or_park(Some(tick));
+
+        // Progress: local worker 0 tells its process's sink how far the output is done.
+        let frontier = probe.with_frontier(|f| f.iter().min().copied().unwrap_or(Time::MAX));
+        if frontier > last_frontier {
+            last_frontier = frontier;
+            if local == 0 {
+                live.frontier.store(frontier, Ordering::Release);
+                live.metrics
+                    .frontier_delay_ms
+                    .set(now_ms().saturating_sub(frontier) as i64);
+                live.to_sink(SinkMsg::Watermark(frontier));
+            }
+        }
+        if let Some(c) = &consumer {
+            commit_durable(c, &mut pending, live, CommitMode::Async);
+        }
+        if stopping && cur >= stop_at && frontier >= stop_at {
+            break;
+        }
+    }
+
+    // Shutdown: wait until the sink has handed over everything up to the stop instant.
+    let stop_at = live.stop_at.load(Ordering::Acquire);
+    let started = Instant::now();
+    while live.durable.load(Ordering::Acquire) < stop_at {
+        if started.elapsed() > SHUTDOWN_SINK_WAIT {
+            tracing::warn!(
+                "worker {index}: sinks did not confirm within {SHUTDOWN_SINK_WAIT:?}; \
+                 offsets left uncommitted will be redelivered"
+            );
+            break;
+        }
+        worker.step_or_park(Some(tick));
+    }
+    if let Some(c) = &consumer {
+        commit_durable(c, &mut pending, live, CommitMode::Sync);
+        if !pending.is_empty() {
+            tracing::warn!(
+                "worker {index}: {} batches of offsets not committed (their changes were not confirmed)",
+                pending.len()
+            );
+        }
+    }
+    // Future instants are not asked for: drop the dataflow rather than drain it (draining
+    // would emit every pending lapse at once).
+    for id in worker.installed_dataflows() {
+        worker.drop_dataflow(id);
+    }
+    Ok(())
+}
+
+fn feed(inputs: &mut SegmentInputs, ev: Event, identify: &mut Vec<Event>) {
+    if ev.kind == herald_operators::event::EventType::Identify {
+        identify.push(ev.clone());
+    }
+    inputs.events.update(ev, 1);
+}
+
+/// Records identify traits for the query API, one lock per loop turn.
+fn record_traits(live: &Live, identify: &mut Vec<Event>) {
+    if identify.is_empty() {
+        return;
+    }
+    if let Ok(mut state) = live.state.write() {
+        for ev in identify.drain(..) {
+            for (name, v) in ev.trait_writes() {
+                state.write_trait(&ev.user, &name, v.to_json(), ev.timestamp, true);
+            }
+        }
+    }
+    identify.clear();
+}
+
+/// Parses one Kafka message; feeds its events, dead-letters its rejections.
+fn accept_kafka(
+    live: &Live,
+    inputs: &mut SegmentInputs,
+    identify: &mut Vec<Event>,
+    payload: &[u8],
+    received: i64,
+    (topic, partition, offset): (&str, i32, i64),
+) {
+    let position = || DeadLetter {
+        source: format!("kafka:{topic}/{partition}"),
+        line: offset.max(0) as u64,
+        batch_index: None,
+        reason: herald_operators::event::RejectReason::TooLarge,
+        detail: String::new(),
+        raw: String::from_utf8_lossy(payload).into_owned(),
+    };
+    let (events, rejections) = if payload.len() > live.limits.max_message_bytes
+        && !payload.starts_with(b"{\"batch\"")
+    {
+        let mut dl = position();
+        dl.detail = format!(
+            "message is {} bytes, over the limit of {}",
+            payload.len(),
+            live.limits.max_message_bytes
+        );
+        live.metrics.dead_letter(dl.reason.as_str());
+        live.to_sink(SinkMsg::DeadLetter {
+            letter: dl,
+            raw: payload.to_vec(),
+            kafka: Some((topic.to_string(), partition, offset)),
+        });
+        return;
+    } else {
+        parse_message(payload, Some(received), live.limits)
+    };
+    for ev in events {
+        live.metrics.event_in("kafka");
+        feed(inputs, ev, identify);
+    }
+    for r in rejections {
+        let mut dl = position();
+        dl.reason = r.reason;
+        dl.detail = r.detail;
+        dl.batch_index = r.batch_index;
+        live.metrics.dead_letter(r.reason.as_str());
+        live.to_sink(SinkMsg::DeadLetter {
+            letter: dl,
+            raw: payload.to_vec(),
+            kafka: Some((topic.to_string(), partition, offset)),
+        });
+    }
+}
+
+/// Commits the offsets of every batch fed at an instant below the durable frontier.
+fn commit_durable(
+    consumer: &BaseConsumer<KafkaContext>,
+    pending: &mut Pending,
+    live: &Live,
+    mode: CommitMode,
+) {
+    let durable = live.durable.load(Ordering::Acquire);
+    let mut merged: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    while pending.front().is_some_and(|(t, _)| *t < durable) {
+        if let Some((_, offsets)) = pending.pop_front() {
+            for (k, o) in offsets {
+                let e = merged.entry(k).or_insert(o);
+                *e = (*e).max(o);
+            }
+        }
+    }
+    if merged.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), offset) in &merged {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::warn!("cannot commit {topic}/{partition}@{offset}: {e}");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        // A partition moved to another member (rebalance) or the broker is away: the
+        // events will be redelivered and deduplicated.
+        live.metrics.error("kafka_commit");
+        tracing::warn!("offset commit failed: {e}");
+    }
+}
