@@ -147,17 +147,19 @@ impl SplitOut<(String, (u16, Time, Time))> for MembershipSplit {
     }
 }
 
-/// Builds the segment dataflow for `plan` in `scope`. Returns its inputs and the
-/// consolidated changes of membership.
+/// Builds the segment dataflow for `plan` in `scope`, dropping events whose user and
+/// `messageId` repeat within `dedup_horizon_ms` (negative: no dedup). Returns its inputs
+/// and the consolidated changes of membership.
 pub fn build_segments<'s>(
     scope: Scope<'s, Time>,
     plan: Rc<Plan>,
+    dedup_horizon_ms: i64,
 ) -> (SegmentInputs, VecCollection<'s, Time, Change, isize>) {
     let (events_in, events) = scope.new_collection::<Event, isize>();
     let (facts_in, facts) = scope.new_collection::<TimedFact, isize>();
     let (clock_in, clock) = scope.new_collection::<(u32, i64), isize>();
 
-    let door = facts_at_the_door(events, plan.clone());
+    let door = facts_at_the_door(events, plan.clone(), dedup_horizon_ms);
     let event_facts = door.clone().flat_map(|d| match d {
         DoorOut::Fact(f) => Some(f),
         DoorOut::Write(_) => None,

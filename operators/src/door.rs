@@ -14,7 +14,8 @@
 //! Invariants: input records are processed in time order (stashed until the frontier
 //! passes them; ties broken by message id), so the emitted collection at every time equals
 //! the aggregate of the events at or before it, independent of arrival order and of the
-//! worker count. Events must only be inserted (positive diffs); a retraction cannot be
+//! worker count. Redelivered events (same user and `messageId` within the dedup horizon)
+//! are dropped here, so at-least-once sources are harmless. Events must only be inserted (positive diffs); a retraction cannot be
 //! undone from a running value and is counted in [`RETRACTED_EVENTS`] and ignored.
 
 use std::collections::HashMap;
@@ -35,6 +36,48 @@ use crate::value::Value;
 
 /// Event retractions seen by the door (events are append-only; these are ignored).
 pub static RETRACTED_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Duplicate events dropped by the door (same user and `messageId` within the horizon).
+pub static DUPLICATE_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Remembers `(user, messageId)` pairs seen within the dedup horizon, per worker.
+///
+/// A message is a duplicate when the same user sent the same id with a timestamp at most
+/// `horizon_ms` away. Entries are forgotten once the dataflow clock is a horizon past
+/// their timestamp (checked every few thousand admissions), so memory is bounded by the
+/// events of one horizon. A negative horizon disables it. Keys are 128-bit xxh3 hashes.
+struct DoorDedup {
+    horizon_ms: i64,
+    seen: HashMap<u128, i64>,
+    since_prune: usize,
+}
+
+impl DoorDedup {
+    fn admit(&mut self, ev: &Event, now: Time) -> bool {
+        if self.horizon_ms < 0 {
+            return true;
+        }
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(ev.user.as_bytes());
+        h.update(&[0]);
+        h.update(ev.message_id.as_bytes());
+        let key = h.digest128();
+        if let Some(first) = self.seen.get(&key) {
+            if ev.timestamp.abs_diff(*first) <= self.horizon_ms as u64 {
+                return false;
+            }
+        }
+        self.seen.insert(key, ev.timestamp);
+        self.since_prune += 1;
+        if self.since_prune >= 4096.max(self.seen.len()) {
+            self.since_prune = 0;
+            let horizon = self.horizon_ms;
+            let cutoff = (now as i64).saturating_sub(horizon.saturating_mul(2));
+            self.seen.retain(|_, ts| *ts >= cutoff);
+        }
+        true
+    }
+}
 
 /// The hash that places a user's state on a worker. Readers that split events by this
 /// hash modulo the worker count keep the door's exchange local.
@@ -190,6 +233,7 @@ impl Group {
 pub fn facts_at_the_door<'s>(
     events: VecCollection<'s, Time, Event, isize>,
     plan: Rc<Plan>,
+    dedup_horizon_ms: i64,
 ) -> VecCollection<'s, Time, DoorOut, isize> {
     let accumulated: Vec<usize> = (0..plan.aggs.len())
         .filter(|&i| plan.accumulated_at_door(i))
@@ -206,6 +250,11 @@ pub fn facts_at_the_door<'s>(
                 let mut users: HashMap<String, UserDoor> = HashMap::new();
                 let mut facts: Vec<TimedFact> = Vec::new();
                 let mut args: Vec<(usize, Value)> = Vec::new();
+                let mut dedup = DoorDedup {
+                    horizon_ms: dedup_horizon_ms,
+                    seen: HashMap::new(),
+                    since_prune: 0,
+                };
                 move |(input, frontier), output| {
                     input.for_each_stamp(|c, data| {
                         if let Some(c) = c.retain_least(output.output_index()) {
@@ -234,6 +283,10 @@ pub fn facts_at_the_door<'s>(
                     for (ev, t, r) in stash.drain(..ready) {
                         if r <= 0 {
                             RETRACTED_EVENTS.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if !dedup.admit(&ev, t) {
+                            DUPLICATE_EVENTS.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         if group

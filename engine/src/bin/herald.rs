@@ -168,6 +168,9 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             match e {
                 EngineError::Usage(_) | EngineError::Segments { .. } => ExitCode::from(2),
+                EngineError::Io(io) if matches!(io.fault(), herald_connectors::Fault::Input) => {
+                    ExitCode::from(2)
+                }
                 _ => ExitCode::FAILURE,
             }
         }

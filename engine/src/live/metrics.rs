@@ -79,6 +79,8 @@ pub struct Metrics {
     pub errors: Family<SinkLabel, Counter>,
     /// HTTP ingest requests refused as a whole (auth, size, body).
     pub http_refused: Family<ReasonLabel, Counter>,
+    /// Redelivered events dropped by the door's `messageId` dedup (this process).
+    pub duplicates: Counter,
     /// Time (ms) spent by the sink handing a watermark's changes over (flush and acks).
     pub sink_flush_ms: Gauge<f64, AtomicU64>,
 }
@@ -132,6 +134,12 @@ impl Default for Metrics {
             "HTTP ingest requests refused as a whole, by reason",
             http_refused.clone(),
         );
+        let duplicates = Counter::default();
+        registry.register(
+            "duplicates",
+            "Redelivered events dropped by messageId dedup",
+            duplicates.clone(),
+        );
         let sink_flush_ms = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "sink_flush_ms",
@@ -149,6 +157,7 @@ impl Default for Metrics {
             snapshots_applied,
             errors,
             http_refused,
+            duplicates,
             sink_flush_ms,
         }
     }
@@ -157,6 +166,9 @@ impl Default for Metrics {
 impl Metrics {
     /// The registry as OpenMetrics text.
     pub fn encode(&self) -> String {
+        let seen = herald_operators::door::DUPLICATE_EVENTS.load(std::sync::atomic::Ordering::Relaxed);
+        self.duplicates
+            .inc_by(seen.saturating_sub(self.duplicates.get()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -72,6 +72,7 @@ fn run(
     let tick = Duration::from_millis(live.config.engine.tick_ms);
 
     let plan = Rc::new(live.plan.clone());
+    let dedup_horizon_ms = live.config.dedup_horizon_ms().map_err(|e| e.to_string())?;
     let probe = ProbeHandle::new();
     let sink = live
         .sink
@@ -79,7 +80,7 @@ fn run(
         .map_err(|_| "sink channel poisoned".to_string())?
         .clone();
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
-        let (inputs, changes) = build_segments(scope, plan.clone());
+        let (inputs, changes) = build_segments(scope, plan.clone(), dedup_horizon_ms);
         changes
             .inspect(move |((seg, user), t, r)| {
                 let _ = sink.send(SinkMsg::Change {

@@ -1,0 +1,188 @@
+//! Test harness for `herald run`: starts the real binary with a config, finds its HTTP
+//! address, talks to its API, stops it with SIGTERM.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+/// A running `herald run`.
+pub struct Herald {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The directory holding the config (and `herald-out/`).
+    pub dir: PathBuf,
+    http: reqwest::blocking::Client,
+    stderr: PathBuf,
+}
+
+impl Herald {
+    /// Writes `config` to `dir/herald.toml` and starts Herald on it; waits until it
+    /// listens (or panics with its stderr).
+    pub fn start(dir: &Path, config: &str) -> Herald {
+        std::fs::write(dir.join("herald.toml"), config).unwrap();
+        let stderr = dir.join("herald.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--config"])
+            .arg(dir.join("herald.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let base = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("herald: listening on ") {
+                        break rest.split_whitespace().next().unwrap().to_string();
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "herald did not start:\n{}",
+                        std::fs::read_to_string(&stderr).unwrap_or_default()
+                    );
+                }
+            }
+        };
+        Herald {
+            child: Some(child),
+            base,
+            dir: dir.to_path_buf(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            stderr,
+        }
+    }
+
+    /// POSTs a JSON body to an ingest endpoint with a write key; returns status and body.
+    pub fn post(&self, path: &str, key: &str, body: &str) -> (u16, Json) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .basic_auth(key, Some(""))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Json::Null))
+    }
+
+    /// POSTs a gzip-compressed body.
+    pub fn post_gzip(&self, path: &str, key: &str, body: &str) -> (u16, Json) {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(body.as_bytes()).unwrap();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .basic_auth(key, Some(""))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(enc.finish().unwrap())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Json::Null))
+    }
+
+    /// GETs a path; returns status and body text.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    }
+
+    /// GETs a JSON path.
+    pub fn get_json(&self, path: &str) -> (u16, Json) {
+        let (s, t) = self.get(path);
+        (s, serde_json::from_str(&t).unwrap_or(Json::Null))
+    }
+
+    /// Current size of a segment per `/v1/segments`.
+    pub fn size(&self, segment: &str) -> i64 {
+        let (_, j) = self.get_json("/v1/segments");
+        j["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == segment)
+            .unwrap_or_else(|| panic!("no segment {segment} in {j}"))["size"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// Waits (up to `limit`) until `cond` holds; panics with `what` otherwise. This waits
+    /// for an outcome; it does not assert on how long it took.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Herald) -> bool) {
+        let started = Instant::now();
+        while !cond(self) {
+            if started.elapsed() > limit {
+                panic!("timed out waiting for {what}\nstderr:\n{}", self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Herald's stderr so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let started = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("herald did not stop on SIGTERM\n{}", self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lines of an output file under `herald-out/`, parsed.
+    pub fn output(&self, name: &str) -> Vec<Json> {
+        std::fs::read_to_string(self.dir.join("herald-out").join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
