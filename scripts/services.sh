@@ -7,12 +7,16 @@
 #
 # Services:
 #   s3s-fs  an S3-compatible object store (crates.io), serving a scratch directory.
+#   tansu   an Apache-Kafka-compatible broker (crates.io), in-memory storage. Tests that
+#           restart a broker start their own tansu (HERALD_TANSU_BIN) on S3 storage.
 set -euo pipefail
 
 TOOLS="${HERALD_TOOLS_DIR:-$HOME/.cache/herald-tools}"
 RUN="${HERALD_RUN_DIR:-${TMPDIR:-/tmp}/herald-services}"
 S3_PORT="${HERALD_S3_PORT:-19000}"
 S3_VERSION="0.14.1"   # 0.15+ needs a newer rustc than the workspace's MSRV allows
+KAFKA_PORT="${HERALD_KAFKA_PORT:-19092}"
+TANSU_VERSION="0.6.0"
 
 log() { echo "services: $*" >&2; }
 
@@ -24,6 +28,16 @@ install_s3() {
   # Its own target dir, so it never invalidates the workspace's build cache.
   CARGO_TARGET_DIR="$TOOLS/build" cargo install "s3s-fs@$S3_VERSION" --features binary --locked \
     --root "$TOOLS" --quiet >&2
+}
+
+install_tansu() {
+  if [ -x "$TOOLS/bin/tansu" ] && "$TOOLS/bin/tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    return
+  fi
+  log "installing tansu $TANSU_VERSION into $TOOLS (about 9 minutes on 2 cores, once)"
+  # --locked: some features fail to compile otherwise; dynostore: memory and S3 storage.
+  CARGO_TARGET_DIR="$TOOLS/build" cargo install "tansu@$TANSU_VERSION" --features dynostore \
+    --locked --root "$TOOLS" --quiet >&2
 }
 
 wait_port() {
@@ -47,6 +61,20 @@ start() {
     wait_port "$S3_PORT"
     log "s3s-fs on 127.0.0.1:$S3_PORT (bucket herald-test, data in $RUN/s3)"
   fi
+  install_tansu
+  if [ -f "$RUN/kafka.pid" ] && kill -0 "$(cat "$RUN/kafka.pid")" 2>/dev/null; then
+    log "tansu already running on 127.0.0.1:$KAFKA_PORT"
+  else
+    "$TOOLS/bin/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine memory://tansu/ >"$RUN/kafka.log" 2>&1 &
+    echo $! >"$RUN/kafka.pid"
+    wait_port "$KAFKA_PORT"
+    log "tansu (Kafka protocol) on 127.0.0.1:$KAFKA_PORT, in-memory storage"
+  fi
+  echo "export HERALD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT"
+  echo "export HERALD_TANSU_BIN=$TOOLS/bin/tansu"
+  echo "export HERALD_TEST_S3_DIR=$RUN/s3"
   echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT"
   echo "export AWS_ALLOW_HTTP=true"
   echo "export AWS_ACCESS_KEY_ID=herald"
@@ -56,6 +84,7 @@ start() {
 }
 
 stop() {
+  if [ -f "$RUN/kafka.pid" ]; then kill "$(cat "$RUN/kafka.pid")" 2>/dev/null || true; rm -f "$RUN/kafka.pid"; fi
   if [ -f "$RUN/s3.pid" ]; then kill "$(cat "$RUN/s3.pid")" 2>/dev/null || true; rm -f "$RUN/s3.pid"; fi
 }
 
