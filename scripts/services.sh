@@ -40,6 +40,20 @@ install_tansu() {
     --locked --root "$TOOLS" --quiet >&2
 }
 
+install_sdks() {
+  # The official Segment and RudderStack Node server SDKs, for compatibility tests.
+  local dir="$TOOLS/npm"
+  if [ -d "$dir/node_modules/@segment/analytics-node" ] && [ -d "$dir/node_modules/@rudderstack/rudder-sdk-node" ]; then
+    return
+  fi
+  if ! command -v npm >/dev/null; then log "npm not found: the SDK compatibility test will fail"; return; fi
+  log "installing the Segment and RudderStack Node SDKs from npm into $dir"
+  mkdir -p "$dir"
+  [ -f "$dir/package.json" ] || echo '{"name":"herald-sdk-clients","private":true}' >"$dir/package.json"
+  (cd "$dir" && npm install --no-audit --no-fund --silent \
+    @segment/analytics-node@3.1.0 @rudderstack/rudder-sdk-node@3.0.13 >&2)
+}
+
 wait_port() {
   local port=$1 i
   for i in $(seq 1 100); do
@@ -72,6 +86,8 @@ start() {
     wait_port "$KAFKA_PORT"
     log "tansu (Kafka protocol) on 127.0.0.1:$KAFKA_PORT, in-memory storage"
   fi
+  install_sdks
+  echo "export HERALD_NODE_MODULES=$TOOLS/npm/node_modules"
   echo "export HERALD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT"
   echo "export HERALD_TANSU_BIN=$TOOLS/bin/tansu"
   echo "export HERALD_TEST_S3_DIR=$RUN/s3"

@@ -212,3 +212,45 @@ fn a_bad_config_names_the_key_and_exits_2() {
         assert!(stderr.contains(needle), "{needle} not in {stderr}");
     }
 }
+
+/// Compatibility with clients nobody here wrote: the official Segment and RudderStack
+/// Node server SDKs (from npm, installed by `scripts/services.sh`), pointed at Herald.
+#[test]
+#[ignore = "needs Node.js and the SDKs from npm: run scripts/test.sh"]
+fn segment_and_rudderstack_node_sdks_feed_segments() {
+    let modules = std::env::var("HERALD_NODE_MODULES").unwrap_or_else(|_| {
+        panic!("HERALD_NODE_MODULES must be set: run `eval \"$(scripts/services.sh start)\"`")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("segments.sql"),
+        "CREATE SEGMENT clicked AS count(*) FILTER (WHERE event = 'Clicked') >= 1;\n\
+         CREATE SEGMENT pro AS plan = 'pro';\n\
+         CREATE SEGMENT saw_pricing AS count(*) FILTER (WHERE type = 'page' AND event = 'Pricing') >= 1;\n",
+    )
+    .unwrap();
+    let mut h = Herald::start(dir.path(), &config(2));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send.cjs");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .args([&h.base, "wk"])
+        .env("NODE_PATH", &modules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.stderr_text()
+    );
+    h.wait_for("both SDKs' users in segments", Duration::from_secs(30), |h| {
+        h.size("clicked") == 2 && h.size("pro") == 2 && h.size("saw_pricing") == 1
+    });
+    let (_, user) = h.get_json("/v1/users/seg-user");
+    assert_eq!(user["traits"]["email"], "seg@example.com");
+    assert_eq!(user["segments"], serde_json::json!(["clicked", "pro"]));
+    let (_, user) = h.get_json("/v1/users/rudder-user");
+    assert_eq!(user["segments"], serde_json::json!(["clicked", "pro"]));
+    assert!(h.dead_letters_is_empty(), "{:?}", h.output("dead_letters.jsonl"));
+    assert!(h.stop().success());
+}

@@ -168,6 +168,11 @@ impl Herald {
         }
     }
 
+    /// True when no dead letter has been written.
+    pub fn dead_letters_is_empty(&self) -> bool {
+        self.output("dead_letters.jsonl").is_empty()
+    }
+
     /// Lines of an output file under `herald-out/`, parsed.
     pub fn output(&self, name: &str) -> Vec<Json> {
         std::fs::read_to_string(self.dir.join("herald-out").join(name))
