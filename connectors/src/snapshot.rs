@@ -95,7 +95,9 @@ pub fn trait_type(data_type: &DataType) -> Option<Type> {
 /// unsupported type, a column whose type differs between files, a corrupt file, or no
 /// Parquet file at the location.
 pub fn read_snapshot(url: &str) -> Result<Snapshot, ConnectorError> {
-    let files = if exists(url)? {
+    // A trailing slash names a prefix: list it (a HEAD on it is not meaningful, and some
+    // S3-compatible servers answer it with an error).
+    let files = if !url.ends_with('/') && exists(url)? {
         vec![url.to_string()]
     } else {
         let files: Vec<String> = list(url)?

@@ -254,3 +254,105 @@ fn segment_and_rudderstack_node_sdks_feed_segments() {
     assert!(h.dead_letters_is_empty(), "{:?}", h.output("dead_letters.jsonl"));
     assert!(h.stop().success());
 }
+
+fn snapshot_rows(rows: &[(&str, &str)]) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, herald_operators::value::Value>> {
+    rows.iter()
+        .map(|(u, plan)| {
+            (
+                u.to_string(),
+                [("plan".to_string(), herald_operators::value::Value::Str((*plan).into()))]
+                    .into_iter()
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// New Parquet snapshots under the configured prefix are picked up on the refresh
+/// schedule and applied as diffs; a multi-file snapshot only once its `_SUCCESS` marker
+/// exists; identify events and snapshots follow "latest write wins".
+fn snapshots_are_picked_up_from(prefix: &str, dir: &std::path::Path) {
+    use herald_connectors::snapshot::write_snapshot;
+    use herald_operators::value::Type;
+    let schema = [("plan".to_string(), Type::Str)];
+    let base = prefix.trim_end_matches('/');
+    std::fs::write(dir.join("segments.sql"), "CREATE SEGMENT pro AS plan = 'pro';\n").unwrap();
+    write_snapshot(
+        &format!("{base}/2026-11-01.parquet"),
+        &snapshot_rows(&[("p1", "pro"), ("p2", "free")]),
+        &schema,
+    )
+    .unwrap();
+    let config = format!(
+        "{}[snapshots]\nprefix = \"{prefix}\"\nrefresh = \"0.2 seconds\"\n",
+        config(2)
+    );
+    let mut h = Herald::start(dir, &config);
+    h.wait_for("the first snapshot", Duration::from_secs(30), |h| h.size("pro") == 1);
+    // An identify after the snapshot wins over it.
+    assert_eq!(
+        h.post("/v1/identify", "wk", r#"{"userId":"p2","traits":{"plan":"pro"}}"#).0,
+        200
+    );
+    h.wait_for("p2's identify", Duration::from_secs(30), |h| h.size("pro") == 2);
+    // A newer snapshot (written after the identify, so it is the later write) moves p1
+    // out, p2 back to its warehouse value, and p3 in.
+    std::thread::sleep(Duration::from_millis(20));
+    write_snapshot(
+        &format!("{base}/2026-11-02.parquet"),
+        &snapshot_rows(&[("p1", "free"), ("p2", "free"), ("p3", "pro")]),
+        &schema,
+    )
+    .unwrap();
+    h.wait_for("the second snapshot", Duration::from_secs(30), |h| {
+        let (_, page) = h.get_json("/v1/segments/pro/members");
+        page["members"] == serde_json::json!(["p3"])
+    });
+    // A directory snapshot is not read before its _SUCCESS marker.
+    write_snapshot(
+        &format!("{base}/2026-11-03/part-0.parquet"),
+        &snapshot_rows(&[("p4", "pro")]),
+        &schema,
+    )
+    .unwrap();
+    write_snapshot(
+        &format!("{base}/2026-11-03/part-1.parquet"),
+        &snapshot_rows(&[("p5", "pro")]),
+        &schema,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(h.size("pro"), 1, "a snapshot without _SUCCESS was applied");
+    herald_connectors::store::write_all(&format!("{base}/2026-11-03/_SUCCESS"), Vec::new())
+        .unwrap();
+    // p3 is gone with the snapshot that had it; p2, missing from the newest snapshot,
+    // keeps its identify write (docs/segments.md, "Profile snapshots").
+    h.wait_for("the directory snapshot", Duration::from_secs(30), |h| {
+        let (_, page) = h.get_json("/v1/segments/pro/members");
+        page["members"] == serde_json::json!(["p2", "p4", "p5"])
+    });
+    let (_, user) = h.get_json("/v1/users/p4");
+    assert_eq!(user["traits"]["plan"], "pro");
+    let (_, metrics) = h.get("/metrics");
+    assert!(metrics.contains("herald_snapshots_applied_total 3"), "{metrics}");
+    assert!(h.stop().success());
+}
+
+#[test]
+fn snapshots_from_a_local_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("profiles");
+    std::fs::create_dir_all(&prefix).unwrap();
+    snapshots_are_picked_up_from(&format!("{}/", prefix.display()), dir.path());
+}
+
+#[test]
+#[ignore = "needs a real S3-compatible server on 127.0.0.1: run scripts/test.sh"]
+fn snapshots_from_a_real_s3_prefix() {
+    let bucket = std::env::var("HERALD_TEST_S3_BUCKET").unwrap_or_else(|_| {
+        panic!("HERALD_TEST_S3_BUCKET must be set: run `eval \"$(scripts/services.sh start)\"`")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("s3://{bucket}/live-{}/profiles/", std::process::id());
+    snapshots_are_picked_up_from(&prefix, dir.path());
+}
