@@ -10,6 +10,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// `source`: where events came in.
@@ -79,6 +80,9 @@ pub struct Metrics {
     pub errors: Family<SinkLabel, Counter>,
     /// HTTP ingest requests refused as a whole (auth, size, body).
     pub http_refused: Family<ReasonLabel, Counter>,
+    /// How late (ms) a change reaches the sink after its instant: the tick wait plus the
+    /// dataflow's work (and, for lapses, how late the clock fired them).
+    pub change_delay_ms: Histogram,
     /// Redelivered events dropped by the door's `messageId` dedup (this process).
     pub duplicates: Counter,
     /// Time (ms) spent by the sink handing a watermark's changes over (flush and acks).
@@ -134,6 +138,12 @@ impl Default for Metrics {
             "HTTP ingest requests refused as a whole, by reason",
             http_refused.clone(),
         );
+        let change_delay_ms = Histogram::new(exponential_buckets(0.25, 2.0, 16));
+        registry.register(
+            "change_delay_ms",
+            "Milliseconds from a change's instant to its arrival at the sink",
+            change_delay_ms.clone(),
+        );
         let duplicates = Counter::default();
         registry.register(
             "duplicates",
@@ -157,6 +167,7 @@ impl Default for Metrics {
             snapshots_applied,
             errors,
             http_refused,
+            change_delay_ms,
             duplicates,
             sink_flush_ms,
         }

@@ -179,6 +179,9 @@ impl Sink {
     }
 
     fn change(&mut self, live: &Live, segment: u16, user: String, time: Time, diff: i64) {
+        live.metrics
+            .change_delay_ms
+            .observe(super::now_ms().saturating_sub(time) as f64);
         let name = &live.plan.segments[segment as usize].name;
         let size = match live.state.write() {
             Ok(mut state) => state.apply(segment, &user, diff),

@@ -1,0 +1,489 @@
+//! Trigger latency of a live Herald: from the instant an event is produced (into Kafka, or
+//! sent over HTTP) to the instant its segment change is read from the changelog topic.
+//!
+//! For each path and rate it starts `herald run` (Kafka mode) on fresh topics, produces
+//! events at a fixed rate for `--seconds`, and records every enter change's latency in an
+//! HDR histogram (after a warm-up). The segment is a 1-second click window and each user
+//! clicks every 2 seconds, so every event causes exactly one enter (and, a second later,
+//! one lapse), and state stays bounded. The `broker` path measures one Kafka hop alone
+//! (produce -> consume, same client settings) to show where the milliseconds go.
+//!
+//! Run through `benches/trigger_latency.sh`, which starts the broker and builds release
+//! binaries. Prints a Markdown table for docs/benchmarks.md.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+#[derive(Parser, Debug)]
+#[command(about = "Event-to-segment-change latency of a live Herald")]
+struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:19092")]
+    brokers: String,
+    /// The `herald` binary (release build).
+    #[arg(long)]
+    herald: PathBuf,
+    /// Rates to run, events per second.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    rates: Vec<u64>,
+    /// Paths to measure: kafka, http, broker.
+    #[arg(long, value_delimiter = ',', default_value = "broker,kafka,http")]
+    paths: Vec<String>,
+    /// Seconds of load per run (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Warm-up seconds (measured but not recorded).
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Herald's timely workers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// `fetch.wait.max.ms` for Herald's consumer and the measuring consumer.
+    #[arg(long, default_value_t = 1)]
+    fetch_wait_max_ms: u64,
+    /// Herald's `engine.tick_ms`.
+    #[arg(long, default_value_t = 1)]
+    tick_ms: u64,
+    /// Partitions of the events topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+}
+
+const SEGMENTS: &str = "CREATE SEGMENT clicked_last_second AS\n    count(*) FILTER (WHERE event = 'Clicked' AND timestamp > now() - INTERVAL '1 second') >= 1;\n";
+
+/// One run's results.
+struct Outcome {
+    path: String,
+    rate: u64,
+    sent_per_s: f64,
+    received_per_s: f64,
+    hist: Histogram<u64>,
+    lost: u64,
+    herald_delay_mean_ms: Option<f64>,
+}
+
+fn micros_since(t0: Instant) -> u64 {
+    t0.elapsed().as_micros() as u64
+}
+
+fn unique() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() % 100_000_000)
+    )
+}
+
+fn create_topic(brokers: &str, name: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let r = futures::executor::block_on(admin.create_topics(
+        &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+        &opts,
+    ))?;
+    r[0].as_ref().map_err(|(t, e)| anyhow!("create topic {t}: {e}"))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut outcomes = Vec::new();
+    for path in &args.paths {
+        for &rate in &args.rates {
+            eprintln!("== {path} at {rate} events/s for {} s", args.seconds);
+            let o = match path.as_str() {
+                "broker" => run_broker(&args, rate)?,
+                "kafka" | "http" => run_herald(&args, path, rate)?,
+                other => bail!("unknown path {other}: use broker, kafka or http"),
+            };
+            eprintln!(
+                "   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                o.hist.value_at_quantile(0.5) as f64 / 1e3,
+                o.hist.value_at_quantile(0.99) as f64 / 1e3,
+                o.hist.max() as f64 / 1e3
+            );
+            outcomes.push(o);
+        }
+    }
+    println!(
+        "\n| path | target events/s | sent/s | changes/s | p50 ms | p99 ms | p99.9 ms | max ms | over 100 ms | missing | Herald change delay (mean ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for o in &outcomes {
+        let over = o
+            .hist
+            .iter_recorded()
+            .filter(|v| v.value_iterated_to() > 100_000)
+            .map(|v| v.count_at_value())
+            .sum::<u64>();
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+            o.path,
+            o.rate,
+            o.sent_per_s,
+            o.received_per_s,
+            o.hist.value_at_quantile(0.5) as f64 / 1e3,
+            o.hist.value_at_quantile(0.99) as f64 / 1e3,
+            o.hist.value_at_quantile(0.999) as f64 / 1e3,
+            o.hist.max() as f64 / 1e3,
+            over,
+            o.lost,
+            o.herald_delay_mean_ms
+                .map_or("-".to_string(), |m| format!("{m:.2}"))
+        );
+    }
+    Ok(())
+}
+
+/// Paces `total` sends at `rate`/s: calls `send(i)` at start + i/rate.
+fn paced(rate: u64, total: u64, mut send: impl FnMut(u64)) -> f64 {
+    let start = Instant::now();
+    for i in 0..total {
+        let due = Duration::from_nanos(i * 1_000_000_000 / rate);
+        loop {
+            let now = start.elapsed();
+            if now >= due {
+                break;
+            }
+            let left = due - now;
+            if left > Duration::from_micros(200) {
+                std::thread::sleep(left - Duration::from_micros(100));
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        send(i);
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+fn measuring_consumer(brokers: &str, topic: &str, partitions: i32, fetch_wait: u64) -> Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-{}", unique()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", fetch_wait.to_string())
+        .set("fetch.min.bytes", "1")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "0")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?)
+}
+
+/// One Kafka hop alone: produce, consume, compare.
+fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
+    let topic = format!("bench-hop-{}", unique());
+    create_topic(&args.brokers, &topic, args.partitions)?;
+    let consumer = measuring_consumer(&args.brokers, &topic, args.partitions, args.fetch_wait_max_ms)?;
+    let t0 = Instant::now();
+    let total = rate * (args.seconds + args.warmup);
+    let warm = rate * args.warmup;
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = Arc::clone(&done);
+    let reader = std::thread::spawn(move || {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut got = 0u64;
+        let first = Instant::now();
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            match consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => {
+                    idle_since = None;
+                    let text = std::str::from_utf8(m.payload().unwrap_or(&[])).unwrap_or("");
+                    let mut parts = text.split(' ');
+                    let (Some(i), Some(sent)) = (parts.next(), parts.next()) else { continue };
+                    let (i, sent): (u64, u64) = (i.parse().unwrap_or(0), sent.parse().unwrap_or(0));
+                    got += 1;
+                    if i >= warm {
+                        let _ = hist.record(micros_since(t0).saturating_sub(sent).max(1));
+                    }
+                }
+                _ if done2.load(Ordering::Acquire) => {
+                    let idle = idle_since.get_or_insert_with(Instant::now);
+                    if got >= total || idle.elapsed() > Duration::from_secs(5) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        (hist, got, first.elapsed())
+    });
+    let p = producer(&args.brokers)?;
+    let keys: Vec<String> = (0..1024).map(|k| format!("k{k}")).collect();
+    let sent_rate = paced(rate, total, |i| {
+        let payload = format!("{i} {}", micros_since(t0));
+        let key = &keys[(i % 1024) as usize];
+        let mut rec = BaseRecord::to(&topic).key(key).payload(&payload);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+    });
+    p.flush(Duration::from_secs(30))?;
+    done.store(true, Ordering::Release);
+    let (hist, got, elapsed) = reader.join().map_err(|_| anyhow!("reader panicked"))?;
+    Ok(Outcome {
+        path: "broker (one hop)".into(),
+        rate,
+        sent_per_s: sent_rate,
+        received_per_s: got as f64 / elapsed.as_secs_f64(),
+        hist,
+        lost: total.saturating_sub(got),
+        herald_delay_mean_ms: None,
+    })
+}
+
+struct HeraldProc {
+    child: Child,
+    base: String,
+}
+
+fn start_herald(args: &Args, dir: &std::path::Path, config: &str) -> Result<HeraldProc> {
+    std::fs::write(dir.join("segments.sql"), SEGMENTS)?;
+    std::fs::write(dir.join("herald.toml"), config)?;
+    let mut child = Command::new(&args.herald)
+        .args(["run", "--config"])
+        .arg(dir.join("herald.toml"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("herald.stderr"))?)
+        .spawn()
+        .context("starting herald")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let base = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(rest) = l.strip_prefix("herald: listening on ") {
+                    break rest.split_whitespace().next().unwrap_or("").to_string();
+                }
+            }
+            _ => bail!(
+                "herald did not start: {}",
+                std::fs::read_to_string(dir.join("herald.stderr")).unwrap_or_default()
+            ),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok(HeraldProc { child, base })
+}
+
+fn stop_herald(mut h: HeraldProc) -> Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &h.child.id().to_string()])
+        .status()?;
+    let status = h.child.wait()?;
+    if !status.success() {
+        bail!("herald exited with {status}");
+    }
+    Ok(())
+}
+
+/// Mean of Herald's own change-delay histogram, from /metrics.
+fn herald_delay_mean(base: &str) -> Option<f64> {
+    let text = reqwest::blocking::get(format!("{base}/metrics")).ok()?.text().ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let (sum, count) = (value("herald_change_delay_ms_sum")?, value("herald_change_delay_ms_count")?);
+    (count > 0.0).then(|| sum / count)
+}
+
+/// Events through Herald: produced to Kafka or sent over HTTP, changes read back.
+fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
+    let id = unique();
+    let (events, changes) = (format!("bench-events-{id}"), format!("bench-changes-{id}"));
+    create_topic(&args.brokers, &events, args.partitions)?;
+    let dir = tempfile::tempdir()?;
+    let config = format!(
+        "[engine]\nsegments = \"segments.sql\"\nworkers = {}\ntick_ms = {}\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"bench\"]\n\
+         [output]\ndir = \"\"\n\
+         [kafka]\nbrokers = \"{}\"\ngroup_id = \"bench-{id}\"\nevents_topics = [\"{events}\"]\n\
+         changes_topic = \"{changes}\"\ndead_letter_topic = \"bench-dead-{id}\"\nfetch_wait_max_ms = {}\n",
+        args.workers, args.tick_ms, args.brokers, args.fetch_wait_max_ms
+    );
+    let herald = start_herald(args, dir.path(), &config)?;
+    let consumer = measuring_consumer(
+        &args.brokers,
+        &changes,
+        herald_engine::live::kafka::OUTPUT_PARTITIONS,
+        args.fetch_wait_max_ms,
+    )?;
+
+    // Each user slot clicks every 2 s; the window is 1 s, so each click is one enter.
+    let pool = (rate * 2).max(1);
+    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..pool).map(|_| AtomicU64::new(0)).collect());
+    let t0 = Instant::now();
+    let total = rate * (args.seconds + args.warmup);
+    let warm_us = args.warmup * 1_000_000;
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let sent_at = Arc::clone(&sent_at);
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut enters = 0u64;
+            let mut idle_since: Option<Instant> = None;
+            let first = Instant::now();
+            loop {
+                match consumer.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => {
+                        idle_since = None;
+                        let now = micros_since(t0);
+                        let Ok(c) = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or(&[])) else { continue };
+                        if c["diff"] != 1 {
+                            continue;
+                        }
+                        enters += 1;
+                        let slot: u64 = c["user_id"].as_str().and_then(|u| u.strip_prefix('u')).and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let sent = sent_at[(slot % pool) as usize].load(Ordering::Acquire);
+                        if sent >= warm_us {
+                            let _ = hist.record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                    _ if done.load(Ordering::Acquire) => {
+                        let idle = idle_since.get_or_insert_with(Instant::now);
+                        if enters >= total || idle.elapsed() > Duration::from_secs(5) {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (hist, enters, first.elapsed())
+        })
+    };
+
+    let sent_rate = if path == "kafka" {
+        let p = producer(&args.brokers)?;
+        let r = paced(rate, total, |i| {
+            let slot = i % pool;
+            let user = format!("u{slot}");
+            let payload = format!(r#"{{"type":"track","userId":"{user}","event":"Clicked","messageId":"m{i}"}}"#);
+            sent_at[slot as usize].store(micros_since(t0), Ordering::Release);
+            let mut rec = BaseRecord::to(&events).key(&user).payload(&payload);
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        rec = back;
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            }
+        });
+        p.flush(Duration::from_secs(30))?;
+        r
+    } else {
+        send_http(&herald.base, rate, total, pool, &sent_at, t0)?
+    };
+    done.store(true, Ordering::Release);
+    let (hist, enters, elapsed) = reader.join().map_err(|_| anyhow!("reader panicked"))?;
+    let delay = herald_delay_mean(&herald.base);
+    stop_herald(herald)?;
+    Ok(Outcome {
+        path: if path == "kafka" { "Kafka -> Herald -> Kafka".into() } else { "HTTP -> Kafka -> Herald -> Kafka".into() },
+        rate,
+        sent_per_s: sent_rate,
+        received_per_s: enters as f64 / elapsed.as_secs_f64(),
+        hist,
+        lost: total.saturating_sub(enters),
+        herald_delay_mean_ms: delay,
+    })
+}
+
+/// HTTP: one batch request per millisecond (rate/1000 events each, at least 1), spread
+/// over 4 sender threads, as SDKs batch.
+fn send_http(base: &str, rate: u64, total: u64, pool: u64, sent_at: &Arc<Vec<AtomicU64>>, t0: Instant) -> Result<f64> {
+    let per_batch = (rate / 1000).max(1);
+    let batches = total / per_batch;
+    let batch_rate = rate / per_batch;
+    let threads = 4u64;
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    let errors = Arc::new(AtomicU64::new(0));
+    for th in 0..threads {
+        let sent_at = Arc::clone(sent_at);
+        let base = base.to_string();
+        let errors = Arc::clone(&errors);
+        handles.push(std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            let mut body = Vec::with_capacity(4096);
+            paced(batch_rate, batches, |b| {
+                if b % threads != th {
+                    return;
+                }
+                body.clear();
+                body.extend_from_slice(br#"{"batch":["#);
+                let now = micros_since(t0);
+                for k in 0..per_batch {
+                    let i = b * per_batch + k;
+                    let slot = i % pool;
+                    if k > 0 {
+                        body.push(b',');
+                    }
+                    let _ = write!(body, r#"{{"type":"track","userId":"u{slot}","event":"Clicked","messageId":"m{i}"}}"#);
+                    sent_at[slot as usize].store(now, Ordering::Release);
+                }
+                body.extend_from_slice(b"]}");
+                let ok = client
+                    .post(format!("{base}/v1/batch"))
+                    .basic_auth("bench", Some(""))
+                    .body(body.clone())
+                    .send()
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }));
+    }
+    for h in handles {
+        h.join().map_err(|_| anyhow!("sender panicked"))?;
+    }
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        eprintln!("   {e} HTTP requests failed");
+    }
+    Ok((batches * per_batch) as f64 / started.elapsed().as_secs_f64())
+}
