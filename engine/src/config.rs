@@ -413,6 +413,14 @@ mod tests {
     }
 
     #[test]
+    fn the_live_example_config_loads_and_its_segments_check() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/live/herald.toml");
+        let c = Config::load(path).unwrap();
+        assert_eq!(c.http.write_keys, vec!["demo-key".to_string()]);
+        crate::check::load_segments(&c.engine.segments).unwrap();
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("herald.toml");

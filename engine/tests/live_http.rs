@@ -356,3 +356,70 @@ fn snapshots_from_a_real_s3_prefix() {
     let prefix = format!("s3://{bucket}/live-{}/profiles/", std::process::id());
     snapshots_are_picked_up_from(&prefix, dir.path());
 }
+
+/// Two processes of one timely cluster (`[cluster]`): events sent to either process reach
+/// the worker that owns their user; each process answers for its users; both stop on
+/// SIGTERM.
+#[test]
+fn a_two_process_timely_cluster_shares_the_users() {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let addresses = format!("[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]", free_port(), free_port());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let handles: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(process, dir)| {
+            std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+            let config = format!(
+                "{}[cluster]\nprocess = {process}\naddresses = {addresses}\n",
+                config(1)
+            );
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || Herald::start(&path, &config))
+        })
+        .collect();
+    let mut hs: Vec<Herald> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for u in 0..40 {
+        let target = &hs[u % 2];
+        let (status, _) = target.post(
+            "/v1/track",
+            "wk",
+            &format!(r#"{{"userId":"c{u}","event":"Clicked"}}"#),
+        );
+        assert_eq!(status, 200);
+    }
+    let sizes = |hs: &[Herald]| -> Vec<i64> { hs.iter().map(|h| h.size("clicked_recently")).collect() };
+    hs[0].wait_for("40 clickers across the cluster", Duration::from_secs(30), |_| {
+        sizes(&hs).iter().sum::<i64>() == 40
+    });
+    let split = sizes(&hs);
+    assert!(split.iter().all(|s| *s > 0), "both processes own users: {split:?}");
+    // Each user is answered by exactly one process.
+    for u in 0..40 {
+        let found: Vec<u16> = hs
+            .iter()
+            .map(|h| h.get_json(&format!("/v1/users/c{u}")).0)
+            .collect();
+        assert_eq!(found.iter().filter(|s| **s == 200).count(), 1, "c{u}: {found:?}");
+    }
+    // Stop both together.
+    let stops: Vec<_> = hs
+        .drain(..)
+        .map(|mut h| {
+            std::thread::spawn(move || {
+                let status = h.stop();
+                (status, h.stderr_text())
+            })
+        })
+        .collect();
+    for s in stops {
+        let (status, stderr) = s.join().unwrap();
+        assert!(status.success(), "exit {status:?}\n{stderr}");
+    }
+}

@@ -27,6 +27,10 @@ use crate::driver::{feed_lists, SnapshotFeeder};
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
 
+/// How long a stopping worker waits for the frontier to reach its stop instant before
+/// taking a stalled frontier (other processes stopped earlier) as final.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// How long shutdown waits for the sink to hand the last changes over.
 const SHUTDOWN_SINK_WAIT: Duration = Duration::from_secs(30);
 
@@ -111,6 +115,8 @@ fn run(
     let mut last_frontier: Time = 0;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
     let mut identify: Vec<Event> = Vec::new();
+    let mut stop_seen: Option<Instant> = None;
+    let mut stalled_at: (Time, Instant) = (0, Instant::now());
 
     loop {
         let stop_at = live.stop_at.load(Ordering::Acquire);
@@ -199,13 +205,30 @@ fn run(
         if let Some(c) = &consumer {
             commit_durable(c, &mut pending, live, CommitMode::Async);
         }
-        if stopping && cur >= stop_at && frontier >= stop_at {
-            break;
+        if stopping {
+            let seen = *stop_seen.get_or_insert_with(Instant::now);
+            if frontier >= stop_at {
+                break;
+            }
+            // In a cluster, other processes may have stopped their clocks at an earlier
+            // instant: once the frontier stalls, the stop instant is where it stalled.
+            if frontier > stalled_at.0 {
+                stalled_at = (frontier, Instant::now());
+            } else if seen.elapsed() > STOP_GRACE && stalled_at.1.elapsed() > STOP_GRACE / 4 {
+                tracing::info!(
+                    "worker {index}: the frontier stopped at {frontier}, before this process's stop instant {stop_at}"
+                );
+                break;
+            }
         }
     }
 
-    // Shutdown: wait until the sink has handed over everything up to the stop instant.
-    let stop_at = live.stop_at.load(Ordering::Acquire);
+    // Shutdown: wait until the sink has handed over everything up to where the frontier
+    // stopped.
+    let stop_at = live.stop_at.load(Ordering::Acquire).min(last_frontier);
+    if local == 0 {
+        live.to_sink(SinkMsg::Watermark(last_frontier));
+    }
     let started = Instant::now();
     while live.durable.load(Ordering::Acquire) < stop_at {
         if started.elapsed() > SHUTDOWN_SINK_WAIT {
