@@ -41,8 +41,9 @@ struct Args {
     /// Rates to run, events per second.
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
     rates: Vec<u64>,
-    /// Paths to measure: kafka, http, broker.
-    #[arg(long, value_delimiter = ',', default_value = "broker,kafka,http")]
+    /// Paths to measure: broker (one Kafka hop), kafka, http (through the events topic),
+    /// embedded (HTTP straight into the dataflow, changes read from the file sink).
+    #[arg(long, value_delimiter = ',', default_value = "broker,kafka,http,embedded")]
     paths: Vec<String>,
     /// Seconds of load per run (after the warm-up).
     #[arg(long, default_value_t = 20)]
@@ -73,12 +74,23 @@ struct Outcome {
     sent_per_s: f64,
     received_per_s: f64,
     hist: Histogram<u64>,
+    /// Produced -> the instant Herald fed it (the change's `time`).
+    hist_in: Option<Histogram<u64>>,
+    /// Fed -> read from the changelog.
+    hist_out: Option<Histogram<u64>>,
     lost: u64,
-    herald_delay_mean_ms: Option<f64>,
+    herald_delay_ms: Option<(f64, f64, f64)>,
 }
 
 fn micros_since(t0: Instant) -> u64 {
     t0.elapsed().as_micros() as u64
+}
+
+/// Microseconds since the Unix epoch (Herald's change times are on this clock).
+fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn unique() -> String {
@@ -112,8 +124,8 @@ fn main() -> Result<()> {
             eprintln!("== {path} at {rate} events/s for {} s", args.seconds);
             let o = match path.as_str() {
                 "broker" => run_broker(&args, rate)?,
-                "kafka" | "http" => run_herald(&args, path, rate)?,
-                other => bail!("unknown path {other}: use broker, kafka or http"),
+                "kafka" | "http" | "embedded" => run_herald(&args, path, rate)?,
+                other => bail!("unknown path {other}: use broker, kafka, http or embedded"),
             };
             eprintln!(
                 "   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -125,9 +137,9 @@ fn main() -> Result<()> {
         }
     }
     println!(
-        "\n| path | target events/s | sent/s | changes/s | p50 ms | p99 ms | p99.9 ms | max ms | over 100 ms | missing | Herald change delay (mean ms) |"
+        "\n| path | target events/s | sent/s | changes/s | p50 ms | p99 ms | p99.9 ms | max ms | over 100 ms | missing | in: produced -> fed, p50/p99 ms | out: fed -> read, p50/p99 ms | Herald: fed -> sink, mean / p50 / p99 ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for o in &outcomes {
         let over = o
             .hist
@@ -135,8 +147,17 @@ fn main() -> Result<()> {
             .filter(|v| v.value_iterated_to() > 100_000)
             .map(|v| v.count_at_value())
             .sum::<u64>();
+        let split = |h: &Option<Histogram<u64>>| {
+            h.as_ref().map_or("-".to_string(), |h| {
+                format!(
+                    "{:.1} / {:.1}",
+                    h.value_at_quantile(0.5) as f64 / 1e3,
+                    h.value_at_quantile(0.99) as f64 / 1e3
+                )
+            })
+        };
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             o.path,
             o.rate,
             o.sent_per_s,
@@ -147,8 +168,11 @@ fn main() -> Result<()> {
             o.hist.max() as f64 / 1e3,
             over,
             o.lost,
-            o.herald_delay_mean_ms
-                .map_or("-".to_string(), |m| format!("{m:.2}"))
+            split(&o.hist_in),
+            split(&o.hist_out),
+            o.herald_delay_ms.map_or("-".to_string(), |(m, p50, p99)| format!(
+                "{m:.1} / ≤{p50} / ≤{p99}"
+            ))
         );
     }
     Ok(())
@@ -265,7 +289,9 @@ fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
         received_per_s: got as f64 / elapsed.as_secs_f64(),
         hist,
         lost: total.saturating_sub(got),
-        herald_delay_mean_ms: None,
+        hist_in: None,
+        hist_out: None,
+        herald_delay_ms: None,
     })
 }
 
@@ -314,8 +340,9 @@ fn stop_herald(mut h: HeraldProc) -> Result<()> {
     Ok(())
 }
 
-/// Mean of Herald's own change-delay histogram, from /metrics.
-fn herald_delay_mean(base: &str) -> Option<f64> {
+/// Herald's own change-delay histogram from /metrics: mean, and the upper bounds of
+/// the buckets holding p50 and p99.
+fn herald_delay(base: &str) -> Option<(f64, f64, f64)> {
     let text = reqwest::blocking::get(format!("{base}/metrics")).ok()?.text().ok()?;
     let value = |name: &str| {
         text.lines()
@@ -324,52 +351,87 @@ fn herald_delay_mean(base: &str) -> Option<f64> {
             .and_then(|v| v.parse::<f64>().ok())
     };
     let (sum, count) = (value("herald_change_delay_ms_sum")?, value("herald_change_delay_ms_count")?);
-    (count > 0.0).then(|| sum / count)
+    if count == 0.0 {
+        return None;
+    }
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("herald_change_delay_ms_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once('"')?;
+            let n = rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((le.parse::<f64>().unwrap_or(f64::INFINITY), n))
+        })
+        .collect();
+    let q = |p: f64| {
+        buckets
+            .iter()
+            .find(|(_, n)| *n >= p * count)
+            .map_or(f64::INFINITY, |(le, _)| *le)
+    };
+    Some((sum / count, q(0.5), q(0.99)))
 }
 
 /// Events through Herald: produced to Kafka or sent over HTTP, changes read back.
 fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     let id = unique();
     let (events, changes) = (format!("bench-events-{id}"), format!("bench-changes-{id}"));
-    create_topic(&args.brokers, &events, args.partitions)?;
+    let embedded = path == "embedded";
+    if !embedded {
+        create_topic(&args.brokers, &events, args.partitions)?;
+    }
     let dir = tempfile::tempdir()?;
-    let config = format!(
+    let mut config = format!(
         "[engine]\nsegments = \"segments.sql\"\nworkers = {}\ntick_ms = {}\n\
-         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"bench\"]\n\
-         [output]\ndir = \"\"\n\
-         [kafka]\nbrokers = \"{}\"\ngroup_id = \"bench-{id}\"\nevents_topics = [\"{events}\"]\n\
-         changes_topic = \"{changes}\"\ndead_letter_topic = \"bench-dead-{id}\"\nfetch_wait_max_ms = {}\n",
-        args.workers, args.tick_ms, args.brokers, args.fetch_wait_max_ms
+         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"bench\"]\nmax_batch_bytes = 4000000\n",
+        args.workers, args.tick_ms
     );
+    if embedded {
+        config.push_str("[output]\ndir = \"out\"\n");
+    } else {
+        config.push_str(&format!(
+            "[output]\ndir = \"\"\n\
+             [kafka]\nbrokers = \"{}\"\ngroup_id = \"bench-{id}\"\nevents_topics = [\"{events}\"]\n\
+             changes_topic = \"{changes}\"\ndead_letter_topic = \"bench-dead-{id}\"\nfetch_wait_max_ms = {}\n",
+            args.brokers, args.fetch_wait_max_ms
+        ));
+    }
     let herald = start_herald(args, dir.path(), &config)?;
-    let consumer = measuring_consumer(
-        &args.brokers,
-        &changes,
-        herald_engine::live::kafka::OUTPUT_PARTITIONS,
-        args.fetch_wait_max_ms,
-    )?;
+    let source = if embedded {
+        ChangeSource::File(BufReader::new(std::fs::File::open(
+            dir.path().join("out/segment_changes.jsonl"),
+        )?))
+    } else {
+        ChangeSource::Kafka(measuring_consumer(
+            &args.brokers,
+            &changes,
+            herald_engine::live::kafka::OUTPUT_PARTITIONS,
+            args.fetch_wait_max_ms,
+        )?)
+    };
 
     // Each user slot clicks every 2 s; the window is 1 s, so each click is one enter.
     let pool = (rate * 2).max(1);
     let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..pool).map(|_| AtomicU64::new(0)).collect());
-    let t0 = Instant::now();
     let total = rate * (args.seconds + args.warmup);
-    let warm_us = args.warmup * 1_000_000;
+    let warm_us = epoch_us() + args.warmup * 1_000_000;
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let sent_at = Arc::clone(&sent_at);
         let done = Arc::clone(&done);
         std::thread::spawn(move || {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut source = source;
+            let new_hist = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let (mut hist, mut hist_in, mut hist_out) = (new_hist(), new_hist(), new_hist());
             let mut enters = 0u64;
             let mut idle_since: Option<Instant> = None;
             let first = Instant::now();
             loop {
-                match consumer.poll(Duration::from_millis(50)) {
-                    Some(Ok(m)) => {
+                match source.next() {
+                    Some(line) => {
                         idle_since = None;
-                        let now = micros_since(t0);
-                        let Ok(c) = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap_or(&[])) else { continue };
+                        let now = epoch_us();
+                        let Ok(c) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
                         if c["diff"] != 1 {
                             continue;
                         }
@@ -378,6 +440,13 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
                         let sent = sent_at[(slot % pool) as usize].load(Ordering::Acquire);
                         if sent >= warm_us {
                             let _ = hist.record(now.saturating_sub(sent).max(1));
+                            let fed = c["time"]
+                                .as_str()
+                                .and_then(|t| herald_operators::time::parse_rfc3339_ms(t).ok())
+                                .map_or(0, |ms| ms as u64 * 1000);
+                            // Herald's instants are ms: the split is good to about 1 ms.
+                            let _ = hist_in.record(fed.saturating_sub(sent).max(1));
+                            let _ = hist_out.record(now.saturating_sub(fed).max(1));
                         }
                     }
                     _ if done.load(Ordering::Acquire) => {
@@ -389,7 +458,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
                     _ => {}
                 }
             }
-            (hist, enters, first.elapsed())
+            (hist, hist_in, hist_out, enters, first.elapsed())
         })
     };
 
@@ -399,7 +468,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
             let slot = i % pool;
             let user = format!("u{slot}");
             let payload = format!(r#"{{"type":"track","userId":"{user}","event":"Clicked","messageId":"m{i}"}}"#);
-            sent_at[slot as usize].store(micros_since(t0), Ordering::Release);
+            sent_at[slot as usize].store(epoch_us(), Ordering::Release);
             let mut rec = BaseRecord::to(&events).key(&user).payload(&payload);
             loop {
                 match p.send(rec) {
@@ -414,26 +483,64 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
         p.flush(Duration::from_secs(30))?;
         r
     } else {
-        send_http(&herald.base, rate, total, pool, &sent_at, t0)?
+        send_http(&herald.base, rate, total, pool, &sent_at)?
     };
     done.store(true, Ordering::Release);
-    let (hist, enters, elapsed) = reader.join().map_err(|_| anyhow!("reader panicked"))?;
-    let delay = herald_delay_mean(&herald.base);
+    let (hist, hist_in, hist_out, enters, elapsed) =
+        reader.join().map_err(|_| anyhow!("reader panicked"))?;
+    let delay = herald_delay(&herald.base);
     stop_herald(herald)?;
     Ok(Outcome {
-        path: if path == "kafka" { "Kafka -> Herald -> Kafka".into() } else { "HTTP -> Kafka -> Herald -> Kafka".into() },
+        path: match path {
+            "kafka" => "Kafka -> Herald -> Kafka".into(),
+            "http" => "HTTP -> Kafka -> Herald -> Kafka".into(),
+            _ => "HTTP -> Herald (embedded) -> file".into(),
+        },
         rate,
         sent_per_s: sent_rate,
         received_per_s: enters as f64 / elapsed.as_secs_f64(),
         hist,
+        hist_in: Some(hist_in),
+        hist_out: Some(hist_out),
         lost: total.saturating_sub(enters),
-        herald_delay_mean_ms: delay,
+        herald_delay_ms: delay,
     })
+}
+
+/// Where the measuring thread reads changes: the changelog topic, or (embedded mode)
+/// `segment_changes.jsonl`, tailed.
+enum ChangeSource {
+    Kafka(BaseConsumer),
+    File(BufReader<std::fs::File>),
+}
+
+impl ChangeSource {
+    /// The next change line, or None after ~50 ms without one.
+    fn next(&mut self) -> Option<Vec<u8>> {
+        match self {
+            ChangeSource::Kafka(c) => match c.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => Some(m.payload().unwrap_or(&[]).to_vec()),
+                _ => None,
+            },
+            ChangeSource::File(f) => {
+                let started = Instant::now();
+                let mut line = Vec::new();
+                while started.elapsed() < Duration::from_millis(50) {
+                    // A partial line (the sink mid-write) is kept and completed.
+                    match f.read_until(b'\n', &mut line) {
+                        Ok(_) if line.ends_with(b"\n") => return Some(line),
+                        _ => std::thread::sleep(Duration::from_micros(200)),
+                    }
+                }
+                None
+            }
+        }
+    }
 }
 
 /// HTTP: one batch request per millisecond (rate/1000 events each, at least 1), spread
 /// over 4 sender threads, as SDKs batch.
-fn send_http(base: &str, rate: u64, total: u64, pool: u64, sent_at: &Arc<Vec<AtomicU64>>, t0: Instant) -> Result<f64> {
+fn send_http(base: &str, rate: u64, total: u64, pool: u64, sent_at: &Arc<Vec<AtomicU64>>) -> Result<f64> {
     let per_batch = (rate / 1000).max(1);
     let batches = total / per_batch;
     let batch_rate = rate / per_batch;
@@ -454,7 +561,7 @@ fn send_http(base: &str, rate: u64, total: u64, pool: u64, sent_at: &Arc<Vec<Ato
                 }
                 body.clear();
                 body.extend_from_slice(br#"{"batch":["#);
-                let now = micros_since(t0);
+                let now = epoch_us();
                 for k in 0..per_batch {
                     let i = b * per_batch + k;
                     let slot = i % pool;

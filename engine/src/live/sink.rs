@@ -126,28 +126,41 @@ impl Sink {
         })
     }
 
-    /// Runs until [`SinkMsg::Stop`] (or every sender is gone).
+    /// Runs until [`SinkMsg::Stop`] (or every sender is gone). Everything queued is taken
+    /// before a flush, so one flush (one round of Kafka acks) covers every watermark that
+    /// arrived meanwhile: the sink keeps up however often workers report progress.
     pub fn run(mut self, rx: Receiver<SinkMsg>, live: &Live) -> Result<(), EngineError> {
-        while let Ok(msg) = rx.recv() {
-            match msg {
-                SinkMsg::Change {
-                    segment,
-                    user,
-                    time,
-                    diff,
-                } => self.change(live, segment, user, time, diff),
-                SinkMsg::DeadLetter { letter, raw, kafka } => {
-                    self.dead_letter(live, letter, raw, kafka)
+        let mut stop = false;
+        while !stop {
+            let Ok(first) = rx.recv() else { break };
+            let mut watermark: Option<Time> = None;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    SinkMsg::Change {
+                        segment,
+                        user,
+                        time,
+                        diff,
+                    } => self.change(live, segment, user, time, diff),
+                    SinkMsg::DeadLetter { letter, raw, kafka } => {
+                        self.dead_letter(live, letter, raw, kafka)
+                    }
+                    SinkMsg::Watermark(f) => watermark = Some(watermark.map_or(f, |w| w.max(f))),
+                    SinkMsg::Stop => {
+                        stop = true;
+                        break;
+                    }
                 }
-                SinkMsg::Watermark(f) => {
-                    let started = Instant::now();
-                    self.flush(live)?;
-                    live.metrics
-                        .sink_flush_ms
-                        .set(started.elapsed().as_secs_f64() * 1e3);
-                    live.durable.fetch_max(f, Ordering::AcqRel);
-                }
-                SinkMsg::Stop => break,
+                next = rx.try_recv().ok();
+            }
+            if let (Some(f), false) = (watermark, stop) {
+                let started = Instant::now();
+                self.flush(live)?;
+                live.metrics
+                    .sink_flush_ms
+                    .set(started.elapsed().as_secs_f64() * 1e3);
+                live.durable.fetch_max(f, Ordering::AcqRel);
             }
         }
         self.final_flush(live)

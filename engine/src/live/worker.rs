@@ -27,6 +27,10 @@ use crate::driver::{feed_lists, SnapshotFeeder};
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
 
+/// Offsets are committed at most this often (and once more at shutdown): a commit per
+/// tick would load the broker for nothing, since a redelivery is deduplicated anyway.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long a stopping worker waits for the frontier to reach its stop instant before
 /// taking a stalled frontier (other processes stopped earlier) as final.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -116,6 +120,7 @@ fn run(
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
     let mut identify: Vec<Event> = Vec::new();
     let mut stop_seen: Option<Instant> = None;
+    let mut last_commit = Instant::now();
     let mut stalled_at: (Time, Instant) = (0, Instant::now());
 
     loop {
@@ -202,7 +207,8 @@ fn run(
                 live.to_sink(SinkMsg::Watermark(frontier));
             }
         }
-        if let Some(c) = &consumer {
+        if let (Some(c), true) = (&consumer, last_commit.elapsed() >= COMMIT_INTERVAL) {
+            last_commit = Instant::now();
             commit_durable(c, &mut pending, live, CommitMode::Async);
         }
         if stopping {
