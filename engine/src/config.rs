@@ -95,6 +95,9 @@ pub struct KafkaConfig {
     /// The consumer's `fetch.wait.max.ms`: with tansu, the latency floor (see docs).
     #[serde(default = "defaults::fetch_wait_max_ms")]
     pub fetch_wait_max_ms: u64,
+    /// The producers' `linger.ms`: how long a record may wait to share a request.
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
     /// Where a group with no committed offset starts: `earliest` or `latest`.
     #[serde(default = "defaults::auto_offset_reset")]
     pub auto_offset_reset: String,
@@ -206,6 +209,11 @@ pub mod defaults {
     }
     /// 5 ms (tansu answers a waiting fetch only at this deadline).
     pub fn fetch_wait_max_ms() -> u64 {
+        5
+    }
+    /// 5 ms, librdkafka's default: one request per record floods a broker under load
+    /// (docs/benchmarks.md), at the cost of up to 5 ms for a lone record.
+    pub fn linger_ms() -> u64 {
         5
     }
     /// A new group reads the topic from the start.

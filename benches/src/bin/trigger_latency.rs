@@ -60,6 +60,10 @@ struct Args {
     /// Herald's `engine.tick_ms`.
     #[arg(long, default_value_t = 1)]
     tick_ms: u64,
+    /// `linger.ms` of the load generator's producer and Herald's `kafka.linger_ms`:
+    /// batching trades a little latency for fewer requests.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u64,
     /// Partitions of the events topic.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
@@ -216,10 +220,10 @@ fn measuring_consumer(brokers: &str, topic: &str, partitions: i32, fetch_wait: u
     Ok(consumer)
 }
 
-fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>> {
+fn producer(brokers: &str, linger_ms: u64) -> Result<ThreadedProducer<DefaultProducerContext>> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("linger.ms", "0")
+        .set("linger.ms", linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
         .create()?)
 }
@@ -263,7 +267,7 @@ fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
         }
         (hist, got, first.elapsed())
     });
-    let p = producer(&args.brokers)?;
+    let p = producer(&args.brokers, args.linger_ms)?;
     let keys: Vec<String> = (0..1024).map(|k| format!("k{k}")).collect();
     let sent_rate = paced(rate, total, |i| {
         let payload = format!("{i} {}", micros_since(t0));
@@ -392,8 +396,9 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
         config.push_str(&format!(
             "[output]\ndir = \"\"\n\
              [kafka]\nbrokers = \"{}\"\ngroup_id = \"bench-{id}\"\nevents_topics = [\"{events}\"]\n\
-             changes_topic = \"{changes}\"\ndead_letter_topic = \"bench-dead-{id}\"\nfetch_wait_max_ms = {}\n",
-            args.brokers, args.fetch_wait_max_ms
+             changes_topic = \"{changes}\"\ndead_letter_topic = \"bench-dead-{id}\"\nfetch_wait_max_ms = {}\n\
+             linger_ms = {}\n",
+            args.brokers, args.fetch_wait_max_ms, args.linger_ms
         ));
     }
     let herald = start_herald(args, dir.path(), &config)?;
@@ -463,7 +468,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     };
 
     let sent_rate = if path == "kafka" {
-        let p = producer(&args.brokers)?;
+        let p = producer(&args.brokers, args.linger_ms)?;
         let r = paced(rate, total, |i| {
             let slot = i % pool;
             let user = format!("u{slot}");

@@ -282,15 +282,26 @@ async fn hand_on(
     let live = &app.live;
     let Some(producer) = &app.producer else {
         for ev in events {
-            if !live.ingest(ev) {
-                return Err(refuse(
-                    app,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shutting_down",
-                    "Herald is shutting down; retry".into(),
-                ));
+            match live.ingest(ev) {
+                Ok(()) => live.metrics.event_in("http"),
+                Err(super::IngestError::Overloaded) => {
+                    return Err(refuse(
+                        app,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "Herald's input queue is full; retry (redeliveries are deduplicated)"
+                            .into(),
+                    ))
+                }
+                Err(super::IngestError::Stopped) => {
+                    return Err(refuse(
+                        app,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "shutting_down",
+                        "Herald is shutting down; retry".into(),
+                    ))
+                }
             }
-            live.metrics.event_in("http");
         }
         return Ok(());
     };

@@ -6,7 +6,8 @@
 //!
 //! Delivery settings: consumers never auto-commit (workers commit once changes are
 //! durable); producers retry forever (`message.timeout.ms = 0`), so a broker outage
-//! delays output rather than losing it; `linger.ms = 0` because latency is the product.
+//! delays output rather than losing it; `linger.ms` is `kafka.linger_ms` (5 ms by default,
+//! see docs/benchmarks.md for why not 0).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,7 @@ pub fn client_config(k: &KafkaConfig) -> ClientConfig {
 pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers)
-        .set("linger.ms", "0")
+        .set("linger.ms", k.linger_ms.to_string())
         .set("message.timeout.ms", "0")
         .set("acks", "all");
     for (key, value) in &k.properties {

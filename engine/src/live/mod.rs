@@ -39,7 +39,7 @@ mod worker;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -91,20 +91,33 @@ pub struct Live {
     pub frontier: AtomicU64,
     /// The sink's channel.
     pub sink: Mutex<Sender<SinkMsg>>,
-    /// Embedded mode: one channel per local worker, chosen by user hash.
-    pub ingest: Vec<Mutex<Sender<Event>>>,
+    /// Embedded mode: one bounded channel per local worker, chosen by user hash.
+    pub ingest: Vec<Mutex<SyncSender<Event>>>,
+}
+
+/// Events waiting for one worker (embedded mode) before HTTP ingest answers 503: bounds
+/// memory under overload, and the SDKs retry (redeliveries are deduplicated).
+pub const INGEST_QUEUE: usize = 100_000;
+
+/// Why an event could not be handed to a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestError {
+    /// The worker's queue is full: retry later.
+    Overloaded,
+    /// The workers are gone (shutting down).
+    Stopped,
 }
 
 impl Live {
-    /// Hands an event to the local worker that owns its user (embedded mode). False when
-    /// the workers are gone (shutting down).
-    pub fn ingest(&self, ev: Event) -> bool {
+    /// Hands an event to the local worker that owns its user (embedded mode).
+    pub fn ingest(&self, ev: Event) -> Result<(), IngestError> {
         let n = self.ingest.len() as u64;
         let i = (herald_operators::door::user_hash(&ev.user) % n) as usize;
-        match self.ingest[i].lock() {
-            Ok(tx) => tx.send(ev).is_ok(),
-            Err(_) => false,
-        }
+        let tx = self.ingest[i].lock().map_err(|_| IngestError::Stopped)?;
+        tx.try_send(ev).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => IngestError::Overloaded,
+            std::sync::mpsc::TrySendError::Disconnected(_) => IngestError::Stopped,
+        })
     }
 
     /// Sends a message to the sink thread (dropped only if the sink is gone).
@@ -159,7 +172,7 @@ where
     let mut ingest_rx: Vec<Option<Receiver<Event>>> = Vec::new();
     let mut ingest_tx = Vec::new();
     for _ in 0..local_workers {
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(INGEST_QUEUE);
         ingest_tx.push(Mutex::new(tx));
         ingest_rx.push(Some(rx));
     }
