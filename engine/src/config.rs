@@ -407,7 +407,10 @@ mod tests {
         let e = err("[engine]\nsegments = \"s.sql\"\nworkers = \"two\"\n");
         assert!(e.contains("workers"), "{e}");
         let e = err("[engine]\nsegments = \"s.sql\"\nworkers = 0\n");
-        assert!(e.contains("engine.workers") && e.contains("at least 1"), "{e}");
+        assert!(
+            e.contains("engine.workers") && e.contains("at least 1"),
+            "{e}"
+        );
         let e = err("[engine]\nsegments = \"s.sql\"\ndedup_horizon = \"1 fortnight\"\n");
         assert!(e.contains("engine.dedup_horizon"), "{e}");
         let e = err("[engine]\nsegments = \"s.sql\"\n[http]\nlisten = \"localhost\"\n");

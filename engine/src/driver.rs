@@ -158,7 +158,11 @@ pub fn run_dataflow(
         let limit = to_time(shared.until);
         let probe = ProbeHandle::new();
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
-            let (inputs, changes) = build_segments(scope, plan.clone(), herald_connectors::events::DEFAULT_DEDUP_HORIZON_MS);
+            let (inputs, changes) = build_segments(
+                scope,
+                plan.clone(),
+                herald_connectors::events::DEFAULT_DEDUP_HORIZON_MS,
+            );
             changes
                 .inspect(move |((seg, user), t, r)| {
                     if *t <= limit {
@@ -295,10 +299,7 @@ impl SnapshotFeeder {
             feed_fact(&mut inputs.facts, new, t, 1);
             fed += 1;
         }
-        inputs.set_snapshot_clock(
-            Some(self.prev.as_ref().map_or(i64::MIN, |(a, _)| *a)),
-            at,
-        );
+        inputs.set_snapshot_clock(Some(self.prev.as_ref().map_or(i64::MIN, |(a, _)| *a)), at);
         self.prev = Some((at, next));
         fed
     }

@@ -34,10 +34,18 @@ fn start(workers: usize) -> (tempfile::TempDir, Herald) {
 fn http_events_enter_segments_and_windows_lapse_without_new_events() {
     let (_dir, mut h) = start(2);
     let (status, body) = h.post("/v1/track", "wk", r#"{"userId":"u1","event":"Clicked"}"#);
-    assert_eq!((status, body.clone()), (200, serde_json::json!({"success": true})));
+    assert_eq!(
+        (status, body.clone()),
+        (200, serde_json::json!({"success": true}))
+    );
     // The endpoint decides the type; anonymousId is a user key too.
     assert_eq!(
-        h.post("/v1/identify", "wk", r#"{"anonymousId":"a2","traits":{"plan":"pro"}}"#).0,
+        h.post(
+            "/v1/identify",
+            "wk",
+            r#"{"anonymousId":"a2","traits":{"plan":"pro"}}"#
+        )
+        .0,
         200
     );
     // A gzip batch, as the server SDKs send.
@@ -110,7 +118,9 @@ fn http_events_enter_segments_and_windows_lapse_without_new_events() {
     let time = |user: &str, diff: i64| {
         let c = changes
             .iter()
-            .find(|c| c["user_id"] == user && c["diff"] == diff && c["segment"] == "clicked_recently")
+            .find(|c| {
+                c["user_id"] == user && c["diff"] == diff && c["segment"] == "clicked_recently"
+            })
             .unwrap();
         herald_operators::time::parse_rfc3339_ms(c["time"].as_str().unwrap()).unwrap()
     };
@@ -123,7 +133,10 @@ fn bad_requests_get_reasons_and_dead_letters() {
     let (_dir, mut h) = start(1);
     // Wrong and missing keys.
     let (status, body) = h.post("/v1/track", "nope", r#"{"userId":"u","event":"e"}"#);
-    assert_eq!((status, body["reason"].as_str()), (401, Some("bad_write_key")));
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (401, Some("bad_write_key"))
+    );
     let r = reqwest::blocking::Client::new()
         .post(format!("{}/v1/track", h.base))
         .body("{}")
@@ -132,9 +145,15 @@ fn bad_requests_get_reasons_and_dead_letters() {
     assert_eq!(r.status().as_u16(), 401);
     // Not JSON; a single message breaking a rule.
     let (status, body) = h.post("/v1/track", "wk", "{not json");
-    assert_eq!((status, body["rejected"][0]["reason"].as_str()), (400, Some("invalid_json")));
+    assert_eq!(
+        (status, body["rejected"][0]["reason"].as_str()),
+        (400, Some("invalid_json"))
+    );
     let (status, body) = h.post("/v1/track", "wk", r#"{"userId":"u"}"#);
-    assert_eq!((status, body["rejected"][0]["reason"].as_str()), (400, Some("missing_event")));
+    assert_eq!(
+        (status, body["rejected"][0]["reason"].as_str()),
+        (400, Some("missing_event"))
+    );
     // A batch with one bad message accepts the others and names the bad one.
     let (status, body) = h.post(
         "/v1/batch",
@@ -197,8 +216,14 @@ fn a_bad_config_names_the_key_and_exits_2() {
     std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
     let path = dir.path().join("herald.toml");
     for (text, needle) in [
-        ("[engine]\nsegments = \"segments.sql\"\nworkerz = 2\n", "workerz"),
-        ("[engine]\nsegments = \"segments.sql\"\n[http]\nlisten = \"nowhere\"\n", "http.listen"),
+        (
+            "[engine]\nsegments = \"segments.sql\"\nworkerz = 2\n",
+            "workerz",
+        ),
+        (
+            "[engine]\nsegments = \"segments.sql\"\n[http]\nlisten = \"nowhere\"\n",
+            "http.listen",
+        ),
         ("[engine]\nsegments = \"missing.sql\"\n", "missing.sql"),
     ] {
         std::fs::write(&path, text).unwrap();
@@ -243,26 +268,40 @@ fn segment_and_rudderstack_node_sdks_feed_segments() {
         String::from_utf8_lossy(&out.stderr),
         h.stderr_text()
     );
-    h.wait_for("both SDKs' users in segments", Duration::from_secs(30), |h| {
-        h.size("clicked") == 2 && h.size("pro") == 2 && h.size("saw_pricing") == 1
-    });
+    h.wait_for(
+        "both SDKs' users in segments",
+        Duration::from_secs(30),
+        |h| h.size("clicked") == 2 && h.size("pro") == 2 && h.size("saw_pricing") == 1,
+    );
     let (_, user) = h.get_json("/v1/users/seg-user");
     assert_eq!(user["traits"]["email"], "seg@example.com");
     assert_eq!(user["segments"], serde_json::json!(["clicked", "pro"]));
     let (_, user) = h.get_json("/v1/users/rudder-user");
     assert_eq!(user["segments"], serde_json::json!(["clicked", "pro"]));
-    assert!(h.dead_letters_is_empty(), "{:?}", h.output("dead_letters.jsonl"));
+    assert!(
+        h.dead_letters_is_empty(),
+        "{:?}",
+        h.output("dead_letters.jsonl")
+    );
     assert!(h.stop().success());
 }
 
-fn snapshot_rows(rows: &[(&str, &str)]) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, herald_operators::value::Value>> {
+fn snapshot_rows(
+    rows: &[(&str, &str)],
+) -> std::collections::BTreeMap<
+    String,
+    std::collections::BTreeMap<String, herald_operators::value::Value>,
+> {
     rows.iter()
         .map(|(u, plan)| {
             (
                 u.to_string(),
-                [("plan".to_string(), herald_operators::value::Value::Str((*plan).into()))]
-                    .into_iter()
-                    .collect(),
+                [(
+                    "plan".to_string(),
+                    herald_operators::value::Value::Str((*plan).into()),
+                )]
+                .into_iter()
+                .collect(),
             )
         })
         .collect()
@@ -276,7 +315,11 @@ fn snapshots_are_picked_up_from(prefix: &str, dir: &std::path::Path) {
     use herald_operators::value::Type;
     let schema = [("plan".to_string(), Type::Str)];
     let base = prefix.trim_end_matches('/');
-    std::fs::write(dir.join("segments.sql"), "CREATE SEGMENT pro AS plan = 'pro';\n").unwrap();
+    std::fs::write(
+        dir.join("segments.sql"),
+        "CREATE SEGMENT pro AS plan = 'pro';\n",
+    )
+    .unwrap();
     write_snapshot(
         &format!("{base}/2026-11-01.parquet"),
         &snapshot_rows(&[("p1", "pro"), ("p2", "free")]),
@@ -288,13 +331,22 @@ fn snapshots_are_picked_up_from(prefix: &str, dir: &std::path::Path) {
         config(2)
     );
     let mut h = Herald::start(dir, &config);
-    h.wait_for("the first snapshot", Duration::from_secs(30), |h| h.size("pro") == 1);
+    h.wait_for("the first snapshot", Duration::from_secs(30), |h| {
+        h.size("pro") == 1
+    });
     // An identify after the snapshot wins over it.
     assert_eq!(
-        h.post("/v1/identify", "wk", r#"{"userId":"p2","traits":{"plan":"pro"}}"#).0,
+        h.post(
+            "/v1/identify",
+            "wk",
+            r#"{"userId":"p2","traits":{"plan":"pro"}}"#
+        )
+        .0,
         200
     );
-    h.wait_for("p2's identify", Duration::from_secs(30), |h| h.size("pro") == 2);
+    h.wait_for("p2's identify", Duration::from_secs(30), |h| {
+        h.size("pro") == 2
+    });
     // A newer snapshot (written after the identify, so it is the later write) moves p1
     // out, p2 back to its warehouse value, and p3 in.
     std::thread::sleep(Duration::from_millis(20));
@@ -334,7 +386,10 @@ fn snapshots_are_picked_up_from(prefix: &str, dir: &std::path::Path) {
     let (_, user) = h.get_json("/v1/users/p4");
     assert_eq!(user["traits"]["plan"], "pro");
     let (_, metrics) = h.get("/metrics");
-    assert!(metrics.contains("herald_snapshots_applied_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("herald_snapshots_applied_total 3"),
+        "{metrics}"
+    );
     assert!(h.stop().success());
 }
 
@@ -369,7 +424,11 @@ fn a_two_process_timely_cluster_shares_the_users() {
             .unwrap()
             .port()
     };
-    let addresses = format!("[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]", free_port(), free_port());
+    let addresses = format!(
+        "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+        free_port(),
+        free_port()
+    );
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let handles: Vec<_> = dirs
         .iter()
@@ -394,19 +453,29 @@ fn a_two_process_timely_cluster_shares_the_users() {
         );
         assert_eq!(status, 200);
     }
-    let sizes = |hs: &[Herald]| -> Vec<i64> { hs.iter().map(|h| h.size("clicked_recently")).collect() };
-    hs[0].wait_for("40 clickers across the cluster", Duration::from_secs(30), |_| {
-        sizes(&hs).iter().sum::<i64>() == 40
-    });
+    let sizes =
+        |hs: &[Herald]| -> Vec<i64> { hs.iter().map(|h| h.size("clicked_recently")).collect() };
+    hs[0].wait_for(
+        "40 clickers across the cluster",
+        Duration::from_secs(30),
+        |_| sizes(&hs).iter().sum::<i64>() == 40,
+    );
     let split = sizes(&hs);
-    assert!(split.iter().all(|s| *s > 0), "both processes own users: {split:?}");
+    assert!(
+        split.iter().all(|s| *s > 0),
+        "both processes own users: {split:?}"
+    );
     // Each user is answered by exactly one process.
     for u in 0..40 {
         let found: Vec<u16> = hs
             .iter()
             .map(|h| h.get_json(&format!("/v1/users/c{u}")).0)
             .collect();
-        assert_eq!(found.iter().filter(|s| **s == 200).count(), 1, "c{u}: {found:?}");
+        assert_eq!(
+            found.iter().filter(|s| **s == 200).count(),
+            1,
+            "c{u}: {found:?}"
+        );
     }
     // Stop both together.
     let stops: Vec<_> = hs

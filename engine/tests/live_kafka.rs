@@ -113,7 +113,8 @@ fn read_all(brokers: &str, topic: &str, partitions: i32, at_least: usize) -> Vec
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
@@ -148,7 +149,12 @@ fn read_all(brokers: &str, topic: &str, partitions: i32, at_least: usize) -> Vec
 }
 
 /// The group's committed offset per partition, and the partitions' end offsets.
-fn committed_and_ends(brokers: &str, group: &str, topic: &str, partitions: i32) -> (Vec<i64>, Vec<i64>) {
+fn committed_and_ends(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> (Vec<i64>, Vec<i64>) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -228,9 +234,11 @@ fn kafka_in_changelog_and_dead_letters_out_offsets_committed_after_sinks() {
     let (status, _) = h.post("/v1/track", "wk", r#"{"userId":"web1","event":"Clicked"}"#);
     assert_eq!(status, 200);
 
-    h.wait_for("30 big spenders and 2 clickers", Duration::from_secs(60), |h| {
-        h.size("big_spender") == 30 && h.size("clicked") == 2
-    });
+    h.wait_for(
+        "30 big spenders and 2 clickers",
+        Duration::from_secs(60),
+        |h| h.size("big_spender") == 30 && h.size("clicked") == 2,
+    );
 
     // The changelog: keyed by user, the replay's JSON lines.
     let changes = read_all(&brokers, &t.changes, 4, 32);
@@ -289,7 +297,10 @@ fn kafka_in_changelog_and_dead_letters_out_offsets_committed_after_sinks() {
     h.wait_for("the new event", Duration::from_secs(60), |h| {
         h.size("clicked") >= 1
     });
-    assert_eq!(metric(&h, "herald_events_in_total{source=\"kafka\"}"), Some(1.0));
+    assert_eq!(
+        metric(&h, "herald_events_in_total{source=\"kafka\"}"),
+        Some(1.0)
+    );
     assert!(h.stop().success());
 }
 
@@ -307,7 +318,13 @@ impl OwnBroker {
             .unwrap_or_else(|_| panic!("HERALD_TANSU_BIN must be set: run scripts/services.sh"));
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", storage])
             .env("AWS_DEFAULT_REGION", "us-east-1")
             .stdout(Stdio::null())
@@ -316,7 +333,10 @@ impl OwnBroker {
             .unwrap();
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "tansu did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tansu did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         OwnBroker {

@@ -43,7 +43,11 @@ struct Args {
     rates: Vec<u64>,
     /// Paths to measure: broker (one Kafka hop), kafka, http (through the events topic),
     /// embedded (HTTP straight into the dataflow, changes read from the file sink).
-    #[arg(long, value_delimiter = ',', default_value = "broker,kafka,http,embedded")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "broker,kafka,http,embedded"
+    )]
     paths: Vec<String>,
     /// Seconds of load per run (after the warm-up).
     #[arg(long, default_value_t = 20)]
@@ -116,7 +120,8 @@ fn create_topic(brokers: &str, name: &str, partitions: i32) -> Result<()> {
         &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
         &opts,
     ))?;
-    r[0].as_ref().map_err(|(t, e)| anyhow!("create topic {t}: {e}"))?;
+    r[0].as_ref()
+        .map_err(|(t, e)| anyhow!("create topic {t}: {e}"))?;
     Ok(())
 }
 
@@ -174,9 +179,10 @@ fn main() -> Result<()> {
             o.lost,
             split(&o.hist_in),
             split(&o.hist_out),
-            o.herald_delay_ms.map_or("-".to_string(), |(m, p50, p99)| format!(
-                "{m:.1} / ≤{p50} / ≤{p99}"
-            ))
+            o.herald_delay_ms
+                .map_or("-".to_string(), |(m, p50, p99)| format!(
+                    "{m:.1} / ≤{p50} / ≤{p99}"
+                ))
         );
     }
     Ok(())
@@ -204,7 +210,12 @@ fn paced(rate: u64, total: u64, mut send: impl FnMut(u64)) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-fn measuring_consumer(brokers: &str, topic: &str, partitions: i32, fetch_wait: u64) -> Result<BaseConsumer> {
+fn measuring_consumer(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    fetch_wait: u64,
+) -> Result<BaseConsumer> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("bench-{}", unique()))
@@ -232,7 +243,12 @@ fn producer(brokers: &str, linger_ms: u64) -> Result<ThreadedProducer<DefaultPro
 fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
     let topic = format!("bench-hop-{}", unique());
     create_topic(&args.brokers, &topic, args.partitions)?;
-    let consumer = measuring_consumer(&args.brokers, &topic, args.partitions, args.fetch_wait_max_ms)?;
+    let consumer = measuring_consumer(
+        &args.brokers,
+        &topic,
+        args.partitions,
+        args.fetch_wait_max_ms,
+    )?;
     let t0 = Instant::now();
     let total = rate * (args.seconds + args.warmup);
     let warm = rate * args.warmup;
@@ -249,7 +265,9 @@ fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
                     idle_since = None;
                     let text = std::str::from_utf8(m.payload().unwrap_or(&[])).unwrap_or("");
                     let mut parts = text.split(' ');
-                    let (Some(i), Some(sent)) = (parts.next(), parts.next()) else { continue };
+                    let (Some(i), Some(sent)) = (parts.next(), parts.next()) else {
+                        continue;
+                    };
                     let (i, sent): (u64, u64) = (i.parse().unwrap_or(0), sent.parse().unwrap_or(0));
                     got += 1;
                     if i >= warm {
@@ -347,14 +365,20 @@ fn stop_herald(mut h: HeraldProc) -> Result<()> {
 /// Herald's own change-delay histogram from /metrics: mean, and the upper bounds of
 /// the buckets holding p50 and p99.
 fn herald_delay(base: &str) -> Option<(f64, f64, f64)> {
-    let text = reqwest::blocking::get(format!("{base}/metrics")).ok()?.text().ok()?;
+    let text = reqwest::blocking::get(format!("{base}/metrics"))
+        .ok()?
+        .text()
+        .ok()?;
     let value = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok())
     };
-    let (sum, count) = (value("herald_change_delay_ms_sum")?, value("herald_change_delay_ms_count")?);
+    let (sum, count) = (
+        value("herald_change_delay_ms_sum")?,
+        value("herald_change_delay_ms_count")?,
+    );
     if count == 0.0 {
         return None;
     }
@@ -436,12 +460,18 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
                     Some(line) => {
                         idle_since = None;
                         let now = epoch_us();
-                        let Ok(c) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                        let Ok(c) = serde_json::from_slice::<serde_json::Value>(&line) else {
+                            continue;
+                        };
                         if c["diff"] != 1 {
                             continue;
                         }
                         enters += 1;
-                        let slot: u64 = c["user_id"].as_str().and_then(|u| u.strip_prefix('u')).and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let slot: u64 = c["user_id"]
+                            .as_str()
+                            .and_then(|u| u.strip_prefix('u'))
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
                         let sent = sent_at[(slot % pool) as usize].load(Ordering::Acquire);
                         if sent >= warm_us {
                             let _ = hist.record(now.saturating_sub(sent).max(1));
@@ -472,7 +502,9 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
         let r = paced(rate, total, |i| {
             let slot = i % pool;
             let user = format!("u{slot}");
-            let payload = format!(r#"{{"type":"track","userId":"{user}","event":"Clicked","messageId":"m{i}"}}"#);
+            let payload = format!(
+                r#"{{"type":"track","userId":"{user}","event":"Clicked","messageId":"m{i}"}}"#
+            );
             sent_at[slot as usize].store(epoch_us(), Ordering::Release);
             let mut rec = BaseRecord::to(&events).key(&user).payload(&payload);
             loop {
@@ -544,12 +576,18 @@ impl ChangeSource {
 }
 
 /// HTTP: one batch request per millisecond (rate/1000 events each, at least 1), spread
-/// over 4 sender threads, as SDKs batch.
-fn send_http(base: &str, rate: u64, total: u64, pool: u64, sent_at: &Arc<Vec<AtomicU64>>) -> Result<f64> {
+/// over 16 sender threads (a request waits for the broker's ack in Kafka mode), as SDKs batch.
+fn send_http(
+    base: &str,
+    rate: u64,
+    total: u64,
+    pool: u64,
+    sent_at: &Arc<Vec<AtomicU64>>,
+) -> Result<f64> {
     let per_batch = (rate / 1000).max(1);
     let batches = total / per_batch;
     let batch_rate = rate / per_batch;
-    let threads = 4u64;
+    let threads = 16u64;
     let started = Instant::now();
     let mut handles = Vec::new();
     let errors = Arc::new(AtomicU64::new(0));

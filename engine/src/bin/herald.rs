@@ -116,7 +116,11 @@ async fn shutdown_signal() {
 
 fn run(config: &str) -> Result<(), EngineError> {
     let config = herald_engine::config::Config::load(config)?;
-    let mode = if config.kafka.is_some() { "kafka" } else { "embedded" };
+    let mode = if config.kafka.is_some() {
+        "kafka"
+    } else {
+        "embedded"
+    };
     let workers = config.engine.workers;
     herald_engine::live::run(config, shutdown_signal(), move |addr| {
         use std::io::Write;

@@ -66,9 +66,11 @@ pub fn router(live: Arc<Live>, _runtime: &tokio::runtime::Runtime) -> Result<Rou
     for kind in ["track", "identify", "page", "screen", "group", "alias"] {
         router = router.route(
             &format!("/v1/{kind}"),
-            post(move |State(app): State<App>, headers: HeaderMap, body: Body| {
-                ingest(app, Some(kind), headers, body)
-            }),
+            post(
+                move |State(app): State<App>, headers: HeaderMap, body: Body| {
+                    ingest(app, Some(kind), headers, body)
+                },
+            ),
         );
     }
     for path in ["/v1/batch", "/v1/import"] {
@@ -114,7 +116,10 @@ fn write_key(headers: &HeaderMap) -> Option<String> {
         .decode(encoded.trim())
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
-    Some(text.split_once(':').map_or(text.clone(), |(k, _)| k.to_string()))
+    Some(
+        text.split_once(':')
+            .map_or(text.clone(), |(k, _)| k.to_string()),
+    )
 }
 
 async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: Body) -> Response {
@@ -253,7 +258,10 @@ async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: 
     }
 }
 
-fn rejected_response(accepted: usize, rejected: &[(Option<usize>, RejectReason, String)]) -> Response {
+fn rejected_response(
+    accepted: usize,
+    rejected: &[(Option<usize>, RejectReason, String)],
+) -> Response {
     let status = if accepted > 0 {
         StatusCode::OK
     } else {
@@ -338,10 +346,14 @@ async fn hand_on(
         .collect();
     let mut acks = Vec::with_capacity(payloads.len());
     for (key, payload) in &payloads {
-        acks.push(producer.send(
-            FutureRecord::to(&app.events_topic).key(key).payload(payload),
-            Duration::from_secs(5),
-        ));
+        acks.push(
+            producer.send(
+                FutureRecord::to(&app.events_topic)
+                    .key(key)
+                    .payload(payload),
+                Duration::from_secs(5),
+            ),
+        );
     }
     for r in futures::future::join_all(acks).await {
         if let Err((e, _)) = r {
@@ -395,12 +407,17 @@ async fn members(
         )
             .into_response();
     };
-    let limit = q.limit.unwrap_or(live.config.http.page_size).clamp(1, 100_000);
+    let limit = q
+        .limit
+        .unwrap_or(live.config.http.page_size)
+        .clamp(1, 100_000);
     let Ok(state) = live.state.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let page = state.page(i, q.cursor.as_deref(), limit);
-    let next = (page.len() == limit).then(|| page.last().cloned()).flatten();
+    let next = (page.len() == limit)
+        .then(|| page.last().cloned())
+        .flatten();
     AxumJson(json!({
         "segment": name,
         "size": state.size(i),

@@ -88,7 +88,10 @@ impl ConsumerContext for KafkaContext {}
 
 /// A consumer in the configured group, subscribed to the events topics. Each worker
 /// has one, so the group spreads partitions over workers (and processes).
-pub fn consumer(k: &KafkaConfig, live: Arc<Live>) -> Result<BaseConsumer<KafkaContext>, EngineError> {
+pub fn consumer(
+    k: &KafkaConfig,
+    live: Arc<Live>,
+) -> Result<BaseConsumer<KafkaContext>, EngineError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers)
         .set("group.id", &k.group_id)
@@ -101,9 +104,10 @@ pub fn consumer(k: &KafkaConfig, live: Arc<Live>) -> Result<BaseConsumer<KafkaCo
     for (key, value) in &k.properties {
         c.set(key, value);
     }
-    let consumer: BaseConsumer<KafkaContext> = c
-        .create_with_context(KafkaContext { live })
-        .map_err(|e| EngineError::Usage(format!("config: `kafka`: cannot create a consumer: {e}")))?;
+    let consumer: BaseConsumer<KafkaContext> =
+        c.create_with_context(KafkaContext { live }).map_err(|e| {
+            EngineError::Usage(format!("config: `kafka`: cannot create a consumer: {e}"))
+        })?;
     let topics: Vec<&str> = k.events_topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(|e| {
         EngineError::Usage(format!(
@@ -120,8 +124,16 @@ pub async fn ensure_output_topics(k: &KafkaConfig) -> Result<(), EngineError> {
         .create()
         .map_err(|e| EngineError::Usage(format!("config: `kafka`: {e}")))?;
     let topics = [
-        NewTopic::new(&k.changes_topic, OUTPUT_PARTITIONS, TopicReplication::Fixed(1)),
-        NewTopic::new(&k.dead_letter_topic, OUTPUT_PARTITIONS, TopicReplication::Fixed(1)),
+        NewTopic::new(
+            &k.changes_topic,
+            OUTPUT_PARTITIONS,
+            TopicReplication::Fixed(1),
+        ),
+        NewTopic::new(
+            &k.dead_letter_topic,
+            OUTPUT_PARTITIONS,
+            TopicReplication::Fixed(1),
+        ),
     ];
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&topics, &opts).await.map_err(|e| {

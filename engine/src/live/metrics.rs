@@ -177,7 +177,8 @@ impl Default for Metrics {
 impl Metrics {
     /// The registry as OpenMetrics text.
     pub fn encode(&self) -> String {
-        let seen = herald_operators::door::DUPLICATE_EVENTS.load(std::sync::atomic::Ordering::Relaxed);
+        let seen =
+            herald_operators::door::DUPLICATE_EVENTS.load(std::sync::atomic::Ordering::Relaxed);
         self.duplicates
             .inc_by(seen.saturating_sub(self.duplicates.get()));
         let mut out = String::new();
@@ -243,7 +244,10 @@ mod tests {
                         .iter()
                         .find_map(|s| name.strip_suffix(s))
                         .unwrap_or(&name);
-                    assert!(families.contains(&family), "{name} ({family}) not in {families:?}");
+                    assert!(
+                        families.contains(&family),
+                        "{name} ({family}) not in {families:?}"
+                    );
                     checked += 1;
                 }
             }

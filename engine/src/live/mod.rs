@@ -273,9 +273,7 @@ where
         // Every accepted request has been handed on: stop the workers at an instant
         // they all reach.
         let tick = stop_live2.config.engine.tick_ms;
-        stop_live2
-            .stop_at
-            .store(now_ms() + tick, Ordering::Release);
+        stop_live2.stop_at.store(now_ms() + tick, Ordering::Release);
         result
     });
     on_ready(&http_addr);

@@ -32,9 +32,10 @@ pub fn newest_snapshot(prefix: &str) -> Result<Option<(String, String, i64)>, En
             continue;
         };
         let candidate = match rel.split('/').collect::<Vec<_>>().as_slice() {
-            [file] if file.to_ascii_lowercase().ends_with(".parquet")
-                && !file.starts_with('.')
-                && !file.starts_with('_') =>
+            [file]
+                if file.to_ascii_lowercase().ends_with(".parquet")
+                    && !file.starts_with('.')
+                    && !file.starts_with('_') =>
             {
                 Some((file.to_string(), entry.clone()))
             }

@@ -63,8 +63,7 @@ impl LiveState {
         };
         let range: Box<dyn Iterator<Item = &String>> = match cursor {
             Some(c) => Box::new(
-                members
-                    .range::<str, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
+                members.range::<str, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
             ),
             None => Box::new(members.iter()),
         };

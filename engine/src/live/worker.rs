@@ -73,9 +73,15 @@ fn run(
     let local_workers = live.config.engine.workers;
     let local = index % local_workers;
     let (events_rx, snapshots_rx) = {
-        let mut io = io.lock().map_err(|_| "worker channels poisoned".to_string())?;
+        let mut io = io
+            .lock()
+            .map_err(|_| "worker channels poisoned".to_string())?;
         let ev = io.events.get_mut(local).and_then(Option::take);
-        let snaps = if index == 0 { io.snapshots.take() } else { None };
+        let snaps = if index == 0 {
+            io.snapshots.take()
+        } else {
+            None
+        };
         (ev, snaps)
     };
     let tick = Duration::from_millis(live.config.engine.tick_ms);
@@ -303,25 +309,24 @@ fn accept_kafka(
         detail: String::new(),
         raw: String::from_utf8_lossy(payload).into_owned(),
     };
-    let (events, rejections) = if payload.len() > live.limits.max_message_bytes
-        && !payload.starts_with(b"{\"batch\"")
-    {
-        let mut dl = position();
-        dl.detail = format!(
-            "message is {} bytes, over the limit of {}",
-            payload.len(),
-            live.limits.max_message_bytes
-        );
-        live.metrics.dead_letter(dl.reason.as_str());
-        live.to_sink(SinkMsg::DeadLetter {
-            letter: dl,
-            raw: payload.to_vec(),
-            kafka: Some((topic.to_string(), partition, offset)),
-        });
-        return;
-    } else {
-        parse_message(payload, Some(received), live.limits)
-    };
+    let (events, rejections) =
+        if payload.len() > live.limits.max_message_bytes && !payload.starts_with(b"{\"batch\"") {
+            let mut dl = position();
+            dl.detail = format!(
+                "message is {} bytes, over the limit of {}",
+                payload.len(),
+                live.limits.max_message_bytes
+            );
+            live.metrics.dead_letter(dl.reason.as_str());
+            live.to_sink(SinkMsg::DeadLetter {
+                letter: dl,
+                raw: payload.to_vec(),
+                kafka: Some((topic.to_string(), partition, offset)),
+            });
+            return;
+        } else {
+            parse_message(payload, Some(received), live.limits)
+        };
     for ev in events {
         live.metrics.event_in("kafka");
         feed(inputs, ev, identify);

@@ -136,7 +136,10 @@ impl Herald {
         let started = Instant::now();
         while !cond(self) {
             if started.elapsed() > limit {
-                panic!("timed out waiting for {what}\nstderr:\n{}", self.stderr_text());
+                panic!(
+                    "timed out waiting for {what}\nstderr:\n{}",
+                    self.stderr_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
