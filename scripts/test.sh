@@ -24,7 +24,7 @@ trap 'scripts/services.sh stop' EXIT
 step "cargo test (all tests, including those that need services)"
 # Tests that need a real service are #[ignore]d so a bare `cargo test` passes offline;
 # here the services are up, so they run too.
-cargo test --workspace --all-targets --locked -- --include-ignored 2>&1 | tee "${CARGO_TARGET_DIR}/test.log"
+cargo test --workspace --all-targets --locked --no-fail-fast -- --include-ignored 2>&1 | tee "${CARGO_TARGET_DIR}/test.log"
 passed=$(grep -Eo '[0-9]+ passed' "${CARGO_TARGET_DIR}/test.log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "${CARGO_TARGET_DIR}/test.log" | awk '{s+=$1} END {print s+0}')
 

@@ -223,6 +223,32 @@ mod tests {
     #[test]
     fn the_dashboard_reads_only_metrics_that_exist() {
         let m = Metrics::default();
+        // A family appears in the text once it has a label set.
+        m.event_in("http");
+        m.dead_letter("invalid_json");
+        m.error("snapshots");
+        m.consumer_lag
+            .get_or_create(&PartitionLabel {
+                topic: "events".into(),
+                partition: 0,
+            })
+            .set(1);
+        m.segment_size
+            .get_or_create(&SegmentLabel {
+                segment: "s".into(),
+            })
+            .set(1);
+        m.segment_changes
+            .get_or_create(&ChangeLabel {
+                segment: "s".into(),
+                direction: "enter".into(),
+            })
+            .inc();
+        m.http_refused
+            .get_or_create(&ReasonLabel {
+                reason: "too_large".into(),
+            })
+            .inc();
         let text = m.encode();
         let families: Vec<&str> = text
             .lines()
