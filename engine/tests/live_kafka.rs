@@ -420,8 +420,18 @@ fn a_broker_that_goes_down_and_comes_back_loses_no_event() {
     let users: BTreeSet<String> = changes.iter().map(|(k, _, _)| k.clone()).collect();
     assert_eq!(users.len(), 20, "every change reached the changelog");
     assert!(h.stop().success(), "{}", h.stderr_text());
-    // Every one of the 20 offsets is committed. (tansu's end offsets on S3 storage lag
-    // after a restart, so they are counted rather than compared with the watermarks.)
-    let (committed, _) = committed_and_ends(&brokers, &t.group, &t.events, 2);
-    assert_eq!(committed.iter().sum::<i64>(), 20, "{committed:?}");
+    // Everything consumed was committed: a new run of the group reads only what is new.
+    // (Checked this way because tansu's end offsets on S3 storage are unreliable after a
+    // broker restart.)
+    let mut h = Herald::start(dir.path(), &t.config(&brokers, 2));
+    produce(&p, &t.events, "marker", &order("marker"));
+    h.wait_for("the marker event", Duration::from_secs(60), |h| {
+        h.size("big_spender") == 1
+    });
+    assert_eq!(
+        metric(&h, "herald_events_in_total{source=\"kafka\"}"),
+        Some(1.0),
+        "events redelivered after a graceful stop"
+    );
+    assert!(h.stop().success());
 }
