@@ -492,3 +492,24 @@ fn a_two_process_timely_cluster_shares_the_users() {
         assert!(status.success(), "exit {status:?}\n{stderr}");
     }
 }
+
+/// An output that cannot be written stops the service with an error naming it, rather
+/// than dropping changes silently.
+#[test]
+fn an_unwritable_output_stops_the_service_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    let out = dir.path().join("herald-out");
+    std::fs::create_dir_all(&out).unwrap();
+    // Writes to /dev/full fail with "No space left on device", even for root.
+    std::os::unix::fs::symlink("/dev/full", out.join("segment_changes.jsonl")).unwrap();
+    let mut h = Herald::start(dir.path(), &config(1));
+    let _ = h.post("/v1/track", "wk", r#"{"userId":"u1","event":"Clicked"}"#);
+    let status = h.wait_exit(Duration::from_secs(60));
+    assert!(!status.success());
+    let stderr = h.stderr_text();
+    assert!(
+        stderr.contains("segment_changes.jsonl") || stderr.contains("No space left"),
+        "{stderr}"
+    );
+}

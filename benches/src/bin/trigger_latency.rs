@@ -239,6 +239,25 @@ fn producer(brokers: &str, linger_ms: u64) -> Result<ThreadedProducer<DefaultPro
         .create()?)
 }
 
+/// Queues a record, waiting while the producer's queue is full.
+fn send_queued(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) {
+    let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                rec = back;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+}
+
 /// One Kafka hop alone: produce, consume, compare.
 fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
     let topic = format!("bench-hop-{}", unique());
@@ -290,16 +309,7 @@ fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
     let sent_rate = paced(rate, total, |i| {
         let payload = format!("{i} {}", micros_since(t0));
         let key = &keys[(i % 1024) as usize];
-        let mut rec = BaseRecord::to(&topic).key(key).payload(&payload);
-        loop {
-            match p.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_micros(100));
-                }
-            }
-        }
+        send_queued(&p, &topic, key, &payload);
     });
     p.flush(Duration::from_secs(30))?;
     done.store(true, Ordering::Release);
@@ -506,16 +516,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
                 r#"{{"type":"track","userId":"{user}","event":"Clicked","messageId":"m{i}"}}"#
             );
             sent_at[slot as usize].store(epoch_us(), Ordering::Release);
-            let mut rec = BaseRecord::to(&events).key(&user).payload(&payload);
-            loop {
-                match p.send(rec) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        rec = back;
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                }
-            }
+            send_queued(&p, &events, &user, &payload);
         });
         p.flush(Duration::from_secs(30))?;
         r

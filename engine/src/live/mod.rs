@@ -89,6 +89,8 @@ pub struct Live {
     pub durable: AtomicU64,
     /// The output frontier last seen by a worker.
     pub frontier: AtomicU64,
+    /// Set when the sink has failed: nothing more will become durable.
+    pub sink_failed: std::sync::atomic::AtomicBool,
     /// The sink's channel.
     pub sink: Mutex<Sender<SinkMsg>>,
     /// Embedded mode: one bounded channel per local worker, chosen by user hash.
@@ -190,6 +192,7 @@ where
         stop_at: AtomicU64::new(0),
         durable: AtomicU64::new(0),
         frontier: AtomicU64::new(0),
+        sink_failed: std::sync::atomic::AtomicBool::new(false),
         sink: Mutex::new(sink_tx),
         ingest: ingest_tx,
     });
@@ -218,7 +221,21 @@ where
     let sink_live = Arc::clone(&live);
     let sink_thread = std::thread::Builder::new()
         .name("herald-sink".into())
-        .spawn(move || sink.run(sink_rx, &sink_live))
+        .spawn(move || {
+            let result = sink.run(sink_rx, &sink_live);
+            if let Err(e) = &result {
+                tracing::error!("sink: {e}; stopping");
+                sink_live.sink_failed.store(true, Ordering::Release);
+                let stop = now_ms() + sink_live.config.engine.tick_ms;
+                let _ = sink_live.stop_at.compare_exchange(
+                    0,
+                    stop,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+            result
+        })
         .map_err(|e| EngineError::Dataflow(format!("cannot start the sink thread: {e}")))?;
 
     // Snapshots go to worker 0 of process 0 only.
@@ -271,9 +288,14 @@ where
             .with_graceful_shutdown(graceful)
             .await;
         // Every accepted request has been handed on: stop the workers at an instant
-        // they all reach.
+        // they all reach (unless a failure already chose one).
         let tick = stop_live2.config.engine.tick_ms;
-        stop_live2.stop_at.store(now_ms() + tick, Ordering::Release);
+        let _ = stop_live2.stop_at.compare_exchange(
+            0,
+            now_ms() + tick,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         result
     });
     on_ready(&http_addr);

@@ -7,7 +7,9 @@
 //! Kafka mode, to the dead-letter topic with the original bytes and the reason and
 //! source position in headers. On a watermark `f` the sink flushes its files, waits for
 //! every Kafka ack (re-producing anything the broker refused), and then publishes
-//! `durable = f`, which releases the workers' offset commits.
+//! `durable = f`, which releases the workers' offset commits. An output that cannot be
+//! written stops the service with that error: nothing after it is marked durable, so
+//! nothing after it is committed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -75,6 +77,22 @@ pub struct Sink {
     dead_letter_topic: String,
     in_flight: Vec<InFlight>,
     line: Vec<u8>,
+    /// The first failed write since the last flush: the flush reports it.
+    write_error: Option<String>,
+}
+
+/// Appends a line to an output file, remembering the first failure.
+fn append(
+    file: &mut Option<BufWriter<File>>,
+    line: &[u8],
+    name: &str,
+    failed: &mut Option<String>,
+) {
+    if let Some(f) = file {
+        if let Err(e) = f.write_all(line) {
+            failed.get_or_insert_with(|| format!("cannot write {name}: {e}"));
+        }
+    }
 }
 
 fn open_append(dir: &str, name: &str) -> Result<BufWriter<File>, EngineError> {
@@ -123,6 +141,7 @@ impl Sink {
             dead_letter_topic,
             in_flight: Vec::new(),
             line: Vec::with_capacity(256),
+            write_error: None,
         })
     }
 
@@ -221,12 +240,12 @@ impl Sink {
         };
         self.line.clear();
         change_line(&row, &mut self.line);
-        if let Some(f) = &mut self.changes_file {
-            if let Err(e) = f.write_all(&self.line) {
-                live.metrics.error("file");
-                tracing::error!("cannot write segment_changes.jsonl: {e}");
-            }
-        }
+        append(
+            &mut self.changes_file,
+            &self.line,
+            "segment_changes.jsonl",
+            &mut self.write_error,
+        );
         if self.producer.is_some() {
             // The Kafka value is the JSON object without the file's newline.
             let payload = self.line[..self.line.len() - 1].to_vec();
@@ -244,12 +263,12 @@ impl Sink {
     ) {
         self.line.clear();
         dead_letter_line(&letter, &mut self.line);
-        if let Some(f) = &mut self.dead_letters_file {
-            if let Err(e) = f.write_all(&self.line) {
-                live.metrics.error("file");
-                tracing::error!("cannot write dead_letters.jsonl: {e}");
-            }
-        }
+        append(
+            &mut self.dead_letters_file,
+            &self.line,
+            "dead_letters.jsonl",
+            &mut self.write_error,
+        );
         if self.producer.is_some() {
             let mut headers = OwnedHeaders::new()
                 .insert(Header {
@@ -353,6 +372,10 @@ impl Sink {
     }
 
     fn flush_files(&mut self, live: &Live) -> Result<(), EngineError> {
+        if let Some(e) = self.write_error.take() {
+            live.metrics.error("file");
+            return Err(EngineError::Dataflow(e));
+        }
         for f in [&mut self.changes_file, &mut self.dead_letters_file]
             .into_iter()
             .flatten()

@@ -244,6 +244,12 @@ fn run(
     }
     let started = Instant::now();
     while live.durable.load(Ordering::Acquire) < stop_at {
+        if live.sink_failed.load(Ordering::Acquire) {
+            tracing::warn!(
+                "worker {index}: the sink failed; offsets not confirmed stay uncommitted"
+            );
+            break;
+        }
         if started.elapsed() > SHUTDOWN_SINK_WAIT {
             tracing::warn!(
                 "worker {index}: sinks did not confirm within {SHUTDOWN_SINK_WAIT:?}; \

@@ -150,6 +150,22 @@ impl Herald {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits (up to `limit`) for Herald to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        let started = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("herald did not exit\n{}", self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("already stopped");
