@@ -158,11 +158,8 @@ pub fn run_dataflow(
         let limit = to_time(shared.until);
         let probe = ProbeHandle::new();
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
-            let (inputs, changes) = build_segments(
-                scope,
-                plan.clone(),
-                herald_connectors::events::DEFAULT_DEDUP_HORIZON_MS,
-            );
+            // Replay input is deduplicated by the reader (same rule), so the door need not.
+            let (inputs, changes) = build_segments(scope, plan.clone(), -1);
             changes
                 .inspect(move |((seg, user), t, r)| {
                     if *t <= limit {
