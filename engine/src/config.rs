@@ -243,8 +243,15 @@ impl Config {
             EngineError::Usage(m) => EngineError::Usage(format!("{path}: {m}")),
             other => other,
         })?;
-        let base = Path::new(path).parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
+        let parent = Path::new(path).parent().unwrap_or(Path::new(""));
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        // Absolute, so that listings (which return absolute paths) match the prefix.
+        let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+        config.resolve_paths(&base);
         Ok(config)
     }
 

@@ -44,11 +44,13 @@ pub static DUPLICATE_EVENTS: AtomicU64 = AtomicU64::new(0);
 ///
 /// A message is a duplicate when the same user sent the same id with a timestamp at most
 /// `horizon_ms` away. Entries are forgotten once the dataflow clock is a horizon past
-/// their timestamp (checked every few thousand admissions), so memory is bounded by the
-/// events of one horizon. A negative horizon disables it. Keys are 128-bit xxh3 hashes.
+/// the instant they *arrived* (checked every few thousand admissions), so memory is
+/// bounded by the events of one horizon, and old-timestamped events (a rebuild from a
+/// topic's start) are remembered as long as fresh ones. A negative horizon disables it.
+/// Keys are 128-bit xxh3 hashes; values are (event timestamp, arrival instant).
 struct DoorDedup {
     horizon_ms: i64,
-    seen: HashMap<u128, i64>,
+    seen: HashMap<u128, (i64, Time)>,
     since_prune: usize,
 }
 
@@ -62,18 +64,17 @@ impl DoorDedup {
         h.update(&[0]);
         h.update(ev.message_id.as_bytes());
         let key = h.digest128();
-        if let Some(first) = self.seen.get(&key) {
+        if let Some((first, _)) = self.seen.get(&key) {
             if ev.timestamp.abs_diff(*first) <= self.horizon_ms as u64 {
                 return false;
             }
         }
-        self.seen.insert(key, ev.timestamp);
+        self.seen.insert(key, (ev.timestamp, now));
         self.since_prune += 1;
         if self.since_prune >= 4096.max(self.seen.len()) {
             self.since_prune = 0;
-            let horizon = self.horizon_ms;
-            let cutoff = (now as i64).saturating_sub(horizon.saturating_mul(2));
-            self.seen.retain(|_, ts| *ts >= cutoff);
+            let cutoff = now.saturating_sub(self.horizon_ms as u64);
+            self.seen.retain(|_, (_, arrived)| *arrived >= cutoff);
         }
         true
     }

@@ -348,7 +348,9 @@ fn accept_object(
                 match (instant_field(obj, "originalTimestamp")?, received, sent) {
                     // The spec's clock-skew rule: correct the device clock by the skew
                     // between when the SDK sent the message and when it arrived.
-                    (Some(orig), Some(recv), Some(sent)) => orig + (recv - sent),
+                    (Some(orig), Some(recv), Some(sent)) => {
+                        orig.saturating_add(recv.saturating_sub(sent))
+                    }
                     (Some(orig), _, _) => orig,
                     (None, Some(recv), _) => recv,
                     (None, None, _) => return Err(Rejection::new(

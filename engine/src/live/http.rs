@@ -41,6 +41,10 @@ use super::sink::SinkMsg;
 use super::{now_ms, Live};
 use crate::EngineError;
 
+/// How long a Kafka-mode ingest request waits for the broker's acks before answering
+/// 503 (the SDK retries; a record delivered meanwhile is deduplicated).
+const KAFKA_ACK_WAIT: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 struct App {
     live: Arc<Live>,
@@ -316,12 +320,12 @@ async fn hand_on(
     // Kafka mode: one record per accepted message, as the Segment JSON it arrived as
     // (plus receivedAt and the envelope's sentAt), keyed by user.
     let mut items: Vec<Map<String, Json>> = Vec::with_capacity(events.len());
-    match (kind, json) {
-        (Some(_), Json::Object(o)) => items.push(o.clone()),
-        (None, Json::Object(o)) => {
-            let bad: BTreeSet<usize> = rejections.iter().filter_map(|r| r.batch_index).collect();
-            let sent_at = o.get("sentAt").cloned();
-            if let Some(Json::Array(batch)) = o.get("batch") {
+    if let Json::Object(o) = json {
+        match (kind, o.get("batch")) {
+            (None, Some(Json::Array(batch))) => {
+                let bad: BTreeSet<usize> =
+                    rejections.iter().filter_map(|r| r.batch_index).collect();
+                let sent_at = o.get("sentAt").cloned();
                 for (i, item) in batch.iter().enumerate() {
                     if let (false, Json::Object(m)) = (bad.contains(&i), item) {
                         let mut m = m.clone();
@@ -332,8 +336,22 @@ async fn hand_on(
                     }
                 }
             }
+            // A single message, on its own endpoint or posted to /v1/batch.
+            _ => items.push(o.clone()),
         }
-        _ => {}
+    }
+    if items.len() != events.len() {
+        tracing::error!(
+            "HTTP ingest: {} accepted events but {} messages to produce",
+            events.len(),
+            items.len()
+        );
+        return Err(refuse(
+            app,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not pair accepted events with their messages; nothing was produced".into(),
+        ));
     }
     let received_at = Json::from(format_rfc3339_ms(received));
     let payloads: Vec<(String, Vec<u8>)> = items
@@ -355,7 +373,17 @@ async fn hand_on(
             ),
         );
     }
-    for r in futures::future::join_all(acks).await {
+    let Ok(results) = tokio::time::timeout(KAFKA_ACK_WAIT, futures::future::join_all(acks)).await
+    else {
+        live.metrics.error("kafka_ingest");
+        return Err(refuse(
+            app,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kafka_unavailable",
+            format!("the events topic did not acknowledge within {KAFKA_ACK_WAIT:?}; retry"),
+        ));
+    };
+    for r in results {
         if let Err((e, _)) = r {
             live.metrics.error("kafka_ingest");
             return Err(refuse(

@@ -28,6 +28,10 @@ use super::metrics::{ChangeLabel, SegmentLabel};
 use super::Live;
 use crate::EngineError;
 
+/// Largest payload of a dead-letter record; longer originals are cut, with header
+/// `herald.truncated_from` giving the original length.
+pub const DEAD_LETTER_MAX_BYTES: usize = 256 * 1024;
+
 /// The longest the sink waits for Kafka's acks when the service stops.
 pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(30);
 
@@ -175,11 +179,13 @@ impl Sink {
             }
             if let (Some(f), false) = (watermark, stop) {
                 let started = Instant::now();
-                self.flush(live)?;
+                let complete = self.flush(live)?;
                 live.metrics
                     .sink_flush_ms
                     .set(started.elapsed().as_secs_f64() * 1e3);
-                live.durable.fetch_max(f, Ordering::AcqRel);
+                if complete {
+                    live.durable.fetch_max(f, Ordering::AcqRel);
+                }
             }
         }
         self.final_flush(live)
@@ -304,6 +310,16 @@ impl Sink {
                     value: Some(&i.to_string()),
                 });
             }
+            let mut raw = raw;
+            if raw.len() > DEAD_LETTER_MAX_BYTES {
+                // A broker refuses records over its limit (1 MB by default) forever; the
+                // dead-letter file keeps the whole text.
+                headers = headers.insert(Header {
+                    key: "herald.truncated_from",
+                    value: Some(&raw.len().to_string()),
+                });
+                raw.truncate(DEAD_LETTER_MAX_BYTES);
+            }
             let topic = self.dead_letter_topic.clone();
             let key = letter.source.into_bytes();
             self.produce(live, topic, key, raw, Some(headers));
@@ -348,14 +364,31 @@ impl Sink {
     }
 
     /// Flushes files and waits for every ack, re-producing refused records.
-    fn flush(&mut self, live: &Live) -> Result<(), EngineError> {
+    /// Flushes files and waits for every Kafka ack, re-producing refused records.
+    /// Returns false, without waiting further, when the service is stopping and the
+    /// broker has not acknowledged within [`FINAL_ACK_WAIT`]: then nothing is marked
+    /// durable and the events behind it stay uncommitted.
+    fn flush(&mut self, live: &Live) -> Result<bool, EngineError> {
+        use futures::FutureExt;
+        use rdkafka::producer::Producer;
         self.flush_files(live)?;
+        let started = Instant::now();
         while !self.in_flight.is_empty() {
-            let batch = std::mem::take(&mut self.in_flight);
-            for rec in batch {
-                match futures::executor::block_on(rec.ack) {
-                    Ok(Ok(_)) => {}
-                    failed => {
+            if let Some(p) = &self.producer {
+                while p.in_flight_count() > 0 {
+                    // Returns early once everything is delivered (or failed).
+                    let _ = p.flush(Duration::from_millis(100));
+                    if live.stopping() && started.elapsed() > FINAL_ACK_WAIT {
+                        return Ok(false);
+                    }
+                }
+            }
+            for mut rec in std::mem::take(&mut self.in_flight) {
+                match (&mut rec.ack).now_or_never() {
+                    Some(Ok(Ok(_))) => {}
+                    // Delivered moments ago; its callback has not run yet.
+                    None => self.in_flight.push(rec),
+                    Some(failed) => {
                         let why = match failed {
                             Ok(Err((e, _))) => e.to_string(),
                             _ => "producer dropped the record".to_string(),
@@ -367,8 +400,11 @@ impl Sink {
                     }
                 }
             }
+            if !self.in_flight.is_empty() {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn flush_files(&mut self, live: &Live) -> Result<(), EngineError> {

@@ -3,6 +3,7 @@
 //! the output frontier to the sink, and commits Kafka offsets once their changes are
 //! durable. See the module docs of [`crate::live`] for the protocol.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -18,6 +19,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Input, Inspect};
 
 use super::kafka::{self, KafkaContext};
 use super::sink::SinkMsg;
@@ -26,6 +29,10 @@ use crate::driver::{feed_lists, SnapshotFeeder};
 
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
+
+/// Bytes a Kafka message may exceed `engine.max_message_bytes` by: the `receivedAt` and
+/// `sentAt` fields HTTP ingest adds to a message it accepted before producing it.
+const RECEIVE_FIELDS_SLACK: usize = 128;
 
 /// Offsets are committed at most this often (and once more at shutdown). Commits cost the
 /// broker (measured: committing every 100 ms tripled tansu's fetch latency under load),
@@ -48,6 +55,75 @@ pub(crate) struct WorkerIo {
 /// Offsets to commit once the instant they were fed at is durable.
 type Pending = VecDeque<(Time, BTreeMap<(String, i32), i64>)>;
 
+/// What every process's sink has made durable, so that a worker commits an offset only
+/// once the changes its event caused are handed over wherever they were emitted (state is
+/// partitioned by user across processes, so they may be emitted by another process's
+/// sink). Each process's local worker 0 broadcasts its sink's `durable` through a small
+/// dataflow; in a single process that is just [`Live::durable`].
+/// The input of the durable-broadcast dataflow.
+type DurableInput = timely::dataflow::InputHandle<
+    Time,
+    timely::container::CapacityContainerBuilder<Vec<(usize, Time)>>,
+>;
+
+struct ClusterDurable {
+    input: Option<DurableInput>,
+    seen: Rc<RefCell<Vec<Time>>>,
+    process: usize,
+    reported: Time,
+}
+
+impl ClusterDurable {
+    fn new(worker: &mut timely::worker::Worker, live: &Live) -> ClusterDurable {
+        let Some(cluster) = &live.config.cluster else {
+            return ClusterDurable {
+                input: None,
+                seen: Rc::default(),
+                process: 0,
+                reported: 0,
+            };
+        };
+        let seen: Rc<RefCell<Vec<Time>>> = Rc::new(RefCell::new(vec![0; cluster.addresses.len()]));
+        let sink = Rc::clone(&seen);
+        let input = worker.dataflow::<Time, _, _>(|scope| {
+            let (input, stream) = scope.new_input::<Vec<(usize, Time)>>();
+            stream.broadcast().inspect(move |(p, d): &(usize, Time)| {
+                if let Some(x) = sink.borrow_mut().get_mut(*p) {
+                    *x = (*x).max(*d);
+                }
+            });
+            input
+        });
+        ClusterDurable {
+            input: Some(input),
+            seen,
+            process: cluster.process,
+            reported: 0,
+        }
+    }
+
+    /// Local worker 0: tells every worker how far this process's sink is.
+    fn report(&mut self, live: &Live, now: Time) {
+        let Some(input) = &mut self.input else { return };
+        let d = live.durable.load(Ordering::Acquire);
+        if d > self.reported {
+            self.reported = d;
+            input.send((self.process, d));
+        }
+        if *input.time() < now {
+            input.advance_to(now);
+        }
+    }
+
+    /// Changes at instants below this are durable in every process.
+    fn committable(&self, live: &Live) -> Time {
+        match &self.input {
+            None => live.durable.load(Ordering::Acquire),
+            Some(_) => self.seen.borrow().iter().copied().min().unwrap_or(0),
+        }
+    }
+}
+
 /// Runs one worker until shutdown. An error stops the whole service.
 pub(crate) fn run_worker(
     worker: &mut timely::worker::Worker,
@@ -56,6 +132,10 @@ pub(crate) fn run_worker(
 ) -> Result<(), String> {
     let result = run(worker, &live, io);
     if let Err(e) = &result {
+        // Drop rather than drain: draining would emit every pending lapse at once.
+        for id in worker.installed_dataflows() {
+            worker.drop_dataflow(id);
+        }
         tracing::error!("worker {}: {e}", worker.index());
         let _ = live
             .stop_at
@@ -109,6 +189,7 @@ fn run(
         inputs
     });
 
+    let mut durable = ClusterDurable::new(worker, live);
     let mut cur: Time = now_ms();
     inputs.advance_to(cur);
     if index == 0 {
@@ -214,9 +295,18 @@ fn run(
                 live.to_sink(SinkMsg::Watermark(frontier));
             }
         }
+        if local == 0 {
+            durable.report(live, cur);
+        }
         if let (Some(c), true) = (&consumer, last_commit.elapsed() >= COMMIT_INTERVAL) {
             last_commit = Instant::now();
-            commit_durable(c, &mut pending, live, CommitMode::Async);
+            commit_durable(
+                c,
+                &mut pending,
+                live,
+                durable.committable(live),
+                CommitMode::Async,
+            );
         }
         if stopping {
             let seen = *stop_seen.get_or_insert_with(Instant::now);
@@ -227,7 +317,11 @@ fn run(
             // instant: once the frontier stalls, the stop instant is where it stalled.
             if frontier > stalled_at.0 {
                 stalled_at = (frontier, Instant::now());
-            } else if seen.elapsed() > STOP_GRACE && stalled_at.1.elapsed() > STOP_GRACE / 4 {
+            } else if live.config.cluster.is_some()
+                && cur >= stop_at
+                && seen.elapsed() > STOP_GRACE
+                && stalled_at.1.elapsed() > STOP_GRACE / 4
+            {
                 tracing::info!(
                     "worker {index}: the frontier stopped at {frontier}, before this process's stop instant {stop_at}"
                 );
@@ -260,7 +354,13 @@ fn run(
         worker.step_or_park(Some(tick));
     }
     if let Some(c) = &consumer {
-        commit_durable(c, &mut pending, live, CommitMode::Sync);
+        commit_durable(
+            c,
+            &mut pending,
+            live,
+            durable.committable(live),
+            CommitMode::Sync,
+        );
         if !pending.is_empty() {
             tracing::warn!(
                 "worker {index}: {} batches of offsets not committed (their changes were not confirmed)",
@@ -313,39 +413,56 @@ fn accept_kafka(
         batch_index: None,
         reason: herald_operators::event::RejectReason::TooLarge,
         detail: String::new(),
-        raw: String::from_utf8_lossy(payload).into_owned(),
+        raw: String::new(),
     };
-    let (events, rejections) =
-        if payload.len() > live.limits.max_message_bytes && !payload.starts_with(b"{\"batch\"") {
-            let mut dl = position();
-            dl.detail = format!(
-                "message is {} bytes, over the limit of {}",
-                payload.len(),
-                live.limits.max_message_bytes
-            );
-            live.metrics.dead_letter(dl.reason.as_str());
-            live.to_sink(SinkMsg::DeadLetter {
-                letter: dl,
-                raw: payload.to_vec(),
-                kafka: Some((topic.to_string(), partition, offset)),
-            });
-            return;
-        } else {
-            parse_message(payload, Some(received), live.limits)
-        };
+    // Slack for the receive-time fields Herald's own HTTP ingest adds before producing.
+    let limit = live.limits.max_message_bytes + RECEIVE_FIELDS_SLACK;
+    let (events, rejections) = if payload.len() > limit && !payload.starts_with(b"{\"batch\"") {
+        let mut dl = position();
+        dl.raw = String::from_utf8_lossy(payload).into_owned();
+        dl.detail = format!(
+            "message is {} bytes, over the limit of {}",
+            payload.len(),
+            live.limits.max_message_bytes
+        );
+        live.metrics.dead_letter(dl.reason.as_str());
+        live.to_sink(SinkMsg::DeadLetter {
+            letter: dl,
+            raw: payload.to_vec(),
+            kafka: Some((topic.to_string(), partition, offset)),
+        });
+        return;
+    } else {
+        parse_message(payload, Some(received), live.limits)
+    };
     for ev in events {
         live.metrics.event_in("kafka");
         feed(inputs, ev, identify);
     }
+    // A batch item's dead letter carries that item, not the whole envelope.
+    let envelope: Option<serde_json::Value> = rejections
+        .iter()
+        .any(|r| r.batch_index.is_some())
+        .then(|| serde_json::from_slice(payload).ok())
+        .flatten();
     for r in rejections {
+        let raw = match (r.batch_index, &envelope) {
+            (Some(i), Some(env)) => env
+                .get("batch")
+                .and_then(|b| b.get(i))
+                .and_then(|item| serde_json::to_vec(item).ok())
+                .unwrap_or_default(),
+            _ => payload.to_vec(),
+        };
         let mut dl = position();
+        dl.raw = String::from_utf8_lossy(&raw).into_owned();
         dl.reason = r.reason;
         dl.detail = r.detail;
         dl.batch_index = r.batch_index;
         live.metrics.dead_letter(r.reason.as_str());
         live.to_sink(SinkMsg::DeadLetter {
             letter: dl,
-            raw: payload.to_vec(),
+            raw,
             kafka: Some((topic.to_string(), partition, offset)),
         });
     }
@@ -356,9 +473,9 @@ fn commit_durable(
     consumer: &BaseConsumer<KafkaContext>,
     pending: &mut Pending,
     live: &Live,
+    durable: Time,
     mode: CommitMode,
 ) {
-    let durable = live.durable.load(Ordering::Acquire);
     let mut merged: BTreeMap<(String, i32), i64> = BTreeMap::new();
     while pending.front().is_some_and(|(t, _)| *t < durable) {
         if let Some((_, offsets)) = pending.pop_front() {
