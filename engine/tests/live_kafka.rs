@@ -230,18 +230,32 @@ fn kafka_in_changelog_and_dead_letters_out_offsets_committed_after_sinks() {
     );
     produce(&p, &t.events, "x", "{oops");
     produce(&p, &t.events, "y", r#"{"type":"track","event":"Clicked"}"#);
+    // A batch with one bad item: the good one counts, the bad one is dead-lettered alone.
+    produce(
+        &p,
+        &t.events,
+        "b",
+        r#"{"batch":[{"type":"track","userId":"b1","event":"Clicked"},{"type":"track","event":"no user"}]}"#,
+    );
     // HTTP ingest in Kafka mode goes through the events topic.
     let (status, _) = h.post("/v1/track", "wk", r#"{"userId":"web1","event":"Clicked"}"#);
     assert_eq!(status, 200);
+    // One message posted to /v1/batch is one event, in Kafka mode too.
+    let (status, _) = h.post(
+        "/v1/batch",
+        "wk",
+        r#"{"type":"track","userId":"web2","event":"Clicked"}"#,
+    );
+    assert_eq!(status, 200);
 
     h.wait_for(
-        "30 big spenders and 2 clickers",
+        "30 big spenders and 4 clickers",
         Duration::from_secs(60),
-        |h| h.size("big_spender") == 30 && h.size("clicked") == 2,
+        |h| h.size("big_spender") == 30 && h.size("clicked") == 4,
     );
 
     // The changelog: keyed by user, the replay's JSON lines.
-    let changes = read_all(&brokers, &t.changes, 4, 32);
+    let changes = read_all(&brokers, &t.changes, 4, 34);
     let mut entered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (key, payload, _) in &changes {
         let c: serde_json::Value = serde_json::from_slice(payload).unwrap();
@@ -256,12 +270,12 @@ fn kafka_in_changelog_and_dead_letters_out_offsets_committed_after_sinks() {
     assert_eq!(entered["big_spender"].len(), 30);
     assert_eq!(
         entered["clicked"],
-        BTreeSet::from(["u0".to_string(), "web1".to_string()])
+        BTreeSet::from(["u0", "web1", "web2", "b1"].map(String::from))
     );
 
     // Dead letters: original bytes, reason and position in headers.
-    let dead = read_all(&brokers, &t.dead, 4, 2);
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    let dead = read_all(&brokers, &t.dead, 4, 3);
+    assert_eq!(dead.len(), 3, "{dead:?}");
     let mut reasons = BTreeSet::new();
     for (_, payload, headers) in &dead {
         assert_eq!(headers["herald.topic"], t.events);
@@ -271,11 +285,18 @@ fn kafka_in_changelog_and_dead_letters_out_offsets_committed_after_sinks() {
         if headers["herald.reason"] == "invalid_json" {
             assert_eq!(payload, b"{oops");
         }
+        if headers.get("herald.batch_index").map(String::as_str) == Some("1") {
+            let item: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            assert_eq!(item, serde_json::json!({"type":"track","event":"no user"}));
+        }
     }
     assert_eq!(
         reasons,
         BTreeSet::from(["invalid_json".to_string(), "missing_user".to_string()])
     );
+    assert!(dead
+        .iter()
+        .any(|(_, _, h)| h.get("herald.batch_index").map(String::as_str) == Some("1")));
     assert_eq!(metric(&h, "herald_duplicates_total"), Some(1.0));
     h.wait_for("consumer lag in /metrics", Duration::from_secs(20), |h| {
         metric(h, "herald_consumer_lag{").is_some()
@@ -434,4 +455,76 @@ fn a_broker_that_goes_down_and_comes_back_loses_no_event() {
         "events redelivered after a graceful stop"
     );
     assert!(h.stop().success());
+}
+
+/// Kafka mode on a two-process timely cluster: the group spreads partitions over both
+/// processes, each user's state lives on one of them, and offsets are committed only
+/// once every process's sink has the changes (a change may be emitted by the other
+/// process than the one that consumed the event).
+#[test]
+#[ignore = "needs a Kafka-protocol broker on 127.0.0.1: run scripts/test.sh"]
+fn a_two_process_cluster_consumes_and_commits() {
+    let brokers = brokers();
+    let t = Topics::new();
+    create_topic(&brokers, &t.events, 4);
+    let free_port = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let addresses = format!(
+        "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+        free_port(),
+        free_port()
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |dirs: &[tempfile::TempDir]| -> Vec<Herald> {
+        let handles: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(process, dir)| {
+                std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+                let config = format!(
+                    "{}[cluster]\nprocess = {process}\naddresses = {addresses}\n",
+                    t.config(&brokers, 1)
+                );
+                let path = dir.path().to_path_buf();
+                std::thread::spawn(move || Herald::start(&path, &config))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    let mut hs = start(&dirs);
+    let p = producer(&brokers);
+    for u in 0..40 {
+        let ev = format!(r#"{{"type":"track","userId":"k{u}","event":"Clicked"}}"#);
+        produce(&p, &t.events, &format!("k{u}"), &ev);
+    }
+    let total = |hs: &[Herald]| hs.iter().map(|h| h.size("clicked")).sum::<i64>();
+    hs[0].wait_for(
+        "40 clickers across the cluster",
+        Duration::from_secs(60),
+        |_| total(&hs) == 40,
+    );
+    let stops: Vec<_> = hs
+        .drain(..)
+        .map(|mut h| std::thread::spawn(move || (h.stop(), h.stderr_text())))
+        .collect();
+    let mut logs = String::new();
+    for s in stops {
+        let (status, stderr) = s.join().unwrap();
+        assert!(status.success(), "exit {status:?}\n{stderr}");
+        logs.push_str(&stderr);
+    }
+    // Processes stop at the cluster's common instant; what a process fed after it is not
+    // committed (and is consumed again by the next run). Never more than was consumed.
+    let (committed, ends) = committed_and_ends(&brokers, &t.group, &t.events, 4);
+    for (c, e) in committed.iter().zip(&ends) {
+        assert!(
+            *c <= *e,
+            "committed {committed:?} beyond the ends {ends:?}\n{logs}"
+        );
+    }
 }

@@ -337,7 +337,33 @@ fn run(
         live.to_sink(SinkMsg::Watermark(last_frontier));
     }
     let started = Instant::now();
-    while live.durable.load(Ordering::Acquire) < stop_at {
+    // In a cluster, also until every process's sink has confirmed what this worker fed
+    // (their reports arrive through the broadcast dataflow, so keep stepping it).
+    let needed = pending.back().map_or(0, |(t, _)| t + 1);
+    let mut done_at: Option<Instant> = None;
+    loop {
+        let local_done = live.durable.load(Ordering::Acquire) >= stop_at;
+        let cluster_done = durable.committable(live) >= needed;
+        if local_done {
+            let since = done_at.get_or_insert_with(Instant::now).elapsed();
+            // Keep reporting a little longer, so the other processes see this one's
+            // final durable frontier before it goes.
+            if cluster_done && (live.config.cluster.is_none() || since > STOP_GRACE / 4) {
+                break;
+            }
+            // Events fed after the instant the whole cluster stopped at are never
+            // processed; their offsets stay uncommitted and are consumed again later.
+            if !cluster_done && since > STOP_GRACE {
+                tracing::info!(
+                    "worker {index}: some events were fed after the cluster's stop instant; \
+                     their offsets stay uncommitted"
+                );
+                break;
+            }
+        }
+        if local == 0 {
+            durable.report(live, cur);
+        }
         if live.sink_failed.load(Ordering::Acquire) {
             tracing::warn!(
                 "worker {index}: the sink failed; offsets not confirmed stay uncommitted"
