@@ -7,6 +7,8 @@
 #
 # Services:
 #   s3s-fs  an S3-compatible object store (crates.io), serving a scratch directory.
+#   postgres PostgreSQL 15 (Debian's package; installed with apt when missing), a
+#           throwaway cluster on 127.0.0.1 (trust auth), the stand-in SQL warehouse.
 #   tansu   an Apache-Kafka-compatible broker (crates.io), in-memory storage. Tests that
 #           restart a broker start their own tansu (HERALD_TANSU_BIN) on S3 storage.
 set -euo pipefail
@@ -16,6 +18,8 @@ RUN="${HERALD_RUN_DIR:-${TMPDIR:-/tmp}/herald-services}"
 S3_PORT="${HERALD_S3_PORT:-19000}"
 S3_VERSION="0.14.1"   # 0.15+ needs a newer rustc than the workspace's MSRV allows
 KAFKA_PORT="${HERALD_KAFKA_PORT:-19092}"
+PG_PORT="${HERALD_PG_PORT:-15432}"
+PG_BIN="/usr/lib/postgresql/15/bin"
 TANSU_VERSION="0.6.0"
 
 log() { echo "services: $*" >&2; }
@@ -38,6 +42,25 @@ install_tansu() {
   # --locked: some features fail to compile otherwise; dynostore: memory and S3 storage.
   CARGO_TARGET_DIR="$TOOLS/build" cargo install "tansu@$TANSU_VERSION" --features dynostore \
     --locked --root "$TOOLS" --quiet >&2
+}
+
+start_pg() {
+  if [ ! -x "$PG_BIN/initdb" ]; then
+    log "installing postgresql-15 (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15 >&2
+  fi
+  local dir="$RUN/pg"
+  if [ -f "$dir/data/postmaster.pid" ] && runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+    log "postgres already running on 127.0.0.1:$PG_PORT"
+    return
+  fi
+  mkdir -p "$dir"; chown postgres "$dir"; chmod 755 "$RUN"
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync >/dev/null
+  fi
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w start \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $dir -c fsync=off" >/dev/null
+  log "postgres on 127.0.0.1:$PG_PORT (data in $dir)"
 }
 
 install_sdks() {
@@ -86,6 +109,8 @@ start() {
     wait_port "$KAFKA_PORT"
     log "tansu (Kafka protocol) on 127.0.0.1:$KAFKA_PORT, in-memory storage"
   fi
+  start_pg
+  echo "export HERALD_TEST_POSTGRES=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   install_sdks
   echo "export HERALD_NODE_MODULES=$TOOLS/npm/node_modules"
   echo "export HERALD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT"
@@ -100,6 +125,9 @@ start() {
 }
 
 stop() {
+  if [ -f "$RUN/pg/data/postmaster.pid" ]; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$RUN/pg/data" stop -m fast >/dev/null 2>&1 || true
+  fi
   if [ -f "$RUN/kafka.pid" ]; then kill "$(cat "$RUN/kafka.pid")" 2>/dev/null || true; rm -f "$RUN/kafka.pid"; fi
   if [ -f "$RUN/s3.pid" ]; then kill "$(cat "$RUN/s3.pid")" 2>/dev/null || true; rm -f "$RUN/s3.pid"; fi
 }

@@ -14,6 +14,7 @@
 //!   with their positions; rejected messages become [`events::DeadLetter`]s with a
 //!   per-reason count, and duplicate `messageId`s within the dedup horizon are dropped
 //!   deterministically (first occurrence in input order wins).
+//! - [`postgres`]: idempotent loads of segment changes into a PostgreSQL-protocol warehouse.
 //! - [`snapshot`]: profile snapshots (`user_id` plus one column per trait) read from one
 //!   Parquet file or every `*.parquet` under a prefix, typed from the Arrow schema;
 //!   the difference between two snapshots as cell and user-presence changes; and a
@@ -26,6 +27,7 @@
 pub mod csvlist;
 pub mod error;
 pub mod events;
+pub mod postgres;
 pub mod sink;
 pub mod snapshot;
 pub mod store;

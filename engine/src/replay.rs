@@ -40,6 +40,10 @@ pub struct ReplayArgs {
     pub workers: usize,
     /// Show a progress bar.
     pub progress: bool,
+    /// Also load the changes into this PostgreSQL (or Redshift) URL, idempotently.
+    pub postgres: Option<String>,
+    /// The table for `postgres`.
+    pub postgres_table: String,
 }
 
 /// What a replay did.
@@ -67,6 +71,8 @@ pub struct ReplaySummary {
     pub dataflow_time: Duration,
     /// Time spent writing outputs.
     pub write_time: Duration,
+    /// Changes loaded into PostgreSQL: (sent, newly inserted), when asked for.
+    pub postgres: Option<(u64, u64)>,
     /// Warnings for the user (e.g. warehouse segments that replay does not run).
     pub warnings: Vec<String>,
 }
@@ -233,6 +239,10 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     write_changes_jsonl(&join(&args.out, "segment_changes.jsonl"), &rows)?;
     write_changes_parquet(&join(&args.out, "segment_changes.parquet"), &rows)?;
     write_dead_letters_jsonl(&join(&args.out, "dead_letters.jsonl"), &batch.dead_letters)?;
+    if let Some(url) = &args.postgres {
+        let loaded = herald_connectors::postgres::load_changes(url, &args.postgres_table, &rows)?;
+        summary.postgres = Some((loaded.sent, loaded.inserted));
+    }
     summary.write_time = write_started.elapsed();
     Ok(summary)
 }

@@ -308,3 +308,89 @@ fn parquet_snapshots_apply_at_their_instants_as_diffs() {
     );
     assert_eq!(read(&dir.join("out/segment_changes.jsonl")), want);
 }
+
+/// Needs the PostgreSQL `scripts/services.sh` starts (run by `scripts/test.sh`).
+#[test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: run scripts/test.sh"]
+fn replay_loads_changes_into_postgres_idempotently() {
+    let url = std::env::var("HERALD_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!("HERALD_TEST_POSTGRES must be set: run `eval \"$(scripts/services.sh start)\"`")
+    });
+    let d = data("spec_examples");
+    let table = format!("changes_{}", std::process::id());
+    let expected = read(&d.join("expected_changes.jsonl")).lines().count();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let replay = || {
+        ok(herald()
+            .args(["replay", "--segments"])
+            .arg(d.join("segments.sql"))
+            .arg("--events")
+            .arg(d.join("events.jsonl"))
+            .args(["--until", "2026-03-20T00:00:00Z", "--out"])
+            .arg(tmp.path())
+            .args(["--postgres", &url, "--postgres-table", &table]))
+    };
+    let first = replay();
+    assert!(
+        first.contains(&format!(
+            "postgres: {expected} changes sent, {expected} new"
+        )),
+        "{first}"
+    );
+    // The same replay again adds nothing.
+    let second = replay();
+    assert!(
+        second.contains(&format!("postgres: {expected} changes sent, 0 new")),
+        "{second}"
+    );
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args([url.as_str(), "-tAc", sql])
+            .output()
+            .unwrap_or_else(|e| panic!("psql: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        psql(&format!("SELECT count(*) FROM {table}")),
+        expected.to_string()
+    );
+    // Rows match the JSONL file: same segment, user, diff and instant.
+    let first_line: serde_json::Value = serde_json::from_str(
+        read(&d.join("expected_changes.jsonl"))
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let row = psql(&format!(
+        "SELECT diff, to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') FROM {table} \
+         WHERE segment = '{}' AND user_id = '{}' ORDER BY time LIMIT 1",
+        first_line["segment"].as_str().unwrap(),
+        first_line["user_id"].as_str().unwrap()
+    ));
+    assert_eq!(
+        row,
+        format!(
+            "{}|{}",
+            first_line["diff"],
+            first_line["time"].as_str().unwrap()
+        )
+    );
+    // A bad table name is refused with a clear error.
+    let out = run(herald()
+        .args(["replay", "--segments"])
+        .arg(d.join("segments.sql"))
+        .arg("--events")
+        .arg(d.join("events.jsonl"))
+        .args(["--until", "2026-03-20T00:00:00Z", "--out"])
+        .arg(tmp.path())
+        .args(["--postgres", &url, "--postgres-table", "x; DROP TABLE y"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("identifier"));
+    psql(&format!("DROP TABLE {table}"));
+}

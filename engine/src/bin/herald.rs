@@ -39,6 +39,14 @@ enum Command {
         /// Timely worker threads.
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Also load the changes into a PostgreSQL-protocol warehouse (PostgreSQL,
+        /// Redshift): postgres://user@host:port/db. Idempotent: loading the same changes
+        /// again adds nothing.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        /// The table `--postgres` loads into (created if missing).
+        #[arg(long, value_name = "TABLE", default_value = "segment_changes")]
+        postgres_table: String,
     },
     /// Run Herald as a service: events from Kafka and HTTP, segments on the wall clock,
     /// changes to files and Kafka, the query API. Stops gracefully on SIGINT/SIGTERM.
@@ -80,6 +88,12 @@ fn print_summary(s: &ReplaySummary, out: &str) {
     if !s.rejected.is_empty() {
         let reasons: Vec<String> = s.rejected.iter().map(|(r, n)| format!("{r}={n}")).collect();
         println!("dead letters by reason: {}", reasons.join(", "));
+    }
+    if let Some((sent, inserted)) = s.postgres {
+        println!(
+            "postgres: {sent} changes sent, {inserted} new ({} already there)",
+            sent - inserted
+        );
     }
     println!("segment sizes at --until:");
     let width = s.sizes.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
@@ -149,6 +163,8 @@ fn main() -> ExitCode {
             until,
             out,
             workers,
+            postgres,
+            postgres_table,
         } => {
             let args = ReplayArgs {
                 segments,
@@ -158,6 +174,8 @@ fn main() -> ExitCode {
                 out: out.clone(),
                 workers,
                 progress: std::io::stderr().is_terminal(),
+                postgres,
+                postgres_table,
             };
             replay(&args).map(|s| print_summary(&s, &out))
         }
