@@ -417,33 +417,7 @@ fn snapshots_from_a_real_s3_prefix() {
 /// SIGTERM.
 #[test]
 fn a_two_process_timely_cluster_shares_the_users() {
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let addresses = format!(
-        "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
-        free_port(),
-        free_port()
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let handles: Vec<_> = dirs
-        .iter()
-        .enumerate()
-        .map(|(process, dir)| {
-            std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
-            let config = format!(
-                "{}[cluster]\nprocess = {process}\naddresses = {addresses}\n",
-                config(1)
-            );
-            let path = dir.path().to_path_buf();
-            std::thread::spawn(move || Herald::start(&path, &config))
-        })
-        .collect();
-    let mut hs: Vec<Herald> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (_dirs, hs) = common::start_cluster(SEGMENTS, &config(1));
     for u in 0..40 {
         let target = &hs[u % 2];
         let (status, _) = target.post(
@@ -478,17 +452,7 @@ fn a_two_process_timely_cluster_shares_the_users() {
         );
     }
     // Stop both together.
-    let stops: Vec<_> = hs
-        .drain(..)
-        .map(|mut h| {
-            std::thread::spawn(move || {
-                let status = h.stop();
-                (status, h.stderr_text())
-            })
-        })
-        .collect();
-    for s in stops {
-        let (status, stderr) = s.join().unwrap();
+    for (status, stderr) in common::stop_all(hs) {
         assert!(status.success(), "exit {status:?}\n{stderr}");
     }
 }

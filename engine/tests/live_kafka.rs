@@ -467,36 +467,7 @@ fn a_two_process_cluster_consumes_and_commits() {
     let brokers = brokers();
     let t = Topics::new();
     create_topic(&brokers, &t.events, 4);
-    let free_port = || {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let addresses = format!(
-        "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
-        free_port(),
-        free_port()
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let start = |dirs: &[tempfile::TempDir]| -> Vec<Herald> {
-        let handles: Vec<_> = dirs
-            .iter()
-            .enumerate()
-            .map(|(process, dir)| {
-                std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
-                let config = format!(
-                    "{}[cluster]\nprocess = {process}\naddresses = {addresses}\n",
-                    t.config(&brokers, 1)
-                );
-                let path = dir.path().to_path_buf();
-                std::thread::spawn(move || Herald::start(&path, &config))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    };
-    let mut hs = start(&dirs);
+    let (_dirs, hs) = common::start_cluster(SEGMENTS, &t.config(&brokers, 1));
     let p = producer(&brokers);
     for u in 0..40 {
         let ev = format!(r#"{{"type":"track","userId":"k{u}","event":"Clicked"}}"#);
@@ -508,13 +479,8 @@ fn a_two_process_cluster_consumes_and_commits() {
         Duration::from_secs(60),
         |_| total(&hs) == 40,
     );
-    let stops: Vec<_> = hs
-        .drain(..)
-        .map(|mut h| std::thread::spawn(move || (h.stop(), h.stderr_text())))
-        .collect();
     let mut logs = String::new();
-    for s in stops {
-        let (status, stderr) = s.join().unwrap();
+    for (status, stderr) in common::stop_all(hs) {
         assert!(status.success(), "exit {status:?}\n{stderr}");
         logs.push_str(&stderr);
     }

@@ -202,6 +202,48 @@ impl Herald {
     }
 }
 
+/// Starts a two-process timely cluster of `herald run`: each process gets its own
+/// directory holding `segments` and `base_config` plus its `[cluster]` section. Returns
+/// the directories (keep them alive) and the processes, in process order.
+pub fn start_cluster(segments: &str, base_config: &str) -> (Vec<tempfile::TempDir>, Vec<Herald>) {
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let addresses = format!(
+        "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
+        free_port(),
+        free_port()
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Processes wait for each other while connecting: start them concurrently.
+    let handles: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(process, dir)| {
+            std::fs::write(dir.path().join("segments.sql"), segments).unwrap();
+            let config =
+                format!("{base_config}[cluster]\nprocess = {process}\naddresses = {addresses}\n");
+            let path = dir.path().to_path_buf();
+            std::thread::spawn(move || Herald::start(&path, &config))
+        })
+        .collect();
+    let hs = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    (dirs, hs)
+}
+
+/// Stops every process concurrently (SIGTERM); returns each exit status and stderr.
+pub fn stop_all(hs: Vec<Herald>) -> Vec<(ExitStatus, String)> {
+    let stops: Vec<_> = hs
+        .into_iter()
+        .map(|mut h| std::thread::spawn(move || (h.stop(), h.stderr_text())))
+        .collect();
+    stops.into_iter().map(|s| s.join().unwrap()).collect()
+}
+
 impl Drop for Herald {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
