@@ -100,6 +100,10 @@ pub fn consumer(
         .set("auto.offset.reset", &k.auto_offset_reset)
         .set("fetch.wait.max.ms", k.fetch_wait_max_ms.to_string())
         .set("statistics.interval.ms", "1000")
+        // A member that vanished (crash, or a broker that ignores LeaveGroup) hands its
+        // partitions over after 10 s rather than librdkafka's default 45 s.
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "3000")
         .set("enable.partition.eof", "false");
     for (key, value) in &k.properties {
         c.set(key, value);
