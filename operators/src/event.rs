@@ -134,6 +134,9 @@ pub struct Rejection {
     pub detail: String,
     /// Index inside a `batch` envelope, when the message came from one.
     pub batch_index: Option<usize>,
+    /// The batch item's own JSON text, when the message came from a `batch` (callers
+    /// that dead-letter items one by one use it instead of the whole envelope).
+    pub item: Option<String>,
 }
 
 impl Rejection {
@@ -142,6 +145,7 @@ impl Rejection {
             reason,
             detail: detail.into(),
             batch_index: None,
+            item: None,
         }
     }
 }
@@ -170,18 +174,26 @@ pub fn parse_message(
     received_at: Option<i64>,
     limits: Limits,
 ) -> (Vec<Event>, Vec<Rejection>) {
-    let json: Json = match serde_json::from_slice(bytes) {
-        Ok(j) => j,
-        Err(e) => {
-            return (
-                vec![],
-                vec![Rejection::new(
-                    RejectReason::InvalidJson,
-                    format!("not valid JSON: {e}"),
-                )],
-            )
-        }
-    };
+    match serde_json::from_slice(bytes) {
+        Ok(json) => parse_json(&json, bytes, received_at, limits),
+        Err(e) => (
+            vec![],
+            vec![Rejection::new(
+                RejectReason::InvalidJson,
+                format!("not valid JSON: {e}"),
+            )],
+        ),
+    }
+}
+
+/// [`parse_message`] for a message already parsed: `json` is the message and `bytes`
+/// its text (measured against the size limit and hashed for a missing `messageId`).
+pub fn parse_json(
+    json: &Json,
+    bytes: &[u8],
+    received_at: Option<i64>,
+    limits: Limits,
+) -> (Vec<Event>, Vec<Rejection>) {
     let Json::Object(obj) = json else {
         return (
             vec![],
@@ -205,7 +217,8 @@ pub fn parse_message(
         let mut events = Vec::with_capacity(items.len());
         let mut rejections = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            let size = serde_json::to_vec(item).map(|v| v.len()).unwrap_or(0);
+            let raw = serde_json::to_vec(item).unwrap_or_default();
+            let size = raw.len();
             let result = if size > limits.max_message_bytes {
                 Err(Rejection::new(
                     RejectReason::TooLarge,
@@ -216,12 +229,7 @@ pub fn parse_message(
                 ))
             } else {
                 match item {
-                    Json::Object(m) => accept_object(
-                        m,
-                        envelope_sent_at,
-                        received_at,
-                        &serde_json::to_vec(item).unwrap_or_default(),
-                    ),
+                    Json::Object(m) => accept_object(m, envelope_sent_at, received_at, &raw),
                     _ => Err(Rejection::new(
                         RejectReason::NotAnObject,
                         "a batch item must be a JSON object",
@@ -232,6 +240,7 @@ pub fn parse_message(
                 Ok(e) => events.push(e),
                 Err(mut r) => {
                     r.batch_index = Some(i);
+                    r.item = Some(String::from_utf8_lossy(&raw).into_owned());
                     rejections.push(r);
                 }
             }
@@ -251,7 +260,7 @@ pub fn parse_message(
             )],
         );
     }
-    match accept_object(&obj, None, received_at, bytes) {
+    match accept_object(obj, None, received_at, bytes) {
         Ok(e) => (vec![e], vec![]),
         Err(r) => (vec![], vec![r]),
     }

@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use axum::{Json as AxumJson, Router};
 use base64::Engine as _;
 use herald_connectors::events::DeadLetter;
-use herald_operators::event::{parse_message, Event, RejectReason};
+use herald_operators::event::{parse_json, Event, RejectReason};
 use herald_operators::time::format_rfc3339_ms;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
@@ -222,31 +222,20 @@ async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: 
             return rejected_response(0, &[(None, RejectReason::InvalidJson, detail)]);
         }
     };
+    // The endpoint sets the type of a single message; only then is the text rewritten.
     if let (Some(kind), Json::Object(obj)) = (kind, &mut json) {
         obj.insert("type".into(), Json::from(kind));
-        if bytes.len() > live.limits.max_message_bytes {
-            let detail = format!(
-                "message is {} bytes, over the limit of {}",
-                bytes.len(),
-                live.limits.max_message_bytes
-            );
-            dead_letter(RejectReason::TooLarge, detail.clone(), None, &bytes);
-            return rejected_response(0, &[(None, RejectReason::TooLarge, detail)]);
-        }
     }
-    let normalized = serde_json::to_vec(&json).unwrap_or_default();
-    let (events, rejections) = parse_message(&normalized, Some(received), live.limits);
+    let text: std::borrow::Cow<[u8]> = match kind {
+        Some(_) => serde_json::to_vec(&json).unwrap_or_default().into(),
+        None => bytes.as_slice().into(),
+    };
+    let (events, rejections) = parse_json(&json, &text, Some(received), live.limits);
     let mut rejected = Vec::with_capacity(rejections.len());
     for r in &rejections {
-        let item_raw = match (r.batch_index, &json) {
-            (Some(i), Json::Object(o)) => o
-                .get("batch")
-                .and_then(|b| b.get(i))
-                .and_then(|item| serde_json::to_vec(item).ok())
-                .unwrap_or_else(|| bytes.clone()),
-            _ => bytes.clone(),
-        };
-        dead_letter(r.reason, r.detail.clone(), r.batch_index, &item_raw);
+        // A batch item is dead-lettered as itself, not as the whole request.
+        let raw = r.item.as_deref().map_or(bytes.as_slice(), str::as_bytes);
+        dead_letter(r.reason, r.detail.clone(), r.batch_index, raw);
         rejected.push((r.batch_index, r.reason, r.detail.clone()));
     }
     let accepted = events.len();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{build_segments, SegmentInputs};
-use herald_operators::event::{parse_message, Event};
+use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::time::Time;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
@@ -30,8 +30,9 @@ use crate::driver::{feed_lists, SnapshotFeeder};
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
 
-/// Bytes a Kafka message may exceed `engine.max_message_bytes` by: the `receivedAt` and
-/// `sentAt` fields HTTP ingest adds to a message it accepted before producing it.
+/// Bytes a Kafka message (or batch item) may exceed `engine.max_message_bytes` by: the
+/// `receivedAt` and `sentAt` fields HTTP ingest adds to a message it accepted before
+/// producing it.
 const RECEIVE_FIELDS_SLACK: usize = 128;
 
 /// Offsets are committed at most this often (and once more at shutdown). Commits cost the
@@ -433,61 +434,28 @@ fn accept_kafka(
     received: i64,
     (topic, partition, offset): (&str, i32, i64),
 ) {
-    let position = || DeadLetter {
-        source: format!("kafka:{topic}/{partition}"),
-        line: offset.max(0) as u64,
-        batch_index: None,
-        reason: herald_operators::event::RejectReason::TooLarge,
-        detail: String::new(),
-        raw: String::new(),
-    };
     // Slack for the receive-time fields Herald's own HTTP ingest adds before producing.
-    let limit = live.limits.max_message_bytes + RECEIVE_FIELDS_SLACK;
-    let (events, rejections) = if payload.len() > limit && !payload.starts_with(b"{\"batch\"") {
-        let mut dl = position();
-        dl.raw = String::from_utf8_lossy(payload).into_owned();
-        dl.detail = format!(
-            "message is {} bytes, over the limit of {}",
-            payload.len(),
-            live.limits.max_message_bytes
-        );
-        live.metrics.dead_letter(dl.reason.as_str());
-        live.to_sink(SinkMsg::DeadLetter {
-            letter: dl,
-            raw: payload.to_vec(),
-            kafka: Some((topic.to_string(), partition, offset)),
-        });
-        return;
-    } else {
-        parse_message(payload, Some(received), live.limits)
+    let limits = Limits {
+        max_message_bytes: live.limits.max_message_bytes + RECEIVE_FIELDS_SLACK,
     };
+    let (events, rejections) = parse_message(payload, Some(received), limits);
     for ev in events {
         live.metrics.event_in("kafka");
         feed(inputs, ev, identify);
     }
-    // A batch item's dead letter carries that item, not the whole envelope.
-    let envelope: Option<serde_json::Value> = rejections
-        .iter()
-        .any(|r| r.batch_index.is_some())
-        .then(|| serde_json::from_slice(payload).ok())
-        .flatten();
     for r in rejections {
-        let raw = match (r.batch_index, &envelope) {
-            (Some(i), Some(env)) => env
-                .get("batch")
-                .and_then(|b| b.get(i))
-                .and_then(|item| serde_json::to_vec(item).ok())
-                .unwrap_or_default(),
-            _ => payload.to_vec(),
-        };
-        let mut dl = position();
-        dl.raw = String::from_utf8_lossy(&raw).into_owned();
-        dl.reason = r.reason;
-        dl.detail = r.detail;
-        dl.batch_index = r.batch_index;
+        // A batch item is dead-lettered as itself, not as the whole envelope.
+        let raw = r.item.map_or_else(|| payload.to_vec(), String::into_bytes);
         live.metrics.dead_letter(r.reason.as_str());
         live.to_sink(SinkMsg::DeadLetter {
-            letter: dl,
+            letter: DeadLetter {
+                source: format!("kafka:{topic}/{partition}"),
+                line: offset.max(0) as u64,
+                batch_index: r.batch_index,
+                reason: r.reason,
+                detail: r.detail,
+                raw: String::from_utf8_lossy(&raw).into_owned(),
+            },
             raw,
             kafka: Some((topic.to_string(), partition, offset)),
         });
