@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/herald-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Incremental state only helps edit-compile loops; in the cached CI target it grew by
+# gigabytes a run (a full disk was seen here).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step() { echo; echo "==> $*"; }
 
