@@ -53,7 +53,7 @@ struct App {
 }
 
 /// The API's routes.
-pub fn router(live: Arc<Live>, _runtime: &tokio::runtime::Runtime) -> Result<Router, EngineError> {
+pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
     let (producer, events_topic) = match &live.config.kafka {
         Some(k) => (
             Some(super::kafka::producer(k)?),

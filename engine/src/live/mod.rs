@@ -92,9 +92,9 @@ pub struct Live {
     /// Set when the sink has failed: nothing more will become durable.
     pub sink_failed: std::sync::atomic::AtomicBool,
     /// The sink's channel.
-    pub sink: Mutex<Sender<SinkMsg>>,
+    pub sink: Sender<SinkMsg>,
     /// Embedded mode: one bounded channel per local worker, chosen by user hash.
-    pub ingest: Vec<Mutex<SyncSender<Event>>>,
+    pub ingest: Vec<SyncSender<Event>>,
 }
 
 /// Events waiting for one worker (embedded mode) before HTTP ingest answers 503: bounds
@@ -115,8 +115,7 @@ impl Live {
     pub fn ingest(&self, ev: Event) -> Result<(), IngestError> {
         let n = self.ingest.len() as u64;
         let i = (herald_operators::door::user_hash(&ev.user) % n) as usize;
-        let tx = self.ingest[i].lock().map_err(|_| IngestError::Stopped)?;
-        tx.try_send(ev).map_err(|e| match e {
+        self.ingest[i].try_send(ev).map_err(|e| match e {
             std::sync::mpsc::TrySendError::Full(_) => IngestError::Overloaded,
             std::sync::mpsc::TrySendError::Disconnected(_) => IngestError::Stopped,
         })
@@ -124,9 +123,7 @@ impl Live {
 
     /// Sends a message to the sink thread (dropped only if the sink is gone).
     pub fn to_sink(&self, msg: SinkMsg) {
-        if let Ok(tx) = self.sink.lock() {
-            let _ = tx.send(msg);
-        }
+        let _ = self.sink.send(msg);
     }
 
     /// Segment kind names for the API.
@@ -175,7 +172,7 @@ where
     let mut ingest_tx = Vec::new();
     for _ in 0..local_workers {
         let (tx, rx) = std::sync::mpsc::sync_channel(INGEST_QUEUE);
-        ingest_tx.push(Mutex::new(tx));
+        ingest_tx.push(tx);
         ingest_rx.push(Some(rx));
     }
     let limits = Limits {
@@ -193,7 +190,7 @@ where
         durable: AtomicU64::new(0),
         frontier: AtomicU64::new(0),
         sink_failed: std::sync::atomic::AtomicBool::new(false),
-        sink: Mutex::new(sink_tx),
+        sink: sink_tx,
         ingest: ingest_tx,
     });
     for seg in &live.plan.segments {
@@ -272,7 +269,7 @@ where
     .map_err(|e| EngineError::Dataflow(format!("cannot start timely workers: {e}")))?;
 
     // The HTTP server, and shutdown: stop taking requests first, then stop the workers.
-    let app = http::router(Arc::clone(&live), &runtime)?;
+    let app = http::router(Arc::clone(&live))?;
     let stop_live = Arc::clone(&live);
     let (workers_done_tx, workers_done_rx) = tokio::sync::oneshot::channel::<()>();
     let served = runtime.spawn(async move {

@@ -8,6 +8,7 @@
 //! In a multi-process cluster each process holds the users its workers own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 
 use serde_json::Value as Json;
 
@@ -61,13 +62,12 @@ impl LiveState {
         let Some(members) = self.members.get(segment) else {
             return Vec::new();
         };
-        let range: Box<dyn Iterator<Item = &String>> = match cursor {
-            Some(c) => Box::new(
-                members.range::<str, _>((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
-            ),
-            None => Box::new(members.iter()),
-        };
-        range.take(limit).cloned().collect()
+        let after = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        members
+            .range::<str, _>((after, Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
     /// Segments the user is in (indices), if any.

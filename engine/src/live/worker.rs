@@ -15,6 +15,7 @@ use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{build_segments, SegmentInputs};
 use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::time::Time;
+use herald_operators::value::Value;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -170,11 +171,7 @@ fn run(
     let plan = Rc::new(live.plan.clone());
     let dedup_horizon_ms = live.config.dedup_horizon_ms().map_err(|e| e.to_string())?;
     let probe = ProbeHandle::new();
-    let sink = live
-        .sink
-        .lock()
-        .map_err(|_| "sink channel poisoned".to_string())?
-        .clone();
+    let sink = live.sink.clone();
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
         let (inputs, changes) = build_segments(scope, plan.clone(), dedup_horizon_ms);
         changes
@@ -207,7 +204,7 @@ fn run(
     let mut snapshots = SnapshotFeeder::default();
     let mut last_frontier: Time = 0;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
-    let mut identify: Vec<Event> = Vec::new();
+    let mut identify: Vec<TraitWrites> = Vec::new();
     let mut stop_seen: Option<Instant> = None;
     let mut last_commit = Instant::now();
     let mut stalled_at: (Time, Instant) = (0, Instant::now());
@@ -403,22 +400,26 @@ fn run(
     Ok(())
 }
 
-fn feed(inputs: &mut SegmentInputs, ev: Event, identify: &mut Vec<Event>) {
-    if ev.kind == herald_operators::event::EventType::Identify {
-        identify.push(ev.clone());
+/// An identify's trait writes, kept for the query API: `(user, timestamp, writes)`.
+type TraitWrites = (String, i64, Vec<(String, Value)>);
+
+fn feed(inputs: &mut SegmentInputs, ev: Event, identify: &mut Vec<TraitWrites>) {
+    let writes = ev.trait_writes();
+    if !writes.is_empty() {
+        identify.push((ev.user.clone(), ev.timestamp, writes));
     }
     inputs.events.update(ev, 1);
 }
 
 /// Records identify traits for the query API, one lock per loop turn.
-fn record_traits(live: &Live, identify: &mut Vec<Event>) {
+fn record_traits(live: &Live, identify: &mut Vec<TraitWrites>) {
     if identify.is_empty() {
         return;
     }
     if let Ok(mut state) = live.state.write() {
-        for ev in identify.drain(..) {
-            for (name, v) in ev.trait_writes() {
-                state.write_trait(&ev.user, &name, v.to_json(), ev.timestamp, true);
+        for (user, ts, writes) in identify.drain(..) {
+            for (name, v) in writes {
+                state.write_trait(&user, &name, v.to_json(), ts, true);
             }
         }
     }
@@ -429,7 +430,7 @@ fn record_traits(live: &Live, identify: &mut Vec<Event>) {
 fn accept_kafka(
     live: &Live,
     inputs: &mut SegmentInputs,
-    identify: &mut Vec<Event>,
+    identify: &mut Vec<TraitWrites>,
     payload: &[u8],
     received: i64,
     (topic, partition, offset): (&str, i32, i64),
