@@ -66,12 +66,21 @@ pub fn write_changes_jsonl(
     url_or_path: &str,
     changes: &[SegmentChange],
 ) -> Result<(), ConnectorError> {
+    write_jsonl(url_or_path, changes, change_line)
+}
+
+/// Writes `items` as JSON lines, each encoded by `line` (which appends its newline).
+fn write_jsonl<T>(
+    url_or_path: &str,
+    items: &[T],
+    line: fn(&T, &mut Vec<u8>),
+) -> Result<(), ConnectorError> {
     let mut out = OutputFile::create(url_or_path)?;
-    let mut line = Vec::with_capacity(128);
-    for c in changes {
-        line.clear();
-        change_line(c, &mut line);
-        out.write_all(&line).map_err(io_err(url_or_path))?;
+    let mut buf = Vec::with_capacity(256);
+    for item in items {
+        buf.clear();
+        line(item, &mut buf);
+        out.write_all(&buf).map_err(io_err(url_or_path))?;
     }
     out.finish()
 }
@@ -110,14 +119,7 @@ pub fn write_dead_letters_jsonl(
     url_or_path: &str,
     dead_letters: &[DeadLetter],
 ) -> Result<(), ConnectorError> {
-    let mut out = OutputFile::create(url_or_path)?;
-    let mut line = Vec::with_capacity(256);
-    for d in dead_letters {
-        line.clear();
-        dead_letter_line(d, &mut line);
-        out.write_all(&line).map_err(io_err(url_or_path))?;
-    }
-    out.finish()
+    write_jsonl(url_or_path, dead_letters, dead_letter_line)
 }
 
 /// The Arrow schema of change files: `segment` Utf8, `user_id` Utf8, `diff` Int64,

@@ -167,34 +167,25 @@ fn missing_inputs_and_bad_arguments_get_clear_errors() {
     );
 
     let events = data("spec_examples").join("events.jsonl");
-    let out = base(&[
-        "--events",
-        events.to_str().unwrap_or_default(),
-        "--until",
-        "next week",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--until"));
-
-    let out = base(&[
-        "--events",
-        events.to_str().unwrap_or_default(),
-        "--until",
-        "1969-12-31T00:00:00Z",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("before 1970"));
-
-    let out = base(&[
-        "--events",
-        events.to_str().unwrap_or_default(),
-        "--until",
-        "2026-03-20T00:00:00Z",
-        "--profiles",
-        "profiles.parquet",
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("PATH@RFC3339"));
+    let events = events.to_str().unwrap_or_default();
+    for (args, needle) in [
+        (&["--until", "next week"][..], "--until"),
+        (&["--until", "1969-12-31T00:00:00Z"][..], "before 1970"),
+        (
+            &[
+                "--until",
+                "2026-03-20T00:00:00Z",
+                "--profiles",
+                "profiles.parquet",
+            ][..],
+            "PATH@RFC3339",
+        ),
+    ] {
+        let out = base(&[&["--events", events][..], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
 }
 
 /// Needs the S3-compatible server `scripts/services.sh` starts (run by `scripts/test.sh`).
@@ -320,16 +311,18 @@ fn replay_loads_changes_into_postgres_idempotently() {
     let table = format!("changes_{}", std::process::id());
     let expected = read(&d.join("expected_changes.jsonl")).lines().count();
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let replay = || {
-        ok(herald()
-            .args(["replay", "--segments"])
+    let replay_into = |table: &str| {
+        let mut c = herald();
+        c.args(["replay", "--segments"])
             .arg(d.join("segments.sql"))
             .arg("--events")
             .arg(d.join("events.jsonl"))
             .args(["--until", "2026-03-20T00:00:00Z", "--out"])
             .arg(tmp.path())
-            .args(["--postgres", &url, "--postgres-table", &table]))
+            .args(["--postgres", &url, "--postgres-table", table]);
+        c
     };
+    let replay = || ok(&mut replay_into(&table));
     let first = replay();
     assert!(
         first.contains(&format!(
@@ -382,14 +375,7 @@ fn replay_loads_changes_into_postgres_idempotently() {
         )
     );
     // A bad table name is refused with a clear error.
-    let out = run(herald()
-        .args(["replay", "--segments"])
-        .arg(d.join("segments.sql"))
-        .arg("--events")
-        .arg(d.join("events.jsonl"))
-        .args(["--until", "2026-03-20T00:00:00Z", "--out"])
-        .arg(tmp.path())
-        .args(["--postgres", &url, "--postgres-table", "x; DROP TABLE y"]));
+    let out = run(&mut replay_into("x; DROP TABLE y"));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("identifier"));
     psql(&format!("DROP TABLE {table}"));

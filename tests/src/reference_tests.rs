@@ -17,22 +17,8 @@ const MS: i64 = 1;
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
 
-const SPEC_EXAMPLES: &str = "
-CREATE SEGMENT power_buyers AS
-    country = 'IN'
-    AND count(*) FILTER (WHERE event = 'Order Completed'
-                         AND timestamp > now() - INTERVAL '7 days') >= 3;
-
-CREATE SEGMENT stalled_signups AS
-    min(timestamp) FILTER (WHERE event = 'Signed Up') < now() - INTERVAL '3 days'
-    AND count(*) FILTER (WHERE event = 'Source Created') = 0;
-
-CREATE SEGMENT vip AS
-    coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 1000
-    OR plan IN ('pro', 'enterprise');
-
-CREATE SEGMENT vip_stalled AS in_segment('vip') AND in_segment('stalled_signups');
-";
+/// The spec's example segments, from the end-to-end test data (one copy in the tree).
+const SPEC_EXAMPLES: &str = include_str!("../../engine/tests/data/spec_examples/segments.sql");
 
 fn obj(j: Json) -> Map<String, Json> {
     match j {
