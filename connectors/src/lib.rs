@@ -27,6 +27,7 @@
 pub mod csvlist;
 pub mod error;
 pub mod events;
+pub mod journey_sink;
 pub mod postgres;
 pub mod sink;
 pub mod snapshot;

@@ -70,7 +70,7 @@ pub fn write_changes_jsonl(
 }
 
 /// Writes `items` as JSON lines, each encoded by `line` (which appends its newline).
-fn write_jsonl<T>(
+pub(crate) fn write_jsonl<T>(
     url_or_path: &str,
     items: &[T],
     line: fn(&T, &mut Vec<u8>),
@@ -155,16 +155,8 @@ pub fn write_changes_parquet(
     url_or_path: &str,
     changes: &[SegmentChange],
 ) -> Result<(), ConnectorError> {
-    let schema = changes_schema();
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
-    let mut out = OutputFile::create(url_or_path)?;
-    let err = |e| parquet_write_err(url_or_path, e);
-    let mut writer =
-        ArrowWriter::try_new(&mut out, Arc::clone(&schema), Some(props)).map_err(err)?;
-    for chunk in changes.chunks(PARQUET_BATCH_ROWS) {
-        let columns: Vec<ArrayRef> = vec![
+    write_parquet(url_or_path, changes_schema(), changes, |chunk| {
+        vec![
             Arc::new(StringArray::from_iter_values(
                 chunk.iter().map(|c| c.segment.as_str()),
             )),
@@ -176,8 +168,27 @@ pub fn write_changes_parquet(
                 TimestampMillisecondArray::from_iter_values(chunk.iter().map(|c| c.time))
                     .with_timezone("UTC"),
             ),
-        ];
-        let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(|e| {
+        ]
+    })
+}
+
+/// Writes `items` as a zstd-compressed Parquet file with `schema`, in record batches of
+/// at most [`PARQUET_BATCH_ROWS`] rows whose columns `columns` builds.
+pub(crate) fn write_parquet<T>(
+    url_or_path: &str,
+    schema: Arc<Schema>,
+    items: &[T],
+    columns: impl Fn(&[T]) -> Vec<ArrayRef>,
+) -> Result<(), ConnectorError> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let mut out = OutputFile::create(url_or_path)?;
+    let err = |e| parquet_write_err(url_or_path, e);
+    let mut writer =
+        ArrowWriter::try_new(&mut out, Arc::clone(&schema), Some(props)).map_err(err)?;
+    for chunk in items.chunks(PARQUET_BATCH_ROWS) {
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns(chunk)).map_err(|e| {
             ConnectorError::input(url_or_path, format!("cannot build a record batch: {e}"))
         })?;
         writer.write(&batch).map_err(err)?;

@@ -5,6 +5,8 @@
 
 use herald_operators::ast::SegmentFile;
 use herald_operators::lang::parse::parse_segments;
+use herald_operators::journey::compile::Op;
+use herald_operators::journey::{compile_journeys, parse_journeys, JourneySet};
 use herald_operators::plan::Plan;
 
 use crate::EngineError;
@@ -31,15 +33,74 @@ pub fn load_segments(path: &str) -> Result<(SegmentFile, Plan), EngineError> {
     Ok((file, plan))
 }
 
+/// Reads, parses and checks a journey file and compiles it with the segment file it
+/// reads (unknown segments are errors here, at load).
+pub fn load_journeys(path: &str, segments: &SegmentFile) -> Result<JourneySet, EngineError> {
+    let bytes = herald_connectors::store::read_all(path)?;
+    let text = String::from_utf8(bytes.to_vec()).map_err(|e| {
+        EngineError::Usage(format!("{path}: a journey file must be UTF-8 text ({e})"))
+    })?;
+    let err = |err| EngineError::Journeys {
+        path: path.to_string(),
+        err,
+    };
+    let defs = parse_journeys(&text).map_err(err)?;
+    let set = compile_journeys(segments, &defs).map_err(err)?;
+    if set.plan.segments.len() > usize::from(u16::MAX) {
+        return Err(EngineError::Usage(format!(
+            "{path}: segments and journey conditions add up to {}; at most {} fit",
+            set.plan.segments.len(),
+            u16::MAX
+        )));
+    }
+    Ok(set)
+}
+
 /// Validates a segment file; on success returns a report of its plan: each segment, the
 /// aggregates and traits it reads, and which aggregates are shared.
-pub fn check(path: &str) -> Result<String, EngineError> {
+/// With `journeys`, also validates that journey file against the segments and reports
+/// each journey's steps.
+pub fn check(path: &str, journeys: Option<&str>) -> Result<String, EngineError> {
     let (file, plan) = load_segments(path)?;
-    Ok(format!(
+    let mut report = format!(
         "{path}: ok, {} segment(s), {} distinct aggregate(s), {} trait(s)\n\n{}",
         file.segments.len(),
         plan.aggs.len(),
         plan.traits.len(),
         plan.explain()
-    ))
+    );
+    if let Some(jpath) = journeys {
+        let set = load_journeys(jpath, &file)?;
+        report.push_str(&format!(
+            "\n{jpath}: ok, {} journey(s), {} hidden condition segment(s), traits read: {}\n",
+            set.journeys.len(),
+            set.plan.segments.len() - set.plan.visible,
+            set.traits.join(", ")
+        ));
+        for j in &set.journeys {
+            report.push_str(&format!("\njourney {}:\n", j.name));
+            for (op, path) in j.ops.iter().zip(&j.paths) {
+                if !matches!(op, Op::Jump(_)) {
+                    report.push_str(&format!("  {path}: {}\n", op_label(op)));
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn op_label(op: &Op) -> String {
+    match op {
+        Op::Wait(ms) => format!("wait {ms} ms"),
+        Op::WaitUntil { event, timeout, .. } => match timeout {
+            Some(t) => format!("wait until '{event}' (timeout {t} ms)"),
+            None => format!("wait until '{event}'"),
+        },
+        Op::Branch { arms, .. } => format!("branch ({} when)", arms.len()),
+        Op::Split { variants, .. } => format!("split ({} variants)", variants.len()),
+        Op::Send { channel, template, .. } => format!("send {channel} {template}"),
+        Op::UpdateTrait { name, .. } => format!("update trait {name}"),
+        Op::Jump(to) => format!("jump {to}"),
+        Op::End => "end".into(),
+    }
 }

@@ -19,10 +19,12 @@ use differential_dataflow::input::InputSession;
 use herald_operators::dataflow::{build_segments, SegmentInputs};
 use herald_operators::door::user_hash;
 use herald_operators::event::Event;
+use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows, TimedFact};
 use herald_operators::time::{to_time, Time};
 use indicatif::ProgressBar;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::EngineError;
 
@@ -59,6 +61,8 @@ pub struct DataflowInput {
     pub lists_at: i64,
     /// Worker threads.
     pub workers: usize,
+    /// Journeys to run (their `plan` is the one above).
+    pub journeys: Option<JourneySet>,
     /// Called once by worker 0 when the dataflow has caught up with `until`, while all
     /// its state is still live (benchmarks measure memory here).
     pub on_caught_up: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -72,6 +76,10 @@ pub struct DataflowOutput {
     pub applied: u64,
     /// Events after `until`, not applied.
     pub after_until: u64,
+    /// Journey events at or before `until`, sorted by (time, journey, user, instance, seq).
+    pub journey_rows: Vec<JourneyRow>,
+    /// Message actions at or before `until`, sorted by (time, journey, user, message id).
+    pub messages: Vec<MessageAction>,
 }
 
 /// A change as a worker captures it: (segment index, user, diff, time).
@@ -100,6 +108,7 @@ pub fn run_dataflow(
         until,
         lists_at,
         workers,
+        journeys,
         on_caught_up,
     } = input;
     if workers == 0 {
@@ -139,6 +148,7 @@ pub fn run_dataflow(
     let names: Vec<String> = plan.segments.iter().map(|s| s.name.clone()).collect();
     let shared = Arc::new(Shared {
         plan,
+        journeys,
         shares,
         snapshots,
         lists,
@@ -153,20 +163,37 @@ pub fn run_dataflow(
         let on_caught_up = Arc::clone(&on_caught_up);
         let index = worker.index();
         let plan = Rc::new(shared.plan.clone());
+        let journeys = shared.journeys.clone().map(Rc::new);
         let out: Rc<RefCell<Vec<RawChange>>> = Rc::default();
         let sink = Rc::clone(&out);
+        let jout: Rc<RefCell<Vec<JOut>>> = Rc::default();
+        let jsink = Rc::clone(&jout);
         let limit = to_time(shared.until);
         let probe = ProbeHandle::new();
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
             // Replay input is deduplicated by the reader (same rule), so the door need not.
-            let (inputs, changes) = build_segments(scope, plan.clone(), -1);
-            changes
+            let (inputs, outputs) = build_segments(scope, plan.clone(), -1, journeys);
+            outputs
+                .changes
                 .inspect(move |((seg, user), t, r)| {
                     if *t <= limit {
                         sink.borrow_mut().push((*seg, user.clone(), *r, *t));
                     }
                 })
                 .probe_with(&probe);
+            if let Some(j) = outputs.journeys {
+                j.inspect(move |o| {
+                    let t = match o {
+                        JOut::Row(r) => r.time,
+                        JOut::Message(m) => m.time,
+                        JOut::Write(..) => return,
+                    };
+                    if t <= limit as i64 {
+                        jsink.borrow_mut().push(o.clone());
+                    }
+                })
+                .probe_with(&probe);
+            }
             inputs
         });
 
@@ -237,17 +264,31 @@ pub fn run_dataflow(
             }
         }
         let result = out.borrow_mut().split_off(0);
-        result
+        let journey_out = jout.borrow_mut().split_off(0);
+        (result, journey_out)
     })
     .map_err(|e| EngineError::Dataflow(e.to_string()))?;
 
     let mut raw: BTreeMap<(Time, u16, String), isize> = BTreeMap::new();
+    let mut journey_rows = Vec::new();
+    let mut messages = Vec::new();
     for r in guards.join() {
-        let part = r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
+        let (part, journey_part) = r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
         for (seg, user, diff, t) in part {
             *raw.entry((t, seg, user)).or_default() += diff;
         }
+        for o in journey_part {
+            match o {
+                JOut::Row(r) => journey_rows.push(r),
+                JOut::Message(m) => messages.push(m),
+                JOut::Write(..) => {}
+            }
+        }
     }
+    journey_rows.sort();
+    messages.sort_by(|a, b| {
+        (a.time, &a.journey, &a.user_id, &a.message_id).cmp(&(b.time, &b.journey, &b.user_id, &b.message_id))
+    });
     let mut changes: Vec<ChangeRow> = raw
         .into_iter()
         .filter(|(_, d)| *d != 0)
@@ -263,6 +304,8 @@ pub fn run_dataflow(
         changes,
         applied,
         after_until,
+        journey_rows,
+        messages,
     })
 }
 
@@ -334,6 +377,7 @@ fn feed_fact(
 
 struct Shared {
     plan: Plan,
+    journeys: Option<JourneySet>,
     shares: Vec<Mutex<Vec<Event>>>,
     snapshots: Vec<(i64, SnapshotRows)>,
     lists: BTreeMap<usize, BTreeSet<String>>,

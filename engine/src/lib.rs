@@ -17,6 +17,7 @@ pub mod config;
 pub mod driver;
 pub mod live;
 pub mod replay;
+pub mod report;
 
 /// Errors of the engine. Each says whose fault it is: the user's input, an external
 /// system, or Herald itself.
@@ -32,6 +33,14 @@ pub enum EngineError {
         path: String,
         /// What is wrong and where.
         err: herald_operators::lang::parse::SegmentError,
+    },
+    /// A journey file that does not parse or check (user input).
+    #[error("{path}: {err}")]
+    Journeys {
+        /// The journey file.
+        path: String,
+        /// Which journey, where in it, and what is wrong.
+        err: herald_operators::journey::JourneyError,
     },
     /// Reading or writing a file or object failed (external system; a retry may help).
     #[error(transparent)]

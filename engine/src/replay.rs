@@ -3,7 +3,8 @@
 //! Owns [`ReplayArgs`] (what the user typed) -> [`replay`] -> [`ReplaySummary`]: read the
 //! segment file, events (JSONL, local or object store), profile snapshots (Parquet) and
 //! static lists (CSV); run the dataflow up to `--until`; write
-//! `OUT/segment_changes.jsonl`, `OUT/segment_changes.parquet` and `OUT/dead_letters.jsonl`.
+//! `OUT/segment_changes.jsonl`, `OUT/segment_changes.parquet` and `OUT/dead_letters.jsonl`;
+//! with `--journeys`, also `OUT/journey_events.{jsonl,parquet}` and `OUT/messages.{jsonl,parquet}`.
 //! The output depends only on the input, never on the worker count or the run.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +12,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use herald_connectors::events::{read_events, DEFAULT_DEDUP_HORIZON_MS};
+use herald_connectors::journey_sink::{
+    write_journey_rows_jsonl, write_journey_rows_parquet, write_messages_jsonl,
+    write_messages_parquet,
+};
 use herald_connectors::sink::{
     write_changes_jsonl, write_changes_parquet, write_dead_letters_jsonl, SegmentChange,
 };
@@ -19,7 +24,7 @@ use herald_operators::plan::{Plan, SegmentKind};
 use herald_operators::time::parse_rfc3339_ms;
 use indicatif::ProgressBar;
 
-use crate::check::load_segments;
+use crate::check::{load_journeys, load_segments};
 use crate::driver::{run_dataflow, ChangeRow, DataflowInput};
 use crate::EngineError;
 
@@ -44,6 +49,8 @@ pub struct ReplayArgs {
     pub postgres: Option<String>,
     /// The table for `postgres`.
     pub postgres_table: String,
+    /// Journey file: also run these journeys.
+    pub journeys: Option<String>,
 }
 
 /// What a replay did.
@@ -65,6 +72,8 @@ pub struct ReplaySummary {
     pub duplicates: u64,
     /// Changes written.
     pub changes: u64,
+    /// Journey events and message actions written (with `--journeys`).
+    pub journey_rows: Option<(u64, u64)>,
     /// Time spent reading and parsing inputs.
     pub read_time: Duration,
     /// Time spent in the dataflow.
@@ -153,7 +162,15 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     }
     let mut summary = ReplaySummary::default();
     let started = Instant::now();
-    let (_file, plan) = load_segments(&args.segments)?;
+    let (file, mut plan) = load_segments(&args.segments)?;
+    let journeys = match &args.journeys {
+        Some(path) => {
+            let set = load_journeys(path, &file)?;
+            plan = set.plan.clone();
+            Some(set)
+        }
+        None => None,
+    };
 
     let lists = load_lists(&args.segments, &plan, "replay", &mut summary.warnings)?;
 
@@ -198,7 +215,11 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         None
     };
     let dataflow_started = Instant::now();
-    let names: Vec<String> = plan.segments.iter().map(|s| s.name.clone()).collect();
+    let names: Vec<String> = plan.segments[..plan.visible]
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let with_journeys = journeys.is_some();
     let output = run_dataflow(
         DataflowInput {
             plan,
@@ -208,6 +229,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
             until,
             lists_at: first_instant,
             workers: args.workers,
+            journeys,
             on_caught_up: None,
         },
         progress,
@@ -239,6 +261,13 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     write_changes_jsonl(&join(&args.out, "segment_changes.jsonl"), &rows)?;
     write_changes_parquet(&join(&args.out, "segment_changes.parquet"), &rows)?;
     write_dead_letters_jsonl(&join(&args.out, "dead_letters.jsonl"), &batch.dead_letters)?;
+    if with_journeys {
+        write_journey_rows_jsonl(&join(&args.out, "journey_events.jsonl"), &output.journey_rows)?;
+        write_journey_rows_parquet(&join(&args.out, "journey_events.parquet"), &output.journey_rows)?;
+        write_messages_jsonl(&join(&args.out, "messages.jsonl"), &output.messages)?;
+        write_messages_parquet(&join(&args.out, "messages.parquet"), &output.messages)?;
+        summary.journey_rows = Some((output.journey_rows.len() as u64, output.messages.len() as u64));
+    }
     if let Some(url) = &args.postgres {
         let loaded = herald_connectors::postgres::load_changes(url, &args.postgres_table, &rows)?;
         summary.postgres = Some((loaded.sent, loaded.inserted));

@@ -27,11 +27,16 @@ use std::rc::Rc;
 
 use differential_dataflow::input::{Input, InputSession};
 use differential_dataflow::{AsCollection, VecCollection};
+use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::Scope;
+use timely::dataflow::operators::{ConnectLoop, Feedback};
+use timely::dataflow::{Scope, Stream};
 
 use crate::door::{facts_at_the_door, DoorOut};
 use crate::event::Event;
+use crate::journey::machine::{JIn, JOut};
+use crate::journey::operator::run_journeys;
+use crate::journey::JourneySet;
 use crate::plan::{FactVal, Plan, TimedFact};
 use crate::time::Time;
 use crate::value::Value;
@@ -147,26 +152,58 @@ impl SplitOut<(String, (u16, Time, Time))> for MembershipSplit {
     }
 }
 
+/// What reduce "segment_membership" says about a user.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum UserOut {
+    /// A membership interval `(segment, from, until)`.
+    Member(u16, Time, Time),
+    /// The current value of an exposed trait (position in `Plan::exposed`).
+    Trait(u16, Value),
+}
+
+/// The segment dataflow's outputs.
+pub struct SegmentOutputs<'s> {
+    /// Consolidated changes of the user's (visible) segments.
+    pub changes: VecCollection<'s, Time, Change, isize>,
+    /// What the journeys emit, when there are journeys.
+    pub journeys: Option<Stream<'s, Time, Vec<JOut>>>,
+}
+
 /// Builds the segment dataflow for `plan` in `scope`, dropping events whose user and
-/// `messageId` repeat within `dedup_horizon_ms` (negative: no dedup). Returns its inputs
-/// and the consolidated changes of membership.
+/// `messageId` repeat within `dedup_horizon_ms` (negative: no dedup). With `journeys`
+/// (whose `plan` must be the one given here) the journey operator runs on the same
+/// state, and its `update_trait` writes loop back to the door one millisecond later.
+/// Returns the inputs and the outputs.
 pub fn build_segments<'s>(
     scope: Scope<'s, Time>,
     plan: Rc<Plan>,
     dedup_horizon_ms: i64,
-) -> (SegmentInputs, VecCollection<'s, Time, Change, isize>) {
+    journeys: Option<Rc<JourneySet>>,
+) -> (SegmentInputs, SegmentOutputs<'s>) {
     let (events_in, events) = scope.new_collection::<Event, isize>();
     let (facts_in, facts) = scope.new_collection::<TimedFact, isize>();
     let (clock_in, clock) = scope.new_collection::<(u32, i64), isize>();
 
-    let door = facts_at_the_door(events, plan.clone(), dedup_horizon_ms);
+    // update_trait writes come back as identify events, one millisecond later.
+    let (feedback, events) = match &journeys {
+        Some(_) => {
+            let (handle, cycle) = scope.feedback::<Vec<(Event, Time, isize)>>(1);
+            (Some(handle), events.concat(cycle.as_collection()))
+        }
+        None => (None, events),
+    };
+    let door = facts_at_the_door(events, plan.clone(), dedup_horizon_ms, journeys.clone());
     let event_facts = door.clone().flat_map(|d| match d {
         DoorOut::Fact(f) => Some(f),
-        DoorOut::Write(_) => None,
+        _ => None,
+    });
+    let journey_events = door.clone().flat_map(|d| match d {
+        DoorOut::Event(e) => Some((e.user.clone(), JIn::Event(e))),
+        _ => None,
     });
     let writes = door.flat_map(|d| match d {
         DoorOut::Write(w) => Some(w),
-        DoorOut::Fact(_) => None,
+        _ => None,
     });
     let facts = temporal(facts.concat(event_facts), FactSplit);
 
@@ -189,24 +226,56 @@ pub fn build_segments<'s>(
         },
     );
 
-    let memberships = facts.concat(write_facts).reduce_named(
+    let visible = plan.visible as u16;
+    let user_out = facts.concat(write_facts).reduce_named(
         "events_by_user",
         move |user: &String, input, output| {
             // One record per membership interval: differential then diffs the old and new
             // intervals itself, so only intervals that moved flow downstream.
-            for interval in plan.evaluate_user(user, input) {
-                output.push((interval, 1isize));
+            let mut traits = Vec::new();
+            let exposed = (!plan.exposed.is_empty()).then_some(&mut traits);
+            for (seg, from, until) in plan.evaluate(user, input, exposed) {
+                output.push((UserOut::Member(seg, from, until), 1isize));
+            }
+            for (k, v) in traits {
+                output.push((UserOut::Trait(k, v), 1isize));
             }
         },
     );
+    let memberships = user_out.clone().flat_map(|(user, o)| match o {
+        UserOut::Member(seg, from, until) => Some((user, (seg, from, until))),
+        UserOut::Trait(..) => None,
+    });
+    let all_changes = temporal(memberships, MembershipSplit).consolidate();
+    let changes = all_changes.clone().filter(move |(seg, _)| *seg < visible);
 
-    let changes = temporal(memberships, MembershipSplit).consolidate();
+    let journey_out = journeys.zip(feedback).map(|(set, feedback)| {
+        let traits = user_out.flat_map(|(user, o)| match o {
+            UserOut::Trait(k, v) => Some((user, JIn::Trait(k, v))),
+            UserOut::Member(..) => None,
+        });
+        let input = all_changes
+            .map(|(seg, user)| (user, JIn::Member(seg)))
+            .concat(traits)
+            .concat(journey_events);
+        let out = run_journeys(input, set);
+        out.clone()
+            .flat_map(|o| match o {
+                JOut::Write(ev, t) => Some((ev, t, 1isize)),
+                _ => None,
+            })
+            .connect_loop(feedback);
+        out
+    });
     (
         SegmentInputs {
             events: events_in,
             facts: facts_in,
             clock: clock_in,
         },
-        changes,
+        SegmentOutputs {
+            changes,
+            journeys: journey_out,
+        },
     )
 }

@@ -30,6 +30,7 @@ use timely::dataflow::operators::Capability;
 use crate::ast::AggKind;
 use crate::dataflow::TraitWrite;
 use crate::event::Event;
+use crate::journey::JourneySet;
 use crate::plan::{type_rank, FactVal, Plan, TimedFact};
 use crate::time::Time;
 use crate::value::Value;
@@ -156,13 +157,16 @@ fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Event, v: Value) -> Option<Acc> {
     }
 }
 
-/// What the door emits: facts for the arrangement, or trait writes for the clock join.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// What the door emits: facts for the arrangement, trait writes for the clock join, and
+/// the accepted events the journeys listen to.
+#[derive(Clone, Debug, PartialEq)]
 pub enum DoorOut {
     /// A fact with its validity interval.
     Fact(TimedFact),
     /// A trait write.
     Write(TraitWrite),
+    /// An accepted (deduplicated) event for the journey operator.
+    Event(Event),
 }
 
 /// Per-user state at the door: one slot per accumulated aggregate, one per trait.
@@ -235,6 +239,7 @@ pub fn facts_at_the_door<'s>(
     events: VecCollection<'s, Time, Event, isize>,
     plan: Rc<Plan>,
     dedup_horizon_ms: i64,
+    journeys: Option<Rc<JourneySet>>,
 ) -> VecCollection<'s, Time, DoorOut, isize> {
     let accumulated: Vec<usize> = (0..plan.aggs.len())
         .filter(|&i| plan.accumulated_at_door(i))
@@ -299,6 +304,9 @@ pub fn facts_at_the_door<'s>(
                                     session.give((d, t, r))
                                 });
                             }
+                        }
+                        if journeys.as_ref().is_some_and(|j| j.wants(&ev)) {
+                            session.give((DoorOut::Event(ev.clone()), t, r));
                         }
                         facts.clear();
                         plan.event_facts(&ev, &mut facts);

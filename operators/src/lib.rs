@@ -14,6 +14,7 @@ pub mod dataflow;
 pub mod door;
 pub mod eval;
 pub mod event;
+pub mod journey;
 pub mod lang;
 pub mod plan;
 pub mod time;

@@ -120,6 +120,11 @@ pub struct Plan {
     pub aggs: Vec<AggSlot>,
     /// Distinct trait names, with the segments that read each.
     pub traits: Vec<(String, Vec<String>)>,
+    /// How many segments the user declared: the first `visible` ones. Those after are
+    /// hidden conditions that journeys read; they are never reported.
+    pub visible: usize,
+    /// Trait indices whose current values the dataflow reports per user (for journeys).
+    pub exposed: Vec<usize>,
 }
 
 struct Compiler<'a> {
@@ -368,6 +373,14 @@ pub(crate) fn type_rank(v: &Value) -> u8 {
 impl Plan {
     /// Compiles a checked segment file.
     pub fn compile(file: &SegmentFile) -> Plan {
+        Plan::compile_with(file, file.segments.len(), &[]).0
+    }
+
+    /// Compiles a segment file whose segments after the first `visible` are hidden,
+    /// together with `extras`: expressions over the user (and an event) that share the
+    /// plan's slots; they must not hold aggregates. Returns the plan and the compiled
+    /// extras.
+    pub fn compile_with(file: &SegmentFile, visible: usize, extras: &[Expr]) -> (Plan, Vec<CExpr>) {
         let mut c = Compiler {
             file,
             aggs: vec![],
@@ -406,6 +419,8 @@ impl Plan {
                 source,
             });
         }
+        c.current = "journeys".into();
+        let extras: Vec<CExpr> = extras.iter().map(|e| c.compile(e)).collect();
         let list_base = FIRST_DYNAMIC_SLOT + (c.aggs.len() + c.traits.len()) as u32;
         for s in &mut segments {
             if let SegmentKind::List { slot, .. } = &mut s.kind {
@@ -413,13 +428,16 @@ impl Plan {
             }
         }
         let (order, refs) = dependency_order(file);
-        Plan {
+        let plan = Plan {
             order,
             refs,
             segments,
             aggs: c.aggs,
             traits: c.traits,
-        }
+            visible,
+            exposed: Vec::new(),
+        };
+        (plan, extras)
     }
 
     /// Fact slot of aggregate `i`.
@@ -551,6 +569,17 @@ impl Plan {
     /// slot, as an arrangement holds them), as intervals of time. A user outside the
     /// universe (no event, no profile row) is in no expression segment.
     pub fn evaluate_user(&self, user: &str, facts: &[(&(u32, FactVal), isize)]) -> Membership {
+        self.evaluate(user, facts, None)
+    }
+
+    /// [`Plan::evaluate_user`], also pushing the current value of every exposed trait
+    /// (`(position in exposed, value)`, NULL values left out) to `exposed`.
+    pub fn evaluate(
+        &self,
+        user: &str,
+        facts: &[(&(u32, FactVal), isize)],
+        exposed: Option<&mut Vec<(u16, Value)>>,
+    ) -> Membership {
         let n_aggs = self.aggs.len();
         let n_traits = self.traits.len();
         let mut seen = false;
@@ -583,6 +612,13 @@ impl Plan {
         let traits: Vec<Value> = (0..n_traits)
             .map(|k| resolve_trait(per_slot[n_aggs + k]))
             .collect();
+        if let Some(out) = exposed {
+            for (i, &k) in self.exposed.iter().enumerate() {
+                if !traits[k].is_null() {
+                    out.push((i as u16, traits[k].clone()));
+                }
+            }
+        }
         let mut ctx = UserCtx {
             user,
             aggs,

@@ -47,6 +47,10 @@ enum Command {
         /// The table `--postgres` loads into (created if missing).
         #[arg(long, value_name = "TABLE", default_value = "segment_changes")]
         postgres_table: String,
+        /// A journey file (YAML): also run these journeys and write
+        /// journey_events.{jsonl,parquet} and messages.{jsonl,parquet}.
+        #[arg(long, value_name = "FILE")]
+        journeys: Option<String>,
     },
     /// Run Herald as a service: events from Kafka and HTTP, segments on the wall clock,
     /// changes to files and Kafka, the query API. Stops gracefully on SIGINT/SIGTERM.
@@ -59,6 +63,27 @@ enum Command {
     Check {
         /// The segment file.
         file: String,
+        /// Also validate this journey file against the segments.
+        #[arg(long, value_name = "FILE")]
+        journeys: Option<String>,
+    },
+    /// Reports over a replay's or the service's output directory.
+    Report {
+        #[command(subcommand)]
+        what: ReportCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReportCommand {
+    /// Per journey and variant: entered, sent, suppressed (by reason), converted,
+    /// conversion rate, and a two-proportion test against the `control` variant.
+    Journeys {
+        /// The directory holding journey_events.jsonl.
+        dir: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -88,6 +113,9 @@ fn print_summary(s: &ReplaySummary, out: &str) {
     if !s.rejected.is_empty() {
         let reasons: Vec<String> = s.rejected.iter().map(|(r, n)| format!("{r}={n}")).collect();
         println!("dead letters by reason: {}", reasons.join(", "));
+    }
+    if let Some((rows, msgs)) = s.journey_rows {
+        println!("journeys: {rows} journey events, {msgs} message actions");
     }
     if let Some((sent, inserted)) = s.postgres {
         println!(
@@ -165,6 +193,7 @@ fn main() -> ExitCode {
             workers,
             postgres,
             postgres_table,
+            journeys,
         } => {
             let args = ReplayArgs {
                 segments,
@@ -176,20 +205,32 @@ fn main() -> ExitCode {
                 progress: std::io::stderr().is_terminal(),
                 postgres,
                 postgres_table,
+                journeys,
             };
             replay(&args).map(|s| print_summary(&s, &out))
         }
         Command::Run { config } => run(&config),
-        Command::Check { file } => {
-            herald_engine::check::check(&file).map(|report| print!("{report}"))
+        Command::Check { file, journeys } => {
+            herald_engine::check::check(&file, journeys.as_deref()).map(|report| print!("{report}"))
         }
+        Command::Report {
+            what: ReportCommand::Journeys { dir, json },
+        } => herald_engine::report::journeys(&dir).map(|r| {
+            if json {
+                println!("{}", r.to_json());
+            } else {
+                print!("{}", r.to_table());
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             match e {
-                EngineError::Usage(_) | EngineError::Segments { .. } => ExitCode::from(2),
+                EngineError::Usage(_)
+                | EngineError::Segments { .. }
+                | EngineError::Journeys { .. } => ExitCode::from(2),
                 EngineError::Io(io) if matches!(io.fault(), herald_connectors::Fault::Input) => {
                     ExitCode::from(2)
                 }

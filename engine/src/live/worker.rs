@@ -173,7 +173,8 @@ fn run(
     let probe = ProbeHandle::new();
     let sink = live.sink.clone();
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
-        let (inputs, changes) = build_segments(scope, plan.clone(), dedup_horizon_ms);
+        let (inputs, outputs) = build_segments(scope, plan.clone(), dedup_horizon_ms, None);
+        let changes = outputs.changes;
         changes
             .inspect(move |((seg, user), t, r)| {
                 let _ = sink.send(SinkMsg::Change {

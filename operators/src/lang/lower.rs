@@ -50,14 +50,40 @@ pub(crate) fn lower_condition(
         depth: 0,
         fallback: start,
     };
-    let (x, t) = l.expr(e, Scope::User)?;
+    lower_in(&mut l, e, Scope::User, "the segment condition")
+}
+
+/// Lowers and checks a journey condition in `scope`.
+pub(crate) fn lower_journey_condition(
+    e: &sql::Expr,
+    src: &Source<'_>,
+    start: Pos,
+    scope: ConditionScope,
+) -> Result<(Expr, Vec<SegmentRef>), SegmentError> {
+    let mut l = Lower {
+        src,
+        refs: Vec::new(),
+        depth: 0,
+        fallback: start,
+    };
+    let scope = match scope {
+        ConditionScope::User => Scope::User,
+        ConditionScope::Where => Scope::Where,
+    };
+    lower_in(&mut l, e, scope, "the condition")
+}
+
+fn lower_in(
+    l: &mut Lower<'_, '_>,
+    e: &sql::Expr,
+    scope: Scope<'_>,
+    what: &str,
+) -> Result<(Expr, Vec<SegmentRef>), SegmentError> {
+    let (x, t) = l.expr(e, scope)?;
     if !boolish(t) {
-        return Err(l.err_at(
-            e,
-            format!("the segment condition must be boolean, found {}", a(t)),
-        ));
+        return Err(l.err_at(e, format!("{what} must be boolean, found {}", a(t))));
     }
-    Ok((x, l.refs))
+    Ok((x, std::mem::take(&mut l.refs)))
 }
 
 /// Milliseconds of an interval's text (`'7 days'`).
@@ -75,7 +101,19 @@ pub(crate) fn interval_text_ms(text: &str) -> Result<i64, String> {
 #[derive(Clone, Copy)]
 enum Scope<'n> {
     User,
+    /// A journey's `where`: the triggering event's fields (`event`, `type`, `timestamp`,
+    /// `message_id`, `properties.*`, `context.*`) next to the user's names.
+    Where,
     Event(&'n str),
+}
+
+/// Which names a journey condition may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionScope {
+    /// The user only, as in a segment (`when`).
+    User,
+    /// The triggering event's fields and the user's names (`where`).
+    Where,
 }
 
 type Lowered = (Expr, Type);

@@ -18,8 +18,9 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::{Parser, ParserError};
 use sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan, Tokenizer};
 
-use super::ast::{Pos, SegmentBody, SegmentDef, SegmentFile};
-use super::lower::{interval_text_ms, lower_condition, SegmentRef};
+use super::ast::{Expr, Pos, SegmentBody, SegmentDef, SegmentFile};
+pub use super::lower::ConditionScope;
+use super::lower::{interval_text_ms, lower_condition, lower_journey_condition, SegmentRef};
 
 /// A rejected segment file: where and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +78,33 @@ pub fn parse_segments(src: &str) -> Result<SegmentFile, SegmentError> {
     }
     check_references(&segments, &refs)?;
     Ok(SegmentFile { segments })
+}
+
+/// Parses and checks one condition (a journey's `when` or `where`), with the same syntax,
+/// names and types as a segment condition; `scope` says whether the triggering event's
+/// fields are in scope. Returns the expression and the segments it references by
+/// `in_segment` (checking that they exist is the caller's job). Positions are in `src`.
+pub fn parse_condition(
+    src: &str,
+    scope: ConditionScope,
+) -> Result<(Expr, Vec<String>), SegmentError> {
+    let source = Source::new(src)?;
+    let dialect = PostgreSqlDialect {};
+    let mut p = Parser::new(&dialect).with_tokens_with_locations(source.tokens.clone());
+    let start = p.peek_token();
+    if start.token == Token::EOF {
+        return Err(SegmentError::new(source.eof_pos(), "the condition is empty"));
+    }
+    let expr = p
+        .parse_expr()
+        .map_err(|e| source.parser_error(e, &p.peek_token()))?;
+    let rest = p.peek_token();
+    if rest.token != Token::EOF {
+        return Err(source.expected("the end of the condition", &rest));
+    }
+    let (expr, refs) =
+        lower_journey_condition(&expr, &source, source.pos(start.span.start), scope)?;
+    Ok((expr, refs.into_iter().map(|r| r.name).collect()))
 }
 
 /// Parses one statement, up to and including its `;`. Returns the definition, the

@@ -29,7 +29,10 @@ impl Lower<'_, '_> {
             lower.as_str()
         };
         match scope {
-            Scope::User => {
+            Scope::Where if !quoted && ["event", "type", "timestamp", "message_id"].contains(&field) => {
+                self.ident(id, Scope::Event("where"))
+            }
+            Scope::User | Scope::Where => {
                 if quoted {
                     return Ok((Expr::Trait(id.value.clone()), Type::Any));
                 }
@@ -107,7 +110,10 @@ impl Lower<'_, '_> {
             .join(".");
         let path: Vec<String> = rest.iter().map(|p| p.value.clone()).collect();
         match scope {
-            Scope::User => match (root_name.as_str(), path.as_slice()) {
+            Scope::Where if matches!(root_name.as_str(), "properties" | "context") => {
+                self.compound(parts, Scope::Event("where"))
+            }
+            Scope::User | Scope::Where => match (root_name.as_str(), path.as_slice()) {
                 ("traits", [name]) => Ok((Expr::Trait(name.clone()), Type::Any)),
                 ("traits", _) => Err(SegmentError::new(
                     pos,

@@ -1,0 +1,102 @@
+//! The journey operator: the [`Machine`] as a timely operator keyed by user.
+//!
+//! Input: `(user, JIn)` updates (events the journeys listen to, membership changes of
+//! every segment, exposed trait changes), exchanged by the same user hash as the door, so
+//! a user's journeys live on the worker that owns the rest of the user's state.
+//!
+//! Timers are not polled. Each worker keeps its pending timers in an ordered set and holds
+//! one capability at the earliest instant it still has to process: stashed input or the
+//! first timer. When the input frontier passes an instant, every user with input or a due
+//! timer at it is stepped, in user order, and instants are taken in time order (a step may
+//! set a timer that falls before the frontier; the loop takes it in the same activation).
+//! So a timer fires exactly when the clock passes its instant, in replay as in live mode.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::Stream;
+
+use crate::door::user_hash;
+use crate::journey::compile::JourneySet;
+use crate::journey::machine::{JIn, JOut, Machine};
+use crate::time::Time;
+
+/// Runs the journeys over `input`; returns what they emit, each record at its instant.
+pub fn run_journeys<'s>(
+    input: VecCollection<'s, Time, (String, JIn), isize>,
+    set: Rc<JourneySet>,
+) -> Stream<'s, Time, Vec<JOut>> {
+    input.inner.unary_frontier(
+        Exchange::new(|((u, _), _, _): &((String, JIn), Time, isize)| user_hash(u)),
+        "journeys",
+        move |_cap, _info| {
+            let mut stash: BTreeMap<Time, Vec<(String, JIn, isize)>> = BTreeMap::new();
+            let mut cap: Option<Capability<Time>> = None;
+            let mut machine = Machine::new(set);
+            let mut outs: Vec<JOut> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each_stamp(|c, data| {
+                    if let Some(c) = c.retain_least(output.output_index()) {
+                        if cap.as_ref().is_none_or(|k| c.time() < k.time()) {
+                            cap = Some(c);
+                        }
+                    }
+                    for batch in data {
+                        for ((u, x), t, r) in batch.drain(..) {
+                            stash.entry(t).or_default().push((u, x, r));
+                        }
+                    }
+                });
+                let Some(c) = cap.as_mut() else { return };
+                loop {
+                    let next = match (stash.keys().next(), machine.next_timer()) {
+                        (Some(a), Some(b)) => (*a).min(b),
+                        (Some(a), None) => *a,
+                        (None, Some(b)) => b,
+                        (None, None) => break,
+                    };
+                    if frontier.less_equal(&next) {
+                        break;
+                    }
+                    let mut items = stash.remove(&next).unwrap_or_default();
+                    items.sort_by(|a, b| a.0.cmp(&b.0));
+                    let due = machine.due(next);
+                    let at = c.delayed(&next);
+                    let mut session = output.session(&at);
+                    // Merge the users with input and those with a due timer, in user order.
+                    let mut items = items.into_iter().peekable();
+                    let mut due = due.into_iter().peekable();
+                    loop {
+                        let user = match (items.peek(), due.peek()) {
+                            (Some(i), Some(d)) => i.0.clone().min(d.clone()),
+                            (Some(i), None) => i.0.clone(),
+                            (None, Some(d)) => d.clone(),
+                            (None, None) => break,
+                        };
+                        let mut inputs = Vec::new();
+                        while let Some((_, x, r)) = items.next_if(|i| i.0 == user) {
+                            inputs.push((x, r));
+                        }
+                        while due.next_if(|d| *d == user).is_some() {}
+                        machine.step(&user, next, inputs, &mut outs);
+                        for o in outs.drain(..) {
+                            session.give(o);
+                        }
+                    }
+                }
+                let next = match (stash.keys().next(), machine.next_timer()) {
+                    (Some(a), Some(b)) => Some((*a).min(b)),
+                    (a, b) => a.copied().or(b),
+                };
+                match next {
+                    Some(t) => c.downgrade(&t),
+                    None => cap = None,
+                }
+            }
+        },
+    )
+}
