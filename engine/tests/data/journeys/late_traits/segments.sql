@@ -1,0 +1,1 @@
+CREATE SEGMENT pro AS plan = 'pro';

@@ -1,0 +1,1 @@
+CREATE SEGMENT pinged AS count(*) FILTER (WHERE event = 'Ping') >= 1;

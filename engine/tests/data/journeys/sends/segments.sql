@@ -1,0 +1,1 @@
+CREATE SEGMENT anyone AS count(*) >= 1;
