@@ -308,15 +308,6 @@ impl Builder<'_> {
                 salt: salt.clone(),
                 n: *k,
             },
-            Expr::Agg(_) => {
-                return Err(self.err(
-                    path,
-                    format!(
-                        "'{e}' is compared with the event's fields; an aggregate must sit in \
-                         a condition of its own, like count(*) FILTER (WHERE …) >= 3"
-                    ),
-                ))
-            }
             other => other.clone(),
         })
     }

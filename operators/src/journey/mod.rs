@@ -18,3 +18,6 @@ pub mod quiet;
 pub use compile::{compile_journeys, JourneySet};
 pub use file::{parse_journeys, JourneyError};
 pub use machine::{JIn, JOut, JourneyRow, Kind, MessageAction};
+
+#[cfg(test)]
+mod tests;
