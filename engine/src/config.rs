@@ -41,6 +41,9 @@ pub struct Config {
 pub struct EngineConfig {
     /// The segment file (required).
     pub segments: String,
+    /// A journey file (YAML) to run on the wall clock, if any.
+    #[serde(default)]
+    pub journeys: Option<String>,
     /// Timely worker threads in this process.
     #[serde(default = "defaults::workers")]
     pub workers: usize,
@@ -92,6 +95,9 @@ pub struct KafkaConfig {
     /// Topic the segment changelog is written to, keyed by user id.
     #[serde(default = "defaults::changes_topic")]
     pub changes_topic: String,
+    /// Topic message actions are written to, keyed by user id (journeys only).
+    #[serde(default = "defaults::messages_topic")]
+    pub messages_topic: String,
     /// The consumer's `fetch.wait.max.ms`: with tansu, the latency floor (see docs).
     #[serde(default = "defaults::fetch_wait_max_ms")]
     pub fetch_wait_max_ms: u64,
@@ -206,6 +212,10 @@ pub mod defaults {
     /// `herald.segment_changes`.
     pub fn changes_topic() -> String {
         "herald.segment_changes".into()
+    }
+    /// `kafka.messages_topic`.
+    pub fn messages_topic() -> String {
+        "herald.messages".into()
     }
     /// 5 ms (tansu answers a waiting fetch only at this deadline).
     pub fn fetch_wait_max_ms() -> u64 {
@@ -363,6 +373,9 @@ impl Config {
             }
         };
         resolve(&mut self.engine.segments);
+        if let Some(j) = &mut self.engine.journeys {
+            resolve(j);
+        }
         resolve(&mut self.output.dir);
         if let Some(s) = &mut self.snapshots {
             resolve(&mut s.prefix);

@@ -32,6 +32,7 @@ use axum::{Json as AxumJson, Router};
 use base64::Engine as _;
 use herald_connectors::events::DeadLetter;
 use herald_operators::event::{parse_json, Event, RejectReason};
+use herald_operators::journey::compile::{CTrigger, API_TRIGGER_EVENT, API_TRIGGER_KEY};
 use herald_operators::time::format_rfc3339_ms;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
@@ -86,6 +87,7 @@ pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
         );
     }
     Ok(router
+        .route("/v1/journeys/{name}/trigger", post(trigger))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{name}/members", get(members))
         .route("/v1/users/{id}", get(user))
@@ -126,35 +128,130 @@ fn write_key(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: Body) -> Response {
-    let live = &app.live;
-    let cfg = &live.config.http;
-    match write_key(&headers) {
+/// Refuses a request without an accepted write key, or while shutting down.
+fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
+    let cfg = &app.live.config.http;
+    match write_key(headers) {
         Some(k) if cfg.write_keys.contains(&k) => {}
         Some(_) => {
-            return refuse(
-                &app,
+            return Some(refuse(
+                app,
                 StatusCode::UNAUTHORIZED,
                 "bad_write_key",
                 "unknown write key (the HTTP Basic user name)".into(),
-            )
+            ))
         }
         None => {
-            return refuse(
-                &app,
+            return Some(refuse(
+                app,
                 StatusCode::UNAUTHORIZED,
                 "missing_write_key",
                 "no write key: send it as the HTTP Basic user name".into(),
-            )
+            ))
         }
     }
-    if live.stopping() {
-        return refuse(
-            &app,
+    if app.live.stopping() {
+        return Some(refuse(
+            app,
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "Herald is shutting down; retry against another instance".into(),
+        ));
+    }
+    None
+}
+
+/// `POST /v1/journeys/{name}/trigger` with `{"user_id": …, "properties": {…}}` (and an
+/// optional `message_id` for idempotent retries): enters the user in an API-triggered
+/// journey. The call becomes a track event (see `API_TRIGGER_EVENT`) that goes where
+/// ingested events go, so it is deduplicated, durable in Kafka mode, and replayable.
+async fn trigger(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = admit(&app, &headers) {
+        return refused;
+    }
+    let live = &app.live;
+    let journey = live
+        .journeys
+        .as_ref()
+        .and_then(|s| s.journeys.iter().find(|j| j.name == name));
+    let Some(journey) = journey else {
+        return refuse(
+            &app,
+            StatusCode::NOT_FOUND,
+            "unknown_journey",
+            format!("no journey named '{name}'"),
         );
+    };
+    if journey.entry != CTrigger::Api {
+        return refuse(
+            &app,
+            StatusCode::CONFLICT,
+            "not_api_triggered",
+            format!("journey '{name}' does not enter on API calls (its entry is not `api: true`)"),
+        );
+    }
+    let bad = |detail: String| refuse(&app, StatusCode::BAD_REQUEST, "bad_trigger", detail);
+    let Ok(Json::Object(req)) = serde_json::from_slice::<Json>(&body) else {
+        return bad("the body must be a JSON object like {\"user_id\": \"u1\", \"properties\": {}}".into());
+    };
+    let user = match req.get("user_id") {
+        Some(Json::String(u)) if !u.is_empty() => u.clone(),
+        _ => return bad("`user_id` must be a non-empty string".into()),
+    };
+    let properties = match req.get("properties") {
+        None | Some(Json::Null) => Json::Object(Map::new()),
+        Some(p @ Json::Object(_)) => p.clone(),
+        Some(_) => return bad("`properties` must be an object".into()),
+    };
+    let received = now_ms() as i64;
+    let message_id = match req.get("message_id") {
+        Some(Json::String(m)) if !m.is_empty() => m.clone(),
+        None => format!(
+            "api-{:032x}",
+            xxhash_rust::xxh3::xxh3_128(format!("{name}\0{user}\0{received}\0{}", trigger_seq()).as_bytes())
+        ),
+        Some(_) => return bad("`message_id` must be a non-empty string".into()),
+    };
+    let msg = json!({
+        "type": "track",
+        "event": API_TRIGGER_EVENT,
+        "userId": user,
+        "messageId": message_id,
+        "timestamp": format_rfc3339_ms(received),
+        "properties": properties,
+        "context": { API_TRIGGER_KEY: name },
+    });
+    let text = serde_json::to_vec(&msg).unwrap_or_default();
+    let (events, rejections) = parse_json(&msg, &text, Some(received), live.limits);
+    if let Some(r) = rejections.first() {
+        return bad(format!("{}: {}", r.reason.as_str(), r.detail));
+    }
+    if let Err(resp) = hand_on(&app, &msg, Some("track"), received, events, &[]).await {
+        return resp;
+    }
+    (
+        StatusCode::OK,
+        AxumJson(json!({"success": true, "journey": name, "user_id": user, "message_id": message_id})),
+    )
+        .into_response()
+}
+
+/// Distinguishes API triggers generated within one millisecond.
+fn trigger_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: Body) -> Response {
+    let live = &app.live;
+    let cfg = &live.config.http;
+    if let Some(refused) = admit(&app, &headers) {
+        return refused;
     }
     let limit = cfg.max_batch_bytes;
     let raw = match axum::body::to_bytes(body, limit + 64 * 1024).await {
@@ -396,7 +493,7 @@ async fn segments(State(app): State<App>) -> Response {
     };
     let list: Vec<Json> = live
         .plan
-        .segments
+        .segments[..live.plan.visible]
         .iter()
         .enumerate()
         .map(|(i, s)| json!({"name": s.name, "kind": live.segment_kind(i), "size": state.size(i)}))

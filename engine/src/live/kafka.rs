@@ -121,7 +121,7 @@ pub fn consumer(
     Ok(consumer)
 }
 
-/// Creates the changelog and dead-letter topics if missing. A broker that cannot be
+/// Creates the changelog, dead-letter and message topics if missing. A broker that cannot be
 /// reached is a named error here, at start, rather than a silent wait later.
 pub async fn ensure_output_topics(k: &KafkaConfig) -> Result<(), EngineError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k)
@@ -135,6 +135,11 @@ pub async fn ensure_output_topics(k: &KafkaConfig) -> Result<(), EngineError> {
         ),
         NewTopic::new(
             &k.dead_letter_topic,
+            OUTPUT_PARTITIONS,
+            TopicReplication::Fixed(1),
+        ),
+        NewTopic::new(
+            &k.messages_topic,
             OUTPUT_PARTITIONS,
             TopicReplication::Fixed(1),
         ),

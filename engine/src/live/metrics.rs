@@ -52,6 +52,15 @@ pub struct ChangeLabel {
     pub direction: String,
 }
 
+/// `journey`, `kind`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JourneyLabel {
+    /// Journey name.
+    pub journey: String,
+    /// Journey event kind (`entered`, `sent`, `suppressed`, …).
+    pub kind: String,
+}
+
 /// `sink`: a sink or client that failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {
@@ -87,6 +96,10 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Time (ms) spent by the sink handing a watermark's changes over (flush and acks).
     pub sink_flush_ms: Gauge<f64, AtomicU64>,
+    /// Journey events, by journey and kind.
+    pub journey_events: Family<JourneyLabel, Counter>,
+    /// How late (ms) a message action reaches the sink after its instant.
+    pub message_delay_ms: Histogram,
 }
 
 impl Default for Metrics {
@@ -156,7 +169,21 @@ impl Default for Metrics {
             "Milliseconds the last sink flush (file flush and Kafka acks) took",
             sink_flush_ms.clone(),
         );
+        let journey_events = Family::<JourneyLabel, Counter>::default();
+        registry.register(
+            "journey_events",
+            "Journey events, by journey and kind",
+            journey_events.clone(),
+        );
+        let message_delay_ms = Histogram::new(exponential_buckets(0.25, 2.0, 16));
+        registry.register(
+            "message_delay_ms",
+            "Milliseconds from a message action's instant to its arrival at the sink",
+            message_delay_ms.clone(),
+        );
         Metrics {
+            journey_events,
+            message_delay_ms,
             registry,
             events_in,
             dead_letters,

@@ -73,8 +73,11 @@ pub struct SnapshotMsg {
 pub struct Live {
     /// The configuration, paths resolved.
     pub config: Config,
-    /// The compiled segment set.
+    /// The compiled segment set (with journeys: their hidden condition segments after
+    /// the first `plan.visible`).
     pub plan: Plan,
+    /// The journeys, if any.
+    pub journeys: Option<herald_operators::journey::JourneySet>,
     /// Static list members by segment index.
     pub lists: BTreeMap<usize, BTreeSet<String>>,
     /// Members and traits for the query API.
@@ -158,7 +161,15 @@ pub fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let (_file, plan) = crate::check::load_segments(&config.engine.segments)?;
+    let (file, mut plan) = crate::check::load_segments(&config.engine.segments)?;
+    let journeys = match &config.engine.journeys {
+        Some(path) => {
+            let set = crate::check::load_journeys(path, &file)?;
+            plan = set.plan.clone();
+            Some(set)
+        }
+        None => None,
+    };
     let mut warnings = Vec::new();
     let lists =
         crate::replay::load_lists(&config.engine.segments, &plan, "herald run", &mut warnings)?;
@@ -178,10 +189,11 @@ where
     let limits = Limits {
         max_message_bytes: config.engine.max_message_bytes,
     };
-    let segments = plan.segments.len();
+    let segments = plan.visible;
     let live = Arc::new(Live {
         config,
         plan,
+        journeys,
         lists,
         state: RwLock::new(LiveState::new(segments)),
         metrics: Metrics::default(),
@@ -193,7 +205,7 @@ where
         sink: sink_tx,
         ingest: ingest_tx,
     });
-    for seg in &live.plan.segments {
+    for seg in &live.plan.segments[..live.plan.visible] {
         live.metrics
             .segment_size
             .get_or_create(&metrics::SegmentLabel {

@@ -11,6 +11,8 @@
 //! written stops the service with that error: nothing after it is marked durable, so
 //! nothing after it is committed.
 
+use herald_connectors::journey_sink::{journey_row_line, message_line};
+use herald_operators::journey::JOut;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -24,7 +26,7 @@ use herald_operators::time::Time;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use super::metrics::{ChangeLabel, SegmentLabel};
+use super::metrics::{ChangeLabel, JourneyLabel, SegmentLabel};
 use super::Live;
 use crate::EngineError;
 
@@ -57,6 +59,8 @@ pub enum SinkMsg {
         /// Topic, partition, offset when it came from Kafka.
         kafka: Option<(String, i32, i64)>,
     },
+    /// A journey event or message action.
+    Journey(JOut),
     /// Every change before this instant has been sent.
     Watermark(Time),
     /// Flush and exit.
@@ -76,6 +80,9 @@ struct InFlight {
 pub struct Sink {
     changes_file: Option<BufWriter<File>>,
     dead_letters_file: Option<BufWriter<File>>,
+    journey_file: Option<BufWriter<File>>,
+    messages_file: Option<BufWriter<File>>,
+    messages_topic: String,
     producer: Option<FutureProducer>,
     changes_topic: String,
     dead_letter_topic: String,
@@ -129,6 +136,20 @@ impl Sink {
                 Some(open_append(dir, "dead_letters.jsonl")?),
             )
         };
+        let (journey_file, messages_file) = if dir.is_empty() || live.journeys.is_none() {
+            (None, None)
+        } else {
+            (
+                Some(open_append(dir, "journey_events.jsonl")?),
+                Some(open_append(dir, "messages.jsonl")?),
+            )
+        };
+        let messages_topic = live
+            .config
+            .kafka
+            .as_ref()
+            .map(|k| k.messages_topic.clone())
+            .unwrap_or_default();
         let (producer, changes_topic, dead_letter_topic) = match &live.config.kafka {
             Some(k) => (
                 Some(super::kafka::producer(k)?),
@@ -140,6 +161,9 @@ impl Sink {
         Ok(Sink {
             changes_file,
             dead_letters_file,
+            journey_file,
+            messages_file,
+            messages_topic,
             producer,
             changes_topic,
             dead_letter_topic,
@@ -169,6 +193,7 @@ impl Sink {
                     SinkMsg::DeadLetter { letter, raw, kafka } => {
                         self.dead_letter(live, letter, raw, kafka)
                     }
+                    SinkMsg::Journey(o) => self.journey(live, o),
                     SinkMsg::Watermark(f) => watermark = Some(watermark.map_or(f, |w| w.max(f))),
                     SinkMsg::Stop => {
                         stop = true;
@@ -214,6 +239,47 @@ impl Sink {
             tracing::error!("{unacked} records were not acknowledged by Kafka at exit");
         }
         self.flush_files(live)
+    }
+
+    fn journey(&mut self, live: &Live, o: JOut) {
+        match o {
+            JOut::Row(r) => {
+                live.metrics
+                    .journey_events
+                    .get_or_create(&JourneyLabel {
+                        journey: r.journey.clone(),
+                        kind: r.kind.as_str().into(),
+                    })
+                    .inc();
+                self.line.clear();
+                journey_row_line(&r, &mut self.line);
+                append(
+                    &mut self.journey_file,
+                    &self.line,
+                    "journey_events.jsonl",
+                    &mut self.write_error,
+                );
+            }
+            JOut::Message(m) => {
+                live.metrics
+                    .message_delay_ms
+                    .observe(super::now_ms().saturating_sub(m.time.max(0) as u64) as f64);
+                self.line.clear();
+                message_line(&m, &mut self.line);
+                append(
+                    &mut self.messages_file,
+                    &self.line,
+                    "messages.jsonl",
+                    &mut self.write_error,
+                );
+                if self.producer.is_some() {
+                    let payload = self.line[..self.line.len() - 1].to_vec();
+                    let topic = self.messages_topic.clone();
+                    self.produce(live, topic, m.user_id.into_bytes(), payload, None);
+                }
+            }
+            JOut::Write(..) => {}
+        }
     }
 
     fn change(&mut self, live: &Live, segment: u16, user: String, time: Time, diff: i64) {
@@ -412,8 +478,13 @@ impl Sink {
             live.metrics.error("file");
             return Err(EngineError::Dataflow(e));
         }
-        for f in [&mut self.changes_file, &mut self.dead_letters_file]
-            .into_iter()
+        for f in [
+            &mut self.changes_file,
+            &mut self.dead_letters_file,
+            &mut self.journey_file,
+            &mut self.messages_file,
+        ]
+        .into_iter()
             .flatten()
         {
             if let Err(e) = f.flush() {

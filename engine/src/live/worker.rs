@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{build_segments, SegmentInputs};
 use herald_operators::event::{parse_message, Event, Limits};
+use herald_operators::journey::JOut;
 use herald_operators::time::Time;
 use herald_operators::value::Value;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -21,7 +22,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Broadcast;
-use timely::dataflow::operators::{Input, Inspect};
+use timely::dataflow::operators::{Input, Inspect, Probe};
 
 use super::kafka::{self, KafkaContext};
 use super::sink::SinkMsg;
@@ -173,7 +174,17 @@ fn run(
     let probe = ProbeHandle::new();
     let sink = live.sink.clone();
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
-        let (inputs, outputs) = build_segments(scope, plan.clone(), dedup_horizon_ms, None);
+        let journeys = live.journeys.clone().map(Rc::new);
+        let (inputs, outputs) = build_segments(scope, plan.clone(), dedup_horizon_ms, journeys);
+        if let Some(j) = outputs.journeys {
+            let sink = live.sink.clone();
+            j.inspect(move |o| {
+                if !matches!(o, JOut::Write(..)) {
+                    let _ = sink.send(SinkMsg::Journey(o.clone()));
+                }
+            })
+            .probe_with(&probe);
+        }
         let changes = outputs.changes;
         changes
             .inspect(move |((seg, user), t, r)| {
