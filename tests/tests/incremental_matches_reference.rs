@@ -57,6 +57,7 @@ fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<ChangeRow>
             until,
             lists_at: T0,
             workers,
+            journeys: None,
             on_caught_up: None,
         },
         None,

@@ -100,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             until,
             lists_at: first,
             workers: args.workers,
+            journeys: None,
             on_caught_up: Some(Arc::new(move || {
                 if let (Some((now, _)), Ok(mut slot)) = (rss(), hook_slot.lock()) {
                     *slot = now;
