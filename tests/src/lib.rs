@@ -10,6 +10,7 @@
 //! The integration tests under `tests/` (property tests, golden files, CLI runs) use both.
 
 pub mod gen;
+pub mod journey_reference;
 pub mod reference;
 
 #[cfg(test)]
