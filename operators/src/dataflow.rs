@@ -184,13 +184,15 @@ pub fn build_segments<'s>(
     let (facts_in, facts) = scope.new_collection::<TimedFact, isize>();
     let (clock_in, clock) = scope.new_collection::<(u32, i64), isize>();
 
-    // update_trait writes come back as identify events, one millisecond later.
+    // update_trait writes come back as identify events, one millisecond later. The loop
+    // makes every instant wait for the journeys to finish the one before (a write at t is
+    // an input at t + 1), so it is built only when some journey writes traits.
     let (feedback, events) = match &journeys {
-        Some(_) => {
+        Some(set) if set.writes_traits() => {
             let (handle, cycle) = scope.feedback::<Vec<(Event, Time, isize)>>(1);
             (Some(handle), events.concat(cycle.as_collection()))
         }
-        None => (None, events),
+        _ => (None, events),
     };
     let door = facts_at_the_door(events, plan.clone(), dedup_horizon_ms, journeys.clone());
     let event_facts = door.clone().flat_map(|d| match d {
@@ -249,7 +251,7 @@ pub fn build_segments<'s>(
     let all_changes = temporal(memberships, MembershipSplit).consolidate();
     let changes = all_changes.clone().filter(move |(seg, _)| *seg < visible);
 
-    let journey_out = journeys.zip(feedback).map(|(set, feedback)| {
+    let journey_out = journeys.map(|set| {
         let traits = user_out.flat_map(|(user, o)| match o {
             UserOut::Trait(k, v) => Some((user, JIn::Trait(k, v))),
             UserOut::Member(..) => None,
@@ -259,12 +261,14 @@ pub fn build_segments<'s>(
             .concat(traits)
             .concat(journey_events);
         let out = run_journeys(input, set);
-        out.clone()
-            .flat_map(|o| match o {
-                JOut::Write(ev, t) => Some((ev, t, 1isize)),
-                _ => None,
-            })
-            .connect_loop(feedback);
+        if let Some(feedback) = feedback {
+            out.clone()
+                .flat_map(|o| match o {
+                    JOut::Write(ev, t) => Some((ev, t, 1isize)),
+                    _ => None,
+                })
+                .connect_loop(feedback);
+        }
         out
     });
     (

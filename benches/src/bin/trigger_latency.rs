@@ -42,7 +42,9 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
     rates: Vec<u64>,
     /// Paths to measure: broker (one Kafka hop), kafka, http (through the events topic),
-    /// embedded (HTTP straight into the dataflow, changes read from the file sink).
+    /// embedded (HTTP straight into the dataflow, changes read from the file sink),
+    /// journey (embedded; each click enters a journey whose first step sends: latency to
+    /// the message action in `messages.jsonl`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -72,6 +74,9 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     partitions: i32,
 }
+
+/// The `journey` path: every click enters (re-entry always) and sends at once.
+const JOURNEYS: &str = "journey: clicked\nentry: { event: Clicked }\nreentry: always\nsteps:\n  - send: { channel: webhook, template: t }\n";
 
 const SEGMENTS: &str = "CREATE SEGMENT clicked_last_second AS\n    count(*) FILTER (WHERE event = 'Clicked' AND timestamp > now() - INTERVAL '1 second') >= 1;\n";
 
@@ -133,8 +138,8 @@ fn main() -> Result<()> {
             eprintln!("== {path} at {rate} events/s for {} s", args.seconds);
             let o = match path.as_str() {
                 "broker" => run_broker(&args, rate)?,
-                "kafka" | "http" | "embedded" => run_herald(&args, path, rate)?,
-                other => bail!("unknown path {other}: use broker, kafka, http or embedded"),
+                "kafka" | "http" | "embedded" | "journey" => run_herald(&args, path, rate)?,
+                other => bail!("unknown path {other}: use broker, kafka, http, embedded or journey"),
             };
             eprintln!(
                 "   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -334,6 +339,7 @@ struct HeraldProc {
 
 fn start_herald(args: &Args, dir: &std::path::Path, config: &str) -> Result<HeraldProc> {
     std::fs::write(dir.join("segments.sql"), SEGMENTS)?;
+    std::fs::write(dir.join("journeys.yaml"), JOURNEYS)?;
     std::fs::write(dir.join("herald.toml"), config)?;
     let mut child = Command::new(&args.herald)
         .args(["run", "--config"])
@@ -414,7 +420,8 @@ fn herald_delay(base: &str) -> Option<(f64, f64, f64)> {
 fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     let id = unique();
     let (events, changes) = (format!("bench-events-{id}"), format!("bench-changes-{id}"));
-    let embedded = path == "embedded";
+    let journey = path == "journey";
+    let embedded = path == "embedded" || journey;
     if !embedded {
         create_topic(&args.brokers, &events, args.partitions)?;
     }
@@ -424,6 +431,9 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
          [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"bench\"]\nmax_batch_bytes = 4000000\n",
         args.workers, args.tick_ms
     );
+    if journey {
+        config = config.replace("[http]", "journeys = \"journeys.yaml\"\n[http]");
+    }
     if embedded {
         config.push_str("[output]\ndir = \"out\"\n");
     } else {
@@ -438,7 +448,11 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     let herald = start_herald(args, dir.path(), &config)?;
     let source = if embedded {
         ChangeSource::File(BufReader::new(std::fs::File::open(
-            dir.path().join("out/segment_changes.jsonl"),
+            dir.path().join(if journey {
+                "out/messages.jsonl"
+            } else {
+                "out/segment_changes.jsonl"
+            }),
         )?))
     } else {
         ChangeSource::Kafka(measuring_consumer(
@@ -473,7 +487,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
                         let Ok(c) = serde_json::from_slice::<serde_json::Value>(&line) else {
                             continue;
                         };
-                        if c["diff"] != 1 {
+                        if !journey && c["diff"] != 1 {
                             continue;
                         }
                         enters += 1;
@@ -532,6 +546,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
         path: match path {
             "kafka" => "Kafka -> Herald -> Kafka".into(),
             "http" => "HTTP -> Kafka -> Herald -> Kafka".into(),
+            "journey" => "HTTP -> Herald journey (embedded) -> message action in file".into(),
             _ => "HTTP -> Herald (embedded) -> file".into(),
         },
         rate,

@@ -161,6 +161,13 @@ pub struct JourneySet {
 }
 
 impl JourneySet {
+    /// Whether some journey has an `update_trait` step (so its writes loop back).
+    pub fn writes_traits(&self) -> bool {
+        self.journeys
+            .iter()
+            .any(|j| j.ops.iter().any(|o| matches!(o, Op::UpdateTrait { .. })))
+    }
+
     /// Whether the journey operator needs to see this event.
     pub fn wants(&self, ev: &crate::event::Event) -> bool {
         ev.event.as_ref().is_some_and(|e| self.events.contains(e))
