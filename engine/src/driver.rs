@@ -63,6 +63,9 @@ pub struct DataflowInput {
     pub workers: usize,
     /// Journeys to run (their `plan` is the one above).
     pub journeys: Option<JourneySet>,
+    /// Keep journey events and message actions (false: only count them, for benchmarks
+    /// that measure the journeys' own state).
+    pub keep_journey_output: bool,
     /// Called once by worker 0 when the dataflow has caught up with `until`, while all
     /// its state is still live (benchmarks measure memory here).
     pub on_caught_up: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -80,6 +83,8 @@ pub struct DataflowOutput {
     pub journey_rows: Vec<JourneyRow>,
     /// Message actions at or before `until`, sorted by (time, journey, user, message id).
     pub messages: Vec<MessageAction>,
+    /// Journey events and message actions emitted (kept or not).
+    pub journey_counts: (u64, u64),
 }
 
 /// A change as a worker captures it: (segment index, user, diff, time).
@@ -109,6 +114,7 @@ pub fn run_dataflow(
         lists_at,
         workers,
         journeys,
+        keep_journey_output,
         on_caught_up,
     } = input;
     if workers == 0 {
@@ -168,6 +174,8 @@ pub fn run_dataflow(
         let sink = Rc::clone(&out);
         let jout: Rc<RefCell<Vec<JOut>>> = Rc::default();
         let jsink = Rc::clone(&jout);
+        let jcount: Rc<RefCell<(u64, u64)>> = Rc::default();
+        let jcounter = Rc::clone(&jcount);
         let limit = to_time(shared.until);
         let probe = ProbeHandle::new();
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
@@ -183,13 +191,21 @@ pub fn run_dataflow(
                 .probe_with(&probe);
             if let Some(j) = outputs.journeys {
                 j.inspect(move |o| {
-                    let t = match o {
-                        JOut::Row(r) => r.time,
-                        JOut::Message(m) => m.time,
+                    let (t, message) = match o {
+                        JOut::Row(r) => (r.time, false),
+                        JOut::Message(m) => (m.time, true),
                         JOut::Write(..) => return,
                     };
                     if t <= limit as i64 {
-                        jsink.borrow_mut().push(o.clone());
+                        let mut c = jcounter.borrow_mut();
+                        if message {
+                            c.1 += 1;
+                        } else {
+                            c.0 += 1;
+                        }
+                        if keep_journey_output {
+                            jsink.borrow_mut().push(o.clone());
+                        }
                     }
                 })
                 .probe_with(&probe);
@@ -265,15 +281,19 @@ pub fn run_dataflow(
         }
         let result = out.borrow_mut().split_off(0);
         let journey_out = jout.borrow_mut().split_off(0);
-        (result, journey_out)
+        let counts = *jcount.borrow();
+        (result, journey_out, counts)
     })
     .map_err(|e| EngineError::Dataflow(e.to_string()))?;
 
     let mut raw: BTreeMap<(Time, u16, String), isize> = BTreeMap::new();
     let mut journey_rows = Vec::new();
     let mut messages = Vec::new();
+    let mut journey_counts = (0, 0);
     for r in guards.join() {
-        let (part, journey_part) = r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
+        let (part, journey_part, counts) = r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
+        journey_counts.0 += counts.0;
+        journey_counts.1 += counts.1;
         for (seg, user, diff, t) in part {
             *raw.entry((t, seg, user)).or_default() += diff;
         }
@@ -306,6 +326,7 @@ pub fn run_dataflow(
         after_until,
         journey_rows,
         messages,
+        journey_counts,
     })
 }
 

@@ -230,6 +230,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
             lists_at: first_instant,
             workers: args.workers,
             journeys,
+            keep_journey_output: true,
             on_caught_up: None,
         },
         progress,

@@ -107,3 +107,60 @@ fn every_scenario_gives_its_expected_journey_events_for_1_to_4_workers() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// More users than the operator steps per activation, all due at one instant: the burst is
+/// taken in slices and nothing is lost or repeated.
+#[test]
+fn a_burst_of_timers_at_one_instant_fires_each_exactly_once() {
+    use herald_engine::driver::{run_dataflow, DataflowInput};
+    use herald_operators::event::{Event, EventType};
+    use herald_operators::journey::{compile_journeys, parse_journeys, Kind};
+    use herald_operators::lang::parse::parse_segments;
+
+    const T0: i64 = 1_772_323_200_000;
+    let file = parse_segments("CREATE SEGMENT s AS count(*) >= 1;").unwrap();
+    let defs = parse_journeys(
+        "journey: burst\nentry: { event: Go }\nsteps:\n  - wait: 1 hour\n  - send: { channel: webhook, template: t }\n",
+    )
+    .unwrap();
+    let n = 40_000;
+    let events: Vec<Event> = (0..n)
+        .map(|i| Event {
+            user: format!("u{i}"),
+            kind: EventType::Track,
+            event: Some("Go".into()),
+            message_id: format!("m{i}"),
+            timestamp: T0,
+            properties: Default::default(),
+            context: Default::default(),
+            traits: Default::default(),
+        })
+        .collect();
+    for workers in [1, 2] {
+        let set = compile_journeys(&file, &defs).unwrap();
+        let out = run_dataflow(
+            DataflowInput {
+                plan: set.plan.clone(),
+                events: events.clone(),
+                snapshots: vec![],
+                lists: Default::default(),
+                until: T0 + 2 * 3_600_000,
+                lists_at: T0,
+                workers,
+                journeys: Some(set),
+                keep_journey_output: true,
+                on_caught_up: None,
+            },
+            None,
+        )
+        .unwrap();
+        let sent: Vec<_> = out.journey_rows.iter().filter(|r| r.kind == Kind::Sent).collect();
+        assert_eq!(sent.len(), n, "workers {workers}");
+        assert!(sent.iter().all(|r| r.time == T0 + 3_600_000));
+        let mut users: Vec<&str> = sent.iter().map(|r| r.user_id.as_str()).collect();
+        users.sort();
+        users.dedup();
+        assert_eq!(users.len(), n);
+        assert_eq!(out.messages.len(), n);
+    }
+}

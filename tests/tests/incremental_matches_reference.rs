@@ -58,6 +58,7 @@ fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<ChangeRow>
             lists_at: T0,
             workers,
             journeys: None,
+            keep_journey_output: true,
             on_caught_up: None,
         },
         None,

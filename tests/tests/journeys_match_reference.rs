@@ -165,6 +165,7 @@ fn engine(seed: u64, workers: usize) -> Vec<RefRow> {
             lists_at: T0,
             workers,
             journeys: Some(set),
+            keep_journey_output: true,
             on_caught_up: None,
         },
         None,

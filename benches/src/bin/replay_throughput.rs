@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             lists_at: first,
             workers: args.workers,
             journeys: None,
+            keep_journey_output: true,
             on_caught_up: Some(Arc::new(move || {
                 if let (Some((now, _)), Ok(mut slot)) = (rss(), hook_slot.lock()) {
                     *slot = now;

@@ -164,7 +164,8 @@ struct Instance {
     variant: Option<u16>,
     waiting: Waiting,
     wake: Option<Time>,
-    trigger: Option<Json>,
+    /// The triggering event as JSON text (compact: held for the instance's lifetime).
+    trigger: Option<Box<str>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -276,16 +277,18 @@ impl Machine {
         self.timers.first().map(|(t, _, _)| *t)
     }
 
-    /// Users with a timer due at or before `t` (sorted, each once).
-    pub fn due(&self, t: Time) -> Vec<String> {
-        let mut users: Vec<String> = self
-            .timers
-            .iter()
-            .take_while(|(w, _, _)| *w <= t)
-            .map(|(_, u, _)| u.clone())
-            .collect();
-        users.sort();
-        users.dedup();
+    /// The first `limit` users (in user order) with a timer due at `t`, each once. Timers
+    /// before `t` have all fired by the time `t` is processed.
+    pub fn due(&self, t: Time, limit: usize) -> Vec<String> {
+        let mut users: Vec<String> = Vec::new();
+        for (_, u, _) in self.timers.range((t, String::new(), 0)..).take_while(|(w, _, _)| *w == t) {
+            if users.last() != Some(u) {
+                if users.len() == limit {
+                    break;
+                }
+                users.push(u.clone());
+            }
+        }
         users
     }
 
@@ -494,7 +497,7 @@ impl<'a> At<'a> {
             variant: None,
             waiting: Waiting::Timer,
             wake: None,
-            trigger: ev.map(trigger_json),
+            trigger: ev.map(|e| trigger_json(e).to_string().into_boxed_str()),
         };
         let reason = match &j.entry {
             CTrigger::Event(e) => format!("event:{e}"),
@@ -646,7 +649,10 @@ impl<'a> At<'a> {
                             other => other.to_json().to_string(),
                         }),
                         traits,
-                        event: inst.trigger.clone(),
+                        event: inst
+                            .trigger
+                            .as_deref()
+                            .and_then(|t| serde_json::from_str(t).ok()),
                         time: t as i64,
                     }));
                     inst.pc += 1;

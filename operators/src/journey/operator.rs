@@ -25,15 +25,20 @@ use crate::journey::compile::JourneySet;
 use crate::journey::machine::{JIn, JOut, Machine};
 use crate::time::Time;
 
+/// Users stepped per activation before the operator yields (and asks to run again).
+const STEPS_PER_ACTIVATION: usize = 16 * 1024;
+
 /// Runs the journeys over `input`; returns what they emit, each record at its instant.
 pub fn run_journeys<'s>(
     input: VecCollection<'s, Time, (String, JIn), isize>,
     set: Rc<JourneySet>,
 ) -> Stream<'s, Time, Vec<JOut>> {
+    let scope = input.inner.scope();
     input.inner.unary_frontier(
         Exchange::new(|((u, _), _, _): &((String, JIn), Time, isize)| user_hash(u)),
         "journeys",
-        move |_cap, _info| {
+        move |_cap, info| {
+            let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Time, Vec<(String, JIn, isize)>> = BTreeMap::new();
             let mut cap: Option<Capability<Time>> = None;
             let mut machine = Machine::new(set);
@@ -52,7 +57,14 @@ pub fn run_journeys<'s>(
                     }
                 });
                 let Some(c) = cap.as_mut() else { return };
+                // A burst (a million timers at one instant, a replay's final catch-up) is
+                // taken in slices, so downstream drains between them and memory stays flat.
+                let mut budget = STEPS_PER_ACTIVATION;
                 loop {
+                    if budget == 0 {
+                        activator.activate();
+                        break;
+                    }
                     let next = match (stash.keys().next(), machine.next_timer()) {
                         (Some(a), Some(b)) => (*a).min(b),
                         (Some(a), None) => *a,
@@ -64,7 +76,7 @@ pub fn run_journeys<'s>(
                     }
                     let mut items = stash.remove(&next).unwrap_or_default();
                     items.sort_by(|a, b| a.0.cmp(&b.0));
-                    let due = machine.due(next);
+                    let due = machine.due(next, budget);
                     let at = c.delayed(&next);
                     let mut session = output.session(&at);
                     // Merge the users with input and those with a due timer, in user order.
@@ -77,12 +89,22 @@ pub fn run_journeys<'s>(
                             (None, Some(d)) => d.clone(),
                             (None, None) => break,
                         };
+                        if budget == 0 {
+                            // Yield mid-instant: the rest of its input goes back to the
+                            // stash; due timers stay in the machine until stepped.
+                            let rest: Vec<_> = items.collect();
+                            if !rest.is_empty() {
+                                stash.insert(next, rest);
+                            }
+                            break;
+                        }
                         let mut inputs = Vec::new();
                         while let Some((_, x, r)) = items.next_if(|i| i.0 == user) {
                             inputs.push((x, r));
                         }
                         while due.next_if(|d| *d == user).is_some() {}
                         machine.step(&user, next, inputs, &mut outs);
+                        budget -= 1;
                         for o in outs.drain(..) {
                             session.give(o);
                         }
