@@ -380,3 +380,56 @@ fn replay_loads_changes_into_postgres_idempotently() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("identifier"));
     psql(&format!("DROP TABLE {table}"));
 }
+
+#[test]
+fn journeys_replay_check_and_report_from_the_command_line() {
+    let d = data("journeys/spec_example");
+    let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let out = tmp.path().to_string_lossy().into_owned();
+    let stdout = ok(herald().args([
+        "replay",
+        "--segments",
+        &p("segments.sql"),
+        "--journeys",
+        &p("journeys.yaml"),
+        "--events",
+        &p("events.jsonl"),
+        "--until",
+        "2026-03-12T00:00:00Z",
+        "--out",
+        &out,
+    ]));
+    assert!(stdout.contains("journeys: 49 journey events, 7 message actions"), "{stdout}");
+    for f in ["journey_events.parquet", "messages.parquet"] {
+        assert!(tmp.path().join(f).metadata().is_ok_and(|m| m.len() > 0), "{f}");
+    }
+    let table = ok(herald().args(["report", "journeys", &out]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("journey"), "{table}");
+    // sms: 3 instances (u1 twice, u5), 6 sends, no conversion; control: 1 of 1 converted.
+    // Pooled p = 1/4, se = 0.5, z = -2, two-sided p = 0.0455.
+    let sms = lines.iter().find(|l| l.contains(" sms ")).unwrap();
+    assert!(sms.contains("-100.0 pp, z=-2.00, p=0.0455"), "{sms}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(herald().args(["report", "journeys", &out, "--json"]))).unwrap();
+    let sms = json["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["variant"] == "sms")
+        .unwrap();
+    assert_eq!((sms["entered"].as_u64(), sms["sent"].as_u64()), (Some(3), Some(6)));
+    assert_eq!(sms["converted"], 0);
+
+    let check = ok(herald().args(["check", &p("segments.sql"), "--journeys", &p("journeys.yaml")]));
+    assert!(check.contains("journeys.yaml: ok, 1 journey(s), 1 hidden condition segment(s)"), "{check}");
+    // A bad journey file: exit 2, the journey, the path and the problem.
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, "journey: j\nentry: { segment_entered: nope }\nsteps: []\n").unwrap();
+    let out = run(herald().args(["check", &p("segments.sql"), "--journeys", bad.to_str().unwrap()]));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml: journey 'j': entry: unknown segment 'nope'"), "{err}");
+}
