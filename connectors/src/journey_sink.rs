@@ -88,12 +88,18 @@ pub fn message_line(m: &MessageAction, out: &mut Vec<u8>) {
 }
 
 /// Writes journey events as JSON lines, in the given order.
-pub fn write_journey_rows_jsonl(url_or_path: &str, rows: &[JourneyRow]) -> Result<(), ConnectorError> {
+pub fn write_journey_rows_jsonl(
+    url_or_path: &str,
+    rows: &[JourneyRow],
+) -> Result<(), ConnectorError> {
     write_jsonl(url_or_path, rows, journey_row_line)
 }
 
 /// Writes message actions as JSON lines, in the given order.
-pub fn write_messages_jsonl(url_or_path: &str, msgs: &[MessageAction]) -> Result<(), ConnectorError> {
+pub fn write_messages_jsonl(
+    url_or_path: &str,
+    msgs: &[MessageAction],
+) -> Result<(), ConnectorError> {
     write_jsonl(url_or_path, msgs, message_line)
 }
 
@@ -118,7 +124,10 @@ fn times(it: impl Iterator<Item = i64>) -> ArrayRef {
 }
 
 /// Writes journey events as Parquet.
-pub fn write_journey_rows_parquet(url_or_path: &str, rows: &[JourneyRow]) -> Result<(), ConnectorError> {
+pub fn write_journey_rows_parquet(
+    url_or_path: &str,
+    rows: &[JourneyRow],
+) -> Result<(), ConnectorError> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("journey", DataType::Utf8, false),
         Field::new("user_id", DataType::Utf8, false),
@@ -146,7 +155,10 @@ pub fn write_journey_rows_parquet(url_or_path: &str, rows: &[JourneyRow]) -> Res
 }
 
 /// Writes message actions as Parquet (`traits` and `event` as JSON text).
-pub fn write_messages_parquet(url_or_path: &str, msgs: &[MessageAction]) -> Result<(), ConnectorError> {
+pub fn write_messages_parquet(
+    url_or_path: &str,
+    msgs: &[MessageAction],
+) -> Result<(), ConnectorError> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("message_id", DataType::Utf8, false),
         Field::new("journey", DataType::Utf8, false),
@@ -162,8 +174,14 @@ pub fn write_messages_parquet(url_or_path: &str, msgs: &[MessageAction]) -> Resu
         ts_field(),
     ]));
     write_parquet(url_or_path, schema, msgs, |c| {
-        let traits: Vec<String> = c.iter().map(|m| Json::Object(m.traits.clone()).to_string()).collect();
-        let events: Vec<Option<String>> = c.iter().map(|m| m.event.as_ref().map(|e| e.to_string())).collect();
+        let traits: Vec<String> = c
+            .iter()
+            .map(|m| Json::Object(m.traits.clone()).to_string())
+            .collect();
+        let events: Vec<Option<String>> = c
+            .iter()
+            .map(|m| m.event.as_ref().map(|e| e.to_string()))
+            .collect();
         vec![
             strings(c.iter().map(|m| m.message_id.as_str())),
             strings(c.iter().map(|m| m.journey.as_str())),

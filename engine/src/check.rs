@@ -4,9 +4,9 @@
 //! so `replay` and `check` report errors identically (`FILE:line L, column C: message`).
 
 use herald_operators::ast::SegmentFile;
-use herald_operators::lang::parse::parse_segments;
 use herald_operators::journey::compile::Op;
 use herald_operators::journey::{compile_journeys, parse_journeys, JourneySet};
+use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
 
 use crate::EngineError;
@@ -98,7 +98,9 @@ fn op_label(op: &Op) -> String {
         },
         Op::Branch { arms, .. } => format!("branch ({} when)", arms.len()),
         Op::Split { variants, .. } => format!("split ({} variants)", variants.len()),
-        Op::Send { channel, template, .. } => format!("send {channel} {template}"),
+        Op::Send {
+            channel, template, ..
+        } => format!("send {channel} {template}"),
         Op::UpdateTrait { name, .. } => format!("update trait {name}"),
         Op::Jump(to) => format!("jump {to}"),
         Op::End => "end".into(),

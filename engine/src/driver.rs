@@ -307,7 +307,12 @@ pub fn run_dataflow(
     }
     journey_rows.sort();
     messages.sort_by(|a, b| {
-        (a.time, &a.journey, &a.user_id, &a.message_id).cmp(&(b.time, &b.journey, &b.user_id, &b.message_id))
+        (a.time, &a.journey, &a.user_id, &a.message_id).cmp(&(
+            b.time,
+            &b.journey,
+            &b.user_id,
+            &b.message_id,
+        ))
     });
     let mut changes: Vec<ChangeRow> = raw
         .into_iter()

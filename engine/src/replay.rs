@@ -263,11 +263,20 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     write_changes_parquet(&join(&args.out, "segment_changes.parquet"), &rows)?;
     write_dead_letters_jsonl(&join(&args.out, "dead_letters.jsonl"), &batch.dead_letters)?;
     if with_journeys {
-        write_journey_rows_jsonl(&join(&args.out, "journey_events.jsonl"), &output.journey_rows)?;
-        write_journey_rows_parquet(&join(&args.out, "journey_events.parquet"), &output.journey_rows)?;
+        write_journey_rows_jsonl(
+            &join(&args.out, "journey_events.jsonl"),
+            &output.journey_rows,
+        )?;
+        write_journey_rows_parquet(
+            &join(&args.out, "journey_events.parquet"),
+            &output.journey_rows,
+        )?;
         write_messages_jsonl(&join(&args.out, "messages.jsonl"), &output.messages)?;
         write_messages_parquet(&join(&args.out, "messages.parquet"), &output.messages)?;
-        summary.journey_rows = Some((output.journey_rows.len() as u64, output.messages.len() as u64));
+        summary.journey_rows = Some((
+            output.journey_rows.len() as u64,
+            output.messages.len() as u64,
+        ));
     }
     if let Some(url) = &args.postgres {
         let loaded = herald_connectors::postgres::load_changes(url, &args.postgres_table, &rows)?;

@@ -85,7 +85,9 @@ pub fn journeys(dir: &str) -> Result<JourneyReport, EngineError> {
             row.get("instance").and_then(Json::as_u64),
             s("kind"),
         ) else {
-            return Err(bad("a journey event needs journey, user_id, instance and kind"));
+            return Err(bad(
+                "a journey event needs journey, user_id, instance and kind",
+            ));
         };
         let inst = instances
             .entry((journey.to_string(), user.to_string(), instance))
@@ -206,7 +208,14 @@ impl JourneyReport {
     /// The report as an aligned text table.
     pub fn to_table(&self) -> String {
         let header = [
-            "journey", "variant", "entered", "sent", "suppressed", "converted", "rate", "vs control",
+            "journey",
+            "variant",
+            "entered",
+            "sent",
+            "suppressed",
+            "converted",
+            "rate",
+            "vs control",
         ];
         let mut rows: Vec<[String; 8]> = vec![header.map(String::from)];
         for r in &self.variants {
@@ -220,7 +229,12 @@ impl JourneyReport {
                     .join(" ")
             };
             let test = match &r.vs_control {
-                Some(t) => format!("{:+.1} pp, z={:.2}, p={:.4}", t.lift * 100.0, t.z, t.p_value),
+                Some(t) => format!(
+                    "{:+.1} pp, z={:.2}, p={:.4}",
+                    t.lift * 100.0,
+                    t.z,
+                    t.p_value
+                ),
                 None => "-".into(),
             };
             rows.push([

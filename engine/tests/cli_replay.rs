@@ -400,9 +400,15 @@ fn journeys_replay_check_and_report_from_the_command_line() {
         "--out",
         &out,
     ]));
-    assert!(stdout.contains("journeys: 49 journey events, 7 message actions"), "{stdout}");
+    assert!(
+        stdout.contains("journeys: 49 journey events, 7 message actions"),
+        "{stdout}"
+    );
     for f in ["journey_events.parquet", "messages.parquet"] {
-        assert!(tmp.path().join(f).metadata().is_ok_and(|m| m.len() > 0), "{f}");
+        assert!(
+            tmp.path().join(f).metadata().is_ok_and(|m| m.len() > 0),
+            "{f}"
+        );
     }
     let table = ok(herald().args(["report", "journeys", &out]));
     let lines: Vec<&str> = table.lines().collect();
@@ -420,16 +426,39 @@ fn journeys_replay_check_and_report_from_the_command_line() {
         .iter()
         .find(|v| v["variant"] == "sms")
         .unwrap();
-    assert_eq!((sms["entered"].as_u64(), sms["sent"].as_u64()), (Some(3), Some(6)));
+    assert_eq!(
+        (sms["entered"].as_u64(), sms["sent"].as_u64()),
+        (Some(3), Some(6))
+    );
     assert_eq!(sms["converted"], 0);
 
-    let check = ok(herald().args(["check", &p("segments.sql"), "--journeys", &p("journeys.yaml")]));
-    assert!(check.contains("journeys.yaml: ok, 1 journey(s), 1 hidden condition segment(s)"), "{check}");
+    let check = ok(herald().args([
+        "check",
+        &p("segments.sql"),
+        "--journeys",
+        &p("journeys.yaml"),
+    ]));
+    assert!(
+        check.contains("journeys.yaml: ok, 1 journey(s), 1 hidden condition segment(s)"),
+        "{check}"
+    );
     // A bad journey file: exit 2, the journey, the path and the problem.
     let bad = tmp.path().join("bad.yaml");
-    std::fs::write(&bad, "journey: j\nentry: { segment_entered: nope }\nsteps: []\n").unwrap();
-    let out = run(herald().args(["check", &p("segments.sql"), "--journeys", bad.to_str().unwrap()]));
+    std::fs::write(
+        &bad,
+        "journey: j\nentry: { segment_entered: nope }\nsteps: []\n",
+    )
+    .unwrap();
+    let out = run(herald().args([
+        "check",
+        &p("segments.sql"),
+        "--journeys",
+        bad.to_str().unwrap(),
+    ]));
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.yaml: journey 'j': entry: unknown segment 'nope'"), "{err}");
+    assert!(
+        err.contains("bad.yaml: journey 'j': entry: unknown segment 'nope'"),
+        "{err}"
+    );
 }

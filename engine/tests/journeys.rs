@@ -33,7 +33,11 @@ fn render(out: &Path) -> String {
             g("journey"),
             g("kind")
         );
-        for (k, prefix) in [("step_path", ""), ("variant", "variant="), ("reason", "reason=")] {
+        for (k, prefix) in [
+            ("step_path", ""),
+            ("variant", "variant="),
+            ("reason", "reason="),
+        ] {
             if !g(k).is_empty() {
                 l.push_str(&format!(" {prefix}{}", g(k)));
             }
@@ -91,17 +95,25 @@ fn every_scenario_gives_its_expected_journey_events_for_1_to_4_workers() {
         let expected_path = dir.join("expected.txt");
         let expected = std::fs::read_to_string(&expected_path).unwrap();
         let (head, want) = expected.split_once('\n').unwrap_or((&expected, ""));
-        let until = head.strip_prefix("until ").expect("expected.txt starts with `until …`");
+        let until = head
+            .strip_prefix("until ")
+            .expect("expected.txt starts with `until …`");
         let got = run(&dir, until, 1);
         if bless {
             std::fs::write(&expected_path, format!("{head}\n{got}")).unwrap();
         } else if got != want {
-            failures.push(format!("{}:\n--- want\n{want}--- got\n{got}", dir.display()));
+            failures.push(format!(
+                "{}:\n--- want\n{want}--- got\n{got}",
+                dir.display()
+            ));
         }
         for workers in 2..=4 {
             let again = run(&dir, until, workers);
             if again != got {
-                failures.push(format!("{}: {workers} workers differ from 1", dir.display()));
+                failures.push(format!(
+                    "{}: {workers} workers differ from 1",
+                    dir.display()
+                ));
             }
         }
     }
@@ -154,7 +166,11 @@ fn a_burst_of_timers_at_one_instant_fires_each_exactly_once() {
             None,
         )
         .unwrap();
-        let sent: Vec<_> = out.journey_rows.iter().filter(|r| r.kind == Kind::Sent).collect();
+        let sent: Vec<_> = out
+            .journey_rows
+            .iter()
+            .filter(|r| r.kind == Kind::Sent)
+            .collect();
         assert_eq!(sent.len(), n, "workers {workers}");
         assert!(sent.iter().all(|r| r.time == T0 + 3_600_000));
         let mut users: Vec<&str> = sent.iter().map(|r| r.user_id.as_str()).collect();

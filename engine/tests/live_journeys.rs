@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::Herald;
 
-const SEGMENTS: &str = "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n";
+const SEGMENTS: &str =
+    "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n";
 
 const JOURNEYS: &str = r#"
 journey: welcome
@@ -33,7 +34,8 @@ fn start() -> (tempfile::TempDir, Herald) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
     std::fs::write(dir.path().join("journeys.yaml"), JOURNEYS).unwrap();
-    let config = "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
+    let config =
+        "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
                   [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n";
     let h = Herald::start(dir.path(), config);
     (dir, h)
@@ -65,7 +67,10 @@ fn api_triggers_timers_and_exits_run_on_the_wall_clock() {
     h.wait_for("the first message action", Duration::from_secs(10), |h| {
         !h.output("messages.jsonl").is_empty()
     });
-    eprintln!("trigger -> first message action in the file: {:?}", sent.elapsed());
+    eprintln!(
+        "trigger -> first message action in the file: {:?}",
+        sent.elapsed()
+    );
     let first = &h.output("messages.jsonl")[0];
     assert_eq!(first["template"], "hello");
     assert_eq!(first["event"]["properties"]["plan"], "pro");
@@ -82,24 +87,55 @@ fn api_triggers_timers_and_exits_run_on_the_wall_clock() {
     assert_eq!(msgs[1]["address"], "t1@example.com");
 
     // Not entered: a where that is false; refused: unknown or non-API journeys, bad bodies.
-    let (s, _) = h.post("/v1/journeys/welcome/trigger", "wk", r#"{"user_id":"t2","properties":{"plan":"free"}}"#);
+    let (s, _) = h.post(
+        "/v1/journeys/welcome/trigger",
+        "wk",
+        r#"{"user_id":"t2","properties":{"plan":"free"}}"#,
+    );
     assert_eq!(s, 200);
-    assert_eq!(h.post("/v1/journeys/nope/trigger", "wk", r#"{"user_id":"t2"}"#).0, 404);
-    assert_eq!(h.post("/v1/journeys/nudge/trigger", "wk", r#"{"user_id":"t2"}"#).0, 409);
-    assert_eq!(h.post("/v1/journeys/welcome/trigger", "wk", r#"{"properties":{}}"#).0, 400);
-    assert_eq!(h.post("/v1/journeys/welcome/trigger", "bad", r#"{"user_id":"t2"}"#).0, 401);
+    assert_eq!(
+        h.post("/v1/journeys/nope/trigger", "wk", r#"{"user_id":"t2"}"#)
+            .0,
+        404
+    );
+    assert_eq!(
+        h.post("/v1/journeys/nudge/trigger", "wk", r#"{"user_id":"t2"}"#)
+            .0,
+        409
+    );
+    assert_eq!(
+        h.post("/v1/journeys/welcome/trigger", "wk", r#"{"properties":{}}"#)
+            .0,
+        400
+    );
+    assert_eq!(
+        h.post("/v1/journeys/welcome/trigger", "bad", r#"{"user_id":"t2"}"#)
+            .0,
+        401
+    );
 
     // An exit during a wait cancels the timer: n1 converts, n2 gets the nudge.
     for u in ["n1", "n2"] {
-        h.post("/v1/track", "wk", &format!(r#"{{"userId":"{u}","event":"Cart Viewed"}}"#));
+        h.post(
+            "/v1/track",
+            "wk",
+            &format!(r#"{{"userId":"{u}","event":"Cart Viewed"}}"#),
+        );
     }
-    h.post("/v1/track", "wk", r#"{"userId":"n1","event":"Order Completed"}"#);
+    h.post(
+        "/v1/track",
+        "wk",
+        r#"{"userId":"n1","event":"Order Completed"}"#,
+    );
     h.wait_for("n2's nudge", Duration::from_secs(15), |h| {
         kinds(h, "n2").contains(&"completed".to_string())
     });
     assert_eq!(kinds(&h, "n1"), ["entered", "step", "converted", "exited"]);
     assert!(kinds(&h, "t2").is_empty(), "{:?}", kinds(&h, "t2"));
     let (_, metrics) = h.get("/metrics");
-    assert!(metrics.contains("herald_journey_events_total{journey=\"nudge\",kind=\"converted\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("herald_journey_events_total{journey=\"nudge\",kind=\"converted\"} 1"),
+        "{metrics}"
+    );
     assert!(h.stop().success());
 }

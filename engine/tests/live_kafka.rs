@@ -495,3 +495,60 @@ fn a_two_process_cluster_consumes_and_commits() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs a Kafka-protocol broker on 127.0.0.1: run scripts/test.sh"]
+fn journeys_in_kafka_mode_trigger_through_the_events_topic_and_send_to_the_messages_topic() {
+    let brokers = brokers();
+    let t = Topics::new();
+    let messages = format!("messages-{}", unique());
+    create_topic(&brokers, &t.events, 2);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    std::fs::write(
+        dir.path().join("journeys.yaml"),
+        "journey: welcome\nentry: { api: true }\nsteps:\n  - send: { channel: kafka, template: hi }\n\
+         ---\njourney: thanks\nentry: { event: Order Completed }\nsteps:\n  - send: { channel: webhook, template: thanks }\n",
+    )
+    .unwrap();
+    let config = t
+        .config(&brokers, 2)
+        .replace("[http]", "journeys = \"journeys.yaml\"\n[http]")
+        + &format!("messages_topic = \"{messages}\"\n");
+    let mut h = Herald::start(dir.path(), &config);
+    // The API trigger is produced to the events topic and consumed like any event.
+    let (status, body) = h.post("/v1/journeys/welcome/trigger", "wk", r#"{"user_id":"k1"}"#);
+    assert_eq!(status, 200, "{body}");
+    produce(
+        &producer(&brokers),
+        &t.events,
+        "k2",
+        r#"{"type":"track","userId":"k2","event":"Order Completed","messageId":"k2-1"}"#,
+    );
+    let got = read_all(
+        &brokers,
+        &messages,
+        herald_engine::live::kafka::OUTPUT_PARTITIONS,
+        2,
+    );
+    let mut sent: Vec<(String, String)> = got
+        .iter()
+        .map(|(key, payload, _)| {
+            let m: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            assert_eq!(m["user_id"], key.as_str());
+            (
+                key.clone(),
+                m["template"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            ("k1".to_string(), "hi".to_string()),
+            ("k2".to_string(), "thanks".to_string())
+        ]
+    );
+    assert!(h.stop().success());
+}

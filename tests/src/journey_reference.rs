@@ -110,7 +110,12 @@ impl<'a> Ctx<'a> {
             body: SegmentBody::Expr(expr),
         });
         let mut events = u.events.clone();
-        events.extend(u.writes.iter().filter(|(_, vis)| *vis <= t).map(|(e, _)| e.clone()));
+        events.extend(
+            u.writes
+                .iter()
+                .filter(|(_, vis)| *vis <= t)
+                .map(|(e, _)| e.clone()),
+        );
         let world = World {
             events,
             ..World::default()
@@ -121,7 +126,17 @@ impl<'a> Ctx<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn row(&mut self, t: i64, j: &str, u: &str, inst: &Inst, seq: &mut u32, kind: &str, path: &str, reason: Option<String>) {
+    fn row(
+        &mut self,
+        t: i64,
+        j: &str,
+        u: &str,
+        inst: &Inst,
+        seq: &mut u32,
+        kind: &str,
+        path: &str,
+        reason: Option<String>,
+    ) {
         self.rows.push(RefRow {
             time: t,
             journey: j.to_string(),
@@ -137,7 +152,14 @@ impl<'a> Ctx<'a> {
     }
 
     /// Runs an instance from its position at `t`; returns it if it waits.
-    fn run(&mut self, u: &mut User<'a>, ji: usize, mut inst: Inst<'a>, t: i64, seq: &mut u32) -> Option<Inst<'a>> {
+    fn run(
+        &mut self,
+        u: &mut User<'a>,
+        ji: usize,
+        mut inst: Inst<'a>,
+        t: i64,
+        seq: &mut u32,
+    ) -> Option<Inst<'a>> {
         let jd: &'a JourneyDef = &self.journeys[ji];
         loop {
             let Some(top) = inst.frames.last_mut() else {
@@ -166,8 +188,13 @@ impl<'a> Ctx<'a> {
                     on_timeout,
                     cond,
                 } => {
-                    assert!(cond.is_none(), "reference: wait_until where is not supported");
-                    inst.wait = Wait::Event { name: event.clone() };
+                    assert!(
+                        cond.is_none(),
+                        "reference: wait_until where is not supported"
+                    );
+                    inst.wait = Wait::Event {
+                        name: event.clone(),
+                    };
                     inst.wake = timeout.map(|d| t + d);
                     inst.pending = Some((on_event, on_timeout, path));
                     return Some(inst);
@@ -211,7 +238,10 @@ impl<'a> Ctx<'a> {
                     });
                 }
                 StepDef::Send { channel, .. } => {
-                    assert!(jd.quiet_hours.is_none(), "reference: quiet hours are not supported");
+                    assert!(
+                        jd.quiet_hours.is_none(),
+                        "reference: quiet hours are not supported"
+                    );
                     let address = CHANNELS.iter().find(|c| c.0 == channel).and_then(|c| c.1);
                     let h = &mut u.hist[ji];
                     if let Some((_, per)) = jd.frequency_cap {
@@ -222,7 +252,9 @@ impl<'a> Ctx<'a> {
                         .is_some_and(|(max, _)| u.hist[ji].sends.len() >= max as usize);
                     let reason = if self.holds(u, &format!("\"{channel}_opt_out\" = TRUE"), t) {
                         Some("opt_out")
-                    } else if address.is_some_and(|a| !self.holds(u, &format!("\"{a}\" IS NOT NULL"), t)) {
+                    } else if address
+                        .is_some_and(|a| !self.holds(u, &format!("\"{a}\" IS NOT NULL"), t))
+                    {
                         Some("no_address")
                     } else if capped {
                         Some("frequency_cap")
@@ -230,7 +262,16 @@ impl<'a> Ctx<'a> {
                         None
                     };
                     match reason {
-                        Some(r) => self.row(t, &jd.name, &u.id, &inst, seq, "suppressed", &path, Some(r.into())),
+                        Some(r) => self.row(
+                            t,
+                            &jd.name,
+                            &u.id,
+                            &inst,
+                            seq,
+                            "suppressed",
+                            &path,
+                            Some(r.into()),
+                        ),
                         None => {
                             if jd.frequency_cap.is_some() {
                                 u.hist[ji].sends.push_back(t);
@@ -260,7 +301,12 @@ impl<'a> Ctx<'a> {
     }
 
     fn user_at(&mut self, u: &mut User<'a>, t: i64) {
-        let evs: Vec<Event> = u.events.iter().filter(|e| e.timestamp == t).cloned().collect();
+        let evs: Vec<Event> = u
+            .events
+            .iter()
+            .filter(|e| e.timestamp == t)
+            .cloned()
+            .collect();
         let named = |e: &Event, n: &str| e.event.as_deref() == Some(n);
         let mut seq = 0u32;
         for ji in 0..self.journeys.len() {
@@ -276,9 +322,27 @@ impl<'a> Ctx<'a> {
                         let inst = u.active[ji].take().expect("active");
                         let label = x.trigger.label();
                         if x.goal {
-                            self.row(t, &jd.name, &u.id, &inst, &mut seq, "converted", "", Some(label.clone()));
+                            self.row(
+                                t,
+                                &jd.name,
+                                &u.id,
+                                &inst,
+                                &mut seq,
+                                "converted",
+                                "",
+                                Some(label.clone()),
+                            );
                         }
-                        self.row(t, &jd.name, &u.id, &inst, &mut seq, "exited", "", Some(label));
+                        self.row(
+                            t,
+                            &jd.name,
+                            &u.id,
+                            &inst,
+                            &mut seq,
+                            "exited",
+                            "",
+                            Some(label),
+                        );
                     }
                 }
             }
@@ -315,7 +379,10 @@ impl<'a> Ctx<'a> {
                 Reentry::Always => true,
                 Reentry::After(d) => h.last.is_none_or(|l| t - l >= d),
             };
-            assert!(jd.entry_cond.is_none(), "reference: entry where is not supported");
+            assert!(
+                jd.entry_cond.is_none(),
+                "reference: entry where is not supported"
+            );
             let triggered = match &jd.entry {
                 Trigger::Event(n) => evs.iter().any(|e| named(e, n)),
                 Trigger::Api => evs.iter().any(|e| {
@@ -347,7 +414,16 @@ impl<'a> Ctx<'a> {
                 Trigger::Api => "api".to_string(),
                 other => other.label(),
             };
-            self.row(t, &jd.name, &u.id, &inst, &mut seq, "entered", "", Some(reason));
+            self.row(
+                t,
+                &jd.name,
+                &u.id,
+                &inst,
+                &mut seq,
+                "entered",
+                "",
+                Some(reason),
+            );
             u.active[ji] = self.run(u, ji, inst, t, &mut seq);
         }
     }
@@ -380,9 +456,22 @@ pub fn run_journeys(
         };
         let mut t = i64::MIN;
         loop {
-            let next_event = u.events.iter().map(|e| e.timestamp).filter(|&x| x > t).min();
-            let next_wake = u.active.iter().flatten().filter_map(|i| i.wake).filter(|&x| x > t).min();
-            let Some(next) = next_event.into_iter().chain(next_wake).min() else { break };
+            let next_event = u
+                .events
+                .iter()
+                .map(|e| e.timestamp)
+                .filter(|&x| x > t)
+                .min();
+            let next_wake = u
+                .active
+                .iter()
+                .flatten()
+                .filter_map(|i| i.wake)
+                .filter(|&x| x > t)
+                .min();
+            let Some(next) = next_event.into_iter().chain(next_wake).min() else {
+                break;
+            };
             if next > until {
                 break;
             }

@@ -85,7 +85,10 @@ fn journey_file(seed: u64) -> String {
         };
         doc.insert("reentry".into(), reentry);
         if rng.random_bool(0.5) {
-            doc.insert("exit".into(), json!([{"event": "C", "goal": rng.random_bool(0.5)}]));
+            doc.insert(
+                "exit".into(),
+                json!([{"event": "C", "goal": rng.random_bool(0.5)}]),
+            );
         }
         if rng.random_bool(0.3) {
             doc.insert("frequency_cap".into(), json!({"max": 1, "per": "1 hour"}));
@@ -104,7 +107,15 @@ fn events(seed: u64) -> Vec<Event> {
         if u % 2 == 0 {
             let mut traits = Map::new();
             traits.insert("email".into(), json!(format!("{user}@example.com")));
-            out.push(ev(&user, EventType::Identify, None, T0, &format!("{user}-email"), traits, Map::new()));
+            out.push(ev(
+                &user,
+                EventType::Identify,
+                None,
+                T0,
+                &format!("{user}-email"),
+                traits,
+                Map::new(),
+            ));
         }
         for k in 0..rng.random_range(3..12) {
             let t = T0 + 10 * rng.random_range(1..24) * MINUTE + u as i64;
@@ -112,17 +123,47 @@ fn events(seed: u64) -> Vec<Event> {
             match rng.random_range(0..6) {
                 0 => {
                     let mut traits = Map::new();
-                    traits.insert("plan".into(), json!(["pro", "free"][rng.random_range(0..2)]));
-                    out.push(ev(&user, EventType::Identify, None, t, &id, traits, Map::new()));
+                    traits.insert(
+                        "plan".into(),
+                        json!(["pro", "free"][rng.random_range(0..2)]),
+                    );
+                    out.push(ev(
+                        &user,
+                        EventType::Identify,
+                        None,
+                        t,
+                        &id,
+                        traits,
+                        Map::new(),
+                    ));
                 }
                 1 => {
                     let mut ctx = Map::new();
-                    ctx.insert(API_TRIGGER_KEY.into(), json!(format!("j{}", rng.random_range(0..3))));
-                    out.push(ev(&user, EventType::Track, Some(API_TRIGGER_EVENT), t, &id, Map::new(), ctx));
+                    ctx.insert(
+                        API_TRIGGER_KEY.into(),
+                        json!(format!("j{}", rng.random_range(0..3))),
+                    );
+                    out.push(ev(
+                        &user,
+                        EventType::Track,
+                        Some(API_TRIGGER_EVENT),
+                        t,
+                        &id,
+                        Map::new(),
+                        ctx,
+                    ));
                 }
                 n => {
                     let name = ["A", "B", "C", "A"][n as usize - 2];
-                    out.push(ev(&user, EventType::Track, Some(name), t, &id, Map::new(), Map::new()));
+                    out.push(ev(
+                        &user,
+                        EventType::Track,
+                        Some(name),
+                        t,
+                        &id,
+                        Map::new(),
+                        Map::new(),
+                    ));
                 }
             }
         }

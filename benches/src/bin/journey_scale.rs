@@ -41,7 +41,8 @@ struct Args {
 
 const T0: i64 = 1_772_323_200_000; // 2026-03-01T00:00:00Z
 const HOUR: i64 = 3_600_000;
-const SEGMENTS: &str = "CREATE SEGMENT enrolled AS count(*) FILTER (WHERE event = 'Enrolled') >= 1;";
+const SEGMENTS: &str =
+    "CREATE SEGMENT enrolled AS count(*) FILTER (WHERE event = 'Enrolled') >= 1;";
 const JOURNEYS: &str = "journey: course\nentry: { event: Enrolled }\nsteps:\n  - wait: 1 day\n  - send: { channel: webhook, template: day1 }\n  - wait_until: { event: Purchased, timeout: 1 day }\n  - send: { channel: webhook, template: offer }\n";
 
 fn main() -> anyhow::Result<()> {

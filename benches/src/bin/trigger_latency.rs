@@ -139,7 +139,9 @@ fn main() -> Result<()> {
             let o = match path.as_str() {
                 "broker" => run_broker(&args, rate)?,
                 "kafka" | "http" | "embedded" | "journey" => run_herald(&args, path, rate)?,
-                other => bail!("unknown path {other}: use broker, kafka, http, embedded or journey"),
+                other => {
+                    bail!("unknown path {other}: use broker, kafka, http, embedded or journey")
+                }
             };
             eprintln!(
                 "   p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -447,13 +449,13 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     }
     let herald = start_herald(args, dir.path(), &config)?;
     let source = if embedded {
-        ChangeSource::File(BufReader::new(std::fs::File::open(
-            dir.path().join(if journey {
+        ChangeSource::File(BufReader::new(std::fs::File::open(dir.path().join(
+            if journey {
                 "out/messages.jsonl"
             } else {
                 "out/segment_changes.jsonl"
-            }),
-        )?))
+            },
+        ))?))
     } else {
         ChangeSource::Kafka(measuring_consumer(
             &args.brokers,

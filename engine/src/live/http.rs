@@ -197,7 +197,9 @@ async fn trigger(
     }
     let bad = |detail: String| refuse(&app, StatusCode::BAD_REQUEST, "bad_trigger", detail);
     let Ok(Json::Object(req)) = serde_json::from_slice::<Json>(&body) else {
-        return bad("the body must be a JSON object like {\"user_id\": \"u1\", \"properties\": {}}".into());
+        return bad(
+            "the body must be a JSON object like {\"user_id\": \"u1\", \"properties\": {}}".into(),
+        );
     };
     let user = match req.get("user_id") {
         Some(Json::String(u)) if !u.is_empty() => u.clone(),
@@ -213,7 +215,9 @@ async fn trigger(
         Some(Json::String(m)) if !m.is_empty() => m.clone(),
         None => format!(
             "api-{:032x}",
-            xxhash_rust::xxh3::xxh3_128(format!("{name}\0{user}\0{received}\0{}", trigger_seq()).as_bytes())
+            xxhash_rust::xxh3::xxh3_128(
+                format!("{name}\0{user}\0{received}\0{}", trigger_seq()).as_bytes()
+            )
         ),
         Some(_) => return bad("`message_id` must be a non-empty string".into()),
     };
@@ -236,7 +240,9 @@ async fn trigger(
     }
     (
         StatusCode::OK,
-        AxumJson(json!({"success": true, "journey": name, "user_id": user, "message_id": message_id})),
+        AxumJson(
+            json!({"success": true, "journey": name, "user_id": user, "message_id": message_id}),
+        ),
     )
         .into_response()
 }
@@ -491,9 +497,7 @@ async fn segments(State(app): State<App>) -> Response {
     let Ok(state) = live.state.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let list: Vec<Json> = live
-        .plan
-        .segments[..live.plan.visible]
+    let list: Vec<Json> = live.plan.segments[..live.plan.visible]
         .iter()
         .enumerate()
         .map(|(i, s)| json!({"name": s.name, "kind": live.segment_kind(i), "size": state.size(i)}))

@@ -485,7 +485,7 @@ impl Sink {
             &mut self.messages_file,
         ]
         .into_iter()
-            .flatten()
+        .flatten()
         {
             if let Err(e) = f.flush() {
                 live.metrics.error("file");

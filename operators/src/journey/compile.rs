@@ -21,9 +21,7 @@ use std::collections::BTreeSet;
 
 use crate::ast::{Expr, SegmentBody, SegmentDef, SegmentFile};
 use crate::eval::CExpr;
-use crate::journey::file::{
-    Cond, JourneyDef, JourneyError, Reentry, StepDef, Trigger, CHANNELS,
-};
+use crate::journey::file::{Cond, JourneyDef, JourneyError, Reentry, StepDef, Trigger, CHANNELS};
 use crate::lang::ast::Pos;
 use crate::plan::Plan;
 use crate::value::Value;
@@ -259,7 +257,8 @@ impl Builder<'_> {
                 )),
             ));
         }
-        let mut h = |x: &Expr| -> Result<Box<Expr>, JourneyError> { Ok(Box::new(self.hoist(x, path, n)?)) };
+        let mut h =
+            |x: &Expr| -> Result<Box<Expr>, JourneyError> { Ok(Box::new(self.hoist(x, path, n)?)) };
         Ok(match e {
             Expr::Cmp(op, a, b) => Expr::Cmp(*op, h(a)?, h(b)?),
             Expr::Arith(op, a, b) => Expr::Arith(*op, h(a)?, h(b)?),
@@ -332,7 +331,12 @@ struct Program {
 }
 
 impl Builder<'_> {
-    fn steps(&mut self, steps: &[StepDef], path: &str, p: &mut Program) -> Result<(), JourneyError> {
+    fn steps(
+        &mut self,
+        steps: &[StepDef],
+        path: &str,
+        p: &mut Program,
+    ) -> Result<(), JourneyError> {
         for (i, s) in steps.iter().enumerate() {
             let here = format!("{path}[{i}]");
             let at = p.ops.len();
@@ -408,7 +412,11 @@ impl Builder<'_> {
                         jumps.push(self.block(steps, &format!("{here}.branch[{k}].steps"), p)?);
                     }
                     let else_start = p.ops.len();
-                    jumps.push(self.block(otherwise, &format!("{here}.branch[{}].else", arms.len()), p)?);
+                    jumps.push(self.block(
+                        otherwise,
+                        &format!("{here}.branch[{}].else", arms.len()),
+                        p,
+                    )?);
                     let after = p.ops.len();
                     patch_jumps(p, &jumps, after);
                     if let Op::Branch { arms, otherwise } = &mut p.ops[at] {
@@ -449,7 +457,12 @@ impl Builder<'_> {
     }
 
     /// A nested block, ending with a jump to be patched; returns the jump's index.
-    fn block(&mut self, steps: &[StepDef], path: &str, p: &mut Program) -> Result<usize, JourneyError> {
+    fn block(
+        &mut self,
+        steps: &[StepDef],
+        path: &str,
+        p: &mut Program,
+    ) -> Result<usize, JourneyError> {
         self.steps(steps, path, p)?;
         p.ops.push(Op::Jump(usize::MAX));
         p.paths.push(format!("{path}.end"));
@@ -464,7 +477,10 @@ fn patch_jumps(p: &mut Program, jumps: &[usize], to: usize) {
 }
 
 /// Compiles journeys with the segment file they read. Unknown segments are errors here.
-pub fn compile_journeys(file: &SegmentFile, defs: &[JourneyDef]) -> Result<JourneySet, JourneyError> {
+pub fn compile_journeys(
+    file: &SegmentFile,
+    defs: &[JourneyDef],
+) -> Result<JourneySet, JourneyError> {
     let mut b = Builder {
         file,
         hidden: vec![],
@@ -534,7 +550,8 @@ pub fn compile_journeys(file: &SegmentFile, defs: &[JourneyDef]) -> Result<Journ
     // Exposed traits are compiled as extras too, so they get slots.
     let trait_names: Vec<String> = b.traits.iter().cloned().collect();
     let first_trait_extra = b.extras.len();
-    b.extras.extend(trait_names.iter().map(|n| Expr::Trait(n.clone())));
+    b.extras
+        .extend(trait_names.iter().map(|n| Expr::Trait(n.clone())));
     let visible = file.segments.len();
     let mut all = file.clone();
     all.segments.extend(b.hidden.iter().cloned());
@@ -580,7 +597,10 @@ pub fn compile_journeys(file: &SegmentFile, defs: &[JourneyDef]) -> Result<Journ
                 ..
             } = op
             {
-                let a = CHANNELS.iter().find(|(c, _)| c == channel).and_then(|(_, a)| *a);
+                let a = CHANNELS
+                    .iter()
+                    .find(|(c, _)| c == channel)
+                    .and_then(|(_, a)| *a);
                 *address = a.and_then(pos_of);
                 *opt_out = pos_of(&format!("{channel}_opt_out")).unwrap_or(u16::MAX);
             }

@@ -165,7 +165,11 @@ pub struct JourneyDef {
 pub fn parse_journeys(src: &str) -> Result<Vec<JourneyDef>, JourneyError> {
     let docs = YamlLoader::load_from_str(src).map_err(|e| JourneyError {
         journey: "?".into(),
-        path: format!("line {}, column {}", e.marker().line(), e.marker().col() + 1),
+        path: format!(
+            "line {}, column {}",
+            e.marker().line(),
+            e.marker().col() + 1
+        ),
         message: format!("not valid YAML: {}", e.info()),
     })?;
     let mut out: Vec<JourneyDef> = Vec::new();
@@ -217,14 +221,20 @@ impl Cx {
 
     fn map<'y>(&self, y: &'y Yaml, path: &str, keys: &[&str]) -> Result<&'y Map, JourneyError> {
         let Yaml::Hash(m) = y else {
-            return Err(self.err(path, format!("must be a mapping with keys {}", keys.join(", "))));
+            return Err(self.err(
+                path,
+                format!("must be a mapping with keys {}", keys.join(", ")),
+            ));
         };
         for k in m.keys() {
             let name = k.as_str().unwrap_or("?");
             if !keys.contains(&name) {
                 return Err(self.err(
                     path,
-                    format!("unknown key '{name}' (expected one of: {})", keys.join(", ")),
+                    format!(
+                        "unknown key '{name}' (expected one of: {})",
+                        keys.join(", ")
+                    ),
                 ));
             }
         }
@@ -327,10 +337,7 @@ impl Cx {
                 Reentry::After(self.interval(after, "reentry.after")?)
             }
             Some(_) => {
-                return Err(self.err(
-                    "reentry",
-                    "must be never, always or { after: <interval> }",
-                ))
+                return Err(self.err("reentry", "must be never, always or { after: <interval> }"))
             }
         };
         let mut exits = Vec::new();
@@ -340,7 +347,13 @@ impl Cx {
                 let xm = self.map(
                     e,
                     &path,
-                    &["event", "segment_entered", "segment_exited", "where", "goal"],
+                    &[
+                        "event",
+                        "segment_entered",
+                        "segment_exited",
+                        "where",
+                        "goal",
+                    ],
                 )?;
                 let trigger = self.trigger(xm, &path, false)?;
                 let cond = match self.get(xm, "where") {
@@ -356,7 +369,9 @@ impl Cx {
                 let goal = match self.get(xm, "goal") {
                     None => false,
                     Some(Yaml::Boolean(b)) => *b,
-                    Some(_) => return Err(self.err(&format!("{path}.goal"), "must be true or false")),
+                    Some(_) => {
+                        return Err(self.err(&format!("{path}.goal"), "must be true or false"))
+                    }
                 };
                 exits.push(ExitDef {
                     trigger,
@@ -375,9 +390,9 @@ impl Cx {
                         return Err(self.err("frequency_cap.max", "must be a positive whole number"))
                     }
                 };
-                let per = self
-                    .get(cm, "per")
-                    .ok_or_else(|| self.err("frequency_cap.per", "needs an interval, like 1 day"))?;
+                let per = self.get(cm, "per").ok_or_else(|| {
+                    self.err("frequency_cap.per", "needs an interval, like 1 day")
+                })?;
                 let per = self.interval(per, "frequency_cap.per")?;
                 if per == 0 {
                     return Err(self.err("frequency_cap.per", "must be longer than 0"));
@@ -392,17 +407,24 @@ impl Cx {
                 let hm = |k: &str| -> Result<u32, JourneyError> {
                     let path = format!("quiet_hours.{k}");
                     let s = self.string(
-                        self.get(qm, k)
-                            .ok_or_else(|| self.err(&path, "needs a time of day, like \"22:00\""))?,
+                        self.get(qm, k).ok_or_else(|| {
+                            self.err(&path, "needs a time of day, like \"22:00\"")
+                        })?,
                         &path,
                     )?;
                     clock_minutes(&s).ok_or_else(|| {
-                        self.err(&path, format!("'{s}' is not a time of day HH:MM (00:00 to 23:59)"))
+                        self.err(
+                            &path,
+                            format!("'{s}' is not a time of day HH:MM (00:00 to 23:59)"),
+                        )
                     })
                 };
                 let (from, to) = (hm("from")?, hm("to")?);
                 if from == to {
-                    return Err(self.err("quiet_hours", "from and to are equal: the period would be empty"));
+                    return Err(self.err(
+                        "quiet_hours",
+                        "from and to are equal: the period would be empty",
+                    ));
                 }
                 Some((from, to))
             }
@@ -433,14 +455,20 @@ impl Cx {
             if let Some(v) = self.get(m, k) {
                 let s = self.string(v, &format!("{path}.{k}"))?;
                 if k != "event" && !valid_name(&s) {
-                    return Err(self.err(&format!("{path}.{k}"), format!("'{s}' is not a segment name")));
+                    return Err(self.err(
+                        &format!("{path}.{k}"),
+                        format!("'{s}' is not a segment name"),
+                    ));
                 }
                 found.push(make(s));
             }
         }
         if let Some(v) = self.get(m, "api") {
             if !entry {
-                return Err(self.err(&format!("{path}.api"), "an API call can only enter a journey"));
+                return Err(self.err(
+                    &format!("{path}.api"),
+                    "an API call can only enter a journey",
+                ));
             }
             if v != &Yaml::Boolean(true) {
                 return Err(self.err(&format!("{path}.api"), "write `api: true`"));
@@ -466,25 +494,44 @@ impl Cx {
     }
 
     fn step(&self, y: &Yaml, path: &str) -> Result<StepDef, JourneyError> {
-        const KINDS: [&str; 6] = ["wait", "wait_until", "branch", "split", "send", "update_trait"];
+        const KINDS: [&str; 6] = [
+            "wait",
+            "wait_until",
+            "branch",
+            "split",
+            "send",
+            "update_trait",
+        ];
         let m = self.map(y, path, &KINDS)?;
         if m.len() != 1 {
-            return Err(self.err(path, format!("a step has exactly one of: {}", KINDS.join(", "))));
+            return Err(self.err(
+                path,
+                format!("a step has exactly one of: {}", KINDS.join(", ")),
+            ));
         }
-        let (k, v) = m.iter().next().ok_or_else(|| self.err(path, "empty step"))?;
+        let (k, v) = m
+            .iter()
+            .next()
+            .ok_or_else(|| self.err(path, "empty step"))?;
         let kind = k.as_str().unwrap_or("");
         let here = format!("{path}.{kind}");
         match kind {
             "wait" => Ok(StepDef::Wait(self.interval(v, &here)?)),
             "wait_until" => {
-                let wm = self.map(v, &here, &["event", "where", "timeout", "on_event", "on_timeout"])?;
+                let wm = self.map(
+                    v,
+                    &here,
+                    &["event", "where", "timeout", "on_event", "on_timeout"],
+                )?;
                 let event = self.string(
                     self.get(wm, "event")
                         .ok_or_else(|| self.err(&here, "needs the awaited `event`"))?,
                     &format!("{here}.event"),
                 )?;
                 let cond = match self.get(wm, "where") {
-                    Some(w) => Some(self.cond(w, &format!("{here}.where"), ConditionScope::Where)?),
+                    Some(w) => {
+                        Some(self.cond(w, &format!("{here}.where"), ConditionScope::Where)?)
+                    }
                     None => None,
                 };
                 let timeout = match self.get(wm, "timeout") {
@@ -527,9 +574,9 @@ impl Cx {
                         }
                         otherwise = Some(self.steps(e, &format!("{ap}.else"))?);
                     } else {
-                        let w = self
-                            .get(am, "when")
-                            .ok_or_else(|| self.err(&ap, "an arm needs `when` (or is the `else`)"))?;
+                        let w = self.get(am, "when").ok_or_else(|| {
+                            self.err(&ap, "an arm needs `when` (or is the `else`)")
+                        })?;
                         let cond = self.cond(w, &format!("{ap}.when"), ConditionScope::User)?;
                         let steps = match self.get(am, "steps") {
                             Some(s) => self.steps(s, &format!("{ap}.steps"))?,
@@ -572,7 +619,10 @@ impl Cx {
                                 "weights must be positive whole numbers",
                             ))
                         }
-                        _ => return Err(self.err(&format!("{vp}.weight"), "needs a positive whole `weight`")),
+                        _ => {
+                            return Err(self
+                                .err(&format!("{vp}.weight"), "needs a positive whole `weight`"))
+                        }
                     };
                     let steps = match self.get(vm, "steps") {
                         Some(s) => self.steps(s, &format!("{vp}.steps"))?,
@@ -616,7 +666,9 @@ impl Cx {
                     Some(Yaml::Integer(i)) => Some(Value::num(*i as f64)),
                     Some(Yaml::Real(r)) => match r.parse::<f64>() {
                         Ok(f) if f.is_finite() => Some(Value::num(f)),
-                        _ => return Err(self.err(&format!("{here}.value"), "is not a finite number")),
+                        _ => {
+                            return Err(self.err(&format!("{here}.value"), "is not a finite number"))
+                        }
                     },
                     Some(Yaml::Boolean(b)) => Some(Value::Bool(*b)),
                     Some(Yaml::Null) => Some(Value::Null),

@@ -27,7 +27,9 @@ use serde_json::{json, Map, Value as Json};
 use crate::ast::EventField;
 use crate::eval::{eval_ref, CExpr, Context};
 use crate::event::{Event, EventType};
-use crate::journey::compile::{CJourney, CTrigger, JourneySet, Op, API_TRIGGER_EVENT, API_TRIGGER_KEY};
+use crate::journey::compile::{
+    CJourney, CTrigger, JourneySet, Op, API_TRIGGER_EVENT, API_TRIGGER_KEY,
+};
 use crate::journey::file::Reentry;
 use crate::journey::quiet::{quiet_until, zone};
 use crate::time::{format_rfc3339_ms, Time};
@@ -197,7 +199,10 @@ impl UserState {
     fn is_empty(&self) -> bool {
         self.traits.is_empty()
             && self.members.is_empty()
-            && self.journeys.iter().all(|j| j.entries == 0 && j.sends.is_empty())
+            && self
+                .journeys
+                .iter()
+                .all(|j| j.entries == 0 && j.sends.is_empty())
     }
 }
 
@@ -281,7 +286,11 @@ impl Machine {
     /// before `t` have all fired by the time `t` is processed.
     pub fn due(&self, t: Time, limit: usize) -> Vec<String> {
         let mut users: Vec<String> = Vec::new();
-        for (_, u, _) in self.timers.range((t, String::new(), 0)..).take_while(|(w, _, _)| *w == t) {
+        for (_, u, _) in self
+            .timers
+            .range((t, String::new(), 0)..)
+            .take_while(|(w, _, _)| *w == t)
+        {
             if users.last() != Some(u) {
                 if users.len() == limit {
                     break;
@@ -331,7 +340,9 @@ impl Machine {
         }
         events.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
         if state.journeys.len() < set.journeys.len() {
-            state.journeys.resize_with(set.journeys.len(), JState::default);
+            state
+                .journeys
+                .resize_with(set.journeys.len(), JState::default);
         }
         let mut at = At {
             set: &set,
@@ -353,7 +364,15 @@ impl Machine {
 }
 
 impl<'a> At<'a> {
-    fn row(&mut self, j: &CJourney, inst: &Instance, kind: Kind, path: &str, msg: Option<String>, reason: Option<String>) {
+    fn row(
+        &mut self,
+        j: &CJourney,
+        inst: &Instance,
+        kind: Kind,
+        path: &str,
+        msg: Option<String>,
+        reason: Option<String>,
+    ) {
         self.out.push(JOut::Row(JourneyRow {
             time: self.t as i64,
             journey: j.name.clone(),
@@ -398,7 +417,9 @@ impl<'a> At<'a> {
             CTrigger::Event(name) => self
                 .events
                 .iter()
-                .find(|e| e.event.as_deref() == Some(name.as_str()) && self.holds(state, cond, Some(e)))
+                .find(|e| {
+                    e.event.as_deref() == Some(name.as_str()) && self.holds(state, cond, Some(e))
+                })
                 .map(Some),
             CTrigger::Api => self
                 .events
@@ -409,8 +430,12 @@ impl<'a> At<'a> {
                         && self.holds(state, cond, Some(e))
                 })
                 .map(Some),
-            CTrigger::Entered(s) => (change(*s, 1) && self.holds(state, cond, None)).then_some(None),
-            CTrigger::Exited(s) => (change(*s, -1) && self.holds(state, cond, None)).then_some(None),
+            CTrigger::Entered(s) => {
+                (change(*s, 1) && self.holds(state, cond, None)).then_some(None)
+            }
+            CTrigger::Exited(s) => {
+                (change(*s, -1) && self.holds(state, cond, None)).then_some(None)
+            }
         }
     }
 
@@ -437,8 +462,15 @@ impl<'a> At<'a> {
         // 2. Resume.
         if let Some(mut inst) = state.journeys[ji].active.take() {
             let mut resume = false;
-            if let (Waiting::Event, Op::WaitUntil { event, cond, on_event, .. }) =
-                (&inst.waiting, &j.ops[inst.pc])
+            if let (
+                Waiting::Event,
+                Op::WaitUntil {
+                    event,
+                    cond,
+                    on_event,
+                    ..
+                },
+            ) = (&inst.waiting, &j.ops[inst.pc])
             {
                 let name = event.as_str();
                 let hit = self
@@ -452,7 +484,8 @@ impl<'a> At<'a> {
                 }
             }
             if !resume && inst.wake == Some(self.t) {
-                self.timers.remove(&(self.t, self.user.to_string(), ji as u16));
+                self.timers
+                    .remove(&(self.t, self.user.to_string(), ji as u16));
                 inst.wake = None;
                 match (&inst.waiting, &j.ops[inst.pc]) {
                     (Waiting::Timer, _) => inst.pc += 1,
@@ -476,9 +509,7 @@ impl<'a> At<'a> {
         let may = match j.reentry {
             Reentry::Never => js.entries == 0,
             Reentry::Always => true,
-            Reentry::After(d) => js
-                .last_entry
-                .is_none_or(|l| self.t as i64 - l as i64 >= d),
+            Reentry::After(d) => js.last_entry.is_none_or(|l| self.t as i64 - l as i64 >= d),
         };
         if !may {
             return;
@@ -502,8 +533,12 @@ impl<'a> At<'a> {
         let reason = match &j.entry {
             CTrigger::Event(e) => format!("event:{e}"),
             CTrigger::Api => "api".into(),
-            CTrigger::Entered(s) => format!("segment_entered:{}", set.plan.segments[*s as usize].name),
-            CTrigger::Exited(s) => format!("segment_exited:{}", set.plan.segments[*s as usize].name),
+            CTrigger::Entered(s) => {
+                format!("segment_entered:{}", set.plan.segments[*s as usize].name)
+            }
+            CTrigger::Exited(s) => {
+                format!("segment_exited:{}", set.plan.segments[*s as usize].name)
+            }
         };
         self.row(j, &inst, Kind::Entered, "", None, Some(reason));
         self.run(state, ji, inst, false);
@@ -515,7 +550,14 @@ impl<'a> At<'a> {
         }
     }
 
-    fn wait(&mut self, state: &mut UserState, ji: usize, mut inst: Instance, waiting: Waiting, wake: Option<Time>) {
+    fn wait(
+        &mut self,
+        state: &mut UserState,
+        ji: usize,
+        mut inst: Instance,
+        waiting: Waiting,
+        wake: Option<Time>,
+    ) {
         inst.waiting = waiting;
         inst.wake = wake;
         if let Some(w) = wake {
@@ -527,7 +569,13 @@ impl<'a> At<'a> {
     /// Runs the instance's steps from its program counter at `t` until it waits or ends.
     /// `resumed_send`: the instance resumes at a send deferred by quiet hours (its step
     /// row was already written).
-    fn run(&mut self, state: &mut UserState, ji: usize, mut inst: Instance, mut resumed_send: bool) {
+    fn run(
+        &mut self,
+        state: &mut UserState,
+        ji: usize,
+        mut inst: Instance,
+        mut resumed_send: bool,
+    ) {
         let set = self.set;
         let j = &set.journeys[ji];
         let t = self.t;
@@ -588,7 +636,11 @@ impl<'a> At<'a> {
                     let addr = address.and_then(|p| state.trait_value(p)).cloned();
                     let js = &mut state.journeys[ji];
                     if let Some((_, per)) = j.frequency_cap {
-                        while js.sends.front().is_some_and(|s| (*s as i64) <= t as i64 - per) {
+                        while js
+                            .sends
+                            .front()
+                            .is_some_and(|s| (*s as i64) <= t as i64 - per)
+                        {
                             js.sends.pop_front();
                         }
                     }
@@ -605,21 +657,33 @@ impl<'a> At<'a> {
                         None
                     };
                     if let Some(reason) = suppressed {
-                        self.row(j, &inst, Kind::Suppressed, path, Some(msg), Some(reason.into()));
+                        self.row(
+                            j,
+                            &inst,
+                            Kind::Suppressed,
+                            path,
+                            Some(msg),
+                            Some(reason.into()),
+                        );
                         inst.pc += 1;
                         continue;
                     }
                     if let Some((from, to)) = j.quiet_hours {
-                        let tz = zone(
-                            set.timezone
-                                .and_then(|p| state.trait_value(p))
-                                .and_then(|v| match v {
-                                    Value::Str(s) => Some(s.as_str()),
-                                    _ => None,
-                                }),
-                        );
+                        let tz = zone(set.timezone.and_then(|p| state.trait_value(p)).and_then(
+                            |v| match v {
+                                Value::Str(s) => Some(s.as_str()),
+                                _ => None,
+                            },
+                        ));
                         if let Some(end) = quiet_until(t as i64, (from, to), tz) {
-                            self.row(j, &inst, Kind::Deferred, path, Some(msg), Some("quiet_hours".into()));
+                            self.row(
+                                j,
+                                &inst,
+                                Kind::Deferred,
+                                path,
+                                Some(msg),
+                                Some("quiet_hours".into()),
+                            );
                             return self.wait(state, ji, inst, Waiting::Quiet, Some(end as Time));
                         }
                     }
@@ -631,7 +695,9 @@ impl<'a> At<'a> {
                         .iter()
                         .enumerate()
                         .filter_map(|(p, name)| {
-                            state.trait_value(p as u16).map(|v| (name.clone(), v.to_json()))
+                            state
+                                .trait_value(p as u16)
+                                .map(|v| (name.clone(), v.to_json()))
                         })
                         .collect();
                     self.row(j, &inst, Kind::Sent, path, Some(msg.clone()), None);
@@ -665,7 +731,10 @@ impl<'a> At<'a> {
                         user: self.user.to_string(),
                         kind: EventType::Identify,
                         event: None,
-                        message_id: format!("herald-{}", message_id(&j.name, self.user, inst.entry, path)),
+                        message_id: format!(
+                            "herald-{}",
+                            message_id(&j.name, self.user, inst.entry, path)
+                        ),
                         timestamp: t as i64,
                         properties: Map::new(),
                         context: Map::new(),
@@ -683,7 +752,12 @@ impl<'a> At<'a> {
 /// The message id of a send: the same on every replay.
 pub fn message_id(journey: &str, user: &str, entry: i64, path: &str) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for part in [journey.as_bytes(), user.as_bytes(), &entry.to_le_bytes(), path.as_bytes()] {
+    for part in [
+        journey.as_bytes(),
+        user.as_bytes(),
+        &entry.to_le_bytes(),
+        path.as_bytes(),
+    ] {
         h.update(&(part.len() as u64).to_le_bytes());
         h.update(part);
     }

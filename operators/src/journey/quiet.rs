@@ -45,7 +45,9 @@ fn resolve(tz: Tz, t: NaiveDateTime) -> Option<i64> {
     for _ in 0..=24 * 60 {
         match tz.from_local_datetime(&probe) {
             LocalResult::Single(d) => return Some(d.timestamp_millis()),
-            LocalResult::Ambiguous(a, b) => return Some(a.timestamp_millis().min(b.timestamp_millis())),
+            LocalResult::Ambiguous(a, b) => {
+                return Some(a.timestamp_millis().min(b.timestamp_millis()))
+            }
             LocalResult::None => probe += chrono::Duration::minutes(1),
         }
     }
@@ -65,7 +67,10 @@ mod tests {
 
     #[test]
     fn quiet_across_midnight_in_utc() {
-        assert_eq!(quiet_until(at("2026-03-01T21:59:59.999Z"), NIGHT, Tz::UTC), None);
+        assert_eq!(
+            quiet_until(at("2026-03-01T21:59:59.999Z"), NIGHT, Tz::UTC),
+            None
+        );
         assert_eq!(
             quiet_until(at("2026-03-01T22:00:00Z"), NIGHT, Tz::UTC),
             Some(at("2026-03-02T08:00:00Z"))
@@ -74,13 +79,16 @@ mod tests {
             quiet_until(at("2026-03-02T03:00:00Z"), NIGHT, Tz::UTC),
             Some(at("2026-03-02T08:00:00Z"))
         );
-        assert_eq!(quiet_until(at("2026-03-02T08:00:00Z"), NIGHT, Tz::UTC), None);
+        assert_eq!(
+            quiet_until(at("2026-03-02T08:00:00Z"), NIGHT, Tz::UTC),
+            None
+        );
     }
 
     #[test]
     fn quiet_in_the_users_zone() {
         let tz = zone(Some("Asia/Kolkata")); // UTC+05:30
-        // 17:00 UTC is 22:30 in India: quiet until 08:00 IST = 02:30 UTC.
+                                             // 17:00 UTC is 22:30 in India: quiet until 08:00 IST = 02:30 UTC.
         let end = quiet_until(at("2026-03-01T17:00:00Z"), NIGHT, tz).unwrap();
         assert_eq!(format_rfc3339_ms(end), "2026-03-02T02:30:00.000Z");
         assert_eq!(zone(Some("Not/AZone")), Tz::UTC);

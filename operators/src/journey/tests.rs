@@ -4,7 +4,8 @@
 use crate::journey::{compile_journeys, parse_journeys};
 use crate::lang::parse::parse_segments;
 
-const SEGMENTS: &str = "CREATE SEGMENT vip AS plan = 'pro'; CREATE SEGMENT shoppers AS count(*) >= 1;";
+const SEGMENTS: &str =
+    "CREATE SEGMENT vip AS plan = 'pro'; CREATE SEGMENT shoppers AS count(*) >= 1;";
 
 fn error_of(yaml: &str) -> String {
     let file = parse_segments(SEGMENTS).unwrap();

@@ -93,7 +93,10 @@ pub fn parse_condition(
     let mut p = Parser::new(&dialect).with_tokens_with_locations(source.tokens.clone());
     let start = p.peek_token();
     if start.token == Token::EOF {
-        return Err(SegmentError::new(source.eof_pos(), "the condition is empty"));
+        return Err(SegmentError::new(
+            source.eof_pos(),
+            "the condition is empty",
+        ));
     }
     let expr = p
         .parse_expr()

@@ -29,7 +29,9 @@ impl Lower<'_, '_> {
             lower.as_str()
         };
         match scope {
-            Scope::Where if !quoted && ["event", "type", "timestamp", "message_id"].contains(&field) => {
+            Scope::Where
+                if !quoted && ["event", "type", "timestamp", "message_id"].contains(&field) =>
+            {
                 self.ident(id, Scope::Event("where"))
             }
             Scope::User | Scope::Where => {
