@@ -288,7 +288,8 @@ impl<'a> Ctx<'a> {
                         user: u.id.clone(),
                         kind: EventType::Identify,
                         event: None,
-                        message_id: format!("ref-{}-{path}-{t}", jd.name),
+                        // Herald's writes at one instant apply in the order they run.
+                        message_id: format!("herald-{:010}-ref", *seq),
                         timestamp: t,
                         properties: Map::new(),
                         context: Map::new(),

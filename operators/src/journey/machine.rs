@@ -731,8 +731,12 @@ impl<'a> At<'a> {
                         user: self.user.to_string(),
                         kind: EventType::Identify,
                         event: None,
+                        // Writes at one instant all carry timestamp t; "latest write
+                        // wins" breaks the tie by messageId, so the id starts with the
+                        // order of execution: the last write in program order wins.
                         message_id: format!(
-                            "herald-{}",
+                            "herald-{:010}-{}",
+                            self.seq,
                             message_id(&j.name, self.user, inst.entry, path)
                         ),
                         timestamp: t as i64,
