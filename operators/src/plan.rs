@@ -232,35 +232,6 @@ impl Compiler<'_> {
 /// (ties keep file order), and each segment's direct `in_segment` targets. The parser has
 /// already rejected cycles.
 fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
-    fn refs(e: &Expr, out: &mut Vec<String>) {
-        match e {
-            Expr::InSegment(n) => out.push(n.clone()),
-            Expr::Cmp(_, a, b) | Expr::Arith(_, a, b) | Expr::And(a, b) | Expr::Or(a, b) => {
-                refs(a, out);
-                refs(b, out);
-            }
-            Expr::Neg(a) | Expr::Not(a) | Expr::Lower(a) | Expr::Upper(a) => refs(a, out),
-            Expr::IsNull { expr, .. } => refs(expr, out),
-            Expr::InList { expr, list, .. } => {
-                refs(expr, out);
-                list.iter().for_each(|x| refs(x, out));
-            }
-            Expr::Between {
-                expr, low, high, ..
-            } => {
-                refs(expr, out);
-                refs(low, out);
-                refs(high, out);
-            }
-            Expr::Like { expr, pattern, .. } => {
-                refs(expr, out);
-                refs(pattern, out);
-            }
-            Expr::Coalesce(l) => l.iter().for_each(|x| refs(x, out)),
-            Expr::HashBucket { key, .. } => refs(key, out),
-            _ => {}
-        }
-    }
     let n = file.segments.len();
     let deps: Vec<Vec<usize>> = file
         .segments
@@ -268,7 +239,11 @@ fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
         .map(|s| {
             let mut names = vec![];
             if let SegmentBody::Expr(e) = &s.body {
-                refs(e, &mut names);
+                e.walk(&mut |x| {
+                    if let Expr::InSegment(n) = x {
+                        names.push(n.clone());
+                    }
+                });
             }
             names
                 .iter()

@@ -641,18 +641,18 @@ pub fn compile_journeys(
 
 fn has_event(e: &Expr) -> bool {
     let mut found = false;
-    walk(e, &mut |x| found |= matches!(x, Expr::Event(_)));
+    e.walk(&mut |x| found |= matches!(x, Expr::Event(_)));
     found
 }
 
 fn has_agg(e: &Expr) -> bool {
     let mut found = false;
-    walk(e, &mut |x| found |= matches!(x, Expr::Agg(_)));
+    e.walk(&mut |x| found |= matches!(x, Expr::Agg(_)));
     found
 }
 
 fn collect_traits(e: &Expr, out: &mut BTreeSet<String>) {
-    walk(e, &mut |x| {
+    e.walk(&mut |x| {
         if let Expr::Trait(n) = x {
             out.insert(n.clone());
         }
@@ -673,36 +673,4 @@ fn is_boolean(e: &Expr) -> bool {
             | Expr::InSegment(_)
             | Expr::Lit(Value::Bool(_))
     )
-}
-
-/// Visits every node outside aggregates (an aggregate's own argument and FILTER are about
-/// its events, not the triggering one).
-fn walk(e: &Expr, f: &mut dyn FnMut(&Expr)) {
-    f(e);
-    match e {
-        Expr::Cmp(_, a, b) | Expr::Arith(_, a, b) | Expr::And(a, b) | Expr::Or(a, b) => {
-            walk(a, f);
-            walk(b, f);
-        }
-        Expr::Neg(a) | Expr::Not(a) | Expr::Lower(a) | Expr::Upper(a) => walk(a, f),
-        Expr::IsNull { expr, .. } => walk(expr, f),
-        Expr::InList { expr, list, .. } => {
-            walk(expr, f);
-            list.iter().for_each(|x| walk(x, f));
-        }
-        Expr::Between {
-            expr, low, high, ..
-        } => {
-            walk(expr, f);
-            walk(low, f);
-            walk(high, f);
-        }
-        Expr::Like { expr, pattern, .. } => {
-            walk(expr, f);
-            walk(pattern, f);
-        }
-        Expr::Coalesce(l) => l.iter().for_each(|x| walk(x, f)),
-        Expr::HashBucket { key, .. } => walk(key, f),
-        _ => {}
-    }
 }

@@ -235,3 +235,44 @@ pub enum Expr {
         n: u64,
     },
 }
+
+impl Expr {
+    /// Calls `f` on this node and every node below it, outside aggregates: an aggregate's
+    /// argument and FILTER are about its events, not about the row the expression reads.
+    pub fn walk(&self, f: &mut dyn FnMut(&Expr)) {
+        f(self);
+        match self {
+            Expr::Cmp(_, a, b) | Expr::Arith(_, a, b) | Expr::And(a, b) | Expr::Or(a, b) => {
+                a.walk(f);
+                b.walk(f);
+            }
+            Expr::Neg(a) | Expr::Not(a) | Expr::Lower(a) | Expr::Upper(a) => a.walk(f),
+            Expr::IsNull { expr, .. } => expr.walk(f),
+            Expr::InList { expr, list, .. } => {
+                expr.walk(f);
+                list.iter().for_each(|x| x.walk(f));
+            }
+            Expr::Between {
+                expr, low, high, ..
+            } => {
+                expr.walk(f);
+                low.walk(f);
+                high.walk(f);
+            }
+            Expr::Like { expr, pattern, .. } => {
+                expr.walk(f);
+                pattern.walk(f);
+            }
+            Expr::Coalesce(l) => l.iter().for_each(|x| x.walk(f)),
+            Expr::HashBucket { key, .. } => key.walk(f),
+            Expr::Lit(_)
+            | Expr::Interval(_)
+            | Expr::Now(_)
+            | Expr::UserId
+            | Expr::Trait(_)
+            | Expr::Event(_)
+            | Expr::Agg(_)
+            | Expr::InSegment(_) => {}
+        }
+    }
+}

@@ -44,13 +44,7 @@ pub(crate) fn lower_condition(
     src: &Source<'_>,
     start: Pos,
 ) -> Result<(Expr, Vec<SegmentRef>), SegmentError> {
-    let mut l = Lower {
-        src,
-        refs: Vec::new(),
-        depth: 0,
-        fallback: start,
-    };
-    lower_in(&mut l, e, Scope::User, "the segment condition")
+    lower_in(e, src, start, Scope::User, "the segment condition")
 }
 
 /// Lowers and checks a journey condition in `scope`.
@@ -60,30 +54,31 @@ pub(crate) fn lower_journey_condition(
     start: Pos,
     scope: ConditionScope,
 ) -> Result<(Expr, Vec<SegmentRef>), SegmentError> {
+    let scope = match scope {
+        ConditionScope::User => Scope::User,
+        ConditionScope::Where => Scope::Where,
+    };
+    lower_in(e, src, start, scope, "the condition")
+}
+
+fn lower_in(
+    e: &sql::Expr,
+    src: &Source<'_>,
+    start: Pos,
+    scope: Scope<'_>,
+    what: &str,
+) -> Result<(Expr, Vec<SegmentRef>), SegmentError> {
     let mut l = Lower {
         src,
         refs: Vec::new(),
         depth: 0,
         fallback: start,
     };
-    let scope = match scope {
-        ConditionScope::User => Scope::User,
-        ConditionScope::Where => Scope::Where,
-    };
-    lower_in(&mut l, e, scope, "the condition")
-}
-
-fn lower_in(
-    l: &mut Lower<'_, '_>,
-    e: &sql::Expr,
-    scope: Scope<'_>,
-    what: &str,
-) -> Result<(Expr, Vec<SegmentRef>), SegmentError> {
     let (x, t) = l.expr(e, scope)?;
     if !boolish(t) {
         return Err(l.err_at(e, format!("{what} must be boolean, found {}", a(t))));
     }
-    Ok((x, std::mem::take(&mut l.refs)))
+    Ok((x, l.refs))
 }
 
 /// Milliseconds of an interval's text (`'7 days'`).
