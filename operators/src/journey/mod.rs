@@ -1,6 +1,6 @@
 //! Journeys: per-user programs that run inside the dataflow (`spec/journeys.md`).
 //!
-//! - [`file`]: YAML journey files into checked definitions, errors naming the journey,
+//! - [`mod@file`]: YAML journey files into checked definitions, errors naming the journey,
 //!   the step path and the problem.
 //! - [`compile`]: journeys compiled with the segment set: `when` conditions become hidden
 //!   segments of the same plan, steps a flat program per journey.

@@ -4,7 +4,7 @@
 //! segment names (syntax and uniqueness), the `in_segment` reference checks (every target
 //! exists, no cycles) and [`SegmentError`], the one positioned error a bad file produces.
 //! Tokens and expression syntax come from `sqlparser` (PostgreSQL dialect); lowering an
-//! expression into [`Expr`](crate::ast::Expr) with name resolution and type checking lives
+//! expression into [`Expr`] with name resolution and type checking lives
 //! in the sibling `lower` module. Does not own evaluation or compilation to dataflow.
 //!
 //! Errors are reported in this order, and the first one wins: syntax, name and type errors
