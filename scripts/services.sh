@@ -11,6 +11,8 @@
 #           throwaway cluster on 127.0.0.1 (trust auth), the stand-in SQL warehouse.
 #   tansu   an Apache-Kafka-compatible broker (crates.io), in-memory storage. Tests that
 #           restart a broker start their own tansu (HERALD_TANSU_BIN) on S3 storage.
+#   aiosmtpd a real SMTP server (PyPI, in a venv). Tests start their own on a free port
+#           with a Maildir of their own (HERALD_SMTPD_PYTHON -m aiosmtpd ...).
 set -euo pipefail
 
 TOOLS="${HERALD_TOOLS_DIR:-$HOME/.cache/herald-tools}"
@@ -21,6 +23,7 @@ KAFKA_PORT="${HERALD_KAFKA_PORT:-19092}"
 PG_PORT="${HERALD_PG_PORT:-15432}"
 PG_BIN="/usr/lib/postgresql/15/bin"
 TANSU_VERSION="0.6.0"
+SMTPD_VERSION="1.4.6"
 
 log() { echo "services: $*" >&2; }
 
@@ -61,6 +64,16 @@ start_pg() {
   runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w start \
     -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $dir -c fsync=off" >/dev/null
   log "postgres on 127.0.0.1:$PG_PORT (data in $dir)"
+}
+
+install_smtpd() {
+  local venv="$TOOLS/smtpd-venv"
+  if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
+    return
+  fi
+  log "installing aiosmtpd $SMTPD_VERSION (PyPI) into $venv"
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install --quiet "aiosmtpd==$SMTPD_VERSION" >&2
 }
 
 install_sdks() {
@@ -113,6 +126,8 @@ start() {
   echo "export HERALD_TEST_POSTGRES=postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   install_sdks
   echo "export HERALD_NODE_MODULES=$TOOLS/npm/node_modules"
+  install_smtpd
+  echo "export HERALD_SMTPD_PYTHON=$TOOLS/smtpd-venv/bin/python"
   echo "export HERALD_TEST_KAFKA=127.0.0.1:$KAFKA_PORT"
   echo "export HERALD_TANSU_BIN=$TOOLS/bin/tansu"
   echo "export HERALD_TEST_S3_DIR=$RUN/s3"

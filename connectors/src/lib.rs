@@ -28,6 +28,7 @@ pub mod csvlist;
 pub mod error;
 pub mod events;
 pub mod journey_sink;
+pub mod notify;
 pub mod postgres;
 pub mod sink;
 pub mod snapshot;

@@ -9,6 +9,10 @@ use herald_operators::journey::{compile_journeys, parse_journeys, JourneySet};
 use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
 
+use std::path::Path;
+
+use herald_connectors::notify::template::Templates;
+
 use crate::EngineError;
 
 /// Reads (local path or object-store URL), parses, checks and compiles a segment file.
@@ -54,6 +58,69 @@ pub fn load_journeys(path: &str, segments: &SegmentFile) -> Result<JourneySet, E
         )));
     }
     Ok(set)
+}
+
+/// Loads and checks a templates directory.
+pub fn load_templates(dir: &str) -> Result<Templates, EngineError> {
+    Templates::load(Path::new(dir)).map_err(|e| EngineError::Usage(e.to_string()))
+}
+
+/// Checks the journeys' `send` steps against the templates (the template exists; an
+/// email's has a subject) and, when `channels` is given, against the channels that are
+/// configured for delivery. Errors name the journey file, journey and step path.
+pub fn check_sends(
+    path: &str,
+    set: &JourneySet,
+    templates: &Templates,
+    channels: Option<&[&str]>,
+) -> Result<(), EngineError> {
+    for (journey, step, channel, template) in set.sends() {
+        let fail = |msg: String| {
+            Err(EngineError::Usage(format!(
+                "{path}: journey '{journey}': {step}.send: {msg}"
+            )))
+        };
+        if !templates.contains(template) {
+            return fail(format!("unknown template '{template}'"));
+        }
+        if channel == "email" && !templates.has_subject(template) {
+            return fail(format!(
+                "template '{template}' has no subject (front matter `subject:`), which email needs"
+            ));
+        }
+        if let Some(c) = channels {
+            if !c.contains(&channel) {
+                return fail(format!(
+                    "channel '{channel}' has no [notify.{channel}] section to deliver it"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Validates a segment file (and optionally a journey file and the templates its sends
+/// use); on success returns a report.
+pub fn check_all(
+    path: &str,
+    journeys: Option<&str>,
+    templates: Option<&str>,
+) -> Result<String, EngineError> {
+    let mut report = check(path, journeys)?;
+    if let Some(dir) = templates {
+        let t = load_templates(dir)?;
+        if let Some(jpath) = journeys {
+            let (file, _) = load_segments(path)?;
+            let set = load_journeys(jpath, &file)?;
+            check_sends(jpath, &set, &t, None)?;
+        }
+        report.push_str(&format!(
+            "\n{dir}: ok, {} template(s): {}\n",
+            t.names().count(),
+            t.names().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(report)
 }
 
 /// Validates a segment file; on success returns a report of its plan: each segment, the

@@ -33,6 +33,8 @@ pub struct Config {
     pub output: OutputConfig,
     /// `[cluster]`: this process's place in a multi-process timely cluster.
     pub cluster: Option<ClusterConfig>,
+    /// `[notify]`: deliver the journeys' message actions (templates, channels, outbox).
+    pub notify: Option<herald_connectors::notify::config::NotifyConfig>,
 }
 
 /// `[engine]`.
@@ -332,6 +334,21 @@ impl Config {
                 return Err(bad("snapshots.prefix", "cannot be empty"));
             }
         }
+        if let Some(n) = &self.notify {
+            if self.engine.journeys.is_none() {
+                return Err(bad(
+                    "notify",
+                    "delivers journey messages: set engine.journeys too",
+                ));
+            }
+            if n.outbox.is_empty() && self.output.dir.is_empty() {
+                return Err(bad(
+                    "notify.outbox",
+                    "needs a file (or output.dir to hold outbox.redb)",
+                ));
+            }
+            n.validate().map_err(|(k, m)| bad(&k, m))?;
+        }
         if let Some(c) = &self.cluster {
             if c.addresses.is_empty() {
                 return Err(bad("cluster.addresses", "must list every process"));
@@ -377,6 +394,16 @@ impl Config {
             resolve(j);
         }
         resolve(&mut self.output.dir);
+        if let Some(n) = &mut self.notify {
+            resolve(&mut n.templates);
+            if n.outbox.is_empty() && !self.output.dir.is_empty() {
+                n.outbox = Path::new(&self.output.dir)
+                    .join("outbox.redb")
+                    .to_string_lossy()
+                    .into_owned();
+            }
+            resolve(&mut n.outbox);
+        }
         if let Some(s) = &mut self.snapshots {
             resolve(&mut s.prefix);
         }

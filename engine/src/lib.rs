@@ -9,6 +9,7 @@
 //!   run the driver; write changes (JSONL + Parquet) and dead letters; summarise.
 //! - [`check`]: the `herald check` command: validate a segment file and explain its plan.
 //! - [`config`]: `herald.toml`, the typed configuration of `herald run`.
+//! - [`preview`]: `herald template render`: a template rendered for one user.
 //! - [`live`]: the `herald run` service: Kafka and HTTP in, the dataflow on the wall
 //!   clock, changes out to files and Kafka, the query and ops API.
 
@@ -16,6 +17,7 @@ pub mod check;
 pub mod config;
 pub mod driver;
 pub mod live;
+pub mod preview;
 pub mod replay;
 pub mod report;
 

@@ -66,11 +66,50 @@ enum Command {
         /// Also validate this journey file against the segments.
         #[arg(long, value_name = "FILE")]
         journeys: Option<String>,
+        /// Also validate this templates directory (and the journeys' sends against it).
+        #[arg(long, value_name = "DIR")]
+        templates: Option<String>,
+    },
+    /// Message templates.
+    Template {
+        #[command(subcommand)]
+        what: TemplateCommand,
     },
     /// Reports over a replay's or the service's output directory.
     Report {
         #[command(subcommand)]
         what: ReportCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplateCommand {
+    /// Renders a template for one user: traits from a running Herald (--server)
+    /// and/or --traits, the triggering event from --event.
+    Render {
+        /// Template name (its file is NAME.liquid).
+        name: String,
+        /// User id.
+        #[arg(long)]
+        user: String,
+        /// The templates directory.
+        #[arg(long, value_name = "DIR", default_value = "templates")]
+        templates: String,
+        /// A running Herald to read the user's traits from, e.g. http://127.0.0.1:8080.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Traits as a JSON object (applied over the server's).
+        #[arg(long, value_name = "JSON")]
+        traits: Option<String>,
+        /// The triggering event as a JSON object.
+        #[arg(long, value_name = "JSON")]
+        event: Option<String>,
+        /// Journey name seen as `journey.name`.
+        #[arg(long)]
+        journey: Option<String>,
+        /// Channel seen as `message.channel` (default email).
+        #[arg(long)]
+        channel: Option<String>,
     },
 }
 
@@ -210,9 +249,35 @@ fn main() -> ExitCode {
             replay(&args).map(|s| print_summary(&s, &out))
         }
         Command::Run { config } => run(&config),
-        Command::Check { file, journeys } => {
-            herald_engine::check::check(&file, journeys.as_deref()).map(|report| print!("{report}"))
-        }
+        Command::Check {
+            file,
+            journeys,
+            templates,
+        } => herald_engine::check::check_all(&file, journeys.as_deref(), templates.as_deref())
+            .map(|report| print!("{report}")),
+        Command::Template {
+            what:
+                TemplateCommand::Render {
+                    name,
+                    user,
+                    templates,
+                    server,
+                    traits,
+                    event,
+                    journey,
+                    channel,
+                },
+        } => herald_engine::preview::render_preview(&herald_engine::preview::PreviewArgs {
+            templates,
+            name,
+            user,
+            server,
+            traits,
+            event,
+            journey,
+            channel,
+        })
+        .map(|text| print!("{text}")),
         Command::Report {
             what: ReportCommand::Journeys { dir, json },
         } => herald_engine::report::journeys(&dir).map(|r| {

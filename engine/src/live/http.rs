@@ -14,6 +14,9 @@
 //! each accepted message to the first events topic (key: user) and replies after the
 //! broker's ack.
 //!
+//! Notifications (see `engagement`): `POST /v1/engagement` (opens and clicks) and
+//! `POST /v1/providers/twilio/status` (delivery reports).
+//!
 //! Query: `GET /v1/segments`, `/v1/segments/{name}/members?cursor=&limit=`,
 //! `/v1/users/{id}`, `/healthz`, `/metrics`.
 
@@ -47,8 +50,8 @@ use crate::EngineError;
 const KAFKA_ACK_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
-struct App {
-    live: Arc<Live>,
+pub(super) struct App {
+    pub(super) live: Arc<Live>,
     producer: Option<FutureProducer>,
     events_topic: String,
 }
@@ -88,6 +91,11 @@ pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
     }
     Ok(router
         .route("/v1/journeys/{name}/trigger", post(trigger))
+        .route("/v1/engagement", post(super::engagement::engagement))
+        .route(
+            "/v1/providers/twilio/status",
+            post(super::engagement::twilio_status),
+        )
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{name}/members", get(members))
         .route("/v1/users/{id}", get(user))
@@ -96,7 +104,7 @@ pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
         .with_state(app))
 }
 
-fn refuse(app: &App, status: StatusCode, reason: &str, error: String) -> Response {
+pub(super) fn refuse(app: &App, status: StatusCode, reason: &str, error: String) -> Response {
     app.live
         .metrics
         .http_refused
@@ -129,7 +137,7 @@ fn write_key(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Refuses a request without an accepted write key, or while shutting down.
-fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
+pub(super) fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
     let cfg = &app.live.config.http;
     match write_key(headers) {
         Some(k) if cfg.write_keys.contains(&k) => {}

@@ -123,11 +123,12 @@ pub fn consumer(
 
 /// Creates the changelog, dead-letter and message topics if missing. A broker that cannot be
 /// reached is a named error here, at start, rather than a silent wait later.
-pub async fn ensure_output_topics(k: &KafkaConfig) -> Result<(), EngineError> {
+/// `extra`: more topics to create on the same brokers (the `[notify.kafka]` channel's).
+pub async fn ensure_output_topics(k: &KafkaConfig, extra: &[&str]) -> Result<(), EngineError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k)
         .create()
         .map_err(|e| EngineError::Usage(format!("config: `kafka`: {e}")))?;
-    let topics = [
+    let mut topics = vec![
         NewTopic::new(
             &k.changes_topic,
             OUTPUT_PARTITIONS,
@@ -144,6 +145,13 @@ pub async fn ensure_output_topics(k: &KafkaConfig) -> Result<(), EngineError> {
             TopicReplication::Fixed(1),
         ),
     ];
+    for t in extra {
+        topics.push(NewTopic::new(
+            t,
+            OUTPUT_PARTITIONS,
+            TopicReplication::Fixed(1),
+        ));
+    }
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&topics, &opts).await.map_err(|e| {
         EngineError::Usage(format!(

@@ -100,11 +100,16 @@ pub struct Metrics {
     pub journey_events: Family<JourneyLabel, Counter>,
     /// How late (ms) a message action reaches the sink after its instant.
     pub message_delay_ms: Histogram,
+    /// The notifications layer's per-channel metrics (`herald_notify_*`).
+    pub notify: std::sync::Arc<herald_connectors::notify::delivery::NotifyMetrics>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("herald");
+        let notify =
+            std::sync::Arc::new(herald_connectors::notify::delivery::NotifyMetrics::default());
+        notify.register(&mut registry);
         let events_in = Family::<SourceLabel, Counter>::default();
         registry.register("events_in", "Events accepted, by source", events_in.clone());
         let dead_letters = Family::<ReasonLabel, Counter>::default();
@@ -184,6 +189,7 @@ impl Default for Metrics {
         Metrics {
             journey_events,
             message_delay_ms,
+            notify,
             registry,
             events_in,
             dead_letters,

@@ -10,7 +10,9 @@
 //!   v
 //! query API <-- LiveState <-- sink thread <-- changes, dead letters, watermarks
 //!                               |--> segment_changes.jsonl, dead_letters.jsonl
-//!                               '--> Kafka changelog topic, dead-letter topic
+//!                               |--> Kafka changelog topic, dead-letter topic
+//!                               '--> outbox --> delivery engine (tokio) --> providers
+//!                                                 '--> feedback events --> workers / events topic
 //! ```
 //!
 //! Time: every worker advances its inputs to the wall clock (ms since the epoch) at
@@ -28,9 +30,11 @@
 //! flight; workers stop polling, drain what was accepted, run the clock to an agreed
 //! instant, wait for the sink to hand everything over, commit, and exit.
 
+mod engagement;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod notify;
 pub mod sink;
 pub mod snapshots;
 pub mod state;
@@ -98,6 +102,8 @@ pub struct Live {
     pub sink: Sender<SinkMsg>,
     /// Embedded mode: one bounded channel per local worker, chosen by user hash.
     pub ingest: Vec<SyncSender<Event>>,
+    /// The notifications layer, when `[notify]` is configured (set once at start).
+    pub notify: std::sync::OnceLock<notify::Notify>,
 }
 
 /// Events waiting for one worker (embedded mode) before HTTP ingest answers 503: bounds
@@ -170,6 +176,15 @@ where
         }
         None => None,
     };
+    // Templates and channels are checked against the journeys before anything starts.
+    let templates = match (&config.notify, &journeys, &config.engine.journeys) {
+        (Some(n), Some(set), Some(path)) => {
+            let t = crate::check::load_templates(&n.templates)?;
+            crate::check::check_sends(path, set, &t, Some(&n.channels()))?;
+            Some(t)
+        }
+        _ => None,
+    };
     let mut warnings = Vec::new();
     let lists =
         crate::replay::load_lists(&config.engine.segments, &plan, "herald run", &mut warnings)?;
@@ -204,6 +219,7 @@ where
         sink_failed: std::sync::atomic::AtomicBool::new(false),
         sink: sink_tx,
         ingest: ingest_tx,
+        notify: std::sync::OnceLock::new(),
     });
     for seg in &live.plan.segments[..live.plan.visible] {
         live.metrics
@@ -224,7 +240,22 @@ where
     // Kafka topics and the sink come first: a broker that is down is an error here,
     // named, rather than a hang later.
     if let Some(k) = &live.config.kafka {
-        runtime.block_on(kafka::ensure_output_topics(k))?;
+        // The notify Kafka channel's topic too, when it lives on the same brokers.
+        let extra: Vec<&str> = live
+            .config
+            .notify
+            .as_ref()
+            .and_then(|n| n.kafka.as_ref())
+            .filter(|c| c.brokers.is_none())
+            .map(|c| c.topic.as_str())
+            .into_iter()
+            .collect();
+        runtime.block_on(kafka::ensure_output_topics(k, &extra))?;
+    }
+    if let Some(t) = templates {
+        if let Some(n) = notify::start(&live, t, runtime.handle())? {
+            let _ = live.notify.set(n);
+        }
     }
     let sink = sink::Sink::open(&live)?;
     let sink_live = Arc::clone(&live);
@@ -328,6 +359,10 @@ where
     }
     if let Some(w) = watcher {
         let _ = w.join();
+    }
+    if let Some(n) = live.notify.get() {
+        // Attempts under way finish (or time out); queued messages stay in the outbox.
+        runtime.block_on(n.delivery.stop(std::time::Duration::from_secs(10)));
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match failure {

@@ -90,6 +90,8 @@ pub struct Sink {
     line: Vec<u8>,
     /// The first failed write since the last flush: the flush reports it.
     write_error: Option<String>,
+    /// Message actions for the outbox, handed over at the next flush.
+    outbox_pending: Vec<herald_operators::journey::MessageAction>,
 }
 
 /// Appends a line to an output file, remembering the first failure.
@@ -170,6 +172,7 @@ impl Sink {
             in_flight: Vec::new(),
             line: Vec::with_capacity(256),
             write_error: None,
+            outbox_pending: Vec::new(),
         })
     }
 
@@ -238,7 +241,31 @@ impl Sink {
             live.metrics.error("kafka_producer");
             tracing::error!("{unacked} records were not acknowledged by Kafka at exit");
         }
-        self.flush_files(live)
+        self.flush_files(live)?;
+        self.hand_to_outbox(live)
+    }
+
+    /// Records the pending message actions in the outbox (one durable commit) and
+    /// queues the new ones for delivery. A failure stops the service: nothing after it
+    /// becomes durable, so its events are consumed again.
+    fn hand_to_outbox(&mut self, live: &Live) -> Result<(), EngineError> {
+        let Some(n) = live.notify.get() else {
+            return Ok(());
+        };
+        if self.outbox_pending.is_empty() {
+            return Ok(());
+        }
+        let actions = std::mem::take(&mut self.outbox_pending);
+        let fresh = n
+            .delivery
+            .outbox()
+            .enqueue_blocking(actions, super::now_ms() as i64)
+            .map_err(|e| {
+                live.metrics.error("outbox");
+                EngineError::Dataflow(e.to_string())
+            })?;
+        n.delivery.submit(fresh);
+        Ok(())
     }
 
     fn journey(&mut self, live: &Live, o: JOut) {
@@ -275,7 +302,10 @@ impl Sink {
                 if self.producer.is_some() {
                     let payload = self.line[..self.line.len() - 1].to_vec();
                     let topic = self.messages_topic.clone();
-                    self.produce(live, topic, m.user_id.into_bytes(), payload, None);
+                    self.produce(live, topic, m.user_id.clone().into_bytes(), payload, None);
+                }
+                if live.notify.get().is_some() {
+                    self.outbox_pending.push(m);
                 }
             }
             JOut::Write(..) => {}
@@ -429,8 +459,8 @@ impl Sink {
         }
     }
 
-    /// Flushes files and waits for every ack, re-producing refused records.
-    /// Flushes files and waits for every Kafka ack, re-producing refused records.
+    /// Flushes files, hands message actions to the outbox, and waits for every Kafka
+    /// ack, re-producing refused records.
     /// Returns false, without waiting further, when the service is stopping and the
     /// broker has not acknowledged within [`FINAL_ACK_WAIT`]: then nothing is marked
     /// durable and the events behind it stay uncommitted.
@@ -438,6 +468,7 @@ impl Sink {
         use futures::FutureExt;
         use rdkafka::producer::Producer;
         self.flush_files(live)?;
+        self.hand_to_outbox(live)?;
         let started = Instant::now();
         while !self.in_flight.is_empty() {
             if let Some(p) = &self.producer {

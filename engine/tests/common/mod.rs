@@ -136,8 +136,27 @@ impl Herald {
         let started = Instant::now();
         while !cond(self) {
             if started.elapsed() > limit {
+                // What the engine saw, to tell "nothing arrived" from "too much arrived".
+                let seen = self
+                    .http
+                    .get(format!("{}/v1/segments", self.base))
+                    .send()
+                    .and_then(|r| r.text())
+                    .unwrap_or_else(|e| format!("(unreachable: {e})"));
+                let events = self
+                    .http
+                    .get(format!("{}/metrics", self.base))
+                    .send()
+                    .and_then(|r| r.text())
+                    .map(|t| {
+                        t.lines()
+                            .filter(|l| l.starts_with("herald_events_"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default();
                 panic!(
-                    "timed out waiting for {what}\nstderr:\n{}",
+                    "timed out waiting for {what}\nsegments: {seen}\n{events}\nstderr:\n{}",
                     self.stderr_text()
                 );
             }
@@ -185,6 +204,13 @@ impl Herald {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kills the process at once (SIGKILL: no shutdown, nothing flushed) and waits.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("already stopped");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// True when no dead letter has been written.

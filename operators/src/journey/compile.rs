@@ -166,6 +166,27 @@ impl JourneySet {
             .any(|j| j.ops.iter().any(|o| matches!(o, Op::UpdateTrait { .. })))
     }
 
+    /// Every `send` step: `(journey, step path, channel, template)`, in file order.
+    pub fn sends(&self) -> Vec<(&str, &str, &str, &str)> {
+        let mut out = Vec::new();
+        for j in &self.journeys {
+            for (op, path) in j.ops.iter().zip(&j.paths) {
+                if let Op::Send {
+                    channel, template, ..
+                } = op
+                {
+                    out.push((
+                        j.name.as_str(),
+                        path.as_str(),
+                        channel.as_str(),
+                        template.as_str(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether the journey operator needs to see this event.
     pub fn wants(&self, ev: &crate::event::Event) -> bool {
         ev.event.as_ref().is_some_and(|e| self.events.contains(e))

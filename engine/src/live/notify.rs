@@ -1,0 +1,134 @@
+//! `[notify]` in `herald run`: the outbox, the delivery engine and the feedback path.
+//!
+//! Owns [`Notify`] and [`start`]. The sink thread hands each watermark's message actions
+//! to the outbox (a durable commit) before the watermark becomes durable, so an action
+//! is either in the outbox or its events are consumed again; the outbox hands the new
+//! ones to the delivery engine on the I/O runtime. Outcomes and engagement come back as
+//! events through [`Notify::feed`]: handed to the workers (embedded mode) or produced
+//! to the first events topic (Kafka mode), like HTTP ingest.
+
+use std::path::Path;
+use std::sync::{Arc, Weak};
+
+use herald_connectors::notify::channel::{connector, limits};
+use herald_connectors::notify::delivery::{ChannelSetup, Delivery, FeedbackFn, RetryPolicy};
+use herald_connectors::notify::outbox::Outbox;
+use herald_connectors::notify::template::Templates;
+use herald_operators::event::parse_json;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value as Json;
+
+use super::{now_ms, IngestError, Live};
+use crate::EngineError;
+
+/// The running notifications layer.
+pub struct Notify {
+    /// The delivery engine (and, through it, the outbox).
+    pub delivery: Delivery,
+    /// The templates.
+    pub templates: Arc<Templates>,
+    /// Hands a feedback or engagement event to the event stream.
+    pub feed: FeedbackFn,
+}
+
+/// Hands one Segment-shaped event to the workers (embedded mode).
+fn feed_embedded(live: &Weak<Live>, msg: &Json) -> Result<(), String> {
+    let Some(live) = live.upgrade() else {
+        return Err("stopping".into());
+    };
+    let text = serde_json::to_vec(msg).unwrap_or_default();
+    let (events, rejections) = parse_json(msg, &text, Some(now_ms() as i64), live.limits);
+    if let Some(r) = rejections.first() {
+        // Built by Herald itself: a rejection is a bug, and retrying cannot fix it.
+        tracing::error!(
+            reason = r.reason.as_str(),
+            "feedback event rejected: {}",
+            r.detail
+        );
+        return Ok(());
+    }
+    for ev in events {
+        match live.ingest(ev) {
+            Ok(()) => live.metrics.event_in("feedback"),
+            Err(IngestError::Overloaded) => return Err("the input queue is full".into()),
+            Err(IngestError::Stopped) => return Err("stopping".into()),
+        }
+    }
+    Ok(())
+}
+
+/// Opens the outbox, builds a connector per configured channel and starts delivering,
+/// resuming what the outbox still holds. Template and channel checks against the
+/// journeys were done at load.
+pub fn start(
+    live: &Arc<Live>,
+    templates: Templates,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<Notify>, EngineError> {
+    let Some(n) = &live.config.notify else {
+        return Ok(None);
+    };
+    let path = if n.outbox.is_empty() {
+        Path::new(&live.config.output.dir).join("outbox.redb")
+    } else {
+        Path::new(&n.outbox).to_path_buf()
+    };
+    let outbox = Outbox::open(&path)
+        .map_err(|e| EngineError::Usage(format!("config: `notify.outbox`: {e}")))?;
+    let kafka_brokers = live.config.kafka.as_ref().map(|k| k.brokers.as_str());
+    let mut channels = Vec::new();
+    for name in n.channels() {
+        let c = connector(name, n, kafka_brokers)
+            .map_err(|e| EngineError::Usage(format!("config: `notify.{name}`: {e}")))?;
+        let Some(l) = limits(name, n) else { continue };
+        channels.push(ChannelSetup {
+            name: name.to_string(),
+            connector: c,
+            limits: l,
+        });
+    }
+    let feed: FeedbackFn = match &live.config.kafka {
+        None => {
+            let weak = Arc::downgrade(live);
+            Arc::new(move |msg: &Json| feed_embedded(&weak, msg))
+        }
+        Some(k) => {
+            let producer: FutureProducer = super::kafka::producer(k)?;
+            let topic = k.events_topics.first().cloned().unwrap_or_default();
+            let weak = Arc::downgrade(live);
+            Arc::new(move |msg: &Json| {
+                let key = msg["userId"].as_str().unwrap_or_default().to_string();
+                let payload = serde_json::to_vec(msg).unwrap_or_default();
+                // librdkafka retries the record itself; the future is not awaited.
+                producer
+                    .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
+                    .map(|_| {
+                        if let Some(l) = weak.upgrade() {
+                            l.metrics.event_in("feedback");
+                        }
+                    })
+                    .map_err(|(e, _)| e.to_string())
+            })
+        }
+    };
+    let templates = Arc::new(templates);
+    let delivery = Delivery::start(
+        rt,
+        outbox,
+        Arc::clone(&templates),
+        channels,
+        RetryPolicy {
+            max_attempts: n.max_attempts,
+            base: std::time::Duration::from_millis(n.retry_base_ms),
+            max: std::time::Duration::from_millis(n.retry_max_ms),
+        },
+        Arc::clone(&feed),
+        Arc::clone(&live.metrics.notify),
+    )
+    .map_err(|e| EngineError::Usage(format!("config: `notify.outbox`: {e}")))?;
+    Ok(Some(Notify {
+        delivery,
+        templates,
+        feed,
+    }))
+}
