@@ -117,6 +117,7 @@ const SEGMENTS: &str = "\
 CREATE SEGMENT messaged AS count(*) FILTER (WHERE event = 'Message Sent') >= 1;
 CREATE SEGMENT delivered AS count(*) FILTER (WHERE event = 'Message Delivered') >= 1;
 CREATE SEGMENT clicked AS count(*) FILTER (WHERE event = 'Message Clicked') >= 1;
+CREATE SEGMENT bounced AS count(*) FILTER (WHERE event = 'Message Failed') >= 1;
 ";
 
 const JOURNEYS: &str = r#"
@@ -336,6 +337,30 @@ fn outcomes_and_engagement_come_back_as_events() {
         r#"{"message_id":"x","type":"bounce"}"#,
     );
     assert_eq!(status, 400);
+    // A provider's delivery report (Twilio's status callback shape): undelivered.
+    let mail_id = h
+        .output("messages.jsonl")
+        .into_iter()
+        .find(|m| m["channel"] == "email")
+        .unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = h.post(
+        &format!("/v1/providers/twilio/status?message_id={mail_id}"),
+        "wk",
+        "MessageSid=SM1&MessageStatus=undelivered&ErrorCode=30003",
+    );
+    assert_eq!(status, 204);
+    h.wait_for("the delivery report", Duration::from_secs(30), |h| {
+        h.size("bounced") == 1
+    });
+    let (status, _) = h.post(
+        "/v1/providers/twilio/status?message_id=nope",
+        "wk",
+        "MessageStatus=delivered",
+    );
+    assert_eq!(status, 404);
     // Per-channel metrics, once the emails are out too.
     wait("three emails", Duration::from_secs(30), || {
         smtpd.message_ids().len() == 3
