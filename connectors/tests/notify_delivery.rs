@@ -182,6 +182,27 @@ fn collector() -> (FeedbackFn, Arc<Mutex<Vec<Json>>>) {
     (f, got)
 }
 
+/// Starts the delivery engine over the fixture's outbox; returns it and the feedback
+/// events it hands on.
+fn start(
+    fx: &Fixture,
+    channels: Vec<ChannelSetup>,
+    policy: RetryPolicy,
+) -> (Delivery, Arc<Mutex<Vec<Json>>>) {
+    let (feed, got) = collector();
+    let d = Delivery::start(
+        fx.rt.handle(),
+        Arc::clone(&fx.outbox),
+        templates(),
+        channels,
+        policy,
+        feed,
+        Arc::clone(&fx.metrics),
+    )
+    .unwrap();
+    (d, got)
+}
+
 /// Waits (up to a minute) until every id is in a final state with its feedback out;
 /// returns the entries.
 fn settled(outbox: &Outbox, ids: &[&str]) -> BTreeMap<String, Entry> {
@@ -265,21 +286,15 @@ fn count(
 fn webhooks_are_signed_carry_the_idempotency_key_and_report_sent_and_delivered() {
     let fx = fixture();
     let (rec, base) = Recorder::start(&fx.rt);
-    let (feed, got) = collector();
-    let d = Delivery::start(
-        fx.rt.handle(),
-        Arc::clone(&fx.outbox),
-        templates(),
+    let (d, got) = start(
+        &fx,
         vec![ChannelSetup {
             name: "webhook".into(),
             connector: Connector::Webhook(Webhook::new(&webhook(&format!("{base}/hook"))).unwrap()),
             limits: limits(4, None),
         }],
         policy(),
-        feed,
-        Arc::clone(&fx.metrics),
-    )
-    .unwrap();
+    );
     let fresh = fx
         .outbox
         .enqueue_blocking(
@@ -356,21 +371,15 @@ fn retryable_answers_are_retried_and_permanent_ones_are_not() {
         "+1003",
         &[(503, None), (503, None), (503, None), (503, None)],
     );
-    let (feed, got) = collector();
-    let d = Delivery::start(
-        fx.rt.handle(),
-        Arc::clone(&fx.outbox),
-        templates(),
+    let (d, got) = start(
+        &fx,
         vec![ChannelSetup {
             name: "sms".into(),
             connector: Connector::MessagesApi(MessagesApi::new(&twilio(&base), "sms").unwrap()),
             limits: limits(1, None),
         }],
         policy(),
-        feed,
-        Arc::clone(&fx.metrics),
-    )
-    .unwrap();
+    );
     let fresh = fx
         .outbox
         .enqueue_blocking(
@@ -515,21 +524,15 @@ fn a_provider_that_is_down_holds_up_only_its_own_channel() {
 fn a_rate_limit_paces_a_channel_and_is_counted() {
     let fx = fixture();
     let (rec, base) = Recorder::start(&fx.rt);
-    let (feed, _got) = collector();
-    let d = Delivery::start(
-        fx.rt.handle(),
-        Arc::clone(&fx.outbox),
-        templates(),
+    let (d, _got) = start(
+        &fx,
         vec![ChannelSetup {
             name: "webhook".into(),
             connector: Connector::Webhook(Webhook::new(&webhook(&base)).unwrap()),
             limits: limits(8, Some(20)),
         }],
         policy(),
-        feed,
-        Arc::clone(&fx.metrics),
-    )
-    .unwrap();
+    );
     let ids: Vec<String> = (0..30).map(|i| format!("r{i}")).collect();
     d.submit(
         fx.outbox
@@ -627,21 +630,15 @@ fn email(port: u16) -> EmailConfig {
 fn email_goes_through_a_real_smtp_server() {
     let smtpd = Smtpd::start();
     let fx = fixture();
-    let (feed, _got) = collector();
-    let d = Delivery::start(
-        fx.rt.handle(),
-        Arc::clone(&fx.outbox),
-        templates(),
+    let (d, _got) = start(
+        &fx,
         vec![ChannelSetup {
             name: "email".into(),
             connector: Connector::Smtp(Smtp::new(&email(smtpd.port)).unwrap()),
             limits: limits(2, None),
         }],
         policy(),
-        feed,
-        Arc::clone(&fx.metrics),
-    )
-    .unwrap();
+    );
     d.submit(
         fx.outbox
             .enqueue_blocking(
@@ -702,11 +699,8 @@ fn after_a_crash_attempts_in_doubt_are_resent_only_where_the_peer_deduplicates()
             0,
         )
         .unwrap();
-    let (feed, got) = collector();
-    let _d = Delivery::start(
-        fx.rt.handle(),
-        Arc::clone(&fx.outbox),
-        templates(),
+    let (_d, got) = start(
+        &fx,
         vec![
             ChannelSetup {
                 name: "email".into(),
@@ -720,10 +714,7 @@ fn after_a_crash_attempts_in_doubt_are_resent_only_where_the_peer_deduplicates()
             },
         ],
         policy(),
-        feed,
-        Arc::clone(&fx.metrics),
-    )
-    .unwrap();
+    );
     let e = settled(&fx.outbox, &["dm", "dh", "sr", "q"]);
     // Email in doubt: not sent again (SMTP cannot deduplicate), recorded as failed.
     assert_eq!(e["dm"].state, State::Failed);
@@ -851,21 +842,15 @@ fn a_template_that_cannot_render_is_a_permanent_failure() {
     // naming a template that is gone (templates changed between runs) must not loop.
     let fx = fixture();
     let (rec, base) = Recorder::start(&fx.rt);
-    let (feed, _got) = collector();
-    let d = Delivery::start(
-        fx.rt.handle(),
-        Arc::clone(&fx.outbox),
-        templates(),
+    let (d, _got) = start(
+        &fx,
         vec![ChannelSetup {
             name: "webhook".into(),
             connector: Connector::Webhook(Webhook::new(&webhook(&base)).unwrap()),
             limits: limits(1, None),
         }],
         policy(),
-        feed,
-        Arc::clone(&fx.metrics),
-    )
-    .unwrap();
+    );
     let mut a = action("gone", "webhook", "u1", None);
     a.template = "removed".into();
     d.submit(fx.outbox.enqueue_blocking(vec![a], 0).unwrap());

@@ -23,6 +23,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json as AxumJson;
 use herald_connectors::notify::delivery::feedback_event;
+use herald_connectors::notify::outbox::Entry;
 use serde_json::{json, Value as Json};
 
 use super::http::{admit, refuse, App};
@@ -50,6 +51,29 @@ fn no_notify(app: &App) -> Response {
         "notify_off",
         "this Herald delivers no messages (no [notify] section)".into(),
     )
+}
+
+/// The outbox entry of a message id; the refusal (404, or 503 when the outbox cannot be
+/// read) otherwise.
+fn lookup(app: &App, n: &super::notify::Notify, id: &str) -> Result<Entry, Box<Response>> {
+    match n.delivery.outbox().get(id) {
+        Ok(Some(e)) => Ok(e),
+        Ok(None) => Err(Box::new(refuse(
+            app,
+            StatusCode::NOT_FOUND,
+            "unknown_message",
+            format!("no message '{id}' in the outbox"),
+        ))),
+        Err(e) => {
+            app.live.metrics.error("outbox");
+            Err(Box::new(refuse(
+                app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbox",
+                e.to_string(),
+            )))
+        }
+    }
 }
 
 /// `POST /v1/engagement`.
@@ -90,25 +114,9 @@ pub(super) async fn engagement(
             },
             Some(_) => return bad(at("`timestamp` must be a string")),
         };
-        let entry = match n.delivery.outbox().get(id) {
-            Ok(Some(e)) => e,
-            Ok(None) => {
-                return refuse(
-                    &app,
-                    StatusCode::NOT_FOUND,
-                    "unknown_message",
-                    at(&format!("no message '{id}' in the outbox")),
-                )
-            }
-            Err(e) => {
-                app.live.metrics.error("outbox");
-                return refuse(
-                    &app,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "outbox",
-                    e.to_string(),
-                );
-            }
+        let entry = match lookup(&app, n, id) {
+            Ok(e) => e,
+            Err(resp) => return *resp,
         };
         let mut extra = json!({});
         if let Some(u) = r["url"].as_str() {
@@ -165,25 +173,9 @@ pub(super) async fn twilio_status(
         "undelivered" | "failed" => "failed",
         _ => return StatusCode::NO_CONTENT.into_response(),
     };
-    let entry = match n.delivery.outbox().get(id) {
-        Ok(Some(e)) => e,
-        Ok(None) => {
-            return refuse(
-                &app,
-                StatusCode::NOT_FOUND,
-                "unknown_message",
-                format!("no message '{id}' in the outbox"),
-            )
-        }
-        Err(e) => {
-            app.live.metrics.error("outbox");
-            return refuse(
-                &app,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "outbox",
-                e.to_string(),
-            );
-        }
+    let entry = match lookup(&app, n, id) {
+        Ok(e) => e,
+        Err(resp) => return *resp,
     };
     let extra = json!({
         "provider_id": form.get("MessageSid"),
