@@ -1,43 +1,49 @@
-//! Message templates: Liquid (the language Braze, Customer.io and Shopify users write),
-//! one file per template, checked when loaded.
+//! Message templates: the subject and body of a journey's message, written in Liquid (the
+//! language Braze, Customer.io, Shopify and Jekyll users write), checked when loaded and
+//! rendered per message action.
 //!
-//! Owns [`Templates`]. A templates directory holds `NAME.liquid` files; the name is the
-//! file stem (`[A-Za-z0-9_-]+`). Optional Jekyll-style front matter sets the subject:
+//! Owns [`Templates`]: loading a templates directory (`NAME.liquid` files, the name being
+//! the file stem, `[A-Za-z0-9_-]+`; other files and hidden files are ignored), the
+//! Jekyll-style front matter that sets the subject (`front_matter`),
 //!
 //! ```text
 //! ---
 //! subject: "{{ traits.first_name | default: 'Hi' }}, your cart is waiting"
 //! ---
-//! Body, with {{ event.properties.total }} …
+//! Body text with {{ event.properties.total }} …
 //! ```
 //!
-//! What a template sees: `user.id`; `traits.*` (the user's traits at the send);
-//! `event.*` (the event that entered the journey; an empty object for segment and API
-//! triggers without one); `journey.name`, `journey.variant`, `journey.step`,
-//! `journey.instance`; `message.id`, `message.channel`, `message.template`; and the
-//! names the template binds itself (`assign`, `capture`, `for`, `increment`, …).
+//! the checks at load, and rendering. Checks: Liquid syntax (liquid-rust's parser, its
+//! message made one line and placed on the offending line), and variables (`scan`): a
+//! template sees only `user.id`, `traits.*`, `event.*`,
+//! `journey.{name,variant,step,instance}`, `message.{id,channel,template}` and the names
+//! it binds itself. Every error names the file and, where there is one, the line in the
+//! file. Rendering has Shopify's leniency (`data`): a key missing beneath `traits` or
+//! `event`, at any depth and through loop and `assign` variables, renders as nothing
+//! instead of failing, so `{{ traits.first_name | default: "there" }}` works.
 //!
-//! Checks at load, each naming the file and line: Liquid syntax (liquid-rust's parser)
-//! and unknown variables. liquid-rust cannot list a template's variables
-//! (cobalt-org/liquid-rust#588), so [`scan`] reads the `{{ }}` and `{% %}` tags itself:
-//! a root other than the ones above is an error, as is an unknown field of `user`,
-//! `journey` or `message`. Keys beneath `traits` and `event` are data and cannot be
-//! checked; a missing one renders as nothing (as in Shopify Liquid and Braze), so
-//! `{{ traits.first_name | default: "there" }}` works. liquid-rust errors on a missing
-//! key, so before rendering, every key path the template names is filled with nil where
-//! the data lacks it. Keys reached through a loop variable are not filled: a missing one
-//! there is a render error (a permanent failure of that message).
+//! Not here: which journey step uses which template and whether email templates have a
+//! subject (the engine's check), channels, addresses and delivery (`super::channel`,
+//! `super::delivery`). No partials: `{% include %}` and `{% render %}` are rejected at
+//! load.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+mod data;
+mod front_matter;
+mod scan;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 
 use herald_operators::journey::MessageAction;
-use serde_json::{json, Map, Value as Json};
 
-/// The root variables a template may use.
-pub const ROOTS: [&str; 5] = ["user", "traits", "event", "journey", "message"];
+use scan::Seg;
 
-/// Fields of the fixed roots.
+/// The root variables a template may read.
+const ROOTS: [&str; 5] = ["user", "traits", "event", "journey", "message"];
+
+/// The fields of the roots whose shape is fixed.
 fn fields(root: &str) -> Option<&'static [&'static str]> {
     match root {
         "user" => Some(&["id"]),
@@ -47,24 +53,32 @@ fn fields(root: &str) -> Option<&'static [&'static str]> {
     }
 }
 
-/// What is wrong with a template.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// What is wrong with a template, or with rendering one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TemplateError {
-    /// The directory or a file cannot be read.
-    #[error("{path}: {detail}")]
+    /// The templates directory or a template file cannot be read.
+    #[error("{path}: cannot read: {detail}")]
     Read {
         /// The directory or file.
         path: String,
-        /// Why.
+        /// The I/O error.
         detail: String,
     },
-    /// A file name that is not a template name.
-    #[error("{file}: a template name is letters, digits, '_' and '-' (the file stem)")]
+    /// A file stem that is not a template name.
+    #[error("{file}: bad template name '{name}' (a name is letters, digits, '_' and '-')")]
     BadName {
         /// The file.
         file: String,
+        /// The file stem.
+        name: String,
     },
-    /// Front matter that does not parse.
+    /// Two sources with the same name (only [`Templates::from_sources`] can have them).
+    #[error("{file}: defined twice")]
+    Duplicate {
+        /// The file.
+        file: String,
+    },
+    /// Front matter that is not `subject: …` lines between `---` lines.
     #[error("{file}:{line}: front matter: {detail}")]
     FrontMatter {
         /// The file.
@@ -74,14 +88,15 @@ pub enum TemplateError {
         /// What is wrong.
         detail: String,
     },
-    /// Liquid that does not parse.
+    /// Liquid that does not parse (liquid's message, on one line), or a tag Herald does
+    /// not support.
     #[error("{file}:{line}: {detail}")]
     Syntax {
         /// The file.
         file: String,
         /// Line in the file.
         line: usize,
-        /// Liquid's message.
+        /// What is wrong.
         detail: String,
     },
     /// A variable the template cannot see.
@@ -91,20 +106,24 @@ pub enum TemplateError {
         file: String,
         /// Line in the file.
         line: usize,
-        /// The variable as written.
+        /// The variable (`trait`, `user.idd`).
         name: String,
-        /// What is available.
+        /// What there is instead.
         hint: String,
     },
-    /// A message names a template that is not loaded.
-    #[error("unknown template '{0}'")]
-    UnknownTemplate(String),
-    /// Rendering failed.
-    #[error("template '{name}': {detail}")]
-    Render {
-        /// Template name.
+    /// A message action names a template that is not loaded.
+    #[error("unknown template '{name}' (no {name}.liquid is loaded)")]
+    UnknownTemplate {
+        /// The template name.
         name: String,
-        /// Liquid's message.
+    },
+    /// Liquid failed while rendering (a filter given the wrong type, a missing key
+    /// reached through a computed variable, …).
+    #[error("{file}: cannot render: {detail}")]
+    Render {
+        /// The template's file.
+        file: String,
+        /// Liquid's message, on one line.
         detail: String,
     },
 }
@@ -112,27 +131,46 @@ pub enum TemplateError {
 /// A rendered message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendered {
-    /// The subject, if the template has one.
+    /// The subject, for templates with one in their front matter.
     pub subject: Option<String>,
     /// The body.
     pub body: String,
 }
 
-struct Template {
-    subject: Option<liquid::Template>,
-    body: liquid::Template,
-    /// Key paths beneath `traits` and `event` the template names.
-    paths: Vec<Vec<String>>,
+/// A compiled subject or body.
+struct Part {
+    liquid: liquid::Template,
+    /// Names the part binds with `assign`/`capture`: set to nil before rendering, so a
+    /// read before the binding renders as nothing (liquid-rust would fail).
+    assigned: Vec<String>,
+    /// Key paths beneath `traits`/`event` read through loop and `assign` variables.
+    fills: Vec<Vec<Seg>>,
+    /// Key paths beneath `traits`/`event` read as values.
+    reads: Vec<Vec<Seg>>,
 }
 
-/// Loaded, checked templates by name.
+/// A loaded template.
+struct Template {
+    /// The file as errors show it.
+    file: String,
+    subject: Option<Part>,
+    body: Part,
+}
+
+/// The loaded, checked templates, by name. `Send + Sync`: shared by delivery tasks.
 pub struct Templates {
     by_name: BTreeMap<String, Template>,
 }
 
-impl std::fmt::Debug for Templates {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.by_name.keys()).finish()
+// Shared by tokio tasks: checked at compile time.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Templates>();
+};
+
+impl fmt::Debug for Templates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.by_name.keys()).finish()
     }
 }
 
@@ -142,48 +180,64 @@ fn valid_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+fn parser() -> liquid::Parser {
+    // The stdlib parser has no fallible parts; `build` only fails for custom partials.
+    liquid::ParserBuilder::with_stdlib()
+        .build()
+        .expect("the stdlib Liquid parser builds")
+}
+
 impl Templates {
-    /// Loads and checks every `*.liquid` file in `dir` (in name order; the first error
-    /// is returned).
+    /// Loads and checks every `*.liquid` file in `dir` (other files and hidden files are
+    /// ignored). Files are checked in name order and the first error is returned.
     pub fn load(dir: &Path) -> Result<Templates, TemplateError> {
         let read_err = |p: &Path, e: std::io::Error| TemplateError::Read {
             path: p.display().to_string(),
             detail: e.to_string(),
         };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| read_err(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "liquid"))
-            .collect();
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| read_err(dir, e))? {
+            let path = entry.map_err(|e| read_err(dir, e))?.path();
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !hidden && path.extension().is_some_and(|x| x == "liquid") && path.is_file() {
+                files.push(path);
+            }
+        }
         files.sort();
+        let parser = parser();
         let mut by_name = BTreeMap::new();
-        for f in files {
-            let shown = f.display().to_string();
-            let name = f
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .filter(|n| valid_name(n))
-                .ok_or_else(|| TemplateError::BadName {
-                    file: shown.clone(),
-                })?
-                .to_string();
-            let text = std::fs::read_to_string(&f).map_err(|e| read_err(&f, e))?;
-            by_name.insert(name, compile(&shown, &text)?);
+        for path in files {
+            let file = path.display().to_string();
+            let name = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+            let name = name.unwrap_or_default();
+            if !valid_name(&name) {
+                return Err(TemplateError::BadName { file, name });
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| read_err(&path, e))?;
+            by_name.insert(name, compile(&parser, file, &text)?);
         }
         Ok(Templates { by_name })
     }
 
-    /// Builds from `(name, source)` pairs; errors name `NAME.liquid`.
+    /// Builds from in-memory `(name, source)` pairs, with the same checks as
+    /// [`Templates::load`]; errors name the file `NAME.liquid`.
     pub fn from_sources<'a>(
         sources: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Templates, TemplateError> {
+        let parser = parser();
         let mut by_name = BTreeMap::new();
         for (name, text) in sources {
             let file = format!("{name}.liquid");
             if !valid_name(name) {
-                return Err(TemplateError::BadName { file });
+                let name = name.to_string();
+                return Err(TemplateError::BadName { file, name });
             }
-            by_name.insert(name.to_string(), compile(&file, text)?);
+            if by_name.contains_key(name) {
+                return Err(TemplateError::Duplicate { file });
+            }
+            by_name.insert(name.to_string(), compile(&parser, file, text)?);
         }
         Ok(Templates { by_name })
     }
@@ -193,449 +247,538 @@ impl Templates {
         self.by_name.contains_key(name)
     }
 
-    /// Template names, sorted.
+    /// The template names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
     }
 
-    /// Whether the template has a subject.
+    /// Whether the template has a subject (false for an unknown template).
     pub fn has_subject(&self, name: &str) -> bool {
         self.by_name.get(name).is_some_and(|t| t.subject.is_some())
     }
 
-    /// Renders the action's template.
-    pub fn render(&self, a: &MessageAction) -> Result<Rendered, TemplateError> {
-        let t = self
-            .by_name
-            .get(&a.template)
-            .ok_or_else(|| TemplateError::UnknownTemplate(a.template.clone()))?;
-        let mut traits = Json::Object(a.traits.clone());
-        let mut event = a.event.clone().unwrap_or_else(|| Json::Object(Map::new()));
-        for p in &t.paths {
-            match p[0].as_str() {
-                "traits" => fill(&mut traits, &p[1..]),
-                "event" => fill(&mut event, &p[1..]),
-                _ => {}
-            }
-        }
-        let globals = json!({
-            "user": {"id": a.user_id},
-            "traits": traits,
-            "event": event,
-            "journey": {
-                "name": a.journey,
-                "variant": a.variant,
-                "step": a.step_path,
-                "instance": a.instance,
-            },
-            "message": {"id": a.message_id, "channel": a.channel, "template": a.template},
-        });
-        let render_err = |e: liquid::Error| TemplateError::Render {
-            name: a.template.clone(),
-            detail: one_line(&e.to_string()),
+    /// Renders the subject and body of the action's template.
+    pub fn render(&self, action: &MessageAction) -> Result<Rendered, TemplateError> {
+        let t =
+            self.by_name
+                .get(&action.template)
+                .ok_or_else(|| TemplateError::UnknownTemplate {
+                    name: action.template.clone(),
+                })?;
+        let parts = || t.subject.iter().chain([&t.body]);
+        let globals = data::globals(
+            action,
+            parts().flat_map(|p| &p.assigned),
+            parts().flat_map(|p| &p.fills),
+            &parts().flat_map(|p| &p.reads).map(Vec::as_slice).collect(),
+        );
+        let render = |p: &Part| {
+            let out = catch_unwind(AssertUnwindSafe(|| p.liquid.render(&globals)));
+            let detail = match out {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => describe(&e, true).1,
+                Err(_) => "liquid panicked".to_string(),
+            };
+            Err(TemplateError::Render {
+                file: t.file.clone(),
+                detail,
+            })
         };
-        let globals = liquid::model::to_object(&globals).map_err(render_err)?;
-        let subject = match &t.subject {
-            Some(s) => Some(s.render(&globals).map_err(render_err)?),
-            None => None,
-        };
-        let body = t.body.render(&globals).map_err(render_err)?;
-        Ok(Rendered { subject, body })
+        Ok(Rendered {
+            subject: t.subject.as_ref().map(render).transpose()?,
+            body: render(&t.body)?,
+        })
     }
 }
 
-/// Puts nil at `path` where the data lacks it (creating objects on the way), so that
-/// liquid renders a missing key as nothing.
-fn fill(v: &mut Json, path: &[String]) {
-    let Some((first, rest)) = path.split_first() else {
-        return;
-    };
-    let Json::Object(m) = v else { return };
-    let child = m.entry(first.clone()).or_insert_with(|| {
-        if rest.is_empty() {
-            Json::Null
-        } else {
-            Json::Object(Map::new())
-        }
-    });
-    fill(child, rest);
-}
-
-/// Liquid's multi-line messages on one line.
-fn one_line(s: &str) -> String {
-    let s = s.strip_prefix("liquid: ").unwrap_or(s);
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
-/// Splits front matter off; returns (subject and its file line, body, the body's first
-/// line number).
-#[allow(clippy::type_complexity)]
-fn front_matter(
-    file: &str,
-    text: &str,
-) -> Result<(Option<(String, usize)>, String, usize), TemplateError> {
-    let text = text.strip_suffix('\n').unwrap_or(text);
-    let mut lines = text.split('\n');
-    if lines.next().map(str::trim_end) != Some("---") {
-        return Ok((None, text.to_string(), 1));
-    }
-    let mut subject = None;
-    for (i, line) in lines.enumerate() {
-        let n = i + 2;
-        if line.trim_end() == "---" {
-            let body: Vec<&str> = text.split('\n').skip(n).collect();
-            return Ok((subject, body.join("\n"), n + 1));
-        }
-        if line.trim().is_empty() || line.trim_start().starts_with('#') {
-            continue;
-        }
-        let bad = |detail: String| TemplateError::FrontMatter {
-            file: file.to_string(),
-            line: n,
-            detail,
-        };
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| bad(format!("'{}' is not `key: value`", line.trim())))?;
-        if k.trim() != "subject" {
-            return Err(bad(format!("unknown key '{}' (only subject)", k.trim())));
-        }
-        let v = v.trim();
-        let v = if v.len() >= 2
-            && ((v.starts_with('"') && v.ends_with('"'))
-                || (v.starts_with('\'') && v.ends_with('\'')))
-        {
-            &v[1..v.len() - 1]
-        } else {
-            v
-        };
-        subject = Some((v.to_string(), n));
-    }
-    Err(TemplateError::FrontMatter {
-        file: file.to_string(),
-        line: 1,
-        detail: "no closing `---`".into(),
-    })
-}
-
-fn compile(file: &str, text: &str) -> Result<Template, TemplateError> {
-    let parser =
-        liquid::ParserBuilder::with_stdlib()
-            .build()
-            .map_err(|e| TemplateError::Syntax {
-                file: file.to_string(),
-                line: 1,
-                detail: one_line(&e.to_string()),
-            })?;
-    let (subject, body, body_line) = front_matter(file, text)?;
-    let mut paths = Vec::new();
-    let mut parse = |src: &str, first_line: usize| -> Result<liquid::Template, TemplateError> {
-        let t = parser.parse(src).map_err(|e| TemplateError::Syntax {
-            file: file.to_string(),
-            line: first_line - 1 + error_line(&parser, src, &e),
-            detail: syntax_detail(&e),
-        })?;
-        for v in scan(src) {
-            check_var(file, first_line - 1 + v.line, &v)?;
-            if matches!(v.path[0].as_str(), "traits" | "event") && v.path.len() > 1 {
-                paths.push(v.path);
-            }
-        }
-        Ok(t)
-    };
-    let subject = match subject {
-        Some((s, line)) => Some(parse(&s, line)?),
+fn compile(parser: &liquid::Parser, file: String, text: &str) -> Result<Template, TemplateError> {
+    let src = front_matter::split(&file, text)?;
+    let subject = match &src.subject {
+        Some((s, line)) => Some(part(parser, &file, s, *line)?),
         None => None,
     };
-    let body = parse(&body, body_line)?;
-    paths.sort();
-    paths.dedup();
+    let body = part(parser, &file, &src.body, src.body_line)?;
     Ok(Template {
+        file,
         subject,
         body,
-        paths,
     })
 }
 
-/// Liquid's message, short: pest's "expected …" line, or the first line.
-fn syntax_detail(e: &liquid::Error) -> String {
-    let s = e.to_string();
-    if let Some(exp) = s.lines().find_map(|l| l.trim().strip_prefix("= ")) {
-        return format!("syntax error: {exp}");
+/// Parses and checks a subject or body that starts at line `first` of the file.
+fn part(
+    parser: &liquid::Parser,
+    file: &str,
+    text: &str,
+    first: usize,
+) -> Result<Part, TemplateError> {
+    let at = |line: usize| first + line - 1;
+    if let Some((line, detail)) = scan::too_deep(text) {
+        let (file, line) = (file.to_string(), at(line));
+        return Err(TemplateError::Syntax { file, line, detail });
     }
-    one_line(&s)
-}
-
-/// The line (1-based, within `src`) of a parse error: pest's ` --> L:C` when liquid
-/// gives one, else the first line whose prefix fails with the same message.
-fn error_line(parser: &liquid::Parser, src: &str, e: &liquid::Error) -> usize {
-    let s = e.to_string();
-    if let Some(pos) = s.split("--> ").nth(1) {
-        if let Some(l) = pos.split(':').next().and_then(|l| l.trim().parse().ok()) {
-            return l;
-        }
+    let liquid = parse(parser, text).map_err(|e| {
+        let (line, detail) = syntax(parser, text, &e);
+        let (file, line) = (file.to_string(), at(line));
+        TemplateError::Syntax { file, line, detail }
+    })?;
+    let scan = scan::scan(text);
+    if let Some((line, detail)) = scan.unsupported {
+        let (file, line) = (file.to_string(), at(line));
+        return Err(TemplateError::Syntax { file, line, detail });
     }
-    let first = s.lines().next().unwrap_or_default().to_string();
-    let lines: Vec<&str> = src.split('\n').collect();
-    for k in 1..=lines.len() {
-        if let Err(e2) = parser.parse(&lines[..k].join("\n")) {
-            if e2.to_string().lines().next() == Some(first.as_str()) {
-                return k;
-            }
-        }
-    }
-    1
-}
-
-fn check_var(file: &str, line: usize, v: &Var) -> Result<(), TemplateError> {
-    let err = |name: String, hint: String| {
-        Err(TemplateError::UnknownVariable {
+    for r in &scan.refs {
+        let root = r.path[0].as_str();
+        let unknown = |name: String, hint: String| TemplateError::UnknownVariable {
             file: file.to_string(),
-            line,
+            line: at(r.line),
             name,
             hint,
-        })
+        };
+        if !ROOTS.contains(&root) {
+            let hint = format!("the template sees {}", ROOTS.join(", "));
+            return Err(unknown(root.to_string(), hint));
+        }
+        if let (Some(f), Some(second)) = (fields(root), r.path.get(1)) {
+            if !f.contains(&second.as_str()) {
+                let hint = format!("{root} has: {}", f.join(", "));
+                return Err(unknown(format!("{root}.{second}"), hint));
+            }
+        }
+    }
+    Ok(Part {
+        liquid,
+        // A template variable named like a root would hide the data; it is set when bound.
+        assigned: scan
+            .assigned
+            .into_iter()
+            .filter(|n| !ROOTS.contains(&n.as_str()))
+            .collect(),
+        fills: scan.fills.into_iter().collect(),
+        reads: scan.reads.into_iter().collect(),
+    })
+}
+
+/// liquid's parser, with a panic (none known) turned into an error.
+fn parse(parser: &liquid::Parser, text: &str) -> Result<liquid::Template, liquid::Error> {
+    catch_unwind(AssertUnwindSafe(|| parser.parse(text)))
+        .unwrap_or_else(|_| Err(liquid::Error::with_msg("liquid panicked on this text")))
+}
+
+/// The line (within `text`) and a one-line message for a parse error. liquid points at
+/// the end of the text for an unclosed block or delimiter, and gives no position at all
+/// for an unknown filter or bad filter arguments: those are placed here.
+fn syntax(parser: &liquid::Parser, text: &str, e: &liquid::Error) -> (usize, String) {
+    let (pos, mut detail) = describe(e, false);
+    let mut line = pos;
+    if let Some(block) = detail
+        .strip_prefix("'{% ")
+        .and_then(|d| d.split_once(' '))
+        .map(|d| d.0)
+    {
+        if detail.contains("is not closed") {
+            line = scan::unclosed_block(text, block).or(line);
+        }
+    }
+    if let (Some(p), Some((l, open))) = (pos, scan::unclosed_delimiter(text)) {
+        // Past an unclosed `{{`, pest can only say what token it expected.
+        if p >= l {
+            let close = if open == "{{" { "}}" } else { "%}" };
+            line = Some(l);
+            detail = format!("'{open}' is not closed (no '{close}' after it)");
+        }
+    }
+    let line = line.or_else(|| {
+        // The first line whose prefix of the text fails the same way: liquid raises its
+        // errors in text order, so a prefix cut outside tags fails the same way exactly
+        // when it holds the culprit, and a binary search finds it.
+        let target = e.to_string();
+        let cuts = scan::line_cuts(text);
+        let k = cuts.partition_point(|&end| {
+            let same = parse(parser, &text[..end]).err().map(|e| e.to_string());
+            same.as_ref() != Some(&target)
+        });
+        let prefix = &text[..*cuts.get(k)?];
+        Some(
+            prefix
+                .strip_suffix('\n')
+                .unwrap_or(prefix)
+                .matches('\n')
+                .count()
+                + 1,
+        )
+    });
+    (line.unwrap_or(1), detail)
+}
+
+/// liquid's error, made one line: the pest position's line if there is one, and the
+/// message. liquid's `Display` is multi-line: pest's `--> L:C`, a source excerpt, `= msg`,
+/// then `with:` `key=value` context lines and `from:` traces.
+fn describe(e: &liquid::Error, render: bool) -> (Option<usize>, String) {
+    let s = e.to_string();
+    let s = s.strip_prefix("liquid:").unwrap_or(&s);
+    let (mut pos, mut msg, mut context, mut traces) = (None, None, Vec::new(), Vec::new());
+    for l in s.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let art = l.starts_with('|')
+            || l.split_once(" |")
+                .is_some_and(|(n, _)| n.bytes().all(|b| b.is_ascii_digit()));
+        if let Some(p) = l.strip_prefix("--> ") {
+            pos = p.split(':').next().and_then(|n| n.trim().parse().ok());
+        } else if let Some(m) = l.strip_prefix("= ") {
+            msg = Some(m.to_string());
+        } else if let Some(t) = l.strip_prefix("from: ") {
+            traces.push(t.to_string());
+        } else if art || l == "with:" {
+        } else if msg.is_none() {
+            msg = Some(l.to_string());
+        } else if let Some((k, v)) = l.split_once('=') {
+            // The lists of what is available are long; the name asked for is what helps.
+            if !k.starts_with("available") {
+                context.push((k.to_string(), v.to_string()));
+            }
+        }
+    }
+    let msg = msg.unwrap_or_default();
+    let get = |key: &str| {
+        context
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     };
-    let root = v.path[0].as_str();
-    if !ROOTS.contains(&root) {
-        return err(
-            root.to_string(),
-            format!("the template sees {}", ROOTS.join(", ")),
-        );
-    }
-    if let (Some(f), Some(second)) = (fields(root), v.path.get(1)) {
-        if !f.contains(&second.as_str()) {
-            return err(
-                format!("{root}.{second}"),
-                format!("{root} has: {}", f.join(", ")),
-            );
-        }
-    }
-    Ok(())
-}
-
-/// A variable reference found by [`scan`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Var {
-    /// The root and the static keys after it (up to the first computed index).
-    pub path: Vec<String>,
-    /// Line within the scanned text (1-based).
-    pub line: usize,
-}
-
-const KEYWORDS: [&str; 13] = [
-    "true", "false", "nil", "null", "empty", "blank", "and", "or", "contains", "in", "limit",
-    "offset", "reversed",
-];
-
-/// The free variables of a Liquid text: every variable path in `{{ }}` and `{% %}` tags
-/// that the text does not bind itself, with its line.
-pub fn scan(src: &str) -> Vec<Var> {
-    let mut bound: BTreeSet<String> = ["forloop", "tablerowloop"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut refs = Vec::new();
-    let mut pos = 0;
-    let bytes = src.as_bytes();
-    while let Some(off) = src[pos..].find('{') {
-        let start = pos + off;
-        let kind = bytes.get(start + 1).copied();
-        if kind != Some(b'{') && kind != Some(b'%') {
-            pos = start + 1;
-            continue;
-        }
-        let close = if kind == Some(b'{') { "}}" } else { "%}" };
-        let Some(end) = find_close(src, start + 2, close) else {
-            break;
-        };
-        let inner = src[start + 2..end].trim_matches('-');
-        let line = src[..start].matches('\n').count() + 1;
-        pos = end + 2;
-        let toks = tokens(inner);
-        if kind == Some(b'{') {
-            collect(&toks, 0, line, &mut refs);
-            continue;
-        }
-        let Some(Tok::Path(tag)) = toks.first() else {
-            continue;
-        };
-        let tag = tag[0].clone();
-        match tag.as_str() {
-            "raw" | "comment" => {
-                let endtag = format!("end{tag}");
-                let mut p = pos;
-                // Skip to the matching end tag.
-                while let Some(o) = src[p..].find("{%") {
-                    let s = p + o;
-                    let Some(e) = find_close(src, s + 2, "%}") else {
-                        break;
-                    };
-                    p = e + 2;
-                    if src[s + 2..e].trim_matches('-').trim() == endtag {
-                        break;
-                    }
-                }
-                pos = p;
-            }
-            "assign" => {
-                if let Some(Tok::Path(x)) = toks.get(1) {
-                    bound.insert(x[0].clone());
-                }
-                collect(&toks, 2, line, &mut refs);
-            }
-            "capture" | "increment" | "decrement" => {
-                if let Some(Tok::Path(x)) = toks.get(1) {
-                    bound.insert(x[0].clone());
-                }
-            }
-            "for" | "tablerow" => {
-                if let Some(Tok::Path(x)) = toks.get(1) {
-                    bound.insert(x[0].clone());
-                }
-                collect(&toks, 2, line, &mut refs);
-            }
-            "if" | "elsif" | "unless" | "case" | "when" | "echo" | "cycle" => {
-                collect(&toks, 1, line, &mut refs)
-            }
-            _ => {}
-        }
-    }
-    refs.retain(|v| !bound.contains(&v.path[0]) && !KEYWORDS.contains(&v.path[0].as_str()));
-    refs
-}
-
-/// The position of `close` after `from`, outside string literals.
-fn find_close(src: &str, from: usize, close: &str) -> Option<usize> {
-    let b = src.as_bytes();
-    let mut i = from;
-    let mut quote = None;
-    while i + 1 < b.len() + 1 {
-        let c = *b.get(i)?;
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == b'"' || c == b'\'' => quote = Some(c),
-            None if src[i..].starts_with(close) => return Some(i),
-            None => {}
-        }
-        i += 1;
-    }
-    None
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum Tok {
-    /// A variable path: root and static keys (stops at a computed index).
-    Path(Vec<String>),
-    /// A literal or a keyword-free operator.
-    Other,
-    /// `|`.
-    Pipe,
-    /// A path inside `[...]`: a variable used as an index.
-    Index(Vec<String>),
-}
-
-fn tokens(s: &str) -> Vec<Tok> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'?';
-    while i < b.len() {
-        let c = b[i];
-        if c == b'"' || c == b'\'' {
-            i += 1;
-            while i < b.len() && b[i] != c {
-                i += 1;
-            }
-            i += 1;
-            out.push(Tok::Other);
-        } else if c == b'|' {
-            out.push(Tok::Pipe);
-            i += 1;
-        } else if c.is_ascii_alphabetic() || c == b'_' {
-            let mut path = Vec::new();
-            let st = i;
-            while i < b.len() && ident(b[i]) {
-                i += 1;
-            }
-            path.push(s[st..i].to_string());
-            let mut computed = false;
-            loop {
-                if i < b.len() && b[i] == b'.' && i + 1 < b.len() && b[i + 1] != b'.' {
-                    let st = i + 1;
-                    i += 1;
-                    while i < b.len() && ident(b[i]) {
-                        i += 1;
-                    }
-                    if !computed {
-                        path.push(s[st..i].to_string());
-                    }
-                } else if i < b.len() && b[i] == b'[' {
-                    let st = i + 1;
-                    let mut depth = 1;
-                    i += 1;
-                    while i < b.len() && depth > 0 {
-                        match b[i] {
-                            b'[' => depth += 1,
-                            b']' => depth -= 1,
-                            _ => {}
-                        }
-                        i += 1;
-                    }
-                    let inner = s[st..i.saturating_sub(1)].trim();
-                    let quoted = inner.len() >= 2
-                        && (inner.starts_with('"') || inner.starts_with('\''))
-                        && inner.ends_with(&inner[..1]);
-                    if quoted && !computed {
-                        path.push(inner[1..inner.len() - 1].to_string());
-                    } else {
-                        computed = true;
-                        for t in tokens(inner) {
-                            if let Tok::Path(p) = t {
-                                out.push(Tok::Index(p));
-                            }
-                        }
-                    }
-                } else {
-                    break;
-                }
-            }
-            out.push(Tok::Path(path));
+    let detail = if let (true, Some(f)) = (msg == "Unknown filter", get("requested filter")) {
+        format!("unknown filter '{f}'")
+    } else if let (true, Some(t)) = (msg == "Unknown tag.", get("requested")) {
+        if t.starts_with("end") || ["else", "elsif", "when"].contains(&t) {
+            format!("'{{% {t} %}}' outside the block it belongs to")
         } else {
-            if !c.is_ascii_whitespace() {
-                out.push(Tok::Other);
-            }
-            i += 1;
+            format!("unknown tag '{t}'")
         }
-    }
-    out
-}
-
-/// Variable references among `toks[from..]`: paths, except filter names (the path right
-/// after `|`) and parameter names (a path followed by `:` is caught by the keyword list
-/// for `limit`/`offset`; filter arguments are values).
-fn collect(toks: &[Tok], from: usize, line: usize, out: &mut Vec<Var>) {
-    let mut after_pipe = false;
-    for t in toks.iter().skip(from) {
-        match t {
-            Tok::Pipe => after_pipe = true,
-            Tok::Path(p) if after_pipe => {
-                after_pipe = false;
-                let _ = p;
-            }
-            Tok::Path(p) | Tok::Index(p) => out.push(Var {
-                path: p.clone(),
-                line,
-            }),
-            Tok::Other => after_pipe = false,
+    } else if let Some(end) = msg
+        .strip_prefix("Unclosed block. {% end")
+        .and_then(|m| m.split_once(' '))
+    {
+        format!(
+            "'{{% {} %}}' is not closed ('{{% end{} %}}' expected)",
+            end.0, end.0
+        )
+    } else {
+        let mut d = msg.trim_end_matches('.').to_string();
+        let extra: Vec<String> = context.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        if !extra.is_empty() {
+            d = format!("{d} ({})", extra.join(", "));
         }
-    }
+        // Traces that quote the template say where; the others ("Filter error") do not.
+        let quoted: Vec<&String> = traces.iter().filter(|t| t.starts_with('{')).collect();
+        if render && !quoted.is_empty() {
+            let quoted: Vec<&str> = quoted.into_iter().map(String::as_str).collect();
+            d = format!("{d}, in {}", quoted.join(" in "));
+        }
+        d
+    };
+    (pos, detail)
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+    use serde_json::{json, Map, Value as Json};
+
+    fn action(template: &str, event: Option<Json>) -> MessageAction {
+        let mut traits = Map::new();
+        traits.insert("first_name".into(), json!("Ada"));
+        traits.insert("plan".into(), json!("pro"));
+        MessageAction {
+            message_id: "m1".into(),
+            journey: "cart".into(),
+            user_id: "u1".into(),
+            instance: 2,
+            step_path: "steps[1]".into(),
+            variant: Some("B".into()),
+            channel: "email".into(),
+            template: template.into(),
+            address: Some("ada@example.com".into()),
+            traits,
+            event,
+            time: 0,
+        }
+    }
+
+    fn event() -> Json {
+        json!({"event": "Cart Abandoned", "properties": {"total": 42.5,
+            "items": [{"name": "Hat", "price": 3}, {"price": 4}],
+            "products": [{"name": "A", "dims": {"w": 1}}, {"name": "B"}]}})
+    }
+
+    fn load_err(src: &str) -> String {
+        Templates::from_sources([("cart", src)])
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn render(src: &str, event: Option<Json>) -> String {
+        let t = Templates::from_sources([("cart", src)]).unwrap();
+        t.render(&action("cart", event)).unwrap().body
+    }
+
+    #[test]
+    fn loads_the_liquid_files_of_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("welcome.liquid", "Hello {{ traits.first_name }}!\n");
+        write(
+            "cart.liquid",
+            "---\nsubject: \"{{ traits.first_name | default: 'Hi' }}, your cart is waiting\"\n---\nTotal: {{ event.properties.total }}\n\n",
+        );
+        write("notes.txt", "{{ not a template");
+        write(".cart.liquid.swp", "x");
+        std::fs::create_dir(dir.path().join("old")).unwrap();
+        let t = Templates::load(dir.path()).unwrap();
+        assert_eq!(t.names().collect::<Vec<_>>(), ["cart", "welcome"]);
+        assert!(t.contains("cart") && !t.contains("notes"));
+        assert!(t.has_subject("cart") && !t.has_subject("welcome") && !t.has_subject("x"));
+        let r = t.render(&action("cart", Some(event()))).unwrap();
+        assert_eq!(r.subject.as_deref(), Some("Ada, your cart is waiting"));
+        // One trailing newline (the file's last line ending) is dropped, no more.
+        assert_eq!(r.body, "Total: 42.5\n");
+        let r = t.render(&action("welcome", None)).unwrap();
+        assert_eq!((r.subject, r.body.as_str()), (None, "Hello Ada!"));
+
+        write("broken.liquid", "ok\n{% if traits.vip %}\nno end\n");
+        let shown = dir.path().join("broken.liquid").display().to_string();
+        let e = Templates::load(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{shown}:2: '{{% if %}}' is not closed ('{{% endif %}}' expected)")
+        );
+        write("bad name.liquid", "x");
+        let shown = dir.path().join("bad name.liquid").display().to_string();
+        let e = Templates::load(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{shown}: bad template name 'bad name' (a name is letters, digits, '_' and '-')"
+            )
+        );
+
+        let missing = dir.path().join("nope");
+        let e = Templates::load(&missing).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: cannot read: ", missing.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn front_matter_sets_the_subject() {
+        let subject = |src: &str| {
+            let t = Templates::from_sources([("cart", src)]).unwrap();
+            t.render(&action("cart", None)).unwrap().subject
+        };
+        assert_eq!(
+            subject("---\nsubject: Hi {{ user.id }}\n---\n").as_deref(),
+            Some("Hi u1")
+        );
+        assert_eq!(
+            subject("---\n# a comment\n\nsubject: 'It''s {{ journey.variant }}'\n---\nb")
+                .as_deref(),
+            Some("It's B")
+        );
+        assert_eq!(
+            subject("---\r\nsubject: \"say \\\"hi\\\"\"\r\n---\r\nb\r\n").as_deref(),
+            Some("say \"hi\"")
+        );
+        assert_eq!(subject("no front matter\n---\nsubject: x\n---\n"), None);
+        let t = Templates::from_sources([("cart", "---\nsubject: s\n---\nline 4\n\nline 6\n")])
+            .unwrap();
+        assert_eq!(
+            t.render(&action("cart", None)).unwrap().body,
+            "line 4\n\nline 6"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_problem() {
+        let sees = "(the template sees user, traits, event, journey, message)";
+        let cases = [
+            // Liquid syntax, at the offending line (liquid gives the end of the text or none).
+            ("a\n{% if traits.vip %}\nb\nc", "cart.liquid:2: '{% if %}' is not closed ('{% endif %}' expected)"),
+            ("a\n{% for i in (1..3) %}{% if true %}{% endif %}\nb", "cart.liquid:2: '{% for %}' is not closed ('{% endfor %}' expected)"),
+            ("a\nb {{ traits.x | upcase | nofilter }}\nc", "cart.liquid:2: unknown filter 'nofilter'"),
+            ("{% if traits.a %}\n{{ traits.x\n  | nofilter }}\n{% endif %}", "cart.liquid:3: unknown filter 'nofilter'"),
+            ("{% if traits.a %}\n{% for x in event.items %}\n{{ x }}\n{% endfor %}\nb {{ x | nofilter }}\n{% endif %}\nc\nd", "cart.liquid:5: unknown filter 'nofilter'"),
+            ("a\n\n{{ traits.x \nmore", "cart.liquid:3: '{{' is not closed (no '}}' after it)"),
+            ("a\n{% if traits.x", "cart.liquid:2: '{%' is not closed (no '%}' after it)"),
+            ("a\n{% for p in event.items %}\n{% endif %}", "cart.liquid:3: '{% endif %}' outside the block it belongs to"),
+            ("a\n{% bogus %}", "cart.liquid:2: unknown tag 'bogus'"),
+            ("a\n{{ traits.x | default: }}", "cart.liquid:2: expected Identifier or Value"),
+            ("a\n{{ traits.x | truncate: 1, 2, 3 }}", "cart.liquid:2: Invalid number of positional arguments (cause: expected at most 2 positional arguments, filter: truncate: 1, 2, 3)"),
+            ("a\n{% comment %}\nb", "cart.liquid:2: '{% comment %}' is not closed ('{% endcomment %}' expected)"),
+            ("a\n {% include 'footer' %}", "cart.liquid:2: '{% include %}' is not supported (a template cannot include another)"),
+            ("{% cycle group: %}", "cart.liquid:1: '{% cycle %}' needs at least one value"),
+            (&"{% if true %}\n".repeat(51), "cart.liquid:51: blocks nested more than 50 deep"),
+            // Variables.
+            ("hello\n\n{{ trait.first_name }}", &format!("cart.liquid:3: unknown variable 'trait' {sees}")),
+            ("{{ user.idd }}", "cart.liquid:1: unknown variable 'user.idd' (user has: id)"),
+            ("{{ journey['nam'] }}", "cart.liquid:1: unknown variable 'journey.nam' (journey has: name, variant, step, instance)"),
+            ("{{ message.body }}", "cart.liquid:1: unknown variable 'message.body' (message has: id, channel, template)"),
+            ("{{ traits.a | default: trait.b }}", &format!("cart.liquid:1: unknown variable 'trait' {sees}")),
+            ("{% if traits.a and\n  vip %}{% endif %}", &format!("cart.liquid:2: unknown variable 'vip' {sees}")),
+            ("{% for p in event.items %}{% endfor %}\n{{ p.name }}", &format!("cart.liquid:2: unknown variable 'p' {sees}")),
+            ("{{ forloop.index }}", &format!("cart.liquid:1: unknown variable 'forloop' {sees}")),
+            ("{% for i in (1..n) %}{% endfor %}", &format!("cart.liquid:1: unknown variable 'n' {sees}")),
+            ("{% for i in event.items limit: max %}{% endfor %}", &format!("cart.liquid:1: unknown variable 'max' {sees}")),
+            ("{{ traits[key] }}", &format!("cart.liquid:1: unknown variable 'key' {sees}")),
+            ("{{ traits[event.k[\"]\"]][nope] }}", &format!("cart.liquid:1: unknown variable 'nope' {sees}")),
+            ("{% case traits.plan %}{% when 'pro', other %}{% endcase %}", &format!("cart.liquid:1: unknown variable 'other' {sees}")),
+            // Lines count from the top of the file, front matter included.
+            ("---\nsubject: Hi {{ traits.first_name | nofilter }}\n---\nb", "cart.liquid:2: unknown filter 'nofilter'"),
+            ("---\nsubject: Hi\n---\nbody\n{{ usr.id }}", &format!("cart.liquid:5: unknown variable 'usr' {sees}")),
+            ("---\n\nsubject: Hi {{ user.name }}\n---\n", "cart.liquid:3: unknown variable 'user.name' (user has: id)"),
+            // Front matter.
+            ("---\nsubject: a\nfrom: b\n---\n", "cart.liquid:3: front matter: unknown key 'from' (only 'subject' is allowed)"),
+            ("---\nsubject: a\n", "cart.liquid:1: front matter: no closing '---' line"),
+            ("---\nsubject a\n---\n", "cart.liquid:2: front matter: expected 'subject: …', found 'subject a'"),
+            ("---\nsubject: a\nsubject: b\n---\n", "cart.liquid:3: front matter: 'subject' is given twice"),
+            ("---\nsubject: \"a\n---\n", "cart.liquid:2: front matter: no closing \""),
+            ("---\nsubject: 'a' b\n---\n", "cart.liquid:2: front matter: text after the closing quote: 'b'"),
+            ("---\nsubject: ''\n---\n", "cart.liquid:2: front matter: 'subject' is empty"),
+        ];
+        for (src, want) in cases {
+            assert_eq!(load_err(src), want, "{src:?}");
+        }
+    }
+
+    #[test]
+    fn names_the_template_binds_and_the_words_that_are_not_variables() {
+        let ok = [
+            "{% assign n = traits.first_name | upcase %}{{ n }}",
+            "{{ later }}{% assign later = 1 %}",
+            "{% capture c %}x{% endcapture %}{{ c | append: c }}",
+            "{% increment k %}{% decrement k %}{{ k }}",
+            "{% for p in event.items limit: 2 offset: 1 reversed %}{{ p.name }} {{ forloop.index }}{% endfor %}",
+            "{% for i in (1..5) %}{{ i }}{% endfor %}",
+            "{% tablerow p in event.items cols: 2 %}{{ p }} {{ tablerowloop.col }}{% endtablerow %}",
+            "{% cycle 'a', 'b' %}{% cycle grp: 'a', traits.plan %}",
+            "{% if traits.a == nil or traits.b == empty and traits.c contains 'x' %}{% elsif true %}{% endif %}",
+            "{% unless traits.vip == blank %}{% endunless %}",
+            "{% raw %}{{ anything }}{% endraw %}{% comment %}{{ nope }}{% comment %}{% endcomment %}{% endcomment %}",
+            "{{ '{{ nope }}' }} {{ \"}}\" | append: 'x' }} {{ 3.5 | plus: -1 }}",
+            "{{- traits.first_name -}} {%- if event -%}{%- endif -%}",
+            "{{ traits['first name'] }} {{ traits[journey.name] }} {{ event.items[0].tags.first }}",
+            "{{ traits[event.keys[traits['a]b']]] }}",
+            "{{ user }}{{ traits }}{{ event }}{{ journey }}{{ message.channel }}",
+        ];
+        for src in ok {
+            assert!(
+                Templates::from_sources([("t", src)]).is_ok(),
+                "{src:?}: {:?}",
+                Templates::from_sources([("t", src)]).err()
+            );
+        }
+    }
+
+    #[test]
+    fn missing_keys_render_as_nothing() {
+        let e = || Some(event());
+        assert_eq!(render("[{{ traits.missing }}]", e()), "[]");
+        assert_eq!(
+            render("{{ traits.missing | default: \"there\" }}", e()),
+            "there"
+        );
+        assert_eq!(
+            render("{% if traits.vip %}vip{% else %}not{% endif %}", e()),
+            "not"
+        );
+        assert_eq!(render("{{ event.properties.items[0].name }}", e()), "Hat");
+        let products = "{% for p in event.properties.products %}{{ p.name }};{% endfor %}";
+        assert_eq!(render(products, e()), "A;B;");
+        assert_eq!(render("{{ event.properties.items[1].name }}|{{ event.properties.items[9].name }}|{{ event.nope.deeper }}", e()), "||");
+        assert_eq!(
+            render("{{ traits.missing.deeper | default: 'd' }}", e()),
+            "d"
+        );
+        assert_eq!(render("{{ event.properties.items.size }} {{ event.properties.size }} {{ traits.plan.size }}", e()), "2 3 3");
+        // Through loop and assign variables too.
+        let items =
+            "{% for i in event.properties.items %}[{{ i.name | default: '?' }}]{% endfor %}";
+        assert_eq!(render(items, e()), "[Hat][?]");
+        let dims = "{% for p in event.properties.products %}[{{ p.dims.w }}]{% endfor %}";
+        assert_eq!(render(dims, e()), "[1][]");
+        let guarded = "{% for p in event.properties.products %}{% if p.dims %}{{ p.dims.w }}{% else %}-{% endif %}{% endfor %}";
+        assert_eq!(render(guarded, e()), "1-");
+        let assigned = "{% assign c = event.properties %}{{ c.total }}/{{ c.nope }}";
+        assert_eq!(render(assigned, e()), "42.5/");
+        // Without an event.
+        assert_eq!(
+            render(
+                "[{{ event.properties.total }}]{% if event %}x{% endif %}",
+                None
+            ),
+            "[]"
+        );
+        assert_eq!(render(products, None), "");
+        assert_eq!(render(assigned, None), "/");
+        // nil compares as nil, empty and blank.
+        let cmp = "{% if traits.x == nil %}n{% endif %}{% if traits.x == empty %}e{% endif %}{% if traits.x == blank %}b{% endif %}";
+        assert_eq!(render(cmp, e()), "neb");
+        let all = "{{ user.id }} {{ journey.name }} {{ journey.variant }} {{ journey.step }} {{ journey.instance | plus: 1 }} {{ message.id }} {{ message.channel }} {{ message.template }}";
+        assert_eq!(render(all, None), "u1 cart B steps[1] 3 m1 email cart");
+        assert_eq!(
+            render("{{ x }}{% assign x = traits.plan %}{{ x }}", None),
+            "pro"
+        );
+    }
+
+    #[test]
+    fn render_errors_name_the_template() {
+        let t = Templates::from_sources([("cart", "{{ traits.first_name | plus: 1 }}")]).unwrap();
+        let e = t.render(&action("cart", None)).unwrap_err().to_string();
+        assert_eq!(e, "cart.liquid: cannot render: Invalid argument (argument: operand, cause: Number expected, filter: plus : 1, input: \"Ada\")");
+        let e = t.render(&action("gone", None)).unwrap_err().to_string();
+        assert_eq!(e, "unknown template 'gone' (no gone.liquid is loaded)");
+        let e = Templates::from_sources([("a.b", "x")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "a.b.liquid: bad template name 'a.b' (a name is letters, digits, '_' and '-')"
+        );
+        let e = Templates::from_sources([("a", "x"), ("a", "y")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "a.liquid: defined twice");
+    }
+
+    #[test]
+    fn no_panic_on_cut_or_garbled_templates() {
+        let valid = "---\nsubject: \"Hi {{ traits.first_name | default: 'there' }}\"\n---\n\
+            {% assign n = event.properties.items | size %}{% if n > 0 %}Your {{ n }} items:\n\
+            {% for i in event.properties.items limit: 3 %}- {{ i.name | upcase }} ({{ i['price'] | times: 1.5 }}){% endfor %}\n\
+            {% endif %}{% raw %}{{ raw }}{% endraw %}{% comment %} x {% endcomment %}é✓ {{ \"}}\" }}\n";
+        let mut variants: Vec<String> = valid
+            .char_indices()
+            .map(|(i, _)| valid[..i].to_string())
+            .collect();
+        for (i, _) in valid.char_indices().step_by(7) {
+            for junk in [
+                "{", "}", "{{", "%}", "'", "\"", "[", "|", ":", "..", "-", "\n---\n",
+            ] {
+                variants.push(format!("{}{junk}{}", &valid[..i], &valid[i..]));
+            }
+        }
+        let mut loaded = 0;
+        for v in &variants {
+            if let Ok(t) = Templates::from_sources([("t", v.as_str())]) {
+                loaded += 1;
+                let _ = t.render(&action("t", Some(event())));
+                let _ = t.render(&action("t", None));
+            }
+        }
+        assert!(
+            loaded > 10 && loaded < variants.len(),
+            "{loaded} of {}",
+            variants.len()
+        );
+        assert!(Templates::from_sources([("t", valid)]).is_ok());
+    }
+}

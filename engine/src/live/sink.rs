@@ -108,8 +108,49 @@ fn append(
     }
 }
 
+/// Cuts a last line without its newline: the tail a crash (kill -9 in the middle of a
+/// buffered write) left behind. It was never durable, so its records are produced again
+/// from events that were not committed; keeping it would glue it to the next line.
+fn trim_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = OpenOptions::new().read(true).write(true).open(path) else {
+        return Ok(());
+    };
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::Start(len - 1))?;
+    f.read_exact(&mut last)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    // Find the last newline, reading backwards in chunks.
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            tracing::warn!(file = %path.display(), bytes = len - (start + i as u64 + 1), "cut a torn last line");
+            return f.set_len(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    f.set_len(0)
+}
+
 fn open_append(dir: &str, name: &str) -> Result<BufWriter<File>, EngineError> {
     let path = Path::new(dir).join(name);
+    trim_torn_tail(&path).map_err(|e| {
+        EngineError::Usage(format!(
+            "config: `output.dir`: cannot repair {}: {e}",
+            path.display()
+        ))
+    })?;
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -526,5 +567,28 @@ impl Sink {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_torn_tail;
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_whole_lines_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.jsonl");
+        for (before, after) in [
+            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n"),
+            ("{\"a\":1}\n", "{\"a\":1}\n"),
+            ("{\"torn", ""),
+            ("", ""),
+        ] {
+            std::fs::write(&p, before).unwrap();
+            trim_torn_tail(&p).unwrap();
+            assert_eq!(std::fs::read_to_string(&p).unwrap(), after, "{before:?}");
+        }
+        // A missing file is fine (it is created later).
+        trim_torn_tail(&dir.path().join("none")).unwrap();
     }
 }

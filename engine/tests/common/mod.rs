@@ -218,11 +218,13 @@ impl Herald {
         self.output("dead_letters.jsonl").is_empty()
     }
 
-    /// Lines of an output file under `herald-out/`, parsed.
+    /// Complete lines of an output file under `herald-out/`, parsed (a last line still
+    /// being written, without its newline, is left out).
     pub fn output(&self, name: &str) -> Vec<Json> {
         std::fs::read_to_string(self.dir.join("herald-out").join(name))
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
