@@ -370,6 +370,10 @@ fn parse(parser: &liquid::Parser, text: &str) -> Result<liquid::Template, liquid
 /// for an unknown filter or bad filter arguments: those are placed here.
 fn syntax(parser: &liquid::Parser, text: &str, e: &liquid::Error) -> (usize, String) {
     let (pos, mut detail) = describe(e, false);
+    if let Some(hint) = pos.and_then(|(l, c)| keyword_prefix(text, l, c)) {
+        detail = format!("{detail} ({hint})");
+    }
+    let pos = pos.map(|p| p.0);
     let mut line = pos;
     if let Some(block) = detail
         .strip_prefix("'{% ")
@@ -411,10 +415,32 @@ fn syntax(parser: &liquid::Parser, text: &str, e: &liquid::Error) -> (usize, Str
     (line.unwrap_or(1), detail)
 }
 
+/// A hint when the name at line `l`, column `c` starts with a literal: liquid-rust's
+/// grammar reads `empty_cart` as `empty` and then fails on `_cart`.
+fn keyword_prefix(text: &str, l: usize, c: usize) -> Option<String> {
+    let line: Vec<char> = text.split('\n').nth(l.checked_sub(1)?)?.chars().collect();
+    let ident = |k: &usize| {
+        line.get(*k)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+    };
+    let mut start = c.checked_sub(1)?.min(line.len());
+    while start > 0 && ident(&(start - 1)) {
+        start -= 1;
+    }
+    let word: String = (start..).take_while(ident).map(|k| line[k]).collect();
+    let kw = ["empty", "blank", "true", "false", "nil", "null"];
+    let kw = kw
+        .iter()
+        .find(|k| word.len() > k.len() && word.starts_with(*k))?;
+    Some(format!(
+        "a name cannot start with '{kw}' in liquid-rust: rename '{word}'"
+    ))
+}
+
 /// liquid's error, made one line: the pest position's line if there is one, and the
 /// message. liquid's `Display` is multi-line: pest's `--> L:C`, a source excerpt, `= msg`,
 /// then `with:` `key=value` context lines and `from:` traces.
-fn describe(e: &liquid::Error, render: bool) -> (Option<usize>, String) {
+fn describe(e: &liquid::Error, render: bool) -> (Option<(usize, usize)>, String) {
     let s = e.to_string();
     let s = s.strip_prefix("liquid:").unwrap_or(&s);
     let (mut pos, mut msg, mut context, mut traces) = (None, None, Vec::new(), Vec::new());
@@ -423,7 +449,8 @@ fn describe(e: &liquid::Error, render: bool) -> (Option<usize>, String) {
             || l.split_once(" |")
                 .is_some_and(|(n, _)| n.bytes().all(|b| b.is_ascii_digit()));
         if let Some(p) = l.strip_prefix("--> ") {
-            pos = p.split(':').next().and_then(|n| n.trim().parse().ok());
+            let mut lc = p.split(':').map(|n| n.trim().parse::<usize>().ok());
+            pos = lc.next().flatten().zip(lc.next().flatten());
         } else if let Some(m) = l.strip_prefix("= ") {
             msg = Some(m.to_string());
         } else if let Some(t) = l.strip_prefix("from: ") {
@@ -610,6 +637,8 @@ mod tests {
             ("a\n{% if traits.x", "cart.liquid:2: '{%' is not closed (no '%}' after it)"),
             ("a\n{% for p in event.items %}\n{% endif %}", "cart.liquid:3: '{% endif %}' outside the block it belongs to"),
             ("a\n{% bogus %}", "cart.liquid:2: unknown tag 'bogus'"),
+            ("{% assign empty_cart = 1 %}", "cart.liquid:1: unexpected FilterChain; expected Identifier (a name cannot start with 'empty' in liquid-rust: rename 'empty_cart')"),
+            ("a\n{% if nilx %}{% endif %}", "cart.liquid:2: \"and\" or \"or\" expected (a name cannot start with 'nil' in liquid-rust: rename 'nilx')"),
             ("a\n{{ traits.x | default: }}", "cart.liquid:2: expected Identifier or Value"),
             ("a\n{{ traits.x | truncate: 1, 2, 3 }}", "cart.liquid:2: Invalid number of positional arguments (cause: expected at most 2 positional arguments, filter: truncate: 1, 2, 3)"),
             ("a\n{% comment %}\nb", "cart.liquid:2: '{% comment %}' is not closed ('{% endcomment %}' expected)"),
