@@ -15,6 +15,9 @@
 //!   per-reason count, and duplicate `messageId`s within the dedup horizon are dropped
 //!   deterministically (first occurrence in input order wins).
 //! - [`postgres`]: idempotent loads of segment changes into a PostgreSQL-protocol warehouse.
+//! - [`profile_sync`]: a warehouse query's result written atomically as a profile
+//!   snapshot under the snapshots prefix.
+//! - [`notify`]: templates, the outbox, channel connectors and the delivery engine.
 //! - [`snapshot`]: profile snapshots (`user_id` plus one column per trait) read from one
 //!   Parquet file or every `*.parquet` under a prefix, typed from the Arrow schema;
 //!   the difference between two snapshots as cell and user-presence changes; and a
@@ -30,6 +33,7 @@ pub mod events;
 pub mod journey_sink;
 pub mod notify;
 pub mod postgres;
+pub mod profile_sync;
 pub mod sink;
 pub mod snapshot;
 pub mod store;

@@ -32,7 +32,7 @@ pub struct LoadSummary {
     pub inserted: u64,
 }
 
-fn pg_err(what: &str, url: &str, e: tokio_postgres::Error) -> ConnectorError {
+pub(crate) fn pg_err(what: &str, url: &str, e: tokio_postgres::Error) -> ConnectorError {
     // Never echo the URL's password.
     let shown = match url::Url::parse(url) {
         Ok(mut u) => {
@@ -41,7 +41,12 @@ fn pg_err(what: &str, url: &str, e: tokio_postgres::Error) -> ConnectorError {
         }
         Err(_) => "the configured PostgreSQL URL".to_string(),
     };
-    ConnectorError::io(&shown, std::io::Error::other(format!("{what}: {e}")))
+    // tokio-postgres shows a server error as just "db error": say what the server said.
+    let detail = match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    };
+    ConnectorError::io(&shown, std::io::Error::other(format!("{what}: {detail}")))
 }
 
 /// Loads changes into `table` at the PostgreSQL `url`; see the module docs. `table` must

@@ -33,8 +33,24 @@ pub struct Config {
     pub output: OutputConfig,
     /// `[cluster]`: this process's place in a multi-process timely cluster.
     pub cluster: Option<ClusterConfig>,
+    /// `[profile_sync]`: run a warehouse query on a schedule and write its result as a
+    /// snapshot under `snapshots.prefix`.
+    pub profile_sync: Option<ProfileSyncConfig>,
     /// `[notify]`: deliver the journeys' message actions (templates, channels, outbox).
     pub notify: Option<herald_connectors::notify::config::NotifyConfig>,
+}
+
+/// `[profile_sync]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSyncConfig {
+    /// The warehouse: `postgres://user:password@host:port/db` (PostgreSQL, Redshift).
+    pub postgres: String,
+    /// The query: one row per user, a `user_id` column and one column per trait.
+    pub query: String,
+    /// How often to run it, as an interval (`"1 hour"`); also once at start.
+    #[serde(default = "defaults::profile_sync_every")]
+    pub every: String,
 }
 
 /// `[engine]`.
@@ -236,6 +252,10 @@ pub mod defaults {
     pub fn snapshot_refresh() -> String {
         "1 minute".into()
     }
+    /// Hourly.
+    pub fn profile_sync_every() -> String {
+        "1 hour".into()
+    }
     /// `herald-out` next to the config file.
     pub fn output_dir() -> String {
         "herald-out".into()
@@ -334,6 +354,18 @@ impl Config {
                 return Err(bad("snapshots.prefix", "cannot be empty"));
             }
         }
+        if let Some(p) = &self.profile_sync {
+            if self.snapshots.is_none() {
+                return Err(bad(
+                    "profile_sync",
+                    "writes snapshots under snapshots.prefix: add a [snapshots] section",
+                ));
+            }
+            if p.query.trim().is_empty() {
+                return Err(bad("profile_sync.query", "cannot be empty"));
+            }
+            self.profile_sync_every_ms()?;
+        }
         if let Some(n) = &self.notify {
             if self.engine.journeys.is_none() {
                 return Err(bad(
@@ -371,6 +403,16 @@ impl Config {
     pub fn dedup_horizon_ms(&self) -> Result<i64, EngineError> {
         herald_operators::time::parse_interval_ms(&self.engine.dedup_horizon)
             .map_err(|e| bad("engine.dedup_horizon", e))
+    }
+
+    /// The profile sync interval in ms (at least 1 s).
+    pub fn profile_sync_every_ms(&self) -> Result<u64, EngineError> {
+        let Some(p) = &self.profile_sync else {
+            return Ok(3_600_000);
+        };
+        let ms = herald_operators::time::parse_interval_ms(&p.every)
+            .map_err(|e| bad("profile_sync.every", e))?;
+        Ok(ms.max(1000) as u64)
     }
 
     /// The snapshot refresh interval in ms (at least 100 ms).
@@ -466,6 +508,23 @@ mod tests {
         assert!(e.contains("kafka.auto_offset_reset"), "{e}");
         let e = err("[engine]\n");
         assert!(e.contains("segments"), "{e}");
+        let sync = "[profile_sync]\npostgres = \"postgres://h@x/db\"\nquery = \"SELECT 1\"\n";
+        let e = err(&format!("[engine]\nsegments = \"s.sql\"\n{sync}"));
+        assert!(
+            e.contains("`profile_sync`: writes snapshots under snapshots.prefix"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "[engine]\nsegments = \"s.sql\"\n[snapshots]\nprefix = \"p\"\n{sync}every = \"soon\"\n"
+        ));
+        assert!(e.contains("profile_sync.every"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[notify]\ntemplates = \"t\"\n");
+        assert!(
+            e.contains("`notify`: delivers journey messages: set engine.journeys too"),
+            "{e}"
+        );
+        let e = err("[engine]\nsegments = \"s.sql\"\njourneys = \"j.yaml\"\n[notify]\ntemplates = \"t\"\n[notify.email]\nsmtp = \"nohost\"\nfrom = \"a@b.c\"\n");
+        assert!(e.contains("notify.email.smtp"), "{e}");
         let e = err("[engine]\nsegments = \"s.sql\"\n[cluster]\nprocess = 2\naddresses = [\"a:1\", \"b:2\"]\n");
         assert!(e.contains("cluster.process"), "{e}");
     }

@@ -70,6 +70,23 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         templates: Option<String>,
     },
+    /// Runs a warehouse query (PostgreSQL protocol: PostgreSQL, Redshift) and writes its
+    /// result as a profile snapshot under a prefix, atomically. One row per user: a
+    /// `user_id` column and one column per trait.
+    SyncProfiles {
+        /// The warehouse, postgres://user@host:port/db.
+        #[arg(long, value_name = "URL")]
+        postgres: String,
+        /// The query.
+        #[arg(long, value_name = "SQL", conflicts_with = "query_file")]
+        query: Option<String>,
+        /// A file holding the query.
+        #[arg(long, value_name = "FILE")]
+        query_file: Option<String>,
+        /// Where snapshots go (a directory, file:// or s3:// prefix): `[snapshots] prefix`.
+        #[arg(long, value_name = "PREFIX")]
+        to: String,
+    },
     /// Message templates.
     Template {
         #[command(subcommand)]
@@ -124,6 +141,39 @@ enum ReportCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn sync_profiles(
+    url: &str,
+    query: Option<String>,
+    query_file: Option<String>,
+    to: &str,
+) -> Result<(), EngineError> {
+    let sql = match (query, query_file) {
+        (Some(q), _) => q,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map_err(|e| EngineError::Usage(format!("--query-file {f}: {e}")))?,
+        (None, None) => {
+            return Err(EngineError::Usage(
+                "give the query with --query or --query-file".into(),
+            ))
+        }
+    };
+    let now = herald_engine::live::now_ms() as i64;
+    let s = herald_connectors::profile_sync::sync_profiles(url, &sql, to, now)?;
+    println!(
+        "wrote {} profiles ({} traits: {}) to {}{}",
+        s.users,
+        s.traits.len(),
+        s.traits.join(", "),
+        s.location,
+        if s.skipped > 0 {
+            format!("; skipped {} rows without a user_id", s.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 fn print_summary(s: &ReplaySummary, out: &str) {
@@ -255,6 +305,12 @@ fn main() -> ExitCode {
             templates,
         } => herald_engine::check::check_all(&file, journeys.as_deref(), templates.as_deref())
             .map(|report| print!("{report}")),
+        Command::SyncProfiles {
+            postgres,
+            query,
+            query_file,
+            to,
+        } => sync_profiles(&postgres, query, query_file, &to),
         Command::Template {
             what:
                 TemplateCommand::Render {

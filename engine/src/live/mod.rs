@@ -285,6 +285,10 @@ where
         (Some(_), 0) => Some(snapshots::spawn_watcher(Arc::clone(&live), snap_tx)?),
         _ => None,
     };
+    let profile_sync = match process {
+        0 => snapshots::spawn_profile_sync(Arc::clone(&live))?,
+        _ => None,
+    };
 
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&live.config.http.listen))
@@ -359,6 +363,9 @@ where
     }
     if let Some(w) = watcher {
         let _ = w.join();
+    }
+    if let Some(p) = profile_sync {
+        let _ = p.join();
     }
     if let Some(n) = live.notify.get() {
         // Attempts under way finish (or time out); queued messages stay in the outbox.

@@ -119,3 +119,50 @@ fn check_once(
     *applied = Some(name);
     Ok(())
 }
+
+/// Starts the profile sync thread (`[profile_sync]`): runs the warehouse query at once
+/// and then every `every`, writing each result as a snapshot under the prefix, where the
+/// watcher picks it up. A failing run is logged and counted
+/// (`herald_errors_total{sink="profile_sync"}`) and writes nothing, so the last good
+/// snapshot stays applied.
+pub fn spawn_profile_sync(live: Arc<Live>) -> Result<Option<JoinHandle<()>>, EngineError> {
+    let (Some(sync), Some(snap)) = (&live.config.profile_sync, &live.config.snapshots) else {
+        return Ok(None);
+    };
+    let (url, query, prefix) = (
+        sync.postgres.clone(),
+        sync.query.clone(),
+        snap.prefix.clone(),
+    );
+    let every = Duration::from_millis(live.config.profile_sync_every_ms()?);
+    std::thread::Builder::new()
+        .name("herald-profile-sync".into())
+        .spawn(move || loop {
+            let started = Instant::now();
+            match herald_connectors::profile_sync::sync_profiles(
+                &url,
+                &query,
+                &prefix,
+                now_ms() as i64,
+            ) {
+                Ok(s) => tracing::info!(
+                    location = %s.location,
+                    users = s.users,
+                    skipped = s.skipped,
+                    "profile sync wrote a snapshot"
+                ),
+                Err(e) => {
+                    live.metrics.error("profile_sync");
+                    tracing::error!("profile sync: {e}; the last snapshot stays applied");
+                }
+            }
+            while started.elapsed() < every {
+                if live.stop_at.load(Ordering::Acquire) != 0 {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .map(Some)
+        .map_err(|e| EngineError::Dataflow(format!("cannot start the profile sync: {e}")))
+}

@@ -1,0 +1,140 @@
+//! Profile sync against a real PostgreSQL and a real S3-compatible store on 127.0.0.1:
+//! the query's result becomes a snapshot the snapshot reader reads back, typed; bad
+//! queries are refused with the column or row named, and write nothing.
+
+use std::collections::BTreeMap;
+
+use herald_connectors::profile_sync::sync_profiles;
+use herald_connectors::snapshot::read_snapshot;
+use herald_operators::value::{Num, Type, Value};
+
+fn pg() -> String {
+    std::env::var("HERALD_TEST_POSTGRES")
+        .unwrap_or_else(|_| panic!("HERALD_TEST_POSTGRES must be set: run scripts/services.sh"))
+}
+
+fn unique() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}_{}", std::process::id(), n % 1_000_000_000)
+}
+
+fn sql(batch: &str) {
+    let url = pg();
+    let batch = batch.to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client.batch_execute(&batch).await.unwrap();
+    });
+}
+
+#[test]
+#[ignore = "needs PostgreSQL and an S3-compatible server on 127.0.0.1: run scripts/test.sh"]
+fn a_query_becomes_a_typed_snapshot_on_s3_and_on_disk() {
+    let t = format!("profiles_{}", unique());
+    sql(&format!(
+        "CREATE TABLE {t} (id text, plan text, orders int, ltv float8, vip boolean, \
+         signed_up timestamptz, birthday date, score numeric);
+         INSERT INTO {t} VALUES
+           ('u1', 'pro', 3, 120.5, true, '2026-01-02T03:04:05.006Z', '1990-05-01', 1.5),
+           ('u2', NULL, 0, NULL, false, NULL, NULL, NULL),
+           (NULL, 'free', 1, 1, false, NULL, NULL, NULL),
+           ('', 'free', 1, 1, false, NULL, NULL, NULL);"
+    ));
+    let query = format!(
+        "SELECT id AS user_id, plan, orders, ltv, vip, signed_up, birthday, score::float8 AS score FROM {t}"
+    );
+    let bucket = std::env::var("HERALD_TEST_S3_BUCKET").unwrap_or_else(|_| "herald-test".into());
+    let dir = tempfile::tempdir().unwrap();
+    for prefix in [
+        format!("s3://{bucket}/sync-{t}"),
+        dir.path().to_str().unwrap().to_string(),
+    ] {
+        let s = sync_profiles(&pg(), &query, &prefix, 1_700_000_000_000).unwrap();
+        assert_eq!(s.users, 2);
+        assert_eq!(s.skipped, 2);
+        assert_eq!(
+            s.location,
+            format!("{prefix}/2023-11-14T22-13-20.000Z.parquet")
+        );
+        let snap = read_snapshot(&s.location).unwrap();
+        assert_eq!(
+            snap.schema,
+            [
+                ("plan".to_string(), Type::Str),
+                ("orders".to_string(), Type::Num),
+                ("ltv".to_string(), Type::Num),
+                ("vip".to_string(), Type::Bool),
+                ("signed_up".to_string(), Type::Ts),
+                ("birthday".to_string(), Type::Ts),
+                ("score".to_string(), Type::Num),
+            ]
+        );
+        let u1: BTreeMap<String, Value> = [
+            ("plan", Value::Str("pro".into())),
+            ("orders", Value::Num(Num(3.0))),
+            ("ltv", Value::Num(Num(120.5))),
+            ("vip", Value::Bool(true)),
+            ("signed_up", Value::Ts(1_767_323_045_006)),
+            ("birthday", Value::Ts(641_520_000_000)),
+            ("score", Value::Num(Num(1.5))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(snap.rows["u1"], u1);
+        // NULLs are absent traits.
+        let u2: Vec<&str> = snap.rows["u2"].keys().map(String::as_str).collect();
+        assert_eq!(u2, ["orders", "vip"]);
+    }
+}
+
+#[test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: run scripts/test.sh"]
+fn bad_queries_are_named_and_write_nothing() {
+    let t = format!("profiles_{}", unique());
+    sql(&format!(
+        "CREATE TABLE {t} (user_id text, score numeric, tags text[]);
+         INSERT INTO {t} VALUES ('u1', 1, '{{a}}'), ('u1', 2, '{{b}}');"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().to_str().unwrap();
+    let err = |q: &str| sync_profiles(&pg(), q, prefix, 0).unwrap_err().to_string();
+    let e = err(&format!("SELECT score FROM {t}"));
+    assert!(e.contains("has no `user_id` column"), "{e}");
+    let e = err(&format!("SELECT user_id, score FROM {t}"));
+    assert!(
+        e.contains("column 'score' is numeric, which a snapshot cannot hold: cast it in the query (score::float8"),
+        "{e}"
+    );
+    let e = err(&format!("SELECT user_id, tags FROM {t}"));
+    assert!(e.contains("column 'tags' is _text"), "{e}");
+    let e = err(&format!("SELECT user_id, score::float8 AS s FROM {t}"));
+    assert!(e.contains("user_id 'u1' is on two rows"), "{e}");
+    let e = err("SELECT user_id FROM no_such_table");
+    assert!(
+        e.contains("the profile query") && e.contains("no_such_table"),
+        "{e}"
+    );
+    // Nothing was written for any of them.
+    assert_eq!(std::fs::read_dir(prefix).unwrap().count(), 0);
+    // And the password never shows.
+    let e = sync_profiles(
+        "postgres://herald:s3cret@127.0.0.1:1/db",
+        "SELECT 1",
+        prefix,
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cannot connect") && !e.contains("s3cret"), "{e}");
+}
