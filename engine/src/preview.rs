@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use herald_connectors::notify::template::Templates;
+use herald_operators::journey::file::CHANNELS;
 use herald_operators::journey::MessageAction;
 use serde_json::{Map, Value as Json};
 
@@ -57,11 +58,13 @@ pub fn render_preview(a: &PreviewArgs) -> Result<String, EngineError> {
     }
     let mut traits = Map::new();
     if let Some(server) = &a.server {
-        let url = format!(
-            "{}/v1/users/{}",
-            server.trim_end_matches('/'),
-            url_escape(&a.user)
-        );
+        let mut url = url::Url::parse(server)
+            .map_err(|e| EngineError::Usage(format!("--server: '{server}': {e}")))?;
+        url.path_segments_mut()
+            .map_err(|_| EngineError::Usage(format!("--server: '{server}' cannot be a base URL")))?
+            .pop_if_empty()
+            .extend(["v1", "users", a.user.as_str()]);
+        let url = url.to_string();
         let r = reqwest::blocking::get(&url)
             .map_err(|e| EngineError::Usage(format!("--server: cannot reach {url}: {e}")))?;
         match r.status().as_u16() {
@@ -95,13 +98,12 @@ pub fn render_preview(a: &PreviewArgs) -> Result<String, EngineError> {
         .map(|e| object("--event", e).map(Json::Object))
         .transpose()?;
     let channel = a.channel.clone().unwrap_or_else(|| "email".into());
-    let address = traits
-        .get(match channel.as_str() {
-            "email" => "email",
-            "sms" | "whatsapp" => "phone",
-            "push" => "push_token",
-            _ => "",
-        })
+    // The channel's address trait, as journeys read it.
+    let address = CHANNELS
+        .iter()
+        .find(|(c, _)| *c == channel)
+        .and_then(|(_, a)| *a)
+        .and_then(|a| traits.get(a))
         .and_then(|v| v.as_str())
         .map(str::to_string);
     let action = MessageAction {
@@ -130,16 +132,4 @@ pub fn render_preview(a: &PreviewArgs) -> Result<String, EngineError> {
         out.push('\n');
     }
     Ok(out)
-}
-
-/// Percent-encodes a path segment.
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -1,6 +1,9 @@
 //! `herald template render` and `herald check --templates` as a user runs them.
 
+mod common;
+
 use std::process::Command;
+use std::time::Duration;
 
 fn herald(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -135,4 +138,64 @@ fn render_previews_a_template_for_a_user_and_check_validates_sends() {
     let (code, out, err) = herald(&args);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok, 2 template(s): cart, cart_sms"), "{out}");
+}
+
+#[test]
+fn render_reads_traits_from_a_running_herald() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("segments.sql"),
+        "CREATE SEGMENT named AS first_name IS NOT NULL;\n",
+    )
+    .unwrap();
+    let t = dir.path().join("templates");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::write(
+        t.join("hi.liquid"),
+        "Hi {{ traits.first_name }} ({{ user.id }})\n",
+    )
+    .unwrap();
+    let mut h = common::Herald::start(
+        dir.path(),
+        "[engine]\nsegments = \"segments.sql\"\n[http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n",
+    );
+    // A user id that needs escaping in the URL path.
+    let (status, _) = h.post(
+        "/v1/identify",
+        "wk",
+        r#"{"userId":"a b/c","traits":{"first_name":"Ada"}}"#,
+    );
+    assert_eq!(status, 200);
+    h.wait_for("the identify", Duration::from_secs(30), |h| {
+        h.size("named") == 1
+    });
+    let server = h.base.clone();
+    let tdir = t.to_str().unwrap();
+    let (code, out, err) = herald(&[
+        "template",
+        "render",
+        "hi",
+        "--user",
+        "a b/c",
+        "--templates",
+        tdir,
+        "--server",
+        &server,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "Hi Ada (a b/c)\n");
+    let (code, _, err) = herald(&[
+        "template",
+        "render",
+        "hi",
+        "--user",
+        "nobody",
+        "--templates",
+        tdir,
+        "--server",
+        &server,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no user 'nobody'"), "{err}");
+    assert!(h.stop().success());
 }

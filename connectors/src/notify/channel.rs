@@ -38,8 +38,6 @@ use super::template::Rendered;
 pub struct Accepted {
     /// The provider's id for the message.
     pub provider_id: Option<String>,
-    /// The peer is the destination (webhook, Kafka): accepted means delivered.
-    pub delivered: bool,
 }
 
 /// Why a send did not succeed.
@@ -89,6 +87,12 @@ impl Connector {
             Connector::Webhook(c) => c.send(action, msg).await,
             Connector::Kafka(c) => c.send(action, msg).await,
         }
+    }
+
+    /// Whether the peer is the message's destination (webhook, push gateway, Kafka), so
+    /// that its acceptance is delivery; SMTP servers and SMS providers deliver later.
+    pub fn accepted_is_delivered(&self) -> bool {
+        matches!(self, Connector::Webhook(_) | Connector::Kafka(_))
     }
 
     /// Whether sending an attempt again is safe when it is in doubt (a crash between
@@ -230,7 +234,6 @@ impl Smtp {
         match self.transport.send(email).await {
             Ok(r) => Ok(Accepted {
                 provider_id: Some(r.message().collect::<Vec<_>>().join(" ")),
-                delivered: false,
             }),
             Err(e) if e.is_permanent() => Err(Failure::Permanent(format!("SMTP: {e}"))),
             Err(e) => Err(Failure::retry(format!("SMTP: {e}"))),
@@ -300,10 +303,7 @@ impl MessagesApi {
             let sid = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|j| j["sid"].as_str().map(str::to_string));
-            Ok(Accepted {
-                provider_id: sid,
-                delivered: false,
-            })
+            Ok(Accepted { provider_id: sid })
         } else {
             Err(classify(status, &headers, &body))
         }
@@ -356,10 +356,7 @@ impl Webhook {
             .map_err(|e| request_failure(&e))?;
         let status = r.status();
         if status.is_success() {
-            Ok(Accepted {
-                provider_id: None,
-                delivered: true,
-            })
+            Ok(Accepted { provider_id: None })
         } else {
             let headers = r.headers().clone();
             let text = r.text().await.unwrap_or_default();
@@ -404,7 +401,6 @@ impl KafkaChannel {
         match self.producer.send(record, self.timeout).await {
             Ok(d) => Ok(Accepted {
                 provider_id: Some(format!("{}@{}", d.partition, d.offset)),
-                delivered: true,
             }),
             Err((e, _)) => Err(Failure::retry(format!("Kafka: {e}"))),
         }

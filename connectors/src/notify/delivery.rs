@@ -299,10 +299,11 @@ impl Delivery {
         for mut e in open {
             let lane = self.inner.lanes.get(&e.action.channel);
             match (e.state, lane) {
-                (State::Sent | State::Failed, _) => {
+                (State::Sent | State::Failed, lane) => {
+                    let delivered = lane.is_some_and(|l| l.connector.accepted_is_delivered());
                     let inner = Arc::clone(&self.inner);
                     rt.spawn(async move {
-                        let events = outcome_events(&e, None);
+                        let events = outcome_events(&e, delivered);
                         inner.hand_on_feedback(&mut e, events).await;
                     });
                 }
@@ -343,17 +344,6 @@ impl Delivery {
                 queued: Instant::now(),
             });
         }
-    }
-
-    /// Attempts under way plus messages queued, over every channel.
-    pub fn pending(&self) -> i64 {
-        let queued: i64 = self
-            .inner
-            .lanes
-            .keys()
-            .map(|c| NotifyMetrics::of(&self.inner.metrics.queue_depth, c).get())
-            .sum();
-        queued + self.inner.in_flight.load(Ordering::Acquire) as i64
     }
 
     /// Waits (up to `limit`) for the attempts under way to finish; queued messages stay
@@ -405,16 +395,12 @@ async fn lane_loop(
 }
 
 /// The feedback events an outcome owes.
-fn outcome_events(e: &Entry, delivered: Option<bool>) -> Vec<Json> {
+fn outcome_events(e: &Entry, delivered: bool) -> Vec<Json> {
     let now = now_ms();
     match e.state {
         State::Sent => {
             let extra = json!({"provider_id": e.provider_id});
             let mut v = vec![feedback_event("sent", e, extra.clone(), now)];
-            let delivered = delivered.unwrap_or(!matches!(
-                e.action.channel.as_str(),
-                "email" | "sms" | "whatsapp"
-            ));
             if delivered {
                 v.push(feedback_event("delivered", e, extra, now));
             }
@@ -502,7 +488,7 @@ impl Inner {
                 e.provider_id = acc.provider_id;
                 e.error = None;
                 NotifyMetrics::of(&self.metrics.sent, &channel).inc();
-                let events = outcome_events(&e, Some(acc.delivered));
+                let events = outcome_events(&e, lane.connector.accepted_is_delivered());
                 self.hand_on_feedback(&mut e, events).await;
             }
             Err(Failure::Permanent(detail)) => self.fail(&mut e, detail, "permanent").await,
@@ -560,7 +546,7 @@ impl Inner {
         e.state = State::Failed;
         e.error = Some(reason);
         e.updated = now_ms();
-        let events = outcome_events(e, None);
+        let events = outcome_events(e, false);
         self.hand_on_feedback(e, events).await;
     }
 
