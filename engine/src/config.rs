@@ -33,6 +33,9 @@ pub struct Config {
     pub output: OutputConfig,
     /// `[cluster]`: this process's place in a multi-process timely cluster.
     pub cluster: Option<ClusterConfig>,
+    /// `[warehouse]`: the SQL warehouse connection shared by profile sync, warehouse
+    /// audiences and the PostgreSQL sink.
+    pub warehouse: Option<WarehouseConfig>,
     /// `[profile_sync]`: run a warehouse query on a schedule and write its result as a
     /// snapshot under `snapshots.prefix`.
     pub profile_sync: Option<ProfileSyncConfig>,
@@ -40,12 +43,21 @@ pub struct Config {
     pub notify: Option<herald_connectors::notify::config::NotifyConfig>,
 }
 
+/// `[warehouse]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseConfig {
+    /// The warehouse: `postgres://user:password@host:port/db` (PostgreSQL, Redshift).
+    pub postgres: String,
+}
+
 /// `[profile_sync]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileSyncConfig {
-    /// The warehouse: `postgres://user:password@host:port/db` (PostgreSQL, Redshift).
-    pub postgres: String,
+    /// The warehouse to query; defaults to `warehouse.postgres`.
+    #[serde(default)]
+    pub postgres: Option<String>,
     /// The query: one row per user, a `user_id` column and one column per trait.
     pub query: String,
     /// How often to run it, as an interval (`"1 hour"`); also once at start.
@@ -364,7 +376,21 @@ impl Config {
             if p.query.trim().is_empty() {
                 return Err(bad("profile_sync.query", "cannot be empty"));
             }
+            if self.warehouse_url(p.postgres.as_deref()).is_none() {
+                return Err(bad(
+                    "profile_sync.postgres",
+                    "names no warehouse: set it, or warehouse.postgres",
+                ));
+            }
             self.profile_sync_every_ms()?;
+        }
+        if let Some(w) = &self.warehouse {
+            if !w.postgres.starts_with("postgres://") && !w.postgres.starts_with("postgresql://") {
+                return Err(bad(
+                    "warehouse.postgres",
+                    "must be a URL like postgres://user:password@host:5432/db",
+                ));
+            }
         }
         if let Some(n) = &self.notify {
             if self.engine.journeys.is_none() {
@@ -397,6 +423,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The warehouse connection: `own` (a section's own `postgres` key) if given, else
+    /// `warehouse.postgres`.
+    pub fn warehouse_url(&self, own: Option<&str>) -> Option<String> {
+        own.filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .or_else(|| self.warehouse.as_ref().map(|w| w.postgres.clone()))
     }
 
     /// The dedup horizon in ms.
@@ -518,6 +552,17 @@ mod tests {
             "[engine]\nsegments = \"s.sql\"\n[snapshots]\nprefix = \"p\"\n{sync}every = \"soon\"\n"
         ));
         assert!(e.contains("profile_sync.every"), "{e}");
+        let e = err(
+            "[engine]\nsegments = \"s.sql\"\n[snapshots]\nprefix = \"p\"\n[profile_sync]\nquery = \"SELECT 1\"\n",
+        );
+        assert!(e.contains("profile_sync.postgres"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[warehouse]\npostgres = \"mysql://x\"\n");
+        assert!(e.contains("warehouse.postgres"), "{e}");
+        let ok = Config::parse(
+            "[engine]\nsegments = \"s.sql\"\n[warehouse]\npostgres = \"postgres://h@x/db\"\n[snapshots]\nprefix = \"p\"\n[profile_sync]\nquery = \"SELECT 1\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.warehouse_url(None).as_deref(), Some("postgres://h@x/db"));
         let e = err("[engine]\nsegments = \"s.sql\"\n[notify]\ntemplates = \"t\"\n");
         assert!(
             e.contains("`notify`: delivers journey messages: set engine.journeys too"),

@@ -130,7 +130,9 @@ pub fn spawn_profile_sync(live: Arc<Live>) -> Result<Option<JoinHandle<()>>, Eng
         return Ok(None);
     };
     let (url, query, prefix) = (
-        sync.postgres.clone(),
+        live.config
+            .warehouse_url(sync.postgres.as_deref())
+            .unwrap_or_default(),
         sync.query.clone(),
         snap.prefix.clone(),
     );
