@@ -141,9 +141,11 @@ impl Deduplicator {
     }
 }
 
-/// Reads event JSONL files.
+/// Reads event JSONL files and events archives.
 ///
-/// `sources` are local paths or URLs (see [`crate::store::open`]), read in order.
+/// `sources` are local paths or URLs (see [`crate::store::open`]), read in order. A
+/// source ending in `.parquet` or `/`, or a local directory, is an events archive
+/// ([`crate::tables::read_archived_events`]); its rows count as lines.
 /// `threads` is the number of parsing threads (0 means the machine's parallelism); the
 /// result is the same for any value. `dedup_horizon_ms` is usually
 /// [`DEFAULT_DEDUP_HORIZON_MS`]. Bad messages never fail the call; only an unreadable
@@ -162,6 +164,26 @@ pub fn read_events(
     let mut out = EventBatch::default();
     let mut dedup = Deduplicator::new(dedup_horizon_ms);
     for (index, source) in sources.iter().enumerate() {
+        if crate::tables::is_archive(source) {
+            let archived = crate::tables::read_archived_events(source)?;
+            out.lines += archived.len() as u64;
+            dedup.reserve(archived.len());
+            for (i, (event, _received)) in archived.into_iter().enumerate() {
+                if dedup.admit(&event.message_id, event.timestamp) {
+                    let line = i as u64 + 1;
+                    out.events.push((
+                        event,
+                        Position {
+                            source: index,
+                            line,
+                        },
+                    ));
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+            continue;
+        }
         let bytes = read_all(source)?;
         if source.to_ascii_lowercase().ends_with(".gz") || bytes.starts_with(&[0x1f, 0x8b]) {
             return Err(ConnectorError::input(

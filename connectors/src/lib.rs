@@ -22,6 +22,9 @@
 //!   Parquet file or every `*.parquet` under a prefix, typed from the Arrow schema;
 //!   the difference between two snapshots as cell and user-presence changes; and a
 //!   writer for tests, examples and benchmarks.
+//! - [`tables`]: the warehouse tables (events archive, segment changes, journey events,
+//!   messages, delivery outcomes) as date/hour-partitioned Parquet and idempotent
+//!   PostgreSQL loads; the events archive read back for replay.
 //! - [`csvlist`]: static segment lists, the user ids in a CSV file's `user_id` column
 //!   (or its first column).
 //! - [`sink`]: the replay's outputs: segment membership changes as JSONL or Parquet, and
@@ -37,5 +40,6 @@ pub mod profile_sync;
 pub mod sink;
 pub mod snapshot;
 pub mod store;
+pub mod tables;
 
 pub use error::{ConnectorError, Fault};

@@ -36,6 +36,9 @@ pub struct Config {
     /// `[warehouse]`: the SQL warehouse connection shared by profile sync, warehouse
     /// audiences and the PostgreSQL sink.
     pub warehouse: Option<WarehouseConfig>,
+    /// `[export]`: the warehouse tables (events archive, segment changes, journey
+    /// events, messages, delivery outcomes) as Parquet and PostgreSQL tables.
+    pub export: Option<ExportConfig>,
     /// `[profile_sync]`: run a warehouse query on a schedule and write its result as a
     /// snapshot under `snapshots.prefix`.
     pub profile_sync: Option<ProfileSyncConfig>,
@@ -49,6 +52,28 @@ pub struct Config {
 pub struct WarehouseConfig {
     /// The warehouse: `postgres://user:password@host:port/db` (PostgreSQL, Redshift).
     pub postgres: String,
+}
+
+/// `[export]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Parquet tables under this prefix (`s3://bucket/herald`, `file:///…`, a directory),
+    /// as `TABLE/date=YYYY-MM-DD/hour=HH/*.parquet`.
+    #[serde(default)]
+    pub parquet: Option<String>,
+    /// Load the tables into this schema of `warehouse.postgres` (created if missing).
+    #[serde(default)]
+    pub postgres_schema: Option<String>,
+    /// A buffer is written out at this many rows (one file per partition).
+    #[serde(default = "defaults::export_max_rows")]
+    pub max_rows_per_file: usize,
+    /// … or at about this many bytes of rows in memory.
+    #[serde(default = "defaults::export_max_bytes")]
+    pub max_file_bytes: usize,
+    /// … or this long after its oldest row arrived, as an interval (`"1 minute"`).
+    #[serde(default = "defaults::export_flush_every")]
+    pub flush_every: String,
 }
 
 /// `[profile_sync]`.
@@ -264,6 +289,18 @@ pub mod defaults {
     pub fn snapshot_refresh() -> String {
         "1 minute".into()
     }
+    /// 100k rows per file.
+    pub fn export_max_rows() -> usize {
+        100_000
+    }
+    /// 64 MiB.
+    pub fn export_max_bytes() -> usize {
+        64 << 20
+    }
+    /// One minute: also how long Kafka offset commits wait behind the archive.
+    pub fn export_flush_every() -> String {
+        "1 minute".into()
+    }
     /// Hourly.
     pub fn profile_sync_every() -> String {
         "1 hour".into()
@@ -384,6 +421,38 @@ impl Config {
             }
             self.profile_sync_every_ms()?;
         }
+        if let Some(x) = &self.export {
+            if x.parquet.is_none() && x.postgres_schema.is_none() {
+                return Err(bad(
+                    "export",
+                    "writes nowhere: set export.parquet, export.postgres_schema or both",
+                ));
+            }
+            if matches!(&x.parquet, Some(p) if p.is_empty()) {
+                return Err(bad("export.parquet", "cannot be empty"));
+            }
+            if let Some(s) = &x.postgres_schema {
+                herald_connectors::tables::check_pg_schema(s).map_err(|_| {
+                    bad(
+                        "export.postgres_schema",
+                        format!("'{s}' is not a lower-case identifier like herald"),
+                    )
+                })?;
+                if self.warehouse.is_none() {
+                    return Err(bad(
+                        "export.postgres_schema",
+                        "loads into warehouse.postgres: add a [warehouse] section",
+                    ));
+                }
+            }
+            if x.max_rows_per_file == 0 || x.max_file_bytes == 0 {
+                return Err(bad(
+                    "export.max_rows_per_file",
+                    "max_rows_per_file and max_file_bytes must be positive",
+                ));
+            }
+            self.export_flush_ms()?;
+        }
         if let Some(w) = &self.warehouse {
             if !w.postgres.starts_with("postgres://") && !w.postgres.starts_with("postgresql://") {
                 return Err(bad(
@@ -449,6 +518,16 @@ impl Config {
         Ok(ms.max(1000) as u64)
     }
 
+    /// The export flush interval in ms (at least 100 ms).
+    pub fn export_flush_ms(&self) -> Result<u64, EngineError> {
+        let Some(x) = &self.export else {
+            return Ok(60_000);
+        };
+        let ms = herald_operators::time::parse_interval_ms(&x.flush_every)
+            .map_err(|e| bad("export.flush_every", e))?;
+        Ok(ms.max(100) as u64)
+    }
+
     /// The snapshot refresh interval in ms (at least 100 ms).
     pub fn snapshot_refresh_ms(&self) -> Result<u64, EngineError> {
         let Some(s) = &self.snapshots else {
@@ -482,6 +561,9 @@ impl Config {
         }
         if let Some(s) = &mut self.snapshots {
             resolve(&mut s.prefix);
+        }
+        if let Some(p) = self.export.as_mut().and_then(|x| x.parquet.as_mut()) {
+            resolve(p);
         }
     }
 
@@ -558,6 +640,16 @@ mod tests {
         assert!(e.contains("profile_sync.postgres"), "{e}");
         let e = err("[engine]\nsegments = \"s.sql\"\n[warehouse]\npostgres = \"mysql://x\"\n");
         assert!(e.contains("warehouse.postgres"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[export]\n");
+        assert!(e.contains("`export`: writes nowhere"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[export]\npostgres_schema = \"herald\"\n");
+        assert!(e.contains("export.postgres_schema"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\n[warehouse]\npostgres = \"postgres://h/d\"\n[export]\npostgres_schema = \"Bad-Name\"\n");
+        assert!(e.contains("export.postgres_schema"), "{e}");
+        let e = err(
+            "[engine]\nsegments = \"s.sql\"\n[export]\nparquet = \"p\"\nflush_every = \"often\"\n",
+        );
+        assert!(e.contains("export.flush_every"), "{e}");
         let ok = Config::parse(
             "[engine]\nsegments = \"s.sql\"\n[warehouse]\npostgres = \"postgres://h@x/db\"\n[snapshots]\nprefix = \"p\"\n[profile_sync]\nquery = \"SELECT 1\"\n",
         )

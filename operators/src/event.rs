@@ -46,7 +46,8 @@ impl EventType {
         }
     }
 
-    fn parse(s: &str) -> Option<EventType> {
+    /// The type named by a message's `type` field.
+    pub fn parse(s: &str) -> Option<EventType> {
         Some(match s {
             "track" => EventType::Track,
             "identify" => EventType::Identify,

@@ -23,7 +23,9 @@ enum Command {
         /// The segment file.
         #[arg(long, value_name = "FILE")]
         segments: String,
-        /// Event JSONL files (local paths, file:// or s3:// URLs), read in order.
+        /// Event JSONL files (local paths, file:// or s3:// URLs), read in order; or an
+        /// events archive written by `[export]`: a `.parquet` file, a directory, or a
+        /// prefix ending in `/` (such as s3://bucket/herald/events/).
         #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
         events: Vec<String>,
         /// A profile snapshot (Parquet) and the instant it applies at: PATH@RFC3339.

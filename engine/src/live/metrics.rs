@@ -61,6 +61,13 @@ pub struct JourneyLabel {
     pub kind: String,
 }
 
+/// `table`: a warehouse table.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// `events`, `segment_changes`, `journey_events`, `messages`, `delivery_outcomes`.
+    pub table: String,
+}
+
 /// `sink`: a sink or client that failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabel {
@@ -100,6 +107,10 @@ pub struct Metrics {
     pub journey_events: Family<JourneyLabel, Counter>,
     /// How late (ms) a message action reaches the sink after its instant.
     pub message_delay_ms: Histogram,
+    /// Rows written by the exporter (`[export]`), by table.
+    pub export_rows: Family<TableLabel, Counter>,
+    /// Milliseconds one exporter write took (Parquet files and PostgreSQL load).
+    pub export_flush_ms: Histogram,
     /// The notifications layer's per-channel metrics (`herald_notify_*`).
     pub notify: std::sync::Arc<herald_connectors::notify::delivery::NotifyMetrics>,
 }
@@ -186,7 +197,21 @@ impl Default for Metrics {
             "Milliseconds from a message action's instant to its arrival at the sink",
             message_delay_ms.clone(),
         );
+        let export_rows = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "export_rows",
+            "Rows written to the warehouse tables, by table",
+            export_rows.clone(),
+        );
+        let export_flush_ms = Histogram::new(exponential_buckets(1.0, 2.0, 16));
+        registry.register(
+            "export_flush_ms",
+            "Milliseconds one export write took (Parquet files and PostgreSQL load)",
+            export_flush_ms.clone(),
+        );
         Metrics {
+            export_rows,
+            export_flush_ms,
             journey_events,
             message_delay_ms,
             notify,

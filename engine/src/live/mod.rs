@@ -31,6 +31,7 @@
 //! instant, wait for the sink to hand everything over, commit, and exit.
 
 mod engagement;
+pub mod export;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
@@ -104,6 +105,8 @@ pub struct Live {
     pub ingest: Vec<SyncSender<Event>>,
     /// The notifications layer, when `[notify]` is configured (set once at start).
     pub notify: std::sync::OnceLock<notify::Notify>,
+    /// The exporter's channel, when `[export]` is configured.
+    pub export: Option<Sender<export::ExportMsg>>,
 }
 
 /// Events waiting for one worker (embedded mode) before HTTP ingest answers 503: bounds
@@ -194,6 +197,8 @@ where
     }
     let local_workers = config.engine.workers;
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<SinkMsg>();
+    let (export_tx, export_rx) = std::sync::mpsc::channel::<export::ExportMsg>();
+    let export_tx = config.export.is_some().then_some(export_tx);
     let mut ingest_rx: Vec<Option<Receiver<Event>>> = Vec::new();
     let mut ingest_tx = Vec::new();
     for _ in 0..local_workers {
@@ -220,6 +225,7 @@ where
         sink: sink_tx,
         ingest: ingest_tx,
         notify: std::sync::OnceLock::new(),
+        export: export_tx,
     });
     for seg in &live.plan.segments[..live.plan.visible] {
         live.metrics
@@ -257,6 +263,34 @@ where
             let _ = live.notify.set(n);
         }
     }
+    let exporter = match export::Exporter::open(&live)? {
+        Some(x) => {
+            let export_live = Arc::clone(&live);
+            Some(
+                std::thread::Builder::new()
+                    .name("herald-export".into())
+                    .spawn(move || {
+                        let result = x.run(export_rx, &export_live);
+                        if let Err(e) = &result {
+                            tracing::error!("export: {e}; stopping");
+                            export_live.sink_failed.store(true, Ordering::Release);
+                            let stop = now_ms() + export_live.config.engine.tick_ms;
+                            let _ = export_live.stop_at.compare_exchange(
+                                0,
+                                stop,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
+                        result
+                    })
+                    .map_err(|e| {
+                        EngineError::Dataflow(format!("cannot start the export thread: {e}"))
+                    })?,
+            )
+        }
+        None => None,
+    };
     let sink = sink::Sink::open(&live)?;
     let sink_live = Arc::clone(&live);
     let sink_thread = std::thread::Builder::new()
@@ -360,6 +394,15 @@ where
     live.to_sink(SinkMsg::Stop);
     if let Ok(Err(e)) = sink_thread.join() {
         failure = failure.or(Some(e.to_string()));
+    }
+    // After the sink: it hands the exporter its last records.
+    if let Some(x) = exporter {
+        if let Some(tx) = &live.export {
+            let _ = tx.send(export::ExportMsg::Stop);
+        }
+        if let Ok(Err(e)) = x.join() {
+            failure = failure.or(Some(e.to_string()));
+        }
     }
     if let Some(w) = watcher {
         let _ = w.join();

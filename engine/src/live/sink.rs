@@ -253,7 +253,15 @@ impl Sink {
                     .sink_flush_ms
                     .set(started.elapsed().as_secs_f64() * 1e3);
                 if complete {
-                    live.durable.fetch_max(f, Ordering::AcqRel);
+                    match &live.export {
+                        // The exporter publishes it once the archive holds it.
+                        Some(x) => {
+                            let _ = x.send(super::export::ExportMsg::Watermark(f));
+                        }
+                        None => {
+                            live.durable.fetch_max(f, Ordering::AcqRel);
+                        }
+                    }
                 }
             }
         }
@@ -312,6 +320,9 @@ impl Sink {
     fn journey(&mut self, live: &Live, o: JOut) {
         match o {
             JOut::Row(r) => {
+                if let Some(x) = &live.export {
+                    let _ = x.send(super::export::ExportMsg::Journey(r.clone()));
+                }
                 live.metrics
                     .journey_events
                     .get_or_create(&JourneyLabel {
@@ -329,6 +340,9 @@ impl Sink {
                 );
             }
             JOut::Message(m) => {
+                if let Some(x) = &live.export {
+                    let _ = x.send(super::export::ExportMsg::Message(Box::new(m.clone())));
+                }
                 live.metrics
                     .message_delay_ms
                     .observe(super::now_ms().saturating_sub(m.time.max(0) as u64) as f64);
@@ -381,6 +395,9 @@ impl Sink {
             diff,
             time: time as i64,
         };
+        if let Some(x) = &live.export {
+            let _ = x.send(super::export::ExportMsg::Change(row.clone()));
+        }
         self.line.clear();
         change_line(&row, &mut self.line);
         append(

@@ -24,6 +24,7 @@ use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Input, Inspect, Probe};
 
+use super::export::ExportMsg;
 use super::kafka::{self, KafkaContext};
 use super::sink::SinkMsg;
 use super::{now_ms, Live, SnapshotMsg};
@@ -230,7 +231,7 @@ fn run(
             let most = if stopping { usize::MAX } else { MAX_PER_TURN };
             for _ in 0..most {
                 match rx.try_recv() {
-                    Ok(ev) => feed(&mut inputs, ev, &mut identify),
+                    Ok(ev) => feed(live, &mut inputs, ev, &mut identify, now_ms() as i64),
                     Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
                 }
             }
@@ -415,7 +416,18 @@ fn run(
 /// An identify's trait writes, kept for the query API: `(user, timestamp, writes)`.
 type TraitWrites = (String, i64, Vec<(String, Value)>);
 
-fn feed(inputs: &mut SegmentInputs, ev: Event, identify: &mut Vec<TraitWrites>) {
+/// Feeds an accepted event (received at `received`, ms) to the dataflow, and to the
+/// events archive when `[export]` is on.
+fn feed(
+    live: &Live,
+    inputs: &mut SegmentInputs,
+    ev: Event,
+    identify: &mut Vec<TraitWrites>,
+    received: i64,
+) {
+    if let Some(x) = &live.export {
+        let _ = x.send(ExportMsg::Event(Box::new(ev.clone()), received));
+    }
     let writes = ev.trait_writes();
     if !writes.is_empty() {
         identify.push((ev.user.clone(), ev.timestamp, writes));
@@ -454,7 +466,7 @@ fn accept_kafka(
     let (events, rejections) = parse_message(payload, Some(received), limits);
     for ev in events {
         live.metrics.event_in("kafka");
-        feed(inputs, ev, identify);
+        feed(live, inputs, ev, identify, received);
     }
     for r in rejections {
         // A batch item is dead-lettered as itself, not as the whole envelope.
