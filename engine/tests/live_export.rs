@@ -419,3 +419,80 @@ fn every_decision_lands_in_the_warehouse_tables_and_the_archive_rebuilds_state()
         ids(&messages)
     );
 }
+
+fn export_errors(h: &Herald) -> f64 {
+    let (_, text) = h.get("/metrics");
+    text.lines()
+        .find(|l| l.starts_with("herald_errors_total{sink=\"export_postgres\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: run scripts/test.sh"]
+fn a_warehouse_that_refuses_rows_is_retried_and_loses_nothing() {
+    let schema = format!(
+        "herald_r{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 1_000_000_000
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("segments.sql"),
+        "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n",
+    )
+    .unwrap();
+    let config = format!(
+        "[engine]\nsegments = \"segments.sql\"\nworkers = 1\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
+         [warehouse]\npostgres = \"{}\"\n\
+         [export]\npostgres_schema = \"{schema}\"\nflush_every = \"1 second\"\n",
+        pg()
+    );
+    let mut h = Herald::start(dir.path(), &config);
+    // The tables exist once Herald listens; now the warehouse refuses every event row.
+    query(&format!(
+        "ALTER TABLE {schema}.events ADD CONSTRAINT hold CHECK (false) NOT VALID"
+    ));
+    let items: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                r#"{{"type":"track","event":"Order Completed","userId":"u{i}","messageId":"o-{i}"}}"#
+            )
+        })
+        .collect();
+    let (status, body) = h.post(
+        "/v1/batch",
+        "wk",
+        &format!(r#"{{"batch":[{}]}}"#, items.join(",")),
+    );
+    assert_eq!(status, 200, "{body}");
+    // Segments do not wait for the warehouse.
+    h.wait_for("the buyers", Duration::from_secs(30), |h| {
+        h.size("buyers") == 10
+    });
+    h.wait_for("a refused load", Duration::from_secs(30), |h| {
+        export_errors(h) >= 1.0
+    });
+    assert_eq!(count(&format!("SELECT count(*) FROM {schema}.events")), 0);
+    query(&format!("ALTER TABLE {schema}.events DROP CONSTRAINT hold"));
+    h.wait_for("the retried load", Duration::from_secs(60), |_| {
+        count(&format!("SELECT count(*) FROM {schema}.events")) == 10
+    });
+    assert!(h.stop().success(), "{}", h.stderr_text());
+    assert!(
+        h.stderr_text().contains("export_postgres: table events")
+            && h.stderr_text().contains("violates check constraint"),
+        "the log names the table and the server's reason:\n{}",
+        h.stderr_text()
+    );
+    assert_eq!(
+        count(&format!("SELECT count(*) FROM {schema}.segment_changes")),
+        10
+    );
+}
