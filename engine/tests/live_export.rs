@@ -496,3 +496,32 @@ fn a_warehouse_that_refuses_rows_is_retried_and_loses_nothing() {
         10
     );
 }
+
+#[test]
+fn a_warehouse_that_cannot_be_reached_at_start_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("segments.sql"),
+        "CREATE SEGMENT a AS count(*) >= 1;\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("herald.toml"),
+        "[engine]\nsegments = \"segments.sql\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [warehouse]\npostgres = \"postgres://herald:s3cret@127.0.0.1:1/nowhere\"\n\
+         [export]\npostgres_schema = \"herald\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("herald.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("export.postgres_schema") && err.contains("cannot connect"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "{err}");
+}

@@ -586,3 +586,77 @@ fn journeys_in_kafka_mode_trigger_through_the_events_topic_and_send_to_the_messa
     );
     assert!(h.stop().success());
 }
+
+/// With `[export]`, offsets are committed behind the events archive: until the archive
+/// holds an event, its offset stays uncommitted, so a kill -9 before the archive write
+/// replays it and the archive ends up complete.
+#[test]
+#[ignore = "needs a Kafka-protocol broker on 127.0.0.1: run scripts/test.sh"]
+fn offsets_are_committed_behind_the_events_archive_and_a_kill_9_loses_nothing() {
+    let brokers = brokers();
+    let t = Topics::new();
+    create_topic(&brokers, &t.events, 2);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    let archive = dir.path().join("archive");
+    let config = |flush: &str| {
+        format!(
+            "{}[export]\nparquet = \"{}\"\nflush_every = \"{flush}\"\n",
+            t.config(&brokers, 2),
+            archive.display()
+        )
+    };
+    // The archive is written only every hour: nothing may be committed meanwhile.
+    let mut h = Herald::start(dir.path(), &config("1 hour"));
+    let p = producer(&brokers);
+    let ids: BTreeSet<String> = (0..30).map(|u| format!("a{u}")).collect();
+    for u in 0..30 {
+        let ev =
+            format!(r#"{{"type":"track","userId":"u{u}","event":"Clicked","messageId":"a{u}"}}"#);
+        produce(&p, &t.events, &format!("u{u}"), &ev);
+    }
+    h.wait_for("the clicks", Duration::from_secs(60), |h| {
+        h.size("clicked") == 30
+    });
+    // Several commit intervals pass with the segments up to date.
+    std::thread::sleep(Duration::from_secs(3));
+    let (committed, ends) = committed_and_ends(&brokers, &t.group, &t.events, 2);
+    assert_eq!(ends.iter().sum::<i64>(), 30);
+    assert!(
+        committed.iter().all(|&c| c < 0),
+        "committed {committed:?} before the archive held the events"
+    );
+    h.kill();
+    assert!(
+        herald_connectors::store::list(archive.to_str().unwrap())
+            .map(|l| l.is_empty())
+            .unwrap_or(true),
+        "nothing was archived yet"
+    );
+
+    // The restart consumes them again; the archive gets them, then the offsets commit.
+    let mut h = Herald::start(dir.path(), &config("1 second"));
+    h.wait_for("the clicks again", Duration::from_secs(60), |h| {
+        h.size("clicked") == 30
+    });
+    let started = Instant::now();
+    loop {
+        let (committed, ends) = committed_and_ends(&brokers, &t.group, &t.events, 2);
+        if committed == ends {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "offsets not committed after the archive write: {committed:?} of {ends:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(h.stop().success(), "{}", h.stderr_text());
+    let archived: BTreeSet<String> =
+        herald_connectors::tables::read_archived_events(&format!("{}/events/", archive.display()))
+            .unwrap()
+            .into_iter()
+            .map(|(e, _)| e.message_id)
+            .collect();
+    assert_eq!(archived, ids);
+}
