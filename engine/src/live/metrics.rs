@@ -307,6 +307,11 @@ mod tests {
                 reason: "too_large".into(),
             })
             .inc();
+        m.export_rows
+            .get_or_create(&TableLabel {
+                table: "events".into(),
+            })
+            .inc();
         let text = m.encode();
         let families: Vec<&str> = text
             .lines()
