@@ -229,6 +229,68 @@ fn replay_reads_and_writes_a_real_s3_bucket() {
     assert_eq!(String::from_utf8_lossy(&dead).lines().count(), 2);
 }
 
+/// A `FROM CSV` list on S3, as the spec's example writes it.
+#[test]
+#[ignore = "needs a real S3-compatible server on 127.0.0.1: run scripts/test.sh"]
+fn a_static_list_is_read_from_a_real_s3_bucket() {
+    let bucket = std::env::var("HERALD_TEST_S3_BUCKET").unwrap_or_else(|_| {
+        panic!("HERALD_TEST_S3_BUCKET and AWS_ENDPOINT_URL must be set: run `eval \"$(scripts/services.sh start)\"`")
+    });
+    let list = format!("s3://{bucket}/lists-{}/beta.csv", std::process::id());
+    herald_connectors::store::write_all(
+        &list,
+        "email,user_id\na@x,u1\nb@x,u3\n".as_bytes().to_vec(),
+    )
+    .unwrap_or_else(|e| panic!("upload: {e}"));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("segments.sql"),
+        format!(
+            "CREATE SEGMENT beta_testers FROM CSV '{list}';\n\
+             CREATE SEGMENT active_beta AS in_segment('beta_testers') AND count(*) >= 1;\n"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(
+        dir.join("events.jsonl"),
+        r#"{"type":"track","event":"Clicked","userId":"u1","messageId":"c1","timestamp":"2026-03-01T00:00:00Z"}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    ok(herald().args([
+        "replay",
+        "--segments",
+        &p("segments.sql"),
+        "--events",
+        &p("events.jsonl"),
+        "--until",
+        "2026-03-02T00:00:00Z",
+        "--out",
+        &p("out"),
+    ]));
+    let changes = read(&dir.join("out/segment_changes.jsonl"));
+    let members: Vec<(String, String)> = changes
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}"));
+            (
+                v["segment"].as_str().unwrap_or_default().to_string(),
+                v["user_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("active_beta".to_string(), "u1".to_string()),
+            ("beta_testers".to_string(), "u1".to_string()),
+            ("beta_testers".to_string(), "u3".to_string()),
+        ],
+        "{changes}"
+    );
+}
+
 #[test]
 fn parquet_snapshots_apply_at_their_instants_as_diffs() {
     use herald_operators::value::{Type, Value};
