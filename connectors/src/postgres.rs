@@ -3,7 +3,8 @@
 //!
 //! Owns [`load_changes`]: creates the table if missing, streams the rows with a binary
 //! `COPY` into a temporary staging table, and moves them into the target with
-//! `INSERT … ON CONFLICT DO NOTHING` in one transaction. The table's primary key is the
+//! `INSERT … ON CONFLICT DO NOTHING` in one transaction (the loader of
+//! [`crate::tables`], with the [`SEGMENT_CHANGES`](crate::tables::SEGMENT_CHANGES) shape). The table's primary key is the
 //! whole change, `(segment, user_id, time, diff)`, so loading the same changes again (a
 //! replay, or a retry after a failure) adds nothing: the load is idempotent.
 //!
@@ -11,17 +12,12 @@
 //!
 //! ```sql
 //! CREATE TABLE segment_changes (
-//!     segment text NOT NULL, user_id text NOT NULL, diff smallint NOT NULL,
+//!     segment text NOT NULL, user_id text NOT NULL, diff bigint NOT NULL,
 //!     time timestamptz NOT NULL, PRIMARY KEY (segment, user_id, time, diff));
 //! ```
 
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type as PgType;
-use tokio_postgres::NoTls;
-
 use crate::error::ConnectorError;
 use crate::sink::SegmentChange;
-use crate::store::block_on;
 
 /// What a load did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,73 +63,6 @@ pub fn load_changes(
             "a table name must be an identifier like segment_changes or analytics.segment_changes",
         ));
     }
-    let url_owned = url.to_string();
-    let table = table.to_string();
-    let rows: Vec<(String, String, i16, chrono::DateTime<chrono::Utc>)> = changes
-        .iter()
-        .map(|c| {
-            (
-                c.segment.clone(),
-                c.user_id.clone(),
-                c.diff.clamp(i16::MIN as i64, i16::MAX as i64) as i16,
-                chrono::DateTime::from_timestamp_millis(c.time).unwrap_or_default(),
-            )
-        })
-        .collect();
-    block_on(url, async move {
-        let url = url_owned.as_str();
-        let (mut client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(|e| pg_err("cannot connect", url, e))?;
-        let conn = tokio::spawn(connection);
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| pg_err("begin", url, e))?;
-        tx.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {table} (\
-                segment text NOT NULL, user_id text NOT NULL, diff smallint NOT NULL, \
-                time timestamptz NOT NULL, PRIMARY KEY (segment, user_id, time, diff)); \
-             CREATE TEMPORARY TABLE herald_staging (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DROP;"
-        ))
-        .await
-        .map_err(|e| pg_err("create tables", url, e))?;
-        let sink = tx
-            .copy_in("COPY herald_staging (segment, user_id, diff, time) FROM STDIN BINARY")
-            .await
-            .map_err(|e| pg_err("copy", url, e))?;
-        let writer = BinaryCopyInWriter::new(
-            sink,
-            &[
-                PgType::TEXT,
-                PgType::TEXT,
-                PgType::INT2,
-                PgType::TIMESTAMPTZ,
-            ],
-        );
-        let mut writer = std::pin::pin!(writer);
-        for (segment, user, diff, time) in &rows {
-            writer
-                .as_mut()
-                .write(&[segment, user, diff, time])
-                .await
-                .map_err(|e| pg_err("copy", url, e))?;
-        }
-        let sent = writer.finish().await.map_err(|e| pg_err("copy", url, e))?;
-        let inserted = tx
-            .execute(
-                &format!(
-                    "INSERT INTO {table} (segment, user_id, diff, time) \
-                     SELECT segment, user_id, diff, time FROM herald_staging \
-                     ON CONFLICT DO NOTHING"
-                ),
-                &[],
-            )
-            .await
-            .map_err(|e| pg_err("insert", url, e))?;
-        tx.commit().await.map_err(|e| pg_err("commit", url, e))?;
-        drop(client);
-        let _ = conn.await;
-        Ok(LoadSummary { sent, inserted })
-    })?
+    let rows: Vec<_> = changes.iter().map(crate::tables::change_row).collect();
+    crate::tables::load_rows(url, table, &crate::tables::SEGMENT_CHANGES, &rows, true)
 }

@@ -31,7 +31,7 @@ use parquet::file::properties::WriterProperties;
 
 use crate::error::ConnectorError;
 use crate::sink::parquet_write_err;
-use crate::store::{exists, list, read_all, OutputFile};
+use crate::store::{read_all, OutputFile};
 
 /// The name of the user key column.
 pub const USER_ID_COLUMN: &str = "user_id";
@@ -95,28 +95,7 @@ pub fn trait_type(data_type: &DataType) -> Option<Type> {
 /// unsupported type, a column whose type differs between files, a corrupt file, or no
 /// Parquet file at the location.
 pub fn read_snapshot(url: &str) -> Result<Snapshot, ConnectorError> {
-    // A trailing slash names a prefix: list it (a HEAD on it is not meaningful, and some
-    // S3-compatible servers answer it with an error).
-    let files = if !url.ends_with('/') && exists(url)? {
-        vec![url.to_string()]
-    } else {
-        let files: Vec<String> = list(url)?
-            .into_iter()
-            .filter(|f| {
-                let name = f.rsplit('/').next().unwrap_or(f);
-                !name.starts_with('.')
-                    && !name.starts_with('_')
-                    && name.to_ascii_lowercase().ends_with(".parquet")
-            })
-            .collect();
-        if files.is_empty() {
-            return Err(ConnectorError::NotFound {
-                location: url.to_string(),
-                detail: "no Parquet file there or under it".to_string(),
-            });
-        }
-        files
-    };
+    let files = crate::store::parquet_files(url)?;
     let mut snapshot = Snapshot::default();
     let mut types: HashMap<String, (Type, String)> = HashMap::new();
     for file in &files {

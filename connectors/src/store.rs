@@ -235,6 +235,33 @@ pub fn list(prefix_url: &str) -> Result<Vec<String>, ConnectorError> {
         .collect())
 }
 
+/// The Parquet files a location names: the file itself, or every `*.parquet` under a
+/// directory or prefix (sorted by name; names starting with `.` or `_`, such as staging
+/// files and `_SUCCESS` markers, are skipped). A trailing slash always names a prefix: a
+/// HEAD on it is not meaningful, and some S3-compatible servers answer it with an error.
+/// No Parquet file there or under it is [`ConnectorError::NotFound`].
+pub fn parquet_files(url: &str) -> Result<Vec<String>, ConnectorError> {
+    if !url.ends_with('/') && exists(url)? {
+        return Ok(vec![url.to_string()]);
+    }
+    let files: Vec<String> = list(url)?
+        .into_iter()
+        .filter(|f| {
+            let name = f.rsplit('/').next().unwrap_or(f);
+            !name.starts_with('.')
+                && !name.starts_with('_')
+                && name.to_ascii_lowercase().ends_with(".parquet")
+        })
+        .collect();
+    if files.is_empty() {
+        return Err(ConnectorError::NotFound {
+            location: url.to_string(),
+            detail: "no Parquet file there or under it".to_string(),
+        });
+    }
+    Ok(files)
+}
+
 /// Like [`list`], with each entry's last-modified instant (ms since the epoch).
 pub fn list_with_times(prefix_url: &str) -> Result<Vec<(String, i64)>, ConnectorError> {
     let target = parse(prefix_url)?;

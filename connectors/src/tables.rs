@@ -37,7 +37,7 @@ use tokio_postgres::NoTls;
 use crate::error::ConnectorError;
 use crate::postgres::{pg_err, LoadSummary};
 use crate::sink::{write_parquet, SegmentChange};
-use crate::store::{block_on, exists, list, read_all};
+use crate::store::{block_on, read_all};
 
 /// A column's type. JSON is text in Parquet and `jsonb` in PostgreSQL.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -435,6 +435,11 @@ fn pg_type(ty: ColType) -> &'static str {
 
 /// The `CREATE TABLE IF NOT EXISTS` statement of a table in `schema`.
 pub fn create_table_sql(schema: &str, table: &Table) -> String {
+    create_sql(&format!("{schema}.{}", table.name), table)
+}
+
+/// `CREATE TABLE IF NOT EXISTS qualified (…)` with the table's columns and key.
+fn create_sql(qualified: &str, table: &Table) -> String {
     let cols: Vec<String> = table
         .columns
         .iter()
@@ -448,8 +453,7 @@ pub fn create_table_sql(schema: &str, table: &Table) -> String {
         })
         .collect();
     format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.{} ({}, PRIMARY KEY ({}))",
-        table.name,
+        "CREATE TABLE IF NOT EXISTS {qualified} ({}, PRIMARY KEY ({}))",
         cols.join(", "),
         table.key.join(", ")
     )
@@ -489,10 +493,23 @@ pub fn load_postgres(
     rows: &[Row],
 ) -> Result<LoadSummary, ConnectorError> {
     check_pg_schema(schema)?;
+    load_rows(url, &format!("{schema}.{}", table.name), table, rows, false)
+}
+
+/// Loads `rows` shaped as `table` into the table `qualified` (a checked identifier, maybe
+/// schema-qualified), creating it first when `create`; see the module docs.
+pub(crate) fn load_rows(
+    url: &str,
+    qualified: &str,
+    table: &Table,
+    rows: &[Row],
+    create: bool,
+) -> Result<LoadSummary, ConnectorError> {
     if rows.is_empty() {
         return Ok(LoadSummary::default());
     }
     let name = table.name;
+    let ddl = create.then(|| create_sql(qualified, table));
     let staging_cols: Vec<String> = table
         .columns
         .iter()
@@ -523,7 +540,7 @@ pub fn load_postgres(
     // Within one load, the first row of a repeated key wins (DISTINCT ON keeps the
     // insert from touching a row twice).
     let insert = format!(
-        "INSERT INTO {schema}.{name} ({cols}) SELECT DISTINCT ON ({key}) {select} FROM {staging} \
+        "INSERT INTO {qualified} ({cols}) SELECT DISTINCT ON ({key}) {select} FROM {staging} \
          ON CONFLICT DO NOTHING",
         cols = names.join(", "),
         key = table.key.join(", "),
@@ -558,6 +575,11 @@ pub fn load_postgres(
             .transaction()
             .await
             .map_err(|e| pg_err("begin", url, e))?;
+        if let Some(ddl) = &ddl {
+            tx.batch_execute(ddl)
+                .await
+                .map_err(|e| pg_err("create table", url, e))?;
+        }
         tx.batch_execute(&create)
             .await
             .map_err(|e| pg_err("create staging table", url, e))?;
@@ -579,7 +601,7 @@ pub fn load_postgres(
         let inserted = tx
             .execute(&insert, &[])
             .await
-            .map_err(|e| pg_err(&format!("insert into {schema}.{name}"), url, e))?;
+            .map_err(|e| pg_err(&format!("insert into {qualified}"), url, e))?;
         tx.commit().await.map_err(|e| pg_err("commit", url, e))?;
         drop(client);
         let _ = conn.await;
@@ -644,25 +666,7 @@ pub fn is_archive(source: &str) -> bool {
 /// file and row order. Errors name the file: a missing column, a column of the wrong
 /// type, an unknown `type`, JSON text that does not parse to an object.
 pub fn read_archived_events(location: &str) -> Result<Vec<(Event, i64)>, ConnectorError> {
-    let files = if !location.ends_with('/') && location.to_ascii_lowercase().ends_with(".parquet") {
-        if !exists(location)? {
-            return Err(ConnectorError::NotFound {
-                location: location.to_string(),
-                detail: "no such events archive file".to_string(),
-            });
-        }
-        vec![location.to_string()]
-    } else {
-        list(location)?
-            .into_iter()
-            .filter(|f| {
-                let name = f.rsplit('/').next().unwrap_or(f);
-                !name.starts_with('.')
-                    && !name.starts_with('_')
-                    && name.to_ascii_lowercase().ends_with(".parquet")
-            })
-            .collect()
-    };
+    let files = crate::store::parquet_files(location)?;
     let mut out = Vec::new();
     for file in &files {
         read_archive_file(file, &mut out)?;
