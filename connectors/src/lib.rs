@@ -17,6 +17,7 @@
 //! - [`postgres`]: idempotent loads of segment changes into a PostgreSQL-protocol warehouse.
 //! - [`profile_sync`]: a warehouse query's result written atomically as a profile
 //!   snapshot under the snapshots prefix.
+//! - [`audience`]: the user ids a warehouse audience's query returns.
 //! - [`notify`]: templates, the outbox, channel connectors and the delivery engine.
 //! - [`snapshot`]: profile snapshots (`user_id` plus one column per trait) read from one
 //!   Parquet file or every `*.parquet` under a prefix, typed from the Arrow schema;
@@ -30,6 +31,7 @@
 //! - [`sink`]: the replay's outputs: segment membership changes as JSONL or Parquet, and
 //!   dead letters as JSONL.
 
+pub mod audience;
 pub mod csvlist;
 pub mod error;
 pub mod events;

@@ -83,6 +83,66 @@ fn cell(row: &tokio_postgres::Row, i: usize, t: &PgType) -> Result<Value, tokio_
     })
 }
 
+/// A query's result: its columns (name, type) and rows.
+pub(crate) type Fetched = (Vec<(String, PgType)>, Vec<tokio_postgres::Row>);
+
+/// Runs `sql` at the PostgreSQL `url`; `what` names the query in errors.
+pub(crate) fn fetch(url: &str, sql: &str, what: &str) -> Result<Fetched, ConnectorError> {
+    let (url_owned, sql, what) = (url.to_string(), sql.to_string(), what.to_string());
+    block_on(url, async move {
+        let url = url_owned.as_str();
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|e| pg_err("cannot connect", url, e))?;
+        let conn = tokio::spawn(connection);
+        let stmt = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| pg_err(&what, url, e))?;
+        let columns = stmt
+            .columns()
+            .iter()
+            .map(|c| (c.name().to_string(), c.type_().clone()))
+            .collect();
+        let rows = client
+            .query(&stmt, &[])
+            .await
+            .map_err(|e| pg_err(&what, url, e))?;
+        drop(client);
+        let _ = conn.await;
+        Ok::<_, ConnectorError>((columns, rows))
+    })?
+}
+
+/// Whether a column of this type can hold user ids (text or an integer).
+pub(crate) fn is_id_type(t: &PgType) -> bool {
+    matches!(
+        *t,
+        PgType::TEXT
+            | PgType::VARCHAR
+            | PgType::BPCHAR
+            | PgType::NAME
+            | PgType::INT4
+            | PgType::INT8
+    )
+}
+
+/// The user id in column `i` of `row` (of an [`is_id_type`] type); `None` for NULL or empty.
+pub(crate) fn user_id(
+    row: &tokio_postgres::Row,
+    i: usize,
+    t: &PgType,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    // Integers are read as such (a trait number is an f64, exact only up to 2^53).
+    Ok(match *t {
+        PgType::INT4 => row.try_get::<_, Option<i32>>(i)?.map(|n| n.to_string()),
+        PgType::INT8 => row.try_get::<_, Option<i64>>(i)?.map(|n| n.to_string()),
+        _ => row
+            .try_get::<_, Option<String>>(i)?
+            .filter(|s| !s.is_empty()),
+    })
+}
+
 /// The snapshot's file name for an instant (`2026-11-22T10-00-00.000Z.parquet`): names
 /// sort by time, also among time-named unload directories under the same prefix, and the
 /// watcher takes the greatest.
@@ -99,46 +159,13 @@ pub fn sync_profiles(
     prefix: &str,
     now_ms: i64,
 ) -> Result<SyncSummary, ConnectorError> {
-    let url_owned = url.to_string();
-    let sql = sql.to_string();
-    type Fetched = (Vec<(String, PgType)>, Vec<tokio_postgres::Row>);
-    let (columns, rows): Fetched = block_on(url, async move {
-        let url = url_owned.as_str();
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(|e| pg_err("cannot connect", url, e))?;
-        let conn = tokio::spawn(connection);
-        let stmt = client
-            .prepare(&sql)
-            .await
-            .map_err(|e| pg_err("the profile query", url, e))?;
-        let columns = stmt
-            .columns()
-            .iter()
-            .map(|c| (c.name().to_string(), c.type_().clone()))
-            .collect();
-        let rows = client
-            .query(&stmt, &[])
-            .await
-            .map_err(|e| pg_err("the profile query", url, e))?;
-        drop(client);
-        let _ = conn.await;
-        Ok::<_, ConnectorError>((columns, rows))
-    })??;
+    let (columns, rows) = fetch(url, sql, "the profile query")?;
     let bad = |m: String| ConnectorError::input("the profile query", m);
     let id = columns
         .iter()
         .position(|(n, _)| n == "user_id")
         .ok_or_else(|| bad("its result has no `user_id` column".into()))?;
-    if !matches!(
-        columns[id].1,
-        PgType::TEXT
-            | PgType::VARCHAR
-            | PgType::BPCHAR
-            | PgType::NAME
-            | PgType::INT4
-            | PgType::INT8
-    ) {
+    if !is_id_type(&columns[id].1) {
         return Err(bad(format!(
             "`user_id` is {}; it must be text or an integer",
             columns[id].1
@@ -164,13 +191,9 @@ pub fn sync_profiles(
     let mut skipped = 0;
     for row in &rows {
         let cell_err = |e: tokio_postgres::Error| bad(format!("cannot read a row: {e}"));
-        let user = match cell(row, id, &columns[id].1).map_err(cell_err)? {
-            Value::Str(s) if !s.is_empty() => s,
-            Value::Num(Num(n)) => format!("{}", n as i64),
-            _ => {
-                skipped += 1;
-                continue;
-            }
+        let Some(user) = user_id(row, id, &columns[id].1).map_err(cell_err)? else {
+            skipped += 1;
+            continue;
         };
         let mut traits = BTreeMap::new();
         for (i, (name, t)) in columns.iter().enumerate() {

@@ -1,6 +1,7 @@
 //! Profile sync against a real PostgreSQL and a real S3-compatible store on 127.0.0.1:
 //! the query's result becomes a snapshot the snapshot reader reads back, typed; bad
-//! queries are refused with the column or row named, and write nothing.
+//! queries are refused with the column or row named, and write nothing. Warehouse
+//! audiences (the same query path) return the ids, with errors naming the segment.
 
 use std::collections::BTreeMap;
 
@@ -137,4 +138,56 @@ fn bad_queries_are_named_and_write_nothing() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("cannot connect") && !e.contains("s3cret"), "{e}");
+}
+
+/// Warehouse audiences use the same query path: ids from `user_id` or the first column,
+/// integers kept exact, NULL and empty ids skipped, errors naming the segment.
+#[test]
+#[ignore = "needs PostgreSQL on 127.0.0.1: run scripts/test.sh"]
+fn a_warehouse_audience_is_the_set_of_ids_its_query_returns() {
+    use herald_connectors::audience::run_audience;
+    let t = format!("scores_{}", unique());
+    sql(&format!(
+        "CREATE TABLE {t} (id bigint, name text, p float8);
+         INSERT INTO {t} VALUES (9007199254740993, 'a', 0.9), (2, 'b', 0.9), (2, 'b', 0.95),
+                               (3, NULL, 0.99), (4, '', 0.99), (NULL, 'n', 0.99);"
+    ));
+    let ids = |q: &str| {
+        let a = run_audience(&pg(), "churn", q).unwrap();
+        (a.members.into_iter().collect::<Vec<_>>(), a.skipped)
+    };
+    // The first column when there is no user_id; integers beyond 2^53 stay exact.
+    assert_eq!(
+        ids(&format!("SELECT id, p FROM {t} WHERE p > 0.8 AND id < 100")),
+        (vec!["2".to_string(), "3".into(), "4".into()], 0)
+    );
+    assert_eq!(
+        ids(&format!("SELECT id FROM {t} WHERE id > 100")).0,
+        ["9007199254740993"]
+    );
+    // The user_id column wherever it is; NULL and empty ids are skipped and counted.
+    assert_eq!(
+        ids(&format!("SELECT p, name AS user_id FROM {t}")),
+        (vec!["a".to_string(), "b".into(), "n".into()], 2)
+    );
+    // An empty result is an empty audience (the one way to empty it).
+    assert_eq!(
+        ids(&format!("SELECT name FROM {t} WHERE false")),
+        (vec![], 0)
+    );
+    let err = |q: &str| run_audience(&pg(), "churn", q).unwrap_err().to_string();
+    let e = err(&format!("SELECT p FROM {t}"));
+    assert!(
+        e.contains("warehouse audience 'churn'")
+            && e.contains("'p' is float8")
+            && e.contains("p::text"),
+        "{e}"
+    );
+    let e = err("SELECT user_id FROM no_such_table");
+    assert!(
+        e.contains("warehouse audience 'churn'") && e.contains("no_such_table"),
+        "{e}"
+    );
+    let e = err(&format!("SELECT FROM {t}"));
+    assert!(e.contains("no columns"), "{e}");
 }

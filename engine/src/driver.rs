@@ -392,6 +392,55 @@ pub fn feed_lists(
     fed
 }
 
+/// Feeds warehouse audience results as diffs: each result of a segment's query retracts
+/// the members of its last one that it no longer has and adds the new ones, at the
+/// inputs' current time (the instant the result arrived).
+#[derive(Default)]
+pub struct AudienceFeeder {
+    prev: BTreeMap<usize, BTreeSet<String>>,
+}
+
+impl AudienceFeeder {
+    /// Applies segment `seg`'s new member set; returns `(entered, left)`. A segment that
+    /// is not a warehouse audience is ignored.
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        inputs: &mut SegmentInputs,
+        seg: usize,
+        members: BTreeSet<String>,
+    ) -> (usize, usize) {
+        let Some(SegmentKind::Warehouse { slot, .. }) = plan.segments.get(seg).map(|s| &s.kind)
+        else {
+            return (0, 0);
+        };
+        let t = *inputs.facts.time();
+        let prev = self.prev.entry(seg).or_default();
+        let mut left = 0;
+        for gone in prev.difference(&members) {
+            feed_fact(
+                &mut inputs.facts,
+                &(gone.clone(), (*slot, FactVal::Unit)),
+                t,
+                -1,
+            );
+            left += 1;
+        }
+        let mut entered = 0;
+        for new in members.difference(prev) {
+            feed_fact(
+                &mut inputs.facts,
+                &(new.clone(), (*slot, FactVal::Unit)),
+                t,
+                1,
+            );
+            entered += 1;
+        }
+        *prev = members;
+        (entered, left)
+    }
+}
+
 fn feed_fact(
     input: &mut InputSession<Time, TimedFact, isize>,
     (user, fact): &(String, (u32, FactVal)),

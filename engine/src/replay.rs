@@ -114,27 +114,31 @@ fn join(dir: &str, name: &str) -> String {
     format!("{}/{name}", dir.trim_end_matches('/'))
 }
 
-/// Reads the members of every `FROM CSV` segment (paths relative to the segment file)
-/// and warns, in `warnings`, about `FROM WAREHOUSE` segments, which `job` does not run.
+/// Reads the members of every `FROM CSV` segment (paths relative to the segment file).
+/// With `skipped = Some((job, warnings))`, warns about the `FROM WAREHOUSE` segments,
+/// which `job` does not run.
 pub fn load_lists(
     segments_path: &str,
     plan: &Plan,
-    job: &str,
-    warnings: &mut Vec<String>,
+    mut skipped: Option<(&str, &mut Vec<String>)>,
 ) -> Result<BTreeMap<usize, BTreeSet<String>>, EngineError> {
     let mut lists = BTreeMap::new();
     for (i, seg) in plan.segments.iter().enumerate() {
         match &seg.kind {
             SegmentKind::List { url, .. } => {
                 let url = resolve_relative(segments_path, url);
-                let members: BTreeSet<String> =
-                    herald_connectors::csvlist::read_user_list(&url)?;
+                let members: BTreeSet<String> = herald_connectors::csvlist::read_user_list(&url)?;
                 lists.insert(i, members);
             }
-            SegmentKind::Warehouse { .. } => warnings.push(format!(
-                "segment '{}' is FROM WAREHOUSE: {job} does not run warehouse queries yet, so it has no members here",
-                seg.name
-            )),
+            SegmentKind::Warehouse { .. } => {
+                if let Some((job, warnings)) = skipped.as_mut() {
+                    warnings.push(format!(
+                        "segment '{}' is FROM WAREHOUSE: {job} does not run warehouse \
+                         queries (herald run does), so it has no members here",
+                        seg.name
+                    ));
+                }
+            }
             SegmentKind::Expr(_) => {}
         }
     }
@@ -172,7 +176,11 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         None => None,
     };
 
-    let lists = load_lists(&args.segments, &plan, "replay", &mut summary.warnings)?;
+    let lists = load_lists(
+        &args.segments,
+        &plan,
+        Some(("replay", &mut summary.warnings)),
+    )?;
 
     let threads = args
         .workers

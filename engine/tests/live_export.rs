@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Herald;
+use common::{pg, pg_query, unique, Herald};
 use herald_connectors::store::list;
 use herald_connectors::tables::parquet_rows;
 use serde_json::Value as Json;
@@ -38,39 +38,8 @@ steps:
   - wait: 1 hour
 "#;
 
-fn pg() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| panic!("HERALD_TEST_POSTGRES must be set: run scripts/services.sh"))
-}
-
-/// Runs a query; every value as text (NULL as "NULL").
 fn query(sql: &str) -> Vec<Vec<String>> {
-    let url = pg();
-    let sql = sql.to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let msgs = client
-            .simple_query(&sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}\n{e:?}"));
-        msgs.into_iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).unwrap_or("NULL").to_string())
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect()
-    })
+    pg_query(sql)
 }
 
 fn count(sql: &str) -> i64 {
@@ -148,17 +117,8 @@ fn read_jsonl(path: &Path) -> Vec<Json> {
 fn every_decision_lands_in_the_warehouse_tables_and_the_archive_rebuilds_state() {
     let bucket = std::env::var("HERALD_TEST_S3_BUCKET")
         .unwrap_or_else(|_| panic!("HERALD_TEST_S3_BUCKET must be set: run scripts/services.sh"));
-    let run = format!(
-        "{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            % 1_000_000_000
-    );
-    let schema = format!("herald_x{run}");
-    let prefix = format!("s3://{bucket}/export-{run}");
+    let schema = unique("herald_x");
+    let prefix = format!("s3://{bucket}/export-{schema}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (hooks, url) = webhook(&rt);
 
@@ -420,27 +380,10 @@ fn every_decision_lands_in_the_warehouse_tables_and_the_archive_rebuilds_state()
     );
 }
 
-fn export_errors(h: &Herald) -> f64 {
-    let (_, text) = h.get("/metrics");
-    text.lines()
-        .find(|l| l.starts_with("herald_errors_total{sink=\"export_postgres\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[test]
 #[ignore = "needs PostgreSQL on 127.0.0.1: run scripts/test.sh"]
 fn a_warehouse_that_refuses_rows_is_retried_and_loses_nothing() {
-    let schema = format!(
-        "herald_r{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            % 1_000_000_000
-    );
+    let schema = unique("herald_r");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("segments.sql"),
@@ -477,7 +420,7 @@ fn a_warehouse_that_refuses_rows_is_retried_and_loses_nothing() {
         h.size("buyers") == 10
     });
     h.wait_for("a refused load", Duration::from_secs(30), |h| {
-        export_errors(h) >= 1.0
+        h.errors("export_postgres") >= 1.0
     });
     assert_eq!(count(&format!("SELECT count(*) FROM {schema}.events")), 0);
     query(&format!("ALTER TABLE {schema}.events DROP CONSTRAINT hold"));

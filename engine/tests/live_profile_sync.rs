@@ -6,50 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::Herald;
-
-fn pg() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| panic!("HERALD_TEST_POSTGRES must be set: run scripts/services.sh"))
-}
+use common::{pg, pg_query, unique, Herald};
 
 fn sql(batch: &str) {
-    let url = pg();
-    let batch = batch.to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client.batch_execute(&batch).await.unwrap();
-    });
-}
-
-fn errors(h: &Herald) -> f64 {
-    let (_, text) = h.get("/metrics");
-    text.lines()
-        .find(|l| l.starts_with("herald_errors_total{sink=\"profile_sync\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    pg_query(batch);
 }
 
 #[test]
 #[ignore = "needs PostgreSQL on 127.0.0.1: run scripts/test.sh"]
 fn warehouse_profiles_flow_into_segments_on_a_schedule() {
-    let t = format!(
-        "sync_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            % 1_000_000_000
-    );
+    let t = unique("sync");
     sql(&format!(
         "CREATE TABLE {t} (user_id text PRIMARY KEY, plan text, ltv float8);
          INSERT INTO {t} VALUES ('a', 'pro', 10), ('b', 'pro', 500), ('c', 'free', 0);"
@@ -82,7 +48,7 @@ fn warehouse_profiles_flow_into_segments_on_a_schedule() {
     // The query starts failing: reported, and the segments keep their members.
     sql(&format!("DROP TABLE {t};"));
     h.wait_for("a failed sync", Duration::from_secs(60), |h| {
-        errors(h) >= 2.0
+        h.errors("profile_sync") >= 2.0
     });
     assert_eq!((h.size("pro"), h.size("whales")), (3, 2));
     assert!(

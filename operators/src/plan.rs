@@ -2,11 +2,12 @@
 //!
 //! Owns [`Plan`]: the segments in dependency order, and the *slots* every segment reads:
 //! one per distinct aggregate (two segments that write `count(*) FILTER (WHERE event =
-//! 'Order Completed')` share one slot), one per trait name, one per static list, plus two
-//! presence slots that define the universe. Also owns the two pure functions the dataflow
-//! runs: [`Plan::event_facts`] (an event -> the facts it contributes, each with the
-//! interval of time during which it counts) and [`Plan::evaluate_user`] (a user's facts ->
-//! the intervals of time during which the user is in each segment).
+//! 'Order Completed')` share one slot), one per trait name, one per static list or
+//! warehouse audience, plus two presence slots that define the universe. Also owns the
+//! two pure functions the dataflow runs: [`Plan::event_facts`] (an event -> the facts it
+//! contributes, each with the interval of time during which it counts) and
+//! [`Plan::evaluate_user`] (a user's facts -> the intervals of time during which the user
+//! is in each segment).
 //!
 //! Invariant: every time-dependence is expressed as explicit instants in facts and
 //! membership intervals, so the dataflow never polls a clock.
@@ -72,8 +73,12 @@ pub enum SegmentKind {
         /// Where the list is read from.
         url: String,
     },
-    /// A warehouse audience (run by the warehouse connector, not by replay).
+    /// A warehouse audience: `herald run` runs the query on its schedule and feeds each
+    /// result's difference from the last good one as membership facts in the given slot
+    /// (replay does not run warehouse queries).
     Warehouse {
+        /// Fact slot of the audience membership.
+        slot: u32,
         /// The SQL query.
         query: String,
         /// Refresh period in ms.
@@ -380,13 +385,17 @@ impl Plan {
                         None,
                     )
                 }
-                SegmentBody::Warehouse { query, refresh_ms } => (
-                    SegmentKind::Warehouse {
-                        query: query.clone(),
-                        refresh_ms: *refresh_ms,
-                    },
-                    None,
-                ),
+                SegmentBody::Warehouse { query, refresh_ms } => {
+                    lists += 1;
+                    (
+                        SegmentKind::Warehouse {
+                            slot: lists - 1, // renumbered below, like a list's
+                            query: query.clone(),
+                            refresh_ms: *refresh_ms,
+                        },
+                        None,
+                    )
+                }
             };
             segments.push(SegmentPlan {
                 name: s.name.clone(),
@@ -398,7 +407,9 @@ impl Plan {
         let extras: Vec<CExpr> = extras.iter().map(|e| c.compile(e)).collect();
         let list_base = FIRST_DYNAMIC_SLOT + (c.aggs.len() + c.traits.len()) as u32;
         for s in &mut segments {
-            if let SegmentKind::List { slot, .. } = &mut s.kind {
+            if let SegmentKind::List { slot, .. } | SegmentKind::Warehouse { slot, .. } =
+                &mut s.kind
+            {
                 *slot += list_base;
             }
         }
@@ -624,9 +635,13 @@ impl Plan {
                         *eval_ref(e, &ctx, now) == Value::Bool(true)
                     })
                 }
-                SegmentKind::Expr(_) | SegmentKind::Warehouse { .. } => Vec::new(),
-                SegmentKind::List { slot, .. } if lists.contains(slot) => vec![(0, Time::MAX)],
-                SegmentKind::List { .. } => Vec::new(),
+                SegmentKind::Expr(_) => Vec::new(),
+                SegmentKind::List { slot, .. } | SegmentKind::Warehouse { slot, .. }
+                    if lists.contains(slot) =>
+                {
+                    vec![(0, Time::MAX)]
+                }
+                SegmentKind::List { .. } | SegmentKind::Warehouse { .. } => Vec::new(),
             };
             out.extend(iv.iter().map(|&(a, b)| (si as u16, a, b)));
             ctx.intervals[si] = iv;
@@ -676,7 +691,9 @@ impl Plan {
                 SegmentKind::List { url, .. } => {
                     let _ = writeln!(s, "  {}: static list from {url}", seg.name);
                 }
-                SegmentKind::Warehouse { query, refresh_ms } => {
+                SegmentKind::Warehouse {
+                    query, refresh_ms, ..
+                } => {
                     let _ = writeln!(
                         s,
                         "  {}: warehouse query {query:?} every {} s",

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub segment_changes: Family<ChangeLabel, Counter>,
     /// Snapshots applied.
     pub snapshots_applied: Counter,
+    /// When each warehouse audience's query last succeeded (seconds since the epoch).
+    pub audience_refreshed: Family<SegmentLabel, Gauge>,
     /// Errors talking to external systems (each also logged), by component.
     pub errors: Family<SinkLabel, Counter>,
     /// HTTP ingest requests refused as a whole (auth, size, body).
@@ -154,6 +156,12 @@ impl Default for Metrics {
             "snapshots_applied",
             "Profile snapshots applied",
             snapshots_applied.clone(),
+        );
+        let audience_refreshed = Family::<SegmentLabel, Gauge>::default();
+        registry.register(
+            "audience_last_refresh_seconds",
+            "When each warehouse audience's query last succeeded, in seconds since the epoch",
+            audience_refreshed.clone(),
         );
         let errors = Family::<SinkLabel, Counter>::default();
         registry.register(
@@ -223,6 +231,7 @@ impl Default for Metrics {
             segment_size,
             segment_changes,
             snapshots_applied,
+            audience_refreshed,
             errors,
             http_refused,
             change_delay_ms,

@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! HTTP (tokio/axum) --events by user hash--> timely workers <-- Kafka partitions (one
-//!   |  embedded mode             ^  (snapshots: worker 0)       consumer per worker,
-//!   |  Kafka mode: produce to    |                              one consumer group)
-//!   |  the events topic          snapshot watcher thread
+//!   |  embedded mode             ^  (snapshots, audiences:      consumer per worker,
+//!   |  Kafka mode: produce to    |   worker 0)                  one consumer group)
+//!   |  the events topic          snapshot watcher thread, warehouse audience thread
 //!   v
 //! query API <-- LiveState <-- sink thread <-- changes, dead letters, watermarks
 //!                               |--> segment_changes.jsonl, dead_letters.jsonl
@@ -30,6 +30,7 @@
 //! flight; workers stop polling, drain what was accepted, run the clock to an agreed
 //! instant, wait for the sink to hand everything over, commit, and exit.
 
+pub mod audiences;
 mod engagement;
 pub mod export;
 pub mod http;
@@ -72,6 +73,15 @@ pub struct SnapshotMsg {
     pub at: i64,
     /// Its rows.
     pub rows: SnapshotRows,
+}
+
+/// A warehouse audience's members, as its query last returned them, on their way to
+/// worker 0.
+pub struct AudienceMsg {
+    /// The segment's index in the plan.
+    pub segment: usize,
+    /// Its members.
+    pub members: BTreeSet<String>,
 }
 
 /// What every thread of the service shares.
@@ -188,13 +198,20 @@ where
         }
         _ => None,
     };
-    let mut warnings = Vec::new();
-    let lists =
-        crate::replay::load_lists(&config.engine.segments, &plan, "herald run", &mut warnings)?;
-    for w in &warnings {
-        tracing::warn!("{w}");
-        eprintln!("warning: {w}");
+    if let Some(seg) = plan
+        .segments
+        .iter()
+        .find(|s| matches!(s.kind, SegmentKind::Warehouse { .. }))
+    {
+        if config.warehouse_url(None).is_none() {
+            return Err(EngineError::Usage(format!(
+                "segment '{}' is FROM WAREHOUSE, and the config names no warehouse to run \
+                 its query on: add a [warehouse] section with postgres = \"postgres://…\"",
+                seg.name
+            )));
+        }
     }
+    let lists = crate::replay::load_lists(&config.engine.segments, &plan, None)?;
     let local_workers = config.engine.workers;
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<SinkMsg>();
     let (export_tx, export_rx) = std::sync::mpsc::channel::<export::ExportMsg>();
@@ -323,6 +340,11 @@ where
         0 => snapshots::spawn_profile_sync(Arc::clone(&live))?,
         _ => None,
     };
+    let (audience_tx, audience_rx) = std::sync::mpsc::channel::<AudienceMsg>();
+    let audiences = match process {
+        0 => audiences::spawn(Arc::clone(&live), audience_tx)?,
+        _ => None,
+    };
 
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&live.config.http.listen))
@@ -341,6 +363,7 @@ where
     let io: Arc<Mutex<worker::WorkerIo>> = Arc::new(Mutex::new(worker::WorkerIo {
         events: ingest_rx,
         snapshots: Some(snap_rx),
+        audiences: Some(audience_rx),
     }));
     let worker_live = Arc::clone(&live);
     let timely_config = live.config.timely();
@@ -409,6 +432,16 @@ where
     }
     if let Some(p) = profile_sync {
         let _ = p.join();
+    }
+    if let Some(a) = audiences {
+        // A query under way is not waited for: its result would have nowhere to go.
+        let waited = std::time::Instant::now();
+        while !a.is_finished() && waited.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if a.is_finished() {
+            let _ = a.join();
+        }
     }
     if let Some(n) = live.notify.get() {
         // Attempts under way finish (or time out); queued messages stay in the outbox.

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use herald_connectors::snapshot::read_snapshot;
 use herald_connectors::store::list_with_times;
+use herald_operators::plan::SnapshotRows;
 
+use super::state::LiveState;
 use super::{now_ms, Live, SnapshotMsg};
 use crate::EngineError;
 
@@ -99,13 +101,7 @@ fn check_once(
     let snapshot = read_snapshot(&location)?;
     let at = modified.min(now_ms() as i64);
     if let Ok(mut state) = live.state.write() {
-        for (user, cells) in &snapshot.rows {
-            for (trait_name, v) in cells {
-                if !v.is_null() {
-                    state.write_trait(user, trait_name, v.to_json(), at, false);
-                }
-            }
-        }
+        record_traits(&mut state, &snapshot.rows, at);
     }
     tracing::info!(
         "snapshot {location}: {} profiles, handing to worker 0",
@@ -118,6 +114,18 @@ fn check_once(
     });
     *applied = Some(name);
     Ok(())
+}
+
+/// Records a snapshot's traits, taken at `at`, in the query API's state (the dataflow
+/// gets them as facts from worker 0).
+pub fn record_traits(state: &mut LiveState, rows: &SnapshotRows, at: i64) {
+    for (user, cells) in rows {
+        for (trait_name, v) in cells {
+            if !v.is_null() {
+                state.write_trait(user, trait_name, v.to_json(), at, false);
+            }
+        }
+    }
 }
 
 /// Starts the profile sync thread (`[profile_sync]`): runs the warehouse query at once

@@ -27,8 +27,8 @@ use timely::dataflow::operators::{Input, Inspect, Probe};
 use super::export::ExportMsg;
 use super::kafka::{self, KafkaContext};
 use super::sink::SinkMsg;
-use super::{now_ms, Live, SnapshotMsg};
-use crate::driver::{feed_lists, SnapshotFeeder};
+use super::{now_ms, AudienceMsg, Live, SnapshotMsg};
+use crate::driver::{feed_lists, AudienceFeeder, SnapshotFeeder};
 
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
@@ -54,6 +54,7 @@ const SHUTDOWN_SINK_WAIT: Duration = Duration::from_secs(30);
 pub(crate) struct WorkerIo {
     pub events: Vec<Option<Receiver<Event>>>,
     pub snapshots: Option<Receiver<SnapshotMsg>>,
+    pub audiences: Option<Receiver<AudienceMsg>>,
 }
 
 /// Offsets to commit once the instant they were fed at is durable.
@@ -156,17 +157,16 @@ fn run(
     let index = worker.index();
     let local_workers = live.config.engine.workers;
     let local = index % local_workers;
-    let (events_rx, snapshots_rx) = {
+    let (events_rx, snapshots_rx, audiences_rx) = {
         let mut io = io
             .lock()
             .map_err(|_| "worker channels poisoned".to_string())?;
         let ev = io.events.get_mut(local).and_then(Option::take);
-        let snaps = if index == 0 {
-            io.snapshots.take()
+        if index == 0 {
+            (ev, io.snapshots.take(), io.audiences.take())
         } else {
-            None
-        };
-        (ev, snaps)
+            (ev, None, None)
+        }
     };
     let tick = Duration::from_millis(live.config.engine.tick_ms);
 
@@ -215,6 +215,7 @@ fn run(
     };
     let mut pending: Pending = VecDeque::new();
     let mut snapshots = SnapshotFeeder::default();
+    let mut audiences = AudienceFeeder::default();
     let mut last_frontier: Time = 0;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
     let mut identify: Vec<TraitWrites> = Vec::new();
@@ -281,6 +282,16 @@ fn run(
                     "applied snapshot {} ({} profiles, {n} fact updates)",
                     snap.location,
                     snap.rows.len()
+                );
+            }
+        }
+        // Warehouse audience results (worker 0).
+        if let Some(rx) = &audiences_rx {
+            while let Ok(msg) = rx.try_recv() {
+                let (entered, left) = audiences.apply(&plan, &mut inputs, msg.segment, msg.members);
+                tracing::info!(
+                    "applied warehouse audience '{}' ({entered} entered, {left} left)",
+                    plan.segments[msg.segment].name
                 );
             }
         }

@@ -130,6 +130,17 @@ impl Herald {
             .unwrap()
     }
 
+    /// `herald_errors_total{sink=component}` per `/metrics` (0 before the first error).
+    pub fn errors(&self, component: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        let prefix = format!("herald_errors_total{{sink=\"{component}\"}}");
+        text.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Waits (up to `limit`) until `cond` holds; panics with `what` otherwise. This waits
     /// for an outcome; it does not assert on how long it took.
     pub fn wait_for(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Herald) -> bool) {
@@ -279,4 +290,54 @@ impl Drop for Herald {
             let _ = c.wait();
         }
     }
+}
+
+/// The test PostgreSQL's URL (`HERALD_TEST_POSTGRES`, set by scripts/services.sh).
+pub fn pg() -> String {
+    std::env::var("HERALD_TEST_POSTGRES")
+        .unwrap_or_else(|_| panic!("HERALD_TEST_POSTGRES must be set: run scripts/services.sh"))
+}
+
+/// Runs SQL (one statement or several) on the test PostgreSQL; the rows of its results,
+/// every value as text (NULL as "NULL"). Panics with the SQL on an error.
+pub fn pg_query(sql: &str) -> Vec<Vec<String>> {
+    let url = pg();
+    let sql = sql.to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let msgs = client
+            .simple_query(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}\n{e:?}"));
+        msgs.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+/// A name no other test run uses (for tables and schemas in the shared PostgreSQL).
+pub fn unique(stem: &str) -> String {
+    format!(
+        "{stem}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    )
 }
