@@ -4,8 +4,11 @@
 //! Owns [`run_audience`]: runs the query on a PostgreSQL-protocol warehouse (PostgreSQL,
 //! Redshift) and returns the set of ids, taken from the column named `user_id` when the
 //! result has one, else from the first column (as for a `FROM CSV` list). The id column
-//! must be text or an integer; rows with a NULL or empty id are skipped and counted; an id
-//! on several rows is one member. The engine diffs each result against the last good one.
+//! must be text or an integer; ids are trimmed; rows with a NULL or empty id are skipped
+//! and counted, and a result whose every row is skipped is refused (a broken join or a
+//! renamed column, not an empty audience); an id on several rows is one member. The
+//! query runs in a read-only transaction. The engine diffs each result against the last
+//! good one.
 
 use std::collections::BTreeSet;
 
@@ -25,7 +28,8 @@ pub struct Audience {
 ///
 /// Errors name the segment: the warehouse unreachable or refusing the query
 /// ([`Fault::External`](crate::Fault::External), with the server's message), a result
-/// without columns or with an id column of another type ([`Fault::Input`](crate::Fault::Input)).
+/// without columns, with an id column of another type, or whose every id is NULL or empty
+/// ([`Fault::Input`](crate::Fault::Input)).
 pub fn run_audience(url: &str, segment: &str, sql: &str) -> Result<Audience, ConnectorError> {
     let what = format!("the query of warehouse audience '{segment}'");
     let (columns, rows) = fetch(url, sql, &what)?;
@@ -50,6 +54,12 @@ pub fn run_audience(url: &str, segment: &str, sql: &str) -> Result<Audience, Con
             }
             None => audience.skipped += 1,
         }
+    }
+    if audience.members.is_empty() && !rows.is_empty() {
+        return Err(bad(format!(
+            "all {} rows have a NULL or empty '{name}'; refusing to empty the audience",
+            rows.len()
+        )));
     }
     Ok(audience)
 }

@@ -86,28 +86,33 @@ fn cell(row: &tokio_postgres::Row, i: usize, t: &PgType) -> Result<Value, tokio_
 /// A query's result: its columns (name, type) and rows.
 pub(crate) type Fetched = (Vec<(String, PgType)>, Vec<tokio_postgres::Row>);
 
-/// Runs `sql` at the PostgreSQL `url`; `what` names the query in errors.
+/// Runs `sql` at the PostgreSQL `url` in a read-only transaction (a query that would
+/// write is refused by the server); `what` names the query in errors.
 pub(crate) fn fetch(url: &str, sql: &str, what: &str) -> Result<Fetched, ConnectorError> {
     let (url_owned, sql, what) = (url.to_string(), sql.to_string(), what.to_string());
     block_on(url, async move {
         let url = url_owned.as_str();
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
+        let (mut client, connection) = tokio_postgres::connect(url, NoTls)
             .await
-            .map_err(|e| pg_err("cannot connect", url, e))?;
+            .map_err(|e| pg_err(&format!("{what}: cannot connect"), url, e))?;
         let conn = tokio::spawn(connection);
-        let stmt = client
-            .prepare(&sql)
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
             .await
             .map_err(|e| pg_err(&what, url, e))?;
+        let stmt = tx.prepare(&sql).await.map_err(|e| pg_err(&what, url, e))?;
         let columns = stmt
             .columns()
             .iter()
             .map(|c| (c.name().to_string(), c.type_().clone()))
             .collect();
-        let rows = client
+        let rows = tx
             .query(&stmt, &[])
             .await
             .map_err(|e| pg_err(&what, url, e))?;
+        tx.commit().await.map_err(|e| pg_err(&what, url, e))?;
         drop(client);
         let _ = conn.await;
         Ok::<_, ConnectorError>((columns, rows))
@@ -127,7 +132,8 @@ pub(crate) fn is_id_type(t: &PgType) -> bool {
     )
 }
 
-/// The user id in column `i` of `row` (of an [`is_id_type`] type); `None` for NULL or empty.
+/// The user id in column `i` of `row` (of an [`is_id_type`] type), trimmed; `None` for
+/// NULL or empty.
 pub(crate) fn user_id(
     row: &tokio_postgres::Row,
     i: usize,
@@ -137,8 +143,10 @@ pub(crate) fn user_id(
     Ok(match *t {
         PgType::INT4 => row.try_get::<_, Option<i32>>(i)?.map(|n| n.to_string()),
         PgType::INT8 => row.try_get::<_, Option<i64>>(i)?.map(|n| n.to_string()),
+        // Trimmed like a CSV list's ids (char(n) comes back padded).
         _ => row
             .try_get::<_, Option<String>>(i)?
+            .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty()),
     })
 }

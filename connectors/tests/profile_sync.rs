@@ -190,4 +190,13 @@ fn a_warehouse_audience_is_the_set_of_ids_its_query_returns() {
     );
     let e = err(&format!("SELECT FROM {t}"));
     assert!(e.contains("no columns"), "{e}");
+    // Every id NULL or empty is a broken query, not an empty audience.
+    let e = err(&format!("SELECT name FROM {t} WHERE id IN (3, 4)"));
+    assert!(e.contains("all 2 rows have a NULL or empty 'name'"), "{e}");
+    // char(n) ids come back padded: trimmed, like a CSV list's.
+    assert_eq!(ids("SELECT 'u7'::char(6) AS user_id").0, ["u7"]);
+    // The query runs read-only: a segment file cannot write to the warehouse.
+    let e = err(&format!("DELETE FROM {t} RETURNING id"));
+    assert!(e.contains("read-only"), "{e}");
+    assert_eq!(ids(&format!("SELECT id FROM {t} WHERE id = 2")).0, ["2"]);
 }

@@ -56,6 +56,16 @@ pub fn spawn(
     if due.is_empty() {
         return Ok(None);
     }
+    // Every audience has a series from the start, so an alert on its age also fires
+    // for one whose query never succeeded.
+    for a in &due {
+        live.metrics
+            .audience_refreshed
+            .get_or_create(&SegmentLabel {
+                segment: a.name.clone(),
+            })
+            .set(0);
+    }
     let url = live.config.warehouse_url(None).unwrap_or_default();
     std::thread::Builder::new()
         .name("herald-audiences".into())

@@ -341,10 +341,6 @@ where
         _ => None,
     };
     let (audience_tx, audience_rx) = std::sync::mpsc::channel::<AudienceMsg>();
-    let audiences = match process {
-        0 => audiences::spawn(Arc::clone(&live), audience_tx)?,
-        _ => None,
-    };
 
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&live.config.http.listen))
@@ -374,6 +370,12 @@ where
 
     // The HTTP server, and shutdown: stop taking requests first, then stop the workers.
     let app = http::router(Arc::clone(&live))?;
+    // Warehouse audiences start once nothing else can fail to start (their queries run
+    // on a warehouse that others use).
+    let audiences = match process {
+        0 => audiences::spawn(Arc::clone(&live), audience_tx)?,
+        _ => None,
+    };
     let stop_live = Arc::clone(&live);
     let (workers_done_tx, workers_done_rx) = tokio::sync::oneshot::channel::<()>();
     let served = runtime.spawn(async move {
