@@ -52,7 +52,7 @@ pub struct DataflowInput {
     /// Accepted, deduplicated events, in any order.
     pub events: Vec<Event>,
     /// Profile snapshots with the instant each is applied at.
-    pub snapshots: Vec<(i64, SnapshotRows)>,
+    pub snapshots: Vec<(i64, Arc<SnapshotRows>)>,
     /// Static list members by segment index.
     pub lists: BTreeMap<usize, BTreeSet<String>>,
     /// The last instant (ms) to compute.
@@ -89,9 +89,6 @@ pub struct DataflowOutput {
 
 /// A change as a worker captures it: (segment index, user, diff, time).
 type RawChange = (u16, String, isize, Time);
-
-/// A snapshot's facts, kept to diff the next snapshot against.
-type SnapshotFacts = BTreeSet<(String, (u32, FactVal))>;
 
 /// Worker 0's extra inputs at an instant: static lists or a snapshot (by index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -230,7 +227,7 @@ pub fn run_dataflow(
             |inputs: &mut SegmentInputs, at: i64, extra: Extra, fed: &mut usize| match extra {
                 Extra::Snapshot(i) => {
                     let (snap_at, rows) = &shared.snapshots[i];
-                    *fed += snapshots.apply(&plan, inputs, *snap_at, rows);
+                    *fed += snapshots.apply(&plan, inputs, *snap_at, Arc::clone(rows));
                 }
                 Extra::Lists => *fed += feed_lists(&plan, inputs, &shared.lists, to_time(at)),
             };
@@ -337,10 +334,13 @@ pub fn run_dataflow(
 
 /// Feeds profile snapshots as diffs of their facts: each snapshot retracts the facts of
 /// the previous one that it no longer has and adds the new ones, at the inputs' current
-/// time, and moves the snapshot clock.
+/// time, and moves the snapshot clock. Rows are compared user by user (both snapshots
+/// are sorted by user), and facts are computed only for the users whose row changed, so
+/// a refresh that changes 1% of rows costs one pass of row comparisons plus 1% of the
+/// fact work.
 #[derive(Default)]
 pub struct SnapshotFeeder {
-    prev: Option<(i64, SnapshotFacts)>,
+    prev: Option<(i64, Arc<SnapshotRows>)>,
 }
 
 impl SnapshotFeeder {
@@ -350,23 +350,65 @@ impl SnapshotFeeder {
         plan: &Plan,
         inputs: &mut SegmentInputs,
         at: i64,
-        rows: &SnapshotRows,
+        rows: Arc<SnapshotRows>,
     ) -> usize {
         let t = *inputs.facts.time();
-        let next = plan.snapshot_facts(rows);
-        let empty = BTreeSet::new();
-        let prev = self.prev.as_ref().map(|(_, s)| s).unwrap_or(&empty);
+        let empty = SnapshotRows::new();
+        let prev = self.prev.as_ref().map_or(&empty, |(_, r)| &**r);
         let mut fed = 0;
-        for gone in prev.difference(&next) {
-            feed_fact(&mut inputs.facts, gone, t, -1);
-            fed += 1;
-        }
-        for new in next.difference(prev) {
-            feed_fact(&mut inputs.facts, new, t, 1);
-            fed += 1;
+        let mut feed = |user: &str, facts: &[(u32, FactVal)], diff: isize| {
+            for fact in facts {
+                inputs
+                    .facts
+                    .update((user.to_string(), fact.clone(), t, Time::MAX), diff);
+            }
+            fed += facts.len();
+        };
+        let (mut old, mut new) = (prev.iter().peekable(), rows.iter().peekable());
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some((u, _)), Some((v, _))) => u.cmp(v),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+            };
+            match order {
+                // A user the new snapshot no longer has.
+                std::cmp::Ordering::Less => {
+                    if let Some((u, a)) = old.next() {
+                        feed(u, &plan.snapshot_facts(a), -1);
+                    }
+                }
+                // A user new in this snapshot.
+                std::cmp::Ordering::Greater => {
+                    if let Some((v, b)) = new.next() {
+                        feed(v, &plan.snapshot_facts(b), 1);
+                    }
+                }
+                // In both: only a changed row costs fact work.
+                std::cmp::Ordering::Equal => {
+                    if let (Some((u, a)), Some((_, b))) = (old.next(), new.next()) {
+                        if a != b {
+                            let (a, b) = (plan.snapshot_facts(a), plan.snapshot_facts(b));
+                            let gone: Vec<_> = a
+                                .iter()
+                                .filter(|f| b.binary_search(f).is_err())
+                                .cloned()
+                                .collect();
+                            let came: Vec<_> = b
+                                .iter()
+                                .filter(|f| a.binary_search(f).is_err())
+                                .cloned()
+                                .collect();
+                            feed(u, &gone, -1);
+                            feed(u, &came, 1);
+                        }
+                    }
+                }
+            }
         }
         inputs.set_snapshot_clock(Some(self.prev.as_ref().map_or(i64::MIN, |(a, _)| *a)), at);
-        self.prev = Some((at, next));
+        self.prev = Some((at, rows));
         fed
     }
 }
@@ -454,7 +496,7 @@ struct Shared {
     plan: Plan,
     journeys: Option<JourneySet>,
     shares: Vec<Mutex<Vec<Event>>>,
-    snapshots: Vec<(i64, SnapshotRows)>,
+    snapshots: Vec<(i64, Arc<SnapshotRows>)>,
     lists: BTreeMap<usize, BTreeSet<String>>,
     extras: Vec<(i64, Extra)>,
     until: i64,

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_connectors::events::{read_events, DEFAULT_DEDUP_HORIZON_MS};
@@ -194,7 +195,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     let mut snapshots = Vec::with_capacity(profiles.len());
     for (path, at) in &profiles {
         let snap = herald_connectors::snapshot::read_snapshot(path)?;
-        snapshots.push((*at, snap.rows));
+        snapshots.push((*at, Arc::new(snap.rows)));
     }
     summary.lines = batch.lines;
     summary.accepted = batch.events.len() as u64;

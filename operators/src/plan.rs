@@ -828,25 +828,20 @@ fn resolve_trait(facts: &[(&(u32, FactVal), isize)]) -> Value {
 pub type SnapshotRows = BTreeMap<String, BTreeMap<String, Value>>;
 
 impl Plan {
-    /// The facts a profile snapshot contributes: a presence fact per user and a cell fact
-    /// for each trait some segment reads. Diffing two such sets gives the updates that
-    /// move the dataflow from one snapshot to the next.
-    pub fn snapshot_facts(
-        &self,
-        rows: &SnapshotRows,
-    ) -> std::collections::BTreeSet<(String, (u32, FactVal))> {
-        let mut out = std::collections::BTreeSet::new();
-        for (user, cells) in rows {
-            out.insert((user.clone(), (SLOT_PROFILE, FactVal::Unit)));
-            for (name, v) in cells {
-                if v.is_null() {
-                    continue;
-                }
-                if let Some(i) = self.trait_index(name) {
-                    out.insert((user.clone(), (self.trait_slot(i), FactVal::Snap(v.clone()))));
-                }
+    /// The facts one user's snapshot row contributes, sorted: a presence fact and a cell
+    /// fact for each trait some segment reads. Diffing a user's facts in two snapshots
+    /// gives the updates that move the dataflow from one to the next.
+    pub fn snapshot_facts(&self, cells: &BTreeMap<String, Value>) -> Vec<(u32, FactVal)> {
+        let mut out = vec![(SLOT_PROFILE, FactVal::Unit)];
+        for (name, v) in cells {
+            if v.is_null() {
+                continue;
+            }
+            if let Some(i) = self.trait_index(name) {
+                out.push((self.trait_slot(i), FactVal::Snap(v.clone())));
             }
         }
+        out.sort_unstable();
         out
     }
 }

@@ -51,7 +51,7 @@ fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<ChangeRow>
             snapshots: world
                 .snapshots
                 .iter()
-                .map(|s| (s.at, s.rows.clone()))
+                .map(|s| (s.at, std::sync::Arc::new(s.rows.clone())))
                 .collect(),
             lists,
             until,

@@ -58,7 +58,10 @@ fn main() -> anyhow::Result<()> {
     let mut snapshots = Vec::new();
     for p in &args.profiles {
         let (path, at) = parse_profile_arg(p)?;
-        snapshots.push((at, herald_connectors::snapshot::read_snapshot(&path)?.rows));
+        snapshots.push((
+            at,
+            Arc::new(herald_connectors::snapshot::read_snapshot(&path)?.rows),
+        ));
     }
     let read_time = read_started.elapsed();
     let events: Vec<_> = batch.events.into_iter().map(|(e, _)| e).collect();

@@ -276,12 +276,12 @@ fn run(
         // Snapshots (worker 0).
         if let Some(rx) = &snapshots_rx {
             while let Ok(snap) = rx.try_recv() {
-                let n = snapshots.apply(&plan, &mut inputs, snap.at, &snap.rows);
+                let profiles = snap.rows.len();
+                let n = snapshots.apply(&plan, &mut inputs, snap.at, Arc::new(snap.rows));
                 live.metrics.snapshots_applied.inc();
                 tracing::info!(
-                    "applied snapshot {} ({} profiles, {n} fact updates)",
-                    snap.location,
-                    snap.rows.len()
+                    "applied snapshot {} ({profiles} profiles, {n} fact updates)",
+                    snap.location
                 );
             }
         }
