@@ -82,10 +82,16 @@ impl LiveState {
 
     /// Records a trait write at `at`; `from_event` wins ties against snapshots.
     pub fn write_trait(&mut self, user: &str, name: &str, value: Json, at: i64, from_event: bool) {
-        let traits = self.traits.entry(user.to_string()).or_default();
-        match traits.get(name) {
+        // Known users and traits are updated in place: a snapshot rewrites every cell, and
+        // allocating keys for each would double the cost.
+        let traits = match self.traits.get_mut(user) {
+            Some(t) => t,
+            None => self.traits.entry(user.to_string()).or_default(),
+        };
+        match traits.get_mut(name) {
             Some((prev, _)) if *prev > at || (*prev == at && !from_event) => {}
-            _ => {
+            Some(slot) => *slot = (at, value),
+            None => {
                 traits.insert(name.to_string(), (at, value));
             }
         }
