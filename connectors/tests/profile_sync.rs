@@ -3,40 +3,14 @@
 //! queries are refused with the column or row named, and write nothing. Warehouse
 //! audiences (the same query path) return the ids, with errors naming the segment.
 
+mod common;
+
 use std::collections::BTreeMap;
 
+use common::{pg, sql, unique};
 use herald_connectors::profile_sync::sync_profiles;
 use herald_connectors::snapshot::read_snapshot;
 use herald_operators::value::{Num, Type, Value};
-
-fn pg() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| panic!("HERALD_TEST_POSTGRES must be set: run scripts/services.sh"))
-}
-
-fn unique() -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}_{}", std::process::id(), n % 1_000_000_000)
-}
-
-fn sql(batch: &str) {
-    let url = pg();
-    let batch = batch.to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client.batch_execute(&batch).await.unwrap();
-    });
-}
 
 #[test]
 #[ignore = "needs PostgreSQL and an S3-compatible server on 127.0.0.1: run scripts/test.sh"]

@@ -2,6 +2,9 @@
 //! 127.0.0.1, and on the local filesystem: partitioned Parquet that reads back as the
 //! same events, PostgreSQL loads that are idempotent, and named errors for bad input.
 
+mod common;
+
+use common::{pg, unique};
 use herald_connectors::store::list;
 use herald_connectors::tables::{
     self, create_postgres_tables, event_row, load_postgres, read_archived_events,
@@ -9,19 +12,6 @@ use herald_connectors::tables::{
 };
 use herald_connectors::Fault;
 use herald_operators::event::{parse_message, Event, Limits};
-
-fn pg() -> String {
-    std::env::var("HERALD_TEST_POSTGRES")
-        .unwrap_or_else(|_| panic!("HERALD_TEST_POSTGRES must be set: run scripts/services.sh"))
-}
-
-fn unique() -> String {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{}_{}", std::process::id(), n % 1_000_000_000)
-}
 
 /// Events of every type over two hours (so two partitions), with nested JSON.
 fn events() -> Vec<Event> {
