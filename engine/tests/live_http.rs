@@ -383,8 +383,15 @@ fn snapshots_are_picked_up_from(prefix: &str, dir: &std::path::Path) {
         let (_, page) = h.get_json("/v1/segments/pro/members");
         page["members"] == serde_json::json!(["p2", "p4", "p5"])
     });
-    let (_, user) = h.get_json("/v1/users/p4");
-    assert_eq!(user["traits"]["plan"], "pro");
+    // The query API's traits agree with the segments: p2's identify stands, and the
+    // cells of p1 and p3 left with the snapshot that had them.
+    for user in ["p4", "p2"] {
+        let (_, j) = h.get_json(&format!("/v1/users/{user}"));
+        assert_eq!(j["traits"]["plan"], "pro", "{user}: {j}");
+    }
+    for user in ["p1", "p3"] {
+        assert_eq!(h.get_json(&format!("/v1/users/{user}")).0, 404, "{user}");
+    }
     let (_, metrics) = h.get("/metrics");
     assert!(
         metrics.contains("herald_snapshots_applied_total 3"),

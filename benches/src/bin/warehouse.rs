@@ -7,7 +7,7 @@
 //! over the traits (`--workers` timely workers, worker 0 feeding as in the service):
 //!
 //! * `read`: `read_snapshot` (Parquet decode, typing, one map per user);
-//! * `state`: the traits recorded for the query API (`record_traits`);
+//! * `state`: the snapshot handed to the query API's state (`LiveState::set_snapshot`);
 //! * `diff`: `SnapshotFeeder::apply` (the rows compared with the last snapshot's, user
 //!   by user, and the facts of changed rows diffed and fed to the dataflow);
 //! * `dataflow`: until the output frontier passes the snapshot's instant (every
@@ -37,7 +37,6 @@ use herald_connectors::sink::SegmentChange;
 use herald_connectors::snapshot::{read_snapshot, write_snapshot};
 use herald_connectors::tables::{self, Row, Table};
 use herald_engine::driver::SnapshotFeeder;
-use herald_engine::live::snapshots::record_traits;
 use herald_engine::live::state::LiveState;
 use herald_operators::dataflow::build_segments;
 use herald_operators::event::{Event, EventType};
@@ -236,11 +235,12 @@ fn snapshots(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
                 let snap = read_snapshot(location).expect("the snapshot just written reads");
                 a.read = started.elapsed();
                 let at = T0 + k as i64 * 3_600_000;
+                let rows = Arc::new(snap.rows);
                 let started = Instant::now();
-                record_traits(&mut state, &snap.rows, at);
+                state.set_snapshot(at, Arc::clone(&rows));
                 a.state = started.elapsed();
                 let started = Instant::now();
-                a.fed = feeder.apply(&plan, &mut inputs, at, Arc::new(snap.rows));
+                a.fed = feeder.apply(&plan, &mut inputs, at, rows);
                 a.diff = started.elapsed();
             }
             let before = changes.load(Ordering::Relaxed);

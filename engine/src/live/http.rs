@@ -575,7 +575,7 @@ async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
         })
         .unwrap_or_default();
     let traits: Map<String, Json> = traits
-        .map(|t| t.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect())
+        .map(|t| t.into_iter().map(|(k, (_, v))| (k, v)).collect())
         .unwrap_or_default();
     AxumJson(json!({"user_id": id, "traits": traits, "segments": segments})).into_response()
 }

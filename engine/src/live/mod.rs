@@ -71,8 +71,8 @@ pub struct SnapshotMsg {
     pub location: String,
     /// Its instant (the object's last-modified time, capped at now).
     pub at: i64,
-    /// Its rows.
-    pub rows: SnapshotRows,
+    /// Its rows (shared with the query API's state).
+    pub rows: Arc<SnapshotRows>,
 }
 
 /// A warehouse audience's members, as its query last returned them, on their way to

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use herald_connectors::snapshot::read_snapshot;
 use herald_connectors::store::list_with_times;
-use herald_operators::plan::SnapshotRows;
 
-use super::state::LiveState;
 use super::{now_ms, Live, SnapshotMsg};
 use crate::EngineError;
 
@@ -100,32 +98,17 @@ fn check_once(
     }
     let snapshot = read_snapshot(&location)?;
     let at = modified.min(now_ms() as i64);
+    let rows = Arc::new(snapshot.rows);
     if let Ok(mut state) = live.state.write() {
-        record_traits(&mut state, &snapshot.rows, at);
+        state.set_snapshot(at, Arc::clone(&rows));
     }
     tracing::info!(
         "snapshot {location}: {} profiles, handing to worker 0",
-        snapshot.rows.len()
+        rows.len()
     );
-    let _ = to_worker.send(SnapshotMsg {
-        location,
-        at,
-        rows: snapshot.rows,
-    });
+    let _ = to_worker.send(SnapshotMsg { location, at, rows });
     *applied = Some(name);
     Ok(())
-}
-
-/// Records a snapshot's traits, taken at `at`, in the query API's state (the dataflow
-/// gets them as facts from worker 0).
-pub fn record_traits(state: &mut LiveState, rows: &SnapshotRows, at: i64) {
-    for (user, cells) in rows {
-        for (trait_name, v) in cells {
-            if !v.is_null() {
-                state.write_trait(user, trait_name, v.to_json(), at, false);
-            }
-        }
-    }
 }
 
 /// Starts the profile sync thread (`[profile_sync]`): runs the warehouse query at once

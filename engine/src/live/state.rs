@@ -1,14 +1,19 @@
 //! What the query API reads: current members per segment and each user's traits.
 //!
 //! Owns [`LiveState`]. Memberships are folded from the consolidated changes the sink
-//! receives (so they are exactly what was handed to the sinks); traits from identify
-//! events and applied snapshots, with the engine's precedence: the latest write wins and
-//! an event wins a tie with a snapshot.
+//! receives (so they are exactly what was handed to the sinks). Traits are the current
+//! profile snapshot (shared with worker 0, not copied) overlaid at read time with the
+//! identify writes, with the engine's precedence: the latest write wins, an event wins a
+//! tie with the snapshot, and a cell the snapshot lacks leaves an identify write
+//! standing.
 //!
 //! In a multi-process cluster each process holds the users its workers own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
+use std::sync::Arc;
+
+use herald_operators::plan::SnapshotRows;
 
 use serde_json::Value as Json;
 
@@ -17,7 +22,10 @@ use serde_json::Value as Json;
 pub struct LiveState {
     members: Vec<BTreeSet<String>>,
     user_segments: HashMap<String, BTreeSet<u16>>,
-    traits: HashMap<String, BTreeMap<String, (i64, Json)>>,
+    /// Identify writes: per user and trait, the latest write's instant and value.
+    writes: HashMap<String, BTreeMap<String, (i64, Json)>>,
+    /// The current profile snapshot and its instant.
+    snapshot: Option<(i64, Arc<SnapshotRows>)>,
 }
 
 impl LiveState {
@@ -75,31 +83,59 @@ impl LiveState {
         self.user_segments.get(user)
     }
 
-    /// The user's traits with their write instants, if any are known.
-    pub fn traits_of(&self, user: &str) -> Option<&BTreeMap<String, (i64, Json)>> {
-        self.traits.get(user)
+    /// The user's current traits with the instant each was written at, if any are known.
+    pub fn traits_of(&self, user: &str) -> Option<BTreeMap<String, (i64, Json)>> {
+        let snapshot = self
+            .snapshot
+            .as_ref()
+            .and_then(|(at, rows)| rows.get(user).map(|cells| (*at, cells)));
+        let writes = self.writes.get(user);
+        if snapshot.is_none() && writes.is_none() {
+            return None;
+        }
+        let mut out: BTreeMap<String, (i64, Json)> = BTreeMap::new();
+        if let Some((at, cells)) = snapshot {
+            for (name, v) in cells.iter().filter(|(_, v)| !v.is_null()) {
+                out.insert(name.clone(), (at, v.to_json()));
+            }
+        }
+        for (name, (ts, v)) in writes.into_iter().flatten() {
+            match out.get(name) {
+                Some((at, _)) if at > ts => {}
+                _ => {
+                    out.insert(name.clone(), (*ts, v.clone()));
+                }
+            }
+        }
+        Some(out)
     }
 
-    /// Records a trait write at `at`; `from_event` wins ties against snapshots.
-    pub fn write_trait(&mut self, user: &str, name: &str, value: Json, at: i64, from_event: bool) {
-        // Known users and traits are updated in place: a snapshot rewrites every cell, and
-        // allocating keys for each would double the cost.
-        let traits = match self.traits.get_mut(user) {
+    /// Records an identify write at `at` (the latest write wins; a later call wins a tie).
+    pub fn write_trait(&mut self, user: &str, name: &str, value: Json, at: i64) {
+        let traits = match self.writes.get_mut(user) {
             Some(t) => t,
-            None => self.traits.entry(user.to_string()).or_default(),
+            None => self.writes.entry(user.to_string()).or_default(),
         };
         match traits.get_mut(name) {
-            Some((prev, _)) if *prev > at || (*prev == at && !from_event) => {}
+            Some((prev, _)) if *prev > at => {}
             Some(slot) => *slot = (at, value),
             None => {
                 traits.insert(name.to_string(), (at, value));
             }
         }
     }
+
+    /// Makes `rows`, taken at `at`, the current profile snapshot (the previous one's
+    /// cells no longer count).
+    pub fn set_snapshot(&mut self, at: i64, rows: Arc<SnapshotRows>) {
+        self.snapshot = Some((at, rows));
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use herald_operators::value::Value;
+
     use super::*;
 
     #[test]
@@ -113,10 +149,31 @@ mod tests {
         assert_eq!(s.page(0, Some("a"), 10), vec!["c"]);
         assert_eq!(s.segments_of("a").unwrap().len(), 1);
         assert!(s.segments_of("b").is_none());
-        s.write_trait("a", "plan", Json::from("pro"), 10, true);
-        s.write_trait("a", "plan", Json::from("free"), 10, false);
-        assert_eq!(s.traits_of("a").unwrap()["plan"].1, Json::from("pro"));
-        s.write_trait("a", "plan", Json::from("team"), 11, false);
-        assert_eq!(s.traits_of("a").unwrap()["plan"].1, Json::from("team"));
+        let snap = |at: i64, plan: Option<&str>, n: f64| {
+            let mut cells = BTreeMap::new();
+            if let Some(p) = plan {
+                cells.insert("plan".to_string(), Value::Str(p.into()));
+            }
+            cells.insert("n".to_string(), Value::num(n));
+            (at, Arc::new(SnapshotRows::from([("a".to_string(), cells)])))
+        };
+        let plan = |s: &LiveState| s.traits_of("a").unwrap().get("plan").map(|t| t.1.clone());
+        // An event wins a tie with the snapshot; a later snapshot wins over older writes.
+        s.write_trait("a", "plan", Json::from("pro"), 10);
+        let (at, rows) = snap(10, Some("free"), 1.0);
+        s.set_snapshot(at, rows);
+        assert_eq!(plan(&s), Some(Json::from("pro")));
+        assert_eq!(s.traits_of("a").unwrap()["n"], (10, Json::from(1.0)));
+        let (at, rows) = snap(11, Some("team"), 2.0);
+        s.set_snapshot(at, rows);
+        assert_eq!(plan(&s), Some(Json::from("team")));
+        // A cell the snapshot lacks leaves the write standing; an older write loses.
+        let (at, rows) = snap(12, None, 3.0);
+        s.set_snapshot(at, rows);
+        assert_eq!(plan(&s), Some(Json::from("pro")));
+        s.write_trait("a", "plan", Json::from("old"), 9);
+        assert_eq!(plan(&s), Some(Json::from("pro")));
+        s.write_trait("b", "x", Json::from(1), 1);
+        assert!(s.traits_of("b").is_some() && s.traits_of("c").is_none());
     }
 }

@@ -277,7 +277,7 @@ fn run(
         if let Some(rx) = &snapshots_rx {
             while let Ok(snap) = rx.try_recv() {
                 let profiles = snap.rows.len();
-                let n = snapshots.apply(&plan, &mut inputs, snap.at, Arc::new(snap.rows));
+                let n = snapshots.apply(&plan, &mut inputs, snap.at, snap.rows);
                 live.metrics.snapshots_applied.inc();
                 tracing::info!(
                     "applied snapshot {} ({profiles} profiles, {n} fact updates)",
@@ -454,7 +454,7 @@ fn record_traits(live: &Live, identify: &mut Vec<TraitWrites>) {
     if let Ok(mut state) = live.state.write() {
         for (user, ts, writes) in identify.drain(..) {
             for (name, v) in writes {
-                state.write_trait(&user, &name, v.to_json(), ts, true);
+                state.write_trait(&user, &name, v.to_json(), ts);
             }
         }
     }
