@@ -312,39 +312,35 @@ fn timestamps_ms(col: &ArrayRef) -> Option<Vec<Option<i64>>> {
     })
 }
 
-/// Merges two sorted maps: each key with its value on either side.
-fn merge<'a, K: Ord, V>(
+/// Merges two sorted maps in key order: each key with its value on either side. Snapshot
+/// rows are sorted by user, so this walks two snapshots side by side in one pass.
+pub fn merge_sorted<'a, K: Ord, V>(
     old: &'a BTreeMap<K, V>,
     new: &'a BTreeMap<K, V>,
-) -> Vec<(&'a K, Option<&'a V>, Option<&'a V>)> {
-    let mut out = Vec::new();
+) -> impl Iterator<Item = (&'a K, Option<&'a V>, Option<&'a V>)> + 'a {
     let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (None, None) => break,
+    std::iter::from_fn(move || {
+        let order = match (a.peek(), b.peek()) {
+            (None, None) => return None,
             (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
             (Some(_), None) => std::cmp::Ordering::Less,
             (None, Some(_)) => std::cmp::Ordering::Greater,
         };
-        match next {
+        Some(match order {
             std::cmp::Ordering::Less => {
-                if let Some((k, v)) = a.next() {
-                    out.push((k, Some(v), None));
-                }
+                let (k, v) = a.next()?;
+                (k, Some(v), None)
             }
             std::cmp::Ordering::Greater => {
-                if let Some((k, v)) = b.next() {
-                    out.push((k, None, Some(v)));
-                }
+                let (k, v) = b.next()?;
+                (k, None, Some(v))
             }
             std::cmp::Ordering::Equal => {
-                if let (Some((k, va)), Some((_, vb))) = (a.next(), b.next()) {
-                    out.push((k, Some(va), Some(vb)));
-                }
+                let ((k, va), (_, vb)) = (a.next()?, b.next()?);
+                (k, Some(va), Some(vb))
             }
-        }
-    }
-    out
+        })
+    })
 }
 
 /// What changed from `old` to `new`: retractions and assertions of trait cells (a
@@ -352,14 +348,14 @@ fn merge<'a, K: Ord, V>(
 pub fn diff_snapshots(old: &Snapshot, new: &Snapshot) -> SnapshotDiff {
     let empty = BTreeMap::new();
     let mut diff = SnapshotDiff::default();
-    for (user, before, after) in merge(&old.rows, &new.rows) {
+    for (user, before, after) in merge_sorted(&old.rows, &new.rows) {
         match (before, after) {
             (Some(_), None) => diff.users.push((user.clone(), -1)),
             (None, Some(_)) => diff.users.push((user.clone(), 1)),
             _ => {}
         }
         let (before, after) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
-        for (name, b, a) in merge(before, after) {
+        for (name, b, a) in merge_sorted(before, after) {
             if b == a {
                 continue;
             }

@@ -16,12 +16,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::InputSession;
+use herald_connectors::snapshot::merge_sorted;
 use herald_operators::dataflow::{build_segments, SegmentInputs};
 use herald_operators::door::user_hash;
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows, TimedFact};
 use herald_operators::time::{to_time, Time};
+use herald_operators::value::Value;
 use indicatif::ProgressBar;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::{Inspect, Probe};
@@ -356,54 +358,18 @@ impl SnapshotFeeder {
         let empty = SnapshotRows::new();
         let prev = self.prev.as_ref().map_or(&empty, |(_, r)| &**r);
         let mut fed = 0;
-        let mut feed = |user: &str, facts: &[(u32, FactVal)], diff: isize| {
-            for fact in facts {
-                inputs
-                    .facts
-                    .update((user.to_string(), fact.clone(), t, Time::MAX), diff);
+        for (user, before, after) in merge_sorted(prev, &rows) {
+            if before == after {
+                continue; // an unchanged row costs no fact work
             }
-            fed += facts.len();
-        };
-        let (mut old, mut new) = (prev.iter().peekable(), rows.iter().peekable());
-        loop {
-            let order = match (old.peek(), new.peek()) {
-                (None, None) => break,
-                (Some((u, _)), Some((v, _))) => u.cmp(v),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
+            let facts = |cells: Option<&BTreeMap<String, Value>>| {
+                cells.map(|c| plan.snapshot_facts(c)).unwrap_or_default()
             };
-            match order {
-                // A user the new snapshot no longer has.
-                std::cmp::Ordering::Less => {
-                    if let Some((u, a)) = old.next() {
-                        feed(u, &plan.snapshot_facts(a), -1);
-                    }
-                }
-                // A user new in this snapshot.
-                std::cmp::Ordering::Greater => {
-                    if let Some((v, b)) = new.next() {
-                        feed(v, &plan.snapshot_facts(b), 1);
-                    }
-                }
-                // In both: only a changed row costs fact work.
-                std::cmp::Ordering::Equal => {
-                    if let (Some((u, a)), Some((_, b))) = (old.next(), new.next()) {
-                        if a != b {
-                            let (a, b) = (plan.snapshot_facts(a), plan.snapshot_facts(b));
-                            let gone: Vec<_> = a
-                                .iter()
-                                .filter(|f| b.binary_search(f).is_err())
-                                .cloned()
-                                .collect();
-                            let came: Vec<_> = b
-                                .iter()
-                                .filter(|f| a.binary_search(f).is_err())
-                                .cloned()
-                                .collect();
-                            feed(u, &gone, -1);
-                            feed(u, &came, 1);
-                        }
-                    }
+            let (old, new) = (facts(before), facts(after));
+            for (from, to, diff) in [(&old, &new, -1), (&new, &old, 1)] {
+                for fact in from.iter().filter(|f| to.binary_search(f).is_err()) {
+                    feed_fact(&mut inputs.facts, user, fact, t, diff);
+                    fed += 1;
                 }
             }
         }
@@ -459,23 +425,14 @@ impl AudienceFeeder {
         let t = *inputs.facts.time();
         let prev = self.prev.entry(seg).or_default();
         let mut left = 0;
+        let fact = (*slot, FactVal::Unit);
         for gone in prev.difference(&members) {
-            feed_fact(
-                &mut inputs.facts,
-                &(gone.clone(), (*slot, FactVal::Unit)),
-                t,
-                -1,
-            );
+            feed_fact(&mut inputs.facts, gone, &fact, t, -1);
             left += 1;
         }
         let mut entered = 0;
         for new in members.difference(prev) {
-            feed_fact(
-                &mut inputs.facts,
-                &(new.clone(), (*slot, FactVal::Unit)),
-                t,
-                1,
-            );
+            feed_fact(&mut inputs.facts, new, &fact, t, 1);
             entered += 1;
         }
         *prev = members;
@@ -483,13 +440,15 @@ impl AudienceFeeder {
     }
 }
 
+/// Feeds `diff` of a user's fact, valid from `t` on.
 fn feed_fact(
     input: &mut InputSession<Time, TimedFact, isize>,
-    (user, fact): &(String, (u32, FactVal)),
+    user: &str,
+    fact: &(u32, FactVal),
     t: Time,
     diff: isize,
 ) {
-    input.update((user.clone(), fact.clone(), t, Time::MAX), diff);
+    input.update((user.to_string(), fact.clone(), t, Time::MAX), diff);
 }
 
 struct Shared {

@@ -116,31 +116,15 @@ fn join(dir: &str, name: &str) -> String {
 }
 
 /// Reads the members of every `FROM CSV` segment (paths relative to the segment file).
-/// With `skipped = Some((job, warnings))`, warns about the `FROM WAREHOUSE` segments,
-/// which `job` does not run.
 pub fn load_lists(
     segments_path: &str,
     plan: &Plan,
-    mut skipped: Option<(&str, &mut Vec<String>)>,
 ) -> Result<BTreeMap<usize, BTreeSet<String>>, EngineError> {
     let mut lists = BTreeMap::new();
     for (i, seg) in plan.segments.iter().enumerate() {
-        match &seg.kind {
-            SegmentKind::List { url, .. } => {
-                let url = resolve_relative(segments_path, url);
-                let members: BTreeSet<String> = herald_connectors::csvlist::read_user_list(&url)?;
-                lists.insert(i, members);
-            }
-            SegmentKind::Warehouse { .. } => {
-                if let Some((job, warnings)) = skipped.as_mut() {
-                    warnings.push(format!(
-                        "segment '{}' is FROM WAREHOUSE: {job} does not run warehouse \
-                         queries (herald run does), so it has no members here",
-                        seg.name
-                    ));
-                }
-            }
-            SegmentKind::Expr(_) => {}
+        if let SegmentKind::List { url, .. } = &seg.kind {
+            let url = resolve_relative(segments_path, url);
+            lists.insert(i, herald_connectors::csvlist::read_user_list(&url)?);
         }
     }
     Ok(lists)
@@ -177,11 +161,16 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         None => None,
     };
 
-    let lists = load_lists(
-        &args.segments,
-        &plan,
-        Some(("replay", &mut summary.warnings)),
-    )?;
+    let lists = load_lists(&args.segments, &plan)?;
+    for seg in &plan.segments {
+        if let SegmentKind::Warehouse { .. } = seg.kind {
+            summary.warnings.push(format!(
+                "segment '{}' is FROM WAREHOUSE: replay does not run warehouse queries \
+                 (herald run does), so it has no members here",
+                seg.name
+            ));
+        }
+    }
 
     let threads = args
         .workers

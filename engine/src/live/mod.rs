@@ -211,7 +211,7 @@ where
             )));
         }
     }
-    let lists = crate::replay::load_lists(&config.engine.segments, &plan, None)?;
+    let lists = crate::replay::load_lists(&config.engine.segments, &plan)?;
     let local_workers = config.engine.workers;
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<SinkMsg>();
     let (export_tx, export_rx) = std::sync::mpsc::channel::<export::ExportMsg>();
