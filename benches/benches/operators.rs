@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the per-event and per-user work on the replay hot path, isolated
-//! from timely: accepting a message (`parse_message`), projecting an event into facts
-//! (`Plan::event_facts`), evaluating every segment for one user (`Plan::evaluate_user`),
-//! and compiling a segment file.
+//! from timely: accepting a message (`parse_message`), applying an event to a user's
+//! segment state (`SegmentState::apply_event`), evaluating every segment of one user at
+//! an instant (`SegmentState::evaluate`), and compiling a segment file.
 //!
 //! Run: `cargo bench -p herald-benches --bench operators`
 //! (figures and machine in `docs/benchmarks.md`).
@@ -10,11 +10,14 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
+use std::rc::Rc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use herald_operators::event::{parse_message, Limits};
 use herald_operators::lang::parse::parse_segments;
-use herald_operators::plan::{FactVal, Plan, TimedFact};
+use herald_operators::plan::Plan;
+use herald_operators::state::SegmentState;
+use herald_operators::time::to_time;
 
 const SEGMENTS: &str = include_str!("../segments20.sql");
 
@@ -29,7 +32,7 @@ fn plan() -> Plan {
 }
 
 fn bench(c: &mut Criterion) {
-    let plan = plan();
+    let plan = Rc::new(plan());
     let mut g = c.benchmark_group("per_event");
     g.throughput(Throughput::Elements(1));
     g.bench_function("parse_message", |b| {
@@ -37,38 +40,42 @@ fn bench(c: &mut Criterion) {
     });
     let (events, _) = parse_message(ORDER, None, Limits::default());
     let event = events.into_iter().next().expect("the bench event parses");
-    let mut out: Vec<TimedFact> = Vec::new();
-    g.bench_function("event_facts_20_segments", |b| {
+    // Applying the same order again and again: its window entries pile up, so the state is
+    // rebuilt every 64 iterations (a user with at most 64 orders in a week).
+    let t = to_time(event.timestamp);
+    let mut state = SegmentState::new(plan.clone(), -1);
+    let mut n = 0;
+    g.bench_function("apply_event_20_segments", |b| {
         b.iter(|| {
-            out.clear();
-            plan.event_facts(black_box(&event), &mut out);
-            out.len()
+            n += 1;
+            if n % 64 == 0 {
+                state = SegmentState::new(plan.clone(), -1);
+            }
+            let u = state.intern(&event.user);
+            state.apply_event(u, black_box(&event), t)
         })
     });
     g.finish();
 
-    // A user with a realistic spread of facts: ten orders, a signup, some views.
-    let mut facts: Vec<TimedFact> = Vec::new();
+    // A user with ten orders an hour apart, evaluated at the last one.
+    let mut state = SegmentState::new(plan.clone(), -1);
+    let u = state.intern(&event.user);
+    let mut last = t;
     for i in 0..10 {
         let mut e = event.clone();
         e.timestamp += i * 3_600_000;
         e.message_id = format!("m-{i}");
-        plan.event_facts(&e, &mut facts);
+        last = to_time(e.timestamp);
+        state.apply_event(u, &e, last);
     }
-    let mut consolidated: Vec<(u32, FactVal)> = facts.into_iter().map(|(_, f, _, _)| f).collect();
-    consolidated.sort();
-    let mut counted: Vec<((u32, FactVal), isize)> = Vec::new();
-    for f in consolidated {
-        match counted.last_mut() {
-            Some((last, n)) if *last == f => *n += 1,
-            _ => counted.push((f, 1)),
-        }
-    }
-    let input: Vec<(&(u32, FactVal), isize)> = counted.iter().map(|(f, n)| (f, *n)).collect();
     let mut g = c.benchmark_group("per_user");
     g.throughput(Throughput::Elements(1));
     g.bench_function("evaluate_user_20_segments", |b| {
-        b.iter(|| plan.evaluate_user(black_box("user-004217"), black_box(&input)))
+        b.iter(|| {
+            let mut changes = 0;
+            state.evaluate(u, black_box(last), &mut |_, _, _| changes += 1);
+            changes
+        })
     });
     g.finish();
 

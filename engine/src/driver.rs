@@ -18,10 +18,11 @@ use std::sync::{Arc, Mutex};
 use differential_dataflow::input::InputSession;
 use herald_connectors::snapshot::merge_sorted;
 use herald_operators::dataflow::{build_segments, SegmentInputs};
-use herald_operators::door::user_hash;
+use herald_operators::dataflow::{user_hash, UserFact};
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
-use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows, TimedFact};
+use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows};
+use herald_operators::state::{StateBytes, StateCounters};
 use herald_operators::time::{to_time, Time};
 use herald_operators::value::Value;
 use indicatif::ProgressBar;
@@ -87,6 +88,10 @@ pub struct DataflowOutput {
     pub messages: Vec<MessageAction>,
     /// Journey events and message actions emitted (kept or not).
     pub journey_counts: (u64, u64),
+    /// Segment state of all workers at `until`, counted from the state structures.
+    pub state: StateBytes,
+    /// All workers' segment state counters.
+    pub counters: StateCounters,
 }
 
 /// A change as a worker captures it: (segment index, user, diff, time).
@@ -177,9 +182,11 @@ pub fn run_dataflow(
         let jcounter = Rc::clone(&jcount);
         let limit = to_time(shared.until);
         let probe = ProbeHandle::new();
+        let mut state = None;
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
             // Replay input is deduplicated by the reader (same rule), so the door need not.
             let (inputs, outputs) = build_segments(scope, plan.clone(), -1, journeys);
+            state = Some(outputs.state);
             outputs
                 .changes
                 .inspect(move |((seg, user), t, r)| {
@@ -225,19 +232,19 @@ pub fn run_dataflow(
         let mut snapshots = SnapshotFeeder::default();
         let mut fed = 0usize;
         let mut counter = 0u64;
-        let mut feed_extra =
-            |inputs: &mut SegmentInputs, at: i64, extra: Extra, fed: &mut usize| match extra {
-                Extra::Snapshot(i) => {
-                    let (snap_at, rows) = &shared.snapshots[i];
-                    *fed += snapshots.apply(&plan, inputs, *snap_at, Arc::clone(rows));
-                }
-                Extra::Lists => *fed += feed_lists(&plan, inputs, &shared.lists, to_time(at)),
-            };
+        let mut feed_extra = |inputs: &mut SegmentInputs, extra: Extra, fed: &mut usize| match extra
+        {
+            Extra::Snapshot(i) => {
+                let (snap_at, rows) = &shared.snapshots[i];
+                *fed += snapshots.apply(&plan, inputs, *snap_at, Arc::clone(rows));
+            }
+            Extra::Lists => *fed += feed_lists(&plan, inputs, &shared.lists),
+        };
         for ev in my_events {
             while let Some(&&(at, extra)) = extras.peek().filter(|(at, _)| *at <= ev.timestamp) {
                 extras.next();
                 advance(&mut inputs, to_time(at));
-                feed_extra(&mut inputs, at, extra, &mut fed);
+                feed_extra(&mut inputs, extra, &mut fed);
             }
             advance(&mut inputs, to_time(ev.timestamp));
             inputs.events.update(ev, 1);
@@ -258,13 +265,17 @@ pub fn run_dataflow(
         }
         for &(at, extra) in extras {
             advance(&mut inputs, to_time(at));
-            feed_extra(&mut inputs, at, extra, &mut fed);
+            feed_extra(&mut inputs, extra, &mut fed);
         }
         // Run the clock past `until` so every lapse up to it is emitted, then stop: later
         // instants are not asked for, so the dataflow is dropped rather than drained.
         inputs.advance_to(limit + 1);
         inputs.flush();
         worker.step_while(|| probe.less_than(&(limit + 1)));
+        let (bytes, counters) = state
+            .as_ref()
+            .map(|s| (s.bytes(), s.counters()))
+            .unwrap_or_default();
         if index == 0 {
             if let Some(hook) = on_caught_up.as_ref() {
                 hook();
@@ -281,7 +292,7 @@ pub fn run_dataflow(
         let result = out.borrow_mut().split_off(0);
         let journey_out = jout.borrow_mut().split_off(0);
         let counts = *jcount.borrow();
-        (result, journey_out, counts)
+        (result, journey_out, counts, bytes, counters)
     })
     .map_err(|e| EngineError::Dataflow(e.to_string()))?;
 
@@ -289,8 +300,13 @@ pub fn run_dataflow(
     let mut journey_rows = Vec::new();
     let mut messages = Vec::new();
     let mut journey_counts = (0, 0);
+    let mut state = StateBytes::default();
+    let mut counters = StateCounters::default();
     for r in guards.join() {
-        let (part, journey_part, counts) = r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
+        let (part, journey_part, counts, bytes, c) =
+            r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
+        state.add(&bytes);
+        counters.add(&c);
         journey_counts.0 += counts.0;
         journey_counts.1 += counts.1;
         for (seg, user, diff, t) in part {
@@ -331,6 +347,8 @@ pub fn run_dataflow(
         journey_rows,
         messages,
         journey_counts,
+        state,
+        counters,
     })
 }
 
@@ -354,7 +372,6 @@ impl SnapshotFeeder {
         at: i64,
         rows: Arc<SnapshotRows>,
     ) -> usize {
-        let t = *inputs.facts.time();
         let empty = SnapshotRows::new();
         let prev = self.prev.as_ref().map_or(&empty, |(_, r)| &**r);
         let mut fed = 0;
@@ -368,7 +385,7 @@ impl SnapshotFeeder {
             let (old, new) = (facts(before), facts(after));
             for (from, to, diff) in [(&old, &new, -1), (&new, &old, 1)] {
                 for fact in from.iter().filter(|f| to.binary_search(f).is_err()) {
-                    feed_fact(&mut inputs.facts, user, fact, t, diff);
+                    feed_fact(&mut inputs.facts, user, fact, diff);
                     fed += 1;
                 }
             }
@@ -379,12 +396,11 @@ impl SnapshotFeeder {
     }
 }
 
-/// Feeds static list members as facts valid from `t` on; returns the number fed.
+/// Feeds static list members as facts, from the inputs' current instant on; returns the number fed.
 pub fn feed_lists(
     plan: &Plan,
     inputs: &mut SegmentInputs,
     lists: &BTreeMap<usize, BTreeSet<String>>,
-    t: Time,
 ) -> usize {
     let mut fed = 0;
     for (seg, members) in lists {
@@ -392,7 +408,7 @@ pub fn feed_lists(
             for user in members {
                 inputs
                     .facts
-                    .update((user.clone(), (slot, FactVal::Unit), t, Time::MAX), 1);
+                    .update((user.clone(), (slot, FactVal::Unit)), 1);
                 fed += 1;
             }
         }
@@ -422,17 +438,16 @@ impl AudienceFeeder {
         else {
             return (0, 0);
         };
-        let t = *inputs.facts.time();
         let prev = self.prev.entry(seg).or_default();
         let mut left = 0;
         let fact = (*slot, FactVal::Unit);
         for gone in prev.difference(&members) {
-            feed_fact(&mut inputs.facts, gone, &fact, t, -1);
+            feed_fact(&mut inputs.facts, gone, &fact, -1);
             left += 1;
         }
         let mut entered = 0;
         for new in members.difference(prev) {
-            feed_fact(&mut inputs.facts, new, &fact, t, 1);
+            feed_fact(&mut inputs.facts, new, &fact, 1);
             entered += 1;
         }
         *prev = members;
@@ -440,15 +455,14 @@ impl AudienceFeeder {
     }
 }
 
-/// Feeds `diff` of a user's fact, valid from `t` on.
+/// Feeds `diff` of a user's fact, from the inputs' current instant on.
 fn feed_fact(
-    input: &mut InputSession<Time, TimedFact, isize>,
+    input: &mut InputSession<Time, UserFact, isize>,
     user: &str,
     fact: &(u32, FactVal),
-    t: Time,
     diff: isize,
 ) {
-    input.update((user.to_string(), fact.clone(), t, Time::MAX), diff);
+    input.update((user.to_string(), fact.clone()), diff);
 }
 
 struct Shared {

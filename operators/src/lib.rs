@@ -7,16 +7,17 @@
 //! - [`lang`]: the segment language: syntax tree, parser with positioned errors, type checker.
 //! - `plan`: compiles a segment file into slots (one per distinct aggregate and trait,
 //!   shared by every segment that uses it) and evaluates segments as functions of time.
-//! - `dataflow`: the timely/differential operators that keep every segment's membership
-//!   exact as facts arrive and as time passes.
+//! - `state`: one worker's per-user segment state and the evaluation of a user at an instant.
+//! - `dataflow`: the keyed timely operator over that state that keeps every segment's
+//!   membership exact as inputs arrive and as time passes.
 
 pub mod dataflow;
-pub mod door;
 pub mod eval;
 pub mod event;
 pub mod journey;
 pub mod lang;
 pub mod plan;
+pub mod state;
 pub mod time;
 pub mod value;
 

@@ -3,14 +3,12 @@
 //! Owns [`Plan`]: the segments in dependency order, and the *slots* every segment reads:
 //! one per distinct aggregate (two segments that write `count(*) FILTER (WHERE event =
 //! 'Order Completed')` share one slot), one per trait name, one per static list or
-//! warehouse audience, plus two presence slots that define the universe. Also owns the
-//! two pure functions the dataflow runs: [`Plan::event_facts`] (an event -> the facts it
-//! contributes, each with the interval of time during which it counts) and
-//! [`Plan::evaluate_user`] (a user's facts -> the intervals of time during which the user
-//! is in each segment).
+//! warehouse audience, plus two presence slots that define the universe. The per-user
+//! state and evaluation over these slots is `state`'s; this module only compiles and
+//! explains.
 //!
-//! Invariant: every time-dependence is expressed as explicit instants in facts and
-//! membership intervals, so the dataflow never polls a clock.
+//! Invariant: every time-dependence is a `now()` comparison the evaluator can turn into
+//! explicit instants (`eval::breakpoints`), so the dataflow never polls a clock.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,9 +17,8 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::ast::{AggKind, Aggregate, EventField, Expr, SegmentBody, SegmentFile};
-use crate::eval::{breakpoints, eval, eval_ref, mentions_now, true_intervals, CExpr, Context};
+use crate::eval::{mentions_now, CExpr, Context};
 use crate::event::Event;
-use crate::time::{to_time, Time};
 use crate::value::Value;
 
 /// Slot of the "has at least one event" presence fact.
@@ -30,10 +27,11 @@ pub const SLOT_SEEN: u32 = 0;
 pub const SLOT_PROFILE: u32 = 1;
 const FIRST_DYNAMIC_SLOT: u32 = 2;
 
-/// The value part of a fact, as stored in the per-user arrangement.
+/// The value part of a fact: an external fact's (snapshot cell, presence, list membership)
+/// or a window entry's.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FactVal {
-    /// Presence; for counts, the multiplicity is the count.
+    /// Presence (profile row, list membership, a counted event).
     Unit,
     /// A value of an aggregate's argument (sum, avg, min, max, count distinct).
     Val(Value),
@@ -41,25 +39,7 @@ pub enum FactVal {
     Ordered(i64, String, Value),
     /// A profile snapshot cell (written at the current snapshot's instant).
     Snap(Value),
-    /// An identify trait write; `fresh` when it is at or after the current snapshot's instant.
-    Write {
-        /// Whether the write is at or after the current snapshot's instant.
-        fresh: bool,
-        /// The write's instant.
-        ts: i64,
-        /// Its message id (tie-break between writes at the same instant).
-        msg: String,
-        /// The written value.
-        val: Value,
-    },
 }
-
-/// A fact with the interval of dataflow time during which it counts: `[from, until)`.
-pub type TimedFact = (String, (u32, FactVal), Time, Time);
-
-/// The segments a user is in, as intervals: `(segment index, from, until)`, `until ==
-/// Time::MAX` meaning for ever. Sorted.
-pub type Membership = Vec<(u16, Time, Time)>;
 
 /// How a segment's membership is defined, after compilation.
 #[derive(Clone, Debug, PartialEq)]
@@ -277,14 +257,14 @@ fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
 
 /// An event as FILTERs and arguments see it; its scalar fields are materialised once, so
 /// every aggregate's FILTER borrows them instead of copying.
-struct EventCtx<'a> {
-    ev: &'a Event,
+pub(crate) struct EventCtx<'a> {
+    pub(crate) ev: &'a Event,
     event: Value,
     kind: Value,
 }
 
 impl<'a> EventCtx<'a> {
-    fn new(ev: &'a Event) -> Self {
+    pub(crate) fn new(ev: &'a Event) -> Self {
         EventCtx {
             ev,
             event: ev.field(&EventField::Event),
@@ -300,41 +280,6 @@ impl Context for EventCtx<'_> {
             EventField::Type => Cow::Borrowed(&self.kind),
             other => Cow::Owned(self.ev.field(other)),
         }
-    }
-}
-
-/// A user's resolved row: aggregate and trait values and the segments evaluated so far.
-struct UserCtx<'a> {
-    user: &'a str,
-    aggs: Vec<Value>,
-    traits: Vec<Value>,
-    /// Membership intervals of the segments evaluated so far.
-    intervals: Vec<Vec<(Time, Time)>>,
-    /// The instant being evaluated, for `in_segment`.
-    now: std::cell::Cell<i64>,
-}
-
-impl Context for UserCtx<'_> {
-    fn user_id(&self) -> Cow<'_, Value> {
-        Cow::Owned(Value::Str(self.user.to_string()))
-    }
-    fn trait_value(&self, slot: usize) -> Cow<'_, Value> {
-        self.traits
-            .get(slot)
-            .map(Cow::Borrowed)
-            .unwrap_or(Cow::Owned(Value::Null))
-    }
-    fn agg(&self, slot: usize) -> Cow<'_, Value> {
-        self.aggs
-            .get(slot)
-            .map(Cow::Borrowed)
-            .unwrap_or(Cow::Owned(Value::Null))
-    }
-    fn in_segment(&self, segment: usize) -> bool {
-        let now = self.now.get().max(0) as Time;
-        self.intervals
-            .get(segment)
-            .is_some_and(|iv| iv.iter().any(|&(a, b)| a <= now && now < b))
     }
 }
 
@@ -446,96 +391,11 @@ impl Plan {
         self.segments.iter().position(|s| s.name == name)
     }
 
-    /// The facts one accepted event contributes, each with the interval of time during
-    /// which it counts (from the event's timestamp on, narrowed by temporal FILTERs).
-    pub fn event_facts(&self, ev: &Event, out: &mut Vec<TimedFact>) {
-        let ctx = EventCtx::new(ev);
-        let start = to_time(ev.timestamp);
-        out.push((
-            ev.user.clone(),
-            (SLOT_SEEN, FactVal::Unit),
-            start,
-            Time::MAX,
-        ));
-        let mut points = Vec::new();
-        for (i, slot) in self.aggs.iter().enumerate() {
-            if self.accumulated_at_door(i) {
-                continue;
-            }
-            let intervals = match &slot.filter {
-                None => vec![(start, Time::MAX)],
-                Some(f) if !slot.temporal => {
-                    if *eval_ref(f, &ctx, ev.timestamp) == Value::Bool(true) {
-                        vec![(start, Time::MAX)]
-                    } else {
-                        continue;
-                    }
-                }
-                Some(f) => {
-                    points.clear();
-                    breakpoints(f, &ctx, &mut points);
-                    true_intervals(start, &mut points, |now| {
-                        *eval_ref(f, &ctx, now) == Value::Bool(true)
-                    })
-                }
-            };
-            if intervals.is_empty() {
-                continue;
-            }
-            let arg = slot
-                .arg
-                .as_ref()
-                .map(|a| eval(a, &ctx, ev.timestamp))
-                .unwrap_or(Value::Null);
-            let val = match slot.agg.kind {
-                AggKind::Count if slot.arg.is_none() => FactVal::Unit,
-                AggKind::Count if arg.is_null() => continue,
-                AggKind::Count if slot.agg.distinct => FactVal::Val(arg),
-                AggKind::Count => FactVal::Unit,
-                AggKind::Sum | AggKind::Avg | AggKind::Min | AggKind::Max => {
-                    if arg.is_null() {
-                        continue;
-                    }
-                    FactVal::Val(arg)
-                }
-                AggKind::First | AggKind::Last => {
-                    FactVal::Ordered(ev.timestamp, ev.message_id.clone(), arg)
-                }
-            };
-            let slot = self.agg_slot(i);
-            for (from, until) in intervals {
-                out.push((ev.user.clone(), (slot, val.clone()), from, until));
-            }
-        }
-    }
-
-    /// Whether aggregate `i` is kept as a running value at the door (see `door`): every
-    /// aggregate without a time window except counts, which consolidate by themselves.
+    /// Whether aggregate `i` is kept as a running value (see `state`): every aggregate
+    /// without a time window except counts, which keep a counter or a distinct set.
     pub fn accumulated_at_door(&self, i: usize) -> bool {
         let a = &self.aggs[i];
         !a.temporal && !matches!(a.agg.kind, AggKind::Count)
-    }
-
-    /// For the aggregates kept at the door (`accumulated`, indices into `aggs`): the
-    /// position in `accumulated` and the argument value of each whose FILTER holds for
-    /// the event (NULL argument for `count(*)`).
-    pub fn door_args(&self, ev: &Event, accumulated: &[usize], out: &mut Vec<(usize, Value)>) {
-        let ctx = EventCtx::new(ev);
-        for (k, &i) in accumulated.iter().enumerate() {
-            let slot = &self.aggs[i];
-            let holds = match &slot.filter {
-                None => true,
-                Some(f) => *eval_ref(f, &ctx, ev.timestamp) == Value::Bool(true),
-            };
-            if holds {
-                let v = slot
-                    .arg
-                    .as_ref()
-                    .map(|a| eval(a, &ctx, ev.timestamp))
-                    .unwrap_or(Value::Null);
-                out.push((k, v));
-            }
-        }
     }
 
     /// The trait index of a trait fact slot.
@@ -549,105 +409,6 @@ impl Plan {
             .into_iter()
             .filter_map(|(name, v)| self.trait_index(&name).map(|i| (self.trait_slot(i), v)))
             .collect()
-    }
-
-    /// Evaluates every segment for one user from the user's consolidated facts (sorted by
-    /// slot, as an arrangement holds them), as intervals of time. A user outside the
-    /// universe (no event, no profile row) is in no expression segment.
-    pub fn evaluate_user(&self, user: &str, facts: &[(&(u32, FactVal), isize)]) -> Membership {
-        self.evaluate(user, facts, None)
-    }
-
-    /// [`Plan::evaluate_user`], also pushing the current value of every exposed trait
-    /// (`(position in exposed, value)`, NULL values left out) to `exposed`.
-    pub fn evaluate(
-        &self,
-        user: &str,
-        facts: &[(&(u32, FactVal), isize)],
-        exposed: Option<&mut Vec<(u16, Value)>>,
-    ) -> Membership {
-        let n_aggs = self.aggs.len();
-        let n_traits = self.traits.len();
-        let mut seen = false;
-        let mut lists: Vec<u32> = Vec::new();
-        // Per aggregate: the facts of its slot.
-        let mut per_slot: Vec<&[(&(u32, FactVal), isize)]> = vec![&[]; n_aggs + n_traits];
-        let mut i = 0;
-        while i < facts.len() {
-            let slot = facts[i].0 .0;
-            let mut j = i;
-            while j < facts.len() && facts[j].0 .0 == slot {
-                j += 1;
-            }
-            let live = facts[i..j].iter().any(|(_, r)| *r > 0);
-            if slot == SLOT_SEEN || slot == SLOT_PROFILE {
-                seen |= live;
-            } else {
-                let k = (slot - FIRST_DYNAMIC_SLOT) as usize;
-                if k < n_aggs + n_traits {
-                    per_slot[k] = &facts[i..j];
-                } else if live {
-                    lists.push(slot);
-                }
-            }
-            i = j;
-        }
-        let aggs: Vec<Value> = (0..n_aggs)
-            .map(|k| aggregate(&self.aggs[k].agg, per_slot[k]))
-            .collect();
-        let traits: Vec<Value> = (0..n_traits)
-            .map(|k| resolve_trait(per_slot[n_aggs + k]))
-            .collect();
-        if let Some(out) = exposed {
-            for (i, &k) in self.exposed.iter().enumerate() {
-                if !traits[k].is_null() {
-                    out.push((i as u16, traits[k].clone()));
-                }
-            }
-        }
-        let mut ctx = UserCtx {
-            user,
-            aggs,
-            traits,
-            intervals: vec![Vec::new(); self.segments.len()],
-            now: std::cell::Cell::new(0),
-        };
-        // Each segment is evaluated only at the instants where it can change: its own
-        // now() breakpoints and the boundaries of the segments it references (evaluated
-        // first, in dependency order).
-        let mut points = Vec::new();
-        let mut out: Membership = Vec::new();
-        for &si in &self.order {
-            let iv = match &self.segments[si].kind {
-                SegmentKind::Expr(e) if seen => {
-                    points.clear();
-                    breakpoints(e, &ctx, &mut points);
-                    for &d in &self.refs[si] {
-                        for &(a, b) in &ctx.intervals[d] {
-                            points.push(a as i64);
-                            if b != Time::MAX {
-                                points.push(b as i64);
-                            }
-                        }
-                    }
-                    true_intervals(0, &mut points, |now| {
-                        ctx.now.set(now);
-                        *eval_ref(e, &ctx, now) == Value::Bool(true)
-                    })
-                }
-                SegmentKind::Expr(_) => Vec::new(),
-                SegmentKind::List { slot, .. } | SegmentKind::Warehouse { slot, .. }
-                    if lists.contains(slot) =>
-                {
-                    vec![(0, Time::MAX)]
-                }
-                SegmentKind::List { .. } | SegmentKind::Warehouse { .. } => Vec::new(),
-            };
-            out.extend(iv.iter().map(|&(a, b)| (si as u16, a, b)));
-            ctx.intervals[si] = iv;
-        }
-        out.sort_unstable();
-        out
     }
 
     /// A human-readable plan: slots and which segments share them.
@@ -731,96 +492,6 @@ impl Plan {
             let _ = writeln!(s, "  {name}  used by {}", users.join(", "));
         }
         s
-    }
-}
-
-/// Computes an aggregate from its slot's consolidated facts.
-fn aggregate(agg: &Aggregate, facts: &[(&(u32, FactVal), isize)]) -> Value {
-    let live = facts.iter().filter(|(_, r)| *r > 0);
-    match agg.kind {
-        AggKind::Count => {
-            if agg.distinct {
-                Value::num(live.count() as f64)
-            } else {
-                Value::num(live.map(|(_, r)| *r as f64).sum())
-            }
-        }
-        AggKind::Sum | AggKind::Avg | AggKind::Min | AggKind::Max => {
-            let vals: Vec<(&Value, isize)> = live
-                .filter_map(|((_, f), r)| match f {
-                    FactVal::Val(v) => Some((v, *r)),
-                    _ => None,
-                })
-                .collect();
-            let Some(rank) = vals.iter().map(|(v, _)| type_rank(v)).max() else {
-                return Value::Null;
-            };
-            let mut of_rank = vals.into_iter().filter(|(v, _)| type_rank(v) == rank);
-            match agg.kind {
-                AggKind::Min => of_rank
-                    .next()
-                    .map(|(v, _)| v.clone())
-                    .unwrap_or(Value::Null),
-                AggKind::Max => of_rank
-                    .next_back()
-                    .map(|(v, _)| v.clone())
-                    .unwrap_or(Value::Null),
-                _ if rank != 4 => Value::Null,
-                AggKind::Sum => Value::num(
-                    of_rank
-                        .map(|(v, r)| v.as_f64().unwrap_or(0.0) * r as f64)
-                        .sum(),
-                ),
-                _ => {
-                    let (sum, n) = of_rank.fold((0.0, 0.0), |(s, n), (v, r)| {
-                        (s + v.as_f64().unwrap_or(0.0) * r as f64, n + r as f64)
-                    });
-                    Value::num(sum / n)
-                }
-            }
-        }
-        AggKind::First | AggKind::Last => {
-            let mut ordered = live.filter_map(|((_, f), _)| match f {
-                FactVal::Ordered(_, _, v) => Some(v),
-                _ => None,
-            });
-            let v = if agg.kind == AggKind::First {
-                ordered.next()
-            } else {
-                ordered.next_back()
-            };
-            v.cloned().unwrap_or(Value::Null)
-        }
-    }
-}
-
-/// A trait's current value: the latest identify write if it is at or after the current
-/// snapshot, else the snapshot's cell, else the latest (older) identify write, else NULL.
-fn resolve_trait(facts: &[(&(u32, FactVal), isize)]) -> Value {
-    let mut snap: Option<&Value> = None;
-    let mut latest: Option<(i64, &str, bool, &Value)> = None;
-    for ((_, f), r) in facts {
-        if *r <= 0 {
-            continue;
-        }
-        match f {
-            FactVal::Snap(v) => snap = Some(v),
-            FactVal::Write {
-                fresh,
-                ts,
-                msg,
-                val,
-            } if latest.is_none_or(|(t, m, _, _)| (*ts, msg.as_str()) > (t, m)) => {
-                latest = Some((*ts, msg, *fresh, val));
-            }
-            _ => {}
-        }
-    }
-    match (latest, snap) {
-        (Some((_, _, true, v)), _) => v.clone(),
-        (_, Some(v)) => v.clone(),
-        (Some((_, _, false, v)), None) => v.clone(),
-        (None, None) => Value::Null,
     }
 }
 

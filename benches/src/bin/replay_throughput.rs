@@ -2,9 +2,10 @@
 //! and how much state it keeps.
 //!
 //! Isolates the dataflow: inputs are read and parsed first (timed separately), then the
-//! dataflow runs to `--until`. Memory: resident set before the dataflow (inputs loaded),
-//! at the instant the dataflow has caught up with `--until` (its state is live), and the
-//! peak in between. State per user = (RSS at catch-up - RSS before) / users.
+//! dataflow runs to `--until`. State is counted from the state structures themselves at
+//! the instant the dataflow has caught up with `--until` (bytes per user, in-window
+//! entries and their bytes, timers); the resident set before the dataflow, at catch-up
+//! and at its peak is printed beside it.
 //!
 //! Run via `benches/replay_throughput.sh` (generates 1M events for 100k users and runs
 //! this twice to separate per-user state from per-in-window-event state), or by hand:
@@ -22,8 +23,7 @@ use herald_engine::check::load_segments;
 use herald_engine::driver::{run_dataflow, DataflowInput};
 use herald_engine::replay::parse_profile_arg;
 use herald_operators::event::Limits;
-use herald_operators::plan::TimedFact;
-use herald_operators::time::{parse_rfc3339_ms, to_time};
+use herald_operators::time::parse_rfc3339_ms;
 
 /// Replay throughput and state size.
 #[derive(Parser, Debug)]
@@ -70,21 +70,6 @@ fn main() -> anyhow::Result<()> {
         users.extend(rows.keys().map(String::as_str));
     }
     let n_users = users.len() as u64;
-    // Facts whose window still holds at `until`: the in-window state.
-    let mut facts: Vec<TimedFact> = Vec::new();
-    let mut in_window = 0u64;
-    let mut total_facts = 0u64;
-    for e in &events {
-        facts.clear();
-        plan.event_facts(e, &mut facts);
-        total_facts += facts.len() as u64;
-        in_window += facts
-            .iter()
-            .filter(|(_, _, from, until_)| {
-                *until_ != u64::MAX && *from <= to_time(until) && to_time(until) < *until_
-            })
-            .count() as u64;
-    }
     let first = events.iter().map(|e| e.timestamp).min().unwrap_or(until);
     let n_events = events.len() as u64;
     let n_segments = plan.segments.len();
@@ -123,7 +108,6 @@ fn main() -> anyhow::Result<()> {
     println!("segments            {n_segments}");
     println!("events applied      {}", out.applied);
     println!("users               {n_users}");
-    println!("facts               {total_facts} ({in_window} in a window at --until)");
     println!("changes             {}", out.changes.len());
     println!("workers             {}", args.workers);
     println!(
@@ -139,11 +123,33 @@ fn main() -> anyhow::Result<()> {
     println!("rss before dataflow {:.1} MiB", mib(rss_before));
     println!("rss at --until      {:.1} MiB", mib(caught_up));
     println!("peak rss (dataflow) {:.1} MiB", mib(peak));
+    let st = &out.state;
     println!(
-        "state               {:.1} MiB = {:.0} bytes/user",
+        "state (rss)         {:.1} MiB = {:.0} bytes/user (rss at --until - rss before)",
         mib(state),
         state as f64 / n_users.max(1) as f64
     );
-    println!("METRICS state_bytes={state} users={n_users} in_window={in_window} events={n_events} seconds={:.3}", elapsed.as_secs_f64());
+    println!(
+        "state (counted)     {:.1} MiB: {:.0} bytes/user, {} in-window entries at {:.1} bytes each, timers {:.1} MiB",
+        mib(st.per_user + st.window_bytes + st.timers),
+        st.per_user as f64 / st.users.max(1) as f64,
+        st.in_window,
+        st.window_bytes as f64 / st.in_window.max(1) as f64,
+        mib(st.timers)
+    );
+    println!(
+        "evaluations         {} ({:.2} per event)",
+        out.counters.evaluations,
+        out.counters.evaluations as f64 / out.applied.max(1) as f64
+    );
+    println!(
+        "METRICS state_bytes={state} users={n_users} state_users={} per_user_bytes={} in_window={} window_bytes={} timer_bytes={} events={n_events} seconds={:.3}",
+        st.users,
+        st.per_user,
+        st.in_window,
+        st.window_bytes,
+        st.timers,
+        elapsed.as_secs_f64()
+    );
     Ok(())
 }

@@ -244,10 +244,6 @@ impl Default for Metrics {
 impl Metrics {
     /// The registry as OpenMetrics text.
     pub fn encode(&self) -> String {
-        let seen =
-            herald_operators::door::DUPLICATE_EVENTS.load(std::sync::atomic::Ordering::Relaxed);
-        self.duplicates
-            .inc_by(seen.saturating_sub(self.duplicates.get()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -136,7 +136,7 @@ impl Live {
     /// Hands an event to the local worker that owns its user (embedded mode).
     pub fn ingest(&self, ev: Event) -> Result<(), IngestError> {
         let n = self.ingest.len() as u64;
-        let i = (herald_operators::door::user_hash(&ev.user) % n) as usize;
+        let i = (herald_operators::dataflow::user_hash(&ev.user) % n) as usize;
         self.ingest[i].try_send(ev).map_err(|e| match e {
             std::sync::mpsc::TrySendError::Full(_) => IngestError::Overloaded,
             std::sync::mpsc::TrySendError::Disconnected(_) => IngestError::Stopped,

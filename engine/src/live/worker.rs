@@ -174,6 +174,7 @@ fn run(
     let dedup_horizon_ms = live.config.dedup_horizon_ms().map_err(|e| e.to_string())?;
     let probe = ProbeHandle::new();
     let sink = live.sink.clone();
+    let mut state = None;
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
         let journeys = live.journeys.clone().map(Rc::new);
         let (inputs, outputs) = build_segments(scope, plan.clone(), dedup_horizon_ms, journeys);
@@ -186,6 +187,7 @@ fn run(
             })
             .probe_with(&probe);
         }
+        state = Some(outputs.state);
         let changes = outputs.changes;
         changes
             .inspect(move |((seg, user), t, r)| {
@@ -205,7 +207,7 @@ fn run(
     inputs.advance_to(cur);
     if index == 0 {
         inputs.set_snapshot_clock(None, i64::MIN);
-        feed_lists(&plan, &mut inputs, &live.lists, cur);
+        feed_lists(&plan, &mut inputs, &live.lists);
     }
     inputs.flush();
 
@@ -222,6 +224,7 @@ fn run(
     let mut stop_seen: Option<Instant> = None;
     let mut last_commit = Instant::now();
     let mut stalled_at: (Time, Instant) = (0, Instant::now());
+    let mut dups_seen = 0u64;
 
     loop {
         let stop_at = live.stop_at.load(Ordering::Acquire);
@@ -304,6 +307,13 @@ fn run(
         }
         inputs.flush();
         worker.step_or_park(Some(tick));
+        if let Some(st) = &state {
+            let dups = st.counters().duplicates;
+            live.metrics
+                .duplicates
+                .inc_by(dups.saturating_sub(dups_seen));
+            dups_seen = dups;
+        }
 
         // Progress: local worker 0 tells its process's sink how far the output is done.
         let frontier = probe.with_frontier(|f| f.iter().min().copied().unwrap_or(Time::MAX));
@@ -400,6 +410,13 @@ fn run(
             break;
         }
         worker.step_or_park(Some(tick));
+        if let Some(st) = &state {
+            let dups = st.counters().duplicates;
+            live.metrics
+                .duplicates
+                .inc_by(dups.saturating_sub(dups_seen));
+            dups_seen = dups;
+        }
     }
     if let Some(c) = &consumer {
         commit_durable(

@@ -20,9 +20,9 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use crate::door::user_hash;
 use crate::journey::compile::JourneySet;
 use crate::journey::machine::{JIn, JOut, Machine};
+use crate::state::user_hash;
 use crate::time::Time;
 
 /// Users stepped per activation before the operator yields (and asks to run again).

@@ -1,0 +1,996 @@
+//! Per-user segment state, kept compactly, and the evaluation of every segment of one user
+//! at one instant.
+//!
+//! Owns [`SegmentState`]: one worker's share of the users (interned to `u32` indices; the
+//! user key string is kept once, for output), each user's state as a short sorted list of
+//! *cells* (one per aggregate, trait or list the user has touched, nothing for the rest),
+//! and one timer per user at the next instant its membership could change by time alone.
+//! What each aggregate keeps is what it needs and no more:
+//!
+//! * window-free `count`: a counter; window-free `count(DISTINCT x)`: the set of 128-bit
+//!   fingerprints of the distinct values;
+//! * window-free `sum/avg/min/max/first/last`: the running value (events are never
+//!   retracted, so nothing else can matter);
+//! * an aggregate whose FILTER reads `now()`: each matching event's validity interval
+//!   (and value, where the aggregate reads one), dropped once the interval has passed;
+//! * a trait: the current snapshot's cell and the latest identify write.
+//!
+//! [`SegmentState::evaluate`] computes every segment at instant `t` from the cells, emits
+//! the difference from the user's previous membership, and returns the next instant at
+//! which anything could change without new input: the earliest window boundary and the
+//! earliest `now()` breakpoint of any segment given the values at `t`. Because every
+//! condition is constant between those instants (see `eval::breakpoints`), evaluating at
+//! the inputs' instants and at these wake-ups is exact at millisecond resolution: the same
+//! membership the interval evaluation (`Plan::evaluate`) and the reference evaluator give.
+//!
+//! Invariants: state is plain data (no `Rc`, no pointers into other users), partitioned by
+//! user; evaluation is idempotent, so a spurious wake-up changes nothing.
+
+use std::borrow::Cow;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+
+use hashbrown::HashTable;
+use serde::{Deserialize, Serialize};
+
+use crate::ast::AggKind;
+use crate::eval::{breakpoints, eval, eval_ref, true_intervals, Context};
+use crate::event::Event;
+use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE};
+use crate::time::{to_time, Time};
+use crate::value::Value;
+
+/// A running accumulator for one window-free (user, aggregate).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Acc {
+    Sum(f64),
+    Avg(f64, f64),
+    /// Min or max: the best value of the highest-ranked type seen.
+    Extreme(Value),
+    /// First or last: `(timestamp, message id, value)`.
+    Ordered(Box<(i64, Box<str>, Value)>),
+}
+
+impl Acc {
+    fn value(&self) -> Cow<'_, Value> {
+        match self {
+            Acc::Sum(s) => Cow::Owned(Value::num(*s)),
+            Acc::Avg(s, n) => Cow::Owned(Value::num(s / n)),
+            Acc::Extreme(v) => Cow::Borrowed(v),
+            Acc::Ordered(b) => Cow::Borrowed(&b.2),
+        }
+    }
+}
+
+/// Folds one event's contribution into an accumulator; returns the new accumulator, or
+/// `None` when it does not move.
+pub(crate) fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Event, v: Value) -> Option<Acc> {
+    match kind {
+        AggKind::Sum | AggKind::Avg => {
+            let x = v.as_f64()?;
+            Some(match (kind, acc) {
+                (AggKind::Sum, Some(Acc::Sum(s))) => Acc::Sum(s + x),
+                (AggKind::Sum, _) => Acc::Sum(x),
+                (_, Some(Acc::Avg(s, n))) => Acc::Avg(s + x, n + 1.0),
+                _ => Acc::Avg(x, 1.0),
+            })
+        }
+        AggKind::Min | AggKind::Max => {
+            if v.is_null() {
+                return None;
+            }
+            match acc {
+                Some(Acc::Extreme(cur)) => {
+                    let better = match type_rank(&v).cmp(&type_rank(cur)) {
+                        Ordering::Greater => true,
+                        Ordering::Less => false,
+                        Ordering::Equal if kind == AggKind::Min => v < *cur,
+                        Ordering::Equal => v > *cur,
+                    };
+                    better.then_some(Acc::Extreme(v))
+                }
+                _ => Some(Acc::Extreme(v)),
+            }
+        }
+        AggKind::First | AggKind::Last => {
+            let key = (ev.timestamp, ev.message_id.as_str());
+            let better = match acc {
+                Some(Acc::Ordered(b)) => {
+                    let cur = (b.0, &*b.1);
+                    if kind == AggKind::First {
+                        key < cur
+                    } else {
+                        key > cur
+                    }
+                }
+                _ => true,
+            };
+            better.then(|| Acc::Ordered(Box::new((ev.timestamp, ev.message_id.as_str().into(), v))))
+        }
+        AggKind::Count => None,
+    }
+}
+
+/// One slot of one user's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Cell {
+    /// Window-free `count(*)` / `count(x)`: matching events.
+    Count(u64),
+    /// Window-free `count(DISTINCT x)`: fingerprints of the distinct values, sorted.
+    Distinct(Vec<u128>),
+    /// Window-free `sum/avg/min/max/first/last`: the running value.
+    Acc(Acc),
+    /// A windowed count: each matching event's validity interval `[from, until)`.
+    WinCount(Vec<(Time, Time)>),
+    /// A windowed aggregate of values: each matching event's interval and value.
+    WinVal(Vec<(Time, Time, FactVal)>),
+    /// A trait: the current snapshot's cell and the latest identify write
+    /// `(timestamp, message id, value)`.
+    Trait(Option<Value>, Option<Box<(i64, Box<str>, Value)>>),
+    /// A static list or warehouse audience: membership multiplicity.
+    List(i32),
+}
+
+/// Segment membership bits, inline up to 64 segments (hidden ones included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Bits {
+    Inline(u64),
+    Heap(Box<[u64]>),
+}
+
+impl Bits {
+    fn new(n: usize) -> Bits {
+        if n <= 64 {
+            Bits::Inline(0)
+        } else {
+            Bits::Heap(vec![0; n.div_ceil(64)].into_boxed_slice())
+        }
+    }
+    fn get(&self, i: usize) -> bool {
+        match self {
+            Bits::Inline(w) => i < 64 && w >> i & 1 == 1,
+            Bits::Heap(ws) => ws.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1),
+        }
+    }
+    fn set(&mut self, i: usize, on: bool) {
+        let (w, b) = match self {
+            Bits::Inline(w) => (w, i),
+            Bits::Heap(ws) => (&mut ws[i / 64], i % 64),
+        };
+        if on {
+            *w |= 1 << b;
+        } else {
+            *w &= !(1 << b);
+        }
+    }
+}
+
+/// One user's state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct User {
+    key: Box<str>,
+    members: Bits,
+    /// The instant from which the user has an event (`Time::MAX`: none yet).
+    seen_from: Time,
+    /// Multiplicity of the user's row in the current profile snapshot.
+    profile: i32,
+    /// The earliest instant this user has an entry in the timer heap (`Time::MAX`: none).
+    scheduled: Time,
+    /// Cells by fact slot, sorted.
+    cells: Vec<(u32, Cell)>,
+}
+
+impl User {
+    fn cell_mut(&mut self, slot: u32, new: impl FnOnce() -> Cell) -> &mut Cell {
+        let i = match self.cells.binary_search_by_key(&slot, |(s, _)| *s) {
+            Ok(i) => i,
+            Err(i) => {
+                self.cells.insert(i, (slot, new()));
+                i
+            }
+        };
+        &mut self.cells[i].1
+    }
+}
+
+/// What the segment state emits, with the user key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StateOut {
+    /// A membership change of a segment (plan index, hidden ones included); the diff is
+    /// on the update.
+    Change(u16),
+    /// An accepted event the journeys listen to.
+    Event(Event),
+    /// A change of an exposed trait's value (`(position in Plan::exposed, value)`).
+    Trait(u16, Value),
+}
+
+/// Bytes of state, counted from the structures themselves (sizes and heap capacities,
+/// not allocator overhead).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateBytes {
+    /// Users held.
+    pub users: u64,
+    /// Bytes of per-user state that does not grow with events in windows: the user record,
+    /// its key, membership bits, running values, traits, lists, the index entry.
+    pub per_user: u64,
+    /// Entries held for events inside a time window (interval and value each).
+    pub in_window: u64,
+    /// Bytes of those entries.
+    pub window_bytes: u64,
+    /// Bytes of the timer heap.
+    pub timers: u64,
+    /// Bytes of the dedup window (live mode).
+    pub dedup: u64,
+}
+
+impl StateBytes {
+    /// Sums two workers' figures.
+    pub fn add(&mut self, o: &StateBytes) {
+        self.users += o.users;
+        self.per_user += o.per_user;
+        self.in_window += o.in_window;
+        self.window_bytes += o.window_bytes;
+        self.timers += o.timers;
+        self.dedup += o.dedup;
+    }
+}
+
+/// Counters a worker's segment state keeps; read through the state handle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounters {
+    /// Events applied.
+    pub events: u64,
+    /// Duplicate events dropped (same user and `messageId` within the horizon).
+    pub duplicates: u64,
+    /// Event retractions seen (events are append-only; these are ignored).
+    pub retracted: u64,
+    /// User evaluations (at inputs and at wake-ups).
+    pub evaluations: u64,
+}
+
+impl StateCounters {
+    /// Sums two workers' counters.
+    pub fn add(&mut self, o: &StateCounters) {
+        self.events += o.events;
+        self.duplicates += o.duplicates;
+        self.retracted += o.retracted;
+        self.evaluations += o.evaluations;
+    }
+}
+
+/// Remembers `(user, messageId)` pairs seen within the dedup horizon, per worker.
+///
+/// A message is a duplicate when the same user sent the same id with a timestamp at most
+/// `horizon_ms` away. Entries are forgotten once the dataflow clock is a horizon past
+/// the instant they *arrived* (checked every few thousand admissions), so memory is
+/// bounded by the events of one horizon, and old-timestamped events (a rebuild from a
+/// topic's start) are remembered as long as fresh ones. A negative horizon disables it.
+/// Keys are 128-bit xxh3 hashes; values are (event timestamp, arrival instant).
+#[derive(Clone, Debug, Default)]
+struct Dedup {
+    horizon_ms: i64,
+    seen: HashMap<u128, (i64, Time)>,
+    since_prune: usize,
+}
+
+impl Dedup {
+    fn admit(&mut self, ev: &Event, now: Time) -> bool {
+        if self.horizon_ms < 0 {
+            return true;
+        }
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(ev.user.as_bytes());
+        h.update(&[0]);
+        h.update(ev.message_id.as_bytes());
+        let key = h.digest128();
+        if let Some((first, _)) = self.seen.get(&key) {
+            if ev.timestamp.abs_diff(*first) <= self.horizon_ms as u64 {
+                return false;
+            }
+        }
+        self.seen.insert(key, (ev.timestamp, now));
+        self.since_prune += 1;
+        if self.since_prune >= 4096.max(self.seen.len()) {
+            self.since_prune = 0;
+            let cutoff = now.saturating_sub(self.horizon_ms as u64);
+            self.seen.retain(|_, (_, arrived)| *arrived >= cutoff);
+        }
+        true
+    }
+}
+
+/// The 128-bit fingerprint of a value, for distinct counts: equal values (the language's
+/// equality: `1` and `1.0`, `0` and `-0`) have equal fingerprints.
+fn fingerprint(v: &Value) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    match v {
+        Value::Null => h.update(&[0]),
+        Value::Bool(b) => h.update(&[1, *b as u8]),
+        Value::Num(n) => {
+            let x = if n.0 == 0.0 { 0.0f64 } else { n.0 };
+            h.update(&[2]);
+            h.update(&x.to_bits().to_le_bytes());
+        }
+        Value::Str(s) => {
+            h.update(&[3]);
+            h.update(s.as_bytes());
+        }
+        Value::Ts(t) => {
+            h.update(&[4]);
+            h.update(&t.to_le_bytes());
+        }
+    }
+    h.digest128()
+}
+
+/// The hash that places a user's state on a worker. Readers that split events by this
+/// hash modulo the worker count keep the exchange local.
+pub fn user_hash(user: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(user.as_bytes())
+}
+
+/// A user's row at one instant, as segment expressions read it.
+struct Row<'a> {
+    user: &'a str,
+    aggs: Vec<Cow<'a, Value>>,
+    traits: Vec<Cow<'a, Value>>,
+    members: Bits,
+}
+
+static NULL: Value = Value::Null;
+
+impl Context for Row<'_> {
+    fn user_id(&self) -> Cow<'_, Value> {
+        Cow::Owned(Value::Str(self.user.to_string()))
+    }
+    fn trait_value(&self, slot: usize) -> Cow<'_, Value> {
+        Cow::Borrowed(self.traits.get(slot).map_or(&NULL, |v| &**v))
+    }
+    fn agg(&self, slot: usize) -> Cow<'_, Value> {
+        Cow::Borrowed(self.aggs.get(slot).map_or(&NULL, |v| &**v))
+    }
+    fn in_segment(&self, segment: usize) -> bool {
+        self.members.get(segment)
+    }
+}
+
+/// A windowed aggregate's value at `t` over the entries active at `t`.
+fn window_value(kind: AggKind, distinct: bool, facts: &[(Time, Time, FactVal)], t: Time) -> Value {
+    let active = facts
+        .iter()
+        .filter(|(f, u, _)| *f <= t && t < *u)
+        .map(|x| &x.2);
+    match kind {
+        AggKind::Count => {
+            if distinct {
+                let mut vals: Vec<&FactVal> = active.collect();
+                vals.sort_unstable();
+                vals.dedup();
+                Value::num(vals.len() as f64)
+            } else {
+                Value::num(active.count() as f64)
+            }
+        }
+        AggKind::Sum | AggKind::Avg | AggKind::Min | AggKind::Max => {
+            let vals = || {
+                active.clone().filter_map(|f| match f {
+                    FactVal::Val(v) => Some(v),
+                    _ => None,
+                })
+            };
+            let Some(rank) = vals().map(type_rank).max() else {
+                return Value::Null;
+            };
+            let of_rank = vals().filter(|v| type_rank(v) == rank);
+            match kind {
+                AggKind::Min => of_rank.min().cloned().unwrap_or(Value::Null),
+                AggKind::Max => of_rank.max().cloned().unwrap_or(Value::Null),
+                _ if rank != 4 => Value::Null,
+                AggKind::Sum => Value::num(of_rank.filter_map(Value::as_f64).sum()),
+                _ => {
+                    let (s, n) = of_rank
+                        .filter_map(Value::as_f64)
+                        .fold((0.0, 0.0), |(s, n), x| (s + x, n + 1.0));
+                    Value::num(s / n)
+                }
+            }
+        }
+        AggKind::First | AggKind::Last => {
+            let ordered = active.filter(|f| matches!(f, FactVal::Ordered(..)));
+            let best = if kind == AggKind::First {
+                ordered.min()
+            } else {
+                ordered.max()
+            };
+            match best {
+                Some(FactVal::Ordered(_, _, v)) => v.clone(),
+                _ => Value::Null,
+            }
+        }
+    }
+}
+
+/// One worker's segment state; see the module docs.
+pub struct SegmentState {
+    plan: std::rc::Rc<Plan>,
+    index: HashTable<u32>,
+    users: Vec<User>,
+    /// Wake-ups `(instant, user)`; an entry is live while it equals the user's `scheduled`.
+    timers: BinaryHeap<Reverse<(Time, u32)>>,
+    /// Window-free count contributions of future-dated events, until their instant.
+    pending: HashMap<u32, Vec<(Time, u32, FactVal)>>,
+    /// Multiplicity of each snapshot clock value fed; the current one is the greatest live.
+    clock_counts: std::collections::BTreeMap<i64, isize>,
+    clock: i64,
+    /// Exposed trait values last reported per user (journeys only).
+    exposed: HashMap<u32, Vec<(u16, Value)>>,
+    dedup: Dedup,
+    counters: StateCounters,
+    /// Per-aggregate facts: `(kind, distinct, windowed, accumulated)`.
+    agg_kinds: Vec<(AggKind, bool, bool, bool)>,
+    list_base: u32,
+    n_segments: usize,
+    points: Vec<i64>,
+}
+
+impl SegmentState {
+    /// Empty state for `plan`, dropping events whose user and `messageId` repeat within
+    /// `dedup_horizon_ms` (negative: no dedup).
+    pub fn new(plan: std::rc::Rc<Plan>, dedup_horizon_ms: i64) -> SegmentState {
+        let agg_kinds = (0..plan.aggs.len())
+            .map(|i| {
+                let a = &plan.aggs[i];
+                (
+                    a.agg.kind,
+                    a.agg.distinct,
+                    a.temporal,
+                    plan.accumulated_at_door(i),
+                )
+            })
+            .collect();
+        let list_base = plan.trait_slot(plan.traits.len());
+        let n_segments = plan.segments.len();
+        SegmentState {
+            plan,
+            index: HashTable::new(),
+            users: Vec::new(),
+            timers: BinaryHeap::new(),
+            pending: HashMap::new(),
+            clock_counts: Default::default(),
+            clock: i64::MIN,
+            exposed: HashMap::new(),
+            dedup: Dedup {
+                horizon_ms: dedup_horizon_ms,
+                ..Dedup::default()
+            },
+            counters: StateCounters::default(),
+            agg_kinds,
+            list_base,
+            n_segments,
+            points: Vec::new(),
+        }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> StateCounters {
+        self.counters
+    }
+
+    /// The index of `user`, interning it if new.
+    pub fn intern(&mut self, user: &str) -> u32 {
+        let h = user_hash(user);
+        let users = &self.users;
+        if let Some(&i) = self.index.find(h, |&i| &*users[i as usize].key == user) {
+            return i;
+        }
+        let i = self.users.len() as u32;
+        self.users.push(User {
+            key: user.into(),
+            members: Bits::new(self.n_segments),
+            seen_from: Time::MAX,
+            profile: 0,
+            scheduled: Time::MAX,
+            cells: Vec::new(),
+        });
+        let users = &self.users;
+        self.index
+            .insert_unique(h, i, |&j| user_hash(&users[j as usize].key));
+        i
+    }
+
+    /// The key of user `u`.
+    pub fn key(&self, u: u32) -> &str {
+        &self.users[u as usize].key
+    }
+
+    /// Sets the snapshot clock: `diff` of value `at` (the driver retracts the old instant
+    /// and adds the new). Returns whether the current clock moved; if so, every user with
+    /// an identify write whose freshness flips is pushed to `dirty`.
+    pub fn update_clock(&mut self, at: i64, diff: isize, dirty: &mut Vec<u32>) -> bool {
+        let c = self.clock_counts.entry(at).or_default();
+        *c += diff;
+        if *c == 0 {
+            self.clock_counts.remove(&at);
+        }
+        let new = self
+            .clock_counts
+            .iter()
+            .rev()
+            .find(|(_, n)| **n > 0)
+            .map_or(i64::MIN, |(a, _)| *a);
+        let old = std::mem::replace(&mut self.clock, new);
+        if old == new {
+            return false;
+        }
+        let (lo, hi) = (old.min(new), old.max(new));
+        for (u, user) in self.users.iter().enumerate() {
+            let flips = user
+                .cells
+                .iter()
+                .any(|(_, c)| matches!(c, Cell::Trait(_, Some(w)) if lo <= w.0 && w.0 < hi));
+            if flips {
+                dirty.push(u as u32);
+            }
+        }
+        true
+    }
+
+    /// Applies an external fact (snapshot cell or presence, list or audience membership)
+    /// to user `u`: `diff` of it from the current instant on.
+    pub fn apply_fact(&mut self, u: u32, slot: u32, fact: FactVal, diff: isize) {
+        let user = &mut self.users[u as usize];
+        if slot == SLOT_PROFILE {
+            user.profile += diff as i32;
+        } else if slot >= self.list_base {
+            if let Cell::List(n) = user.cell_mut(slot, || Cell::List(0)) {
+                *n += diff as i32;
+            }
+        } else if let FactVal::Snap(v) = fact {
+            if let Cell::Trait(snap, _) = user.cell_mut(slot, || Cell::Trait(None, None)) {
+                if diff > 0 {
+                    *snap = Some(v);
+                } else if snap.as_ref() == Some(&v) {
+                    *snap = None;
+                }
+            }
+        }
+    }
+
+    /// Applies an accepted event to user `u` at instant `t`, unless it is a duplicate.
+    /// Returns whether it was applied.
+    pub fn apply_event(&mut self, u: u32, ev: &Event, t: Time) -> bool {
+        if !self.dedup.admit(ev, t) {
+            self.counters.duplicates += 1;
+            return false;
+        }
+        self.counters.events += 1;
+        let plan = &*self.plan;
+        let user = &mut self.users[u as usize];
+        let start = to_time(ev.timestamp);
+        user.seen_from = user.seen_from.min(start.max(t));
+        let ctx = EventCtx::new(ev);
+        for (i, slot) in plan.aggs.iter().enumerate() {
+            let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
+            let holds_at_ts = || match &slot.filter {
+                None => true,
+                Some(f) => *eval_ref(f, &ctx, ev.timestamp) == Value::Bool(true),
+            };
+            let arg = || {
+                slot.arg
+                    .as_ref()
+                    .map(|a| eval(a, &ctx, ev.timestamp))
+                    .unwrap_or(Value::Null)
+            };
+            let fact_slot = plan.agg_slot(i);
+            if accumulated {
+                if !holds_at_ts() {
+                    continue;
+                }
+                let cell = user
+                    .cells
+                    .binary_search_by_key(&fact_slot, |(s, _)| *s)
+                    .ok()
+                    .map(|j| &user.cells[j].1);
+                let cur = match cell {
+                    Some(Cell::Acc(a)) => Some(a),
+                    _ => None,
+                };
+                if let Some(next) = fold(kind, cur, ev, arg()) {
+                    *user.cell_mut(fact_slot, || Cell::Count(0)) = Cell::Acc(next);
+                }
+                continue;
+            }
+            let intervals = if windowed {
+                let f = slot
+                    .filter
+                    .as_ref()
+                    .expect("a windowed aggregate has a FILTER");
+                self.points.clear();
+                breakpoints(f, &ctx, &mut self.points);
+                true_intervals(start, &mut self.points, |now| {
+                    *eval_ref(f, &ctx, now) == Value::Bool(true)
+                })
+            } else if holds_at_ts() {
+                vec![(start, Time::MAX)]
+            } else {
+                continue;
+            };
+            if intervals.is_empty() {
+                continue;
+            }
+            let val = match kind {
+                AggKind::Count if slot.arg.is_none() => FactVal::Unit,
+                AggKind::Count => {
+                    let a = arg();
+                    if a.is_null() {
+                        continue;
+                    }
+                    if distinct {
+                        FactVal::Val(a)
+                    } else {
+                        FactVal::Unit
+                    }
+                }
+                AggKind::Sum | AggKind::Avg | AggKind::Min | AggKind::Max => {
+                    let a = arg();
+                    if a.is_null() {
+                        continue;
+                    }
+                    FactVal::Val(a)
+                }
+                AggKind::First | AggKind::Last => {
+                    FactVal::Ordered(ev.timestamp, ev.message_id.clone(), arg())
+                }
+            };
+            if !windowed {
+                let from = start.max(t);
+                if from > t {
+                    self.pending
+                        .entry(u)
+                        .or_default()
+                        .push((from, fact_slot, val));
+                } else {
+                    add_count(user, fact_slot, &val);
+                }
+                continue;
+            }
+            for (from, until) in intervals {
+                let from = from.max(t);
+                if until <= from {
+                    continue;
+                }
+                match &val {
+                    FactVal::Unit => {
+                        if let Cell::WinCount(v) =
+                            user.cell_mut(fact_slot, || Cell::WinCount(Vec::new()))
+                        {
+                            v.push((from, until));
+                        }
+                    }
+                    other => {
+                        if let Cell::WinVal(v) =
+                            user.cell_mut(fact_slot, || Cell::WinVal(Vec::new()))
+                        {
+                            v.push((from, until, other.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for (slot, val) in plan.trait_writes(ev) {
+            if let Cell::Trait(_, write) = user.cell_mut(slot, || Cell::Trait(None, None)) {
+                let newer = write
+                    .as_ref()
+                    .is_none_or(|w| (ev.timestamp, ev.message_id.as_str()) > (w.0, &*w.1));
+                if newer {
+                    *write = Some(Box::new((ev.timestamp, ev.message_id.as_str().into(), val)));
+                }
+            }
+        }
+        true
+    }
+
+    /// Counts an event retraction (ignored: events are append-only).
+    pub fn retracted(&mut self) {
+        self.counters.retracted += 1;
+    }
+
+    /// Evaluates every segment of user `u` at instant `t`, emits membership changes (and
+    /// exposed trait changes) through `give`, and schedules the user's next wake-up.
+    pub fn evaluate(&mut self, u: u32, t: Time, give: &mut dyn FnMut(&str, StateOut, isize)) {
+        self.counters.evaluations += 1;
+        let plan = &*self.plan;
+        let mut next = Time::MAX;
+        // Future-dated window-free counts whose instant has come.
+        if let Some(list) = self.pending.get_mut(&u) {
+            let user = &mut self.users[u as usize];
+            list.retain(|(from, slot, val)| {
+                if *from <= t {
+                    add_count(user, *slot, val);
+                    false
+                } else {
+                    next = next.min(*from);
+                    true
+                }
+            });
+            if list.is_empty() {
+                self.pending.remove(&u);
+            }
+        }
+        let user = &mut self.users[u as usize];
+        // Drop window entries that have passed; find the next window boundary.
+        user.cells.retain_mut(|(_, c)| match c {
+            Cell::WinCount(v) => {
+                v.retain(|&(f, until)| {
+                    if until <= t {
+                        return false;
+                    }
+                    next = next.min(if f > t { f } else { until });
+                    true
+                });
+                !v.is_empty()
+            }
+            Cell::WinVal(v) => {
+                v.retain(|&(f, until, _)| {
+                    if until <= t {
+                        return false;
+                    }
+                    next = next.min(if f > t { f } else { until });
+                    true
+                });
+                !v.is_empty()
+            }
+            _ => true,
+        });
+        if user.seen_from > t {
+            next = next.min(user.seen_from);
+        }
+        let user = &self.users[u as usize];
+        let n_aggs = plan.aggs.len();
+        let mut aggs: Vec<Cow<Value>> = self
+            .agg_kinds
+            .iter()
+            .map(|(k, ..)| match k {
+                AggKind::Count => Cow::Owned(Value::num(0.0)),
+                _ => Cow::Borrowed(&NULL),
+            })
+            .collect();
+        let mut traits: Vec<Cow<Value>> = vec![Cow::Borrowed(&NULL); plan.traits.len()];
+        let mut lists: Vec<u32> = Vec::new();
+        let first_agg = plan.agg_slot(0);
+        for (slot, cell) in &user.cells {
+            let k = slot.wrapping_sub(first_agg) as usize;
+            match cell {
+                Cell::Count(n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
+                Cell::Distinct(v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
+                Cell::Acc(a) => aggs[k] = a.value(),
+                Cell::WinCount(v) => {
+                    let n = v.iter().filter(|(f, _)| *f <= t).count();
+                    aggs[k] = Cow::Owned(Value::num(n as f64));
+                }
+                Cell::WinVal(v) => {
+                    let (kind, distinct, ..) = self.agg_kinds[k];
+                    aggs[k] = Cow::Owned(window_value(kind, distinct, v, t));
+                }
+                Cell::Trait(snap, write) => {
+                    let v = match (write, snap) {
+                        (Some(w), _) if w.0 >= self.clock => &w.2,
+                        (_, Some(s)) => s,
+                        (Some(w), None) => &w.2,
+                        (None, None) => &NULL,
+                    };
+                    traits[k - n_aggs] = Cow::Borrowed(v);
+                }
+                Cell::List(n) => {
+                    if *n > 0 {
+                        lists.push(*slot);
+                    }
+                }
+            }
+        }
+        let universe = user.seen_from <= t || user.profile > 0;
+        let mut row = Row {
+            user: &user.key,
+            aggs,
+            traits,
+            members: Bits::new(self.n_segments),
+        };
+        let now = t as i64;
+        self.points.clear();
+        for &si in &plan.order {
+            let on = match &plan.segments[si].kind {
+                SegmentKind::Expr(e) if universe => {
+                    breakpoints(e, &row, &mut self.points);
+                    *eval_ref(e, &row, now) == Value::Bool(true)
+                }
+                SegmentKind::Expr(_) => false,
+                SegmentKind::List { slot, .. } | SegmentKind::Warehouse { slot, .. } => {
+                    lists.contains(slot)
+                }
+            };
+            row.members.set(si, on);
+        }
+        for &p in &self.points {
+            if p > now {
+                next = next.min(p as Time);
+            }
+        }
+        let exposed: Option<Vec<(u16, Value)>> = (!plan.exposed.is_empty()).then(|| {
+            plan.exposed
+                .iter()
+                .enumerate()
+                .filter(|(_, &k)| !row.traits[k].is_null())
+                .map(|(i, &k)| (i as u16, row.traits[k].clone().into_owned()))
+                .collect()
+        });
+        let members = row.members;
+        let key = &*user.key;
+        for si in 0..self.n_segments {
+            let (was, is) = (user.members.get(si), members.get(si));
+            if was != is {
+                give(key, StateOut::Change(si as u16), if is { 1 } else { -1 });
+            }
+        }
+        if let Some(now_exposed) = exposed {
+            let before = self.exposed.get(&u).map_or(&[][..], |v| &v[..]);
+            if before != now_exposed.as_slice() {
+                for (k, v) in before {
+                    if !now_exposed.contains(&(*k, v.clone())) {
+                        give(key, StateOut::Trait(*k, v.clone()), -1);
+                    }
+                }
+                for (k, v) in &now_exposed {
+                    if !before.contains(&(*k, v.clone())) {
+                        give(key, StateOut::Trait(*k, v.clone()), 1);
+                    }
+                }
+                if now_exposed.is_empty() {
+                    self.exposed.remove(&u);
+                } else {
+                    self.exposed.insert(u, now_exposed);
+                }
+            }
+        }
+        let user = &mut self.users[u as usize];
+        user.members = members;
+        if next < user.scheduled {
+            user.scheduled = next;
+            self.timers.push(Reverse((next, u)));
+        }
+    }
+
+    /// The earliest pending wake-up, if any.
+    pub fn next_timer(&self) -> Option<Time> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Pops the users due at exactly `t` (the earliest timer) into `due`.
+    pub fn pop_due(&mut self, t: Time, due: &mut Vec<u32>) {
+        while let Some(&Reverse((at, u))) = self.timers.peek() {
+            if at != t {
+                break;
+            }
+            self.timers.pop();
+            let user = &mut self.users[u as usize];
+            if user.scheduled == at {
+                user.scheduled = Time::MAX;
+                due.push(u);
+            }
+        }
+    }
+
+    /// Bytes of state, counted from the structures.
+    pub fn bytes(&self) -> StateBytes {
+        use std::mem::size_of;
+        let mut b = StateBytes {
+            users: self.users.len() as u64,
+            ..StateBytes::default()
+        };
+        let mut per_user = self.users.capacity() * size_of::<User>()
+            + self.index.capacity() * (size_of::<u32>() + 1);
+        let value_heap = |v: &Value| match v {
+            Value::Str(s) => s.capacity(),
+            _ => 0,
+        };
+        let fact_heap = |f: &FactVal| match f {
+            FactVal::Val(v) | FactVal::Snap(v) => value_heap(v),
+            FactVal::Ordered(_, m, v) => m.capacity() + value_heap(v),
+            _ => 0,
+        };
+        for user in &self.users {
+            per_user += user.key.len();
+            if let Bits::Heap(ws) = &user.members {
+                per_user += ws.len() * 8;
+            }
+            per_user += user.cells.capacity() * size_of::<(u32, Cell)>();
+            for (_, c) in &user.cells {
+                match c {
+                    Cell::Count(_) | Cell::List(_) => {}
+                    Cell::Distinct(v) => per_user += v.capacity() * 16,
+                    Cell::Acc(Acc::Extreme(v)) => per_user += value_heap(v),
+                    Cell::Acc(Acc::Ordered(o)) => {
+                        per_user +=
+                            size_of::<(i64, Box<str>, Value)>() + o.1.len() + value_heap(&o.2)
+                    }
+                    Cell::Acc(_) => {}
+                    Cell::WinCount(v) => {
+                        b.in_window += v.len() as u64;
+                        b.window_bytes += (v.capacity() * size_of::<(Time, Time)>()) as u64;
+                    }
+                    Cell::WinVal(v) => {
+                        b.in_window += v.len() as u64;
+                        b.window_bytes += (v.capacity() * size_of::<(Time, Time, FactVal)>()
+                            + v.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
+                            as u64;
+                    }
+                    Cell::Trait(snap, write) => {
+                        per_user += snap.as_ref().map_or(0, value_heap);
+                        if let Some(w) = write {
+                            per_user +=
+                                size_of::<(i64, Box<str>, Value)>() + w.1.len() + value_heap(&w.2);
+                        }
+                    }
+                }
+            }
+        }
+        for list in self.pending.values() {
+            b.in_window += list.len() as u64;
+            b.window_bytes += (list.capacity() * size_of::<(Time, u32, FactVal)>()) as u64;
+        }
+        for v in self.exposed.values() {
+            per_user += v.capacity() * size_of::<(u16, Value)>();
+        }
+        b.per_user = per_user as u64;
+        b.timers = (self.timers.capacity() * size_of::<Reverse<(Time, u32)>>()) as u64;
+        b.dedup = (self.dedup.seen.capacity() * (size_of::<(u128, (i64, Time))>() + 1)) as u64;
+        b
+    }
+}
+
+/// Adds a window-free count contribution (`Unit` for a count, `Val` for a distinct count).
+fn add_count(user: &mut User, slot: u32, val: &FactVal) {
+    match val {
+        FactVal::Val(v) => {
+            if let Cell::Distinct(set) = user.cell_mut(slot, || Cell::Distinct(Vec::new())) {
+                let f = fingerprint(v);
+                if let Err(i) = set.binary_search(&f) {
+                    set.insert(i, f);
+                }
+            }
+        }
+        _ => {
+            if let Cell::Count(n) = user.cell_mut(slot, || Cell::Count(0)) {
+                *n += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_values_have_equal_fingerprints() {
+        assert_eq!(
+            fingerprint(&Value::num(0.0)),
+            fingerprint(&Value::num(-0.0))
+        );
+        assert_eq!(fingerprint(&Value::num(1.0)), fingerprint(&Value::num(1.0)));
+        assert_ne!(
+            fingerprint(&Value::Str("1".into())),
+            fingerprint(&Value::num(1.0))
+        );
+    }
+
+    #[test]
+    fn bits_beyond_64_segments() {
+        let mut b = Bits::new(70);
+        b.set(3, true);
+        b.set(68, true);
+        assert!(b.get(3) && b.get(68) && !b.get(67));
+        b.set(68, false);
+        assert!(!b.get(68));
+    }
+}
