@@ -246,8 +246,11 @@ pub fn run_dataflow(
                 advance(&mut inputs, to_time(at));
                 feed_extra(&mut inputs, extra, &mut fed);
             }
-            advance(&mut inputs, to_time(ev.timestamp));
-            inputs.events.update(ev, 1);
+            // Each event carries its own instant; the inputs' timely time only moves at
+            // batch boundaries (below), so the dataflow sees one message per batch rather
+            // than one per instant. Shares are sorted, so `t` is never behind the inputs.
+            let t = to_time(ev.timestamp).max(*inputs.events.time());
+            inputs.events.update_at(ev, t, 1);
             fed += 1;
             counter += 1;
             if index == 0 && counter.is_multiple_of(4096) {
@@ -258,6 +261,7 @@ pub fn run_dataflow(
             }
             if fed >= FEED_BATCH {
                 fed = 0;
+                advance(&mut inputs, t);
                 inputs.flush();
                 let now = *inputs.facts.time();
                 worker.step_while(|| probe.less_than(&now));

@@ -273,15 +273,18 @@ fn segment_state<'s>(
                 if !ready(*c.time()) {
                     return;
                 }
-                // Stable: ties keep arrival order (which, for a user's events at one
-                // instant, decides only which of two duplicates is kept).
-                if !stash.is_sorted_by_key(|x| (x.0, x.1)) {
-                    stash.sort_by_key(|x| (x.0, x.1));
+                // By instant only (users touched at an instant are evaluated in index order
+                // below). Stable: ties keep arrival order, which for one user's events at
+                // one instant decides only which of two duplicates is kept.
+                if !stash.is_sorted_by_key(|x| x.0) {
+                    stash.sort_by_key(|x| x.0);
                 }
                 clocks.sort_by_key(|x| x.0);
                 let mut session = output.session(&*c);
                 let mut ci = 0;
-                let mut items = std::mem::take(&mut stash).into_iter().peekable();
+                // The stash is sorted: what the frontier has passed is a prefix.
+                let ready_len = stash.partition_point(|x| ready(x.0));
+                let mut items = stash.drain(..ready_len).peekable();
                 loop {
                     let next = [
                         items.peek().map(|x| x.0),
@@ -329,7 +332,7 @@ fn segment_state<'s>(
                         });
                     }
                 }
-                stash.extend(items);
+                drop(items);
                 clocks.drain(..ci);
                 drop(session);
                 let next = [

@@ -76,7 +76,13 @@ pub trait Context {
     }
     /// The user key.
     fn user_id(&self) -> Cow<'_, Value> {
-        Cow::Owned(Value::Null)
+        self.user_key()
+            .map_or(Cow::Owned(Value::Null), |k| Cow::Owned(Value::Str(k.to_string())))
+    }
+    /// The user key as text, where the context has one (lets `hash_bucket(user_id, …)`
+    /// hash it without a copy).
+    fn user_key(&self) -> Option<&str> {
+        None
     }
     /// A trait's current value.
     fn trait_value(&self, _slot: usize) -> Cow<'_, Value> {
@@ -284,6 +290,9 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             _ => Value::Null,
         },
         CExpr::HashBucket(key, salt, n) => {
+            if let (CExpr::UserId, Some(user)) = (&**key, ctx.user_key()) {
+                return Value::num((hash_bucket(user, salt) % n) as f64);
+            }
             let k = match key_text(&eval(key, ctx, now)) {
                 Some(k) => k,
                 None => return Value::Null,
@@ -310,25 +319,35 @@ pub fn key_text(v: &Value) -> Option<String> {
 
 /// xxh3-64 of `salt || ':' || key`: stable across runs, workers and processes.
 pub fn hash_bucket(key: &str, salt: &str) -> u64 {
-    let mut buf = String::with_capacity(salt.len() + 1 + key.len());
-    buf.push_str(salt);
-    buf.push(':');
-    buf.push_str(key);
-    xxhash_rust::xxh3::xxh3_64(buf.as_bytes())
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(salt.as_bytes());
+    h.update(b":");
+    h.update(key.as_bytes());
+    h.digest()
 }
 
 /// SQL LIKE: `%` any run, `_` one character, case-sensitive, whole string.
 pub fn like(s: &str, pattern: &str) -> bool {
-    let s: Vec<char> = s.chars().collect();
-    let p: Vec<char> = pattern.chars().collect();
-    // Iterative matcher with single-star backtracking: linear in practice.
+    if s.is_ascii() && pattern.is_ascii() {
+        // One byte is one character: match in place, without collecting characters.
+        like_units(s.as_bytes(), pattern.as_bytes(), b'%', b'_')
+    } else {
+        let s: Vec<char> = s.chars().collect();
+        let p: Vec<char> = pattern.chars().collect();
+        like_units(&s, &p, '%', '_')
+    }
+}
+
+/// LIKE over units (bytes of ASCII text, or characters): iterative matcher with
+/// single-star backtracking, linear in practice.
+fn like_units<U: PartialEq + Copy>(s: &[U], p: &[U], any: U, one: U) -> bool {
     let (mut i, mut j) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while i < s.len() {
-        if j < p.len() && (p[j] == '_' || p[j] == s[i]) && p[j] != '%' {
+        if j < p.len() && (p[j] == one || p[j] == s[i]) && p[j] != any {
             i += 1;
             j += 1;
-        } else if j < p.len() && p[j] == '%' {
+        } else if j < p.len() && p[j] == any {
             star = Some((j, i));
             j += 1;
         } else if let Some((sj, si)) = star {
@@ -339,7 +358,7 @@ pub fn like(s: &str, pattern: &str) -> bool {
             return false;
         }
     }
-    while j < p.len() && p[j] == '%' {
+    while j < p.len() && p[j] == any {
         j += 1;
     }
     j == p.len()
@@ -506,6 +525,21 @@ mod tests {
                 _ => Value::Null,
             })
         }
+    }
+
+    #[test]
+    fn hash_bucket_is_xxh3_of_salt_colon_key() {
+        assert_eq!(
+            hash_bucket("u1", "exp"),
+            xxhash_rust::xxh3::xxh3_64(b"exp:u1")
+        );
+    }
+
+    #[test]
+    fn like_on_non_ascii_text_counts_characters() {
+        assert!(like("café", "caf_"));
+        assert!(like("naïve façade", "na%ç%"));
+        assert!(!like("café", "caf__"));
     }
 
     #[test]

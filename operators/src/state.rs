@@ -28,7 +28,7 @@
 
 use std::borrow::Cow;
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
@@ -120,15 +120,82 @@ enum Cell {
     Distinct(Vec<u128>),
     /// Window-free `sum/avg/min/max/first/last`: the running value.
     Acc(Acc),
-    /// A windowed count: each matching event's validity interval `[from, until)`.
-    WinCount(Vec<(Time, Time)>),
+    /// A windowed count: each matching event's validity interval.
+    WinCount(Box<Window<()>>),
     /// A windowed aggregate of values: each matching event's interval and value.
-    WinVal(Vec<(Time, Time, FactVal)>),
+    WinVal(Box<Window<FactVal>>),
     /// A trait: the current snapshot's cell and the latest identify write
     /// `(timestamp, message id, value)`.
     Trait(Option<Value>, Option<Box<(i64, Box<str>, Value)>>),
     /// A static list or warehouse audience: membership multiplicity.
     List(i32),
+}
+
+/// The entries of one windowed aggregate of one user: those whose interval has started,
+/// sorted by the instant they expire (so pruning pops the front and the next expiry is the
+/// front), and the few that start later (a FILTER like `timestamp < now() - 3 days`, or an
+/// event stamped in the future).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Window<V> {
+    /// `(until, value)`, sorted by `until`.
+    live: VecDeque<(Time, V)>,
+    /// `(from, until, value)` not yet started.
+    later: Vec<(Time, Time, V)>,
+}
+
+impl<V> Default for Window<V> {
+    fn default() -> Self {
+        Window {
+            live: VecDeque::new(),
+            later: Vec::new(),
+        }
+    }
+}
+
+impl<V> Window<V> {
+    /// Adds an entry valid over `[from, until)`, processed at instant `t`.
+    fn insert(&mut self, from: Time, until: Time, v: V, t: Time) {
+        if from > t {
+            self.later.push((from, until, v));
+        } else {
+            self.start(until, v);
+        }
+    }
+
+    fn start(&mut self, until: Time, v: V) {
+        // Entries arrive in time order with equal window lengths, so this is almost
+        // always an append.
+        let later = self.live.iter().rev().take_while(|(u, _)| *u > until).count();
+        self.live.insert(self.live.len() - later, (until, v));
+    }
+
+    /// Brings the window to instant `t` (entries that started go live, expired ones go)
+    /// and returns the next instant after `t` at which it changes.
+    fn advance(&mut self, t: Time) -> Time {
+        let mut i = 0;
+        while i < self.later.len() {
+            if self.later[i].0 <= t {
+                let (_, until, v) = self.later.swap_remove(i);
+                self.start(until, v);
+            } else {
+                i += 1;
+            }
+        }
+        while self.live.front().is_some_and(|(u, _)| *u <= t) {
+            self.live.pop_front();
+        }
+        let next_start = self.later.iter().map(|x| x.0).min().unwrap_or(Time::MAX);
+        let next_end = self.live.front().map_or(Time::MAX, |(u, _)| *u);
+        next_start.min(next_end)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.later.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.live.len() + self.later.len()
+    }
 }
 
 /// Segment membership bits, inline up to 64 segments (hidden ones included).
@@ -341,8 +408,8 @@ struct Row<'a> {
 static NULL: Value = Value::Null;
 
 impl Context for Row<'_> {
-    fn user_id(&self) -> Cow<'_, Value> {
-        Cow::Owned(Value::Str(self.user.to_string()))
+    fn user_key(&self) -> Option<&str> {
+        Some(self.user)
     }
     fn trait_value(&self, slot: usize) -> Cow<'_, Value> {
         Cow::Borrowed(self.traits.get(slot).map_or(&NULL, |v| &**v))
@@ -355,12 +422,9 @@ impl Context for Row<'_> {
     }
 }
 
-/// A windowed aggregate's value at `t` over the entries active at `t`.
-fn window_value(kind: AggKind, distinct: bool, facts: &[(Time, Time, FactVal)], t: Time) -> Value {
-    let active = facts
-        .iter()
-        .filter(|(f, u, _)| *f <= t && t < *u)
-        .map(|x| &x.2);
+/// A windowed aggregate's value over its live entries (the window brought to the instant).
+fn window_value(kind: AggKind, distinct: bool, w: &Window<FactVal>) -> Value {
+    let active = w.live.iter().map(|x| &x.1);
     match kind {
         AggKind::Count => {
             if distinct {
@@ -662,17 +726,17 @@ impl SegmentState {
                 }
                 match &val {
                     FactVal::Unit => {
-                        if let Cell::WinCount(v) =
-                            user.cell_mut(fact_slot, || Cell::WinCount(Vec::new()))
+                        if let Cell::WinCount(w) =
+                            user.cell_mut(fact_slot, || Cell::WinCount(Box::default()))
                         {
-                            v.push((from, until));
+                            w.insert(from, until, (), t);
                         }
                     }
                     other => {
-                        if let Cell::WinVal(v) =
-                            user.cell_mut(fact_slot, || Cell::WinVal(Vec::new()))
+                        if let Cell::WinVal(w) =
+                            user.cell_mut(fact_slot, || Cell::WinVal(Box::default()))
                         {
-                            v.push((from, until, other.clone()));
+                            w.insert(from, until, other.clone(), t);
                         }
                     }
                 }
@@ -721,25 +785,13 @@ impl SegmentState {
         let user = &mut self.users[u as usize];
         // Drop window entries that have passed; find the next window boundary.
         user.cells.retain_mut(|(_, c)| match c {
-            Cell::WinCount(v) => {
-                v.retain(|&(f, until)| {
-                    if until <= t {
-                        return false;
-                    }
-                    next = next.min(if f > t { f } else { until });
-                    true
-                });
-                !v.is_empty()
+            Cell::WinCount(w) => {
+                next = next.min(w.advance(t));
+                !w.is_empty()
             }
-            Cell::WinVal(v) => {
-                v.retain(|&(f, until, _)| {
-                    if until <= t {
-                        return false;
-                    }
-                    next = next.min(if f > t { f } else { until });
-                    true
-                });
-                !v.is_empty()
+            Cell::WinVal(w) => {
+                next = next.min(w.advance(t));
+                !w.is_empty()
             }
             _ => true,
         });
@@ -765,13 +817,10 @@ impl SegmentState {
                 Cell::Count(n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
                 Cell::Distinct(v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
                 Cell::Acc(a) => aggs[k] = a.value(),
-                Cell::WinCount(v) => {
-                    let n = v.iter().filter(|(f, _)| *f <= t).count();
-                    aggs[k] = Cow::Owned(Value::num(n as f64));
-                }
-                Cell::WinVal(v) => {
+                Cell::WinCount(w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
+                Cell::WinVal(w) => {
                     let (kind, distinct, ..) = self.agg_kinds[k];
-                    aggs[k] = Cow::Owned(window_value(kind, distinct, v, t));
+                    aggs[k] = Cow::Owned(window_value(kind, distinct, w));
                 }
                 Cell::Trait(snap, write) => {
                     let v = match (write, snap) {
@@ -914,14 +963,20 @@ impl SegmentState {
                             size_of::<(i64, Box<str>, Value)>() + o.1.len() + value_heap(&o.2)
                     }
                     Cell::Acc(_) => {}
-                    Cell::WinCount(v) => {
-                        b.in_window += v.len() as u64;
-                        b.window_bytes += (v.capacity() * size_of::<(Time, Time)>()) as u64;
+                    Cell::WinCount(w) => {
+                        per_user += size_of::<Window<()>>();
+                        b.in_window += w.len() as u64;
+                        b.window_bytes += (w.live.capacity() * size_of::<(Time, ())>()
+                            + w.later.capacity() * size_of::<(Time, Time, ())>())
+                            as u64;
                     }
-                    Cell::WinVal(v) => {
-                        b.in_window += v.len() as u64;
-                        b.window_bytes += (v.capacity() * size_of::<(Time, Time, FactVal)>()
-                            + v.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
+                    Cell::WinVal(w) => {
+                        per_user += size_of::<Window<FactVal>>();
+                        b.in_window += w.len() as u64;
+                        b.window_bytes += (w.live.capacity() * size_of::<(Time, FactVal)>()
+                            + w.later.capacity() * size_of::<(Time, Time, FactVal)>()
+                            + w.live.iter().map(|x| fact_heap(&x.1)).sum::<usize>()
+                            + w.later.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
                     Cell::Trait(snap, write) => {
@@ -982,6 +1037,23 @@ mod tests {
             fingerprint(&Value::Str("1".into())),
             fingerprint(&Value::num(1.0))
         );
+    }
+
+    #[test]
+    fn a_window_expires_in_order_and_starts_late_entries() {
+        let mut w: Window<()> = Window::default();
+        w.insert(10, 110, (), 10);
+        w.insert(20, 120, (), 20);
+        w.insert(50, u64::MAX, (), 30); // starts later
+        w.insert(25, 100, (), 30); // a late event with an earlier expiry
+        assert_eq!(w.advance(30), 50);
+        assert_eq!(w.live.len(), 3);
+        assert_eq!(w.advance(50), 100);
+        assert_eq!(w.live.len(), 4);
+        assert_eq!(w.advance(110), 120);
+        assert_eq!(w.live.len(), 2);
+        assert_eq!(w.advance(120), u64::MAX);
+        assert_eq!(w.len(), 1);
     }
 
     #[test]
