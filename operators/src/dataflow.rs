@@ -125,6 +125,9 @@ pub struct SegmentOutputs<'s> {
     pub state: StateHandle,
 }
 
+/// What leaves the keyed operator: `((user, output), instant, diff)`.
+type StateUpdate = ((String, StateOut), Time, isize);
+
 /// What enters the keyed operator.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum StateIn {
@@ -233,7 +236,7 @@ fn segment_state<'s>(
     clock: Stream<'s, Time, Vec<(i64, Time, isize)>>,
     state: Rc<RefCell<SegmentState>>,
     journeys: Option<Rc<JourneySet>>,
-) -> Stream<'s, Time, Vec<((String, StateOut), Time, isize)>> {
+) -> Stream<'s, Time, Vec<StateUpdate>> {
     keyed.binary_frontier(
         clock,
         Exchange::new(|(x, _, _): &(StateIn, Time, isize)| user_hash(x.user())),

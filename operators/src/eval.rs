@@ -76,8 +76,9 @@ pub trait Context {
     }
     /// The user key.
     fn user_id(&self) -> Cow<'_, Value> {
-        self.user_key()
-            .map_or(Cow::Owned(Value::Null), |k| Cow::Owned(Value::Str(k.to_string())))
+        self.user_key().map_or(Cow::Owned(Value::Null), |k| {
+            Cow::Owned(Value::Str(k.to_string()))
+        })
     }
     /// The user key as text, where the context has one (lets `hash_bucket(user_id, …)`
     /// hash it without a copy).

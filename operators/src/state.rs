@@ -165,7 +165,12 @@ impl<V> Window<V> {
     fn start(&mut self, until: Time, v: V) {
         // Entries arrive in time order with equal window lengths, so this is almost
         // always an append.
-        let later = self.live.iter().rev().take_while(|(u, _)| *u > until).count();
+        let later = self
+            .live
+            .iter()
+            .rev()
+            .take_while(|(u, _)| *u > until)
+            .count();
         self.live.insert(self.live.len() - later, (until, v));
     }
 

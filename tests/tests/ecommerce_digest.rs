@@ -30,10 +30,7 @@ fn digest_of_replay(until: &str, workers: usize) -> String {
     replay(&ReplayArgs {
         segments: path(&s.segments_path),
         events: vec![path(&s.events_path)],
-        profiles: vec![format!(
-            "{}@2026-03-16T00:00:00Z",
-            path(&s.profiles_path)
-        )],
+        profiles: vec![format!("{}@2026-03-16T00:00:00Z", path(&s.profiles_path))],
         until: until.into(),
         out: path(&out),
         workers,
