@@ -9,7 +9,8 @@
 //! Float32, Float64 -> number; Boolean -> boolean; Timestamp (any unit, any time zone),
 //! Date32, Date64 -> timestamp (ms since the epoch, UTC); a dictionary-encoded column
 //! maps as its value type. Any other type is an error naming the column and its type.
-//! Null cells (and NaN floats, which some writers use for missing values) are absent.
+//! Null cells (and NaN floats, which some writers use for missing values) are NULL values:
+//! a NULL cell writes NULL at the snapshot's instant; a column the file lacks writes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,8 +43,8 @@ const WRITE_BATCH_ROWS: usize = 64 * 1024;
 /// A profile snapshot: every user's traits.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    /// Per user, the non-null trait values. A user with a row but only null cells is
-    /// present with an empty map.
+    /// Per user, the row's cells: a value, or `Value::Null` for a NULL cell (a write of
+    /// NULL). Columns a file does not have are absent.
     pub rows: BTreeMap<String, BTreeMap<String, Value>>,
     /// The trait columns and their types, in column order (first file first; columns
     /// that only later files have are appended). Excludes `user_id`.
@@ -51,7 +52,7 @@ pub struct Snapshot {
     /// Rows skipped because their `user_id` was null or empty.
     pub skipped_rows: u64,
     /// Rows whose `user_id` had already appeared; their non-null cells were merged into
-    /// the earlier row (later files and later rows win).
+    /// the earlier row (later files and later rows win; a NULL cell does not override).
     pub duplicate_rows: u64,
 }
 
@@ -198,8 +199,15 @@ fn read_file(
                 None => snapshot.rows.entry(user).or_default(),
             };
             for (name, values) in &mut cells {
-                if let Some(v) = values.get_mut(row).and_then(Option::take) {
-                    entry.insert(name.to_string(), v);
+                match values.get_mut(row).and_then(Option::take) {
+                    Some(v) => {
+                        entry.insert(name.to_string(), v);
+                    }
+                    // A NULL cell is a write of NULL (segments.md, "The user row"); in a
+                    // repeated row it leaves the earlier row's value.
+                    None => {
+                        entry.entry(name.to_string()).or_insert(Value::Null);
+                    }
                 }
             }
         }

@@ -58,7 +58,8 @@ fn write_then_read_round_trips_every_type_and_nulls() {
             ("First Name", Value::Str("Ada".into())),
         ]),
     );
-    // Absent and NULL cells both read back as absent.
+    // Absent and NULL cells both read back as NULL: the file has every column, and a NULL
+    // cell is a write of NULL.
     rows.insert(
         "u2".to_string(),
         row(&[("plan", Value::Str("free".into())), ("vip", Value::Null)]),
@@ -71,8 +72,21 @@ fn write_then_read_round_trips_every_type_and_nulls() {
     write_snapshot(url, &rows, &schema).unwrap();
     let snap = read_snapshot(url).unwrap();
     assert_eq!(snap.schema, schema);
-    let mut expected = rows.clone();
-    expected.get_mut("u2").unwrap().remove("vip");
+    let expected: BTreeMap<String, BTreeMap<String, Value>> = rows
+        .iter()
+        .map(|(user, cells)| {
+            let full = schema
+                .iter()
+                .map(|(name, _)| {
+                    (
+                        name.clone(),
+                        cells.get(name).cloned().unwrap_or(Value::Null),
+                    )
+                })
+                .collect();
+            (user.clone(), full)
+        })
+        .collect();
     assert_eq!(snap.rows, expected);
     assert_eq!((snap.skipped_rows, snap.duplicate_rows), (0, 0));
 
@@ -187,10 +201,15 @@ fn maps_every_supported_arrow_type() {
             ("secs", Value::Ts(2_000)),
         ])
     );
-    // NaN and NULL are absent; sub-millisecond instants before 1970 floor.
+    // NaN and NULL are NULL; sub-millisecond instants before 1970 floor.
     assert_eq!(
         snap.rows["b"],
         row(&[
+            ("i8", Value::Null),
+            ("f32", Value::Null),
+            ("flag", Value::Null),
+            ("day64", Value::Null),
+            ("secs", Value::Null),
             ("u64", Value::num(8.0)),
             ("i64", Value::num(2.0)),
             ("name", Value::Str("y".into())),

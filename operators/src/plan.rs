@@ -495,7 +495,7 @@ impl Plan {
     }
 }
 
-/// A profile snapshot's rows: user key -> trait name -> value (NULL cells absent).
+/// A profile snapshot's rows: user key -> trait name -> value (`Value::Null` for a NULL cell).
 pub type SnapshotRows = BTreeMap<String, BTreeMap<String, Value>>;
 
 impl Plan {
@@ -505,9 +505,6 @@ impl Plan {
     pub fn snapshot_facts(&self, cells: &BTreeMap<String, Value>) -> Vec<(u32, FactVal)> {
         let mut out = vec![(SLOT_PROFILE, FactVal::Unit)];
         for (name, v) in cells {
-            if v.is_null() {
-                continue;
-            }
             if let Some(i) = self.trait_index(name) {
                 out.push((self.trait_slot(i), FactVal::Snap(v.clone())));
             }

@@ -221,9 +221,12 @@ pub fn random_snapshots(seed: u64, n_users: usize, t0: i64, span: i64) -> Vec<Sn
                 continue;
             }
             let mut cells = BTreeMap::new();
+            // A cell holds a value, a NULL (a write of NULL), or is missing (no write).
             let mut cell = |rng: &mut ChaCha8Rng, name: &str, v: Value| {
                 if rng.random_bool(0.85) {
                     cells.insert(name.to_string(), v);
+                } else if rng.random_bool(0.5) {
+                    cells.insert(name.to_string(), Value::Null);
                 }
             };
             let plan = Value::Str(pick(&mut rng, PLANS).to_string());

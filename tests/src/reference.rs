@@ -11,8 +11,8 @@
 //! - Traits: the latest write by timestamp among the current snapshot's cells (written at
 //!   the snapshot's `at`) and identify writes at or before `now`; on equal timestamps the
 //!   event beats the snapshot, and between identify events with equal timestamps the larger
-//!   `message_id` (byte order) wins. NULL snapshot cells are treated as absent (the Parquet
-//!   loader never produces them); an identify write of JSON `null` writes NULL. If several
+//!   `message_id` (byte order) wins. A NULL snapshot cell writes NULL at the snapshot's
+//!   instant, as an identify write of JSON `null` does at the event's. If several
 //!   snapshots share the latest `at`, the last one in [`World::snapshots`] is current.
 //! - A non-boolean value where a condition is expected is NULL (unknown).
 //! - `sum`/`avg` use only number values (strings such as `"12.5"` are skipped);
@@ -145,7 +145,8 @@ fn traits_of(
     let mut latest: BTreeMap<String, (i64, Value)> = BTreeMap::new();
     if let Some(row) = snapshot.and_then(|s| s.rows.get(user).map(|r| (s.at, r))) {
         let (at, cells) = row;
-        for (name, v) in cells.iter().filter(|(_, v)| !v.is_null()) {
+        // A NULL cell writes NULL at the snapshot's instant, like any other value.
+        for (name, v) in cells {
             latest.insert(name.clone(), (at, v.clone()));
         }
     }

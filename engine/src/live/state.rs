@@ -94,8 +94,14 @@ impl LiveState {
             return None;
         }
         let mut out: BTreeMap<String, (i64, Json)> = BTreeMap::new();
+        // A NULL cell is a write of NULL at the snapshot's instant: it hides an older
+        // identify write, and the trait is then left out like one never written.
+        let mut cleared: BTreeSet<&str> = BTreeSet::new();
         if let Some((at, cells)) = snapshot {
-            for (name, v) in cells.iter().filter(|(_, v)| !v.is_null()) {
+            for (name, v) in cells {
+                if v.is_null() {
+                    cleared.insert(name);
+                }
                 out.insert(name.clone(), (at, v.to_json()));
             }
         }
@@ -103,10 +109,12 @@ impl LiveState {
             match out.get(name) {
                 Some((at, _)) if at > ts => {}
                 _ => {
+                    cleared.remove(name.as_str());
                     out.insert(name.clone(), (*ts, v.clone()));
                 }
             }
         }
+        out.retain(|name, _| !cleared.contains(name.as_str()));
         Some(out)
     }
 
