@@ -34,7 +34,7 @@ use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 
 use crate::ast::AggKind;
-use crate::eval::{breakpoints, eval, eval_ref, true_intervals, Context};
+use crate::eval::{breakpoints, eval, eval_ref, mentions_now, true_intervals, CExpr, Context};
 use crate::event::Event;
 use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE};
 use crate::time::{to_time, Time};
@@ -257,6 +257,9 @@ impl User {
         let i = match self.cells.binary_search_by_key(&slot, |(s, _)| *s) {
             Ok(i) => i,
             Err(i) => {
+                // Cells are added rarely (a user's first touch of a slot) and read often:
+                // keep the list at its exact size rather than at the next doubling.
+                self.cells.reserve_exact(1);
                 self.cells.insert(i, (slot, new()));
                 i
             }
@@ -498,6 +501,12 @@ pub struct SegmentState {
     counters: StateCounters,
     /// Per-aggregate facts: `(kind, distinct, windowed, accumulated)`.
     agg_kinds: Vec<(AggKind, bool, bool, bool)>,
+    /// Per windowed aggregate, the top-level conjuncts of its FILTER that do not read
+    /// `now()`: unless they all hold for an event, it has no interval (and none is sought).
+    static_filters: Vec<Vec<CExpr>>,
+    /// Per segment, whether its condition reads `now()` outside aggregates (only those
+    /// have breakpoints of their own).
+    segment_temporal: Vec<bool>,
     list_base: u32,
     n_segments: usize,
     points: Vec<i64>,
@@ -520,6 +529,27 @@ impl SegmentState {
             .collect();
         let list_base = plan.trait_slot(plan.traits.len());
         let n_segments = plan.segments.len();
+        let static_filters = plan
+            .aggs
+            .iter()
+            .map(|a| match (&a.filter, a.temporal) {
+                (Some(f), true) => {
+                    let mut parts = Vec::new();
+                    conjuncts(f, &mut parts);
+                    parts
+                        .into_iter()
+                        .filter(|c| !mentions_now(c))
+                        .cloned()
+                        .collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        let segment_temporal = plan
+            .segments
+            .iter()
+            .map(|s| matches!(&s.kind, SegmentKind::Expr(e) if mentions_now(e)))
+            .collect();
         SegmentState {
             plan,
             index: HashTable::new(),
@@ -535,6 +565,8 @@ impl SegmentState {
             },
             counters: StateCounters::default(),
             agg_kinds,
+            static_filters,
+            segment_temporal,
             list_base,
             n_segments,
             points: Vec::new(),
@@ -670,20 +702,20 @@ impl SegmentState {
                 }
                 continue;
             }
-            let intervals = if windowed {
-                let f = slot
-                    .filter
-                    .as_ref()
-                    .expect("a windowed aggregate has a FILTER");
-                self.points.clear();
-                breakpoints(f, &ctx, &mut self.points);
-                true_intervals(start, &mut self.points, |now| {
-                    *eval_ref(f, &ctx, now) == Value::Bool(true)
-                })
-            } else if holds_at_ts() {
-                vec![(start, Time::MAX)]
-            } else {
-                continue;
+            let intervals = match &slot.filter {
+                Some(f) if windowed => {
+                    let holds = |c: &CExpr| *eval_ref(c, &ctx, ev.timestamp) == Value::Bool(true);
+                    if !self.static_filters[i].iter().all(holds) {
+                        continue;
+                    }
+                    self.points.clear();
+                    breakpoints(f, &ctx, &mut self.points);
+                    true_intervals(start, &mut self.points, |now| {
+                        *eval_ref(f, &ctx, now) == Value::Bool(true)
+                    })
+                }
+                _ if holds_at_ts() => vec![(start, Time::MAX)],
+                _ => continue,
             };
             if intervals.is_empty() {
                 continue;
@@ -855,7 +887,9 @@ impl SegmentState {
         for &si in &plan.order {
             let on = match &plan.segments[si].kind {
                 SegmentKind::Expr(e) if universe => {
-                    breakpoints(e, &row, &mut self.points);
+                    if self.segment_temporal[si] {
+                        breakpoints(e, &row, &mut self.points);
+                    }
                     *eval_ref(e, &row, now) == Value::Bool(true)
                 }
                 SegmentKind::Expr(_) => false,
@@ -1005,6 +1039,17 @@ impl SegmentState {
         b.timers = (self.timers.capacity() * size_of::<Reverse<(Time, u32)>>()) as u64;
         b.dedup = (self.dedup.seen.capacity() * (size_of::<(u128, (i64, Time))>() + 1)) as u64;
         b
+    }
+}
+
+/// The top-level conjuncts of `e` (`a AND (b AND c)` gives `a, b, c`).
+fn conjuncts<'e>(e: &'e CExpr, out: &mut Vec<&'e CExpr>) {
+    match e {
+        CExpr::And(a, b) => {
+            conjuncts(a, out);
+            conjuncts(b, out);
+        }
+        other => out.push(other),
     }
 }
 
