@@ -44,6 +44,11 @@ pub enum EngineError {
         /// Which journey, where in it, and what is wrong.
         err: herald_operators::journey::JourneyError,
     },
+    /// An external system Herald needs (a Kafka broker, the warehouse, a server) cannot
+    /// be reached or refused the request: not the user's input; retry once it is back.
+    /// Exits with 69 (`EX_UNAVAILABLE`), not 2.
+    #[error("{0}")]
+    Unavailable(String),
     /// Reading or writing a file or object failed (external system; a retry may help).
     #[error(transparent)]
     Io(#[from] herald_connectors::ConnectorError),

@@ -66,7 +66,7 @@ pub fn render_preview(a: &PreviewArgs) -> Result<String, EngineError> {
             .extend(["v1", "users", a.user.as_str()]);
         let url = url.to_string();
         let r = reqwest::blocking::get(&url)
-            .map_err(|e| EngineError::Usage(format!("--server: cannot reach {url}: {e}")))?;
+            .map_err(|e| EngineError::Unavailable(format!("--server: cannot reach {url}: {e}")))?;
         match r.status().as_u16() {
             200 => {
                 let j: Json = r

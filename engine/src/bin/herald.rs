@@ -357,6 +357,11 @@ fn main() -> ExitCode {
                 EngineError::Io(io) if matches!(io.fault(), herald_connectors::Fault::Input) => {
                     ExitCode::from(2)
                 }
+                // sysexits.h EX_UNAVAILABLE: a service is down, the input is fine.
+                EngineError::Unavailable(_) => ExitCode::from(69),
+                EngineError::Io(io) if matches!(io.fault(), herald_connectors::Fault::External) => {
+                    ExitCode::from(69)
+                }
                 _ => ExitCode::FAILURE,
             }
         }

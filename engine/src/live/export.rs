@@ -91,9 +91,12 @@ impl Exporter {
             Some(schema) => {
                 let url = live.config.warehouse_url(None).unwrap_or_default();
                 tables::create_postgres_tables(&url, schema).map_err(|e| {
-                    EngineError::Usage(format!(
-                        "config: `export.postgres_schema`: cannot create the tables: {e}"
-                    ))
+                    let m =
+                        format!("config: `export.postgres_schema`: cannot create the tables: {e}");
+                    match e.fault() {
+                        herald_connectors::Fault::Input => EngineError::Usage(m),
+                        herald_connectors::Fault::External => EngineError::Unavailable(m),
+                    }
                 })?;
                 Some((url, schema.clone()))
             }

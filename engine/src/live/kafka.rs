@@ -154,7 +154,7 @@ pub async fn ensure_output_topics(k: &KafkaConfig, extra: &[&str]) -> Result<(),
     }
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics(&topics, &opts).await.map_err(|e| {
-        EngineError::Usage(format!(
+        EngineError::Unavailable(format!(
             "Kafka at `kafka.brokers` = {}: cannot create Herald's topics: {e} (is the broker up?)",
             k.brokers
         ))
@@ -164,7 +164,7 @@ pub async fn ensure_output_topics(k: &KafkaConfig, extra: &[&str]) -> Result<(),
             Ok(_) => {}
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(EngineError::Usage(format!(
+                return Err(EngineError::Unavailable(format!(
                     "Kafka at {}: cannot create topic {topic}: {code}",
                     k.brokers
                 )))
