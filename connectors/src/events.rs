@@ -4,19 +4,18 @@
 //! non-blank line goes through [`parse_message`] (in parallel over chunks of lines), and
 //! the results are merged in input order, so the output does not depend on the number of
 //! threads. Rejections become [`DeadLetter`]s (with the line's original text and a reason)
-//! and are counted per reason; duplicates are dropped by a [`Deduplicator`].
+//! and are counted per reason; duplicates are dropped by the shared rule
+//! ([`herald_operators::dedup::Dedup`]: same identifier and `messageId` within the horizon).
 //! Does not own the acceptance rules themselves (`herald_operators::event`).
 //!
 //! Gzip-compressed input is refused with a clear error: decompress it first.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use herald_operators::dedup::Dedup;
 use herald_operators::event::{parse_message, Event, Limits, RejectReason};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::ConnectorError;
 use crate::store::read_all;
@@ -71,76 +70,6 @@ pub struct EventBatch {
     pub bytes: u64,
 }
 
-/// Drops messages whose `messageId` was already accepted within the dedup horizon.
-///
-/// A message is a duplicate when an earlier accepted message has the same id and a
-/// timestamp at most `horizon_ms` away from it (in either direction). Outside the
-/// horizon it is accepted again, and the horizon then counts from it. A negative horizon
-/// disables deduplication. Ids are remembered by their 128-bit xxh3 hash (16 bytes per
-/// distinct id; a collision is astronomically unlikely), so memory grows with the number
-/// of distinct ids.
-#[derive(Clone, Debug, Default)]
-pub struct Deduplicator {
-    horizon_ms: i64,
-    seen: HashMap<u128, i64, BuildHasherDefault<PrehashedHasher>>,
-}
-
-/// A hasher for keys that are already hashes: keeps the low 64 bits.
-#[derive(Clone, Copy, Debug, Default)]
-struct PrehashedHasher(u64);
-
-impl Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Not reached for u128 keys; fold anything else in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
-}
-
-impl Deduplicator {
-    /// A deduplicator with the given horizon in milliseconds.
-    pub fn new(horizon_ms: i64) -> Self {
-        Deduplicator {
-            horizon_ms,
-            seen: HashMap::default(),
-        }
-    }
-
-    /// Makes room for `additional` more distinct ids.
-    pub fn reserve(&mut self, additional: usize) {
-        self.seen.reserve(additional);
-    }
-
-    /// Returns true when the message is to be applied (and remembers it), false for a
-    /// duplicate.
-    pub fn admit(&mut self, message_id: &str, timestamp: i64) -> bool {
-        if self.horizon_ms < 0 {
-            return true;
-        }
-        match self.seen.entry(xxh3_128(message_id.as_bytes())) {
-            Entry::Occupied(mut first) => {
-                if timestamp.abs_diff(*first.get()) <= self.horizon_ms as u64 {
-                    false
-                } else {
-                    first.insert(timestamp);
-                    true
-                }
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(timestamp);
-                true
-            }
-        }
-    }
-}
-
 /// Reads event JSONL files and events archives.
 ///
 /// `sources` are local paths or URLs (see [`crate::store::open`]), read in order. A
@@ -162,14 +91,14 @@ pub fn read_events(
         threads
     };
     let mut out = EventBatch::default();
-    let mut dedup = Deduplicator::new(dedup_horizon_ms);
+    let mut dedup = Dedup::new(dedup_horizon_ms);
     for (index, source) in sources.iter().enumerate() {
         if crate::tables::is_archive(source) {
             let archived = crate::tables::read_archived_events(source)?;
             out.lines += archived.len() as u64;
             dedup.reserve(archived.len());
             for (i, (event, _received)) in archived.into_iter().enumerate() {
-                if dedup.admit(&event.message_id, event.timestamp) {
+                if dedup.admit(&event.user, &event.message_id, event.timestamp, 0) {
                     let line = i as u64 + 1;
                     out.events.push((
                         event,
@@ -199,7 +128,7 @@ pub fn read_events(
         let before = parsed.events.len();
         parsed
             .events
-            .retain(|(event, _)| dedup.admit(&event.message_id, event.timestamp));
+            .retain(|(event, _)| dedup.admit(&event.user, &event.message_id, event.timestamp, 0));
         out.duplicates += (before - parsed.events.len()) as u64;
         if out.events.is_empty() {
             out.events = parsed.events;
@@ -370,17 +299,5 @@ mod tests {
         assert_eq!(p.dead_letters.len(), 1);
         assert_eq!(p.dead_letters[0].line, 3);
         assert_eq!(p.dead_letters[0].raw, "{\"x\":1}");
-    }
-
-    #[test]
-    fn dedup_horizon_is_inclusive_and_restarts_on_reaccept() {
-        let mut d = Deduplicator::new(10);
-        assert!(d.admit("m", 100));
-        assert!(!d.admit("m", 110));
-        assert!(!d.admit("m", 90));
-        assert!(d.admit("m", 111));
-        assert!(!d.admit("m", 121));
-        let mut off = Deduplicator::new(-1);
-        assert!(off.admit("m", 0) && off.admit("m", 0));
     }
 }

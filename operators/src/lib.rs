@@ -12,6 +12,7 @@
 //!   membership exact as inputs arrive and as time passes.
 
 pub mod dataflow;
+pub mod dedup;
 pub mod eval;
 pub mod event;
 pub mod journey;

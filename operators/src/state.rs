@@ -334,47 +334,6 @@ impl StateCounters {
     }
 }
 
-/// Remembers `(user, messageId)` pairs seen within the dedup horizon, per worker.
-///
-/// A message is a duplicate when the same user sent the same id with a timestamp at most
-/// `horizon_ms` away. Entries are forgotten once the dataflow clock is a horizon past
-/// the instant they *arrived* (checked every few thousand admissions), so memory is
-/// bounded by the events of one horizon, and old-timestamped events (a rebuild from a
-/// topic's start) are remembered as long as fresh ones. A negative horizon disables it.
-/// Keys are 128-bit xxh3 hashes; values are (event timestamp, arrival instant).
-#[derive(Clone, Debug, Default)]
-struct Dedup {
-    horizon_ms: i64,
-    seen: HashMap<u128, (i64, Time)>,
-    since_prune: usize,
-}
-
-impl Dedup {
-    fn admit(&mut self, ev: &Event, now: Time) -> bool {
-        if self.horizon_ms < 0 {
-            return true;
-        }
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(ev.user.as_bytes());
-        h.update(&[0]);
-        h.update(ev.message_id.as_bytes());
-        let key = h.digest128();
-        if let Some((first, _)) = self.seen.get(&key) {
-            if ev.timestamp.abs_diff(*first) <= self.horizon_ms as u64 {
-                return false;
-            }
-        }
-        self.seen.insert(key, (ev.timestamp, now));
-        self.since_prune += 1;
-        if self.since_prune >= 4096.max(self.seen.len()) {
-            self.since_prune = 0;
-            let cutoff = now.saturating_sub(self.horizon_ms as u64);
-            self.seen.retain(|_, (_, arrived)| *arrived >= cutoff);
-        }
-        true
-    }
-}
-
 /// The 128-bit fingerprint of a value, for distinct counts: equal values (the language's
 /// equality: `1` and `1.0`, `0` and `-0`) have equal fingerprints.
 fn fingerprint(v: &Value) -> u128 {
@@ -497,7 +456,7 @@ pub struct SegmentState {
     clock: i64,
     /// Exposed trait values last reported per user (journeys only).
     exposed: HashMap<u32, Vec<(u16, Value)>>,
-    dedup: Dedup,
+    dedup: crate::dedup::Dedup,
     counters: StateCounters,
     /// Per-aggregate facts: `(kind, distinct, windowed, accumulated)`.
     agg_kinds: Vec<(AggKind, bool, bool, bool)>,
@@ -559,10 +518,7 @@ impl SegmentState {
             clock_counts: Default::default(),
             clock: i64::MIN,
             exposed: HashMap::new(),
-            dedup: Dedup {
-                horizon_ms: dedup_horizon_ms,
-                ..Dedup::default()
-            },
+            dedup: crate::dedup::Dedup::forgetting(dedup_horizon_ms),
             counters: StateCounters::default(),
             agg_kinds,
             static_filters,
@@ -661,7 +617,7 @@ impl SegmentState {
     /// Applies an accepted event to user `u` at instant `t`, unless it is a duplicate.
     /// Returns whether it was applied.
     pub fn apply_event(&mut self, u: u32, ev: &Event, t: Time) -> bool {
-        if !self.dedup.admit(ev, t) {
+        if !self.dedup.admit(&ev.user, &ev.message_id, ev.timestamp, t) {
             self.counters.duplicates += 1;
             return false;
         }
@@ -1037,7 +993,7 @@ impl SegmentState {
         }
         b.per_user = per_user as u64;
         b.timers = (self.timers.capacity() * size_of::<Reverse<(Time, u32)>>()) as u64;
-        b.dedup = (self.dedup.seen.capacity() * (size_of::<(u128, (i64, Time))>() + 1)) as u64;
+        b.dedup = self.dedup.bytes() as u64;
         b
     }
 }

@@ -101,7 +101,8 @@ pub struct Metrics {
     /// How late (ms) a change reaches the sink after its instant: the tick wait plus the
     /// dataflow's work (and, for lapses, how late the clock fired them).
     pub change_delay_ms: Histogram,
-    /// Redelivered events dropped by the door's `messageId` dedup (this process).
+    /// Redelivered events dropped by the dedup rule (same identifier and `messageId` within
+    /// the horizon; this process).
     pub duplicates: Counter,
     /// Time (ms) spent by the sink handing a watermark's changes over (flush and acks).
     pub sink_flush_ms: Gauge<f64, AtomicU64>,
@@ -184,7 +185,7 @@ impl Default for Metrics {
         let duplicates = Counter::default();
         registry.register(
             "duplicates",
-            "Redelivered events dropped by messageId dedup",
+            "Redelivered events dropped by dedup (same identifier and messageId)",
             duplicates.clone(),
         );
         let sink_flush_ms = Gauge::<f64, AtomicU64>::default();
