@@ -54,11 +54,15 @@ ev = [int(r[0]) / 1e6 for r in rows]
 fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
 a.plot(ev, [int(r[2]) / 1e3 for r in rows], "o-", label="dataflow")
 a.plot(ev, [int(r[3]) / 1e3 for r in rows], "s-", label="herald replay, end to end")
-a.set_xscale("log"); a.set_xlabel("input events (millions)"); a.set_ylabel("thousand events/s")
+from matplotlib.ticker import NullFormatter
+def ticks(ax):
+    ax.set_xscale("log"); ax.set_xticks(ev); ax.set_xticklabels([f"{x:g}" for x in ev])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+ticks(a); a.set_xlabel("input events (millions)"); a.set_ylabel("thousand events/s")
 a.set_ylim(bottom=0); a.legend(); a.set_title("throughput, 2 workers, 20 segments")
 b.plot(ev, [int(r[5]) for r in rows], "o-", label="bytes per user (counted)")
 b.plot(ev, [int(r[4]) for r in rows], "s-", label="peak RSS, MiB")
-b.set_xscale("log"); b.set_xlabel("input events (millions)"); b.set_ylim(bottom=0)
+ticks(b); b.set_xlabel("input events (millions)"); b.set_ylim(bottom=0)
 b.legend(); b.set_title("state and memory")
 fig.tight_layout(); fig.savefig(sys.argv[2], dpi=100)
 print(f"plot: {sys.argv[2]}")
