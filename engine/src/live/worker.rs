@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_connectors::events::DeadLetter;
-use herald_operators::dataflow::{build_segments, SegmentInputs};
+use herald_operators::dataflow::{build_segments, SegmentInputs, StateHandle};
 use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::journey::JOut;
 use herald_operators::time::Time;
@@ -307,13 +307,7 @@ fn run(
         }
         inputs.flush();
         worker.step_or_park(Some(tick));
-        if let Some(st) = &state {
-            let dups = st.counters().duplicates;
-            live.metrics
-                .duplicates
-                .inc_by(dups.saturating_sub(dups_seen));
-            dups_seen = dups;
-        }
+        report_duplicates(live, state.as_ref(), &mut dups_seen);
 
         // Progress: local worker 0 tells its process's sink how far the output is done.
         let frontier = probe.with_frontier(|f| f.iter().min().copied().unwrap_or(Time::MAX));
@@ -410,13 +404,7 @@ fn run(
             break;
         }
         worker.step_or_park(Some(tick));
-        if let Some(st) = &state {
-            let dups = st.counters().duplicates;
-            live.metrics
-                .duplicates
-                .inc_by(dups.saturating_sub(dups_seen));
-            dups_seen = dups;
-        }
+        report_duplicates(live, state.as_ref(), &mut dups_seen);
     }
     if let Some(c) = &consumer {
         commit_durable(
@@ -546,5 +534,15 @@ fn commit_durable(
         // events will be redelivered and deduplicated.
         live.metrics.error("kafka_commit");
         tracing::warn!("offset commit failed: {e}");
+    }
+}
+
+/// Adds the duplicates this worker's segment state dropped since the last call to the
+/// process's `herald_duplicates_total`.
+fn report_duplicates(live: &Live, state: Option<&StateHandle>, seen: &mut u64) {
+    if let Some(st) = state {
+        let dups = st.counters().duplicates;
+        live.metrics.duplicates.inc_by(dups.saturating_sub(*seen));
+        *seen = dups;
     }
 }
