@@ -1,5 +1,22 @@
 //! The `herald` command line: a thin layer over `herald-engine`.
 
+/// `println!` that stops quietly when stdout is closed (`herald check … | head`) instead
+/// of panicking; the exit status still reports the command's own outcome.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` with the same behaviour as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -163,7 +180,7 @@ fn sync_profiles(
     };
     let now = herald_engine::live::now_ms() as i64;
     let s = herald_connectors::profile_sync::sync_profiles(url, &sql, to, now)?;
-    println!(
+    outln!(
         "wrote {} profiles ({} traits: {}) to {}{}",
         s.users,
         s.traits.len(),
@@ -183,7 +200,7 @@ fn print_summary(s: &ReplaySummary, out: &str) {
     let total = (s.read_time + s.dataflow_time + s.write_time)
         .as_secs_f64()
         .max(1e-9);
-    println!(
+    outln!(
         "replayed {} events ({} lines, {} rejected, {} duplicates) -> {} changes in {}",
         s.applied,
         s.lines,
@@ -192,7 +209,7 @@ fn print_summary(s: &ReplaySummary, out: &str) {
         s.changes,
         out
     );
-    println!(
+    outln!(
         "throughput: {:.0} events/s in the dataflow ({:.2} s), {:.0} events/s end to end ({:.2} s: read {:.2} s, write {:.2} s)",
         s.applied as f64 / secs,
         secs,
@@ -203,21 +220,21 @@ fn print_summary(s: &ReplaySummary, out: &str) {
     );
     if !s.rejected.is_empty() {
         let reasons: Vec<String> = s.rejected.iter().map(|(r, n)| format!("{r}={n}")).collect();
-        println!("dead letters by reason: {}", reasons.join(", "));
+        outln!("dead letters by reason: {}", reasons.join(", "));
     }
     if let Some((rows, msgs)) = s.journey_rows {
-        println!("journeys: {rows} journey events, {msgs} message actions");
+        outln!("journeys: {rows} journey events, {msgs} message actions");
     }
     if let Some((sent, inserted)) = s.postgres {
-        println!(
+        outln!(
             "postgres: {sent} changes sent, {inserted} new ({} already there)",
             sent - inserted
         );
     }
-    println!("segment sizes at --until:");
+    outln!("segment sizes at --until:");
     let width = s.sizes.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     for (name, size) in &s.sizes {
-        println!("  {name:<width$}  {size}");
+        outln!("  {name:<width$}  {size}");
     }
     for w in &s.warnings {
         eprintln!("warning: {w}");
@@ -257,11 +274,11 @@ fn run(config: &str) -> Result<(), EngineError> {
     let workers = config.engine.workers;
     herald_engine::live::run(config, shutdown_signal(), move |addr| {
         use std::io::Write;
-        println!("herald: listening on http://{addr} ({mode} mode, {workers} workers)");
+        outln!("herald: listening on http://{addr} ({mode} mode, {workers} workers)");
         let _ = std::io::stdout().flush();
     })
     .map(|_| {
-        println!("herald: stopped");
+        outln!("herald: stopped");
     })
 }
 
@@ -306,7 +323,7 @@ fn main() -> ExitCode {
             journeys,
             templates,
         } => herald_engine::check::check_all(&file, journeys.as_deref(), templates.as_deref())
-            .map(|report| print!("{report}")),
+            .map(|report| out!("{report}")),
         Command::SyncProfiles {
             postgres,
             query,
@@ -335,14 +352,14 @@ fn main() -> ExitCode {
             journey,
             channel,
         })
-        .map(|text| print!("{text}")),
+        .map(|text| out!("{text}")),
         Command::Report {
             what: ReportCommand::Journeys { dir, json },
         } => herald_engine::report::journeys(&dir).map(|r| {
             if json {
-                println!("{}", r.to_json());
+                outln!("{}", r.to_json());
             } else {
-                print!("{}", r.to_table());
+                out!("{}", r.to_table());
             }
         }),
     };
