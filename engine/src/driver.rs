@@ -6,7 +6,7 @@
 //! `until`, in a deterministic order.
 //!
 //! How the work is split: each worker owns the events of the users whose hash lands on it
-//! (the same hash the dataflow exchanges by, so nothing crosses threads at the door) and
+//! (the same hash the dataflow exchanges by, so nothing crosses threads on the way in) and
 //! feeds them in time order; the input frontier is the slowest worker's. Worker 0 alone
 //! feeds snapshot diffs, the snapshot clock and static lists.
 
@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::InputSession;
 use herald_connectors::snapshot::merge_sorted;
-use herald_operators::dataflow::{build_segments, SegmentInputs};
-use herald_operators::dataflow::{user_hash, UserFact};
+use herald_operators::dataflow::{build_segments, user_hash, SegmentInputs, UserFact};
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows};
@@ -125,7 +124,7 @@ pub fn run_dataflow(
         return Err(EngineError::Usage("--workers must be at least 1".into()));
     }
     snapshots.sort_by_key(|(at, _)| *at);
-    // Each worker owns the events of the users whose hash lands on it, so the door's
+    // Each worker owns the events of the users whose hash lands on it, so the dataflow's
     // exchange keeps them local; each share is fed in time order.
     let mut shares: Vec<Vec<Event>> = (0..workers).map(|_| Vec::new()).collect();
     let mut after_until = 0u64;
@@ -184,7 +183,7 @@ pub fn run_dataflow(
         let probe = ProbeHandle::new();
         let mut state = None;
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
-            // Replay input is deduplicated by the reader (same rule), so the door need not.
+            // Replay input is deduplicated by the reader (the same rule), so the state need not.
             let (inputs, outputs) = build_segments(scope, plan.clone(), -1, journeys);
             state = Some(outputs.state);
             outputs

@@ -393,7 +393,7 @@ impl Plan {
 
     /// Whether aggregate `i` is kept as a running value (see `state`): every aggregate
     /// without a time window except counts, which keep a counter or a distinct set.
-    pub fn accumulated_at_door(&self, i: usize) -> bool {
+    pub fn keeps_running_value(&self, i: usize) -> bool {
         let a = &self.aggs[i];
         !a.temporal && !matches!(a.agg.kind, AggKind::Count)
     }

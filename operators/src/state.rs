@@ -253,6 +253,11 @@ struct User {
 }
 
 impl User {
+    fn cell(&self, slot: u32) -> Option<&Cell> {
+        let i = self.cells.binary_search_by_key(&slot, |(s, _)| *s).ok()?;
+        Some(&self.cells[i].1)
+    }
+
     fn cell_mut(&mut self, slot: u32, new: impl FnOnce() -> Cell) -> &mut Cell {
         let i = match self.cells.binary_search_by_key(&slot, |(s, _)| *s) {
             Ok(i) => i,
@@ -492,7 +497,7 @@ impl SegmentState {
                     kind,
                     a.agg.distinct,
                     a.temporal,
-                    plan.accumulated_at_door(i),
+                    plan.keeps_running_value(i),
                 )
             })
             .collect();
@@ -572,9 +577,9 @@ impl SegmentState {
     }
 
     /// Sets the snapshot clock: `diff` of value `at` (the driver retracts the old instant
-    /// and adds the new). Returns whether the current clock moved; if so, every user with
-    /// an identify write whose freshness flips is pushed to `dirty`.
-    pub fn update_clock(&mut self, at: i64, diff: isize, dirty: &mut Vec<u32>) -> bool {
+    /// and adds the new). If the current clock moves, every user with an identify write
+    /// whose freshness flips is pushed to `dirty`.
+    pub fn update_clock(&mut self, at: i64, diff: isize, dirty: &mut Vec<u32>) {
         let c = self.clock_counts.entry(at).or_default();
         *c += diff;
         if *c == 0 {
@@ -588,7 +593,7 @@ impl SegmentState {
             .map_or(i64::MIN, |(a, _)| *a);
         let old = std::mem::replace(&mut self.clock, new);
         if old == new {
-            return false;
+            return;
         }
         let (lo, hi) = (old.min(new), old.max(new));
         for (u, user) in self.users.iter().enumerate() {
@@ -600,7 +605,6 @@ impl SegmentState {
                 dirty.push(u as u32);
             }
         }
-        true
     }
 
     /// Applies an external fact (snapshot cell or presence, list or audience membership)
@@ -639,10 +643,9 @@ impl SegmentState {
         let ctx = EventCtx::new(ev);
         for (i, slot) in plan.aggs.iter().enumerate() {
             let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
-            let holds_at_ts = || match &slot.filter {
-                None => true,
-                Some(f) => *eval_ref(f, &ctx, ev.timestamp) == Value::Bool(true),
-            };
+            // Whether a condition that does not read now() holds for this event.
+            let holds = |c: &CExpr| *eval_ref(c, &ctx, ev.timestamp) == Value::Bool(true);
+            let holds_at_ts = || slot.filter.as_ref().is_none_or(holds);
             let arg = || {
                 slot.arg
                     .as_ref()
@@ -654,12 +657,7 @@ impl SegmentState {
                 if !holds_at_ts() {
                     continue;
                 }
-                let cell = user
-                    .cells
-                    .binary_search_by_key(&fact_slot, |(s, _)| *s)
-                    .ok()
-                    .map(|j| &user.cells[j].1);
-                let cur = match cell {
+                let cur = match user.cell(fact_slot) {
                     Some(Cell::Acc(a)) => Some(a),
                     _ => None,
                 };
@@ -670,7 +668,6 @@ impl SegmentState {
             }
             let intervals = match &slot.filter {
                 Some(f) if windowed => {
-                    let holds = |c: &CExpr| *eval_ref(c, &ctx, ev.timestamp) == Value::Bool(true);
                     if !self.static_filters[i].iter().all(holds) {
                         continue;
                     }
@@ -770,7 +767,12 @@ impl SegmentState {
         let plan = &*self.plan;
         let mut next = Time::MAX;
         // Future-dated window-free counts whose instant has come.
-        if let Some(list) = self.pending.get_mut(&u) {
+        let pending = if self.pending.is_empty() {
+            None
+        } else {
+            self.pending.get_mut(&u)
+        };
+        if let Some(list) = pending {
             let user = &mut self.users[u as usize];
             list.retain(|(from, slot, val)| {
                 if *from <= t {
@@ -889,13 +891,16 @@ impl SegmentState {
         if let Some(now_exposed) = exposed {
             let before = self.exposed.get(&u).map_or(&[][..], |v| &v[..]);
             if before != now_exposed.as_slice() {
+                let has = |list: &[(u16, Value)], k: u16, v: &Value| {
+                    list.iter().any(|(k2, v2)| *k2 == k && v2 == v)
+                };
                 for (k, v) in before {
-                    if !now_exposed.contains(&(*k, v.clone())) {
+                    if !has(&now_exposed, *k, v) {
                         give(key, StateOut::Trait(*k, v.clone()), -1);
                     }
                 }
                 for (k, v) in &now_exposed {
-                    if !before.contains(&(*k, v.clone())) {
+                    if !has(before, *k, v) {
                         give(key, StateOut::Trait(*k, v.clone()), 1);
                     }
                 }

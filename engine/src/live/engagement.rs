@@ -6,7 +6,7 @@
 //!   `Message Opened` / `Message Clicked` track event for the message's user, with the
 //!   message's journey, channel and template, so segments and journey exits can use it.
 //!   Its `messageId` is derived from `event_id` (or from the whole report), so a
-//!   provider's retry is deduplicated at the door.
+//!   provider's retry is deduplicated on entry to the dataflow.
 //! - `POST /v1/providers/twilio/status?message_id=…`: Twilio's status callback (form
 //!   encoded). `delivered` becomes `Message Delivered`; `undelivered` and `failed`
 //!   become `Message Failed` with the provider's `ErrorCode`; other statuses are

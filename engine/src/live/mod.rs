@@ -23,7 +23,7 @@
 //! `f` has been emitted by every worker) follows the changes into the sink channel; the
 //! sink flushes its files and waits for Kafka's acks, then publishes `durable = f`.
 //! Workers commit a Kafka offset only once the instant its event was fed at is below
-//! `durable`: at-least-once, with `messageId` dedup at the door making redeliveries
+//! `durable`: at-least-once, with identifier + `messageId` dedup on entry making redeliveries
 //! harmless.
 //!
 //! Shutdown (SIGINT/SIGTERM): the HTTP server stops taking requests and finishes those in

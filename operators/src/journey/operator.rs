@@ -1,7 +1,7 @@
 //! The journey operator: the [`Machine`] as a timely operator keyed by user.
 //!
 //! Input: `(user, JIn)` updates (events the journeys listen to, membership changes of
-//! every segment, exposed trait changes), exchanged by the same user hash as the door, so
+//! every segment, exposed trait changes), exchanged by the same user hash as `segment_state`, so
 //! a user's journeys live on the worker that owns the rest of the user's state.
 //!
 //! Timers are not polled. Each worker keeps its pending timers in an ordered set and holds
