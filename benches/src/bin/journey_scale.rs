@@ -14,6 +14,10 @@
 //! Journey outputs are counted, not kept, so memory is the journeys' own state. Run
 //! through `benches/journey_scale.sh`.
 
+/// The same allocator as the `herald` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use clap::Parser;

@@ -11,6 +11,10 @@
 //! this twice to separate per-user state from per-in-window-event state), or by hand:
 //! `cargo run --release -p herald-benches --bin replay-throughput -- --segments benches/segments20.sql --events DIR/events.jsonl --until 2026-04-01T00:00:00Z --workers 2`
 
+/// The same allocator as the `herald` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

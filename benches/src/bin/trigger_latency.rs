@@ -11,6 +11,10 @@
 //! Run through `benches/trigger_latency.sh`, which starts the broker and builds release
 //! binaries. Prints a Markdown table for docs/benchmarks.md.
 
+/// The same allocator as the `herald` binary, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -17,6 +17,12 @@ macro_rules! out {
     }};
 }
 
+/// mimalloc instead of glibc's allocator: the dataflow allocates and frees many small
+/// records across threads, where glibc spent a fifth of a replay zeroing pages it had
+/// just returned to the kernel (docs/benchmarks.md, "Steps").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
