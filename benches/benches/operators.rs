@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-event and per-user work on the replay hot path, isolated
-//! from timely: accepting a message (`parse_message`), applying an event to a user's
+//! from timely: accepting a message (`parse_message`, and `Plan::parse_projected`, which
+//! keeps only what the plan reads), applying an event to a user's
 //! segment state (`SegmentState::apply_event`), evaluating every segment of one user at
 //! an instant (`SegmentState::evaluate`), and compiling a segment file.
 //!
@@ -38,7 +39,11 @@ fn bench(c: &mut Criterion) {
     g.bench_function("parse_message", |b| {
         b.iter(|| parse_message(black_box(ORDER), None, Limits::default()))
     });
-    let (events, _) = parse_message(ORDER, None, Limits::default());
+    let no_journeys = |_: Option<&str>| false;
+    g.bench_function("parse_projected", |b| {
+        b.iter(|| plan.parse_projected(black_box(ORDER), Limits::default(), &no_journeys))
+    });
+    let (events, _) = plan.parse_projected(ORDER, Limits::default(), &no_journeys);
     let event = events.into_iter().next().expect("the bench event parses");
     // Applying the same order again and again: its window entries pile up, so the state is
     // rebuilt every 64 iterations (a user with at most 64 orders in a week).

@@ -13,8 +13,10 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use herald_operators::dedup::Dedup;
-use herald_operators::event::{parse_message, Event, Limits, RejectReason};
+use herald_operators::dedup::{Dedup, Keyed};
+use herald_operators::event::{parse_message, Event, Limits, RejectReason, Rejection};
+use herald_operators::plan::Plan;
+use herald_operators::project::Projected;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConnectorError;
@@ -53,11 +55,12 @@ pub struct DeadLetter {
     pub raw: String,
 }
 
-/// Everything read from a list of event files.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EventBatch {
+/// Everything read from a list of event files: whole [`Event`]s by default, or a plan's
+/// [`Projected`] events ([`read_projected`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventBatch<T = Event> {
     /// Accepted, deduplicated events in input order, with their positions.
-    pub events: Vec<(Event, Position)>,
+    pub events: Vec<(T, Position)>,
     /// Rejected messages in input order.
     pub dead_letters: Vec<DeadLetter>,
     /// Number of rejected messages per reason (the [`RejectReason::as_str`] names).
@@ -68,6 +71,62 @@ pub struct EventBatch {
     pub lines: u64,
     /// Number of bytes read.
     pub bytes: u64,
+}
+
+impl<T> Default for EventBatch<T> {
+    fn default() -> Self {
+        EventBatch {
+            events: Vec::new(),
+            dead_letters: Vec::new(),
+            rejected_by_reason: BTreeMap::new(),
+            duplicates: 0,
+            lines: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// How a line becomes accepted records: [`Whole`] events, or [`ByPlan`] projections.
+pub trait LineParser: Sync {
+    /// The accepted record.
+    type Out: Keyed + Send;
+    /// Parses one non-blank line (as [`parse_message`] with no receive time).
+    fn parse(&self, line: &[u8], limits: Limits) -> (Vec<Self::Out>, Vec<Rejection>);
+    /// The record of an event read from an events archive.
+    fn from_event(&self, ev: Event) -> Self::Out;
+}
+
+/// Lines to whole [`Event`]s.
+pub struct Whole;
+
+impl LineParser for Whole {
+    type Out = Event;
+    fn parse(&self, line: &[u8], limits: Limits) -> (Vec<Event>, Vec<Rejection>) {
+        parse_message(line, None, limits)
+    }
+    fn from_event(&self, ev: Event) -> Event {
+        ev
+    }
+}
+
+/// Lines to a plan's [`Projected`] events ([`Plan::parse_projected`]); `keep_whole` says,
+/// by event name, which events keep their whole body (journeys listen to them).
+pub struct ByPlan<'a> {
+    /// The compiled segment set.
+    pub plan: &'a Plan,
+    /// Which event names journeys listen to.
+    pub keep_whole: &'a (dyn Fn(Option<&str>) -> bool + Sync),
+}
+
+impl LineParser for ByPlan<'_> {
+    type Out = Projected;
+    fn parse(&self, line: &[u8], limits: Limits) -> (Vec<Projected>, Vec<Rejection>) {
+        self.plan.parse_projected(line, limits, self.keep_whole)
+    }
+    fn from_event(&self, ev: Event) -> Projected {
+        let keep = (self.keep_whole)(ev.event.as_deref());
+        self.plan.project(ev, keep)
+    }
 }
 
 /// Reads event JSONL files and events archives.
@@ -85,6 +144,35 @@ pub fn read_events(
     dedup_horizon_ms: i64,
     threads: usize,
 ) -> Result<EventBatch, ConnectorError> {
+    read_with(sources, limits, dedup_horizon_ms, threads, &Whole)
+}
+
+/// [`read_events`], keeping only what `plan` reads of each event ([`ByPlan`]): the
+/// replay path, which never builds the JSON trees of the events it does not keep whole.
+pub fn read_projected(
+    sources: &[String],
+    limits: Limits,
+    dedup_horizon_ms: i64,
+    threads: usize,
+    plan: &Plan,
+    keep_whole: &(dyn Fn(Option<&str>) -> bool + Sync),
+) -> Result<EventBatch<Projected>, ConnectorError> {
+    let parser = ByPlan { plan, keep_whole };
+    read_with(sources, limits, dedup_horizon_ms, threads, &parser)
+}
+
+/// Local files are read in blocks of this many bytes (whole lines each), so the raw
+/// input is never held whole; remote objects are fetched whole.
+const BLOCK_BYTES: usize = 32 * 1024 * 1024;
+
+/// [`read_events`] with any [`LineParser`].
+pub fn read_with<P: LineParser>(
+    sources: &[String],
+    limits: Limits,
+    dedup_horizon_ms: i64,
+    threads: usize,
+    parser: &P,
+) -> Result<EventBatch<P::Out>, ConnectorError> {
     let threads = if threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -98,10 +186,11 @@ pub fn read_events(
             out.lines += archived.len() as u64;
             dedup.reserve(archived.len());
             for (i, (event, _received)) in archived.into_iter().enumerate() {
-                if dedup.admit(&event.user, &event.message_id, event.timestamp, 0) {
+                let (user, id, ts) = event.dedup_key();
+                if dedup.admit(user, id, ts, 0) {
                     let line = i as u64 + 1;
                     out.events.push((
-                        event,
+                        parser.from_event(event),
                         Position {
                             source: index,
                             line,
@@ -113,47 +202,166 @@ pub fn read_events(
             }
             continue;
         }
-        let bytes = read_all(source)?;
-        if source.to_ascii_lowercase().ends_with(".gz") || bytes.starts_with(&[0x1f, 0x8b]) {
-            return Err(ConnectorError::input(
-                source,
-                "gzip-compressed input is not supported; decompress it first",
-            ));
+        let mut blocks = Blocks::open(source)?;
+        let mut lines_before = 0;
+        while let Some(block) = blocks.next_block()? {
+            let mut parsed = parse_jsonl_with(&block, index, source, limits, threads, parser);
+            drop(block);
+            for (_, pos) in &mut parsed.events {
+                pos.line += lines_before;
+            }
+            for dl in &mut parsed.dead_letters {
+                dl.line += lines_before;
+            }
+            lines_before += parsed.lines;
+            out.lines += parsed.lines;
+            dedup.reserve(parsed.events.len());
+            let before = parsed.events.len();
+            parsed.events.retain(|(event, _)| {
+                let (user, id, ts) = event.dedup_key();
+                dedup.admit(user, id, ts, 0)
+            });
+            out.duplicates += (before - parsed.events.len()) as u64;
+            if out.events.is_empty() {
+                out.events = parsed.events;
+            } else {
+                out.events.append(&mut parsed.events);
+            }
+            for dl in &parsed.dead_letters {
+                *out.rejected_by_reason
+                    .entry(dl.reason.as_str().to_string())
+                    .or_default() += 1;
+            }
+            out.dead_letters.extend(parsed.dead_letters);
         }
-        out.bytes += bytes.len() as u64;
-        let mut parsed = parse_jsonl(&bytes, index, source, limits, threads);
-        drop(bytes);
-        out.lines += parsed.lines;
-        dedup.reserve(parsed.events.len());
-        let before = parsed.events.len();
-        parsed
-            .events
-            .retain(|(event, _)| dedup.admit(&event.user, &event.message_id, event.timestamp, 0));
-        out.duplicates += (before - parsed.events.len()) as u64;
-        if out.events.is_empty() {
-            out.events = parsed.events;
-        } else {
-            out.events.append(&mut parsed.events);
-        }
-        for dl in &parsed.dead_letters {
-            *out.rejected_by_reason
-                .entry(dl.reason.as_str().to_string())
-                .or_default() += 1;
-        }
-        out.dead_letters.extend(parsed.dead_letters);
+        out.bytes += blocks.bytes;
     }
     Ok(out)
 }
 
+/// A source's bytes in blocks of whole lines: local files block by block, remote objects
+/// in one piece.
+struct Blocks<'s> {
+    source: &'s str,
+    file: Option<std::fs::File>,
+    whole: Option<bytes::Bytes>,
+    /// The unfinished last line of the previous block.
+    carry: Vec<u8>,
+    bytes: u64,
+    first: bool,
+}
+
+impl<'s> Blocks<'s> {
+    fn open(source: &'s str) -> Result<Blocks<'s>, ConnectorError> {
+        let local = source.strip_prefix("file://").unwrap_or(source);
+        let gz =
+            |b: &[u8]| source.to_ascii_lowercase().ends_with(".gz") || b.starts_with(&[0x1f, 0x8b]);
+        let refuse = || {
+            ConnectorError::input(
+                source,
+                "gzip-compressed input is not supported; decompress it first",
+            )
+        };
+        if !source.contains("://") || source.starts_with("file://") {
+            if let Ok(file) = std::fs::File::open(local) {
+                if gz(&[]) {
+                    return Err(refuse());
+                }
+                return Ok(Blocks {
+                    source,
+                    file: Some(file),
+                    whole: None,
+                    carry: Vec::new(),
+                    bytes: 0,
+                    first: true,
+                });
+            }
+            // Missing or unreadable: the store gives the error that names the problem.
+        }
+        let whole = read_all(source)?;
+        if gz(&whole) {
+            return Err(refuse());
+        }
+        Ok(Blocks {
+            source,
+            file: None,
+            bytes: whole.len() as u64,
+            whole: Some(whole),
+            carry: Vec::new(),
+            first: true,
+        })
+    }
+
+    /// The next block of whole lines (the last one may lack its newline), or `None` at the end.
+    fn next_block(&mut self) -> Result<Option<Vec<u8>>, ConnectorError> {
+        use std::io::Read as _;
+        if let Some(whole) = self.whole.take() {
+            return Ok(Some(whole.to_vec()));
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Ok(None);
+        };
+        let mut buf = std::mem::take(&mut self.carry);
+        let start = buf.len();
+        buf.resize(start + BLOCK_BYTES, 0);
+        let mut filled = start;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ConnectorError::input(self.source, format!("reading: {e}"))),
+            }
+        }
+        buf.truncate(filled);
+        self.bytes += (filled - start) as u64;
+        if self.first {
+            self.first = false;
+            if buf.starts_with(&[0x1f, 0x8b]) {
+                return Err(ConnectorError::input(
+                    self.source,
+                    "gzip-compressed input is not supported; decompress it first",
+                ));
+            }
+        }
+        if filled - start < BLOCK_BYTES {
+            // The end of the file: whatever is left is the last block.
+            self.file = None;
+            return Ok((!buf.is_empty()).then_some(buf));
+        }
+        match buf.iter().rposition(|&b| b == b'\n') {
+            Some(p) => {
+                self.carry = buf.split_off(p + 1);
+                Ok(Some(buf))
+            }
+            // One line longer than a block: keep reading it.
+            None => {
+                self.carry = buf;
+                self.next_block()
+            }
+        }
+    }
+}
+
 /// The parse of one source, before deduplication.
-#[derive(Debug, Default)]
-pub struct ParsedLines {
+#[derive(Debug)]
+pub struct ParsedLines<T = Event> {
     /// Accepted events in input order.
-    pub events: Vec<(Event, Position)>,
+    pub events: Vec<(T, Position)>,
     /// Rejected messages in input order.
     pub dead_letters: Vec<DeadLetter>,
     /// Number of lines, blank lines included.
     pub lines: u64,
+}
+
+impl<T> Default for ParsedLines<T> {
+    fn default() -> Self {
+        ParsedLines {
+            events: Vec::new(),
+            dead_letters: Vec::new(),
+            lines: 0,
+        }
+    }
 }
 
 /// Parses the bytes of one JSONL source (no deduplication, no counters): `source_index`
@@ -165,13 +373,25 @@ pub fn parse_jsonl(
     limits: Limits,
     threads: usize,
 ) -> ParsedLines {
+    parse_jsonl_with(bytes, source_index, source, limits, threads, &Whole)
+}
+
+/// [`parse_jsonl`] with any [`LineParser`].
+pub fn parse_jsonl_with<P: LineParser>(
+    bytes: &[u8],
+    source_index: usize,
+    source: &str,
+    limits: Limits,
+    threads: usize,
+    parser: &P,
+) -> ParsedLines<P::Out> {
     let threads = threads.max(1);
     if threads == 1 || bytes.len() < MIN_PARALLEL_BYTES {
-        return parse_chunk(bytes, source_index, source, limits);
+        return parse_chunk(bytes, source_index, source, limits, parser);
     }
     let chunks = split_at_newlines(bytes, threads * 4);
     let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, ParsedLines)> = std::thread::scope(|s| {
+    let mut results: Vec<(usize, ParsedLines<P::Out>)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.min(chunks.len()))
             .map(|_| {
                 s.spawn(|| {
@@ -179,7 +399,7 @@ pub fn parse_jsonl(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(chunk) = chunks.get(i) else { break };
-                        done.push((i, parse_chunk(chunk, source_index, source, limits)));
+                        done.push((i, parse_chunk(chunk, source_index, source, limits, parser)));
                     }
                     done
                 })
@@ -233,7 +453,13 @@ fn split_at_newlines(bytes: &[u8], n: usize) -> Vec<&[u8]> {
 }
 
 /// Parses a run of whole lines, numbering them from 1.
-fn parse_chunk(bytes: &[u8], source_index: usize, source: &str, limits: Limits) -> ParsedLines {
+fn parse_chunk<P: LineParser>(
+    bytes: &[u8],
+    source_index: usize,
+    source: &str,
+    limits: Limits,
+    parser: &P,
+) -> ParsedLines<P::Out> {
     let mut out = ParsedLines {
         events: Vec::with_capacity(bytes.iter().filter(|&&b| b == b'\n').count() + 1),
         ..ParsedLines::default()
@@ -251,7 +477,7 @@ fn parse_chunk(bytes: &[u8], source_index: usize, source: &str, limits: Limits) 
         if line.trim_ascii().is_empty() {
             continue;
         }
-        let (events, rejections) = parse_message(line, None, limits);
+        let (events, rejections) = parser.parse(line, limits);
         let position = Position {
             source: source_index,
             line: line_no,

@@ -21,6 +21,7 @@ use herald_operators::dataflow::{build_segments, user_hash, SegmentInputs, UserF
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows};
+use herald_operators::project::Projected;
 use herald_operators::state::{StateBytes, StateCounters};
 use herald_operators::time::{to_time, Time};
 use herald_operators::value::Value;
@@ -51,8 +52,8 @@ pub struct ChangeRow {
 pub struct DataflowInput {
     /// The compiled segment set.
     pub plan: Plan,
-    /// Accepted, deduplicated events, in any order.
-    pub events: Vec<Event>,
+    /// Accepted, deduplicated events, projected by `plan` ([`project_events`]), in any order.
+    pub events: Vec<Projected>,
     /// Profile snapshots with the instant each is applied at.
     pub snapshots: Vec<(i64, Arc<SnapshotRows>)>,
     /// Static list members by segment index.
@@ -103,6 +104,22 @@ enum Extra {
     Snapshot(usize),
 }
 
+/// Projects whole events for [`DataflowInput::events`]: the events some journey listens
+/// to keep their body.
+pub fn project_events(
+    plan: &Plan,
+    journeys: Option<&JourneySet>,
+    events: impl IntoIterator<Item = Event>,
+) -> Vec<Projected> {
+    events
+        .into_iter()
+        .map(|e| {
+            let keep = journeys.is_some_and(|j| j.wants(&e));
+            plan.project(e, keep)
+        })
+        .collect()
+}
+
 /// Runs the dataflow; see the module docs.
 pub fn run_dataflow(
     input: DataflowInput,
@@ -126,7 +143,7 @@ pub fn run_dataflow(
     snapshots.sort_by_key(|(at, _)| *at);
     // Each worker owns the events of the users whose hash lands on it, so the dataflow's
     // exchange keeps them local; each share is fed in time order.
-    let mut shares: Vec<Vec<Event>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut shares: Vec<Vec<Projected>> = (0..workers).map(|_| Vec::new()).collect();
     let mut after_until = 0u64;
     let mut applied = 0u64;
     for e in events {
@@ -140,7 +157,7 @@ pub fn run_dataflow(
     for share in &mut shares {
         share.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
     }
-    let shares: Vec<Mutex<Vec<Event>>> = shares.into_iter().map(Mutex::new).collect();
+    let shares: Vec<Mutex<Vec<Projected>>> = shares.into_iter().map(Mutex::new).collect();
     // Worker 0's schedule of lists and snapshots; at equal instants lists, then
     // snapshots, then events, so an event at a snapshot's instant sees that snapshot.
     let mut extras: Vec<(i64, Extra)> = snapshots
@@ -471,7 +488,7 @@ fn feed_fact(
 struct Shared {
     plan: Plan,
     journeys: Option<JourneySet>,
-    shares: Vec<Mutex<Vec<Event>>>,
+    shares: Vec<Mutex<Vec<Projected>>>,
     snapshots: Vec<(i64, Arc<SnapshotRows>)>,
     lists: BTreeMap<usize, BTreeSet<String>>,
     extras: Vec<(i64, Extra)>,

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald_connectors::events::{read_events, DEFAULT_DEDUP_HORIZON_MS};
+use herald_connectors::events::{read_projected, DEFAULT_DEDUP_HORIZON_MS};
 use herald_connectors::journey_sink::{
     write_journey_rows_jsonl, write_journey_rows_parquet, write_messages_jsonl,
     write_messages_parquet,
@@ -175,11 +175,14 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     let threads = args
         .workers
         .max(std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let batch = read_events(
+    let keep_whole = |name: Option<&str>| journeys.as_ref().is_some_and(|j| j.wants_name(name));
+    let batch = read_projected(
         &args.events,
         Limits::default(),
         DEFAULT_DEDUP_HORIZON_MS,
         threads,
+        &plan,
+        &keep_whole,
     )?;
     let mut snapshots = Vec::with_capacity(profiles.len());
     for (path, at) in &profiles {

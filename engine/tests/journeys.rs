@@ -124,7 +124,7 @@ fn every_scenario_gives_its_expected_journey_events_for_1_to_4_workers() {
 /// taken in slices and nothing is lost or repeated.
 #[test]
 fn a_burst_of_timers_at_one_instant_fires_each_exactly_once() {
-    use herald_engine::driver::{run_dataflow, DataflowInput};
+    use herald_engine::driver::{project_events, run_dataflow, DataflowInput};
     use herald_operators::event::{Event, EventType};
     use herald_operators::journey::{compile_journeys, parse_journeys, Kind};
     use herald_operators::lang::parse::parse_segments;
@@ -153,7 +153,7 @@ fn a_burst_of_timers_at_one_instant_fires_each_exactly_once() {
         let out = run_dataflow(
             DataflowInput {
                 plan: set.plan.clone(),
-                events: events.clone(),
+                events: project_events(&set.plan, Some(&set), events.clone()),
                 snapshots: vec![],
                 lists: Default::default(),
                 until: T0 + 2 * 3_600_000,

@@ -52,6 +52,7 @@ use crate::journey::machine::{JIn, JOut};
 use crate::journey::operator::run_journeys;
 use crate::journey::JourneySet;
 use crate::plan::{FactVal, Plan};
+use crate::project::Projected;
 pub use crate::state::user_hash;
 use crate::state::{SegmentState, StateBytes, StateCounters, StateOut};
 use crate::time::Time;
@@ -66,8 +67,9 @@ pub type Change = (u16, String);
 
 /// The input handles of the segment dataflow.
 pub struct SegmentInputs {
-    /// Accepted events (insert only: events are never retracted).
-    pub events: InputSession<Time, Event, isize>,
+    /// Accepted events, projected by the plan ([`crate::plan::Plan::project`]; insert
+    /// only: events are never retracted).
+    pub events: InputSession<Time, Projected, isize>,
     /// Facts from snapshot cells, profile presence, lists and audiences.
     pub facts: InputSession<Time, UserFact, isize>,
     /// The current snapshot's instant (fed by one worker, broadcast to all).
@@ -131,7 +133,7 @@ type StateUpdate = ((String, StateOut), Time, isize);
 /// What enters the keyed operator.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum StateIn {
-    Event(Event),
+    Event(Projected),
     Fact(String, u32, FactVal),
 }
 
@@ -155,7 +157,7 @@ pub fn build_segments<'s>(
     dedup_horizon_ms: i64,
     journeys: Option<Rc<JourneySet>>,
 ) -> (SegmentInputs, SegmentOutputs<'s>) {
-    let (events_in, events) = scope.new_collection::<Event, isize>();
+    let (events_in, events) = scope.new_collection::<Projected, isize>();
     let (facts_in, facts) = scope.new_collection::<UserFact, isize>();
     let (clock_in, clock) = scope.new_collection::<i64, isize>();
 
@@ -165,6 +167,11 @@ pub fn build_segments<'s>(
     let (feedback, events) = match &journeys {
         Some(set) if set.writes_traits() => {
             let (handle, cycle) = scope.feedback::<Vec<(Event, Time, isize)>>(1);
+            let (plan, set) = (plan.clone(), set.clone());
+            let cycle = cycle.map(move |(e, t, r)| {
+                let keep = set.wants(&e);
+                (plan.project(e, keep), t, r)
+            });
             (Some(handle), events.inner.concat(cycle))
         }
         _ => (None, events.inner),
@@ -312,9 +319,11 @@ fn segment_state<'s>(
                                     st.retracted();
                                 } else if st.apply_event(u, &ev, t) {
                                     dirty.push(u);
-                                    if journeys.as_ref().is_some_and(|j| j.wants(&ev)) {
-                                        let key = st.key(u).to_string();
-                                        session.give(((key, StateOut::Event(ev)), t, r));
+                                    if let Some(whole) = ev.whole {
+                                        if journeys.as_ref().is_some_and(|j| j.wants(&whole)) {
+                                            let key = st.key(u).to_string();
+                                            session.give(((key, StateOut::Event(*whole)), t, r));
+                                        }
                                     }
                                 }
                             }

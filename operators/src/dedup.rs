@@ -17,6 +17,24 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+/// What deduplication reads of an accepted record: `(identifier, messageId, timestamp)`.
+pub trait Keyed {
+    /// The identifier, `messageId` and instant (ms) of the record.
+    fn dedup_key(&self) -> (&str, &str, i64);
+}
+
+impl Keyed for crate::event::Event {
+    fn dedup_key(&self) -> (&str, &str, i64) {
+        (&self.user, &self.message_id, self.timestamp)
+    }
+}
+
+impl Keyed for crate::project::Projected {
+    fn dedup_key(&self) -> (&str, &str, i64) {
+        (&self.user, &self.message_id, self.timestamp)
+    }
+}
+
 /// Remembers accepted `(identifier, messageId)` pairs; see the module docs.
 #[derive(Clone, Debug, Default)]
 pub struct Dedup {

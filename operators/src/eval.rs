@@ -34,6 +34,9 @@ pub enum CExpr {
     Trait(usize),
     /// An event field (event-level only).
     Field(EventField),
+    /// An event path (`properties.…`, `context.…`, `traits.…`), with its index in the
+    /// plan's [`Projection`](crate::project::Projection).
+    Path(usize, EventField),
     /// An aggregate's value, by aggregate slot.
     Agg(usize),
     /// Membership of another segment, by segment index.
@@ -73,6 +76,11 @@ pub trait Context {
     /// The value of an event field (event-level contexts).
     fn field(&self, _field: &EventField) -> Cow<'_, Value> {
         Cow::Owned(Value::Null)
+    }
+    /// The value of an event path, by its index in the plan's projection (contexts over
+    /// whole events look it up by the path itself).
+    fn path(&self, _index: usize, field: &EventField) -> Cow<'_, Value> {
+        self.field(field)
     }
     /// The user key.
     fn user_id(&self) -> Cow<'_, Value> {
@@ -167,6 +175,7 @@ pub fn eval_ref<'a>(e: &'a CExpr, ctx: &'a dyn Context, now: i64) -> Cow<'a, Val
         CExpr::UserId => return ctx.user_id(),
         CExpr::Trait(s) => return ctx.trait_value(*s),
         CExpr::Field(f) => return ctx.field(f),
+        CExpr::Path(i, f) => return ctx.path(*i, f),
         CExpr::Agg(s) => return ctx.agg(*s),
         CExpr::Coalesce(items) => {
             for i in items {
@@ -190,6 +199,7 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
         | CExpr::UserId
         | CExpr::Trait(_)
         | CExpr::Field(_)
+        | CExpr::Path(..)
         | CExpr::Agg(_)
         | CExpr::Coalesce(_) => eval_ref(e, ctx, now).into_owned(),
         // An interval only means something next to a timestamp; see `Arith` below.
@@ -434,6 +444,7 @@ pub fn breakpoints(e: &CExpr, ctx: &dyn Context, out: &mut Vec<i64>) {
         | CExpr::UserId
         | CExpr::Trait(_)
         | CExpr::Field(_)
+        | CExpr::Path(..)
         | CExpr::Agg(_)
         | CExpr::InSegment(_) => {}
     }

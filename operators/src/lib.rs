@@ -7,6 +7,7 @@
 //! - [`lang`]: the segment language: syntax tree, parser with positioned errors, type checker.
 //! - `plan`: compiles a segment file into slots (one per distinct aggregate and trait,
 //!   shared by every segment that uses it) and evaluates segments as functions of time.
+//! - [`project`]: the part of an event the segment state reads, and a parser straight to it.
 //! - `state`: one worker's per-user segment state and the evaluation of a user at an instant.
 //! - `dataflow`: the keyed timely operator over that state that keeps every segment's
 //!   membership exact as inputs arrive and as time passes.
@@ -18,6 +19,7 @@ pub mod event;
 pub mod journey;
 pub mod lang;
 pub mod plan;
+pub mod project;
 pub mod state;
 pub mod time;
 pub mod value;

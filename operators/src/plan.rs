@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::ast::{AggKind, Aggregate, EventField, Expr, SegmentBody, SegmentFile};
 use crate::eval::{mentions_now, CExpr, Context};
 use crate::event::Event;
+use crate::project::{Projected, Projection};
 use crate::value::Value;
 
 /// Slot of the "has at least one event" presence fact.
@@ -110,6 +111,8 @@ pub struct Plan {
     pub visible: usize,
     /// Trait indices whose current values the dataflow reports per user (for journeys).
     pub exposed: Vec<usize>,
+    /// What the plan reads of events (paths and traits), for [`Plan::project`].
+    pub projection: Projection,
 }
 
 struct Compiler<'a> {
@@ -118,6 +121,7 @@ struct Compiler<'a> {
     agg_index: BTreeMap<Aggregate, usize>,
     traits: Vec<(String, Vec<String>)>,
     trait_index: BTreeMap<String, usize>,
+    projection: Projection,
     current: String,
 }
 
@@ -151,6 +155,9 @@ impl Compiler<'_> {
                     users.push(self.current.clone());
                 }
                 CExpr::Trait(idx)
+            }
+            Expr::Event(f @ EventField::Path(root, path)) => {
+                CExpr::Path(self.projection.path_index(*root, path), f.clone())
             }
             Expr::Event(f) => CExpr::Field(f.clone()),
             Expr::Agg(agg) => {
@@ -255,31 +262,20 @@ fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
     (order, deps)
 }
 
-/// An event as FILTERs and arguments see it; its scalar fields are materialised once, so
-/// every aggregate's FILTER borrows them instead of copying.
-pub(crate) struct EventCtx<'a> {
-    pub(crate) ev: &'a Event,
-    event: Value,
-    kind: Value,
-}
-
-impl<'a> EventCtx<'a> {
-    pub(crate) fn new(ev: &'a Event) -> Self {
-        EventCtx {
-            ev,
-            event: ev.field(&EventField::Event),
-            kind: ev.field(&EventField::Type),
-        }
-    }
-}
+/// A projected event as FILTERs and arguments see it: its name, type and paths are
+/// borrowed, never copied.
+pub(crate) struct EventCtx<'a>(pub(crate) &'a Projected);
 
 impl Context for EventCtx<'_> {
     fn field(&self, field: &EventField) -> Cow<'_, Value> {
-        match field {
-            EventField::Event => Cow::Borrowed(&self.event),
-            EventField::Type => Cow::Borrowed(&self.kind),
-            other => Cow::Owned(self.ev.field(other)),
-        }
+        self.0.field(field)
+    }
+
+    fn path(&self, index: usize, _field: &EventField) -> Cow<'_, Value> {
+        self.0
+            .values
+            .get(index)
+            .map_or(Cow::Owned(Value::Null), Cow::Borrowed)
     }
 }
 
@@ -312,6 +308,7 @@ impl Plan {
             agg_index: BTreeMap::new(),
             traits: vec![],
             trait_index: BTreeMap::new(),
+            projection: Projection::default(),
             current: String::new(),
         };
         let mut lists = 0u32;
@@ -359,6 +356,14 @@ impl Plan {
             }
         }
         let (order, refs) = dependency_order(file);
+        let mut projection = c.projection;
+        let trait_base = FIRST_DYNAMIC_SLOT + c.aggs.len() as u32;
+        projection.set_traits(
+            c.traits
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _))| (name.clone(), trait_base + i as u32)),
+        );
         let plan = Plan {
             order,
             refs,
@@ -367,6 +372,7 @@ impl Plan {
             traits: c.traits,
             visible,
             exposed: Vec::new(),
+            projection,
         };
         (plan, extras)
     }

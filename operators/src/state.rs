@@ -37,6 +37,7 @@ use crate::ast::{AggKind, EventField};
 use crate::eval::{breakpoints, eval, eval_ref, mentions_now, true_intervals, CExpr, Context};
 use crate::event::Event;
 use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE};
+use crate::project::Projected;
 use crate::time::{to_time, Time};
 use crate::value::Value;
 
@@ -64,7 +65,7 @@ impl Acc {
 
 /// Folds one event's contribution into an accumulator; returns the new accumulator, or
 /// `None` when it does not move.
-pub(crate) fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Event, v: Value) -> Option<Acc> {
+pub(crate) fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Projected, v: Value) -> Option<Acc> {
     match kind {
         AggKind::Sum | AggKind::Avg => {
             let x = v.as_f64()?;
@@ -630,7 +631,7 @@ impl SegmentState {
 
     /// Applies an accepted event to user `u` at instant `t`, unless it is a duplicate.
     /// Returns whether it was applied.
-    pub fn apply_event(&mut self, u: u32, ev: &Event, t: Time) -> bool {
+    pub fn apply_event(&mut self, u: u32, ev: &Projected, t: Time) -> bool {
         if !self.dedup.admit(&ev.user, &ev.message_id, ev.timestamp, t) {
             self.counters.duplicates += 1;
             return false;
@@ -640,7 +641,7 @@ impl SegmentState {
         let user = &mut self.users[u as usize];
         let start = to_time(ev.timestamp);
         user.seen_from = user.seen_from.min(start.max(t));
-        let ctx = EventCtx::new(ev);
+        let ctx = EventCtx(ev);
         for (i, slot) in plan.aggs.iter().enumerate() {
             let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
             // Whether a condition that does not read now() holds for this event.
@@ -742,13 +743,18 @@ impl SegmentState {
                 }
             }
         }
-        for (slot, val) in plan.trait_writes(ev) {
+        for (slot, val) in ev.traits.iter() {
+            let slot = *slot;
             if let Cell::Trait(_, write) = user.cell_mut(slot, || Cell::Trait(None, None)) {
                 let newer = write
                     .as_ref()
                     .is_none_or(|w| (ev.timestamp, ev.message_id.as_str()) > (w.0, &*w.1));
                 if newer {
-                    *write = Some(Box::new((ev.timestamp, ev.message_id.as_str().into(), val)));
+                    *write = Some(Box::new((
+                        ev.timestamp,
+                        ev.message_id.as_str().into(),
+                        val.clone(),
+                    )));
                 }
             }
         }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use herald_engine::driver::{run_dataflow, ChangeRow, DataflowInput};
+use herald_engine::driver::{project_events, run_dataflow, ChangeRow, DataflowInput};
 use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
 use herald_tests::gen::{random_events, random_segment_file, random_snapshots};
@@ -47,7 +47,7 @@ fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<ChangeRow>
     let out = run_dataflow(
         DataflowInput {
             plan: plan.clone(),
-            events: world.events.clone(),
+            events: project_events(plan, None, world.events.iter().cloned()),
             snapshots: world
                 .snapshots
                 .iter()

@@ -4,7 +4,7 @@
 //! x random event streams x worker counts 1-4: the engine's journey events must equal the
 //! reference's, row for row, and be identical for every worker count.
 
-use herald_engine::driver::{run_dataflow, DataflowInput};
+use herald_engine::driver::{project_events, run_dataflow, DataflowInput};
 use herald_operators::event::{Event, EventType};
 use herald_operators::journey::compile::{API_TRIGGER_EVENT, API_TRIGGER_KEY};
 use herald_operators::journey::{compile_journeys, parse_journeys};
@@ -199,7 +199,7 @@ fn engine(seed: u64, workers: usize) -> Vec<RefRow> {
     let out = run_dataflow(
         DataflowInput {
             plan: set.plan.clone(),
-            events: events(seed),
+            events: project_events(&set.plan, Some(&set), events(seed)),
             snapshots: vec![],
             lists: Default::default(),
             until: T0 + 12 * 60 * MINUTE,

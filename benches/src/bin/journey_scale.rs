@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use herald_benches::rss;
-use herald_engine::driver::{run_dataflow, DataflowInput};
+use herald_engine::driver::{project_events, run_dataflow, DataflowInput};
 use herald_operators::event::{Event, EventType};
 use herald_operators::journey::{compile_journeys, parse_journeys};
 use herald_operators::lang::parse::parse_segments;
@@ -80,6 +80,7 @@ fn main() -> anyhow::Result<()> {
     let rss_at = std::sync::Arc::new(std::sync::Mutex::new(0u64));
     let hook_rss = std::sync::Arc::clone(&rss_at);
     let started = Instant::now();
+    let events = project_events(&plan, journeys.as_ref(), events);
     let out = run_dataflow(
         DataflowInput {
             plan,

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Parser;
 use herald_benches::{reset_peak_rss, rss};
-use herald_connectors::events::{read_events, DEFAULT_DEDUP_HORIZON_MS};
+use herald_connectors::events::{read_projected, DEFAULT_DEDUP_HORIZON_MS};
 use herald_engine::check::load_segments;
 use herald_engine::driver::{run_dataflow, DataflowInput};
 use herald_engine::replay::parse_profile_arg;
@@ -58,7 +58,14 @@ fn main() -> anyhow::Result<()> {
     let until = parse_rfc3339_ms(&args.until).map_err(anyhow::Error::msg)?;
     let (_, plan) = load_segments(&args.segments).context("loading segments")?;
     let read_started = Instant::now();
-    let batch = read_events(&args.events, Limits::default(), DEFAULT_DEDUP_HORIZON_MS, 0)?;
+    let batch = read_projected(
+        &args.events,
+        Limits::default(),
+        DEFAULT_DEDUP_HORIZON_MS,
+        0,
+        &plan,
+        &|_| false,
+    )?;
     let mut snapshots = Vec::new();
     for p in &args.profiles {
         let (path, at) = parse_profile_arg(p)?;

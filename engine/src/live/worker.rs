@@ -448,7 +448,8 @@ fn feed(
     if !writes.is_empty() {
         identify.push((ev.user.clone(), ev.timestamp, writes));
     }
-    inputs.events.update(ev, 1);
+    let keep = live.journeys.as_ref().is_some_and(|j| j.wants(&ev));
+    inputs.events.update(live.plan.project(ev, keep), 1);
 }
 
 /// Records identify traits for the query API, one lock per loop turn.

@@ -189,7 +189,12 @@ impl JourneySet {
 
     /// Whether the journey operator needs to see this event.
     pub fn wants(&self, ev: &crate::event::Event) -> bool {
-        ev.event.as_ref().is_some_and(|e| self.events.contains(e))
+        self.wants_name(ev.event.as_deref())
+    }
+
+    /// [`JourneySet::wants`] by the event's name (`event` of a track, `name` of a page).
+    pub fn wants_name(&self, name: Option<&str>) -> bool {
+        name.is_some_and(|e| self.events.contains(e))
     }
 }
 
