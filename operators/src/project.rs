@@ -238,8 +238,9 @@ impl Plan {
         (projected, rejections)
     }
 
-    /// The fast path; `None` sends the message to the full parser.
-    fn fast_parse(&self, bytes: &[u8]) -> Option<Projected> {
+    /// The fast path of [`Plan::parse_projected`] alone: `None` where the message needs
+    /// the full parser (tests check that where it answers, it answers as that one does).
+    pub fn fast_parse(&self, bytes: &[u8]) -> Option<Projected> {
         let proj = &self.projection;
         let mut top = Top {
             proj,
