@@ -474,9 +474,66 @@ pub struct SegmentState {
     /// Per segment, whether its condition reads `now()` outside aggregates (only those
     /// have breakpoints of their own).
     segment_temporal: Vec<bool>,
+    /// Per segment, the fact slots it reads ([`slot_bit`]); a segment none of whose
+    /// slots changed since a user's last evaluation keeps its membership unless it reads
+    /// `now()` itself or a segment it references changed.
+    segment_reads: Vec<u64>,
+    /// Slots changed since each user's last evaluation (users with changes only).
+    touched: hashbrown::HashMap<u32, u64>,
     list_base: u32,
     n_segments: usize,
     points: Vec<i64>,
+}
+
+/// Every slot: a change that may move any segment (the user's universe, the snapshot clock).
+const ALL_SLOTS: u64 = u64::MAX;
+
+/// The bit of a fact slot in a slot mask; slots past 63 share every bit (they are
+/// rare: a segment file with more than 60 aggregates and traits).
+fn slot_bit(slot: u32) -> u64 {
+    if slot < 64 {
+        1 << slot
+    } else {
+        ALL_SLOTS
+    }
+}
+
+/// The slots an expression reads (aggregates and traits).
+fn expr_reads(plan: &Plan, e: &CExpr, mask: &mut u64) {
+    let mut go = |x: &CExpr| expr_reads(plan, x, mask);
+    match e {
+        CExpr::Agg(i) => *mask |= slot_bit(plan.agg_slot(*i)),
+        CExpr::Trait(k) => *mask |= slot_bit(plan.trait_slot(*k)),
+        CExpr::Lit(_)
+        | CExpr::Interval(_)
+        | CExpr::Now(_)
+        | CExpr::UserId
+        | CExpr::Field(_)
+        | CExpr::Path(..)
+        | CExpr::InSegment(_) => {}
+        CExpr::Neg(a) | CExpr::Not(a) | CExpr::IsNull(a, _) | CExpr::Lower(a) | CExpr::Upper(a) => {
+            go(a)
+        }
+        CExpr::HashBucket(a, ..) => go(a),
+        CExpr::Cmp(_, a, b)
+        | CExpr::Arith(_, a, b)
+        | CExpr::And(a, b)
+        | CExpr::Or(a, b)
+        | CExpr::Like(a, b, _) => {
+            go(a);
+            go(b);
+        }
+        CExpr::Between(a, b, c, _) => {
+            go(a);
+            go(b);
+            go(c);
+        }
+        CExpr::InList(a, list, _) => {
+            go(a);
+            list.iter().for_each(go);
+        }
+        CExpr::Coalesce(list) => list.iter().for_each(go),
+    }
 }
 
 impl SegmentState {
@@ -525,6 +582,20 @@ impl SegmentState {
             .iter()
             .map(|s| matches!(&s.kind, SegmentKind::Expr(e) if mentions_now(e)))
             .collect();
+        let segment_reads = plan
+            .segments
+            .iter()
+            .map(|s| match &s.kind {
+                SegmentKind::Expr(e) => {
+                    let mut mask = 0;
+                    expr_reads(&plan, e, &mut mask);
+                    mask
+                }
+                SegmentKind::List { slot, .. } | SegmentKind::Warehouse { slot, .. } => {
+                    slot_bit(*slot)
+                }
+            })
+            .collect();
         SegmentState {
             plan,
             index: HashTable::new(),
@@ -539,6 +610,8 @@ impl SegmentState {
             agg_kinds,
             static_filters,
             segment_temporal,
+            segment_reads,
+            touched: hashbrown::HashMap::new(),
             list_base,
             n_segments,
             points: Vec::new(),
@@ -604,6 +677,7 @@ impl SegmentState {
                 .any(|(_, c)| matches!(c, Cell::Trait(_, Some(w)) if lo <= w.0 && w.0 < hi));
             if flips {
                 dirty.push(u as u32);
+                self.touched.insert(u as u32, ALL_SLOTS);
             }
         }
     }
@@ -612,6 +686,9 @@ impl SegmentState {
     /// to user `u`: `diff` of it from the current instant on.
     pub fn apply_fact(&mut self, u: u32, slot: u32, fact: FactVal, diff: isize) {
         let user = &mut self.users[u as usize];
+        // A profile row moves the user's universe, so every segment.
+        let bit = if slot == SLOT_PROFILE { ALL_SLOTS } else { slot_bit(slot) };
+        *self.touched.entry(u).or_default() |= bit;
         if slot == SLOT_PROFILE {
             user.profile += diff as i32;
         } else if slot >= self.list_base {
@@ -640,7 +717,10 @@ impl SegmentState {
         let plan = &*self.plan;
         let user = &mut self.users[u as usize];
         let start = to_time(ev.timestamp);
-        user.seen_from = user.seen_from.min(start.max(t));
+        let seen_from = user.seen_from.min(start.max(t));
+        // A user's first event (or an earlier one) moves its universe: every segment.
+        let mut touched = if seen_from != user.seen_from { ALL_SLOTS } else { 0 };
+        user.seen_from = seen_from;
         let ctx = EventCtx(ev);
         for (i, slot) in plan.aggs.iter().enumerate() {
             let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
@@ -664,6 +744,7 @@ impl SegmentState {
                 };
                 if let Some(next) = fold(kind, cur, ev, arg()) {
                     *user.cell_mut(fact_slot, || Cell::Count(0)) = Cell::Acc(next);
+                    touched |= slot_bit(fact_slot);
                 }
                 continue;
             }
@@ -717,6 +798,7 @@ impl SegmentState {
                         .push((from, fact_slot, val));
                 } else {
                     add_count(user, fact_slot, &val);
+                    touched |= slot_bit(fact_slot);
                 }
                 continue;
             }
@@ -725,6 +807,7 @@ impl SegmentState {
                 if until <= from {
                     continue;
                 }
+                touched |= slot_bit(fact_slot);
                 match &val {
                     FactVal::Unit => {
                         if let Cell::WinCount(w) =
@@ -750,6 +833,7 @@ impl SegmentState {
                     .as_ref()
                     .is_none_or(|w| (ev.timestamp, ev.message_id.as_str()) > (w.0, &*w.1));
                 if newer {
+                    touched |= slot_bit(slot);
                     *write = Some(Box::new((
                         ev.timestamp,
                         ev.message_id.as_str().into(),
@@ -757,6 +841,9 @@ impl SegmentState {
                     )));
                 }
             }
+        }
+        if touched != 0 {
+            *self.touched.entry(u).or_default() |= touched;
         }
         true
     }
@@ -772,6 +859,11 @@ impl SegmentState {
         self.counters.evaluations += 1;
         let plan = &*self.plan;
         let mut next = Time::MAX;
+        let mut touched = if self.touched.is_empty() {
+            0
+        } else {
+            self.touched.remove(&u).unwrap_or(0)
+        };
         // Future-dated window-free counts whose instant has come.
         let pending = if self.pending.is_empty() {
             None
@@ -783,6 +875,7 @@ impl SegmentState {
             list.retain(|(from, slot, val)| {
                 if *from <= t {
                     add_count(user, *slot, val);
+                    touched |= slot_bit(*slot);
                     false
                 } else {
                     next = next.min(*from);
@@ -795,19 +888,33 @@ impl SegmentState {
         }
         let user = &mut self.users[u as usize];
         // Drop window entries that have passed; find the next window boundary.
-        user.cells.retain_mut(|(_, c)| match c {
-            Cell::WinCount(w) => {
-                next = next.min(w.advance(t));
-                !w.is_empty()
+        user.cells.retain_mut(|(slot, c)| {
+            let before = match c {
+                Cell::WinCount(w) => (w.live.len(), w.later.len()),
+                Cell::WinVal(w) => (w.live.len(), w.later.len()),
+                _ => return true,
+            };
+            let (after, empty) = match c {
+                Cell::WinCount(w) => {
+                    next = next.min(w.advance(t));
+                    ((w.live.len(), w.later.len()), w.is_empty())
+                }
+                Cell::WinVal(w) => {
+                    next = next.min(w.advance(t));
+                    ((w.live.len(), w.later.len()), w.is_empty())
+                }
+                _ => return true,
+            };
+            if before != after {
+                touched |= slot_bit(*slot);
             }
-            Cell::WinVal(w) => {
-                next = next.min(w.advance(t));
-                !w.is_empty()
-            }
-            _ => true,
+            !empty
         });
         if user.seen_from > t {
             next = next.min(user.seen_from);
+        } else if user.seen_from == t {
+            // The universe starts now (a future-dated first event's instant has come).
+            touched = ALL_SLOTS;
         }
         let user = &self.users[u as usize];
         let n_aggs = plan.aggs.len();
@@ -859,6 +966,17 @@ impl SegmentState {
         let now = t as i64;
         self.points.clear();
         for &si in &plan.order {
+            // Unless a slot it reads changed, it reads now() itself, or a segment it
+            // references moved, a segment keeps its membership.
+            let moved = |r: &usize| row.members.get(*r) != user.members.get(*r);
+            if touched != ALL_SLOTS
+                && touched & self.segment_reads[si] == 0
+                && !self.segment_temporal[si]
+                && !plan.refs[si].iter().any(moved)
+            {
+                row.members.set(si, user.members.get(si));
+                continue;
+            }
             let on = match &plan.segments[si].kind {
                 SegmentKind::Expr(e) if universe => {
                     if self.segment_temporal[si] {
