@@ -203,10 +203,24 @@ pub fn read_with<P: LineParser>(
             continue;
         }
         let mut blocks = Blocks::open(source)?;
+        let size = blocks.size;
         let mut lines_before = 0;
+        let mut sized = false;
         while let Some(block) = blocks.next_block()? {
-            let mut parsed = parse_jsonl_with(&block, index, source, limits, threads, parser);
-            drop(block);
+            let block_len = block.len();
+            let mut parsed = parse_jsonl_with(block, index, source, limits, threads, parser);
+            if !sized {
+                // Size the event list and the dedup table once, from the first block's
+                // bytes per event, rather than growing them block by block.
+                sized = true;
+                if let Some(size) = size.filter(|_| !parsed.events.is_empty()) {
+                    let per_event = block_len / parsed.events.len();
+                    let estimate = (size as usize / per_event.max(1)).min(1 << 28);
+                    out.events
+                        .reserve(estimate.saturating_sub(out.events.len()));
+                    dedup.reserve(estimate);
+                }
+            }
             for (_, pos) in &mut parsed.events {
                 pos.line += lines_before;
             }
@@ -215,18 +229,13 @@ pub fn read_with<P: LineParser>(
             }
             lines_before += parsed.lines;
             out.lines += parsed.lines;
-            dedup.reserve(parsed.events.len());
             let before = parsed.events.len();
             parsed.events.retain(|(event, _)| {
                 let (user, id, ts) = event.dedup_key();
                 dedup.admit(user, id, ts, 0)
             });
             out.duplicates += (before - parsed.events.len()) as u64;
-            if out.events.is_empty() {
-                out.events = parsed.events;
-            } else {
-                out.events.append(&mut parsed.events);
-            }
+            out.events.append(&mut parsed.events);
             for dl in &parsed.dead_letters {
                 *out.rejected_by_reason
                     .entry(dl.reason.as_str().to_string())
@@ -239,106 +248,103 @@ pub fn read_with<P: LineParser>(
     Ok(out)
 }
 
-/// A source's bytes in blocks of whole lines: local files block by block, remote objects
-/// in one piece.
+/// A source's bytes in blocks of whole lines: local files block by block through one
+/// reused buffer, remote objects in one piece.
 struct Blocks<'s> {
     source: &'s str,
     file: Option<std::fs::File>,
     whole: Option<bytes::Bytes>,
-    /// The unfinished last line of the previous block.
-    carry: Vec<u8>,
+    buf: Vec<u8>,
+    /// Bytes at the end of `buf` past the last block handed out (an unfinished line).
+    carry: usize,
+    /// The source's size in bytes, when known up front (local files).
+    size: Option<u64>,
     bytes: u64,
-    first: bool,
 }
 
 impl<'s> Blocks<'s> {
     fn open(source: &'s str) -> Result<Blocks<'s>, ConnectorError> {
-        let local = source.strip_prefix("file://").unwrap_or(source);
-        let gz =
-            |b: &[u8]| source.to_ascii_lowercase().ends_with(".gz") || b.starts_with(&[0x1f, 0x8b]);
         let refuse = || {
             ConnectorError::input(
                 source,
                 "gzip-compressed input is not supported; decompress it first",
             )
         };
-        if !source.contains("://") || source.starts_with("file://") {
-            if let Ok(file) = std::fs::File::open(local) {
-                if gz(&[]) {
-                    return Err(refuse());
-                }
-                return Ok(Blocks {
-                    source,
-                    file: Some(file),
-                    whole: None,
-                    carry: Vec::new(),
-                    bytes: 0,
-                    first: true,
-                });
-            }
-            // Missing or unreadable: the store gives the error that names the problem.
-        }
-        let whole = read_all(source)?;
-        if gz(&whole) {
-            return Err(refuse());
-        }
-        Ok(Blocks {
+        let named_gz = source.to_ascii_lowercase().ends_with(".gz");
+        let mut blocks = Blocks {
             source,
             file: None,
-            bytes: whole.len() as u64,
-            whole: Some(whole),
-            carry: Vec::new(),
-            first: true,
-        })
+            whole: None,
+            buf: Vec::new(),
+            carry: 0,
+            size: None,
+            bytes: 0,
+        };
+        if !source.contains("://") || source.starts_with("file://") {
+            let local = source.strip_prefix("file://").unwrap_or(source);
+            // Missing or unreadable: the store below gives the error that names the problem.
+            if let Ok(file) = std::fs::File::open(local) {
+                if named_gz {
+                    return Err(refuse());
+                }
+                blocks.size = file.metadata().ok().map(|m| m.len());
+                blocks.file = Some(file);
+                return Ok(blocks);
+            }
+        }
+        let whole = read_all(source)?;
+        if named_gz || whole.starts_with(&[0x1f, 0x8b]) {
+            return Err(refuse());
+        }
+        blocks.bytes = whole.len() as u64;
+        blocks.size = Some(blocks.bytes);
+        blocks.whole = Some(whole);
+        Ok(blocks)
     }
 
     /// The next block of whole lines (the last one may lack its newline), or `None` at the end.
-    fn next_block(&mut self) -> Result<Option<Vec<u8>>, ConnectorError> {
+    fn next_block(&mut self) -> Result<Option<&[u8]>, ConnectorError> {
         use std::io::Read as _;
         if let Some(whole) = self.whole.take() {
-            return Ok(Some(whole.to_vec()));
+            self.buf = whole.to_vec();
+            return Ok(Some(&self.buf));
         }
         let Some(file) = self.file.as_mut() else {
             return Ok(None);
         };
-        let mut buf = std::mem::take(&mut self.carry);
-        let start = buf.len();
-        buf.resize(start + BLOCK_BYTES, 0);
-        let mut filled = start;
-        while filled < buf.len() {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ConnectorError::input(self.source, format!("reading: {e}"))),
-            }
-        }
-        buf.truncate(filled);
-        self.bytes += (filled - start) as u64;
-        if self.first {
-            self.first = false;
-            if buf.starts_with(&[0x1f, 0x8b]) {
+        // Move the unfinished line to the front and fill the rest (no zeroing: read_to_end
+        // reads into the spare capacity).
+        let first = self.bytes == 0;
+        let len = self.buf.len();
+        self.buf.drain(..len - self.carry);
+        loop {
+            let before = self.buf.len();
+            let want = (BLOCK_BYTES.saturating_sub(before)).max(64 * 1024);
+            self.buf.reserve(want);
+            let n = file
+                .by_ref()
+                .take(want as u64)
+                .read_to_end(&mut self.buf)
+                .map_err(|e| ConnectorError::input(self.source, format!("reading: {e}")))?;
+            self.bytes += n as u64;
+            if first && self.buf.starts_with(&[0x1f, 0x8b]) {
                 return Err(ConnectorError::input(
                     self.source,
                     "gzip-compressed input is not supported; decompress it first",
                 ));
             }
-        }
-        if filled - start < BLOCK_BYTES {
-            // The end of the file: whatever is left is the last block.
-            self.file = None;
-            return Ok((!buf.is_empty()).then_some(buf));
-        }
-        match buf.iter().rposition(|&b| b == b'\n') {
-            Some(p) => {
-                self.carry = buf.split_off(p + 1);
-                Ok(Some(buf))
+            if n == 0 {
+                // The end of the file: whatever is left is the last block.
+                self.file = None;
+                self.carry = 0;
+                return Ok((!self.buf.is_empty()).then_some(&self.buf[..]));
             }
-            // One line longer than a block: keep reading it.
-            None => {
-                self.carry = buf;
-                self.next_block()
+            if let Some(p) = self.buf[before..].iter().rposition(|&b| b == b'\n') {
+                let end = before + p + 1;
+                self.carry = self.buf.len() - end;
+                return Ok(Some(&self.buf[..end]));
             }
+            // No newline yet (a line longer than what was read): read on.
         }
     }
 }

@@ -143,19 +143,29 @@ pub fn run_dataflow(
     snapshots.sort_by_key(|(at, _)| *at);
     // Each worker owns the events of the users whose hash lands on it, so the dataflow's
     // exchange keeps them local; each share is fed in time order.
-    let mut shares: Vec<Vec<Projected>> = (0..workers).map(|_| Vec::new()).collect();
+    // Sized from a first pass over the user hashes, so no share grows by copying.
+    let owner = |e: &Projected| (user_hash(&e.user) % workers as u64) as usize;
+    let mut sizes = vec![0usize; workers];
+    for e in events.iter().filter(|e| e.timestamp <= until) {
+        sizes[owner(e)] += 1;
+    }
+    let mut shares: Vec<Vec<Projected>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
     let mut after_until = 0u64;
     let mut applied = 0u64;
     for e in events {
         if e.timestamp <= until {
             applied += 1;
-            shares[(user_hash(&e.user) % workers as u64) as usize].push(e);
+            shares[owner(&e)].push(e);
         } else {
             after_until += 1;
         }
     }
+    // By instant, stable: a user's events at one instant keep their input order (all of
+    // a user's events are in one share, so this order does not depend on the worker
+    // count). Within an instant the order changes nothing: duplicates are gone already,
+    // and first/last and trait writes break ties by message id themselves.
     for share in &mut shares {
-        share.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
+        share.sort_by_key(|e| e.timestamp);
     }
     let shares: Vec<Mutex<Vec<Projected>>> = shares.into_iter().map(Mutex::new).collect();
     // Worker 0's schedule of lists and snapshots; at equal instants lists, then

@@ -687,7 +687,11 @@ impl SegmentState {
     pub fn apply_fact(&mut self, u: u32, slot: u32, fact: FactVal, diff: isize) {
         let user = &mut self.users[u as usize];
         // A profile row moves the user's universe, so every segment.
-        let bit = if slot == SLOT_PROFILE { ALL_SLOTS } else { slot_bit(slot) };
+        let bit = if slot == SLOT_PROFILE {
+            ALL_SLOTS
+        } else {
+            slot_bit(slot)
+        };
         *self.touched.entry(u).or_default() |= bit;
         if slot == SLOT_PROFILE {
             user.profile += diff as i32;
@@ -719,7 +723,11 @@ impl SegmentState {
         let start = to_time(ev.timestamp);
         let seen_from = user.seen_from.min(start.max(t));
         // A user's first event (or an earlier one) moves its universe: every segment.
-        let mut touched = if seen_from != user.seen_from { ALL_SLOTS } else { 0 };
+        let mut touched = if seen_from != user.seen_from {
+            ALL_SLOTS
+        } else {
+            0
+        };
         user.seen_from = seen_from;
         let ctx = EventCtx(ev);
         for (i, slot) in plan.aggs.iter().enumerate() {
