@@ -93,7 +93,7 @@ pub trait LineParser: Sync {
     /// Parses one non-blank line (as [`parse_message`] with no receive time).
     fn parse(&self, line: &[u8], limits: Limits) -> (Vec<Self::Out>, Vec<Rejection>);
     /// The record of an event read from an events archive.
-    fn from_event(&self, ev: Event) -> Self::Out;
+    fn archived(&self, ev: Event) -> Self::Out;
 }
 
 /// Lines to whole [`Event`]s.
@@ -104,7 +104,7 @@ impl LineParser for Whole {
     fn parse(&self, line: &[u8], limits: Limits) -> (Vec<Event>, Vec<Rejection>) {
         parse_message(line, None, limits)
     }
-    fn from_event(&self, ev: Event) -> Event {
+    fn archived(&self, ev: Event) -> Event {
         ev
     }
 }
@@ -123,7 +123,7 @@ impl LineParser for ByPlan<'_> {
     fn parse(&self, line: &[u8], limits: Limits) -> (Vec<Projected>, Vec<Rejection>) {
         self.plan.parse_projected(line, limits, self.keep_whole)
     }
-    fn from_event(&self, ev: Event) -> Projected {
+    fn archived(&self, ev: Event) -> Projected {
         let keep = (self.keep_whole)(ev.event.as_deref());
         self.plan.project(ev, keep)
     }
@@ -190,7 +190,7 @@ pub fn read_with<P: LineParser>(
                 if dedup.admit(user, id, ts, 0) {
                     let line = i as u64 + 1;
                     out.events.push((
-                        parser.from_event(event),
+                        parser.archived(event),
                         Position {
                             source: index,
                             line,

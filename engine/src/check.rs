@@ -34,6 +34,7 @@ pub fn load_segments(path: &str) -> Result<(SegmentFile, Plan), EngineError> {
         )));
     }
     let plan = Plan::compile(&file);
+    check_slots(path, &plan)?;
     Ok((file, plan))
 }
 
@@ -57,7 +58,21 @@ pub fn load_journeys(path: &str, segments: &SegmentFile) -> Result<JourneySet, E
             u16::MAX
         )));
     }
+    check_slots(path, &set.plan)?;
     Ok(set)
+}
+
+/// Refuses a plan with more distinct aggregates, traits and lists than the segment state
+/// numbers (16 bits).
+fn check_slots(path: &str, plan: &Plan) -> Result<(), EngineError> {
+    if plan.slot_count() > usize::from(u16::MAX) {
+        return Err(EngineError::Usage(format!(
+            "{path}: {} distinct aggregates, traits and lists; at most {} fit",
+            plan.slot_count(),
+            u16::MAX
+        )));
+    }
+    Ok(())
 }
 
 /// Loads and checks a templates directory.

@@ -377,6 +377,23 @@ impl Plan {
         (plan, extras)
     }
 
+    /// Number of fact slots: presence, aggregates, traits, lists and audiences. The
+    /// segment state keeps slot numbers in 16 bits, so loaders refuse plans with more
+    /// than `u16::MAX`.
+    pub fn slot_count(&self) -> usize {
+        let lists = self
+            .segments
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.kind,
+                    SegmentKind::List { .. } | SegmentKind::Warehouse { .. }
+                )
+            })
+            .count();
+        FIRST_DYNAMIC_SLOT as usize + self.aggs.len() + self.traits.len() + lists
+    }
+
     /// Fact slot of aggregate `i`.
     pub fn agg_slot(&self, i: usize) -> u32 {
         FIRST_DYNAMIC_SLOT + i as u32

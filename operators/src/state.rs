@@ -112,24 +112,108 @@ pub(crate) fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Projected, v: Value) -
     }
 }
 
-/// One slot of one user's state.
+/// A trait's latest identify write: `(timestamp, message id, value)`.
+type Write = (i64, Box<str>, Value);
+
+/// One slot of one user's state, in 16 bytes: every variant is the slot number and one
+/// word (larger parts are boxed), so a user's cells are one small array.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 enum Cell {
     /// Window-free `count(*)` / `count(x)`: matching events.
-    Count(u64),
+    Count(u16, u64),
     /// Window-free `count(DISTINCT x)`: fingerprints of the distinct values, sorted.
-    Distinct(Vec<u64>),
-    /// Window-free `sum/avg/min/max/first/last`: the running value.
-    Acc(Acc),
+    // Boxed so the variant is one word (clippy's box_collection assumes the Vec is inline).
+    #[allow(clippy::box_collection)]
+    Distinct(u16, Box<Vec<u64>>),
+    /// Window-free `sum`.
+    Sum(u16, f64),
+    /// Window-free `min/max` whose best value is a timestamp (most are: `min(timestamp)`).
+    ExtremeTs(u16, i64),
+    /// Window-free `min/max` whose best value is a number.
+    ExtremeNum(u16, f64),
+    /// Any other running value: `avg`, `min/max` of text or booleans, `first/last`.
+    Acc(u16, Box<Acc>),
     /// A windowed count: each matching event's validity interval.
-    WinCount(Box<Window<()>>),
+    WinCount(u16, Box<Window<()>>),
     /// A windowed aggregate of values: each matching event's interval and value.
-    WinVal(Box<Window<FactVal>>),
-    /// A trait: the current snapshot's cell and the latest identify write
-    /// `(timestamp, message id, value)`.
-    Trait(Option<Value>, Option<Box<(i64, Box<str>, Value)>>),
+    WinVal(u16, Box<Window<FactVal>>),
+    /// A trait with a snapshot cell only.
+    TraitSnap(u16, Box<Value>),
+    /// A trait with an identify write only.
+    TraitWrite(u16, Box<Write>),
+    /// A trait with both: the snapshot cell and the latest identify write.
+    TraitBoth(u16, Box<(Value, Write)>),
     /// A static list or warehouse audience: membership multiplicity.
-    List(i32),
+    List(u16, i32),
+}
+
+impl Cell {
+    fn slot(&self) -> u32 {
+        let s = match self {
+            Cell::Count(s, _)
+            | Cell::Distinct(s, _)
+            | Cell::Sum(s, _)
+            | Cell::ExtremeTs(s, _)
+            | Cell::ExtremeNum(s, _)
+            | Cell::Acc(s, _)
+            | Cell::WinCount(s, _)
+            | Cell::WinVal(s, _)
+            | Cell::TraitSnap(s, _)
+            | Cell::TraitWrite(s, _)
+            | Cell::TraitBoth(s, _)
+            | Cell::List(s, _) => *s,
+        };
+        u32::from(s)
+    }
+
+    /// The running value of a window-free `sum/avg/min/max/first/last`.
+    fn acc(&self) -> Option<Cow<'_, Acc>> {
+        Some(match self {
+            Cell::Sum(_, x) => Cow::Owned(Acc::Sum(*x)),
+            Cell::ExtremeTs(_, t) => Cow::Owned(Acc::Extreme(Value::Ts(*t))),
+            Cell::ExtremeNum(_, x) => Cow::Owned(Acc::Extreme(Value::num(*x))),
+            Cell::Acc(_, a) => Cow::Borrowed(&**a),
+            _ => return None,
+        })
+    }
+
+    /// The cell holding a running value, unboxed where it fits in a word.
+    fn from_acc(slot: u16, a: Acc) -> Cell {
+        match a {
+            Acc::Sum(x) => Cell::Sum(slot, x),
+            Acc::Extreme(Value::Ts(t)) => Cell::ExtremeTs(slot, t),
+            Acc::Extreme(Value::Num(n)) => Cell::ExtremeNum(slot, n.0),
+            other => Cell::Acc(slot, Box::new(other)),
+        }
+    }
+
+    /// A trait's snapshot cell and latest write; `None` for other cells.
+    fn trait_parts(&self) -> Option<(Option<&Value>, Option<&Write>)> {
+        Some(match self {
+            Cell::TraitSnap(_, v) => (Some(&**v), None),
+            Cell::TraitWrite(_, w) => (None, Some(&**w)),
+            Cell::TraitBoth(_, b) => (Some(&b.0), Some(&b.1)),
+            _ => return None,
+        })
+    }
+
+    /// The cell of a trait with these parts; `None` when it has neither.
+    fn from_trait(slot: u16, snap: Option<Value>, write: Option<Write>) -> Option<Cell> {
+        Some(match (snap, write) {
+            (Some(v), None) => Cell::TraitSnap(slot, Box::new(v)),
+            (None, Some(w)) => Cell::TraitWrite(slot, Box::new(w)),
+            (Some(v), Some(w)) => Cell::TraitBoth(slot, Box::new((v, w))),
+            (None, None) => return None,
+        })
+    }
+
+    fn is_empty_window(&self) -> bool {
+        match self {
+            Cell::WinCount(_, w) => w.is_empty(),
+            Cell::WinVal(_, w) => w.is_empty(),
+            _ => false,
+        }
+    }
 }
 
 /// The entries of one windowed aggregate of one user: those whose interval has started,
@@ -208,7 +292,9 @@ impl<V> Window<V> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Bits {
     Inline(u64),
-    Heap(Box<[u64]>),
+    /// Boxed twice so that the inline case stays one word (the user record is per user).
+    #[allow(clippy::box_collection)]
+    Heap(Box<Vec<u64>>),
 }
 
 impl Bits {
@@ -216,7 +302,7 @@ impl Bits {
         if n <= 64 {
             Bits::Inline(0)
         } else {
-            Bits::Heap(vec![0; n.div_ceil(64)].into_boxed_slice())
+            Bits::Heap(Box::new(vec![0; n.div_ceil(64)]))
         }
     }
     fn get(&self, i: usize) -> bool {
@@ -249,28 +335,64 @@ struct User {
     profile: i32,
     /// The earliest instant this user has an entry in the timer heap (`Time::MAX`: none).
     scheduled: Time,
-    /// Cells by fact slot, sorted.
-    cells: Vec<(u32, Cell)>,
+    /// Cells by fact slot, sorted. Cells are added rarely (a user's first touch of a
+    /// slot) and read often: the array has exactly their number.
+    cells: Box<[Cell]>,
 }
 
 impl User {
     fn cell(&self, slot: u32) -> Option<&Cell> {
-        let i = self.cells.binary_search_by_key(&slot, |(s, _)| *s).ok()?;
-        Some(&self.cells[i].1)
+        let i = self.cells.binary_search_by_key(&slot, Cell::slot).ok()?;
+        Some(&self.cells[i])
     }
 
-    fn cell_mut(&mut self, slot: u32, new: impl FnOnce() -> Cell) -> &mut Cell {
-        let i = match self.cells.binary_search_by_key(&slot, |(s, _)| *s) {
+    /// The cell of `slot`, made with `new(slot)` if the user has none.
+    fn cell_mut(&mut self, slot: u32, new: impl FnOnce(u16) -> Cell) -> &mut Cell {
+        let i = match self.cells.binary_search_by_key(&slot, Cell::slot) {
             Ok(i) => i,
             Err(i) => {
-                // Cells are added rarely (a user's first touch of a slot) and read often:
-                // keep the list at its exact size rather than at the next doubling.
-                self.cells.insert(i, (slot, new()));
-                self.cells.shrink_to_fit();
+                let mut cells = std::mem::take(&mut self.cells).into_vec();
+                cells.insert(i, new(slot as u16));
+                self.cells = cells.into_boxed_slice();
                 i
             }
         };
-        &mut self.cells[i].1
+        &mut self.cells[i]
+    }
+
+    /// Changes a trait's snapshot cell and latest write with `f`; a trait left with
+    /// neither loses its cell.
+    fn update_trait(&mut self, slot: u32, f: impl FnOnce(&mut Option<Value>, &mut Option<Write>)) {
+        let found = self.cells.binary_search_by_key(&slot, Cell::slot);
+        let (mut snap, mut write) = match found {
+            Ok(i) => match std::mem::replace(&mut self.cells[i], Cell::List(slot as u16, 0)) {
+                Cell::TraitSnap(_, v) => (Some(*v), None),
+                Cell::TraitWrite(_, w) => (None, Some(*w)),
+                Cell::TraitBoth(_, b) => {
+                    let (v, w) = *b;
+                    (Some(v), Some(w))
+                }
+                other => {
+                    self.cells[i] = other;
+                    return;
+                }
+            },
+            Err(_) => (None, None),
+        };
+        f(&mut snap, &mut write);
+        let cell = Cell::from_trait(slot as u16, snap, write);
+        match (found, cell) {
+            (Ok(i), Some(c)) => self.cells[i] = c,
+            (Ok(i), None) => {
+                let mut cells = std::mem::take(&mut self.cells).into_vec();
+                cells.remove(i);
+                self.cells = cells.into_boxed_slice();
+            }
+            (Err(_), Some(c)) => {
+                self.cell_mut(slot, |_| c);
+            }
+            (Err(_), None) => {}
+        }
     }
 }
 
@@ -631,13 +753,18 @@ impl SegmentState {
             return i;
         }
         let i = self.users.len() as u32;
+        if self.users.len() == self.users.capacity() {
+            // Grow by a quarter, not double: the table is most of the per-user bytes, and
+            // the slack of a doubling would be up to half of it.
+            self.users.reserve_exact((self.users.len() / 4).max(1024));
+        }
         self.users.push(User {
             key: user.into(),
             members: Bits::new(self.n_segments),
             seen_from: Time::MAX,
             profile: 0,
             scheduled: Time::MAX,
-            cells: Vec::new(),
+            cells: Box::default(),
         });
         let users = &self.users;
         self.index
@@ -674,7 +801,8 @@ impl SegmentState {
             let flips = user
                 .cells
                 .iter()
-                .any(|(_, c)| matches!(c, Cell::Trait(_, Some(w)) if lo <= w.0 && w.0 < hi));
+                .filter_map(Cell::trait_parts)
+                .any(|(_, w)| w.is_some_and(|w| lo <= w.0 && w.0 < hi));
             if flips {
                 dirty.push(u as u32);
                 self.touched.insert(u as u32, ALL_SLOTS);
@@ -696,17 +824,17 @@ impl SegmentState {
         if slot == SLOT_PROFILE {
             user.profile += diff as i32;
         } else if slot >= self.list_base {
-            if let Cell::List(n) = user.cell_mut(slot, || Cell::List(0)) {
+            if let Cell::List(_, n) = user.cell_mut(slot, |s| Cell::List(s, 0)) {
                 *n += diff as i32;
             }
         } else if let FactVal::Snap(v) = fact {
-            if let Cell::Trait(snap, _) = user.cell_mut(slot, || Cell::Trait(None, None)) {
+            user.update_trait(slot, |snap, _| {
                 if diff > 0 {
                     *snap = Some(v);
                 } else if snap.as_ref() == Some(&v) {
                     *snap = None;
                 }
-            }
+            });
         }
     }
 
@@ -746,12 +874,13 @@ impl SegmentState {
                 if !holds_at_ts() {
                     continue;
                 }
-                let cur = match user.cell(fact_slot) {
-                    Some(Cell::Acc(a)) => Some(a),
-                    _ => None,
+                let next = {
+                    let cur = user.cell(fact_slot).and_then(Cell::acc);
+                    fold(kind, cur.as_deref(), ev, arg())
                 };
-                if let Some(next) = fold(kind, cur, ev, arg()) {
-                    *user.cell_mut(fact_slot, || Cell::Count(0)) = Cell::Acc(next);
+                if let Some(next) = next {
+                    let cell = Cell::from_acc(fact_slot as u16, next);
+                    *user.cell_mut(fact_slot, |s| Cell::Count(s, 0)) = cell;
                     touched |= slot_bit(fact_slot);
                 }
                 continue;
@@ -818,15 +947,15 @@ impl SegmentState {
                 touched |= slot_bit(fact_slot);
                 match &val {
                     FactVal::Unit => {
-                        if let Cell::WinCount(w) =
-                            user.cell_mut(fact_slot, || Cell::WinCount(Box::default()))
+                        if let Cell::WinCount(_, w) =
+                            user.cell_mut(fact_slot, |s| Cell::WinCount(s, Box::default()))
                         {
                             w.insert(from, until, (), t);
                         }
                     }
                     other => {
-                        if let Cell::WinVal(w) =
-                            user.cell_mut(fact_slot, || Cell::WinVal(Box::default()))
+                        if let Cell::WinVal(_, w) =
+                            user.cell_mut(fact_slot, |s| Cell::WinVal(s, Box::default()))
                         {
                             w.insert(from, until, other.clone(), t);
                         }
@@ -836,18 +965,14 @@ impl SegmentState {
         }
         for (slot, val) in ev.traits.iter() {
             let slot = *slot;
-            if let Cell::Trait(_, write) = user.cell_mut(slot, || Cell::Trait(None, None)) {
-                let newer = write
-                    .as_ref()
-                    .is_none_or(|w| (ev.timestamp, ev.message_id.as_str()) > (w.0, &*w.1));
-                if newer {
-                    touched |= slot_bit(slot);
-                    *write = Some(Box::new((
-                        ev.timestamp,
-                        ev.message_id.as_str().into(),
-                        val.clone(),
-                    )));
-                }
+            let newer = match user.cell(slot).and_then(Cell::trait_parts) {
+                Some((_, Some(w))) => (ev.timestamp, ev.message_id.as_str()) > (w.0, &*w.1),
+                _ => true,
+            };
+            if newer {
+                touched |= slot_bit(slot);
+                let write = (ev.timestamp, ev.message_id.as_str().into(), val.clone());
+                user.update_trait(slot, |_, w| *w = Some(write));
             }
         }
         if touched != 0 {
@@ -896,28 +1021,31 @@ impl SegmentState {
         }
         let user = &mut self.users[u as usize];
         // Drop window entries that have passed; find the next window boundary.
-        user.cells.retain_mut(|(slot, c)| {
-            let before = match c {
-                Cell::WinCount(w) => (w.live.len(), w.later.len()),
-                Cell::WinVal(w) => (w.live.len(), w.later.len()),
-                _ => return true,
-            };
-            let (after, empty) = match c {
-                Cell::WinCount(w) => {
+        let mut emptied = false;
+        for c in user.cells.iter_mut() {
+            let slot = c.slot();
+            let (before, after) = match c {
+                Cell::WinCount(_, w) => {
+                    let before = (w.live.len(), w.later.len());
                     next = next.min(w.advance(t));
-                    ((w.live.len(), w.later.len()), w.is_empty())
+                    (before, (w.live.len(), w.later.len()))
                 }
-                Cell::WinVal(w) => {
+                Cell::WinVal(_, w) => {
+                    let before = (w.live.len(), w.later.len());
                     next = next.min(w.advance(t));
-                    ((w.live.len(), w.later.len()), w.is_empty())
+                    (before, (w.live.len(), w.later.len()))
                 }
-                _ => return true,
+                _ => continue,
             };
             if before != after {
-                touched |= slot_bit(*slot);
+                touched |= slot_bit(slot);
+                emptied |= after == (0, 0);
             }
-            !empty
-        });
+        }
+        if emptied {
+            let cells = std::mem::take(&mut user.cells).into_vec();
+            user.cells = cells.into_iter().filter(|c| !c.is_empty_window()).collect();
+        }
         if user.seen_from > t {
             next = next.min(user.seen_from);
         } else if user.seen_from == t {
@@ -937,18 +1065,22 @@ impl SegmentState {
         let mut traits: Vec<Cow<Value>> = vec![Cow::Borrowed(&NULL); plan.traits.len()];
         let mut lists: Vec<u32> = Vec::new();
         let first_agg = plan.agg_slot(0);
-        for (slot, cell) in &user.cells {
+        for cell in user.cells.iter() {
+            let slot = cell.slot();
             let k = slot.wrapping_sub(first_agg) as usize;
             match cell {
-                Cell::Count(n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
-                Cell::Distinct(v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
-                Cell::Acc(a) => aggs[k] = a.value(),
-                Cell::WinCount(w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
-                Cell::WinVal(w) => {
+                Cell::Count(_, n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
+                Cell::Distinct(_, v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
+                Cell::Sum(_, x) | Cell::ExtremeNum(_, x) => aggs[k] = Cow::Owned(Value::num(*x)),
+                Cell::ExtremeTs(_, t) => aggs[k] = Cow::Owned(Value::Ts(*t)),
+                Cell::Acc(_, a) => aggs[k] = a.value(),
+                Cell::WinCount(_, w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
+                Cell::WinVal(_, w) => {
                     let (kind, distinct, ..) = self.agg_kinds[k];
                     aggs[k] = Cow::Owned(window_value(kind, distinct, w));
                 }
-                Cell::Trait(snap, write) => {
+                Cell::TraitSnap(..) | Cell::TraitWrite(..) | Cell::TraitBoth(..) => {
+                    let (snap, write) = cell.trait_parts().unwrap_or((None, None));
                     let v = match (write, snap) {
                         (Some(w), _) if w.0 >= self.clock => &w.2,
                         (_, Some(s)) => s,
@@ -957,9 +1089,9 @@ impl SegmentState {
                     };
                     traits[k - n_aggs] = Cow::Borrowed(v);
                 }
-                Cell::List(n) => {
+                Cell::List(_, n) => {
                     if *n > 0 {
-                        lists.push(*slot);
+                        lists.push(slot);
                     }
                 }
             }
@@ -1092,27 +1224,37 @@ impl SegmentState {
         for user in &self.users {
             per_user += user.key.len();
             if let Bits::Heap(ws) = &user.members {
-                per_user += ws.len() * 8;
+                per_user += std::mem::size_of::<Vec<u64>>() + ws.capacity() * 8;
             }
-            per_user += user.cells.capacity() * size_of::<(u32, Cell)>();
-            for (_, c) in &user.cells {
+            per_user += user.cells.len() * size_of::<Cell>();
+            for c in user.cells.iter() {
                 match c {
-                    Cell::Count(_) | Cell::List(_) => {}
-                    Cell::Distinct(v) => per_user += v.capacity() * 8,
-                    Cell::Acc(Acc::Extreme(v)) => per_user += value_heap(v),
-                    Cell::Acc(Acc::Ordered(o)) => {
-                        per_user +=
-                            size_of::<(i64, Box<str>, Value)>() + o.1.len() + value_heap(&o.2)
+                    Cell::Count(..)
+                    | Cell::List(..)
+                    | Cell::Sum(..)
+                    | Cell::ExtremeTs(..)
+                    | Cell::ExtremeNum(..) => {}
+                    Cell::Distinct(_, v) => per_user += size_of::<Vec<u64>>() + v.capacity() * 8,
+                    Cell::Acc(_, a) => {
+                        per_user += size_of::<Acc>()
+                            + match &**a {
+                                Acc::Extreme(v) => value_heap(v),
+                                Acc::Ordered(o) => {
+                                    size_of::<(i64, Box<str>, Value)>()
+                                        + o.1.len()
+                                        + value_heap(&o.2)
+                                }
+                                Acc::Sum(_) | Acc::Avg(..) => 0,
+                            }
                     }
-                    Cell::Acc(_) => {}
-                    Cell::WinCount(w) => {
+                    Cell::WinCount(_, w) => {
                         per_user += size_of::<Window<()>>();
                         b.in_window += w.len() as u64;
                         b.window_bytes += (w.live.capacity() * size_of::<(Time, ())>()
                             + w.later.capacity() * size_of::<(Time, Time, ())>())
                             as u64;
                     }
-                    Cell::WinVal(w) => {
+                    Cell::WinVal(_, w) => {
                         per_user += size_of::<Window<FactVal>>();
                         b.in_window += w.len() as u64;
                         b.window_bytes += (w.live.capacity() * size_of::<(Time, FactVal)>()
@@ -1121,12 +1263,15 @@ impl SegmentState {
                             + w.later.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
-                    Cell::Trait(snap, write) => {
-                        per_user += snap.as_ref().map_or(0, value_heap);
-                        if let Some(w) = write {
-                            per_user +=
-                                size_of::<(i64, Box<str>, Value)>() + w.1.len() + value_heap(&w.2);
-                        }
+                    Cell::TraitSnap(_, v) => per_user += size_of::<Value>() + value_heap(v),
+                    Cell::TraitWrite(_, w) => {
+                        per_user += size_of::<Write>() + w.1.len() + value_heap(&w.2)
+                    }
+                    Cell::TraitBoth(_, b) => {
+                        per_user += size_of::<(Value, Write)>()
+                            + value_heap(&b.0)
+                            + b.1 .1.len()
+                            + value_heap(&b.1 .2)
                     }
                 }
             }
@@ -1160,7 +1305,9 @@ fn conjuncts<'e>(e: &'e CExpr, out: &mut Vec<&'e CExpr>) {
 fn add_count(user: &mut User, slot: u32, val: &FactVal) {
     match val {
         FactVal::Val(v) => {
-            if let Cell::Distinct(set) = user.cell_mut(slot, || Cell::Distinct(Vec::new())) {
+            if let Cell::Distinct(_, set) =
+                user.cell_mut(slot, |s| Cell::Distinct(s, Box::default()))
+            {
                 let f = fingerprint(v);
                 if let Err(i) = set.binary_search(&f) {
                     set.insert(i, f);
@@ -1168,7 +1315,7 @@ fn add_count(user: &mut User, slot: u32, val: &FactVal) {
             }
         }
         _ => {
-            if let Cell::Count(n) = user.cell_mut(slot, || Cell::Count(0)) {
+            if let Cell::Count(_, n) = user.cell_mut(slot, |s| Cell::Count(s, 0)) {
                 *n += 1;
             }
         }
