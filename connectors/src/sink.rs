@@ -1,7 +1,7 @@
 //! Writers for the replay's outputs: segment membership changes (JSONL or Parquet) and
 //! dead letters (JSONL).
 //!
-//! Owns [`SegmentChange`] and the file formats. Every writer streams through
+//! Owns the file formats of [`SegmentChange`] (the record itself is `herald_operators::change`). Every writer streams through
 //! [`OutputFile`]: a local file is written through a buffer to a temporary file and
 //! renamed into place when complete; a remote object is uploaded when complete.
 
@@ -24,19 +24,7 @@ use crate::store::OutputFile;
 /// Rows per record batch (and at most per row group) in Parquet output.
 const PARQUET_BATCH_ROWS: usize = 128 * 1024;
 
-/// A change of segment membership: `diff` is `+1` when the user enters, `-1` when it
-/// leaves, at `time`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SegmentChange {
-    /// The segment's name.
-    pub segment: String,
-    /// The user key.
-    pub user_id: String,
-    /// `+1` (entered) or `-1` (left).
-    pub diff: i64,
-    /// The instant of the change, ms since the epoch.
-    pub time: i64,
-}
+pub use herald_operators::change::SegmentChange;
 
 #[derive(Serialize)]
 struct ChangeLine<'a> {

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::InputSession;
 use herald_connectors::snapshot::merge_sorted;
-use herald_operators::dataflow::{build_segments, user_hash, SegmentInputs, UserFact};
+use herald_operators::change::{consolidate, SegmentChange};
+use herald_operators::dataflow::{build_segments, user_hash, Change, SegmentInputs, UserFact};
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows};
@@ -34,19 +35,6 @@ use crate::EngineError;
 /// Updates fed between two waits for the dataflow to catch up: bounds the memory held in
 /// input buffers while keeping enough work in flight for every worker.
 pub const FEED_BATCH: usize = 128 * 1024;
-
-/// One change of membership, as reported.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ChangeRow {
-    /// Instant of the change (ms).
-    pub time: i64,
-    /// Segment name.
-    pub segment: String,
-    /// User key.
-    pub user_id: String,
-    /// +1 entered, -1 left.
-    pub diff: i64,
-}
 
 /// Everything a replay feeds into the dataflow.
 pub struct DataflowInput {
@@ -77,7 +65,7 @@ pub struct DataflowInput {
 /// What the dataflow produced.
 pub struct DataflowOutput {
     /// Changes at or before `until`, sorted by (time, segment, user, diff).
-    pub changes: Vec<ChangeRow>,
+    pub changes: Vec<SegmentChange>,
     /// Events applied (at or before `until`).
     pub applied: u64,
     /// Events after `until`, not applied.
@@ -93,9 +81,6 @@ pub struct DataflowOutput {
     /// All workers' segment state counters.
     pub counters: StateCounters,
 }
-
-/// A change as a worker captures it: (segment index, user, diff, time).
-type RawChange = (u16, String, isize, Time);
 
 /// Worker 0's extra inputs at an instant: static lists or a snapshot (by index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -200,7 +185,7 @@ pub fn run_dataflow(
         let index = worker.index();
         let plan = Rc::new(shared.plan.clone());
         let journeys = shared.journeys.clone().map(Rc::new);
-        let out: Rc<RefCell<Vec<RawChange>>> = Rc::default();
+        let out: Rc<RefCell<Vec<(Change, Time, isize)>>> = Rc::default();
         let sink = Rc::clone(&out);
         let jout: Rc<RefCell<Vec<JOut>>> = Rc::default();
         let jsink = Rc::clone(&jout);
@@ -215,9 +200,9 @@ pub fn run_dataflow(
             state = Some(outputs.state);
             outputs
                 .changes
-                .inspect(move |((seg, user), t, r)| {
+                .inspect(move |(change, t, r)| {
                     if *t <= limit {
-                        sink.borrow_mut().push((*seg, user.clone(), *r, *t));
+                        sink.borrow_mut().push((change.clone(), *t, *r));
                     }
                 })
                 .probe_with(&probe);
@@ -326,7 +311,7 @@ pub fn run_dataflow(
     })
     .map_err(|e| EngineError::Dataflow(e.to_string()))?;
 
-    let mut raw: BTreeMap<(Time, u16, String), isize> = BTreeMap::new();
+    let mut changes: Vec<SegmentChange> = Vec::new();
     let mut journey_rows = Vec::new();
     let mut messages = Vec::new();
     let mut journey_counts = (0, 0);
@@ -339,9 +324,16 @@ pub fn run_dataflow(
         counters.add(&c);
         journey_counts.0 += counts.0;
         journey_counts.1 += counts.1;
-        for (seg, user, diff, t) in part {
-            *raw.entry((t, seg, user)).or_default() += diff;
-        }
+        changes.reserve(part.len());
+        changes.extend(
+            part.into_iter()
+                .map(|((seg, user), t, diff)| SegmentChange {
+                    segment: names[seg as usize].clone(),
+                    user_id: user,
+                    diff: diff as i64,
+                    time: t as i64,
+                }),
+        );
         for o in journey_part {
             match o {
                 JOut::Row(r) => journey_rows.push(r),
@@ -359,17 +351,7 @@ pub fn run_dataflow(
             &b.message_id,
         ))
     });
-    let mut changes: Vec<ChangeRow> = raw
-        .into_iter()
-        .filter(|(_, d)| *d != 0)
-        .map(|((t, seg, user), d)| ChangeRow {
-            time: t as i64,
-            segment: names[seg as usize].clone(),
-            user_id: user,
-            diff: d as i64,
-        })
-        .collect();
-    changes.sort();
+    consolidate(&mut changes);
     Ok(DataflowOutput {
         changes,
         applied,

@@ -18,7 +18,7 @@ use herald_connectors::journey_sink::{
     write_messages_parquet,
 };
 use herald_connectors::sink::{
-    write_changes_jsonl, write_changes_parquet, write_dead_letters_jsonl, SegmentChange,
+    write_changes_jsonl, write_changes_parquet, write_dead_letters_jsonl,
 };
 use herald_operators::event::Limits;
 use herald_operators::plan::{Plan, SegmentKind};
@@ -26,7 +26,7 @@ use herald_operators::time::parse_rfc3339_ms;
 use indicatif::ProgressBar;
 
 use crate::check::{load_journeys, load_segments};
-use crate::driver::{run_dataflow, ChangeRow, DataflowInput};
+use crate::driver::{run_dataflow, DataflowInput};
 use crate::EngineError;
 
 /// The replay command's arguments, as typed.
@@ -71,6 +71,8 @@ pub struct ReplaySummary {
     pub rejected: BTreeMap<String, u64>,
     /// Duplicates ignored.
     pub duplicates: u64,
+    /// Comparisons of values of different types, evaluated as NULL (counted per evaluation).
+    pub type_mismatches: u64,
     /// Changes written.
     pub changes: u64,
     /// Journey events and message actions written (with `--journeys`).
@@ -238,6 +240,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     )?;
     summary.dataflow_time = dataflow_started.elapsed();
     summary.applied = output.applied;
+    summary.type_mismatches = output.counters.type_mismatches;
     summary.after_until = output.after_until;
     summary.changes = output.changes.len() as u64;
     if output.after_until > 0 {
@@ -259,7 +262,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         .collect();
 
     let write_started = Instant::now();
-    let rows: Vec<SegmentChange> = output.changes.into_iter().map(to_sink_row).collect();
+    let rows = output.changes;
     write_changes_jsonl(&join(&args.out, "segment_changes.jsonl"), &rows)?;
     write_changes_parquet(&join(&args.out, "segment_changes.parquet"), &rows)?;
     write_dead_letters_jsonl(&join(&args.out, "dead_letters.jsonl"), &batch.dead_letters)?;
@@ -285,13 +288,4 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     }
     summary.write_time = write_started.elapsed();
     Ok(summary)
-}
-
-fn to_sink_row(c: ChangeRow) -> SegmentChange {
-    SegmentChange {
-        segment: c.segment,
-        user_id: c.user_id,
-        diff: c.diff,
-        time: c.time,
-    }
 }

@@ -9,15 +9,10 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use crate::ast::{ArithOp, CmpOp, EventField};
 use crate::time::Time;
 use crate::value::Value;
-
-/// Comparisons evaluated between values of different types (NULL by the spec). A process-wide
-/// counter, exported as a metric; it counts evaluations, not events.
-pub static TYPE_MISMATCHES: AtomicU64 = AtomicU64::new(0);
 
 /// A compiled expression: names resolved to slots.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +100,9 @@ pub trait Context {
     fn in_segment(&self, _segment: usize) -> bool {
         false
     }
+    /// Called for each comparison of values of different types (NULL by the spec), so
+    /// the caller can count them (`herald_type_mismatches_total`).
+    fn type_mismatch(&self) {}
 }
 
 fn truth(v: &Value) -> Option<bool> {
@@ -118,11 +116,11 @@ fn from_truth(b: Option<bool>) -> Value {
     b.map(Value::Bool).unwrap_or(Value::Null)
 }
 
-fn compare(op: CmpOp, a: &Value, b: &Value) -> Value {
+fn compare(op: CmpOp, a: &Value, b: &Value, ctx: &dyn Context) -> Value {
     match a.sql_cmp(b) {
         None => {
             if a.type_mismatch(b) {
-                TYPE_MISMATCHES.fetch_add(1, AtomicOrdering::Relaxed);
+                ctx.type_mismatch();
             }
             Value::Null
         }
@@ -206,7 +204,7 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
         CExpr::Interval(ms) => Value::num(*ms as f64),
         CExpr::Now(off) => Value::Ts(now.saturating_add(*off)),
         CExpr::InSegment(s) => Value::Bool(ctx.in_segment(*s)),
-        CExpr::Cmp(op, a, b) => compare(*op, &eval(a, ctx, now), &eval(b, ctx, now)),
+        CExpr::Cmp(op, a, b) => compare(*op, &eval(a, ctx, now), &eval(b, ctx, now), ctx),
         CExpr::Arith(op, a, b) => {
             let av = eval(a, ctx, now);
             if let CExpr::Interval(ms) = **b {
@@ -254,7 +252,7 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             let mut found = false;
             if !saw_null {
                 for item in list {
-                    match compare(CmpOp::Eq, &x, &eval(item, ctx, now)) {
+                    match compare(CmpOp::Eq, &x, &eval(item, ctx, now), ctx) {
                         Value::Bool(true) => {
                             found = true;
                             break;
@@ -275,8 +273,8 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
         }
         CExpr::Between(a, lo, hi, negated) => {
             let x = eval(a, ctx, now);
-            let ge = truth(&compare(CmpOp::Ge, &x, &eval(lo, ctx, now)));
-            let le = truth(&compare(CmpOp::Le, &x, &eval(hi, ctx, now)));
+            let ge = truth(&compare(CmpOp::Ge, &x, &eval(lo, ctx, now), ctx));
+            let le = truth(&compare(CmpOp::Le, &x, &eval(hi, ctx, now), ctx));
             let r = match (ge, le) {
                 (Some(false), _) | (_, Some(false)) => Some(false),
                 (Some(true), Some(true)) => Some(true),
@@ -288,7 +286,7 @@ fn eval_owned(e: &CExpr, ctx: &dyn Context, now: i64) -> Value {
             (Value::Str(s), Value::Str(p)) => Value::Bool(like(s, p) != *negated),
             (Value::Null, _) | (_, Value::Null) => Value::Null,
             _ => {
-                TYPE_MISMATCHES.fetch_add(1, AtomicOrdering::Relaxed);
+                ctx.type_mismatch();
                 Value::Null
             }
         },

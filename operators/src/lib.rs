@@ -2,6 +2,7 @@
 //!
 //! Herald's pure dataflow logic: no Kafka, no object store, no tokio.
 //!
+//! - [`change`]: the membership change record every output carries.
 //! - [`value`] and [`time`]: the scalar values of the segment language and instants in ms.
 //! - [`event`]: Segment-spec messages, the acceptance rules and event field lookups.
 //! - [`lang`]: the segment language: syntax tree, parser with positioned errors, type checker.
@@ -12,6 +13,7 @@
 //! - `dataflow`: the keyed timely operator over that state that keeps every segment's
 //!   membership exact as inputs arrive and as time passes.
 
+pub mod change;
 pub mod dataflow;
 pub mod dedup;
 pub mod eval;

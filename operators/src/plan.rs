@@ -263,12 +263,19 @@ fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
 }
 
 /// A projected event as FILTERs and arguments see it: its name, type and paths are
-/// borrowed, never copied.
-pub(crate) struct EventCtx<'a>(pub(crate) &'a Projected);
+/// borrowed, never copied; comparisons of mismatched types are counted in the cell.
+pub(crate) struct EventCtx<'a>(
+    pub(crate) &'a Projected,
+    pub(crate) &'a std::cell::Cell<u64>,
+);
 
 impl Context for EventCtx<'_> {
     fn field(&self, field: &EventField) -> Cow<'_, Value> {
         self.0.field(field)
+    }
+
+    fn type_mismatch(&self) {
+        self.1.set(self.1.get() + 1);
     }
 
     fn path(&self, index: usize, _field: &EventField) -> Cow<'_, Value> {

@@ -450,6 +450,9 @@ pub struct StateCounters {
     pub retracted: u64,
     /// User evaluations (at inputs and at wake-ups).
     pub evaluations: u64,
+    /// Comparisons evaluated between values of different types (NULL by the spec); it
+    /// counts evaluations, not events.
+    pub type_mismatches: u64,
 }
 
 impl StateCounters {
@@ -459,6 +462,7 @@ impl StateCounters {
         self.duplicates += o.duplicates;
         self.retracted += o.retracted;
         self.evaluations += o.evaluations;
+        self.type_mismatches += o.type_mismatches;
     }
 }
 
@@ -500,6 +504,7 @@ struct Row<'a> {
     aggs: Vec<Cow<'a, Value>>,
     traits: Vec<Cow<'a, Value>>,
     members: Bits,
+    mismatches: std::cell::Cell<u64>,
 }
 
 static NULL: Value = Value::Null;
@@ -516,6 +521,9 @@ impl Context for Row<'_> {
     }
     fn in_segment(&self, segment: usize) -> bool {
         self.members.get(segment)
+    }
+    fn type_mismatch(&self) {
+        self.mismatches.set(self.mismatches.get() + 1);
     }
 }
 
@@ -857,7 +865,8 @@ impl SegmentState {
             0
         };
         user.seen_from = seen_from;
-        let ctx = EventCtx(ev);
+        let mismatches = std::cell::Cell::new(0);
+        let ctx = EventCtx(ev, &mismatches);
         for (i, slot) in plan.aggs.iter().enumerate() {
             let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
             // Whether a condition that does not read now() holds for this event.
@@ -978,6 +987,7 @@ impl SegmentState {
         if touched != 0 {
             *self.touched.entry(u).or_default() |= touched;
         }
+        self.counters.type_mismatches += mismatches.get();
         true
     }
 
@@ -1102,6 +1112,7 @@ impl SegmentState {
             aggs,
             traits,
             members: Bits::new(self.n_segments),
+            mismatches: std::cell::Cell::new(0),
         };
         let now = t as i64;
         self.points.clear();
@@ -1144,6 +1155,7 @@ impl SegmentState {
                 .map(|(i, &k)| (i as u16, row.traits[k].clone().into_owned()))
                 .collect()
         });
+        self.counters.type_mismatches += row.mismatches.get();
         let members = row.members;
         let key = &*user.key;
         for si in 0..self.n_segments {
@@ -1354,6 +1366,24 @@ mod tests {
         assert_eq!(w.live.len(), 2);
         assert_eq!(w.advance(120), u64::MAX);
         assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn mismatched_comparisons_are_counted_in_the_state() {
+        let file = crate::lang::parse::parse_segments(
+            "CREATE SEGMENT s AS plan > 3 AND count(*) FILTER (WHERE properties.x > 'a') > 0;",
+        )
+        .unwrap();
+        let plan = std::rc::Rc::new(Plan::compile(&file));
+        let mut st = SegmentState::new(plan.clone(), -1);
+        let msg = br#"{"type":"identify","userId":"u","messageId":"m","timestamp":"2026-03-01T00:00:00Z","traits":{"plan":"pro"},"properties":{"x":1}}"#;
+        let ev = plan.fast_parse(msg).unwrap();
+        let u = st.intern(&ev.user);
+        let t = to_time(ev.timestamp);
+        assert!(st.apply_event(u, &ev, t));
+        assert_eq!(st.counters().type_mismatches, 1, "1 > 'a' in the FILTER");
+        st.evaluate(u, t, &mut |_, _, _| {});
+        assert_eq!(st.counters().type_mismatches, 2, "'pro' > 3 in the segment");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use herald_engine::driver::{project_events, run_dataflow, ChangeRow, DataflowInput};
+use herald_engine::driver::{project_events, run_dataflow, DataflowInput};
+use herald_operators::change::SegmentChange;
 use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
 use herald_tests::gen::{random_events, random_segment_file, random_snapshots};
@@ -18,7 +19,7 @@ const T0: i64 = 1_772_323_200_000; // 2026-03-01T00:00:00Z
 const HOUR: i64 = 3_600_000;
 
 /// Members of each segment at `now` according to the changes: running sums.
-fn members_from_changes(changes: &[ChangeRow], now: i64) -> BTreeMap<String, BTreeSet<String>> {
+fn members_from_changes(changes: &[SegmentChange], now: i64) -> BTreeMap<String, BTreeSet<String>> {
     let mut sums: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for c in changes.iter().take_while(|c| c.time <= now) {
         *sums.entry((&c.segment, &c.user_id)).or_default() += c.diff;
@@ -38,7 +39,7 @@ fn members_from_changes(changes: &[ChangeRow], now: i64) -> BTreeMap<String, BTr
     out
 }
 
-fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<ChangeRow> {
+fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<SegmentChange> {
     let lists = world
         .csv_lists
         .iter()

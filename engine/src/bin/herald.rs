@@ -228,6 +228,12 @@ fn print_summary(s: &ReplaySummary, out: &str) {
         let reasons: Vec<String> = s.rejected.iter().map(|(r, n)| format!("{r}={n}")).collect();
         outln!("dead letters by reason: {}", reasons.join(", "));
     }
+    if s.type_mismatches > 0 {
+        outln!(
+            "type mismatches: {} comparisons of values of different types evaluated as NULL",
+            s.type_mismatches
+        );
+    }
     if let Some((rows, msgs)) = s.journey_rows {
         outln!("journeys: {rows} journey events, {msgs} message actions");
     }

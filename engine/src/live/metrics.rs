@@ -104,6 +104,8 @@ pub struct Metrics {
     /// Redelivered events dropped by the dedup rule (same identifier and `messageId` within
     /// the horizon; this process).
     pub duplicates: Counter,
+    /// Comparisons of values of different types, evaluated as NULL.
+    pub type_mismatches: Counter,
     /// Time (ms) spent by the sink handing a watermark's changes over (flush and acks).
     pub sink_flush_ms: Gauge<f64, AtomicU64>,
     /// Journey events, by journey and kind.
@@ -188,6 +190,13 @@ impl Default for Metrics {
             "Redelivered events dropped by dedup (same identifier and messageId)",
             duplicates.clone(),
         );
+        let type_mismatches = Counter::default();
+        registry.register(
+            "type_mismatches",
+            "Comparisons evaluated between values of different types (NULL by the spec), \
+             counted per evaluation",
+            type_mismatches.clone(),
+        );
         let sink_flush_ms = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "sink_flush_ms",
@@ -237,6 +246,7 @@ impl Default for Metrics {
             http_refused,
             change_delay_ms,
             duplicates,
+            type_mismatches,
             sink_flush_ms,
         }
     }

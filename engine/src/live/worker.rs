@@ -15,6 +15,7 @@ use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{build_segments, SegmentInputs, StateHandle};
 use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::journey::JOut;
+use herald_operators::state::StateCounters;
 use herald_operators::time::Time;
 use herald_operators::value::Value;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -224,7 +225,7 @@ fn run(
     let mut stop_seen: Option<Instant> = None;
     let mut last_commit = Instant::now();
     let mut stalled_at: (Time, Instant) = (0, Instant::now());
-    let mut dups_seen = 0u64;
+    let mut counted = StateCounters::default();
 
     loop {
         let stop_at = live.stop_at.load(Ordering::Acquire);
@@ -307,7 +308,7 @@ fn run(
         }
         inputs.flush();
         worker.step_or_park(Some(tick));
-        report_duplicates(live, state.as_ref(), &mut dups_seen);
+        report_counters(live, state.as_ref(), &mut counted);
 
         // Progress: local worker 0 tells its process's sink how far the output is done.
         let frontier = probe.with_frontier(|f| f.iter().min().copied().unwrap_or(Time::MAX));
@@ -404,7 +405,7 @@ fn run(
             break;
         }
         worker.step_or_park(Some(tick));
-        report_duplicates(live, state.as_ref(), &mut dups_seen);
+        report_counters(live, state.as_ref(), &mut counted);
     }
     if let Some(c) = &consumer {
         commit_durable(
@@ -538,12 +539,17 @@ fn commit_durable(
     }
 }
 
-/// Adds the duplicates this worker's segment state dropped since the last call to the
-/// process's `herald_duplicates_total`.
-fn report_duplicates(live: &Live, state: Option<&StateHandle>, seen: &mut u64) {
+/// Adds what this worker's segment state counted since the last call to the process's
+/// metrics: duplicates dropped (`herald_duplicates_total`) and comparisons of mismatched
+/// types (`herald_type_mismatches_total`).
+fn report_counters(live: &Live, state: Option<&StateHandle>, seen: &mut StateCounters) {
     if let Some(st) = state {
-        let dups = st.counters().duplicates;
-        live.metrics.duplicates.inc_by(dups.saturating_sub(*seen));
-        *seen = dups;
+        let now = st.counters();
+        let m = &live.metrics;
+        m.duplicates
+            .inc_by(now.duplicates.saturating_sub(seen.duplicates));
+        m.type_mismatches
+            .inc_by(now.type_mismatches.saturating_sub(seen.type_mismatches));
+        *seen = now;
     }
 }
