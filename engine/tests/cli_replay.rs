@@ -115,7 +115,10 @@ fn check_prints_the_plan_and_what_is_shared() {
             .unwrap_or_default(),
     ]));
     assert!(out.contains("ok, 4 segment(s)"), "{out}");
-    assert!(out.contains("events_by_user"), "{out}");
+    assert!(
+        out.contains("kept once per user in the segment state"),
+        "{out}"
+    );
 }
 
 #[test]

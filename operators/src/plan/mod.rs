@@ -4,43 +4,31 @@
 //! one per distinct aggregate (two segments that write `count(*) FILTER (WHERE event =
 //! 'Order Completed')` share one slot), one per trait name, one per static list or
 //! warehouse audience, plus two presence slots that define the universe. The per-user
-//! state and evaluation over these slots is `state`'s; this module only compiles and
-//! explains.
+//! state and evaluation over these slots is `state`'s. Split by job: compiling (here),
+//! facts (`facts`: snapshot rows and identify writes as slot facts), what evaluation needs
+//! (`evaluate`: the event context, type ranks) and `explain`.
 //!
 //! Invariant: every time-dependence is a `now()` comparison the evaluator can turn into
 //! explicit instants (`eval::breakpoints`), so the dataflow never polls a clock.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-
-use serde::{Deserialize, Serialize};
 
 use crate::ast::{AggKind, Aggregate, EventField, Expr, SegmentBody, SegmentFile};
-use crate::eval::{mentions_now, CExpr, Context};
-use crate::event::Event;
-use crate::project::{Projected, Projection};
-use crate::value::Value;
+use crate::eval::{mentions_now, CExpr};
+use crate::project::Projection;
+
+mod evaluate;
+mod explain;
+mod facts;
+
+pub(crate) use evaluate::{type_rank, EventCtx};
+pub use facts::{FactVal, SnapshotRows};
 
 /// Slot of the "has at least one event" presence fact.
 pub const SLOT_SEEN: u32 = 0;
 /// Slot of the "has a row in the current profile snapshot" presence fact.
 pub const SLOT_PROFILE: u32 = 1;
 const FIRST_DYNAMIC_SLOT: u32 = 2;
-
-/// The value part of a fact: an external fact's (snapshot cell, presence, list membership)
-/// or a window entry's.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum FactVal {
-    /// Presence (profile row, list membership, a counted event).
-    Unit,
-    /// A value of an aggregate's argument (sum, avg, min, max, count distinct).
-    Val(Value),
-    /// `(timestamp, message_id, x)` for first/last.
-    Ordered(i64, String, Value),
-    /// A profile snapshot cell (written at the current snapshot's instant).
-    Snap(Value),
-}
 
 /// How a segment's membership is defined, after compilation.
 #[derive(Clone, Debug, PartialEq)]
@@ -262,42 +250,6 @@ fn dependency_order(file: &SegmentFile) -> (Vec<usize>, Vec<Vec<usize>>) {
     (order, deps)
 }
 
-/// A projected event as FILTERs and arguments see it: its name, type and paths are
-/// borrowed, never copied; comparisons of mismatched types are counted in the cell.
-pub(crate) struct EventCtx<'a>(
-    pub(crate) &'a Projected,
-    pub(crate) &'a std::cell::Cell<u64>,
-);
-
-impl Context for EventCtx<'_> {
-    fn field(&self, field: &EventField) -> Cow<'_, Value> {
-        self.0.field(field)
-    }
-
-    fn type_mismatch(&self) {
-        self.1.set(self.1.get() + 1);
-    }
-
-    fn path(&self, index: usize, _field: &EventField) -> Cow<'_, Value> {
-        self.0
-            .values
-            .get(index)
-            .map_or(Cow::Owned(Value::Null), Cow::Borrowed)
-    }
-}
-
-/// Rank of a type for min/max/sum/avg over values of mixed types: only values of the
-/// highest-ranked type present take part (numbers, then timestamps, strings, booleans).
-pub(crate) fn type_rank(v: &Value) -> u8 {
-    match v {
-        Value::Num(_) => 4,
-        Value::Ts(_) => 3,
-        Value::Str(_) => 2,
-        Value::Bool(_) => 1,
-        Value::Null => 0,
-    }
-}
-
 impl Plan {
     /// Compiles a checked segment file.
     pub fn compile(file: &SegmentFile) -> Plan {
@@ -431,115 +383,5 @@ impl Plan {
     /// The trait index of a trait fact slot.
     pub fn trait_of_slot(&self, slot: u32) -> usize {
         (slot - FIRST_DYNAMIC_SLOT) as usize - self.aggs.len()
-    }
-
-    /// The trait writes of an identify event that some segment reads: `(trait slot, value)`.
-    pub fn trait_writes(&self, ev: &Event) -> Vec<(u32, Value)> {
-        ev.trait_writes()
-            .into_iter()
-            .filter_map(|(name, v)| self.trait_index(&name).map(|i| (self.trait_slot(i), v)))
-            .collect()
-    }
-
-    /// A human-readable plan: slots and which segments share them.
-    pub fn explain(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "segments ({}), in evaluation order:",
-            self.segments.len()
-        );
-        for &i in &self.order {
-            let seg = &self.segments[i];
-            match &seg.kind {
-                SegmentKind::Expr(_) => {
-                    let aggs: Vec<String> = self
-                        .aggs
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, a)| a.used_by.contains(&seg.name))
-                        .map(|(k, _)| format!("a{k}"))
-                        .collect();
-                    let traits: Vec<String> = self
-                        .traits
-                        .iter()
-                        .filter(|(_, u)| u.contains(&seg.name))
-                        .map(|(n, _)| n.clone())
-                        .collect();
-                    let expr = seg
-                        .source
-                        .as_ref()
-                        .map(|e| e.to_string())
-                        .unwrap_or_default();
-                    let _ = writeln!(s, "  {}: {}", seg.name, expr);
-                    let _ = writeln!(
-                        s,
-                        "      reads aggregates [{}], traits [{}]",
-                        aggs.join(", "),
-                        traits.join(", ")
-                    );
-                }
-                SegmentKind::List { url, .. } => {
-                    let _ = writeln!(s, "  {}: static list from {url}", seg.name);
-                }
-                SegmentKind::Warehouse {
-                    query, refresh_ms, ..
-                } => {
-                    let _ = writeln!(
-                        s,
-                        "  {}: warehouse query {query:?} every {} s",
-                        seg.name,
-                        refresh_ms / 1000
-                    );
-                }
-            }
-        }
-        let _ = writeln!(
-            s,
-            "aggregates ({}), computed once per user from the shared events_by_user arrangement:",
-            self.aggs.len()
-        );
-        for (k, a) in self.aggs.iter().enumerate() {
-            let shared = if a.used_by.len() > 1 {
-                "  [shared]"
-            } else {
-                ""
-            };
-            let window = if a.temporal {
-                "  [temporal: facts enter/leave at exact instants]"
-            } else {
-                ""
-            };
-            let _ = writeln!(
-                s,
-                "  a{k} = {}  used by {}{shared}{window}",
-                Expr::Agg(Box::new(a.agg.clone())),
-                a.used_by.join(", ")
-            );
-        }
-        let _ = writeln!(s, "traits ({}):", self.traits.len());
-        for (name, users) in &self.traits {
-            let _ = writeln!(s, "  {name}  used by {}", users.join(", "));
-        }
-        s
-    }
-}
-
-/// A profile snapshot's rows: user key -> trait name -> value (`Value::Null` for a NULL cell).
-pub type SnapshotRows = BTreeMap<String, BTreeMap<String, Value>>;
-
-impl Plan {
-    /// The facts one user's snapshot row contributes, sorted: a presence fact and a cell
-    /// fact for each trait some segment reads. Diffing a user's facts in two snapshots
-    /// gives the updates that move the dataflow from one to the next.
-    pub fn snapshot_facts(&self, cells: &BTreeMap<String, Value>) -> Vec<(u32, FactVal)> {
-        let mut out = vec![(SLOT_PROFILE, FactVal::Unit)];
-        for (name, v) in cells {
-            if let Some(i) = self.trait_index(name) {
-                out.push((self.trait_slot(i), FactVal::Snap(v.clone())));
-            }
-        }
-        out.sort_unstable();
-        out
     }
 }
