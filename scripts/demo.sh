@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/herald-target}"
 USERS="${1:-10000}"; EVENTS="${2:-200000}"; WORKERS="${3:-2}"
 OUT="${HERALD_DEMO_DIR:-${TMPDIR:-/tmp}/herald-demo}"
 
-cargo build --release --quiet -p herald-engine -p herald-examples
+cargo build --release --quiet -p herald-engine --no-default-features -p herald-examples
 BIN="$CARGO_TARGET_DIR/release"
 rm -rf "$OUT"; mkdir -p "$OUT"
 cp examples/ecommerce/segments.sql "$OUT/segments.sql"

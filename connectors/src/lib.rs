@@ -7,6 +7,10 @@
 //! URL and says, through [`ConnectorError::fault`], whether the user's input or an
 //! external system is at fault.
 //!
+//! Connector families are cargo features (all on by default): `s3` (`s3://` URLs),
+//! `postgres` (the PostgreSQL modules and the tables' loads), `notify` (notifications),
+//! `kafka` (the Kafka notification channel). Local files, Parquet and CSV are always in.
+//!
 //! - [`store`]: locations (plain paths, `file://` and `s3://` URLs) opened as object
 //!   stores; whole-object reads and atomic writes, listing, and [`store::OutputFile`],
 //!   a streaming writer that publishes its file when finished.
@@ -31,13 +35,17 @@
 //! - [`sink`]: the replay's outputs: segment membership changes as JSONL or Parquet, and
 //!   dead letters as JSONL.
 
+#[cfg(feature = "postgres")]
 pub mod audience;
 pub mod csvlist;
 pub mod error;
 pub mod events;
 pub mod journey_sink;
+#[cfg(feature = "notify")]
 pub mod notify;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
 pub mod profile_sync;
 pub mod sink;
 pub mod snapshot;

@@ -9,8 +9,10 @@ use herald_operators::journey::{compile_journeys, parse_journeys, JourneySet};
 use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
 
+#[cfg(feature = "live")]
 use std::path::Path;
 
+#[cfg(feature = "live")]
 use herald_connectors::notify::template::Templates;
 
 use crate::EngineError;
@@ -76,6 +78,7 @@ fn check_slots(path: &str, plan: &Plan) -> Result<(), EngineError> {
 }
 
 /// Loads and checks a templates directory.
+#[cfg(feature = "live")]
 pub fn load_templates(dir: &str) -> Result<Templates, EngineError> {
     Templates::load(Path::new(dir)).map_err(|e| EngineError::Usage(e.to_string()))
 }
@@ -83,6 +86,7 @@ pub fn load_templates(dir: &str) -> Result<Templates, EngineError> {
 /// Checks the journeys' `send` steps against the templates (the template exists; an
 /// email's has a subject) and, when `channels` is given, against the channels that are
 /// configured for delivery. Errors name the journey file, journey and step path.
+#[cfg(feature = "live")]
 pub fn check_sends(
     path: &str,
     set: &JourneySet,
@@ -121,7 +125,16 @@ pub fn check_all(
     journeys: Option<&str>,
     templates: Option<&str>,
 ) -> Result<String, EngineError> {
+    #[cfg_attr(not(feature = "live"), allow(unused_mut))]
     let mut report = check(path, journeys)?;
+    #[cfg(not(feature = "live"))]
+    if let Some(dir) = templates {
+        return Err(EngineError::Usage(format!(
+            "--templates {dir}: this herald was built without notifications (cargo feature \
+             `live`)"
+        )));
+    }
+    #[cfg(feature = "live")]
     if let Some(dir) = templates {
         let t = load_templates(dir)?;
         if let Some(jpath) = journeys {

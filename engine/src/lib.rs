@@ -12,11 +12,18 @@
 //! - [`preview`]: `herald template render`: a template rendered for one user.
 //! - [`live`]: the `herald run` service: Kafka and HTTP in, the dataflow on the wall
 //!   clock, changes out to files and Kafka, the query and ops API.
+//!
+//! Features: `live` (`herald run` and everything it talks to: `config`, `live`,
+//! `preview`), `postgres` (`herald replay --postgres`, `herald sync-profiles`), `s3`;
+//! all on by default. Without them the crate is the replay engine over local files.
 
 pub mod check;
+#[cfg(feature = "live")]
 pub mod config;
 pub mod driver;
+#[cfg(feature = "live")]
 pub mod live;
+#[cfg(feature = "live")]
 pub mod preview;
 pub mod replay;
 pub mod report;

@@ -283,8 +283,17 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
         ));
     }
     if let Some(url) = &args.postgres {
-        let loaded = herald_connectors::postgres::load_changes(url, &args.postgres_table, &rows)?;
-        summary.postgres = Some((loaded.sent, loaded.inserted));
+        #[cfg(feature = "postgres")]
+        {
+            let loaded =
+                herald_connectors::postgres::load_changes(url, &args.postgres_table, &rows)?;
+            summary.postgres = Some((loaded.sent, loaded.inserted));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(EngineError::Usage(format!(
+            "--postgres {url}: this herald was built without PostgreSQL support (cargo \
+             feature `postgres`)"
+        )));
     }
     summary.write_time = write_started.elapsed();
     Ok(summary)

@@ -25,12 +25,16 @@ use herald_operators::time::format_rfc3339_ms;
 use hmac::{Hmac, Mac};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+#[cfg(feature = "kafka")]
 use rdkafka::message::{Header, OwnedHeaders};
+#[cfg(feature = "kafka")]
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sha2::Sha256;
 
-use super::config::{EmailConfig, KafkaChannelConfig, MessagesApiConfig, WebhookConfig};
+#[cfg(feature = "kafka")]
+use super::config::KafkaChannelConfig;
+use super::config::{EmailConfig, MessagesApiConfig, WebhookConfig};
 use super::template::Rendered;
 
 /// What the provider said yes with.
@@ -75,6 +79,7 @@ pub enum Connector {
     /// A signed JSON POST.
     Webhook(Webhook),
     /// A Kafka topic.
+    #[cfg(feature = "kafka")]
     Kafka(KafkaChannel),
 }
 
@@ -85,6 +90,7 @@ impl Connector {
             Connector::Smtp(c) => c.send(action, msg).await,
             Connector::MessagesApi(c) => c.send(action, msg).await,
             Connector::Webhook(c) => c.send(action, msg).await,
+            #[cfg(feature = "kafka")]
             Connector::Kafka(c) => c.send(action, msg).await,
         }
     }
@@ -92,7 +98,12 @@ impl Connector {
     /// Whether the peer is the message's destination (webhook, push gateway, Kafka), so
     /// that its acceptance is delivery; SMTP servers and SMS providers deliver later.
     pub fn accepted_is_delivered(&self) -> bool {
-        matches!(self, Connector::Webhook(_) | Connector::Kafka(_))
+        match self {
+            Connector::Webhook(_) => true,
+            #[cfg(feature = "kafka")]
+            Connector::Kafka(_) => true,
+            _ => false,
+        }
     }
 
     /// Whether sending an attempt again is safe when it is in doubt (a crash between
@@ -366,12 +377,14 @@ impl Webhook {
 }
 
 /// A Kafka topic.
+#[cfg(feature = "kafka")]
 pub struct KafkaChannel {
     producer: FutureProducer,
     topic: String,
     timeout: Duration,
 }
 
+#[cfg(feature = "kafka")]
 impl KafkaChannel {
     /// A producer for `c.topic` on `brokers`.
     pub fn new(c: &KafkaChannelConfig, brokers: &str) -> Result<KafkaChannel, String> {
@@ -413,6 +426,8 @@ pub fn connector(
     c: &super::config::NotifyConfig,
     kafka_brokers: Option<&str>,
 ) -> Result<Connector, String> {
+    #[cfg(not(feature = "kafka"))]
+    let _ = kafka_brokers;
     let missing = || format!("no [notify.{channel}] section configures channel '{channel}'");
     match channel {
         "email" => Ok(Connector::Smtp(Smtp::new(
@@ -432,6 +447,12 @@ pub fn connector(
         "push" => Ok(Connector::Webhook(Webhook::new(
             c.push.as_ref().ok_or_else(missing)?,
         )?)),
+        #[cfg(not(feature = "kafka"))]
+        "kafka" => Err(
+            "channel 'kafka': this build of Herald has no Kafka support (cargo feature `kafka`)"
+                .to_string(),
+        ),
+        #[cfg(feature = "kafka")]
         "kafka" => {
             let k = c.kafka.as_ref().ok_or_else(missing)?;
             let brokers = k.brokers.as_deref().or(kafka_brokers).ok_or_else(|| {

@@ -168,6 +168,7 @@ enum ReportCommand {
     },
 }
 
+#[cfg(feature = "postgres")]
 fn sync_profiles(
     url: &str,
     query: Option<String>,
@@ -184,7 +185,9 @@ fn sync_profiles(
             ))
         }
     };
-    let now = herald_engine::live::now_ms() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let s = herald_connectors::profile_sync::sync_profiles(url, &sql, to, now)?;
     outln!(
         "wrote {} profiles ({} traits: {}) to {}{}",
@@ -253,6 +256,7 @@ fn print_summary(s: &ReplaySummary, out: &str) {
     }
 }
 
+#[cfg(feature = "live")]
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     #[cfg(unix)]
@@ -276,6 +280,7 @@ async fn shutdown_signal() {
     }
 }
 
+#[cfg(feature = "live")]
 fn run(config: &str) -> Result<(), EngineError> {
     let config = herald_engine::config::Config::load(config)?;
     let mode = if config.kafka.is_some() {
@@ -292,6 +297,15 @@ fn run(config: &str) -> Result<(), EngineError> {
     .map(|_| {
         outln!("herald: stopped");
     })
+}
+
+/// The error for a command this build left out.
+#[cfg(not(all(feature = "live", feature = "postgres")))]
+fn without(command: &str, feature: &str) -> EngineError {
+    EngineError::Usage(format!(
+        "{command}: this herald was built without it (cargo feature `{feature}`); \
+         build herald-engine with its default features"
+    ))
 }
 
 fn main() -> ExitCode {
@@ -329,7 +343,10 @@ fn main() -> ExitCode {
             };
             replay(&args).map(|s| print_summary(&s, &out))
         }
+        #[cfg(feature = "live")]
         Command::Run { config } => run(&config),
+        #[cfg(not(feature = "live"))]
+        Command::Run { .. } => Err(without("herald run", "live")),
         Command::Check {
             file,
             journeys,
@@ -341,7 +358,19 @@ fn main() -> ExitCode {
             query,
             query_file,
             to,
-        } => sync_profiles(&postgres, query, query_file, &to),
+        } => {
+            #[cfg(feature = "postgres")]
+            let done = sync_profiles(&postgres, query, query_file, &to);
+            #[cfg(not(feature = "postgres"))]
+            let done = {
+                let _ = (postgres, query, query_file, to);
+                Err(without("herald sync-profiles", "postgres"))
+            };
+            done
+        }
+        #[cfg(not(feature = "live"))]
+        Command::Template { .. } => Err(without("herald template", "live")),
+        #[cfg(feature = "live")]
         Command::Template {
             what:
                 TemplateCommand::Render {
