@@ -20,6 +20,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo clippy (the replay engine alone: --no-default-features, -D warnings)"
+cargo clippy -p herald-connectors -p herald-engine --locked --no-default-features -- -D warnings
+
 step "services on 127.0.0.1"
 eval "$(scripts/services.sh start)"
 trap 'scripts/services.sh stop' EXIT
