@@ -20,6 +20,7 @@ pub mod eval;
 pub mod event;
 pub mod journey;
 pub mod lang;
+pub mod msgid;
 pub mod plan;
 pub mod project;
 pub mod state;

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::ast::{AggKind, EventField};
 use crate::eval::{breakpoints, eval, eval_ref, mentions_now, true_intervals, CExpr, Context};
 use crate::event::Event;
+use crate::msgid::MsgId;
 use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE};
 use crate::project::Projected;
 use crate::time::{to_time, Time};
@@ -113,7 +114,7 @@ pub(crate) fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Projected, v: Value) -
 }
 
 /// A trait's latest identify write: `(timestamp, message id, value)`.
-type Write = (i64, Box<str>, Value);
+type Write = (i64, MsgId, Value);
 
 /// One slot of one user's state, in 16 bytes: every variant is the slot number and one
 /// word (larger parts are boxed), so a user's cells are one small array.
@@ -975,12 +976,15 @@ impl SegmentState {
         for (slot, val) in ev.traits.iter() {
             let slot = *slot;
             let newer = match user.cell(slot).and_then(Cell::trait_parts) {
-                Some((_, Some(w))) => (ev.timestamp, ev.message_id.as_str()) > (w.0, &*w.1),
+                Some((_, Some(w))) => match ev.timestamp.cmp(&w.0) {
+                    Ordering::Equal => w.1.cmp_text(&ev.message_id) == Ordering::Less,
+                    later => later == Ordering::Greater,
+                },
                 _ => true,
             };
             if newer {
                 touched |= slot_bit(slot);
-                let write = (ev.timestamp, ev.message_id.as_str().into(), val.clone());
+                let write = (ev.timestamp, MsgId::new(&ev.message_id), val.clone());
                 user.update_trait(slot, |_, w| *w = Some(write));
             }
         }
@@ -1277,12 +1281,12 @@ impl SegmentState {
                     }
                     Cell::TraitSnap(_, v) => per_user += size_of::<Value>() + value_heap(v),
                     Cell::TraitWrite(_, w) => {
-                        per_user += size_of::<Write>() + w.1.len() + value_heap(&w.2)
+                        per_user += size_of::<Write>() + w.1.heap_bytes() + value_heap(&w.2)
                     }
                     Cell::TraitBoth(_, b) => {
                         per_user += size_of::<(Value, Write)>()
                             + value_heap(&b.0)
-                            + b.1 .1.len()
+                            + b.1 .1.heap_bytes()
                             + value_heap(&b.1 .2)
                     }
                 }
