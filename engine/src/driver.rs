@@ -145,12 +145,11 @@ pub fn run_dataflow(
             after_until += 1;
         }
     }
-    // By instant, stable: a user's events at one instant keep their input order (all of
-    // a user's events are in one share, so this order does not depend on the worker
-    // count). Within an instant the order changes nothing: duplicates are gone already,
-    // and first/last and trait writes break ties by message id themselves.
+    // In the spec's event order, (timestamp, messageId): within an instant the order
+    // still matters to floating-point sums, which must not depend on the order of lines
+    // or files (message ids are compared only on timestamp ties, which are rare).
     for share in &mut shares {
-        share.sort_by_key(|e| e.timestamp);
+        share.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
     }
     let shares: Vec<Mutex<Vec<Projected>>> = shares.into_iter().map(Mutex::new).collect();
     // Worker 0's schedule of lists and snapshots; at equal instants lists, then

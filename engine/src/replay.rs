@@ -151,6 +151,14 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
     if args.workers == 0 {
         return Err(EngineError::Usage("--workers must be at least 1".into()));
     }
+    #[cfg(not(feature = "postgres"))]
+    if let Some(url) = &args.postgres {
+        // Refused before any work, not after the outputs are written.
+        return Err(EngineError::Usage(format!(
+            "--postgres {url}: this herald was built without PostgreSQL support (cargo \
+             feature `postgres`)"
+        )));
+    }
     let mut summary = ReplaySummary::default();
     let started = Instant::now();
     let (file, mut plan) = load_segments(&args.segments)?;
@@ -290,10 +298,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
             summary.postgres = Some((loaded.sent, loaded.inserted));
         }
         #[cfg(not(feature = "postgres"))]
-        return Err(EngineError::Usage(format!(
-            "--postgres {url}: this herald was built without PostgreSQL support (cargo \
-             feature `postgres`)"
-        )));
+        let _ = url; // refused at the start
     }
     summary.write_time = write_started.elapsed();
     Ok(summary)
