@@ -17,11 +17,12 @@ macro_rules! out {
     }};
 }
 
-/// mimalloc instead of glibc's allocator: the dataflow allocates and frees many small
-/// records across threads, where glibc spent a fifth of a replay zeroing pages it had
-/// just returned to the kernel (docs/benchmarks.md, "Steps").
+/// jemalloc (tikv-jemallocator, as TiKV and Materialize use) instead of glibc's
+/// allocator: the dataflow allocates and frees many small records across threads, where
+/// glibc spent a fifth of a replay zeroing pages it had just returned to the kernel; and
+/// unlike mimalloc it keeps the live service's tail latency low (docs/benchmarks.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
