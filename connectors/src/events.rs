@@ -262,14 +262,16 @@ struct Blocks<'s> {
     bytes: u64,
 }
 
+/// The error for gzip-compressed input.
+fn gzip_refused(source: &str) -> ConnectorError {
+    ConnectorError::input(
+        source,
+        "gzip-compressed input is not supported; decompress it first",
+    )
+}
+
 impl<'s> Blocks<'s> {
     fn open(source: &'s str) -> Result<Blocks<'s>, ConnectorError> {
-        let refuse = || {
-            ConnectorError::input(
-                source,
-                "gzip-compressed input is not supported; decompress it first",
-            )
-        };
         let named_gz = source.to_ascii_lowercase().ends_with(".gz");
         let mut blocks = Blocks {
             source,
@@ -285,7 +287,7 @@ impl<'s> Blocks<'s> {
             // Missing or unreadable: the store below gives the error that names the problem.
             if let Ok(file) = std::fs::File::open(local) {
                 if named_gz {
-                    return Err(refuse());
+                    return Err(gzip_refused(source));
                 }
                 blocks.size = file.metadata().ok().map(|m| m.len());
                 blocks.file = Some(file);
@@ -294,7 +296,7 @@ impl<'s> Blocks<'s> {
         }
         let whole = read_all(source)?;
         if named_gz || whole.starts_with(&[0x1f, 0x8b]) {
-            return Err(refuse());
+            return Err(gzip_refused(source));
         }
         blocks.bytes = whole.len() as u64;
         blocks.size = Some(blocks.bytes);
@@ -328,10 +330,7 @@ impl<'s> Blocks<'s> {
                 .map_err(|e| ConnectorError::input(self.source, format!("reading: {e}")))?;
             self.bytes += n as u64;
             if first && self.buf.starts_with(&[0x1f, 0x8b]) {
-                return Err(ConnectorError::input(
-                    self.source,
-                    "gzip-compressed input is not supported; decompress it first",
-                ));
+                return Err(gzip_refused(self.source));
             }
             if n == 0 {
                 // The end of the file: whatever is left is the last block.

@@ -128,21 +128,22 @@ pub fn run_dataflow(
     snapshots.sort_by_key(|(at, _)| *at);
     // Each worker owns the events of the users whose hash lands on it, so the dataflow's
     // exchange keeps them local; each share is fed in time order.
-    // Sized from a first pass over the user hashes, so no share grows by copying.
-    let owner = |e: &Projected| (user_hash(&e.user) % workers as u64) as usize;
+    // Each event's owner is hashed once; the shares are sized from those owners, so no
+    // share grows by copying. Events after `until` have no owner.
+    let owners: Vec<Option<u32>> = events
+        .iter()
+        .map(|e| (e.timestamp <= until).then(|| (user_hash(&e.user) % workers as u64) as u32))
+        .collect();
     let mut sizes = vec![0usize; workers];
-    for e in events.iter().filter(|e| e.timestamp <= until) {
-        sizes[owner(e)] += 1;
+    for w in owners.iter().flatten() {
+        sizes[*w as usize] += 1;
     }
     let mut shares: Vec<Vec<Projected>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
-    let mut after_until = 0u64;
-    let mut applied = 0u64;
-    for e in events {
-        if e.timestamp <= until {
-            applied += 1;
-            shares[owner(&e)].push(e);
-        } else {
-            after_until += 1;
+    let applied = sizes.iter().sum::<usize>() as u64;
+    let after_until = events.len() as u64 - applied;
+    for (e, owner) in events.into_iter().zip(owners) {
+        if let Some(w) = owner {
+            shares[w as usize].push(e);
         }
     }
     // In the spec's event order, (timestamp, messageId): within an instant the order

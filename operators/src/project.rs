@@ -400,11 +400,11 @@ impl<'de, 'p> Visitor<'de> for TopVisitor<'_, 'p, 'de> {
                 }
                 root @ ("properties" | "context" | "traits") => {
                     let proj = top.proj;
-                    let node = &proj.roots[match root {
-                        "properties" => 0,
-                        "context" => 1,
-                        _ => 2,
-                    }];
+                    let node = &proj.roots[root_index(match root {
+                        "properties" => PathRoot::Properties,
+                        "context" => PathRoot::Context,
+                        _ => PathRoot::Traits,
+                    })];
                     top.reset(node);
                     map.next_value_seed(NodeSeed { top, node })?;
                     continue;

@@ -215,6 +215,21 @@ impl Cell {
             _ => false,
         }
     }
+
+    /// Brings a window cell to instant `t`: `Some((next change, whether entries moved))`,
+    /// `None` for other cells.
+    fn advance_window(&mut self, t: Time) -> Option<(Time, bool)> {
+        fn go<V>(w: &mut Window<V>, t: Time) -> (Time, bool) {
+            let before = (w.live.len(), w.later.len());
+            let next = w.advance(t);
+            (next, before != (w.live.len(), w.later.len()))
+        }
+        match self {
+            Cell::WinCount(_, w) => Some(go(w, t)),
+            Cell::WinVal(_, w) => Some(go(w, t)),
+            _ => None,
+        }
+    }
 }
 
 /// The entries of one windowed aggregate of one user: those whose interval has started,
@@ -1037,23 +1052,13 @@ impl SegmentState {
         // Drop window entries that have passed; find the next window boundary.
         let mut emptied = false;
         for c in user.cells.iter_mut() {
-            let slot = c.slot();
-            let (before, after) = match c {
-                Cell::WinCount(_, w) => {
-                    let before = (w.live.len(), w.later.len());
-                    next = next.min(w.advance(t));
-                    (before, (w.live.len(), w.later.len()))
-                }
-                Cell::WinVal(_, w) => {
-                    let before = (w.live.len(), w.later.len());
-                    next = next.min(w.advance(t));
-                    (before, (w.live.len(), w.later.len()))
-                }
-                _ => continue,
+            let Some((at, moved)) = c.advance_window(t) else {
+                continue;
             };
-            if before != after {
-                touched |= slot_bit(slot);
-                emptied |= after == (0, 0);
+            next = next.min(at);
+            if moved {
+                touched |= slot_bit(c.slot());
+                emptied |= c.is_empty_window();
             }
         }
         if emptied {
