@@ -365,6 +365,13 @@ fn outcomes_and_engagement_come_back_as_events() {
     wait("three emails", Duration::from_secs(30), || {
         smtpd.message_ids().len() == 3
     });
+    // The SMTP server has the mail before Herald has read its reply and
+    // counted the send: wait for the counter rather than race it.
+    h.wait_for("the email sends counted", Duration::from_secs(30), |h| {
+        h.get("/metrics")
+            .1
+            .contains("herald_notify_sent_total{channel=\"email\"} 3")
+    });
     let (_, metrics) = h.get("/metrics");
     assert!(
         metrics.contains("herald_notify_sent_total{channel=\"webhook\"} 3"),
