@@ -48,12 +48,13 @@ use timely::dataflow::operators::{Capability, Concat, ConnectLoop, Feedback};
 use timely::dataflow::{Scope, Stream};
 
 use crate::event::Event;
-use crate::journey::machine::{JIn, JOut};
+use crate::journey::machine::{JIn, JOut, MachinePart};
 use crate::journey::operator::run_journeys;
 use crate::journey::JourneySet;
 use crate::plan::{FactVal, Plan};
 use crate::project::Projected;
 pub use crate::state::user_hash;
+pub use crate::state::SegmentPart;
 use crate::state::{SegmentState, StateBytes, StateCounters, StateOut};
 use crate::time::Time;
 
@@ -65,6 +66,63 @@ pub type UserFact = (String, (u32, FactVal));
 /// A change of membership: `(segment index, user)`, with the diff on the update.
 pub type Change = (u16, String);
 
+/// What the control input carries (fed by one worker, broadcast to all).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Ctl {
+    /// A snapshot clock value (the current one is the greatest live).
+    Clock(i64),
+    /// Take a checkpoint part at the update's instant `F`: the state after every instant
+    /// before `F` and before any at `F`.
+    Checkpoint(CheckpointReq),
+}
+
+/// A checkpoint request: a full part, or the changes since the part taken at `since`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CheckpointReq {
+    /// Every user, rather than those changed since the last part.
+    pub full: bool,
+    /// The instant of the previous part (0: none).
+    pub since: Time,
+}
+
+/// What the journey operator writes at a checkpoint.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct JourneysPart {
+    /// The journey machine's state (or its changes).
+    pub machine: MachinePart,
+    /// `update_trait` writes emitted at the instant before the checkpoint's, which enter
+    /// the segment state at the checkpoint's instant: a restore feeds them as events at it.
+    pub writes: Vec<Event>,
+}
+
+/// Where the operators hand their checkpoint parts (one call per operator per request,
+/// on the worker's thread, in the operator's activation).
+pub trait PartSink {
+    /// The segment state's part at instant `at`.
+    fn segments(&self, at: Time, part: SegmentPart);
+    /// The journey operator's part at instant `at`.
+    fn journeys(&self, at: Time, part: JourneysPart);
+}
+
+/// State to start from: the parts of a checkpoint taken at `at`, a full part first.
+#[derive(Default)]
+pub struct Restored {
+    /// The checkpoint's instant: inputs start there.
+    pub at: Time,
+    /// The segment state's chain of parts.
+    pub segments: Vec<SegmentPart>,
+    /// The journey operator's chain of parts (empty without journeys).
+    pub journeys: Vec<MachinePart>,
+}
+
+/// Checkpointing for [`build_segments_durable`].
+pub struct Durability {
+    /// Receives every part.
+    pub parts: Rc<dyn PartSink>,
+    /// Where to start from, if anywhere.
+    pub restored: Option<Restored>,
+}
+
 /// The input handles of the segment dataflow.
 pub struct SegmentInputs {
     /// Accepted events, projected by the plan ([`crate::plan::Plan::project`]; insert
@@ -72,8 +130,9 @@ pub struct SegmentInputs {
     pub events: InputSession<Time, Projected, isize>,
     /// Facts from snapshot cells, profile presence, lists and audiences.
     pub facts: InputSession<Time, UserFact, isize>,
-    /// The current snapshot's instant (fed by one worker, broadcast to all).
-    pub clock: InputSession<Time, i64, isize>,
+    /// The current snapshot's instant and checkpoint requests (fed by one worker,
+    /// broadcast to all).
+    pub ctl: InputSession<Time, Ctl, isize>,
 }
 
 impl SegmentInputs {
@@ -81,23 +140,28 @@ impl SegmentInputs {
     pub fn advance_to(&mut self, t: Time) {
         self.events.advance_to(t);
         self.facts.advance_to(t);
-        self.clock.advance_to(t);
+        self.ctl.advance_to(t);
     }
 
     /// Flushes buffered updates into the dataflow.
     pub fn flush(&mut self) {
         self.events.flush();
         self.facts.flush();
-        self.clock.flush();
+        self.ctl.flush();
     }
 
     /// Sets the snapshot clock from `old` (None: no snapshot yet) to `new`, at the inputs'
     /// current time.
     pub fn set_snapshot_clock(&mut self, old: Option<i64>, new: i64) {
         if let Some(o) = old {
-            self.clock.update(o, -1);
+            self.ctl.update(Ctl::Clock(o), -1);
         }
-        self.clock.update(new, 1);
+        self.ctl.update(Ctl::Clock(new), 1);
+    }
+
+    /// Asks every worker's operators for a checkpoint part at the inputs' current time.
+    pub fn request_checkpoint(&mut self, req: CheckpointReq) {
+        self.ctl.update(Ctl::Checkpoint(req), 1);
     }
 }
 
@@ -157,9 +221,30 @@ pub fn build_segments<'s>(
     dedup_horizon_ms: i64,
     journeys: Option<Rc<JourneySet>>,
 ) -> (SegmentInputs, SegmentOutputs<'s>) {
+    build_segments_durable(scope, plan, dedup_horizon_ms, journeys, None)
+}
+
+/// [`build_segments`], with the operators handing checkpoint parts to `durability` on
+/// request and starting from its restored state. A restored dataflow's inputs must be
+/// advanced to `restored.at` before anything is fed.
+pub fn build_segments_durable<'s>(
+    scope: Scope<'s, Time>,
+    plan: Rc<Plan>,
+    dedup_horizon_ms: i64,
+    journeys: Option<Rc<JourneySet>>,
+    durability: Option<Durability>,
+) -> (SegmentInputs, SegmentOutputs<'s>) {
     let (events_in, events) = scope.new_collection::<Projected, isize>();
     let (facts_in, facts) = scope.new_collection::<UserFact, isize>();
-    let (clock_in, clock) = scope.new_collection::<i64, isize>();
+    let (ctl_in, ctl) = scope.new_collection::<Ctl, isize>();
+    let (parts, restored) = match durability {
+        Some(d) => (Some(d.parts), d.restored),
+        None => (None, None),
+    };
+    let (restored_at, seg_parts, journey_parts) = match restored {
+        Some(r) => (Some(r.at), r.segments, r.journeys),
+        None => (None, Vec::new(), Vec::new()),
+    };
 
     // update_trait writes come back as identify events, one millisecond later. The loop
     // makes every instant wait for the journeys to finish the one before (a write at t is
@@ -181,15 +266,25 @@ pub fn build_segments<'s>(
             .inner
             .map(|((u, (slot, f)), t, r)| (StateIn::Fact(u, slot, f), t, r)),
     );
-    let state = Rc::new(RefCell::new(SegmentState::new(
-        plan.clone(),
-        dedup_horizon_ms,
-    )));
+    let mut seg_state = SegmentState::new(plan.clone(), dedup_horizon_ms);
+    if parts.is_some() {
+        seg_state.track_changes();
+    }
+    if let Some(at) = restored_at {
+        if let Err(e) = seg_state.restore(seg_parts, at) {
+            // The engine checks the chain before building; a broken one here is a bug.
+            panic!("restoring the segment state: {e}");
+        }
+    }
+    let state = Rc::new(RefCell::new(seg_state));
+    let ctl = ctl.inner.broadcast();
     let out = segment_state(
         keyed,
-        clock.inner.broadcast(),
+        ctl.clone(),
         state.clone(),
         journeys.clone(),
+        parts.clone(),
+        restored_at,
     );
 
     let visible = plan.visible as u16;
@@ -212,7 +307,13 @@ pub fn build_segments<'s>(
                 ((user, x), t, r)
             })
             .as_collection();
-        let out = run_journeys(input, set);
+        let out = run_journeys(
+            input,
+            set,
+            ctl,
+            parts,
+            restored_at.map(|at| (at, journey_parts)),
+        );
         if let Some(feedback) = feedback {
             out.clone()
                 .flat_map(|o| match o {
@@ -227,7 +328,7 @@ pub fn build_segments<'s>(
         SegmentInputs {
             events: events_in,
             facts: facts_in,
-            clock: clock_in,
+            ctl: ctl_in,
         },
         SegmentOutputs {
             changes,
@@ -240,19 +341,22 @@ pub fn build_segments<'s>(
 /// The keyed operator over [`SegmentState`]; see the module docs.
 fn segment_state<'s>(
     keyed: Stream<'s, Time, Vec<(StateIn, Time, isize)>>,
-    clock: Stream<'s, Time, Vec<(i64, Time, isize)>>,
+    ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
     state: Rc<RefCell<SegmentState>>,
     journeys: Option<Rc<JourneySet>>,
+    parts: Option<Rc<dyn PartSink>>,
+    restored_at: Option<Time>,
 ) -> Stream<'s, Time, Vec<StateUpdate>> {
     keyed.binary_frontier(
-        clock,
+        ctl,
         Exchange::new(|(x, _, _): &(StateIn, Time, isize)| user_hash(x.user())),
         Pipeline,
         "segment_state",
-        move |_cap, _info| {
+        move |initial, _info| {
             let mut stash: Vec<(Time, u32, StateIn, isize)> = Vec::new();
-            let mut clocks: Vec<(Time, i64, isize)> = Vec::new();
-            let mut cap: Option<Capability<Time>> = None;
+            let mut clocks: Vec<(Time, Ctl, isize)> = Vec::new();
+            // A restored state may have wake-ups before any input arrives.
+            let mut cap: Option<Capability<Time>> = restored_at.map(|at| initial.delayed(&at));
             let mut dirty: Vec<u32> = Vec::new();
             move |(input, frontier), (clock_in, clock_frontier), output| {
                 let mut st = state.borrow_mut();
@@ -289,7 +393,7 @@ fn segment_state<'s>(
                 if !stash.is_sorted_by_key(|x| x.0) {
                     stash.sort_by_key(|x| x.0);
                 }
-                clocks.sort_by_key(|x| x.0);
+                clocks.sort_by(|a, b| a.0.cmp(&b.0));
                 let mut session = output.session(&*c);
                 let mut ci = 0;
                 // The stash is sorted: what the frontier has passed is a prefix.
@@ -308,8 +412,18 @@ fn segment_state<'s>(
                         break;
                     };
                     dirty.clear();
-                    while let Some(&(_, at, r)) = clocks.get(ci).filter(|x| x.0 == t) {
-                        st.update_clock(at, r, &mut dirty);
+                    // A checkpoint at t holds the state before anything at t.
+                    let mut k = ci;
+                    while let Some((_, c, r)) = clocks.get(k).filter(|x| x.0 == t) {
+                        if let (Ctl::Checkpoint(req), Some(p), true) = (c, &parts, *r > 0) {
+                            p.segments(t, st.part(req.full, req.since));
+                        }
+                        k += 1;
+                    }
+                    while let Some((_, c, r)) = clocks.get(ci).filter(|x| x.0 == t) {
+                        if let Ctl::Clock(at) = c {
+                            st.update_clock(*at, *r, &mut dirty);
+                        }
                         ci += 1;
                     }
                     while let Some((_, u, x, r)) = items.next_if(|x| x.0 == t) {

@@ -125,6 +125,36 @@ impl Dedup {
         admitted
     }
 
+    /// The pairs that arrived at or after `since` (all of them for 0), for a checkpoint.
+    pub fn entries(&self, since: u64) -> Vec<(u128, (i64, u64))> {
+        let mut v: Vec<_> = self
+            .seen
+            .iter()
+            .filter(|(_, (_, at))| *at >= since)
+            .map(|(k, x)| (*k, *x))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Forgets every pair.
+    pub fn clear(&mut self) {
+        self.seen.clear();
+    }
+
+    /// Remembers pairs from a checkpoint (a later entry for a pair replaces an earlier).
+    pub fn extend(&mut self, pairs: Vec<(u128, (i64, u64))>) {
+        self.seen.extend(pairs);
+    }
+
+    /// Forgetting deduplicators: drops the pairs a horizon older than `now`.
+    pub fn prune(&mut self, now: u64) {
+        if self.forget && self.horizon_ms >= 0 {
+            let cutoff = now.saturating_sub(self.horizon_ms as u64);
+            self.seen.retain(|_, (_, at)| *at >= cutoff);
+        }
+    }
+
     /// Pairs remembered.
     pub fn len(&self) -> usize {
         self.seen.len()

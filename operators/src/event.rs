@@ -75,11 +75,40 @@ pub struct Event {
     /// The event's instant (ms since the epoch) after the spec's clock-skew rule.
     pub timestamp: i64,
     /// `properties` (empty object when absent).
+    #[serde(with = "json_object")]
     pub properties: Map<String, Json>,
     /// `context` (empty object when absent).
+    #[serde(with = "json_object")]
     pub context: Map<String, Json>,
     /// `traits` (empty object when absent).
+    #[serde(with = "json_object")]
     pub traits: Map<String, Json>,
+}
+
+/// JSON objects inside an [`Event`]: as objects in self-describing formats (JSON), as
+/// JSON text in compact ones (bincode: timely's exchange between processes and the
+/// checkpoints), which cannot carry a value whose shape only its contents tell.
+mod json_object {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::{Map, Value as Json};
+
+    pub fn serialize<S: Serializer>(m: &Map<String, Json>, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            m.serialize(s)
+        } else {
+            let text = serde_json::to_string(m).map_err(serde::ser::Error::custom)?;
+            s.serialize_str(&text)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Json>, D::Error> {
+        if d.is_human_readable() {
+            Map::deserialize(d)
+        } else {
+            let text = String::deserialize(d)?;
+            serde_json::from_str(&text).map_err(serde::de::Error::custom)
+        }
+    }
 }
 
 /// Why a message was rejected. The `as_str` names are the dead-letter reasons and

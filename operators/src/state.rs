@@ -456,7 +456,7 @@ impl StateBytes {
 }
 
 /// Counters a worker's segment state keeps; read through the state handle.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateCounters {
     /// Events applied.
     pub events: u64,
@@ -629,6 +629,29 @@ pub struct SegmentState {
     list_base: u32,
     n_segments: usize,
     points: Vec<i64>,
+    /// Users changed since the last checkpoint part (only when parts are taken).
+    changed: Option<hashbrown::HashSet<u32>>,
+}
+
+/// One worker's segment state, or what changed in it since the previous part, as a
+/// checkpoint holds it ([`SegmentState::part`]). Plain data: plan-derived tables and the
+/// timer heap are rebuilt on restore (a user's live timer is its `scheduled` instant).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SegmentPart {
+    /// Whether this part holds every user (else only those changed since the last part).
+    pub full: bool,
+    /// Users interned so far (indices are dense and never reused).
+    pub n_users: u32,
+    users: Vec<(u32, User)>,
+    /// Exposed trait values of the users in `users` (None: none).
+    exposed: Vec<(u32, Option<Vec<(u16, Value)>>)>,
+    pending: Vec<(u32, Vec<(Time, u32, FactVal)>)>,
+    clock_counts: Vec<(i64, isize)>,
+    clock: i64,
+    /// Dedup pairs: all of them in a full part, else those that arrived since the last.
+    dedup: Vec<(u128, (i64, u64))>,
+    touched: Vec<(u32, u64)>,
+    counters: StateCounters,
 }
 
 /// Every slot: a change that may move any segment (the user's universe, the snapshot clock).
@@ -761,6 +784,128 @@ impl SegmentState {
             list_base,
             n_segments,
             points: Vec::new(),
+            changed: None,
+        }
+    }
+
+    /// From now on, remembers which users change, so that [`SegmentState::part`] can
+    /// write only those.
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(Default::default);
+    }
+
+    /// The state as a checkpoint part: everything (`full`), or the users changed since
+    /// the last part and the dedup pairs that arrived at or after `since` (the previous
+    /// part's instant), with the small global tables whole. Resets the change set.
+    pub fn part(&mut self, full: bool, since: Time) -> SegmentPart {
+        let changed = self.changed.replace(Default::default()).unwrap_or_default();
+        let mut ids: Vec<u32> = if full {
+            (0..self.users.len() as u32).collect()
+        } else {
+            changed.into_iter().collect()
+        };
+        ids.sort_unstable();
+        SegmentPart {
+            full,
+            n_users: self.users.len() as u32,
+            exposed: ids
+                .iter()
+                .map(|u| (*u, self.exposed.get(u).cloned()))
+                .collect(),
+            users: ids
+                .iter()
+                .map(|&u| (u, self.users[u as usize].clone()))
+                .collect(),
+            pending: self.pending.iter().map(|(u, v)| (*u, v.clone())).collect(),
+            clock_counts: self.clock_counts.iter().map(|(a, b)| (*a, *b)).collect(),
+            clock: self.clock,
+            dedup: self.dedup.entries(if full { 0 } else { since }),
+            touched: self.touched.iter().map(|(u, m)| (*u, *m)).collect(),
+            counters: self.counters,
+        }
+    }
+
+    /// Restores the state from a chain of parts (a full one, then the deltas after it,
+    /// in order), taken at instant `at`. Fails when the chain does not start with a full
+    /// part or a part names a user it cannot hold.
+    pub fn restore(
+        &mut self,
+        parts: impl IntoIterator<Item = SegmentPart>,
+        at: Time,
+    ) -> Result<(), String> {
+        let mut first = true;
+        for p in parts {
+            if first && !p.full {
+                return Err("the chain of parts does not start with a full one".into());
+            }
+            if p.full {
+                self.users.clear();
+                self.exposed.clear();
+                self.dedup.clear();
+            }
+            first = false;
+            let n = p.n_users as usize;
+            if n < self.users.len() {
+                return Err(format!("a part holds {n} users, fewer than the one before"));
+            }
+            while self.users.len() < n {
+                // Filled by this part (a new user is always a changed one).
+                self.users.push(User {
+                    key: "".into(),
+                    members: Bits::new(self.n_segments),
+                    seen_from: Time::MAX,
+                    profile: 0,
+                    scheduled: Time::MAX,
+                    cells: Box::default(),
+                });
+            }
+            for (u, user) in p.users {
+                let slot = self
+                    .users
+                    .get_mut(u as usize)
+                    .ok_or_else(|| format!("a part names user {u} of {n}"))?;
+                *slot = user;
+            }
+            for (u, e) in p.exposed {
+                match e {
+                    Some(v) => self.exposed.insert(u, v),
+                    None => self.exposed.remove(&u),
+                };
+            }
+            self.pending = p.pending.into_iter().collect();
+            self.clock_counts = p.clock_counts.into_iter().collect();
+            self.clock = p.clock;
+            self.dedup.extend(p.dedup);
+            self.touched = p.touched.into_iter().collect();
+            self.counters = p.counters;
+        }
+        if first {
+            return Err("no parts".into());
+        }
+        self.dedup.prune(at);
+        self.index.clear();
+        self.timers.clear();
+        for (i, user) in self.users.iter().enumerate() {
+            let h = user_hash(&user.key);
+            let users = &self.users;
+            self.index
+                .insert_unique(h, i as u32, |&j| user_hash(&users[j as usize].key));
+            if user.scheduled != Time::MAX {
+                self.timers.push(Reverse((user.scheduled, i as u32)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Users and their visible memberships, for a restored query API: `f(user, segment)`
+    /// for every segment below `visible` the user is in.
+    pub fn for_each_member(&self, visible: usize, f: &mut dyn FnMut(&str, u16)) {
+        for user in &self.users {
+            for s in 0..visible.min(self.n_segments) {
+                if user.members.get(s) {
+                    f(&user.key, s as u16);
+                }
+            }
         }
     }
 
@@ -793,6 +938,9 @@ impl SegmentState {
         let users = &self.users;
         self.index
             .insert_unique(h, i, |&j| user_hash(&users[j as usize].key));
+        if let Some(c) = &mut self.changed {
+            c.insert(i);
+        }
         i
     }
 
@@ -1019,6 +1167,9 @@ impl SegmentState {
     /// exposed trait changes) through `give`, and schedules the user's next wake-up.
     pub fn evaluate(&mut self, u: u32, t: Time, give: &mut dyn FnMut(&str, StateOut, isize)) {
         self.counters.evaluations += 1;
+        if let Some(c) = &mut self.changed {
+            c.insert(u);
+        }
         let plan = &*self.plan;
         let mut next = Time::MAX;
         let mut touched = if self.touched.is_empty() {

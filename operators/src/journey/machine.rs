@@ -148,14 +148,14 @@ pub enum JOut {
     Write(Event, Time),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 enum Waiting {
     Timer,
     Event,
     Quiet,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Instance {
     number: u32,
     /// Entry instant (the trigger's timestamp): part of every message id.
@@ -170,7 +170,7 @@ struct Instance {
     trigger: Option<Box<str>>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct JState {
     entries: u32,
     last_entry: Option<Time>,
@@ -178,7 +178,7 @@ struct JState {
     active: Option<Instance>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct UserState {
     traits: Vec<((u16, Value), isize)>,
     members: Vec<(u16, isize)>,
@@ -253,6 +253,18 @@ pub struct Machine {
     set: Rc<JourneySet>,
     users: HashMap<String, UserState>,
     timers: BTreeSet<(Time, String, u16)>,
+    /// Users stepped since the last checkpoint part (only when parts are taken).
+    changed: Option<BTreeSet<String>>,
+}
+
+/// The journey state of one worker, or what changed in it since the previous part, as a
+/// checkpoint holds it ([`Machine::part`]). Timers are rebuilt from the instances.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct MachinePart {
+    /// Whether this part holds every user (else only those stepped since the last part).
+    pub full: bool,
+    /// Per user, its state (None: it has none any more).
+    users: Vec<(String, Option<UserState>)>,
 }
 
 /// Everything that happens to one user at one instant, and what it emits.
@@ -274,7 +286,66 @@ impl Machine {
             set,
             users: HashMap::new(),
             timers: BTreeSet::new(),
+            changed: None,
         }
+    }
+
+    /// From now on, remembers which users are stepped, for [`Machine::part`].
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(Default::default);
+    }
+
+    /// The state as a checkpoint part: every user (`full`) or those stepped since the
+    /// last part. Resets the change set.
+    pub fn part(&mut self, full: bool) -> MachinePart {
+        let changed = self.changed.replace(Default::default()).unwrap_or_default();
+        let users = if full {
+            let mut v: Vec<_> = self
+                .users
+                .iter()
+                .map(|(k, u)| (k.clone(), Some(u.clone())))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        } else {
+            changed
+                .into_iter()
+                .map(|k| {
+                    let u = self.users.get(&k).cloned();
+                    (k, u)
+                })
+                .collect()
+        };
+        MachinePart { full, users }
+    }
+
+    /// Restores the state from a chain of parts (a full one, then the deltas after it).
+    pub fn restore(&mut self, parts: impl IntoIterator<Item = MachinePart>) -> Result<(), String> {
+        let mut first = true;
+        for p in parts {
+            if first && !p.full {
+                return Err("the chain of journey parts does not start with a full one".into());
+            }
+            first = false;
+            if p.full {
+                self.users.clear();
+            }
+            for (k, u) in p.users {
+                match u {
+                    Some(u) => self.users.insert(k, u),
+                    None => self.users.remove(&k),
+                };
+            }
+        }
+        self.timers.clear();
+        for (k, u) in &self.users {
+            for (ji, j) in u.journeys.iter().enumerate() {
+                if let Some(w) = j.active.as_ref().and_then(|i| i.wake) {
+                    self.timers.insert((w, k.clone(), ji as u16));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The earliest pending timer.
@@ -324,6 +395,11 @@ impl Machine {
     /// appends what it emits to `out`.
     pub fn step(&mut self, user: &str, t: Time, inputs: Vec<(JIn, isize)>, out: &mut Vec<JOut>) {
         let set = Rc::clone(&self.set);
+        if let Some(c) = &mut self.changed {
+            if !c.contains(user) {
+                c.insert(user.to_string());
+            }
+        }
         let state = self.users.entry(user.to_string()).or_default();
         let mut events = Vec::new();
         let mut changes: Vec<(u16, isize)> = Vec::new();

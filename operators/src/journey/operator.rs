@@ -15,13 +15,15 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use differential_dataflow::VecCollection;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
 use crate::journey::compile::JourneySet;
-use crate::journey::machine::{JIn, JOut, Machine};
+use crate::dataflow::{Ctl, JourneysPart, PartSink};
+use crate::event::Event;
+use crate::journey::machine::{JIn, JOut, Machine, MachinePart};
 use crate::state::user_hash;
 use crate::time::Time;
 
@@ -29,21 +31,42 @@ use crate::time::Time;
 const STEPS_PER_ACTIVATION: usize = 16 * 1024;
 
 /// Runs the journeys over `input`; returns what they emit, each record at its instant.
+/// `ctl` (broadcast) carries checkpoint requests, answered through `parts`; `restored`
+/// is a checkpoint's instant and chain of parts to start from.
 pub fn run_journeys<'s>(
     input: VecCollection<'s, Time, (String, JIn), isize>,
     set: Rc<JourneySet>,
+    ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
+    parts: Option<Rc<dyn PartSink>>,
+    restored: Option<(Time, Vec<MachinePart>)>,
 ) -> Stream<'s, Time, Vec<JOut>> {
     let scope = input.inner.scope();
-    input.inner.unary_frontier(
+    input.inner.binary_frontier(
+        ctl,
         Exchange::new(|((u, _), _, _): &((String, JIn), Time, isize)| user_hash(u)),
+        Pipeline,
         "journeys",
-        move |_cap, info| {
+        move |initial, info| {
             let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Time, Vec<(String, JIn, isize)>> = BTreeMap::new();
-            let mut cap: Option<Capability<Time>> = None;
             let mut machine = Machine::new(set);
+            if parts.is_some() {
+                machine.track_changes();
+            }
+            let mut cap: Option<Capability<Time>> = None;
+            if let Some((at, chain)) = restored {
+                if let Err(e) = machine.restore(chain) {
+                    panic!("restoring the journeys: {e}");
+                }
+                cap = Some(initial.delayed(&at));
+            }
+            // Checkpoint requests not yet answered, by instant.
+            let mut requests: BTreeMap<Time, Vec<crate::dataflow::CheckpointReq>> =
+                BTreeMap::new();
+            // update_trait writes emitted at the last instant stepped, by target instant.
+            let mut writes: Vec<(Time, Event)> = Vec::new();
             let mut outs: Vec<JOut> = Vec::new();
-            move |(input, frontier), output| {
+            move |(input, frontier), (ctl_in, ctl_frontier), output| {
                 input.for_each_stamp(|c, data| {
                     if let Some(c) = c.retain_least(output.output_index()) {
                         if cap.as_ref().is_none_or(|k| c.time() < k.time()) {
@@ -56,6 +79,21 @@ pub fn run_journeys<'s>(
                         }
                     }
                 });
+                ctl_in.for_each_stamp(|c, data| {
+                    for batch in data {
+                        for (x, t, r) in batch.drain(..) {
+                            if let (Ctl::Checkpoint(req), true, true) = (x, r > 0, parts.is_some())
+                            {
+                                if let Some(c) = c.retain_least(output.output_index()) {
+                                    if cap.as_ref().is_none_or(|k| c.time() < k.time()) {
+                                        cap = Some(c);
+                                    }
+                                }
+                                requests.entry(t).or_default().push(req);
+                            }
+                        }
+                    }
+                });
                 let Some(c) = cap.as_mut() else { return };
                 // A burst (a million timers at one instant, a replay's final catch-up) is
                 // taken in slices, so downstream drains between them and memory stays flat.
@@ -65,15 +103,37 @@ pub fn run_journeys<'s>(
                         activator.activate();
                         break;
                     }
-                    let next = match (stash.keys().next(), machine.next_timer()) {
-                        (Some(a), Some(b)) => (*a).min(b),
-                        (Some(a), None) => *a,
-                        (None, Some(b)) => b,
-                        (None, None) => break,
-                    };
-                    if frontier.less_equal(&next) {
+                    let next = [
+                        stash.keys().next().copied(),
+                        machine.next_timer(),
+                        requests.keys().next().copied(),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                    let Some(next) = next else { break };
+                    if frontier.less_equal(&next) || ctl_frontier.less_equal(&next) {
                         break;
                     }
+                    // A checkpoint at `next` holds the state before anything at it.
+                    if let Some(reqs) = requests.remove(&next) {
+                        writes.retain(|(t, _)| *t >= next);
+                        if let Some(p) = &parts {
+                            for req in reqs {
+                                p.journeys(
+                                    next,
+                                    JourneysPart {
+                                        machine: machine.part(req.full),
+                                        writes: writes.iter().map(|(_, e)| e.clone()).collect(),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    if stash.keys().next() != Some(&next) && machine.next_timer() != Some(next) {
+                        continue;
+                    }
+                    writes.retain(|(t, _)| *t > next);
                     let mut items = stash.remove(&next).unwrap_or_default();
                     items.sort_by(|a, b| a.0.cmp(&b.0));
                     let due = machine.due(next, budget);
@@ -106,14 +166,21 @@ pub fn run_journeys<'s>(
                         machine.step(&user, next, inputs, &mut outs);
                         budget -= 1;
                         for o in outs.drain(..) {
+                            if let (JOut::Write(ev, t), true) = (&o, parts.is_some()) {
+                                writes.push((*t, ev.clone()));
+                            }
                             session.give(o);
                         }
                     }
                 }
-                let next = match (stash.keys().next(), machine.next_timer()) {
-                    (Some(a), Some(b)) => Some((*a).min(b)),
-                    (a, b) => a.copied().or(b),
-                };
+                let next = [
+                    stash.keys().next().copied(),
+                    machine.next_timer(),
+                    requests.keys().next().copied(),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 match next {
                     Some(t) => c.downgrade(&t),
                     None => cap = None,
