@@ -231,7 +231,9 @@ fn check(seed: u64, workers: usize) {
     // Journeys enter on these; the generator names them among its track events.
     events.retain(|e| e.timestamp < T0 + span);
     let setup = Setup {
-        segments: random_segment_file(seed, 6),
+        // The journeys' trait writes show in these two.
+        segments: random_segment_file(seed, 6)
+            + "\nCREATE SEGMENT written_pro AS plan = 'pro';\nCREATE SEGMENT written_de AS country = 'DE';\n",
         events,
         until: (T0 + span + 72 * HOUR) as Time,
     };
