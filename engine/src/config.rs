@@ -44,6 +44,31 @@ pub struct Config {
     pub profile_sync: Option<ProfileSyncConfig>,
     /// `[notify]`: deliver the journeys' message actions (templates, channels, outbox).
     pub notify: Option<herald_connectors::notify::config::NotifyConfig>,
+    /// `[checkpoint]`: durable state (checkpoints and the embedded ingest log).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `[checkpoint]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory for checkpoints and the ingest log (relative to the config file); empty
+    /// string: state is not kept across restarts.
+    #[serde(default = "defaults::checkpoint_dir")]
+    pub dir: String,
+    /// How often a checkpoint is taken, as an interval (`"5 seconds"`).
+    #[serde(default = "defaults::checkpoint_every")]
+    pub every: String,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: defaults::checkpoint_dir(),
+            every: defaults::checkpoint_every(),
+        }
+    }
 }
 
 /// `[warehouse]`.
@@ -309,6 +334,14 @@ pub mod defaults {
     pub fn output_dir() -> String {
         "herald-out".into()
     }
+    /// Next to the config file.
+    pub fn checkpoint_dir() -> String {
+        "herald-state".into()
+    }
+    /// A few seconds: what a crash makes the dataflow redo from the ingest log.
+    pub fn checkpoint_every() -> String {
+        "5 seconds".into()
+    }
 }
 
 fn bad(key: &str, problem: impl std::fmt::Display) -> EngineError {
@@ -372,6 +405,13 @@ impl Config {
             return Err(bad(
                 "http.max_batch_bytes",
                 "must be at least engine.max_message_bytes",
+            ));
+        }
+        self.checkpoint_every_ms()?;
+        if self.checkpoint.dir.contains("://") {
+            return Err(bad(
+                "checkpoint.dir",
+                "must be a local directory for now (object-store checkpoints are not built yet)",
             ));
         }
         if self.http.page_size == 0 {
@@ -538,6 +578,22 @@ impl Config {
         Ok(ms.max(100) as u64)
     }
 
+    /// `checkpoint.every` in ms (at least 100).
+    pub fn checkpoint_every_ms(&self) -> Result<u64, EngineError> {
+        let ms = herald_operators::time::parse_interval_ms(&self.checkpoint.every)
+            .map_err(|e| bad("checkpoint.every", e))?;
+        if ms < 100 {
+            return Err(bad("checkpoint.every", "must be at least 100 milliseconds"));
+        }
+        Ok(ms as u64)
+    }
+
+    /// Whether state is kept across restarts: a checkpoint directory, embedded mode, one
+    /// process (Kafka-mode and cluster checkpoints are not built yet).
+    pub fn durable(&self) -> bool {
+        !self.checkpoint.dir.is_empty() && self.kafka.is_none() && self.cluster.is_none()
+    }
+
     fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut String| {
             if !p.is_empty() && !p.contains("://") && Path::new(p.as_str()).is_relative() {
@@ -549,6 +605,7 @@ impl Config {
             resolve(j);
         }
         resolve(&mut self.output.dir);
+        resolve(&mut self.checkpoint.dir);
         if let Some(n) = &mut self.notify {
             resolve(&mut n.templates);
             if n.outbox.is_empty() && !self.output.dir.is_empty() {

@@ -376,6 +376,16 @@ pub struct SnapshotFeeder {
 }
 
 impl SnapshotFeeder {
+    /// A feeder whose last applied snapshot was `prev` (restored from a checkpoint).
+    pub fn restored(prev: Option<(i64, Arc<SnapshotRows>)>) -> SnapshotFeeder {
+        SnapshotFeeder { prev }
+    }
+
+    /// The last applied snapshot.
+    pub fn prev(&self) -> Option<&(i64, Arc<SnapshotRows>)> {
+        self.prev.as_ref()
+    }
+
     /// Applies the snapshot taken at `at` (ms); returns the number of updates fed.
     pub fn apply(
         &mut self,
@@ -408,6 +418,35 @@ impl SnapshotFeeder {
     }
 }
 
+/// Feeds the difference between static list memberships `before` (as a checkpoint
+/// holds them) and `after` (the files now): a list file edited between runs.
+pub fn feed_list_changes(
+    plan: &Plan,
+    inputs: &mut SegmentInputs,
+    before: &BTreeMap<usize, BTreeSet<String>>,
+    after: &BTreeMap<usize, BTreeSet<String>>,
+) -> usize {
+    let empty = BTreeSet::new();
+    let mut fed = 0;
+    let segs: BTreeSet<usize> = before.keys().chain(after.keys()).copied().collect();
+    for seg in segs {
+        let Some(SegmentKind::List { slot, .. }) = plan.segments.get(seg).map(|s| &s.kind) else {
+            continue;
+        };
+        let (b, a) = (
+            before.get(&seg).unwrap_or(&empty),
+            after.get(&seg).unwrap_or(&empty),
+        );
+        for (from, to, diff) in [(b, a, -1), (a, b, 1)] {
+            for user in from.difference(to) {
+                inputs.facts.update((user.clone(), (*slot, FactVal::Unit)), diff);
+                fed += 1;
+            }
+        }
+    }
+    fed
+}
+
 /// Feeds static list members as facts, from the inputs' current instant on; returns the number fed.
 pub fn feed_lists(
     plan: &Plan,
@@ -437,6 +476,16 @@ pub struct AudienceFeeder {
 }
 
 impl AudienceFeeder {
+    /// A feeder whose last results were `prev` (restored from a checkpoint).
+    pub fn restored(prev: BTreeMap<usize, BTreeSet<String>>) -> AudienceFeeder {
+        AudienceFeeder { prev }
+    }
+
+    /// The last result of each audience.
+    pub fn prev(&self) -> &BTreeMap<usize, BTreeSet<String>> {
+        &self.prev
+    }
+
     /// Applies segment `seg`'s new member set; returns `(entered, left)`. A segment that
     /// is not a warehouse audience is ignored.
     pub fn apply(

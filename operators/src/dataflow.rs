@@ -179,6 +179,11 @@ impl StateHandle {
     pub fn counters(&self) -> StateCounters {
         self.0.borrow().counters()
     }
+
+    /// `f(user, segment)` for every visible segment each user of this worker is in.
+    pub fn for_each_member(&self, visible: usize, f: &mut dyn FnMut(&str, u16)) {
+        self.0.borrow().for_each_member(visible, f)
+    }
 }
 
 /// The segment dataflow's outputs.

@@ -393,28 +393,45 @@ async fn hand_on(
 ) -> Result<(), Response> {
     let live = &app.live;
     let Some(producer) = &app.producer else {
-        for ev in events {
-            match live.ingest(ev) {
-                Ok(()) => live.metrics.event_in("http"),
-                Err(super::IngestError::Overloaded) => {
+        let n = events.len() as u64;
+        let refused = |e| match e {
+            super::IngestError::Overloaded => refuse(
+                app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Herald's input queue is full; retry (redeliveries are deduplicated)".into(),
+            ),
+            super::IngestError::Stopped => refuse(
+                app,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "Herald is shutting down; retry".into(),
+            ),
+        };
+        // With durable state the answer waits for the ingest log's fsync.
+        match live.ingest_all(events, true) {
+            Ok(None) => {}
+            Ok(Some(synced)) => match synced.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    live.metrics.error("ingest_log");
                     return Err(refuse(
                         app,
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "Herald's input queue is full; retry (redeliveries are deduplicated)"
-                            .into(),
-                    ))
+                        "not_durable",
+                        format!("the ingest log could not keep the events ({e}); retry"),
+                    ));
                 }
-                Err(super::IngestError::Stopped) => {
-                    return Err(refuse(
-                        app,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "shutting_down",
-                        "Herald is shutting down; retry".into(),
-                    ))
-                }
-            }
+                Err(_) => return Err(refused(super::IngestError::Stopped)),
+            },
+            Err(e) => return Err(refused(e)),
         }
+        live.metrics
+            .events_in
+            .get_or_create(&super::metrics::SourceLabel {
+                source: "http".into(),
+            })
+            .inc_by(n);
         return Ok(());
     };
     // Kafka mode: one record per accepted message, as the Segment JSON it arrived as

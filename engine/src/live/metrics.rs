@@ -118,6 +118,14 @@ pub struct Metrics {
     pub export_flush_ms: Histogram,
     /// The notifications layer's per-channel metrics (`herald_notify_*`).
     pub notify: std::sync::Arc<herald_connectors::notify::delivery::NotifyMetrics>,
+    /// Checkpoints completed.
+    pub checkpoints: Counter,
+    /// Bytes of checkpoint parts written.
+    pub checkpoint_bytes: Counter,
+    /// The instant (ms) of the latest complete checkpoint.
+    pub checkpoint_at: Gauge,
+    /// Milliseconds the last checkpoint's final part and commit took.
+    pub checkpoint_ms: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -227,7 +235,31 @@ impl Default for Metrics {
             "Milliseconds one export write took (Parquet files and PostgreSQL load)",
             export_flush_ms.clone(),
         );
+        let checkpoints = Counter::default();
+        registry.register("checkpoints", "Checkpoints completed", checkpoints.clone());
+        let checkpoint_bytes = Counter::default();
+        registry.register(
+            "checkpoint_bytes",
+            "Bytes of checkpoint parts written",
+            checkpoint_bytes.clone(),
+        );
+        let checkpoint_at = Gauge::default();
+        registry.register(
+            "checkpoint_at_ms",
+            "Instant (ms since the epoch) of the latest complete checkpoint",
+            checkpoint_at.clone(),
+        );
+        let checkpoint_ms = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "checkpoint_commit_ms",
+            "Milliseconds the last checkpoint's final part and commit took",
+            checkpoint_ms.clone(),
+        );
         Metrics {
+            checkpoints,
+            checkpoint_bytes,
+            checkpoint_at,
+            checkpoint_ms,
             export_rows,
             export_flush_ms,
             journey_events,

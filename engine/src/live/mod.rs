@@ -31,6 +31,7 @@
 //! instant, wait for the sink to hand everything over, commit, and exit.
 
 pub mod audiences;
+pub mod durable;
 mod engagement;
 pub mod export;
 pub mod http;
@@ -45,7 +46,7 @@ mod worker;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -111,8 +112,22 @@ pub struct Live {
     pub sink_failed: std::sync::atomic::AtomicBool,
     /// The sink's channel.
     pub sink: Sender<SinkMsg>,
-    /// Embedded mode: one bounded channel per local worker, chosen by user hash.
-    pub ingest: Vec<SyncSender<Event>>,
+    /// Embedded mode: one channel per local worker, chosen by user hash (through the
+    /// ingest log's writer when state is durable).
+    pub ingest: Vec<Sender<durable::Fed>>,
+    /// Events accepted and not yet taken by a worker (bounded by [`INGEST_QUEUE`] per
+    /// worker: beyond it ingest answers 503).
+    pub queued: std::sync::atomic::AtomicUsize,
+    /// The ingest log's writer, when state is durable (embedded mode).
+    pub log: Option<Sender<durable::LogReq>>,
+    /// Every event stamped below this has been handed to its worker (`u64::MAX` without
+    /// a log): workers' clocks never pass it.
+    pub log_watermark: Arc<AtomicU64>,
+    /// The checkpointer's channel, when state is durable.
+    pub checkpointer: Option<Sender<durable::CkMsg>>,
+    /// The instant of the checkpoint taken at shutdown, once worker 0 has asked for it
+    /// (0: not yet): the workers stop once the frontier passes it.
+    pub final_checkpoint: AtomicU64,
     /// The notifications layer, when `[notify]` is configured (set once at start).
     pub notify: std::sync::OnceLock<notify::Notify>,
     /// The exporter's channel, when `[export]` is configured.
@@ -132,15 +147,48 @@ pub enum IngestError {
     Stopped,
 }
 
+/// Told once accepted events are durable in the ingest log (or why they are not).
+pub type Durable = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
 impl Live {
-    /// Hands an event to the local worker that owns its user (embedded mode).
+    /// Hands an event to the local worker that owns its user (embedded mode), through
+    /// the ingest log when state is durable (without waiting for it to be synced).
     pub fn ingest(&self, ev: Event) -> Result<(), IngestError> {
-        let n = self.ingest.len() as u64;
-        let i = (herald_operators::dataflow::user_hash(&ev.user) % n) as usize;
-        self.ingest[i].try_send(ev).map_err(|e| match e {
-            std::sync::mpsc::TrySendError::Full(_) => IngestError::Overloaded,
-            std::sync::mpsc::TrySendError::Disconnected(_) => IngestError::Stopped,
-        })
+        self.ingest_all(vec![ev], false).map(|_| ())
+    }
+
+    /// Hands events on (embedded mode). With the ingest log and `wait`, returns what
+    /// says when they are synced: the caller answers only then.
+    pub fn ingest_all(&self, events: Vec<Event>, wait: bool) -> Result<Option<Durable>, IngestError> {
+        let n = events.len();
+        let limit = INGEST_QUEUE * self.ingest.len();
+        if self.queued.fetch_add(n, Ordering::AcqRel) + n > limit && n > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(IngestError::Overloaded);
+        }
+        if let Some(log) = &self.log {
+            let (done, rx) = if wait {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            return match log.send(durable::LogReq::Append { events, done }) {
+                Ok(()) => Ok(rx),
+                Err(_) => {
+                    self.queued.fetch_sub(n, Ordering::AcqRel);
+                    Err(IngestError::Stopped)
+                }
+            };
+        }
+        let w = self.ingest.len() as u64;
+        for ev in events {
+            let i = (herald_operators::dataflow::user_hash(&ev.user) % w) as usize;
+            if self.ingest[i].send(durable::Fed { at: 0, ev }).is_err() {
+                return Err(IngestError::Stopped);
+            }
+        }
+        Ok(None)
     }
 
     /// Sends a message to the sink thread (dropped only if the sink is gone).
@@ -216,13 +264,24 @@ where
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<SinkMsg>();
     let (export_tx, export_rx) = std::sync::mpsc::channel::<export::ExportMsg>();
     let export_tx = config.export.is_some().then_some(export_tx);
-    let mut ingest_rx: Vec<Option<Receiver<Event>>> = Vec::new();
+    let mut ingest_rx: Vec<Option<Receiver<durable::Fed>>> = Vec::new();
     let mut ingest_tx = Vec::new();
     for _ in 0..local_workers {
-        let (tx, rx) = std::sync::mpsc::sync_channel(INGEST_QUEUE);
+        let (tx, rx) = std::sync::mpsc::channel();
         ingest_tx.push(tx);
         ingest_rx.push(Some(rx));
     }
+    let recovery = if config.durable() {
+        Some(recover(&config, journeys.is_some(), &ingest_tx)?)
+    } else {
+        if !config.checkpoint.dir.is_empty() {
+            tracing::warn!(
+                "state is not kept across restarts in Kafka mode or in a cluster yet: \
+                 a restart rebuilds it from what the brokers redeliver"
+            );
+        }
+        None
+    };
     let limits = Limits {
         max_message_bytes: config.engine.max_message_bytes,
     };
@@ -240,10 +299,26 @@ where
         frontier: AtomicU64::new(0),
         sink_failed: std::sync::atomic::AtomicBool::new(false),
         sink: sink_tx,
+        queued: std::sync::atomic::AtomicUsize::new(
+            recovery.as_ref().map_or(0, |r| r.replayed),
+        ),
         ingest: ingest_tx,
+        log: recovery.as_ref().map(|r| r.log_tx.clone()),
+        log_watermark: Arc::new(AtomicU64::new(
+            recovery.as_ref().map_or(u64::MAX, |r| r.log_watermark),
+        )),
+        checkpointer: recovery.as_ref().map(|r| r.ck_tx.clone()),
+        final_checkpoint: AtomicU64::new(0),
         notify: std::sync::OnceLock::new(),
         export: export_tx,
     });
+    let mut recovery = recovery;
+    if let Some(r) = &mut recovery {
+        if let Ok(mut st) = live.state.write() {
+            st.track_writes();
+            st.restore_traits(std::mem::take(&mut r.traits));
+        }
+    }
     for seg in &live.plan.segments[..live.plan.visible] {
         live.metrics
             .segment_size
@@ -355,12 +430,63 @@ where
         .map(|a| a.to_string())
         .unwrap_or_default();
 
-    // The workers.
-    let io: Arc<Mutex<worker::WorkerIo>> = Arc::new(Mutex::new(worker::WorkerIo {
+    // Durable state: the ingest log's writer and the checkpointer.
+    let mut log_thread = None;
+    let mut ck_thread = None;
+    let mut io = worker::WorkerIo {
         events: ingest_rx,
         snapshots: Some(snap_rx),
         audiences: Some(audience_rx),
-    }));
+        restored: (0..local_workers).map(|_| None).collect(),
+        writes: vec![Vec::new(); local_workers],
+        driver: None,
+        start_at: 0,
+        chain: Vec::new(),
+    };
+    if let Some(r) = recovery {
+        let workers: Vec<Sender<durable::Fed>> = live.ingest.clone();
+        let watermark = Arc::clone(&live.log_watermark);
+        let tick = std::time::Duration::from_millis(live.config.engine.tick_ms.max(1));
+        let log = r.log;
+        let log_rx = r.log_rx;
+        log_thread = Some(
+            std::thread::Builder::new()
+                .name("herald-ingest-log".into())
+                .spawn(move || durable::run_log_writer(log, log_rx, workers, watermark, tick))
+                .map_err(|e| EngineError::Dataflow(format!("cannot start the log writer: {e}")))?,
+        );
+        let ck_live = Arc::clone(&live);
+        let (store, ck_rx, template) = (r.store, r.ck_rx, r.template);
+        let log_tx = r.log_tx;
+        ck_thread = Some(
+            std::thread::Builder::new()
+                .name("herald-checkpoint".into())
+                .spawn(move || {
+                    let result =
+                        durable::run_checkpointer(store, ck_rx, template, Some(log_tx), &ck_live.metrics);
+                    if let Err(e) = &result {
+                        tracing::error!("checkpoint: {e}; stopping");
+                        ck_live.sink_failed.store(true, Ordering::Release);
+                        let stop = now_ms() + ck_live.config.engine.tick_ms;
+                        let _ = ck_live.stop_at.compare_exchange(
+                            0,
+                            stop,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                    result
+                })
+                .map_err(|e| EngineError::Dataflow(format!("cannot start the checkpointer: {e}")))?,
+        );
+        io.restored = r.restored;
+        io.writes = r.writes;
+        io.driver = r.driver;
+        io.start_at = r.start_at;
+        io.chain = r.chain;
+    }
+    // The workers.
+    let io: Arc<Mutex<worker::WorkerIo>> = Arc::new(Mutex::new(io));
     let worker_live = Arc::clone(&live);
     let timely_config = live.config.timely();
     let guards = timely::execute(timely_config, move |w| {
@@ -420,6 +546,15 @@ where
     if let Ok(Err(e)) = sink_thread.join() {
         failure = failure.or(Some(e.to_string()));
     }
+    // The sink wrote the final checkpoint's part: the checkpointer commits it.
+    if let (Some(t), Some(tx)) = (ck_thread, &live.checkpointer) {
+        let _ = tx.send(durable::CkMsg::Stop);
+        match t.join() {
+            Ok(Ok(n)) => tracing::info!("{n} checkpoints taken"),
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(_) => failure = failure.or(Some("the checkpointer panicked".into())),
+        }
+    }
     // After the sink: it hands the exporter its last records.
     if let Some(x) = exporter {
         if let Some(tx) = &live.export {
@@ -450,8 +585,184 @@ where
         runtime.block_on(n.delivery.stop(std::time::Duration::from_secs(10)));
     }
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    // Last: feedback events from the deliveries above still reach the log.
+    if let (Some(t), Some(tx)) = (log_thread, &live.log) {
+        let _ = tx.send(durable::LogReq::Stop);
+        let _ = t.join();
+    }
     match failure {
         Some(e) => Err(EngineError::Dataflow(e)),
         None => Ok(RunSummary { http_addr }),
     }
+}
+
+/// What a durable start brings: the opened log, the checkpoint's state, the threads'
+/// channels.
+struct Recovery {
+    log: durable::IngestLog,
+    log_tx: Sender<durable::LogReq>,
+    log_rx: Receiver<durable::LogReq>,
+    log_watermark: u64,
+    /// Logged events queued again for the workers.
+    replayed: usize,
+    store: durable::Store,
+    ck_tx: Sender<durable::CkMsg>,
+    ck_rx: Receiver<durable::CkMsg>,
+    template: durable::Manifest,
+    restored: Vec<Option<herald_operators::dataflow::Restored>>,
+    writes: Vec<Vec<Event>>,
+    driver: Option<worker::RestoredDriver>,
+    traits: Vec<(bool, state::TraitsPart)>,
+    start_at: u64,
+    chain: Vec<u64>,
+}
+
+/// Reads the latest complete checkpoint and the ingest log, cuts the output files back
+/// to the checkpoint, and queues the logged events after it for the workers.
+fn recover(
+    config: &Config,
+    journeys: bool,
+    workers: &[Sender<durable::Fed>],
+) -> Result<Recovery, EngineError> {
+    use herald_operators::dataflow::{JourneysPart, Restored, SegmentPart};
+    let dir = std::path::Path::new(&config.checkpoint.dir);
+    let fail = |e: String| EngineError::Usage(format!("config: `checkpoint.dir`: {e}"));
+    let read = |p: &Option<String>| -> String {
+        p.as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    };
+    let definitions = durable::definitions_hash(&[
+        &read(&Some(config.engine.segments.clone())),
+        &read(&config.engine.journeys),
+    ]);
+    let store = durable::Store::new(dir);
+    let manifest = store.latest().map_err(fail)?;
+    let n = config.engine.workers;
+    if let Some(m) = &manifest {
+        let why = if m.workers != n {
+            Some(format!(
+                "it was taken with {} workers and engine.workers is {n}",
+                m.workers
+            ))
+        } else if m.definitions != definitions || m.journeys != journeys {
+            Some("the segment or journey file changed since it was taken".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(fail(format!(
+                "the checkpoint in {} cannot be used: {why}. Start with the definitions and \
+                 worker count it was taken with, or move the directory away to start from \
+                 empty state (then replay the events archive to rebuild it)",
+                dir.display()
+            )));
+        }
+        store.remove_after(m.at);
+    }
+    let from = manifest.as_ref().map_or(0, |m| m.at);
+    let (log, records, last) = durable::IngestLog::open(&dir.join("ingest"), from).map_err(fail)?;
+    let mut restored: Vec<Option<Restored>> = (0..n).map(|_| None).collect();
+    let mut writes = vec![Vec::new(); n];
+    let mut driver = None;
+    let mut traits = Vec::new();
+    let mut chain = Vec::new();
+    let start_at = match &manifest {
+        Some(m) => {
+            let started = std::time::Instant::now();
+            for (w, slot) in restored.iter_mut().enumerate() {
+                let mut r = Restored {
+                    at: m.at,
+                    ..Default::default()
+                };
+                for &t in &m.chain {
+                    let seg: SegmentPart = store
+                        .read_part(t, &format!("w{w}.segments"))
+                        .map_err(fail)?;
+                    r.segments.push(seg);
+                    if journeys {
+                        let j: JourneysPart = store
+                            .read_part(t, &format!("w{w}.journeys"))
+                            .map_err(fail)?;
+                        if t == m.at {
+                            writes[w] = j.writes;
+                        }
+                        r.journeys.push(j.machine);
+                    }
+                }
+                *slot = Some(r);
+            }
+            let mut snapshot = None;
+            let mut last_driver = durable::DriverPart::default();
+            let mut files = Default::default();
+            for &t in &m.chain {
+                let mut d: durable::DriverPart = store.read_part(t, "driver").map_err(fail)?;
+                if let Some(s) = d.snapshot.take() {
+                    snapshot = s;
+                }
+                last_driver = d;
+                let s: durable::SinkPart = store.read_part(t, "sink").map_err(fail)?;
+                traits.push((s.full, s.traits));
+                files = s.files;
+            }
+            driver = Some(worker::RestoredDriver {
+                snapshot: snapshot.map(|(at, rows)| (at, Arc::new(rows))),
+                audiences: last_driver.audiences,
+                lists: last_driver.lists,
+            });
+            if !config.output.dir.is_empty() {
+                sink::cut_to_checkpoint(&config.output.dir, &files)?;
+            }
+            chain = m.chain.clone();
+            tracing::info!(
+                "restored the checkpoint at {} ({} parts in its chain, {:.0} ms); {} logged events after it",
+                m.at,
+                m.chain.len(),
+                started.elapsed().as_secs_f64() * 1e3,
+                records.len()
+            );
+            m.at
+        }
+        None if !records.is_empty() => {
+            // A crash before the first checkpoint: everything is derived again from the
+            // log, so what it derived before is cut.
+            if !config.output.dir.is_empty() {
+                sink::cut_to_checkpoint(&config.output.dir, &Default::default())?;
+            }
+            tracing::info!("no checkpoint yet; {} logged events fed again", records.len());
+            records[0].at
+        }
+        None => 0,
+    };
+    let replayed = records.len();
+    for f in records {
+        let w = (herald_operators::dataflow::user_hash(&f.ev.user) % n as u64) as usize;
+        let _ = workers[w].send(f);
+    }
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    let (ck_tx, ck_rx) = std::sync::mpsc::channel();
+    Ok(Recovery {
+        log,
+        log_tx,
+        log_rx,
+        log_watermark: (last + 1).max(start_at),
+        replayed,
+        store,
+        ck_tx,
+        ck_rx,
+        template: durable::Manifest {
+            format: durable::FORMAT,
+            at: 0,
+            chain: Vec::new(),
+            workers: n,
+            journeys,
+            definitions,
+        },
+        restored,
+        writes,
+        driver,
+        traits,
+        start_at,
+        chain,
+    })
 }

@@ -13,6 +13,7 @@
 
 use herald_connectors::journey_sink::{journey_row_line, message_line};
 use herald_operators::journey::JOut;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -59,8 +60,11 @@ pub enum SinkMsg {
         /// Topic, partition, offset when it came from Kafka.
         kafka: Option<(String, i32, i64)>,
     },
-    /// A journey event or message action.
-    Journey(JOut),
+    /// A journey event or message action, at its instant.
+    Journey(Time, JOut),
+    /// A checkpoint was asked for at this instant (full or a delta): write the sink's
+    /// part once the watermark passes it.
+    Checkpoint(Time, bool),
     /// Every change before this instant has been sent.
     Watermark(Time),
     /// Flush and exit.
@@ -92,6 +96,52 @@ pub struct Sink {
     write_error: Option<String>,
     /// Message actions for the outbox, handed over at the next flush.
     outbox_pending: Vec<herald_operators::journey::MessageAction>,
+    /// Changes waiting for the watermark to pass their instant: they are written in
+    /// (instant, segment, user) order, so a file holds exactly the instants before a
+    /// checkpoint up to the length its part records.
+    changes: Vec<(Time, u16, String, i64)>,
+    /// Journey output waiting likewise.
+    journey_out: Vec<(Time, JOut)>,
+    /// Checkpoint instants asked for and not yet written.
+    checkpoints: std::collections::BTreeMap<Time, bool>,
+}
+
+/// The order journey output is written in within an instant.
+fn journey_key(o: &JOut) -> (u8, &str, &str, u32, u32) {
+    match o {
+        JOut::Row(r) => (0, &r.journey, &r.user_id, r.instance, r.seq),
+        JOut::Message(m) => (1, &m.message_id, "", 0, 0),
+        JOut::Write(..) => (2, "", "", 0, 0),
+    }
+}
+
+/// Output files a checkpoint records the lengths of (what is derived again after it).
+const DERIVED_FILES: [&str; 3] = ["segment_changes.jsonl", "journey_events.jsonl", "messages.jsonl"];
+
+/// Cuts the derived output files back to the lengths a checkpoint recorded: what was
+/// written after it is derived again (and written again) from the ingest log.
+pub fn cut_to_checkpoint(dir: &str, files: &BTreeMap<String, u64>) -> Result<(), EngineError> {
+    for name in DERIVED_FILES {
+        let path = Path::new(dir).join(name);
+        let Ok(f) = OpenOptions::new().write(true).open(&path) else {
+            continue;
+        };
+        let want = files.get(name).copied().unwrap_or(0);
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < want {
+            return Err(EngineError::Usage(format!(
+                "{} holds {len} bytes, fewer than the {want} the checkpoint recorded: it                  was changed outside Herald; move it away to start it anew",
+                path.display()
+            )));
+        }
+        if len > want {
+            tracing::info!(file = %path.display(), bytes = len - want, "cut back to the checkpoint");
+            f.set_len(want)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| EngineError::Dataflow(format!("cannot cut {}: {e}", path.display())))?;
+        }
+    }
+    Ok(())
 }
 
 /// Appends a line to an output file, remembering the first failure.
@@ -214,7 +264,91 @@ impl Sink {
             line: Vec::with_capacity(256),
             write_error: None,
             outbox_pending: Vec::new(),
+            changes: Vec::new(),
+            journey_out: Vec::new(),
+            checkpoints: BTreeMap::new(),
         })
+    }
+
+    /// Writes what the watermark `f` released, in order, writing the sink's part of
+    /// every checkpoint at or before `f` at its place.
+    fn release(&mut self, live: &Live, f: Time) -> Result<(), EngineError> {
+        loop {
+            let next_ck = self.checkpoints.keys().next().copied().filter(|&c| c <= f);
+            let cut = next_ck.unwrap_or(f);
+            let mut changes: Vec<_> = Vec::new();
+            let mut i = 0;
+            while i < self.changes.len() {
+                if self.changes[i].0 < cut {
+                    changes.push(self.changes.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            changes.sort_unstable();
+            let mut out: Vec<_> = Vec::new();
+            let mut i = 0;
+            while i < self.journey_out.len() {
+                if self.journey_out[i].0 < cut {
+                    out.push(self.journey_out.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            out.sort_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then_with(|| journey_key(&a.1).cmp(&journey_key(&b.1)))
+            });
+            // Journey output first: a message's outbox entry is at the flush either way.
+            for (_, o) in out {
+                self.journey(live, o);
+            }
+            for (t, seg, user, diff) in changes {
+                self.change(live, seg, user, t, diff);
+            }
+            let Some(at) = next_ck else { return Ok(()) };
+            let full = self.checkpoints.remove(&at).unwrap_or(true);
+            self.checkpoint_part(live, at, full)?;
+        }
+    }
+
+    /// The sink's part of checkpoint `at`: synced file lengths and the query API's
+    /// identify traits.
+    fn checkpoint_part(&mut self, live: &Live, at: Time, full: bool) -> Result<(), EngineError> {
+        let Some(tx) = &live.checkpointer else {
+            return Ok(());
+        };
+        self.flush_files(live)?;
+        self.hand_to_outbox(live)?;
+        let mut files = BTreeMap::new();
+        for (name, f) in [
+            (DERIVED_FILES[0], &mut self.changes_file),
+            (DERIVED_FILES[1], &mut self.journey_file),
+            (DERIVED_FILES[2], &mut self.messages_file),
+        ] {
+            if let Some(f) = f {
+                let file = f.get_ref();
+                let len = file
+                    .sync_data()
+                    .and_then(|_| file.metadata())
+                    .map_err(|e| EngineError::Dataflow(format!("cannot sync {name}: {e}")))?
+                    .len();
+                files.insert(name.to_string(), len);
+            }
+        }
+        let traits = match live.state.write() {
+            Ok(mut s) => s.traits_part(full),
+            Err(_) => Vec::new(),
+        };
+        let _ = tx.send(super::durable::CkMsg::Sink(
+            at,
+            Box::new(super::durable::SinkPart {
+                files,
+                traits,
+                full,
+            }),
+        ));
+        Ok(())
     }
 
     /// Runs until [`SinkMsg::Stop`] (or every sender is gone). Everything queued is taken
@@ -233,11 +367,14 @@ impl Sink {
                         user,
                         time,
                         diff,
-                    } => self.change(live, segment, user, time, diff),
+                    } => self.changes.push((time, segment, user, diff)),
                     SinkMsg::DeadLetter { letter, raw, kafka } => {
                         self.dead_letter(live, letter, raw, kafka)
                     }
-                    SinkMsg::Journey(o) => self.journey(live, o),
+                    SinkMsg::Journey(t, o) => self.journey_out.push((t, o)),
+                    SinkMsg::Checkpoint(at, full) => {
+                        self.checkpoints.insert(at, full);
+                    }
                     SinkMsg::Watermark(f) => watermark = Some(watermark.map_or(f, |w| w.max(f))),
                     SinkMsg::Stop => {
                         stop = true;
@@ -245,6 +382,9 @@ impl Sink {
                     }
                 }
                 next = rx.try_recv().ok();
+            }
+            if let Some(f) = watermark {
+                self.release(live, f)?;
             }
             if let (Some(f), false) = (watermark, stop) {
                 let started = Instant::now();
@@ -265,6 +405,10 @@ impl Sink {
                 }
             }
         }
+        // What no watermark released (instants the dataflow did not finish) is written
+        // too; a restart cuts it off again if it follows the last checkpoint.
+        self.checkpoints.clear();
+        self.release(live, Time::MAX)?;
         self.final_flush(live)
     }
 

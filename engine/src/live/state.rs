@@ -26,7 +26,12 @@ pub struct LiveState {
     writes: HashMap<String, BTreeMap<String, (i64, Json)>>,
     /// The current profile snapshot and its instant.
     snapshot: Option<(i64, Arc<SnapshotRows>)>,
+    /// Users whose identify traits changed since the last checkpoint (when tracked).
+    written: Option<BTreeSet<String>>,
 }
+
+/// Identify traits as a checkpoint holds them: per user, `name -> (instant, JSON text)`.
+pub type TraitsPart = Vec<(String, Option<BTreeMap<String, (i64, String)>>)>;
 
 impl LiveState {
     /// Empty state for `segments` segments.
@@ -118,8 +123,71 @@ impl LiveState {
         Some(out)
     }
 
+    /// From now on, remembers whose traits are written, for [`LiveState::traits_part`].
+    pub fn track_writes(&mut self) {
+        self.written.get_or_insert_with(Default::default);
+    }
+
+    /// The identify traits for a checkpoint: every user's (`full`) or those written since
+    /// the last call.
+    pub fn traits_part(&mut self, full: bool) -> TraitsPart {
+        let written = self.written.replace(Default::default()).unwrap_or_default();
+        let encode = |t: &BTreeMap<String, (i64, Json)>| {
+            t.iter()
+                .map(|(k, (at, v))| (k.clone(), (*at, v.to_string())))
+                .collect()
+        };
+        if full {
+            let mut v: TraitsPart = self
+                .writes
+                .iter()
+                .map(|(u, t)| (u.clone(), Some(encode(t))))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        } else {
+            written
+                .into_iter()
+                .map(|u| {
+                    let t = self.writes.get(&u).map(encode);
+                    (u, t)
+                })
+                .collect()
+        }
+    }
+
+    /// Restores identify traits from a chain of parts (a full one first).
+    pub fn restore_traits(&mut self, parts: Vec<(bool, TraitsPart)>) {
+        for (full, part) in parts {
+            if full {
+                self.writes.clear();
+            }
+            for (user, t) in part {
+                match t {
+                    Some(t) => {
+                        let t = t
+                            .into_iter()
+                            .map(|(k, (at, v))| {
+                                (k, (at, serde_json::from_str(&v).unwrap_or(Json::Null)))
+                            })
+                            .collect();
+                        self.writes.insert(user, t);
+                    }
+                    None => {
+                        self.writes.remove(&user);
+                    }
+                }
+            }
+        }
+    }
+
     /// Records an identify write at `at` (the latest write wins; a later call wins a tie).
     pub fn write_trait(&mut self, user: &str, name: &str, value: Json, at: i64) {
+        if let Some(w) = &mut self.written {
+            if !w.contains(user) {
+                w.insert(user.to_string());
+            }
+        }
         let traits = match self.writes.get_mut(user) {
             Some(t) => t,
             None => self.writes.entry(user.to_string()).or_default(),

@@ -4,7 +4,7 @@
 //! durable. See the module docs of [`crate::live`] for the protocol.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_connectors::events::DeadLetter;
-use herald_operators::dataflow::{build_segments, SegmentInputs, StateHandle};
+use herald_operators::dataflow::{
+    build_segments_durable, CheckpointReq, Durability, Restored, SegmentInputs, StateHandle,
+};
+use herald_operators::plan::SnapshotRows;
 use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::journey::JOut;
 use herald_operators::state::StateCounters;
@@ -25,11 +28,12 @@ use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Input, Inspect, Probe};
 
+use super::durable::{CkMsg, DriverPart, Fed, PartsTo, CHAIN_MAX};
 use super::export::ExportMsg;
 use super::kafka::{self, KafkaContext};
 use super::sink::SinkMsg;
 use super::{now_ms, AudienceMsg, Live, SnapshotMsg};
-use crate::driver::{feed_lists, AudienceFeeder, SnapshotFeeder};
+use crate::driver::{feed_list_changes, feed_lists, AudienceFeeder, SnapshotFeeder};
 
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
@@ -53,9 +57,26 @@ const SHUTDOWN_SINK_WAIT: Duration = Duration::from_secs(30);
 
 /// Channels the workers take theirs from, by local index.
 pub(crate) struct WorkerIo {
-    pub events: Vec<Option<Receiver<Event>>>,
+    pub events: Vec<Option<Receiver<Fed>>>,
     pub snapshots: Option<Receiver<SnapshotMsg>>,
     pub audiences: Option<Receiver<AudienceMsg>>,
+    /// Per local worker, the state to start from.
+    pub restored: Vec<Option<Restored>>,
+    /// Per local worker, the journeys' trait writes its part carried (fed at the start).
+    pub writes: Vec<Vec<Event>>,
+    /// Worker 0's feeders as the checkpoint left them.
+    pub driver: Option<RestoredDriver>,
+    /// The instant the dataflow starts at (0: now).
+    pub start_at: Time,
+    /// The restored checkpoint's chain (empty: none).
+    pub chain: Vec<Time>,
+}
+
+/// What worker 0 feeds from, as a checkpoint left it.
+pub(crate) struct RestoredDriver {
+    pub snapshot: Option<(i64, Arc<SnapshotRows>)>,
+    pub audiences: BTreeMap<usize, BTreeSet<String>>,
+    pub lists: BTreeMap<usize, BTreeSet<String>>,
 }
 
 /// Offsets to commit once the instant they were fed at is durable.
@@ -158,17 +179,29 @@ fn run(
     let index = worker.index();
     let local_workers = live.config.engine.workers;
     let local = index % local_workers;
-    let (events_rx, snapshots_rx, audiences_rx) = {
+    let (events_rx, snapshots_rx, audiences_rx, restored, writes, driver, start_at, mut chain) = {
         let mut io = io
             .lock()
             .map_err(|_| "worker channels poisoned".to_string())?;
         let ev = io.events.get_mut(local).and_then(Option::take);
+        let restored = io.restored.get_mut(local).and_then(Option::take);
+        let writes = io.writes.get_mut(local).map(std::mem::take).unwrap_or_default();
+        let (start_at, chain) = (io.start_at, io.chain.clone());
         if index == 0 {
-            (ev, io.snapshots.take(), io.audiences.take())
+            (ev, io.snapshots.take(), io.audiences.take(), restored, writes, io.driver.take(), start_at, chain)
         } else {
-            (ev, None, None)
+            (ev, None, None, restored, writes, None, start_at, chain)
         }
     };
+    let was_restored = restored.is_some();
+    let durability = live.checkpointer.as_ref().map(|tx| Durability {
+        parts: Rc::new(PartsTo {
+            worker: index,
+            tx: tx.clone(),
+        }),
+        restored,
+    });
+    let checkpoint_every = live.config.checkpoint_every_ms().map_err(|e| e.to_string())?;
     let tick = Duration::from_millis(live.config.engine.tick_ms);
 
     let plan = Rc::new(live.plan.clone());
@@ -178,12 +211,17 @@ fn run(
     let mut state = None;
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
         let journeys = live.journeys.clone().map(Rc::new);
-        let (inputs, outputs) = build_segments(scope, plan.clone(), dedup_horizon_ms, journeys);
+        let (inputs, outputs) =
+            build_segments_durable(scope, plan.clone(), dedup_horizon_ms, journeys, durability);
         if let Some(j) = outputs.journeys {
             let sink = live.sink.clone();
-            j.inspect(move |o| {
-                if !matches!(o, JOut::Write(..)) {
-                    let _ = sink.send(SinkMsg::Journey(o.clone()));
+            j.inspect_core(move |x| {
+                let Ok((t, data)) = x else { return };
+                let t = *t.expect_singleton();
+                for o in data.iter() {
+                    if !matches!(o, JOut::Write(..)) {
+                        let _ = sink.send(SinkMsg::Journey(t, o.clone()));
+                    }
                 }
             })
             .probe_with(&probe);
@@ -204,21 +242,52 @@ fn run(
     });
 
     let mut durable = ClusterDurable::new(worker, live);
-    let mut cur: Time = now_ms();
+    let mut cur: Time = if start_at > 0 { start_at } else { now_ms() };
     inputs.advance_to(cur);
+    let mut snapshots = SnapshotFeeder::default();
+    let mut audiences = AudienceFeeder::default();
     if index == 0 {
-        inputs.set_snapshot_clock(None, i64::MIN);
-        feed_lists(&plan, &mut inputs, &live.lists);
+        match driver {
+            None => {
+                inputs.set_snapshot_clock(None, i64::MIN);
+                feed_lists(&plan, &mut inputs, &live.lists);
+            }
+            Some(d) => {
+                // A list file edited between runs: its difference, now.
+                let n = feed_list_changes(&plan, &mut inputs, &d.lists, &live.lists);
+                if n > 0 {
+                    tracing::info!("{n} list memberships changed since the checkpoint");
+                }
+                snapshots = SnapshotFeeder::restored(d.snapshot);
+                audiences = AudienceFeeder::restored(d.audiences);
+            }
+        }
+    }
+    // The journeys' trait writes that were on their way into the state at the checkpoint.
+    for ev in writes {
+        let keep = live.journeys.as_ref().is_some_and(|j| j.wants(&ev));
+        inputs.events.update(live.plan.project(ev, keep), 1);
     }
     inputs.flush();
+    if was_restored {
+        // The query API's memberships, from the restored state.
+        if let (Some(st), Ok(mut ls)) = (&state, live.state.write()) {
+            st.for_each_member(live.plan.visible, &mut |user, seg| {
+                ls.apply(seg, user, 1);
+            });
+        }
+    }
+    // Worker 0 asks for checkpoints; what changed in the snapshot since the last one.
+    let mut next_checkpoint = cur + checkpoint_every;
+    let mut snapshot_changed = chain.is_empty();
+    let mut final_requested = false;
+    let mut fed_at_cur = false;
 
     let consumer: Option<BaseConsumer<KafkaContext>> = match &live.config.kafka {
         Some(k) => Some(kafka::consumer(k, Arc::clone(live)).map_err(|e| e.to_string())?),
         None => None,
     };
     let mut pending: Pending = VecDeque::new();
-    let mut snapshots = SnapshotFeeder::default();
-    let mut audiences = AudienceFeeder::default();
     let mut last_frontier: Time = 0;
     let mut last_error_log = Instant::now() - Duration::from_secs(60);
     let mut identify: Vec<TraitWrites> = Vec::new();
@@ -231,12 +300,28 @@ fn run(
         let stop_at = live.stop_at.load(Ordering::Acquire);
         let stopping = stop_at != 0;
 
+        // Read before taking events: every event stamped below it is in the channel.
+        let log_watermark = live.log_watermark.load(Ordering::Acquire);
+        let durable_stop = live.checkpointer.is_some();
         // Events from HTTP (embedded mode): always drained, so nothing accepted is lost.
         if let Some(rx) = &events_rx {
             let most = if stopping { usize::MAX } else { MAX_PER_TURN };
             for _ in 0..most {
                 match rx.try_recv() {
-                    Ok(ev) => feed(live, &mut inputs, ev, &mut identify, now_ms() as i64),
+                    Ok(Fed { at, ev }) => {
+                        live.queued.fetch_sub(1, Ordering::AcqRel);
+                        if stopping && durable_stop && at >= stop_at {
+                            // After the final checkpoint: fed again from the log at the
+                            // next start.
+                            continue;
+                        }
+                        if at > cur {
+                            cur = at;
+                            inputs.advance_to(cur);
+                        }
+                        fed_at_cur = true;
+                        feed(live, &mut inputs, ev, &mut identify, now_ms() as i64)
+                    }
                     Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
                 }
             }
@@ -282,6 +367,7 @@ fn run(
             while let Ok(snap) = rx.try_recv() {
                 let profiles = snap.rows.len();
                 let n = snapshots.apply(&plan, &mut inputs, snap.at, snap.rows);
+                snapshot_changed = true;
                 live.metrics.snapshots_applied.inc();
                 tracing::info!(
                     "applied snapshot {} ({profiles} profiles, {n} fact updates)",
@@ -299,12 +385,54 @@ fn run(
                 );
             }
         }
-        // The clock.
-        let now = now_ms();
-        let target = if stopping { now.min(stop_at) } else { now };
+        // The clock: never past the log watermark read above, nor (stopping) past the
+        // stop instant, or with durable state the final checkpoint's instant + 1.
+        let now = now_ms().min(log_watermark);
+        let final_ck = live.final_checkpoint.load(Ordering::Acquire);
+        let target = match (stopping, durable_stop) {
+            (false, _) => now,
+            (true, false) => now.min(stop_at),
+            (true, true) if final_ck != 0 => final_ck + 1,
+            (true, true) if index == 0 && cur >= stop_at => cur + 1,
+            (true, true) => now.min(stop_at),
+        };
+        let mut advanced = false;
         if target > cur {
             cur = target;
             inputs.advance_to(cur);
+            advanced = true;
+            fed_at_cur = false;
+        }
+        // Checkpoints (worker 0): at an instant nothing has been fed at yet.
+        if index == 0 && durable_stop && advanced && !fed_at_cur && !final_requested {
+            let last = stopping && cur >= stop_at;
+            if cur >= next_checkpoint || last {
+                let full = chain.is_empty() || chain.len() >= CHAIN_MAX;
+                let since = chain.last().copied().unwrap_or(0);
+                inputs.request_checkpoint(CheckpointReq { full, since });
+                if full {
+                    chain.clear();
+                }
+                chain.push(cur);
+                live.to_sink(SinkMsg::Checkpoint(cur, full));
+                let snapshot = (full || snapshot_changed).then(|| {
+                    snapshots.prev().map(|(at, rows)| (*at, (**rows).clone()))
+                });
+                snapshot_changed = false;
+                if let Some(tx) = &live.checkpointer {
+                    let part = DriverPart {
+                        snapshot,
+                        audiences: audiences.prev().clone(),
+                        lists: live.lists.clone(),
+                    };
+                    let _ = tx.send(CkMsg::Driver(cur, chain.clone(), Box::new(part)));
+                }
+                next_checkpoint = cur + checkpoint_every;
+                if last {
+                    final_requested = true;
+                    live.final_checkpoint.store(cur, Ordering::Release);
+                }
+            }
         }
         inputs.flush();
         worker.step_or_park(Some(tick));
@@ -337,6 +465,13 @@ fn run(
         }
         if stopping {
             let seen = *stop_seen.get_or_insert_with(Instant::now);
+            if durable_stop {
+                let f = live.final_checkpoint.load(Ordering::Acquire);
+                if f != 0 && frontier > f {
+                    break;
+                }
+                continue;
+            }
             if frontier >= stop_at {
                 break;
             }
@@ -433,8 +568,8 @@ fn run(
 /// An identify's trait writes, kept for the query API: `(user, timestamp, writes)`.
 type TraitWrites = (String, i64, Vec<(String, Value)>);
 
-/// Feeds an accepted event (received at `received`, ms) to the dataflow, and to the
-/// events archive when `[export]` is on.
+/// Feeds an accepted event (received at `received`, ms) to the dataflow at the inputs'
+/// current instant, and to the events archive when `[export]` is on.
 fn feed(
     live: &Live,
     inputs: &mut SegmentInputs,

@@ -1,0 +1,660 @@
+//! Durable state of `herald run` in embedded mode: the ingest log and checkpoints.
+//!
+//! Owns [`IngestLog`] (its writer thread stamps, appends and fsyncs accepted events
+//! before HTTP ingest answers 200, then hands them to the workers), [`Store`] (the
+//! checkpoint directory) and the checkpointer thread that assembles a checkpoint from
+//! its parts and commits it.
+//!
+//! The protocol, in one place:
+//!
+//! * **Stamps.** The log writer gives every batch one instant `s` (wall clock, never
+//!   below the last), writes it with the events, fsyncs, and only then sends the events
+//!   to their workers and publishes the log watermark `W = s + 1`. A worker feeds each
+//!   event at its stamp, and never moves its clock past the watermark it read before
+//!   taking events from its channel. So an event's dataflow instant is its stamp, and a
+//!   restart can feed it again at exactly that instant.
+//! * **Checkpoints.** Worker 0 asks for one at an instant `F` through the dataflow's
+//!   control input. Each operator writes its part holding the state after every instant
+//!   before `F` (`herald_operators::dataflow`); worker 0 writes the driver's part (the
+//!   snapshot, audience and list state it feeds from); the sink writes its part once the
+//!   output frontier passes `F`: the lengths of its files holding exactly the changes
+//!   and journey output before `F`, and the query API's identify traits. When every part
+//!   is on disk (each fsynced), the checkpointer writes `MANIFEST` (written whole, then
+//!   renamed into place): only then is the checkpoint complete. A part is either the whole
+//!   state or the users changed since the previous checkpoint; the manifest lists the
+//!   chain of checkpoints to read, from the last full one.
+//! * **Restart.** The latest complete checkpoint is read; output files are cut back to its
+//!   lengths; the workers start at `F` with the restored state; every logged event
+//!   stamped at or after `F` is fed again at its stamp (and the journeys' trait writes a
+//!   part carried, at `F`). The dataflow is deterministic, so everything after `F` is
+//!   derived again exactly as before, and written once. Log files wholly before `F`, and
+//!   checkpoints before its chain, are removed.
+//!
+//! Files: `<dir>/ingest/<first stamp>.log` (records: length, CRC-32, bincode of
+//! `(stamp, event)`; a torn tail is cut at open) and `<dir>/checkpoints/<F>/` (parts:
+//! magic, format, CRC-32, bincode; and `MANIFEST`, JSON).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_operators::dataflow::{JourneysPart, PartSink, SegmentPart};
+use herald_operators::event::Event;
+use herald_operators::plan::SnapshotRows;
+use herald_operators::time::Time;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The checkpoint format. A checkpoint of another format is refused, never misread.
+pub const FORMAT: u32 = 1;
+
+/// Magic bytes at the start of every part file.
+const MAGIC: &[u8; 8] = b"HRLDPART";
+
+/// A log file is closed and a new one begun past this size.
+const LOG_FILE_BYTES: u64 = 64 << 20;
+
+/// Most events one group commit takes.
+const GROUP_MAX: usize = 64 * 1024;
+
+/// A checkpoint is full (not a delta) at least every this many checkpoints.
+pub const CHAIN_MAX: usize = 16;
+
+/// An event on its way to a worker, with the instant it is to be fed at (0: at the
+/// worker's clock, when there is no log).
+pub struct Fed {
+    /// The log stamp.
+    pub at: Time,
+    /// The event.
+    pub ev: Event,
+}
+
+/// A request to the log writer.
+pub enum LogReq {
+    /// Appends events; `done` hears once they are durable and with their workers.
+    Append {
+        /// The events, in order.
+        events: Vec<Event>,
+        /// Told the outcome, if anyone waits.
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    },
+    /// Removes log files holding only events stamped before this instant.
+    Truncate(Time),
+    /// Ends the writer (after what came before).
+    Stop,
+}
+
+fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+/// The ingest log's files; see the module docs.
+pub struct IngestLog {
+    dir: PathBuf,
+    /// `(first stamp, path)`, in order; the last is the one appended to.
+    files: Vec<(Time, PathBuf)>,
+    current: Option<File>,
+    current_bytes: u64,
+    buf: Vec<u8>,
+}
+
+impl IngestLog {
+    /// Opens the log under `dir` (creating it), cuts a torn tail, and returns it with
+    /// every record it holds stamped at or after `from`, in order, and the last stamp.
+    pub fn open(dir: &Path, from: Time) -> Result<(IngestLog, Vec<Fed>, Time), String> {
+        std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+        let mut files: Vec<(Time, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))? {
+            let path = entry.map_err(|e| io("cannot list", dir, e))?.path();
+            let stamp = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<Time>().ok());
+            if let Some(s) = stamp {
+                files.push((s, path));
+            }
+        }
+        files.sort();
+        let mut out = Vec::new();
+        let mut last = 0;
+        let n = files.len();
+        for (i, (_, path)) in files.iter().enumerate() {
+            let mut bytes = Vec::new();
+            File::open(path)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(|e| io("cannot read", path, e))?;
+            let mut pos = 0usize;
+            while let Some((stamp, ev, next)) = decode(&bytes, pos) {
+                last = last.max(stamp);
+                if stamp >= from {
+                    out.push(Fed { at: stamp, ev });
+                }
+                pos = next;
+            }
+            if pos < bytes.len() {
+                if i + 1 < n {
+                    return Err(format!(
+                        "the ingest log {} is damaged at byte {pos} (not at its end); \
+                         move the state directory away to start without it",
+                        path.display()
+                    ));
+                }
+                // A write a crash cut short: it was never acknowledged.
+                tracing::warn!(
+                    file = %path.display(),
+                    bytes = bytes.len() - pos,
+                    "cut a torn tail from the ingest log"
+                );
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| io("cannot open", path, e))?;
+                f.set_len(pos as u64)
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| io("cannot cut", path, e))?;
+            }
+        }
+        Ok((
+            IngestLog {
+                dir: dir.to_path_buf(),
+                files,
+                current: None,
+                current_bytes: 0,
+                buf: Vec::new(),
+            },
+            out,
+            last,
+        ))
+    }
+
+    /// Appends a batch stamped `at` and fsyncs it.
+    fn append(&mut self, at: Time, events: &[Event]) -> Result<(), String> {
+        if self.current.is_none() || self.current_bytes > LOG_FILE_BYTES {
+            let path = self.dir.join(format!("{at:020}.log"));
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io("cannot create", &path, e))?;
+            // The new file's name must survive a crash too.
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("cannot sync", &self.dir, e))?;
+            self.current_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+            self.current = Some(f);
+            if self.files.last().is_none_or(|(_, p)| *p != path) {
+                self.files.push((at, path));
+            }
+        }
+        self.buf.clear();
+        for ev in events {
+            encode(at, ev, &mut self.buf)?;
+        }
+        let (Some(f), Some((_, path))) = (&mut self.current, self.files.last()) else {
+            return Err("no ingest log file is open".into());
+        };
+        f.write_all(&self.buf)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| io("cannot write", path, e))?;
+        self.current_bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Removes the files whose every record is stamped before `at`, and starts a new
+    /// file at the next append so the current one can go next time.
+    fn truncate(&mut self, at: Time) {
+        while self.files.len() >= 2 && self.files[1].0 <= at {
+            let (_, path) = self.files.remove(0);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("cannot remove {}: {e}", path.display());
+            }
+        }
+        if self.current_bytes > 0 && self.files.last().is_some_and(|(s, _)| *s < at) {
+            self.current = None;
+        }
+    }
+}
+
+fn encode(at: Time, ev: &Event, out: &mut Vec<u8>) -> Result<(), String> {
+    let body = bincode::serialize(&(at, ev)).map_err(|e| format!("cannot encode an event: {e}"))?;
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// The record at `pos`, if whole and intact: `(stamp, event, next position)`.
+fn decode(bytes: &[u8], pos: usize) -> Option<(Time, Event, usize)> {
+    let head = bytes.get(pos..pos + 8)?;
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+    let body = bytes.get(pos + 8..pos + 8 + len)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let (at, ev): (Time, Event) = bincode::deserialize(body).ok()?;
+    Some((at, ev, pos + 8 + len))
+}
+
+/// Runs the log writer until every sender is gone; see the module docs. `route` gives
+/// an event's worker.
+pub fn run_log_writer(
+    mut log: IngestLog,
+    rx: Receiver<LogReq>,
+    workers: Vec<Sender<Fed>>,
+    watermark: Arc<AtomicU64>,
+    tick: Duration,
+) {
+    let n = workers.len() as u64;
+    loop {
+        let first = match rx.recv_timeout(tick) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => {
+                // Idle: nothing is stamped below now any more.
+                watermark.fetch_max(super::now_ms(), Ordering::AcqRel);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut events: Vec<Event> = Vec::new();
+        let mut waiting = Vec::new();
+        let mut truncate = None;
+        let mut stop = false;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                LogReq::Append { events: mut evs, done } => {
+                    events.append(&mut evs);
+                    waiting.extend(done);
+                }
+                LogReq::Truncate(at) => truncate = Some(truncate.map_or(at, |t: Time| t.max(at))),
+                LogReq::Stop => stop = true,
+            }
+            if stop {
+                break;
+            }
+            if events.len() < GROUP_MAX {
+                next = rx.try_recv().ok();
+            }
+        }
+        if let Some(at) = truncate {
+            log.truncate(at);
+        }
+        if events.is_empty() {
+            if stop {
+                break;
+            }
+            continue;
+        }
+        let at = super::now_ms().max(watermark.load(Ordering::Acquire));
+        match log.append(at, &events) {
+            Ok(()) => {
+                for ev in events {
+                    let w = (herald_operators::dataflow::user_hash(&ev.user) % n) as usize;
+                    let _ = workers[w].send(Fed { at, ev });
+                }
+                watermark.store(at + 1, Ordering::Release);
+                for d in waiting {
+                    let _ = d.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!("ingest log: {e}");
+                for d in waiting {
+                    let _ = d.send(Err(e.clone()));
+                }
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+/// A checkpoint's manifest: written last, so its presence means every part is there.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// The checkpoint's instant.
+    pub at: Time,
+    /// The checkpoints to read, from the last full one to this one.
+    pub chain: Vec<Time>,
+    /// Timely workers that wrote parts.
+    pub workers: usize,
+    /// Whether journeys ran (and wrote parts).
+    pub journeys: bool,
+    /// A hash of the segment and journey files the state was built with.
+    pub definitions: String,
+}
+
+/// The driver's part: what worker 0 feeds from.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DriverPart {
+    /// The snapshot applied (instant and rows), when it changed since the previous
+    /// checkpoint or this one is full; else the chain's earlier part has it.
+    pub snapshot: Option<Option<(i64, SnapshotRows)>>,
+    /// Warehouse audience members by segment.
+    pub audiences: BTreeMap<usize, BTreeSet<String>>,
+    /// Static list members by segment, as fed.
+    pub lists: BTreeMap<usize, BTreeSet<String>>,
+}
+
+/// The sink's part.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SinkPart {
+    /// Output file lengths holding exactly what was emitted before the checkpoint.
+    pub files: BTreeMap<String, u64>,
+    /// Identify traits of the query API: per user, `name -> (instant, JSON text)`
+    /// (None: no traits); every user in a full part, else those written since.
+    pub traits: Vec<(String, Option<BTreeMap<String, (i64, String)>>)>,
+    /// Whether `traits` holds every user.
+    pub full: bool,
+}
+
+/// A part on its way to the checkpointer.
+pub enum CkMsg {
+    /// An operator's part from the segment state.
+    Segments(usize, Time, Box<SegmentPart>),
+    /// An operator's part from the journeys.
+    Journeys(usize, Time, Box<JourneysPart>),
+    /// Worker 0's part, with the chain this checkpoint belongs to.
+    Driver(Time, Vec<Time>, Box<DriverPart>),
+    /// The sink's part.
+    Sink(Time, Box<SinkPart>),
+    /// Ends the checkpointer.
+    Stop,
+}
+
+/// The checkpoint directory.
+#[derive(Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// The store under `dir` (created on first write).
+    pub fn new(dir: &Path) -> Store {
+        Store {
+            root: dir.join("checkpoints"),
+        }
+    }
+
+    fn dir(&self, at: Time) -> PathBuf {
+        self.root.join(format!("{at:020}"))
+    }
+
+    /// Checkpoint instants with a directory, newest first.
+    fn instants(&self) -> Vec<Time> {
+        let mut v: Vec<Time> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v
+    }
+
+    /// The latest complete checkpoint's manifest. One of another format is an error
+    /// that says what to do.
+    pub fn latest(&self) -> Result<Option<Manifest>, String> {
+        for at in self.instants() {
+            let path = self.dir(at).join("MANIFEST");
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue; // torn: never read
+            };
+            let m: Manifest = serde_json::from_str(&text)
+                .map_err(|e| io("cannot read the checkpoint manifest", &path, e))?;
+            if m.format != FORMAT {
+                return Err(format!(
+                    "the checkpoint {} was written in format {} and this Herald reads format \
+                     {FORMAT}: run the Herald that wrote it to a graceful stop and replay, or \
+                     move {} away to start from empty state (the events archive or the ingest \
+                     log can be replayed into it)",
+                    path.display(),
+                    m.format,
+                    self.root.display()
+                ));
+            }
+            return Ok(Some(m));
+        }
+        Ok(None)
+    }
+
+    /// Writes one part (fsynced); returns its size.
+    pub fn write_part(&self, at: Time, name: &str, value: &impl Serialize) -> Result<u64, String> {
+        let dir = self.dir(at);
+        std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
+        let body = bincode::serialize(value).map_err(|e| format!("cannot encode {name}: {e}"))?;
+        let mut bytes = Vec::with_capacity(body.len() + 16);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&FORMAT.to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let path = dir.join(name);
+        File::create(&path)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+            .map_err(|e| io("cannot write", &path, e))?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Reads one part of checkpoint `at`.
+    pub fn read_part<T: DeserializeOwned>(&self, at: Time, name: &str) -> Result<T, String> {
+        let path = self.dir(at).join(name);
+        let bytes = std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
+        if bytes.len() < 16 || &bytes[..8] != MAGIC {
+            return Err(format!("{} is not a Herald checkpoint part", path.display()));
+        }
+        let format = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
+        let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default());
+        if format != FORMAT {
+            return Err(format!("{} is in format {format}, not {FORMAT}", path.display()));
+        }
+        if crc32fast::hash(&bytes[16..]) != crc {
+            return Err(format!("{} is damaged (checksum mismatch)", path.display()));
+        }
+        bincode::deserialize(&bytes[16..]).map_err(|e| io("cannot decode", &path, e))
+    }
+
+    /// Makes checkpoint `m` complete, then removes the checkpoints its chain no longer
+    /// needs (every one before the chain's start, and incomplete ones before it).
+    fn commit(&self, m: &Manifest) -> Result<(), String> {
+        let dir = self.dir(m.at);
+        let tmp = dir.join("MANIFEST.tmp");
+        let text = serde_json::to_string_pretty(m).map_err(|e| e.to_string())?;
+        File::create(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+            .map_err(|e| io("cannot write", &tmp, e))?;
+        std::fs::rename(&tmp, dir.join("MANIFEST")).map_err(|e| io("cannot commit", &dir, e))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("cannot sync", &dir, e))?;
+        let keep: BTreeSet<Time> = m.chain.iter().copied().collect();
+        let start = m.chain.first().copied().unwrap_or(m.at);
+        for at in self.instants() {
+            if at < m.at && (at < start || !keep.contains(&at)) {
+                let _ = std::fs::remove_dir_all(self.dir(at));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes checkpoints after `at` (incomplete ones a crash left), before starting
+    /// from `at`.
+    pub fn remove_after(&self, at: Time) {
+        for t in self.instants() {
+            if t > at {
+                let _ = std::fs::remove_dir_all(self.dir(t));
+            }
+        }
+    }
+}
+
+/// The operators' [`PartSink`]: parts go to the checkpointer thread.
+pub struct PartsTo {
+    /// This worker's index.
+    pub worker: usize,
+    /// The checkpointer's channel.
+    pub tx: Sender<CkMsg>,
+}
+
+impl PartSink for PartsTo {
+    fn segments(&self, at: Time, part: SegmentPart) {
+        let _ = self.tx.send(CkMsg::Segments(self.worker, at, Box::new(part)));
+    }
+    fn journeys(&self, at: Time, part: JourneysPart) {
+        let _ = self.tx.send(CkMsg::Journeys(self.worker, at, Box::new(part)));
+    }
+}
+
+/// Runs the checkpointer until every sender is gone: writes parts, and commits a
+/// checkpoint once all its parts are written (then the log before it is truncated).
+/// Returns the number of checkpoints committed.
+pub fn run_checkpointer(
+    store: Store,
+    rx: Receiver<CkMsg>,
+    template: Manifest,
+    log: Option<Sender<LogReq>>,
+    metrics: &super::metrics::Metrics,
+) -> Result<u64, String> {
+    let expected = template.workers * (1 + template.journeys as usize) + 2;
+    // Per instant: parts written, the chain (from the driver part).
+    let mut pending: BTreeMap<Time, (usize, Option<Vec<Time>>)> = BTreeMap::new();
+    let mut committed = 0;
+    for msg in rx {
+        let started = std::time::Instant::now();
+        let (at, bytes) = match &msg {
+            CkMsg::Segments(w, at, p) => (*at, store.write_part(*at, &format!("w{w}.segments"), p)?),
+            CkMsg::Journeys(w, at, p) => (*at, store.write_part(*at, &format!("w{w}.journeys"), p)?),
+            CkMsg::Driver(at, _, p) => (*at, store.write_part(*at, "driver", p)?),
+            CkMsg::Sink(at, p) => (*at, store.write_part(*at, "sink", p)?),
+            CkMsg::Stop => break,
+        };
+        metrics.checkpoint_bytes.inc_by(bytes);
+        let entry = pending.entry(at).or_default();
+        entry.0 += 1;
+        if let CkMsg::Driver(_, chain, _) = msg {
+            entry.1 = Some(chain);
+        }
+        if let (true, Some(chain)) = (entry.0 == expected, entry.1.clone()) {
+            let m = Manifest {
+                at,
+                chain,
+                ..template.clone()
+            };
+            store.commit(&m)?;
+            pending.remove(&at);
+            // Older instants can never complete now.
+            pending.retain(|t, _| *t > at);
+            committed += 1;
+            metrics.checkpoints.inc();
+            metrics.checkpoint_at.set(at as i64);
+            metrics
+                .checkpoint_ms
+                .set(started.elapsed().as_secs_f64() * 1e3);
+            if let Some(l) = &log {
+                let _ = l.send(LogReq::Truncate(at));
+            }
+            tracing::debug!("checkpoint {at} complete");
+        }
+    }
+    Ok(committed)
+}
+
+/// A hash of the definitions the state was built with.
+pub fn definitions_hash(texts: &[&str]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update(&[0]);
+    }
+    format!("{:032x}", h.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_operators::event::EventType;
+
+    fn ev(user: &str, id: &str) -> Event {
+        Event {
+            user: user.into(),
+            kind: EventType::Track,
+            event: Some("A".into()),
+            message_id: id.into(),
+            timestamp: 1,
+            properties: serde_json::Map::from_iter([("x".to_string(), serde_json::json!([1, {"y": null}]))]),
+            context: Default::default(),
+            traits: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_log_keeps_what_was_synced_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, old, _) = IngestLog::open(dir.path(), 0).unwrap();
+        assert!(old.is_empty());
+        log.append(10, &[ev("a", "1"), ev("b", "2")]).unwrap();
+        log.append(20, &[ev("c", "3")]).unwrap();
+        // A crash in the middle of a record.
+        let path = log.files[0].1.clone();
+        drop(log);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        let (log, from_20, last) = IngestLog::open(dir.path(), 20).unwrap();
+        assert_eq!(last, 20);
+        assert_eq!(from_20.len(), 1);
+        assert_eq!(from_20[0].ev, ev("c", "3"));
+        drop(log);
+        let (mut log, all, _) = IngestLog::open(dir.path(), 0).unwrap();
+        assert_eq!(all.iter().map(|f| f.at).collect::<Vec<_>>(), [10, 10, 20]);
+        // Truncation removes only whole files before the instant.
+        log.truncate(15);
+        log.append(30, &[ev("d", "4")]).unwrap();
+        log.truncate(30);
+        assert_eq!(log.files.len(), 1);
+        drop(log);
+        let (_, rest, _) = IngestLog::open(dir.path(), 0).unwrap();
+        assert_eq!(rest.iter().map(|f| f.at).collect::<Vec<_>>(), [30]);
+    }
+
+    #[test]
+    fn a_part_of_another_format_or_damaged_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.write_part(5, "p", &vec![1u32, 2, 3]).unwrap();
+        assert_eq!(store.read_part::<Vec<u32>>(5, "p").unwrap(), [1, 2, 3]);
+        let path = store.dir(5).join("p");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(store.read_part::<Vec<u32>>(5, "p").unwrap_err().contains("damaged"));
+        // No manifest: not complete, so not the latest.
+        assert!(store.latest().unwrap().is_none());
+        let m = Manifest {
+            format: FORMAT,
+            at: 5,
+            chain: vec![5],
+            workers: 1,
+            journeys: false,
+            definitions: String::new(),
+        };
+        store.commit(&m).unwrap();
+        assert_eq!(store.latest().unwrap().unwrap().at, 5);
+        let old = Manifest { format: 0, ..m };
+        std::fs::write(
+            store.dir(5).join("MANIFEST"),
+            serde_json::to_string(&old).unwrap(),
+        )
+        .unwrap();
+        assert!(store.latest().unwrap_err().contains("format 0"));
+    }
+}
