@@ -259,8 +259,10 @@ fn messages_go_out_once_across_a_kill_9_and_a_replay() {
     );
     drop(outbox);
 
-    // A replay: the same events again, to a Herald that lost its dataflow state. The
-    // journeys emit the same message ids; the outbox knows them, so nothing goes out.
+    // A replay: the same events again, to a Herald whose dataflow state is gone (its
+    // state directory moved away, as when rebuilding). The journeys emit the same
+    // message ids; the outbox knows them, so nothing goes out.
+    std::fs::remove_dir_all(dir.path().join("herald-state")).unwrap();
     let webhooks = seen.lock().unwrap().len();
     let mut h = Herald::start(dir.path(), &config);
     let (status, _) = h.post("/v1/batch", "wk", &batch(0..USERS));

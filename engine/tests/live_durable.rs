@@ -1,0 +1,234 @@
+//! Durable state in embedded mode, tried as an operator would: a stream of events over
+//! HTTP, `kill -9` at random points with the client retrying what was not acknowledged,
+//! then a graceful stop and a start. Every acknowledged event must count exactly once,
+//! the query API and the changelog's running sum must agree with the events, and the
+//! changelog must hold no duplicate rows.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::Herald;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value as Json};
+
+const SEGMENTS: &str = "\
+CREATE SEGMENT all_counted AS count(*) = 50;
+CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 2;
+CREATE SEGMENT big_spenders AS
+    coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 300;
+CREATE SEGMENT pro AS plan = 'pro';
+";
+
+const USERS: usize = 2_000;
+const PER_USER: usize = 50;
+const BATCH: usize = 200;
+
+fn config() -> String {
+    "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n\
+     [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n\
+     [checkpoint]\nevery = \"1 second\"\n"
+        .to_string()
+}
+
+/// 100,000 events, 50 per user, in a shuffled order: orders with revenue, page views,
+/// and identify calls setting `plan` (each user's last one, by timestamp, decides).
+fn events() -> Vec<Json> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let t0 = 1_780_000_000_000i64;
+    let mut out = Vec::new();
+    for u in 0..USERS {
+        for k in 0..PER_USER {
+            let ts = t0 + (k as i64) * 60_000 + u as i64;
+            let time = chrono::DateTime::from_timestamp_millis(ts)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let id = format!("m-{u}-{k}");
+            let user = format!("u{u}");
+            let plan = ["pro", "free"][rng.random_range(0..2)];
+            let revenue = rng.random_range(1..120);
+            out.push(match rng.random_range(0..10) {
+                0..=2 => json!({"type": "track", "userId": user, "event": "Order Completed",
+                    "properties": {"revenue": revenue},
+                    "messageId": id, "timestamp": time}),
+                3 => json!({"type": "identify", "userId": user,
+                    "traits": {"plan": plan},
+                    "messageId": id, "timestamp": time}),
+                _ => json!({"type": "page", "userId": user, "name": "Home",
+                    "messageId": id, "timestamp": time}),
+            });
+        }
+    }
+    // Shuffled, so a batch touches many users and identify order is not arrival order.
+    for i in (1..out.len()).rev() {
+        let j = rng.random_range(0..=i);
+        out.swap(i, j);
+    }
+    out
+}
+
+/// Membership every segment must end with, from the events themselves.
+fn expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>> {
+    let mut orders: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+    let mut plan: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for e in events {
+        let user = e["userId"].as_str().unwrap().to_string();
+        match e["type"].as_str().unwrap() {
+            "track" => {
+                let o = orders.entry(user).or_default();
+                o.0 += 1;
+                o.1 += e["properties"]["revenue"].as_f64().unwrap();
+            }
+            "identify" => {
+                let t = e["timestamp"].as_str().unwrap().to_string();
+                let p = e["traits"]["plan"].as_str().unwrap().to_string();
+                let cur = plan.entry(user).or_insert((t.clone(), p.clone()));
+                if t >= cur.0 {
+                    *cur = (t, p);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut want = BTreeMap::new();
+    want.insert("all_counted", (0..USERS).map(|u| format!("u{u}")).collect());
+    want.insert(
+        "repeat_buyers",
+        orders.iter().filter(|(_, o)| o.0 >= 2).map(|(u, _)| u.clone()).collect(),
+    );
+    want.insert(
+        "big_spenders",
+        orders.iter().filter(|(_, o)| o.1 >= 300.0).map(|(u, _)| u.clone()).collect(),
+    );
+    want.insert(
+        "pro",
+        plan.iter().filter(|(_, p)| p.1 == "pro").map(|(u, _)| u.clone()).collect(),
+    );
+    want
+}
+
+fn members(h: &Herald, segment: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/segments/{segment}/members?limit=1000&cursor={c}"),
+            None => format!("/v1/segments/{segment}/members?limit=1000"),
+        };
+        let (status, page) = h.get_json(&path);
+        assert_eq!(status, 200, "{page}");
+        for m in page["members"].as_array().unwrap() {
+            out.insert(m.as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+#[test]
+fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    let events = events();
+    let want = expected(&events);
+    let batches: Vec<String> = events
+        .chunks(BATCH)
+        .map(|c| json!({"batch": c}).to_string())
+        .collect();
+
+    let h = Herald::start(dir.path(), &config());
+    let base = Arc::new(Mutex::new(h.base.clone()));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    // The client: posts every batch until it is acknowledged, as an SDK retries.
+    let poster = {
+        let (base, acked, done) = (Arc::clone(&base), Arc::clone(&acked), Arc::clone(&done));
+        let batches = batches.clone();
+        std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            for b in &batches {
+                loop {
+                    let url = format!("{}/v1/batch", base.lock().unwrap());
+                    let r = http
+                        .post(url)
+                        .basic_auth("wk", Some(""))
+                        .header("content-type", "application/json")
+                        .body(b.clone())
+                        .send();
+                    if matches!(&r, Ok(r) if r.status().as_u16() == 200) {
+                        acked.fetch_add(1, Ordering::AcqRel);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            done.store(true, Ordering::Release);
+        })
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut h = h;
+    let mut kills = 0;
+    while kills < 10 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..500)));
+        if done.load(Ordering::Acquire) {
+            break;
+        }
+        h.kill();
+        kills += 1;
+        h = Herald::start(dir.path(), &config());
+        *base.lock().unwrap() = h.base.clone();
+    }
+    poster.join().unwrap();
+    assert!(
+        kills >= 10,
+        "the stream ended after {kills} kills: the test needs at least 10 during it"
+    );
+    assert_eq!(acked.load(Ordering::Acquire), batches.len());
+    // A graceful stop and a start: the state comes back from the final checkpoint.
+    let status = h.stop();
+    assert!(status.success(), "{}", h.stderr_text());
+    let h = Herald::start(dir.path(), &config());
+    let (_, m) = h.get("/metrics");
+    assert!(
+        m.contains("herald_checkpoint"),
+        "checkpoint metrics missing:\n{m}"
+    );
+    for (seg, users) in &want {
+        h.wait_for(&format!("{seg}'s members"), Duration::from_secs(60), |h| {
+            members(h, seg) == *users
+        });
+    }
+    // The changelog: each (segment, user) alternates +1, -1, ... from 0, and its running
+    // sum is the membership.
+    let mut sum: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for row in h.output("segment_changes.jsonl") {
+        let key = (
+            row["segment"].as_str().unwrap().to_string(),
+            row["user_id"].as_str().unwrap().to_string(),
+        );
+        let s = sum.entry(key.clone()).or_default();
+        *s += row["diff"].as_i64().unwrap();
+        assert!(
+            (0..=1).contains(s),
+            "{key:?}: the changelog's running sum left 0..1 (a duplicate row): {row}"
+        );
+    }
+    for (seg, users) in &want {
+        let from_log: BTreeSet<String> = sum
+            .iter()
+            .filter(|((s, _), n)| s == seg && **n == 1)
+            .map(|((_, u), _)| u.clone())
+            .collect();
+        assert_eq!(&from_log, users, "{seg}: the changelog's running sum");
+    }
+    let mut h = h;
+    assert!(h.stop().success());
+}
