@@ -439,7 +439,9 @@ pub fn feed_list_changes(
         );
         for (from, to, diff) in [(b, a, -1), (a, b, 1)] {
             for user in from.difference(to) {
-                inputs.facts.update((user.clone(), (*slot, FactVal::Unit)), diff);
+                inputs
+                    .facts
+                    .update((user.clone(), (*slot, FactVal::Unit)), diff);
                 fed += 1;
             }
         }

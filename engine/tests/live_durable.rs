@@ -16,22 +16,63 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value as Json};
 
 const SEGMENTS: &str = "\
-CREATE SEGMENT all_counted AS count(*) = 50;
+-- The webhooks' outcomes come back as `Message …` events: not the test's own.
+CREATE SEGMENT all_counted AS
+    count(*) FILTER (WHERE coalesce(event, '') NOT LIKE 'Message %') = 50;
+CREATE SEGMENT thanked AS count(*) FILTER (WHERE event = 'Message Sent') = 1;
 CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 2;
 CREATE SEGMENT big_spenders AS
     coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 300;
 CREATE SEGMENT pro AS plan = 'pro';
 ";
 
+/// A webhook for every user the moment they become a big spender.
+const JOURNEYS: &str = "journey: thanks\nentry: { segment_entered: big_spenders }\n\
+steps:\n  - send: { channel: webhook, template: thanks }\n";
+
 const USERS: usize = 2_000;
 const PER_USER: usize = 50;
 const BATCH: usize = 200;
 
-fn config() -> String {
-    "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n\
-     [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n\
-     [checkpoint]\nevery = \"1 second\"\n"
-        .to_string()
+fn config(hook: &str) -> String {
+    format!(
+        "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n\
+         [checkpoint]\nevery = \"1 second\"\n\
+         [notify]\ntemplates = \"templates\"\nretry_base_ms = 50\nretry_max_ms = 500\n\
+         [notify.webhook]\nurl = \"{hook}\"\nsecret = \"s\"\nconcurrency = 4\n"
+    )
+}
+
+/// Webhook requests seen: (Idempotency-Key, user).
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A webhook endpoint that records each request.
+fn recorder(rt: &tokio::runtime::Runtime) -> (Seen, String) {
+    let seen: Seen = Arc::default();
+    let s2 = Arc::clone(&seen);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(
+        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let seen = Arc::clone(&s2);
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let body: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
+                let user = body["user_id"].as_str().unwrap_or_default().to_string();
+                seen.lock().unwrap().push((key, user));
+                "ok"
+            }
+        },
+    );
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (seen, format!("http://{addr}/hook"))
 }
 
 /// 100,000 events, 50 per user, in a shuffled order: orders with revenue, page views,
@@ -93,19 +134,32 @@ fn expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>> {
             _ => {}
         }
     }
-    let mut want = BTreeMap::new();
+    let mut want: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     want.insert("all_counted", (0..USERS).map(|u| format!("u{u}")).collect());
     want.insert(
         "repeat_buyers",
-        orders.iter().filter(|(_, o)| o.0 >= 2).map(|(u, _)| u.clone()).collect(),
+        orders
+            .iter()
+            .filter(|(_, o)| o.0 >= 2)
+            .map(|(u, _)| u.clone())
+            .collect(),
     );
     want.insert(
         "big_spenders",
-        orders.iter().filter(|(_, o)| o.1 >= 300.0).map(|(u, _)| u.clone()).collect(),
+        orders
+            .iter()
+            .filter(|(_, o)| o.1 >= 300.0)
+            .map(|(u, _)| u.clone())
+            .collect(),
     );
+    // One `Message Sent` per big spender: their webhook's outcome, counted once.
+    want.insert("thanked", want["big_spenders"].clone());
     want.insert(
         "pro",
-        plan.iter().filter(|(_, p)| p.1 == "pro").map(|(u, _)| u.clone()).collect(),
+        plan.iter()
+            .filter(|(_, p)| p.1 == "pro")
+            .map(|(u, _)| u.clone())
+            .collect(),
     );
     want
 }
@@ -132,8 +186,14 @@ fn members(h: &Herald, segment: &str) -> BTreeSet<String> {
 
 #[test]
 fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (seen, hook) = recorder(&rt);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    std::fs::write(dir.path().join("journeys.yaml"), JOURNEYS).unwrap();
+    std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+    std::fs::write(dir.path().join("templates/thanks.liquid"), "thanks\n").unwrap();
+    let config = config(&hook);
     let events = events();
     let want = expected(&events);
     let batches: Vec<String> = events
@@ -141,7 +201,7 @@ fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
         .map(|c| json!({"batch": c}).to_string())
         .collect();
 
-    let h = Herald::start(dir.path(), &config());
+    let h = Herald::start(dir.path(), &config);
     let base = Arc::new(Mutex::new(h.base.clone()));
     let acked = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -183,7 +243,7 @@ fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
         }
         h.kill();
         kills += 1;
-        h = Herald::start(dir.path(), &config());
+        h = Herald::start(dir.path(), &config);
         *base.lock().unwrap() = h.base.clone();
     }
     poster.join().unwrap();
@@ -195,7 +255,7 @@ fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
     // A graceful stop and a start: the state comes back from the final checkpoint.
     let status = h.stop();
     assert!(status.success(), "{}", h.stderr_text());
-    let h = Herald::start(dir.path(), &config());
+    let h = Herald::start(dir.path(), &config);
     let (_, m) = h.get("/metrics");
     assert!(
         m.contains("herald_checkpoint"),
@@ -229,6 +289,31 @@ fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
             .collect();
         assert_eq!(&from_log, users, "{seg}: the changelog's running sum");
     }
+    // Webhooks: every big spender got theirs; a second request with the same key only
+    // for an attempt in flight at a kill (at most the channel's concurrency per kill).
+    h.wait_for("every webhook", Duration::from_secs(60), |_| {
+        let s = seen.lock().unwrap();
+        s.iter().map(|(_, u)| u.clone()).collect::<BTreeSet<_>>() == want["big_spenders"]
+    });
+    let mut per_key: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    for (k, u) in seen.lock().unwrap().iter() {
+        let e = per_key.entry(k.clone()).or_insert((u.clone(), 0));
+        e.1 += 1;
+    }
+    let keys_per_user: BTreeMap<&str, usize> =
+        per_key.values().fold(BTreeMap::new(), |mut m, (u, _)| {
+            *m.entry(u.as_str()).or_default() += 1;
+            m
+        });
+    assert!(
+        keys_per_user.values().all(|n| *n == 1),
+        "a user's webhook went out under two message ids"
+    );
+    let repeated = per_key.values().filter(|(_, n)| *n > 1).count();
+    assert!(
+        repeated <= 4 * kills,
+        "{repeated} webhooks were sent twice: more than were in flight at the kills"
+    );
     let mut h = h;
     assert!(h.stop().success());
 }

@@ -114,8 +114,7 @@ fn run(
                 ..Default::default()
             };
             for t in chain {
-                let seg: SegmentPart =
-                    bincode::deserialize(&p.segments[&(*t, index)]).unwrap();
+                let seg: SegmentPart = bincode::deserialize(&p.segments[&(*t, index)]).unwrap();
                 r.segments.push(seg);
                 let j: JourneysPart = bincode::deserialize(&p.journeys[&(*t, index)]).unwrap();
                 if t == at {
@@ -137,8 +136,13 @@ fn run(
         let sink = Arc::clone(&sink);
         let sink2 = Arc::clone(&sink);
         let mut inputs = w.dataflow::<Time, _, _>(|scope| {
-            let (inputs, outputs) =
-                build_segments_durable(scope, plan.clone(), -1, Some(jset.clone()), Some(durability));
+            let (inputs, outputs) = build_segments_durable(
+                scope,
+                plan.clone(),
+                -1,
+                Some(jset.clone()),
+                Some(durability),
+            );
             outputs
                 .changes
                 .inner
@@ -247,14 +251,23 @@ fn check(seed: u64, workers: usize) {
     let write_at = probe
         .1
         .iter()
-        .find_map(|(_, l)| l.strip_prefix("write ")?.split(' ').next()?.parse::<Time>().ok())
+        .find_map(|(_, l)| {
+            l.strip_prefix("write ")?
+                .split(' ')
+                .next()?
+                .parse::<Time>()
+                .ok()
+        })
         .expect("a journey writes a trait");
     cks.push(write_at);
     cks.sort_unstable();
     cks.dedup();
     let parts: Arc<Mutex<Parts>> = Arc::default();
     let whole = run(&setup, workers, None, &cks, Arc::clone(&parts));
-    assert!(!whole.0.is_empty() && !whole.1.is_empty(), "seed {seed}: nothing happened");
+    assert!(
+        !whole.0.is_empty() && !whole.1.is_empty(),
+        "seed {seed}: nothing happened"
+    );
     for (k, &at) in cks.iter().enumerate() {
         let restored = run(
             &setup,

@@ -269,7 +269,10 @@ pub fn run_log_writer(
         let mut next = Some(first);
         while let Some(req) = next.take() {
             match req {
-                LogReq::Append { events: mut evs, done } => {
+                LogReq::Append {
+                    events: mut evs,
+                    done,
+                } => {
                     events.append(&mut evs);
                     waiting.extend(done);
                 }
@@ -450,12 +453,18 @@ impl Store {
         let path = self.dir(at).join(name);
         let bytes = std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
         if bytes.len() < 16 || &bytes[..8] != MAGIC {
-            return Err(format!("{} is not a Herald checkpoint part", path.display()));
+            return Err(format!(
+                "{} is not a Herald checkpoint part",
+                path.display()
+            ));
         }
         let format = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
         let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default());
         if format != FORMAT {
-            return Err(format!("{} is in format {format}, not {FORMAT}", path.display()));
+            return Err(format!(
+                "{} is in format {format}, not {FORMAT}",
+                path.display()
+            ));
         }
         if crc32fast::hash(&bytes[16..]) != crc {
             return Err(format!("{} is damaged (checksum mismatch)", path.display()));
@@ -507,10 +516,14 @@ pub struct PartsTo {
 
 impl PartSink for PartsTo {
     fn segments(&self, at: Time, part: SegmentPart) {
-        let _ = self.tx.send(CkMsg::Segments(self.worker, at, Box::new(part)));
+        let _ = self
+            .tx
+            .send(CkMsg::Segments(self.worker, at, Box::new(part)));
     }
     fn journeys(&self, at: Time, part: JourneysPart) {
-        let _ = self.tx.send(CkMsg::Journeys(self.worker, at, Box::new(part)));
+        let _ = self
+            .tx
+            .send(CkMsg::Journeys(self.worker, at, Box::new(part)));
     }
 }
 
@@ -531,8 +544,12 @@ pub fn run_checkpointer(
     for msg in rx {
         let started = std::time::Instant::now();
         let (at, bytes) = match &msg {
-            CkMsg::Segments(w, at, p) => (*at, store.write_part(*at, &format!("w{w}.segments"), p)?),
-            CkMsg::Journeys(w, at, p) => (*at, store.write_part(*at, &format!("w{w}.journeys"), p)?),
+            CkMsg::Segments(w, at, p) => {
+                (*at, store.write_part(*at, &format!("w{w}.segments"), p)?)
+            }
+            CkMsg::Journeys(w, at, p) => {
+                (*at, store.write_part(*at, &format!("w{w}.journeys"), p)?)
+            }
             CkMsg::Driver(at, _, p) => (*at, store.write_part(*at, "driver", p)?),
             CkMsg::Sink(at, p) => (*at, store.write_part(*at, "sink", p)?),
             CkMsg::Stop => break,
@@ -590,7 +607,10 @@ mod tests {
             event: Some("A".into()),
             message_id: id.into(),
             timestamp: 1,
-            properties: serde_json::Map::from_iter([("x".to_string(), serde_json::json!([1, {"y": null}]))]),
+            properties: serde_json::Map::from_iter([(
+                "x".to_string(),
+                serde_json::json!([1, {"y": null}]),
+            )]),
             context: Default::default(),
             traits: Default::default(),
         }
@@ -636,7 +656,10 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(store.read_part::<Vec<u32>>(5, "p").unwrap_err().contains("damaged"));
+        assert!(store
+            .read_part::<Vec<u32>>(5, "p")
+            .unwrap_err()
+            .contains("damaged"));
         // No manifest: not complete, so not the latest.
         assert!(store.latest().unwrap().is_none());
         let m = Manifest {

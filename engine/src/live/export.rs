@@ -129,7 +129,14 @@ impl Exporter {
                 });
             match rx.recv_timeout(wait) {
                 Ok(ExportMsg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(msg) => self.take(live, msg)?,
+                Ok(msg) => {
+                    self.take(live, msg)?;
+                    // Stopping: the workers wait for what the archive confirms, so it is
+                    // written now rather than at the flush interval.
+                    if live.stopping() && self.pending_watermark.is_some() {
+                        self.flush_all(live)?;
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => self.flush_all(live)?,
             }
         }

@@ -159,7 +159,11 @@ impl Live {
 
     /// Hands events on (embedded mode). With the ingest log and `wait`, returns what
     /// says when they are synced: the caller answers only then.
-    pub fn ingest_all(&self, events: Vec<Event>, wait: bool) -> Result<Option<Durable>, IngestError> {
+    pub fn ingest_all(
+        &self,
+        events: Vec<Event>,
+        wait: bool,
+    ) -> Result<Option<Durable>, IngestError> {
         let n = events.len();
         let limit = INGEST_QUEUE * self.ingest.len();
         if self.queued.fetch_add(n, Ordering::AcqRel) + n > limit && n > 0 {
@@ -299,9 +303,7 @@ where
         frontier: AtomicU64::new(0),
         sink_failed: std::sync::atomic::AtomicBool::new(false),
         sink: sink_tx,
-        queued: std::sync::atomic::AtomicUsize::new(
-            recovery.as_ref().map_or(0, |r| r.replayed),
-        ),
+        queued: std::sync::atomic::AtomicUsize::new(recovery.as_ref().map_or(0, |r| r.replayed)),
         ingest: ingest_tx,
         log: recovery.as_ref().map(|r| r.log_tx.clone()),
         log_watermark: Arc::new(AtomicU64::new(
@@ -462,8 +464,13 @@ where
             std::thread::Builder::new()
                 .name("herald-checkpoint".into())
                 .spawn(move || {
-                    let result =
-                        durable::run_checkpointer(store, ck_rx, template, Some(log_tx), &ck_live.metrics);
+                    let result = durable::run_checkpointer(
+                        store,
+                        ck_rx,
+                        template,
+                        Some(log_tx),
+                        &ck_live.metrics,
+                    );
                     if let Err(e) = &result {
                         tracing::error!("checkpoint: {e}; stopping");
                         ck_live.sink_failed.store(true, Ordering::Release);
@@ -477,7 +484,9 @@ where
                     }
                     result
                 })
-                .map_err(|e| EngineError::Dataflow(format!("cannot start the checkpointer: {e}")))?,
+                .map_err(|e| {
+                    EngineError::Dataflow(format!("cannot start the checkpointer: {e}"))
+                })?,
         );
         io.restored = r.restored;
         io.writes = r.writes;
@@ -729,7 +738,10 @@ fn recover(
             if !config.output.dir.is_empty() {
                 sink::cut_to_checkpoint(&config.output.dir, &Default::default())?;
             }
-            tracing::info!("no checkpoint yet; {} logged events fed again", records.len());
+            tracing::info!(
+                "no checkpoint yet; {} logged events fed again",
+                records.len()
+            );
             records[0].at
         }
         None => 0,

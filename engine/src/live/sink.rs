@@ -116,7 +116,11 @@ fn journey_key(o: &JOut) -> (u8, &str, &str, u32, u32) {
 }
 
 /// Output files a checkpoint records the lengths of (what is derived again after it).
-const DERIVED_FILES: [&str; 3] = ["segment_changes.jsonl", "journey_events.jsonl", "messages.jsonl"];
+const DERIVED_FILES: [&str; 3] = [
+    "segment_changes.jsonl",
+    "journey_events.jsonl",
+    "messages.jsonl",
+];
 
 /// Cuts the derived output files back to the lengths a checkpoint recorded: what was
 /// written after it is derived again (and written again) from the ingest log.
@@ -136,9 +140,9 @@ pub fn cut_to_checkpoint(dir: &str, files: &BTreeMap<String, u64>) -> Result<(),
         }
         if len > want {
             tracing::info!(file = %path.display(), bytes = len - want, "cut back to the checkpoint");
-            f.set_len(want)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| EngineError::Dataflow(format!("cannot cut {}: {e}", path.display())))?;
+            f.set_len(want).and_then(|_| f.sync_all()).map_err(|e| {
+                EngineError::Dataflow(format!("cannot cut {}: {e}", path.display()))
+            })?;
         }
     }
     Ok(())

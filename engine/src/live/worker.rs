@@ -15,9 +15,9 @@ use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{
     build_segments_durable, CheckpointReq, Durability, Restored, SegmentInputs, StateHandle,
 };
-use herald_operators::plan::SnapshotRows;
 use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::journey::JOut;
+use herald_operators::plan::SnapshotRows;
 use herald_operators::state::StateCounters;
 use herald_operators::time::Time;
 use herald_operators::value::Value;
@@ -185,10 +185,23 @@ fn run(
             .map_err(|_| "worker channels poisoned".to_string())?;
         let ev = io.events.get_mut(local).and_then(Option::take);
         let restored = io.restored.get_mut(local).and_then(Option::take);
-        let writes = io.writes.get_mut(local).map(std::mem::take).unwrap_or_default();
+        let writes = io
+            .writes
+            .get_mut(local)
+            .map(std::mem::take)
+            .unwrap_or_default();
         let (start_at, chain) = (io.start_at, io.chain.clone());
         if index == 0 {
-            (ev, io.snapshots.take(), io.audiences.take(), restored, writes, io.driver.take(), start_at, chain)
+            (
+                ev,
+                io.snapshots.take(),
+                io.audiences.take(),
+                restored,
+                writes,
+                io.driver.take(),
+                start_at,
+                chain,
+            )
         } else {
             (ev, None, None, restored, writes, None, start_at, chain)
         }
@@ -201,7 +214,10 @@ fn run(
         }),
         restored,
     });
-    let checkpoint_every = live.config.checkpoint_every_ms().map_err(|e| e.to_string())?;
+    let checkpoint_every = live
+        .config
+        .checkpoint_every_ms()
+        .map_err(|e| e.to_string())?;
     let tick = Duration::from_millis(live.config.engine.tick_ms);
 
     let plan = Rc::new(live.plan.clone());
@@ -415,9 +431,8 @@ fn run(
                 }
                 chain.push(cur);
                 live.to_sink(SinkMsg::Checkpoint(cur, full));
-                let snapshot = (full || snapshot_changed).then(|| {
-                    snapshots.prev().map(|(at, rows)| (*at, (**rows).clone()))
-                });
+                let snapshot = (full || snapshot_changed)
+                    .then(|| snapshots.prev().map(|(at, rows)| (*at, (**rows).clone())));
                 snapshot_changed = false;
                 if let Some(tx) = &live.checkpointer {
                     let part = DriverPart {

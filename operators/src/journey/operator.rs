@@ -20,9 +20,9 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-use crate::journey::compile::JourneySet;
 use crate::dataflow::{Ctl, JourneysPart, PartSink};
 use crate::event::Event;
+use crate::journey::compile::JourneySet;
 use crate::journey::machine::{JIn, JOut, Machine, MachinePart};
 use crate::state::user_hash;
 use crate::time::Time;
@@ -61,8 +61,7 @@ pub fn run_journeys<'s>(
                 cap = Some(initial.delayed(&at));
             }
             // Checkpoint requests not yet answered, by instant.
-            let mut requests: BTreeMap<Time, Vec<crate::dataflow::CheckpointReq>> =
-                BTreeMap::new();
+            let mut requests: BTreeMap<Time, Vec<crate::dataflow::CheckpointReq>> = BTreeMap::new();
             // update_trait writes emitted at the last instant stepped, by target instant.
             let mut writes: Vec<(Time, Event)> = Vec::new();
             let mut outs: Vec<JOut> = Vec::new();
