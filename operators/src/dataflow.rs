@@ -398,7 +398,7 @@ fn segment_state<'s>(
                 if !stash.is_sorted_by_key(|x| x.0) {
                     stash.sort_by_key(|x| x.0);
                 }
-                clocks.sort_by(|a, b| a.0.cmp(&b.0));
+                clocks.sort_by_key(|x| x.0);
                 let mut session = output.session(&*c);
                 let mut ci = 0;
                 // The stash is sorted: what the frontier has passed is a prefix.

@@ -633,6 +633,12 @@ pub struct SegmentState {
     changed: Option<hashbrown::HashSet<u32>>,
 }
 
+/// A user's exposed trait values: `(position in Plan::exposed, value)`.
+type Exposed = Vec<(u16, Value)>;
+
+/// A future-dated window-free count contribution: `(instant, slot, value)`.
+type PendingCount = (Time, u32, FactVal);
+
 /// One worker's segment state, or what changed in it since the previous part, as a
 /// checkpoint holds it ([`SegmentState::part`]). Plain data: plan-derived tables and the
 /// timer heap are rebuilt on restore (a user's live timer is its `scheduled` instant).
@@ -644,8 +650,8 @@ pub struct SegmentPart {
     pub n_users: u32,
     users: Vec<(u32, User)>,
     /// Exposed trait values of the users in `users` (None: none).
-    exposed: Vec<(u32, Option<Vec<(u16, Value)>>)>,
-    pending: Vec<(u32, Vec<(Time, u32, FactVal)>)>,
+    exposed: Vec<(u32, Option<Exposed>)>,
+    pending: Vec<(u32, Vec<PendingCount>)>,
     clock_counts: Vec<(i64, isize)>,
     clock: i64,
     /// Dedup pairs: all of them in a full part, else those that arrived since the last.

@@ -356,7 +356,7 @@ pub struct SinkPart {
     pub files: BTreeMap<String, u64>,
     /// Identify traits of the query API: per user, `name -> (instant, JSON text)`
     /// (None: no traits); every user in a full part, else those written since.
-    pub traits: Vec<(String, Option<BTreeMap<String, (i64, String)>>)>,
+    pub traits: super::state::TraitsPart,
     /// Whether `traits` holds every user.
     pub full: bool,
 }
