@@ -77,6 +77,10 @@ struct Args {
     /// Partitions of the events topic.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// Run Herald without durable state (`checkpoint.dir = ""`: no ingest log, no
+    /// checkpoints), to measure what they cost.
+    #[arg(long)]
+    no_durable: bool,
 }
 
 /// The `journey` path: every click enters (re-entry always) and sends at once.
@@ -439,6 +443,9 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     );
     if journey {
         config = config.replace("[http]", "journeys = \"journeys.yaml\"\n[http]");
+    }
+    if args.no_durable {
+        config.push_str("[checkpoint]\ndir = \"\"\n");
     }
     if embedded {
         config.push_str("[output]\ndir = \"out\"\n");
