@@ -81,6 +81,9 @@ struct Args {
     /// checkpoints), to measure what they cost.
     #[arg(long)]
     no_durable: bool,
+    /// `checkpoint.every` of Herald (durable runs).
+    #[arg(long, default_value = "5 seconds")]
+    checkpoint_every: String,
 }
 
 /// The `journey` path: every click enters (re-entry always) and sends at once.
@@ -446,6 +449,11 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     }
     if args.no_durable {
         config.push_str("[checkpoint]\ndir = \"\"\n");
+    } else {
+        config.push_str(&format!(
+            "[checkpoint]\nevery = \"{}\"\n",
+            args.checkpoint_every
+        ));
     }
     if embedded {
         config.push_str("[output]\ndir = \"out\"\n");

@@ -173,7 +173,7 @@ impl IngestLog {
         ))
     }
 
-    /// Appends a batch stamped `at` and fsyncs it.
+    /// Appends a batch stamped `at` (written, not yet synced: see [`IngestLog::sync`]).
     fn append(&mut self, at: Time, events: &[Event]) -> Result<(), String> {
         if self.current.is_none() || self.current_bytes > LOG_FILE_BYTES {
             let path = self.dir.join(format!("{at:020}.log"));
@@ -200,10 +200,17 @@ impl IngestLog {
             return Err("no ingest log file is open".into());
         };
         f.write_all(&self.buf)
-            .and_then(|_| f.sync_data())
             .map_err(|e| io("cannot write", path, e))?;
         self.current_bytes += self.buf.len() as u64;
         Ok(())
+    }
+
+    /// Makes what was appended durable.
+    fn sync(&mut self) -> Result<(), String> {
+        match (&self.current, self.files.last()) {
+            (Some(f), Some((_, path))) => f.sync_data().map_err(|e| io("cannot sync", path, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Removes the files whose every record is stamped before `at`, and starts a new
@@ -249,6 +256,7 @@ pub fn run_log_writer(
     rx: Receiver<LogReq>,
     workers: Vec<Sender<Fed>>,
     watermark: Arc<AtomicU64>,
+    synced: Arc<AtomicU64>,
     tick: Duration,
 ) {
     let n = workers.len() as u64;
@@ -256,8 +264,10 @@ pub fn run_log_writer(
         let first = match rx.recv_timeout(tick) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
-                // Idle: nothing is stamped below now any more.
-                watermark.fetch_max(super::now_ms(), Ordering::AcqRel);
+                // Idle: nothing is stamped below now any more, and all of it is synced.
+                let now = super::now_ms();
+                watermark.fetch_max(now, Ordering::AcqRel);
+                synced.fetch_max(now, Ordering::AcqRel);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -296,13 +306,21 @@ pub fn run_log_writer(
             continue;
         }
         let at = super::now_ms().max(watermark.load(Ordering::Acquire));
-        match log.append(at, &events) {
+        // The workers take the batch while it is synced: the dataflow's latency does not
+        // wait for the disk, only the HTTP answer does. What a crash loses before the sync
+        // was never acknowledged (the client sends it again) and no checkpoint can hold it:
+        // the checkpointer commits an instant only once the log is synced past it.
+        let written = log.append(at, &events);
+        if written.is_ok() {
+            for ev in events {
+                let w = (herald_operators::dataflow::user_hash(&ev.user) % n) as usize;
+                let _ = workers[w].send(Fed { at, ev });
+            }
+            watermark.store(at + 1, Ordering::Release);
+        }
+        match written.and_then(|_| log.sync()) {
             Ok(()) => {
-                for ev in events {
-                    let w = (herald_operators::dataflow::user_hash(&ev.user) % n) as usize;
-                    let _ = workers[w].send(Fed { at, ev });
-                }
-                watermark.store(at + 1, Ordering::Release);
+                synced.store(at + 1, Ordering::Release);
                 for d in waiting {
                     let _ = d.send(Ok(()));
                 }
@@ -527,14 +545,17 @@ impl PartSink for PartsTo {
     }
 }
 
-/// Runs the checkpointer until every sender is gone: writes parts, and commits a
-/// checkpoint once all its parts are written (then the log before it is truncated).
-/// Returns the number of checkpoints committed.
+/// Runs the checkpointer until [`CkMsg::Stop`]: writes parts, and commits a checkpoint
+/// once all its parts are written and the output files under `outputs` (whose lengths
+/// the sink part records) are synced; then the log before it is truncated. Returns the
+/// number of checkpoints committed.
 pub fn run_checkpointer(
     store: Store,
     rx: Receiver<CkMsg>,
     template: Manifest,
     log: Option<Sender<LogReq>>,
+    synced: Arc<AtomicU64>,
+    outputs: Vec<PathBuf>,
     metrics: &super::metrics::Metrics,
 ) -> Result<u64, String> {
     let expected = template.workers * (1 + template.journeys as usize) + 2;
@@ -561,6 +582,20 @@ pub fn run_checkpointer(
             entry.1 = Some(chain);
         }
         if let (true, Some(chain)) = (entry.0 == expected, entry.1.clone()) {
+            // Every event stamped before `at` must be on disk before a checkpoint that
+            // holds it is complete.
+            let waited = std::time::Instant::now();
+            while synced.load(Ordering::Acquire) < at {
+                if waited.elapsed() > Duration::from_secs(30) {
+                    return Err("the ingest log has not synced for 30 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for path in &outputs {
+                if let Ok(f) = File::open(path) {
+                    f.sync_data().map_err(|e| io("cannot sync", path, e))?;
+                }
+            }
             let m = Manifest {
                 at,
                 chain,

@@ -128,6 +128,8 @@ pub struct Live {
     /// The instant of the checkpoint taken at shutdown, once worker 0 has asked for it
     /// (0: not yet): the workers stop once the frontier passes it.
     pub final_checkpoint: AtomicU64,
+    /// Local workers that have built their dataflow (and restored their state).
+    pub workers_ready: std::sync::atomic::AtomicUsize,
     /// The notifications layer, when `[notify]` is configured (set once at start).
     pub notify: std::sync::OnceLock<notify::Notify>,
     /// The exporter's channel, when `[export]` is configured.
@@ -311,6 +313,7 @@ where
         )),
         checkpointer: recovery.as_ref().map(|r| r.ck_tx.clone()),
         final_checkpoint: AtomicU64::new(0),
+        workers_ready: std::sync::atomic::AtomicUsize::new(0),
         notify: std::sync::OnceLock::new(),
         export: export_tx,
     });
@@ -445,16 +448,21 @@ where
         start_at: 0,
         chain: Vec::new(),
     };
+    let recovery_at = recovery.as_ref().map_or(0, |r| r.start_at);
     if let Some(r) = recovery {
         let workers: Vec<Sender<durable::Fed>> = live.ingest.clone();
         let watermark = Arc::clone(&live.log_watermark);
+        let synced = Arc::new(AtomicU64::new(live.log_watermark.load(Ordering::Acquire)));
+        let synced_ck = Arc::clone(&synced);
         let tick = std::time::Duration::from_millis(live.config.engine.tick_ms.max(1));
         let log = r.log;
         let log_rx = r.log_rx;
         log_thread = Some(
             std::thread::Builder::new()
                 .name("herald-ingest-log".into())
-                .spawn(move || durable::run_log_writer(log, log_rx, workers, watermark, tick))
+                .spawn(move || {
+                    durable::run_log_writer(log, log_rx, workers, watermark, synced, tick)
+                })
                 .map_err(|e| EngineError::Dataflow(format!("cannot start the log writer: {e}")))?,
         );
         let ck_live = Arc::clone(&live);
@@ -464,11 +472,21 @@ where
             std::thread::Builder::new()
                 .name("herald-checkpoint".into())
                 .spawn(move || {
+                    let outputs: Vec<std::path::PathBuf> = if ck_live.config.output.dir.is_empty() {
+                        Vec::new()
+                    } else {
+                        sink::DERIVED_FILES
+                            .iter()
+                            .map(|f| std::path::Path::new(&ck_live.config.output.dir).join(f))
+                            .collect()
+                    };
                     let result = durable::run_checkpointer(
                         store,
                         ck_rx,
                         template,
                         Some(log_tx),
+                        synced_ck,
+                        outputs,
                         &ck_live.metrics,
                     );
                     if let Err(e) = &result {
@@ -503,6 +521,18 @@ where
     })
     .map_err(|e| EngineError::Dataflow(format!("cannot start timely workers: {e}")))?;
 
+    // Serve only once every worker holds its (restored) state, so the first answers are
+    // right; a worker that fails first stops the service.
+    let waited = std::time::Instant::now();
+    while live.workers_ready.load(Ordering::Acquire) < local_workers && !live.stopping() {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    if recovery_at > 0 {
+        tracing::info!(
+            "state restored in {:.0} ms",
+            waited.elapsed().as_secs_f64() * 1e3
+        );
+    }
     // The HTTP server, and shutdown: stop taking requests first, then stop the workers.
     let app = http::router(Arc::clone(&live))?;
     // Warehouse audiences start once nothing else can fail to start (their queries run

@@ -293,6 +293,7 @@ fn run(
             });
         }
     }
+    live.workers_ready.fetch_add(1, Ordering::AcqRel);
     // Worker 0 asks for checkpoints; what changed in the snapshot since the last one.
     let mut next_checkpoint = cur + checkpoint_every;
     let mut snapshot_changed = chain.is_empty();

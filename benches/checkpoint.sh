@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The durable-state run of docs/benchmarks.md: a live embedded Herald fed USERS users over
+# HTTP (one order and one identify each, benches/segments20.sql), then: checkpoint bytes
+# per user, the graceful stop (final checkpoint), and the restart to serving (restore of
+# every user, then the HTTP listener up), by wall clock.
+#
+#   benches/checkpoint.sh [USERS]      # default 1000000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+USERS="${1:-1000000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/herald-target}"
+cargo build --release --quiet -p herald-engine --bin herald
+BIN="$CARGO_TARGET_DIR/release/herald"
+DIR="$(mktemp -d /tmp/herald-checkpoint-XXXXXX)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
+cp benches/segments20.sql "$DIR/segments.sql"
+cat > "$DIR/herald.toml" <<EOF
+[engine]
+segments = "segments.sql"
+workers = 2
+dedup_horizon = "1 hour"
+[http]
+listen = "127.0.0.1:0"
+write_keys = ["bench"]
+max_batch_bytes = 8000000
+[checkpoint]
+every = "5 seconds"
+EOF
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+
+start() {
+  : > "$DIR/stdout"
+  RUST_LOG=info "$BIN" run --config "$DIR/herald.toml" > "$DIR/stdout" 2>> "$DIR/stderr" &
+  PID=$!
+  until grep -q "listening on" "$DIR/stdout"; do sleep 0.01; done
+  ADDR=$(sed -n 's/^herald: listening on \([^ ]*\).*/\1/p' "$DIR/stdout")
+}
+metric() { curl -s "$ADDR/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+
+start
+python3 - "$ADDR" "$USERS" <<'EOF'
+import json, sys, urllib.request, base64, time
+addr, users = sys.argv[1], int(sys.argv[2])
+auth = "Basic " + base64.b64encode(b"bench:").decode()
+t0 = 1_780_000_000_000
+def batch(lo, hi):
+    items = []
+    for u in range(lo, hi):
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((t0 + u) // 1000)) + ".%03dZ" % ((t0 + u) % 1000)
+        items.append({"type": "track", "userId": f"u{u}", "event": "Order Completed",
+                      "properties": {"revenue": u % 500}, "messageId": f"o{u}", "timestamp": ts})
+        items.append({"type": "identify", "userId": f"u{u}", "traits": {"plan": ["pro", "free"][u % 2], "country": "IN"},
+                      "messageId": f"i{u}", "timestamp": ts})
+    return json.dumps({"batch": items}).encode()
+started = time.time()
+step = 5000
+for lo in range(0, users, step):
+    req = urllib.request.Request(f"{addr}/v1/batch", data=batch(lo, min(users, lo + step)),
+                                 headers={"Authorization": auth, "Content-Type": "application/json"})
+    while True:
+        try:
+            urllib.request.urlopen(req).read()
+            break
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                raise
+            time.sleep(0.05)
+print(f"posted {2 * users} events in {time.time() - started:.1f} s")
+EOF
+# Wait until every event is in and a checkpoint after it is complete.
+want=$((2 * USERS))
+until [ "$(metric 'herald_events_in_total{source="http"}')" = "$want" ]; do sleep 0.2; done
+in_at=$(date +%s%3N)
+until [ "$(metric herald_checkpoint_at_ms)" -gt "$in_at" ] 2>/dev/null; do sleep 0.2; done
+rss=$(awk '/VmHWM/ {printf "%.2f", $2/1048576}' /proc/$PID/status)
+echo "checkpoints so far: $(metric herald_checkpoints_total), part bytes written: $(metric herald_checkpoint_bytes_total), peak RSS ${rss} GiB"
+stop_t0=$(date +%s%3N)
+kill -TERM $PID; wait $PID
+stop_ms=$(( $(date +%s%3N) - stop_t0 ))
+latest=$(ls -d "$DIR"/herald-state/checkpoints/*/ | tail -1)
+chain=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['chain']))" "$latest/MANIFEST")
+bytes=$(du -sb "$DIR/herald-state/checkpoints" | cut -f1)
+echo "graceful stop (final checkpoint): ${stop_ms} ms"
+echo "checkpoint directory: $bytes bytes for $USERS users (chain of $chain): $(( bytes / USERS )) B/user"
+echo "full part sizes:"; ls -l "$(ls -d "$DIR"/herald-state/checkpoints/*/ | head -1)" | awk 'NR>1 {print "  " $9 ": " $5}'
+restart_t0=$(date +%s%3N)
+start
+restart_ms=$(( $(date +%s%3N) - restart_t0 ))
+echo "restart to serving: ${restart_ms} ms ($(grep -o 'restored the checkpoint.*' "$DIR/stderr" | tail -1))"
+size=$(curl -s "$ADDR/v1/segments" | python3 -c "import json,sys; print({s['name']: s['size'] for s in json.load(sys.stdin)['segments']}['buyers'])")
+echo "buyers after the restart: $size (want $USERS)"
+kill -TERM $PID; wait $PID
