@@ -43,7 +43,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_operators::dataflow::{JourneysPart, PartSink, SegmentPart};
+use herald_operators::dataflow::{JourneysPart, PartSink, Restored, SegmentPart};
 use herald_operators::event::Event;
 use herald_operators::plan::SnapshotRows;
 use herald_operators::time::Time;
@@ -521,6 +521,42 @@ impl Store {
                 let _ = std::fs::remove_dir_all(self.dir(t));
             }
         }
+    }
+}
+
+/// Where one worker's parts of a checkpoint are, to be read on its own thread.
+pub struct WorkerParts {
+    /// The checkpoint directory.
+    pub store: Store,
+    /// The checkpoint's instant.
+    pub at: Time,
+    /// Its chain.
+    pub chain: Vec<Time>,
+    /// Whether journeys wrote parts.
+    pub journeys: bool,
+}
+
+impl WorkerParts {
+    /// Reads worker `w`'s chain: the state to restore and the journeys' trait writes the
+    /// last part carried.
+    pub fn read(&self, w: usize) -> Result<(Restored, Vec<Event>), String> {
+        let mut r = Restored {
+            at: self.at,
+            ..Default::default()
+        };
+        let mut writes = Vec::new();
+        for &t in &self.chain {
+            let seg: SegmentPart = self.store.read_part(t, &format!("w{w}.segments"))?;
+            r.segments.push(seg);
+            if self.journeys {
+                let j: JourneysPart = self.store.read_part(t, &format!("w{w}.journeys"))?;
+                if t == self.at {
+                    writes = j.writes;
+                }
+                r.journeys.push(j.machine);
+            }
+        }
+        Ok((r, writes))
     }
 }
 

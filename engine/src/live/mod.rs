@@ -443,7 +443,6 @@ where
         snapshots: Some(snap_rx),
         audiences: Some(audience_rx),
         restored: (0..local_workers).map(|_| None).collect(),
-        writes: vec![Vec::new(); local_workers],
         driver: None,
         start_at: 0,
         chain: Vec::new(),
@@ -507,7 +506,6 @@ where
                 })?,
         );
         io.restored = r.restored;
-        io.writes = r.writes;
         io.driver = r.driver;
         io.start_at = r.start_at;
         io.chain = r.chain;
@@ -648,8 +646,7 @@ struct Recovery {
     ck_tx: Sender<durable::CkMsg>,
     ck_rx: Receiver<durable::CkMsg>,
     template: durable::Manifest,
-    restored: Vec<Option<herald_operators::dataflow::Restored>>,
-    writes: Vec<Vec<Event>>,
+    restored: Vec<Option<durable::WorkerParts>>,
     driver: Option<worker::RestoredDriver>,
     traits: Vec<(bool, state::TraitsPart)>,
     start_at: u64,
@@ -663,7 +660,6 @@ fn recover(
     journeys: bool,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
-    use herald_operators::dataflow::{JourneysPart, Restored, SegmentPart};
     let dir = std::path::Path::new(&config.checkpoint.dir);
     let fail = |e: String| EngineError::Usage(format!("config: `checkpoint.dir`: {e}"));
     let read = |p: &Option<String>| -> String {
@@ -701,35 +697,21 @@ fn recover(
     }
     let from = manifest.as_ref().map_or(0, |m| m.at);
     let (log, records, last) = durable::IngestLog::open(&dir.join("ingest"), from).map_err(fail)?;
-    let mut restored: Vec<Option<Restored>> = (0..n).map(|_| None).collect();
-    let mut writes = vec![Vec::new(); n];
+    let mut restored: Vec<Option<durable::WorkerParts>> = (0..n).map(|_| None).collect();
     let mut driver = None;
     let mut traits = Vec::new();
     let mut chain = Vec::new();
     let start_at = match &manifest {
         Some(m) => {
             let started = std::time::Instant::now();
-            for (w, slot) in restored.iter_mut().enumerate() {
-                let mut r = Restored {
+            // Each worker reads its own parts, in parallel, on its thread.
+            for slot in restored.iter_mut() {
+                *slot = Some(durable::WorkerParts {
+                    store: store.clone(),
                     at: m.at,
-                    ..Default::default()
-                };
-                for &t in &m.chain {
-                    let seg: SegmentPart = store
-                        .read_part(t, &format!("w{w}.segments"))
-                        .map_err(fail)?;
-                    r.segments.push(seg);
-                    if journeys {
-                        let j: JourneysPart = store
-                            .read_part(t, &format!("w{w}.journeys"))
-                            .map_err(fail)?;
-                        if t == m.at {
-                            writes[w] = j.writes;
-                        }
-                        r.journeys.push(j.machine);
-                    }
-                }
-                *slot = Some(r);
+                    chain: m.chain.clone(),
+                    journeys,
+                });
             }
             let mut snapshot = None;
             let mut last_driver = durable::DriverPart::default();
@@ -801,7 +783,6 @@ fn recover(
             definitions,
         },
         restored,
-        writes,
         driver,
         traits,
         start_at,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{
-    build_segments_durable, CheckpointReq, Durability, Restored, SegmentInputs, StateHandle,
+    build_segments_durable, CheckpointReq, Durability, SegmentInputs, StateHandle,
 };
 use herald_operators::event::{parse_message, Event, Limits};
 use herald_operators::journey::JOut;
@@ -60,10 +60,8 @@ pub(crate) struct WorkerIo {
     pub events: Vec<Option<Receiver<Fed>>>,
     pub snapshots: Option<Receiver<SnapshotMsg>>,
     pub audiences: Option<Receiver<AudienceMsg>>,
-    /// Per local worker, the state to start from.
-    pub restored: Vec<Option<Restored>>,
-    /// Per local worker, the journeys' trait writes its part carried (fed at the start).
-    pub writes: Vec<Vec<Event>>,
+    /// Per local worker, the checkpoint parts to start from.
+    pub restored: Vec<Option<super::durable::WorkerParts>>,
     /// Worker 0's feeders as the checkpoint left them.
     pub driver: Option<RestoredDriver>,
     /// The instant the dataflow starts at (0: now).
@@ -179,17 +177,12 @@ fn run(
     let index = worker.index();
     let local_workers = live.config.engine.workers;
     let local = index % local_workers;
-    let (events_rx, snapshots_rx, audiences_rx, restored, writes, driver, start_at, mut chain) = {
+    let (events_rx, snapshots_rx, audiences_rx, restored, driver, start_at, mut chain) = {
         let mut io = io
             .lock()
             .map_err(|_| "worker channels poisoned".to_string())?;
         let ev = io.events.get_mut(local).and_then(Option::take);
         let restored = io.restored.get_mut(local).and_then(Option::take);
-        let writes = io
-            .writes
-            .get_mut(local)
-            .map(std::mem::take)
-            .unwrap_or_default();
         let (start_at, chain) = (io.start_at, io.chain.clone());
         if index == 0 {
             (
@@ -197,14 +190,21 @@ fn run(
                 io.snapshots.take(),
                 io.audiences.take(),
                 restored,
-                writes,
                 io.driver.take(),
                 start_at,
                 chain,
             )
         } else {
-            (ev, None, None, restored, writes, None, start_at, chain)
+            (ev, None, None, restored, None, start_at, chain)
         }
+    };
+    // This worker's parts, read here so that the workers read theirs in parallel.
+    let (restored, writes) = match restored {
+        Some(p) => {
+            let (r, w) = p.read(index).map_err(|e| format!("restoring: {e}"))?;
+            (Some(r), w)
+        }
+        None => (None, Vec::new()),
     };
     let was_restored = restored.is_some();
     let durability = live.checkpointer.as_ref().map(|tx| Durability {
