@@ -593,10 +593,13 @@ pub fn run_checkpointer(
     synced: Arc<AtomicU64>,
     outputs: Vec<PathBuf>,
     metrics: &super::metrics::Metrics,
+    want_full: &std::sync::atomic::AtomicBool,
 ) -> Result<u64, String> {
     let expected = template.workers * (1 + template.journeys as usize) + 2;
-    // Per instant: parts written, the chain (from the driver part).
-    let mut pending: BTreeMap<Time, (usize, Option<Vec<Time>>)> = BTreeMap::new();
+    // Per instant: parts written, the chain (from the driver part), their bytes.
+    let mut pending: BTreeMap<Time, (usize, Option<Vec<Time>>, u64)> = BTreeMap::new();
+    // Bytes of the chain's full checkpoint, and of its deltas since.
+    let (mut full_bytes, mut delta_bytes) = (0u64, 0u64);
     let mut committed = 0;
     for msg in rx {
         let started = std::time::Instant::now();
@@ -614,6 +617,7 @@ pub fn run_checkpointer(
         metrics.checkpoint_bytes.inc_by(bytes);
         let entry = pending.entry(at).or_default();
         entry.0 += 1;
+        entry.2 += bytes;
         if let CkMsg::Driver(_, chain, _) = msg {
             entry.1 = Some(chain);
         }
@@ -638,6 +642,16 @@ pub fn run_checkpointer(
                 ..template.clone()
             };
             store.commit(&m)?;
+            // Once the deltas outweigh the full checkpoint they follow, reading the chain
+            // costs more than a new full one: ask worker 0 for one next.
+            if m.chain.len() == 1 {
+                (full_bytes, delta_bytes) = (entry.2, 0);
+            } else {
+                delta_bytes += entry.2;
+            }
+            if delta_bytes > full_bytes {
+                want_full.store(true, Ordering::Release);
+            }
             pending.remove(&at);
             // Older instants can never complete now.
             pending.retain(|t, _| *t > at);

@@ -128,6 +128,8 @@ pub struct Live {
     /// The instant of the checkpoint taken at shutdown, once worker 0 has asked for it
     /// (0: not yet): the workers stop once the frontier passes it.
     pub final_checkpoint: AtomicU64,
+    /// Set by the checkpointer when the next checkpoint should be a full one.
+    pub checkpoint_full_next: std::sync::atomic::AtomicBool,
     /// Local workers that have built their dataflow (and restored their state).
     pub workers_ready: std::sync::atomic::AtomicUsize,
     /// The notifications layer, when `[notify]` is configured (set once at start).
@@ -314,6 +316,7 @@ where
         checkpointer: recovery.as_ref().map(|r| r.ck_tx.clone()),
         final_checkpoint: AtomicU64::new(0),
         workers_ready: std::sync::atomic::AtomicUsize::new(0),
+        checkpoint_full_next: std::sync::atomic::AtomicBool::new(false),
         notify: std::sync::OnceLock::new(),
         export: export_tx,
     });
@@ -487,6 +490,7 @@ where
                         synced_ck,
                         outputs,
                         &ck_live.metrics,
+                        &ck_live.checkpoint_full_next,
                     );
                     if let Err(e) = &result {
                         tracing::error!("checkpoint: {e}; stopping");

@@ -319,10 +319,13 @@ fn run(
 
         // Read before taking events: every event stamped below it is in the channel.
         let log_watermark = live.log_watermark.load(Ordering::Acquire);
+        // Whether every event in the channel was taken this turn.
+        let mut drained = true;
         let durable_stop = live.checkpointer.is_some();
         // Events from HTTP (embedded mode): always drained, so nothing accepted is lost.
         if let Some(rx) = &events_rx {
             let most = if stopping { usize::MAX } else { MAX_PER_TURN };
+            drained = false;
             for _ in 0..most {
                 match rx.try_recv() {
                     Ok(Fed { at, ev }) => {
@@ -339,7 +342,10 @@ fn run(
                         fed_at_cur = true;
                         feed(live, &mut inputs, ev, &mut identify, now_ms() as i64)
                     }
-                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => {
+                        drained = true;
+                        break;
+                    }
                 }
             }
         }
@@ -405,6 +411,9 @@ fn run(
         // The clock: never past the log watermark read above, nor (stopping) past the
         // stop instant, or with durable state the final checkpoint's instant + 1.
         let now = now_ms().min(log_watermark);
+        // With the log, events still in the channel are stamped below the watermark read
+        // above: the clock must not pass them before they are fed (next turn).
+        let now = if durable_stop && !drained { cur } else { now };
         let final_ck = live.final_checkpoint.load(Ordering::Acquire);
         let target = match (stopping, durable_stop) {
             (false, _) => now,
@@ -424,7 +433,9 @@ fn run(
         if index == 0 && durable_stop && advanced && !fed_at_cur && !final_requested {
             let last = stopping && cur >= stop_at;
             if cur >= next_checkpoint || last {
-                let full = chain.is_empty() || chain.len() >= CHAIN_MAX;
+                let full = chain.is_empty()
+                    || chain.len() >= CHAIN_MAX
+                    || live.checkpoint_full_next.swap(false, Ordering::AcqRel);
                 let since = chain.last().copied().unwrap_or(0);
                 inputs.request_checkpoint(CheckpointReq { full, since });
                 if full {
