@@ -582,19 +582,26 @@ impl PartSink for PartsTo {
 }
 
 /// Runs the checkpointer until [`CkMsg::Stop`]: writes parts, and commits a checkpoint
-/// once all its parts are written and the output files under `outputs` (whose lengths
-/// the sink part records) are synced; then the log before it is truncated. Returns the
-/// number of checkpoints committed.
+/// once all its parts are written, the log is synced past it and the output files (whose
+/// lengths the sink part records) are synced; then the log before it is truncated.
+/// Returns the number of checkpoints committed.
 pub fn run_checkpointer(
     store: Store,
     rx: Receiver<CkMsg>,
     template: Manifest,
     log: Option<Sender<LogReq>>,
     synced: Arc<AtomicU64>,
-    outputs: Vec<PathBuf>,
-    metrics: &super::metrics::Metrics,
-    want_full: &std::sync::atomic::AtomicBool,
+    live: &super::Live,
 ) -> Result<u64, String> {
+    let (metrics, want_full) = (&live.metrics, &live.checkpoint_full_next);
+    let outputs: Vec<PathBuf> = if live.config.output.dir.is_empty() {
+        Vec::new()
+    } else {
+        super::sink::DERIVED_FILES
+            .iter()
+            .map(|f| Path::new(&live.config.output.dir).join(f))
+            .collect()
+    };
     let expected = template.workers * (1 + template.journeys as usize) + 2;
     // Per instant: parts written, the chain (from the driver part), their bytes.
     let mut pending: BTreeMap<Time, (usize, Option<Vec<Time>>, u64)> = BTreeMap::new();

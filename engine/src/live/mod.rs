@@ -474,23 +474,13 @@ where
             std::thread::Builder::new()
                 .name("herald-checkpoint".into())
                 .spawn(move || {
-                    let outputs: Vec<std::path::PathBuf> = if ck_live.config.output.dir.is_empty() {
-                        Vec::new()
-                    } else {
-                        sink::DERIVED_FILES
-                            .iter()
-                            .map(|f| std::path::Path::new(&ck_live.config.output.dir).join(f))
-                            .collect()
-                    };
                     let result = durable::run_checkpointer(
                         store,
                         ck_rx,
                         template,
                         Some(log_tx),
                         synced_ck,
-                        outputs,
-                        &ck_live.metrics,
-                        &ck_live.checkpoint_full_next,
+                        &ck_live,
                     );
                     if let Err(e) = &result {
                         tracing::error!("checkpoint: {e}; stopping");
