@@ -47,12 +47,24 @@ fn feed_embedded(live: &Weak<Live>, msg: &Json) -> Result<(), String> {
         );
         return Ok(());
     }
-    for ev in events {
-        match live.ingest(ev) {
-            Ok(()) => live.metrics.event_in("feedback"),
-            Err(IngestError::Overloaded) => return Err("the input queue is full".into()),
-            Err(IngestError::Stopped) => return Err("stopping".into()),
+    let n = events.len() as u64;
+    // Durable before Ok: the outbox marks the outcome's feedback done only then, so a
+    // crash before the ingest log's fsync hands it on again at the next start.
+    match live.ingest_all(events, true) {
+        Ok(None) => {}
+        Ok(Some(synced)) => {
+            let outcome = tokio::task::block_in_place(|| synced.blocking_recv());
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("the ingest log could not keep it: {e}")),
+                Err(_) => return Err("stopping".into()),
+            }
         }
+        Err(IngestError::Overloaded) => return Err("the input queue is full".into()),
+        Err(IngestError::Stopped) => return Err("stopping".into()),
+    }
+    for _ in 0..n {
+        live.metrics.event_in("feedback");
     }
     Ok(())
 }
