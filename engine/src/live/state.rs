@@ -17,13 +17,17 @@ use herald_operators::plan::SnapshotRows;
 
 use serde_json::Value as Json;
 
+/// The maps' hasher: foldhash, seeded per process like SipHash (keys come from the public
+/// ingest API) but faster (a restore of 1M users spent 13% of its time in SipHash).
+type Fast = hashbrown::DefaultHashBuilder;
+
 /// Members and traits, behind the service's lock.
 #[derive(Default)]
 pub struct LiveState {
     members: Vec<BTreeSet<String>>,
-    user_segments: HashMap<String, BTreeSet<u16>>,
+    user_segments: HashMap<String, BTreeSet<u16>, Fast>,
     /// Identify writes: per user and trait, the latest write's instant and value.
-    writes: HashMap<String, BTreeMap<String, (i64, Json)>>,
+    writes: HashMap<String, BTreeMap<String, (i64, Json)>, Fast>,
     /// The current profile snapshot and its instant.
     snapshot: Option<(i64, Arc<SnapshotRows>)>,
     /// Users whose identify traits changed since the last checkpoint (when tracked).
