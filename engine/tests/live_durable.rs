@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Herald;
+use common::{recorder, Herald};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value as Json};
 
@@ -42,37 +42,6 @@ fn config(hook: &str) -> String {
          [notify]\ntemplates = \"templates\"\nretry_base_ms = 50\nretry_max_ms = 500\n\
          [notify.webhook]\nurl = \"{hook}\"\nsecret = \"s\"\nconcurrency = 4\n"
     )
-}
-
-/// Webhook requests seen: (Idempotency-Key, user).
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-/// A webhook endpoint that records each request.
-fn recorder(rt: &tokio::runtime::Runtime) -> (Seen, String) {
-    let seen: Seen = Arc::default();
-    let s2 = Arc::clone(&seen);
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(
-        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-            let seen = Arc::clone(&s2);
-            async move {
-                let key = headers
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
-                let body: Json = serde_json::from_slice(&body).unwrap_or(Json::Null);
-                let user = body["user_id"].as_str().unwrap_or_default().to_string();
-                seen.lock().unwrap().push((key, user));
-                "ok"
-            }
-        },
-    );
-    rt.spawn(async move { axum::serve(listener, app).await });
-    (seen, format!("http://{addr}/hook"))
 }
 
 /// 100,000 events, 50 per user, in a shuffled order: orders with revenue, page views,
@@ -187,7 +156,7 @@ fn members(h: &Herald, segment: &str) -> BTreeSet<String> {
 #[test]
 fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (seen, hook) = recorder(&rt);
+    let (seen, hook) = recorder(&rt, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
     std::fs::write(dir.path().join("journeys.yaml"), JOURNEYS).unwrap();
@@ -293,11 +262,15 @@ fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
     // for an attempt in flight at a kill (at most the channel's concurrency per kill).
     h.wait_for("every webhook", Duration::from_secs(60), |_| {
         let s = seen.lock().unwrap();
-        s.iter().map(|(_, u)| u.clone()).collect::<BTreeSet<_>>() == want["big_spenders"]
+        s.iter()
+            .map(|(_, b)| b["user_id"].as_str().unwrap_or_default().to_string())
+            .collect::<BTreeSet<_>>()
+            == want["big_spenders"]
     });
     let mut per_key: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    for (k, u) in seen.lock().unwrap().iter() {
-        let e = per_key.entry(k.clone()).or_insert((u.clone(), 0));
+    for (k, body) in seen.lock().unwrap().iter() {
+        let u = body["user_id"].as_str().unwrap_or_default().to_string();
+        let e = per_key.entry(k.clone()).or_insert((u, 0));
         e.1 += 1;
     }
     let keys_per_user: BTreeMap<&str, usize> =
@@ -324,7 +297,7 @@ fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
 #[test]
 fn a_checkpoint_taken_while_the_log_is_fed_again_holds_every_event_before_it() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (_seen, hook) = recorder(&rt);
+    let (_seen, hook) = recorder(&rt, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
     std::fs::write(dir.path().join("journeys.yaml"), JOURNEYS).unwrap();

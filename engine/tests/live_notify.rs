@@ -9,44 +9,10 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use common::Herald;
+use common::{recorder, Herald};
 use herald_connectors::notify::outbox::{Outbox, State};
-use serde_json::Value as Json;
-
-/// Webhook requests seen: (Idempotency-Key, body).
-type Seen = Arc<Mutex<Vec<(String, Json)>>>;
-
-/// A webhook endpoint that takes `delay` per request and records each.
-fn recorder(rt: &tokio::runtime::Runtime, delay: Duration) -> (Seen, String) {
-    let seen: Seen = Arc::default();
-    let s2 = Arc::clone(&seen);
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
-        let seen = Arc::clone(&s2);
-        async move {
-            tokio::time::sleep(delay).await;
-            let key = headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            seen.lock()
-                .unwrap()
-                .push((key, serde_json::from_slice(&body).unwrap_or(Json::Null)));
-            "ok"
-        }
-    });
-    rt.spawn(async move { axum::serve(listener, app).await });
-    (seen, format!("http://{addr}/hook"))
-}
 
 struct Smtpd {
     child: Child,

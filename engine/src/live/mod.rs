@@ -213,6 +213,17 @@ impl Live {
         }
     }
 
+    /// A thread the service needs failed: nothing more becomes durable, and the service
+    /// stops at the next tick.
+    pub fn fail(&self, what: &str, e: &impl std::fmt::Display) {
+        tracing::error!("{what}: {e}; stopping");
+        self.sink_failed.store(true, Ordering::Release);
+        let stop = now_ms() + self.config.engine.tick_ms;
+        let _ = self
+            .stop_at
+            .compare_exchange(0, stop, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// Whether shutdown has begun.
     pub fn stopping(&self) -> bool {
         self.stop_at.load(Ordering::Acquire) != 0
@@ -372,15 +383,7 @@ where
                     .spawn(move || {
                         let result = x.run(export_rx, &export_live);
                         if let Err(e) = &result {
-                            tracing::error!("export: {e}; stopping");
-                            export_live.sink_failed.store(true, Ordering::Release);
-                            let stop = now_ms() + export_live.config.engine.tick_ms;
-                            let _ = export_live.stop_at.compare_exchange(
-                                0,
-                                stop,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
+                            export_live.fail("export", e);
                         }
                         result
                     })
@@ -398,15 +401,7 @@ where
         .spawn(move || {
             let result = sink.run(sink_rx, &sink_live);
             if let Err(e) = &result {
-                tracing::error!("sink: {e}; stopping");
-                sink_live.sink_failed.store(true, Ordering::Release);
-                let stop = now_ms() + sink_live.config.engine.tick_ms;
-                let _ = sink_live.stop_at.compare_exchange(
-                    0,
-                    stop,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                sink_live.fail("sink", e);
             }
             result
         })
@@ -483,15 +478,7 @@ where
                         &ck_live,
                     );
                     if let Err(e) = &result {
-                        tracing::error!("checkpoint: {e}; stopping");
-                        ck_live.sink_failed.store(true, Ordering::Release);
-                        let stop = now_ms() + ck_live.config.engine.tick_ms;
-                        let _ = ck_live.stop_at.compare_exchange(
-                            0,
-                            stop,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
+                        ck_live.fail("checkpoint", e);
                     }
                     result
                 })
@@ -656,14 +643,13 @@ fn recover(
 ) -> Result<Recovery, EngineError> {
     let dir = std::path::Path::new(&config.checkpoint.dir);
     let fail = |e: String| EngineError::Usage(format!("config: `checkpoint.dir`: {e}"));
-    let read = |p: &Option<String>| -> String {
-        p.as_deref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
+    let read = |p: Option<&str>| -> String {
+        p.and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
     };
     let definitions = durable::definitions_hash(&[
-        &read(&Some(config.engine.segments.clone())),
-        &read(&config.engine.journeys),
+        &read(Some(&config.engine.segments)),
+        &read(config.engine.journeys.as_deref()),
     ]);
     let store = durable::Store::new(dir);
     let manifest = store.latest().map_err(fail)?;

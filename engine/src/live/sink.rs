@@ -280,25 +280,9 @@ impl Sink {
         loop {
             let next_ck = self.checkpoints.keys().next().copied().filter(|&c| c <= f);
             let cut = next_ck.unwrap_or(f);
-            let mut changes: Vec<_> = Vec::new();
-            let mut i = 0;
-            while i < self.changes.len() {
-                if self.changes[i].0 < cut {
-                    changes.push(self.changes.swap_remove(i));
-                } else {
-                    i += 1;
-                }
-            }
+            let mut changes: Vec<_> = self.changes.extract_if(.., |c| c.0 < cut).collect();
             changes.sort_unstable();
-            let mut out: Vec<_> = Vec::new();
-            let mut i = 0;
-            while i < self.journey_out.len() {
-                if self.journey_out[i].0 < cut {
-                    out.push(self.journey_out.swap_remove(i));
-                } else {
-                    i += 1;
-                }
-            }
+            let mut out: Vec<_> = self.journey_out.extract_if(.., |o| o.0 < cut).collect();
             out.sort_by(|a, b| {
                 a.0.cmp(&b.0)
                     .then_with(|| journey_key(&a.1).cmp(&journey_key(&b.1)))

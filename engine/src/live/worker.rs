@@ -326,10 +326,11 @@ fn run(
         if let Some(rx) = &events_rx {
             let most = if stopping { usize::MAX } else { MAX_PER_TURN };
             drained = false;
+            let mut taken = 0;
             for _ in 0..most {
                 match rx.try_recv() {
                     Ok(Fed { at, ev }) => {
-                        live.queued.fetch_sub(1, Ordering::AcqRel);
+                        taken += 1;
                         if stopping && durable_stop && at >= stop_at {
                             // After the final checkpoint: fed again from the log at the
                             // next start.
@@ -348,6 +349,7 @@ fn run(
                     }
                 }
             }
+            live.queued.fetch_sub(taken, Ordering::AcqRel);
         }
         // Events from this worker's Kafka partitions.
         if let (Some(c), false) = (&consumer, stopping) {

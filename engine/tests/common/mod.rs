@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
@@ -340,4 +341,36 @@ pub fn unique(stem: &str) -> String {
             .as_nanos()
             % 1_000_000_000
     )
+}
+
+/// Webhook requests seen: (Idempotency-Key, body).
+pub type Seen = Arc<Mutex<Vec<(String, Json)>>>;
+
+/// A webhook endpoint that takes `delay` per request and records each.
+pub fn recorder(rt: &tokio::runtime::Runtime, delay: Duration) -> (Seen, String) {
+    let seen: Seen = Arc::default();
+    let s2 = Arc::clone(&seen);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(
+        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let seen = Arc::clone(&s2);
+            async move {
+                tokio::time::sleep(delay).await;
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                seen.lock()
+                    .unwrap()
+                    .push((key, serde_json::from_slice(&body).unwrap_or(Json::Null)));
+                "ok"
+            }
+        },
+    );
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (seen, format!("http://{addr}/hook"))
 }

@@ -102,15 +102,9 @@ pub fn run_journeys<'s>(
                         activator.activate();
                         break;
                     }
-                    let next = [
-                        stash.keys().next().copied(),
-                        machine.next_timer(),
-                        requests.keys().next().copied(),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .min();
-                    let Some(next) = next else { break };
+                    let Some(next) = next_instant(&stash, &machine, &requests) else {
+                        break;
+                    };
                     if frontier.less_equal(&next) || ctl_frontier.less_equal(&next) {
                         break;
                     }
@@ -172,19 +166,28 @@ pub fn run_journeys<'s>(
                         }
                     }
                 }
-                let next = [
-                    stash.keys().next().copied(),
-                    machine.next_timer(),
-                    requests.keys().next().copied(),
-                ]
-                .into_iter()
-                .flatten()
-                .min();
-                match next {
+                match next_instant(&stash, &machine, &requests) {
                     Some(t) => c.downgrade(&t),
                     None => cap = None,
                 }
             }
         },
     )
+}
+
+/// The earliest instant the operator still has to take: stashed input, a timer or a
+/// checkpoint request.
+fn next_instant<A, B>(
+    stash: &BTreeMap<Time, A>,
+    machine: &Machine,
+    requests: &BTreeMap<Time, B>,
+) -> Option<Time> {
+    [
+        stash.keys().next().copied(),
+        machine.next_timer(),
+        requests.keys().next().copied(),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
 }
