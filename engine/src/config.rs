@@ -588,10 +588,10 @@ impl Config {
         Ok(ms as u64)
     }
 
-    /// Whether state is kept across restarts: a checkpoint directory, embedded mode, one
-    /// process (Kafka-mode and cluster checkpoints are not built yet).
+    /// Whether state is kept across restarts: a checkpoint directory and one process
+    /// (embedded or Kafka mode; cluster checkpoints are not built yet).
     pub fn durable(&self) -> bool {
-        !self.checkpoint.dir.is_empty() && self.kafka.is_none() && self.cluster.is_none()
+        !self.checkpoint.dir.is_empty() && self.cluster.is_none()
     }
 
     fn resolve_paths(&mut self, base: &Path) {

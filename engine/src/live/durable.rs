@@ -1,4 +1,5 @@
-//! Durable state of `herald run` in embedded mode: the ingest log and checkpoints.
+//! Durable state of `herald run` (embedded and single-process Kafka mode): the ingest log
+//! and checkpoints.
 //!
 //! Owns [`IngestLog`] (its writer thread stamps, appends and fsyncs accepted events
 //! before HTTP ingest answers 200, then hands them to the workers), [`Store`] (the
@@ -30,17 +31,31 @@
 //!   derived again exactly as before, and written once. Log files wholly before `F`, and
 //!   checkpoints before its chain, are removed.
 //!
+//! * **Kafka mode.** One reader thread consumes every partition of the events topics (by
+//!   assignment, not a consumer group) and appends what it parsed through the same log,
+//!   with the partitions' next offsets after the batch (a positions record, same stamp).
+//!   The driver's part holds the positions of every batch stamped before `F`; a restart
+//!   resumes each partition at the checkpoint's position, moved on by the positions records
+//!   logged after `F` (their events are fed again from the log, not from the broker). The
+//!   group's committed offsets follow the latest complete checkpoint, for lag monitoring
+//!   and for a start without the state directory.
+//! * **The archive.** With `[export]`, a checkpoint is complete only once the archive holds
+//!   every record before it (the exporter's `durable`), and the next one is asked for only
+//!   then: a restart derives again only what the archive has not got, so the archive loses
+//!   nothing; checkpoints then come at most every `export.flush_every`.
+//!
 //! Files: `<dir>/ingest/<first stamp>.log` (records: length, CRC-32, bincode of
-//! `(stamp, event)`; a torn tail is cut at open) and `<dir>/checkpoints/<F>/` (parts:
+//! `(stamp, event)`; a positions record sets the top bit of its length and holds
+//! `(stamp, positions)`; a torn tail is cut at open) and `<dir>/checkpoints/<F>/` (parts:
 //! magic, format, CRC-32, bincode; and `MANIFEST`, JSON).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_operators::dataflow::{JourneysPart, PartSink, Restored, SegmentPart};
@@ -51,7 +66,18 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The checkpoint format. A checkpoint of another format is refused, never misread.
-pub const FORMAT: u32 = 1;
+/// 2: the driver's part holds Kafka positions.
+pub const FORMAT: u32 = 2;
+
+/// The top bit of a log record's length marks a positions record.
+const POSITIONS_RECORD: u32 = 1 << 31;
+
+/// Kafka positions: per `(topic, partition)`, the offset of the next message to read.
+pub type Positions = BTreeMap<(String, i32), i64>;
+
+/// The positions after each logged Kafka batch, by stamp, oldest first: worker 0 takes a
+/// checkpoint's from here.
+pub type PositionsHistory = Arc<Mutex<VecDeque<(Time, Positions)>>>;
 
 /// Magic bytes at the start of every part file.
 const MAGIC: &[u8; 8] = b"HRLDPART";
@@ -82,6 +108,8 @@ pub enum LogReq {
         events: Vec<Event>,
         /// Told the outcome, if anyone waits.
         done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        /// Kafka mode: the partitions' next offsets once these events are read.
+        positions: Positions,
     },
     /// Removes log files holding only events stamped before this instant.
     Truncate(Time),
@@ -105,8 +133,8 @@ pub struct IngestLog {
 
 impl IngestLog {
     /// Opens the log under `dir` (creating it), cuts a torn tail, and returns it with
-    /// every record it holds stamped at or after `from`, in order, and the last stamp.
-    pub fn open(dir: &Path, from: Time) -> Result<(IngestLog, Vec<Fed>, Time), String> {
+    /// what it holds at or after `from`.
+    pub fn open(dir: &Path, from: Time) -> Result<(IngestLog, Logged), String> {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
         let mut files: Vec<(Time, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))? {
@@ -122,6 +150,7 @@ impl IngestLog {
         }
         files.sort();
         let mut out = Vec::new();
+        let mut positions = Positions::new();
         let mut last = 0;
         let n = files.len();
         for (i, (_, path)) in files.iter().enumerate() {
@@ -130,10 +159,12 @@ impl IngestLog {
                 .and_then(|mut f| f.read_to_end(&mut bytes))
                 .map_err(|e| io("cannot read", path, e))?;
             let mut pos = 0usize;
-            while let Some((stamp, ev, next)) = decode(&bytes, pos) {
+            while let Some((stamp, record, next)) = decode(&bytes, pos) {
                 last = last.max(stamp);
-                if stamp >= from {
-                    out.push(Fed { at: stamp, ev });
+                match record {
+                    Record::Event(ev) if stamp >= from => out.push(Fed { at: stamp, ev }),
+                    Record::Positions(p) if stamp >= from => positions.extend(p),
+                    _ => {}
                 }
                 pos = next;
             }
@@ -168,13 +199,17 @@ impl IngestLog {
                 current_bytes: 0,
                 buf: Vec::new(),
             },
-            out,
-            last,
+            Logged {
+                records: out,
+                last,
+                positions,
+            },
         ))
     }
 
-    /// Appends a batch stamped `at` (written, not yet synced: see [`IngestLog::sync`]).
-    fn append(&mut self, at: Time, events: &[Event]) -> Result<(), String> {
+    /// Appends a batch stamped `at`, then its Kafka positions if any (written, not yet
+    /// synced: see [`IngestLog::sync`]).
+    fn append(&mut self, at: Time, events: &[Event], positions: &Positions) -> Result<(), String> {
         if self.current.is_none() || self.current_bytes > LOG_FILE_BYTES {
             let path = self.dir.join(format!("{at:020}.log"));
             let f = OpenOptions::new()
@@ -195,6 +230,9 @@ impl IngestLog {
         self.buf.clear();
         for ev in events {
             encode(at, ev, &mut self.buf)?;
+        }
+        if !positions.is_empty() {
+            encode_positions(at, positions, &mut self.buf)?;
         }
         let (Some(f), Some((_, path))) = (&mut self.current, self.files.last()) else {
             return Err("no ingest log file is open".into());
@@ -228,37 +266,95 @@ impl IngestLog {
     }
 }
 
-fn encode(at: Time, ev: &Event, out: &mut Vec<u8>) -> Result<(), String> {
-    let body = bincode::serialize(&(at, ev)).map_err(|e| format!("cannot encode an event: {e}"))?;
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+/// What [`IngestLog::open`] found.
+pub struct Logged {
+    /// Every event stamped at or after `from`, in order.
+    pub records: Vec<Fed>,
+    /// The last stamp in the log.
+    pub last: Time,
+    /// The Kafka positions after the last batch stamped at or after `from` (per
+    /// partition; empty without Kafka).
+    pub positions: Positions,
+}
+
+/// Positions as a positions record holds them.
+type PositionList = Vec<((String, i32), i64)>;
+
+/// A log record's body.
+enum Record {
+    Event(Event),
+    Positions(PositionList),
+}
+
+fn frame(body: &[u8], flag: u32, out: &mut Vec<u8>) -> Result<(), String> {
+    if body.len() as u64 >= POSITIONS_RECORD as u64 {
+        return Err(format!("a log record of {} bytes is too large", body.len()));
+    }
+    out.extend_from_slice(&(body.len() as u32 | flag).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
+    out.extend_from_slice(body);
     Ok(())
 }
 
-/// The record at `pos`, if whole and intact: `(stamp, event, next position)`.
-fn decode(bytes: &[u8], pos: usize) -> Option<(Time, Event, usize)> {
+fn encode(at: Time, ev: &Event, out: &mut Vec<u8>) -> Result<(), String> {
+    let body = bincode::serialize(&(at, ev)).map_err(|e| format!("cannot encode an event: {e}"))?;
+    frame(&body, 0, out)
+}
+
+fn encode_positions(at: Time, p: &Positions, out: &mut Vec<u8>) -> Result<(), String> {
+    let list: Vec<(&(String, i32), &i64)> = p.iter().collect();
+    let body = bincode::serialize(&(at, list))
+        .map_err(|e| format!("cannot encode Kafka positions: {e}"))?;
+    frame(&body, POSITIONS_RECORD, out)
+}
+
+/// The record at `pos`, if whole and intact: `(stamp, record, next position)`.
+fn decode(bytes: &[u8], pos: usize) -> Option<(Time, Record, usize)> {
     let head = bytes.get(pos..pos + 8)?;
-    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let word = u32::from_le_bytes(head[..4].try_into().ok()?);
+    let len = (word & !POSITIONS_RECORD) as usize;
     let crc = u32::from_le_bytes(head[4..].try_into().ok()?);
     let body = bytes.get(pos + 8..pos + 8 + len)?;
     if crc32fast::hash(body) != crc {
         return None;
     }
-    let (at, ev): (Time, Event) = bincode::deserialize(body).ok()?;
-    Some((at, ev, pos + 8 + len))
+    let (at, record) = if word & POSITIONS_RECORD != 0 {
+        let (at, p): (Time, PositionList) = bincode::deserialize(body).ok()?;
+        (at, Record::Positions(p))
+    } else {
+        let (at, ev): (Time, Event) = bincode::deserialize(body).ok()?;
+        (at, Record::Event(ev))
+    };
+    Some((at, record, pos + 8 + len))
 }
 
-/// Runs the log writer until every sender is gone; see the module docs. `route` gives
-/// an event's worker.
+/// The log writer's shared ends.
+pub struct LogShared {
+    /// Every event stamped below it is with its worker.
+    pub watermark: Arc<AtomicU64>,
+    /// Every event stamped below it is on disk.
+    pub synced: Arc<AtomicU64>,
+    /// The Kafka positions after each batch, appended before the watermark passes it.
+    pub history: PositionsHistory,
+    /// The Kafka positions the log starts from (the checkpoint's, moved on by the log).
+    pub positions: Positions,
+}
+
+/// Runs the log writer until every sender is gone; see the module docs. Events go to
+/// the worker their user hashes to.
 pub fn run_log_writer(
     mut log: IngestLog,
     rx: Receiver<LogReq>,
     workers: Vec<Sender<Fed>>,
-    watermark: Arc<AtomicU64>,
-    synced: Arc<AtomicU64>,
+    shared: LogShared,
     tick: Duration,
 ) {
+    let LogShared {
+        watermark,
+        synced,
+        history,
+        positions: mut current,
+    } = shared;
     let n = workers.len() as u64;
     loop {
         let first = match rx.recv_timeout(tick) {
@@ -273,6 +369,7 @@ pub fn run_log_writer(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let mut events: Vec<Event> = Vec::new();
+        let mut moved = Positions::new();
         let mut waiting = Vec::new();
         let mut truncate = None;
         let mut stop = false;
@@ -282,8 +379,10 @@ pub fn run_log_writer(
                 LogReq::Append {
                     events: mut evs,
                     done,
+                    positions,
                 } => {
                     events.append(&mut evs);
+                    moved.extend(positions);
                     waiting.extend(done);
                 }
                 LogReq::Truncate(at) => truncate = Some(truncate.map_or(at, |t: Time| t.max(at))),
@@ -299,7 +398,10 @@ pub fn run_log_writer(
         if let Some(at) = truncate {
             log.truncate(at);
         }
-        if events.is_empty() {
+        if events.is_empty() && moved.is_empty() {
+            for d in waiting {
+                let _ = d.send(Ok(()));
+            }
             if stop {
                 break;
             }
@@ -310,8 +412,14 @@ pub fn run_log_writer(
         // wait for the disk, only the HTTP answer does. What a crash loses before the sync
         // was never acknowledged (the client sends it again) and no checkpoint can hold it:
         // the checkpointer commits an instant only once the log is synced past it.
-        let written = log.append(at, &events);
+        let written = log.append(at, &events, &moved);
         if written.is_ok() {
+            if !moved.is_empty() {
+                current.extend(moved);
+                if let Ok(mut h) = history.lock() {
+                    h.push_back((at, current.clone()));
+                }
+            }
             for ev in events {
                 let w = (herald_operators::dataflow::user_hash(&ev.user) % n) as usize;
                 let _ = workers[w].send(Fed { at, ev });
@@ -365,6 +473,8 @@ pub struct DriverPart {
     pub audiences: BTreeMap<usize, BTreeSet<String>>,
     /// Static list members by segment, as fed.
     pub lists: BTreeMap<usize, BTreeSet<String>>,
+    /// Kafka mode: the positions after every batch stamped before the checkpoint.
+    pub kafka: Positions,
 }
 
 /// The sink's part.
@@ -377,6 +487,9 @@ pub struct SinkPart {
     pub traits: super::state::TraitsPart,
     /// Whether `traits` holds every user.
     pub full: bool,
+    /// Kafka output: per topic and partition, the offset after the last record the
+    /// broker had acknowledged (every record before the checkpoint is at or before it).
+    pub topics: super::sink::Resume,
 }
 
 /// A part on its way to the checkpointer.
@@ -603,8 +716,10 @@ pub fn run_checkpointer(
             .collect()
     };
     let expected = template.workers * (1 + template.journeys as usize) + 2;
-    // Per instant: parts written, the chain (from the driver part), their bytes.
-    let mut pending: BTreeMap<Time, (usize, Option<Vec<Time>>, u64)> = BTreeMap::new();
+    // Per instant: parts written, the chain and Kafka positions (from the driver part),
+    // their bytes.
+    type Waiting = (usize, Option<(Vec<Time>, Positions)>, u64);
+    let mut pending: BTreeMap<Time, Waiting> = BTreeMap::new();
     // Bytes of the chain's full checkpoint, and of its deltas since.
     let (mut full_bytes, mut delta_bytes) = (0u64, 0u64);
     let mut committed = 0;
@@ -625,10 +740,10 @@ pub fn run_checkpointer(
         let entry = pending.entry(at).or_default();
         entry.0 += 1;
         entry.2 += bytes;
-        if let CkMsg::Driver(_, chain, _) = msg {
-            entry.1 = Some(chain);
+        if let CkMsg::Driver(_, chain, part) = msg {
+            entry.1 = Some((chain, part.kafka));
         }
-        if let (true, Some(chain)) = (entry.0 == expected, entry.1.clone()) {
+        if let (true, Some((chain, positions))) = (entry.0 == expected, entry.1.clone()) {
             // Every event stamped before `at` must be on disk before a checkpoint that
             // holds it is complete.
             let waited = std::time::Instant::now();
@@ -637,6 +752,16 @@ pub fn run_checkpointer(
                     return Err("the ingest log has not synced for 30 s".into());
                 }
                 std::thread::sleep(Duration::from_millis(1));
+            }
+            // With `[export]`: only once the archive holds everything before `at` (see
+            // the module docs). A failed exporter stops the service; nothing is committed.
+            if live.export.is_some() {
+                while live.durable.load(Ordering::Acquire) < at {
+                    if live.sink_failed.load(Ordering::Acquire) {
+                        return Ok(committed);
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
             for path in &outputs {
                 if let Ok(f) = File::open(path) {
@@ -663,6 +788,12 @@ pub fn run_checkpointer(
             // Older instants can never complete now.
             pending.retain(|t, _| *t > at);
             committed += 1;
+            live.checkpointed.store(at, Ordering::Release);
+            if !positions.is_empty() {
+                if let Ok(mut p) = live.checkpointed_positions.lock() {
+                    *p = Some(positions);
+                }
+            }
             metrics.checkpoints.inc();
             metrics.checkpoint_at.set(at as i64);
             metrics
@@ -711,30 +842,61 @@ mod tests {
     #[test]
     fn the_log_keeps_what_was_synced_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut log, old, _) = IngestLog::open(dir.path(), 0).unwrap();
-        assert!(old.is_empty());
-        log.append(10, &[ev("a", "1"), ev("b", "2")]).unwrap();
-        log.append(20, &[ev("c", "3")]).unwrap();
+        let none = Positions::new();
+        let (mut log, old) = IngestLog::open(dir.path(), 0).unwrap();
+        assert!(old.records.is_empty());
+        log.append(10, &[ev("a", "1"), ev("b", "2")], &none)
+            .unwrap();
+        log.append(20, &[ev("c", "3")], &none).unwrap();
         // A crash in the middle of a record.
         let path = log.files[0].1.clone();
         drop(log);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
-        let (log, from_20, last) = IngestLog::open(dir.path(), 20).unwrap();
-        assert_eq!(last, 20);
-        assert_eq!(from_20.len(), 1);
-        assert_eq!(from_20[0].ev, ev("c", "3"));
+        let (log, from_20) = IngestLog::open(dir.path(), 20).unwrap();
+        assert_eq!(from_20.last, 20);
+        assert_eq!(from_20.records.len(), 1);
+        assert_eq!(from_20.records[0].ev, ev("c", "3"));
         drop(log);
-        let (mut log, all, _) = IngestLog::open(dir.path(), 0).unwrap();
-        assert_eq!(all.iter().map(|f| f.at).collect::<Vec<_>>(), [10, 10, 20]);
+        let (mut log, all) = IngestLog::open(dir.path(), 0).unwrap();
+        let stamps = |l: &Logged| l.records.iter().map(|f| f.at).collect::<Vec<_>>();
+        assert_eq!(stamps(&all), [10, 10, 20]);
         // Truncation removes only whole files before the instant.
         log.truncate(15);
-        log.append(30, &[ev("d", "4")]).unwrap();
+        log.append(30, &[ev("d", "4")], &none).unwrap();
         log.truncate(30);
         assert_eq!(log.files.len(), 1);
         drop(log);
-        let (_, rest, _) = IngestLog::open(dir.path(), 0).unwrap();
-        assert_eq!(rest.iter().map(|f| f.at).collect::<Vec<_>>(), [30]);
+        let (_, rest) = IngestLog::open(dir.path(), 0).unwrap();
+        assert_eq!(stamps(&rest), [30]);
+    }
+
+    #[test]
+    fn kafka_positions_logged_after_an_instant_move_the_checkpoints_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |t: &str, p: i32, o: i64| ((t.to_string(), p), o);
+        let (mut log, _) = IngestLog::open(dir.path(), 0).unwrap();
+        log.append(10, &[ev("a", "1")], &Positions::from([at("e", 0, 5)]))
+            .unwrap();
+        // A batch of rejected messages only: positions, no events.
+        log.append(20, &[], &Positions::from([at("e", 1, 3)]))
+            .unwrap();
+        log.append(30, &[ev("b", "2")], &Positions::from([at("e", 0, 9)]))
+            .unwrap();
+        drop(log);
+        let (_, from_20) = IngestLog::open(dir.path(), 20).unwrap();
+        assert_eq!(
+            from_20.positions,
+            Positions::from([at("e", 0, 9), at("e", 1, 3)])
+        );
+        assert_eq!(from_20.records.len(), 1);
+        let (_, from_31) = IngestLog::open(dir.path(), 31).unwrap();
+        assert!(from_31.positions.is_empty());
+        assert_eq!(from_31.last, 30);
+        // A log written before positions records existed reads the same (no flag bit).
+        let mut old = Vec::new();
+        encode(7, &ev("c", "3"), &mut old).unwrap();
+        assert!(matches!(decode(&old, 0), Some((7, Record::Event(_), _))));
     }
 
     #[test]

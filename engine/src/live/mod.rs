@@ -123,6 +123,10 @@ pub struct Live {
     /// Every event stamped below this has been handed to its worker (`u64::MAX` without
     /// a log): workers' clocks never pass it.
     pub log_watermark: Arc<AtomicU64>,
+    /// Every event stamped below this is on disk in the ingest log (`u64::MAX` without
+    /// a log): the sink releases nothing derived at or after it, so no output ever holds
+    /// what a crash could make the log forget (and a restart derive differently).
+    pub log_synced: Arc<AtomicU64>,
     /// The checkpointer's channel, when state is durable.
     pub checkpointer: Option<Sender<durable::CkMsg>>,
     /// The instant of the checkpoint taken at shutdown, once worker 0 has asked for it
@@ -130,6 +134,13 @@ pub struct Live {
     pub final_checkpoint: AtomicU64,
     /// Set by the checkpointer when the next checkpoint should be a full one.
     pub checkpoint_full_next: std::sync::atomic::AtomicBool,
+    /// The instant of the latest complete checkpoint (0: none this run).
+    pub checkpointed: AtomicU64,
+    /// Kafka mode: the positions of the latest complete checkpoint, until the reader
+    /// commits them to the consumer group.
+    pub checkpointed_positions: Mutex<Option<durable::Positions>>,
+    /// Kafka mode: the positions after each logged batch (see [`durable`]).
+    pub kafka_history: durable::PositionsHistory,
     /// Local workers that have built their dataflow (and restored their state).
     pub workers_ready: std::sync::atomic::AtomicUsize,
     /// The notifications layer, when `[notify]` is configured (set once at start).
@@ -181,7 +192,12 @@ impl Live {
             } else {
                 (None, None)
             };
-            return match log.send(durable::LogReq::Append { events, done }) {
+            let positions = durable::Positions::new();
+            return match log.send(durable::LogReq::Append {
+                events,
+                done,
+                positions,
+            }) {
                 Ok(()) => Ok(rx),
                 Err(_) => {
                     self.queued.fetch_sub(n, Ordering::AcqRel);
@@ -295,8 +311,8 @@ where
     } else {
         if !config.checkpoint.dir.is_empty() {
             tracing::warn!(
-                "state is not kept across restarts in Kafka mode or in a cluster yet: \
-                 a restart rebuilds it from what the brokers redeliver"
+                "state is not kept across restarts in a cluster yet: a restart rebuilds \
+                 it from what the brokers redeliver"
             );
         }
         None
@@ -324,10 +340,23 @@ where
         log_watermark: Arc::new(AtomicU64::new(
             recovery.as_ref().map_or(u64::MAX, |r| r.log_watermark),
         )),
+        log_synced: Arc::new(AtomicU64::new(
+            recovery.as_ref().map_or(u64::MAX, |r| r.log_watermark),
+        )),
         checkpointer: recovery.as_ref().map(|r| r.ck_tx.clone()),
         final_checkpoint: AtomicU64::new(0),
         workers_ready: std::sync::atomic::AtomicUsize::new(0),
         checkpoint_full_next: std::sync::atomic::AtomicBool::new(false),
+        checkpointed: AtomicU64::new(0),
+        checkpointed_positions: Mutex::new(None),
+        kafka_history: Arc::new(Mutex::new(
+            recovery
+                .as_ref()
+                .filter(|r| !r.positions.is_empty())
+                .map(|r| (0, r.positions.clone()))
+                .into_iter()
+                .collect(),
+        )),
         notify: std::sync::OnceLock::new(),
         export: export_tx,
     });
@@ -394,7 +423,10 @@ where
         }
         None => None,
     };
-    let sink = sink::Sink::open(&live)?;
+    let sink = sink::Sink::open(
+        &live,
+        recovery.as_ref().and_then(|r| r.sink_resume.as_ref()),
+    )?;
     let sink_live = Arc::clone(&live);
     let sink_thread = std::thread::Builder::new()
         .name("herald-sink".into())
@@ -446,20 +478,27 @@ where
         chain: Vec::new(),
     };
     let recovery_at = recovery.as_ref().map_or(0, |r| r.start_at);
+    let reader_from = recovery
+        .as_ref()
+        .filter(|_| live.config.kafka.is_some())
+        .map(|r| r.positions.clone());
     if let Some(r) = recovery {
         let workers: Vec<Sender<durable::Fed>> = live.ingest.clone();
-        let watermark = Arc::clone(&live.log_watermark);
-        let synced = Arc::new(AtomicU64::new(live.log_watermark.load(Ordering::Acquire)));
+        let synced = Arc::clone(&live.log_synced);
         let synced_ck = Arc::clone(&synced);
+        let shared = durable::LogShared {
+            watermark: Arc::clone(&live.log_watermark),
+            synced,
+            history: Arc::clone(&live.kafka_history),
+            positions: r.positions.clone(),
+        };
         let tick = std::time::Duration::from_millis(live.config.engine.tick_ms.max(1));
         let log = r.log;
         let log_rx = r.log_rx;
         log_thread = Some(
             std::thread::Builder::new()
                 .name("herald-ingest-log".into())
-                .spawn(move || {
-                    durable::run_log_writer(log, log_rx, workers, watermark, synced, tick)
-                })
+                .spawn(move || durable::run_log_writer(log, log_rx, workers, shared, tick))
                 .map_err(|e| EngineError::Dataflow(format!("cannot start the log writer: {e}")))?,
         );
         let ck_live = Arc::clone(&live);
@@ -512,6 +551,29 @@ where
             waited.elapsed().as_secs_f64() * 1e3
         );
     }
+    // Durable Kafka mode: one reader feeds the workers through the ingest log.
+    let reader_finish = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = match (reader_from, &live.log) {
+        (Some(from), Some(log)) => {
+            let (reader_live, log, finish) =
+                (Arc::clone(&live), log.clone(), Arc::clone(&reader_finish));
+            Some(
+                std::thread::Builder::new()
+                    .name("herald-kafka".into())
+                    .spawn(move || {
+                        let result = kafka::run_reader(Arc::clone(&reader_live), from, log, finish);
+                        if let Err(e) = &result {
+                            reader_live.fail("Kafka reader", e);
+                        }
+                        result
+                    })
+                    .map_err(|e| {
+                        EngineError::Dataflow(format!("cannot start the Kafka reader: {e}"))
+                    })?,
+            )
+        }
+        _ => None,
+    };
     // The HTTP server, and shutdown: stop taking requests first, then stop the workers.
     let app = http::router(Arc::clone(&live))?;
     // Warehouse audiences start once nothing else can fail to start (their queries run
@@ -573,6 +635,15 @@ where
             Err(_) => failure = failure.or(Some("the checkpointer panicked".into())),
         }
     }
+    // The final checkpoint's positions go to the consumer group.
+    if let Some(r) = reader {
+        reader_finish.store(true, Ordering::Release);
+        match r.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failure = failure.or(Some(e)),
+            Err(_) => failure = failure.or(Some("the Kafka reader panicked".into())),
+        }
+    }
     // After the sink: it hands the exporter its last records.
     if let Some(x) = exporter {
         if let Some(tx) = &live.export {
@@ -632,6 +703,10 @@ struct Recovery {
     traits: Vec<(bool, state::TraitsPart)>,
     start_at: u64,
     chain: Vec<u64>,
+    /// Kafka mode: where each partition resumes.
+    positions: durable::Positions,
+    /// Kafka output after a restart: where the sink looks for what landed already.
+    sink_resume: Option<sink::Resume>,
 }
 
 /// Reads the latest complete checkpoint and the ingest log, cuts the output files back
@@ -676,11 +751,18 @@ fn recover(
         store.remove_after(m.at);
     }
     let from = manifest.as_ref().map_or(0, |m| m.at);
-    let (log, records, last) = durable::IngestLog::open(&dir.join("ingest"), from).map_err(fail)?;
+    let (log, logged) = durable::IngestLog::open(&dir.join("ingest"), from).map_err(fail)?;
+    let durable::Logged {
+        records,
+        last,
+        positions: logged_positions,
+    } = logged;
+    let mut positions = durable::Positions::new();
     let mut restored: Vec<Option<durable::WorkerParts>> = (0..n).map(|_| None).collect();
     let mut driver = None;
     let mut traits = Vec::new();
     let mut chain = Vec::new();
+    let mut sink_resume = None;
     let start_at = match &manifest {
         Some(m) => {
             let started = std::time::Instant::now();
@@ -696,6 +778,7 @@ fn recover(
             let mut snapshot = None;
             let mut last_driver = durable::DriverPart::default();
             let mut files = Default::default();
+            let mut topics = Default::default();
             for &t in &m.chain {
                 let mut d: durable::DriverPart = store.read_part(t, "driver").map_err(fail)?;
                 if let Some(s) = d.snapshot.take() {
@@ -705,7 +788,9 @@ fn recover(
                 let s: durable::SinkPart = store.read_part(t, "sink").map_err(fail)?;
                 traits.push((s.full, s.traits));
                 files = s.files;
+                topics = s.topics;
             }
+            positions = std::mem::take(&mut last_driver.kafka);
             driver = Some(worker::RestoredDriver {
                 snapshot: snapshot.map(|(at, rows)| (at, Arc::new(rows))),
                 audiences: last_driver.audiences,
@@ -715,6 +800,7 @@ fn recover(
                 sink::cut_to_checkpoint(&config.output.dir, &files)?;
             }
             chain = m.chain.clone();
+            sink_resume = Some(topics);
             tracing::info!(
                 "restored the checkpoint at {} ({} parts in its chain, {:.0} ms); {} logged events after it",
                 m.at,
@@ -734,10 +820,14 @@ fn recover(
                 "no checkpoint yet; {} logged events fed again",
                 records.len()
             );
+            sink_resume = Some(Default::default());
             records[0].at
         }
         None => 0,
     };
+    // The batches logged after the checkpoint are fed again from the log: each partition
+    // resumes after the last of them.
+    positions.extend(logged_positions);
     let replayed = records.len();
     for f in records {
         let w = (herald_operators::dataflow::user_hash(&f.ev.user) % n as u64) as usize;
@@ -767,5 +857,7 @@ fn recover(
         traits,
         start_at,
         chain,
+        positions,
+        sink_resume,
     })
 }

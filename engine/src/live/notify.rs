@@ -31,6 +31,10 @@ pub struct Notify {
     pub feed: FeedbackFn,
 }
 
+/// How long a Kafka-mode feedback event waits for the broker's ack before its delivery
+/// outcome is retried.
+const FEEDBACK_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Hands one Segment-shaped event to the workers (embedded mode).
 fn feed_embedded(live: &Weak<Live>, msg: &Json) -> Result<(), String> {
     let Some(live) = live.upgrade() else {
@@ -111,15 +115,30 @@ pub fn start(
             Arc::new(move |msg: &Json| {
                 let key = msg["userId"].as_str().unwrap_or_default().to_string();
                 let payload = serde_json::to_vec(msg).unwrap_or_default();
-                // librdkafka retries the record itself; the future is not awaited.
-                producer
+                let ack = producer
                     .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
-                    .map(|_| {
-                        if let Some(l) = weak.upgrade() {
-                            l.metrics.event_in("feedback");
-                        }
-                    })
-                    .map_err(|(e, _)| e.to_string())
+                    .map_err(|(e, _)| e.to_string())?;
+                // Acknowledged before Ok: the outbox marks the outcome's feedback done
+                // only then, so a crash before the broker has it hands it on again (the
+                // copy a retry may add is deduplicated by its messageId).
+                let acked = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current()
+                        .block_on(tokio::time::timeout(FEEDBACK_ACK_WAIT, ack))
+                });
+                match acked {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err((e, _)))) => return Err(format!("the broker refused it: {e}")),
+                    Ok(Err(_)) => return Err("the producer is gone".into()),
+                    Err(_) => {
+                        return Err(format!(
+                            "the broker did not acknowledge it within {FEEDBACK_ACK_WAIT:?}"
+                        ))
+                    }
+                }
+                if let Some(l) = weak.upgrade() {
+                    l.metrics.event_in("feedback");
+                }
+                Ok(())
             })
         }
     };

@@ -104,7 +104,18 @@ pub struct Sink {
     journey_out: Vec<(Time, JOut)>,
     /// Checkpoint instants asked for and not yet written.
     checkpoints: std::collections::BTreeMap<Time, bool>,
+    /// Per topic and partition, the offset after the last record the broker acknowledged:
+    /// a checkpoint records it, so a restart knows where to look for what it derives again.
+    acked: BTreeMap<String, BTreeMap<i32, i64>>,
+    /// After a restart: per topic, the records that landed after the checkpoint (values,
+    /// with their counts). Derived again, they are not produced a second time.
+    landed: BTreeMap<String, std::collections::HashMap<Vec<u8>, u32>>,
 }
+
+/// Where a restart's derived-again output starts: the checkpoint's instant, and per topic
+/// and partition the acknowledged offsets it recorded (the changelog after them may hold
+/// records derived again).
+pub type Resume = BTreeMap<String, BTreeMap<i32, i64>>;
 
 /// The order journey output is written in within an instant.
 fn journey_key(o: &JOut) -> (u8, &str, &str, u32, u32) {
@@ -134,7 +145,8 @@ pub fn cut_to_checkpoint(dir: &str, files: &BTreeMap<String, u64>) -> Result<(),
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         if len < want {
             return Err(EngineError::Usage(format!(
-                "{} holds {len} bytes, fewer than the {want} the checkpoint recorded: it                  was changed outside Herald; move it away to start it anew",
+                "{} holds {len} bytes, fewer than the {want} the checkpoint recorded: it \
+                 was changed outside Herald; move it away to start it anew",
                 path.display()
             )));
         }
@@ -219,8 +231,10 @@ fn open_append(dir: &str, name: &str) -> Result<BufWriter<File>, EngineError> {
 }
 
 impl Sink {
-    /// Opens the files (creating the output directory) and the Kafka producer.
-    pub fn open(live: &Live) -> Result<Sink, EngineError> {
+    /// Opens the files (creating the output directory) and the Kafka producer. `resume`:
+    /// after a restart with Kafka output, the acknowledged offsets the checkpoint recorded
+    /// (empty: none, read the topics whole); what landed after them is not produced again.
+    pub fn open(live: &Live, resume: Option<&Resume>) -> Result<Sink, EngineError> {
         let dir = &live.config.output.dir;
         let (changes_file, dead_letters_file) = if dir.is_empty() {
             (None, None)
@@ -255,6 +269,20 @@ impl Sink {
             ),
             None => (None, String::new(), String::new()),
         };
+        let mut landed = BTreeMap::new();
+        if let (Some(k), Some(from), Some(_)) = (&live.config.kafka, resume, &producer) {
+            for topic in [&changes_topic, &messages_topic] {
+                let after = from.get(topic.as_str()).cloned().unwrap_or_default();
+                let records = super::kafka::read_after(k, topic, &after)?;
+                if !records.is_empty() {
+                    tracing::info!(
+                        "{} records in {topic} after the checkpoint: not produced again",
+                        records.values().sum::<u32>()
+                    );
+                }
+                landed.insert(topic.clone(), records);
+            }
+        }
         Ok(Sink {
             changes_file,
             dead_letters_file,
@@ -271,6 +299,8 @@ impl Sink {
             changes: Vec::new(),
             journey_out: Vec::new(),
             checkpoints: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            landed,
         })
     }
 
@@ -303,11 +333,19 @@ impl Sink {
     /// The sink's part of checkpoint `at`: synced file lengths and the query API's
     /// identify traits.
     fn checkpoint_part(&mut self, live: &Live, at: Time, full: bool) -> Result<(), EngineError> {
+        if live.checkpointer.is_none() {
+            return Ok(());
+        }
+        // Every record before `at` acknowledged by the broker (and the files flushed, the
+        // outbox handed its actions): a checkpoint never holds what a crash could lose
+        // from the topics. A broker that does not answer while stopping: no part, so the
+        // checkpoint stays incomplete.
+        if !self.flush(live)? {
+            return Ok(());
+        }
         let Some(tx) = &live.checkpointer else {
             return Ok(());
         };
-        self.flush_files(live)?;
-        self.hand_to_outbox(live)?;
         let mut files = BTreeMap::new();
         for (name, f) in [
             (DERIVED_FILES[0], &mut self.changes_file),
@@ -335,6 +373,7 @@ impl Sink {
                 files,
                 traits,
                 full,
+                topics: self.acked.clone(),
             }),
         ));
         Ok(())
@@ -372,6 +411,9 @@ impl Sink {
                 }
                 next = rx.try_recv().ok();
             }
+            // Nothing derived from events the ingest log has not synced yet.
+            let synced = live.log_synced.load(Ordering::Acquire);
+            let watermark = watermark.map(|f| f.min(synced));
             if let Some(f) = watermark {
                 self.release(live, f)?;
             }
@@ -625,6 +667,17 @@ impl Sink {
         let Some(producer) = &self.producer else {
             return;
         };
+        if let Some(n) = self
+            .landed
+            .get_mut(&topic)
+            .and_then(|m| m.get_mut(&payload))
+        {
+            if *n > 0 {
+                // Derived again after a restart, and already in the topic.
+                *n -= 1;
+                return;
+            }
+        }
         loop {
             let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
             if let Some(h) = &headers {
@@ -673,7 +726,15 @@ impl Sink {
             }
             for mut rec in std::mem::take(&mut self.in_flight) {
                 match (&mut rec.ack).now_or_never() {
-                    Some(Ok(Ok(_))) => {}
+                    Some(Ok(Ok(d))) => {
+                        let next = self
+                            .acked
+                            .entry(rec.topic.clone())
+                            .or_default()
+                            .entry(d.partition)
+                            .or_insert(0);
+                        *next = (*next).max(d.offset + 1);
+                    }
                     // Delivered moments ago; its callback has not run yet.
                     None => self.in_flight.push(rec),
                     Some(failed) => {

@@ -11,11 +11,10 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use herald_connectors::events::DeadLetter;
 use herald_operators::dataflow::{
     build_segments_durable, CheckpointReq, Durability, SegmentInputs, StateHandle,
 };
-use herald_operators::event::{parse_message, Event, Limits};
+use herald_operators::event::Event;
 use herald_operators::journey::JOut;
 use herald_operators::plan::SnapshotRows;
 use herald_operators::state::StateCounters;
@@ -37,11 +36,6 @@ use crate::driver::{feed_list_changes, feed_lists, AudienceFeeder, SnapshotFeede
 
 /// Most messages taken from one source per loop turn, so the clock keeps moving.
 const MAX_PER_TURN: usize = 8192;
-
-/// Bytes a Kafka message (or batch item) may exceed `engine.max_message_bytes` by: the
-/// `receivedAt` and `sentAt` fields HTTP ingest adds to a message it accepted before
-/// producing it.
-const RECEIVE_FIELDS_SLACK: usize = 128;
 
 /// Offsets are committed at most this often (and once more at shutdown). Commits cost the
 /// broker (measured: committing every 100 ms tripled tansu's fetch latency under load),
@@ -299,10 +293,13 @@ fn run(
     let mut snapshot_changed = chain.is_empty();
     let mut final_requested = false;
     let mut fed_at_cur = false;
+    // The instant of the last checkpoint asked for (0: none this run).
+    let mut requested: Time = 0;
 
-    let consumer: Option<BaseConsumer<KafkaContext>> = match &live.config.kafka {
-        Some(k) => Some(kafka::consumer(k, Arc::clone(live)).map_err(|e| e.to_string())?),
-        None => None,
+    // With durable state the Kafka reader feeds the workers through the ingest log.
+    let consumer: Option<BaseConsumer<KafkaContext>> = match (&live.config.kafka, &live.log) {
+        (Some(k), None) => Some(kafka::consumer(k, Arc::clone(live)).map_err(|e| e.to_string())?),
+        _ => None,
     };
     let mut pending: Pending = VecDeque::new();
     let mut last_frontier: Time = 0;
@@ -434,7 +431,10 @@ fn run(
         // Checkpoints (worker 0): at an instant nothing has been fed at yet.
         if index == 0 && durable_stop && advanced && !fed_at_cur && !final_requested {
             let last = stopping && cur >= stop_at;
-            if cur >= next_checkpoint || last {
+            // The next one only once the one before is complete (with `[export]`, that
+            // waits for the archive).
+            let previous_done = live.checkpointed.load(Ordering::Acquire) >= requested;
+            if (cur >= next_checkpoint && previous_done) || last {
                 let full = chain.is_empty()
                     || chain.len() >= CHAIN_MAX
                     || live.checkpoint_full_next.swap(false, Ordering::AcqRel);
@@ -453,10 +453,12 @@ fn run(
                         snapshot,
                         audiences: audiences.prev().clone(),
                         lists: live.lists.clone(),
+                        kafka: positions_before(live, cur),
                     };
                     let _ = tx.send(CkMsg::Driver(cur, chain.clone(), Box::new(part)));
                 }
                 next_checkpoint = cur + checkpoint_every;
+                requested = cur;
                 if last {
                     final_requested = true;
                     live.final_checkpoint.store(cur, Ordering::Release);
@@ -594,6 +596,22 @@ fn run(
     Ok(())
 }
 
+/// Kafka mode: the positions after every batch logged before `at` (the history's older
+/// entries are dropped; the one returned stays for the next checkpoint).
+fn positions_before(live: &Live, at: Time) -> super::durable::Positions {
+    let Ok(mut h) = live.kafka_history.lock() else {
+        return Default::default();
+    };
+    while h.len() >= 2 && h[1].0 < at {
+        h.pop_front();
+    }
+    match h.front() {
+        Some((t, p)) if *t < at => p.clone(),
+        // No Kafka (the history starts with the positions the run resumed from).
+        _ => Default::default(),
+    }
+}
+
 /// An identify's trait writes, kept for the query API: `(user, timestamp, writes)`.
 type TraitWrites = (String, i64, Vec<(String, Value)>);
 
@@ -639,33 +657,10 @@ fn accept_kafka(
     identify: &mut Vec<TraitWrites>,
     payload: &[u8],
     received: i64,
-    (topic, partition, offset): (&str, i32, i64),
+    at: (&str, i32, i64),
 ) {
-    // Slack for the receive-time fields Herald's own HTTP ingest adds before producing.
-    let limits = Limits {
-        max_message_bytes: live.limits.max_message_bytes + RECEIVE_FIELDS_SLACK,
-    };
-    let (events, rejections) = parse_message(payload, Some(received), limits);
-    for ev in events {
-        live.metrics.event_in("kafka");
+    for ev in kafka::parse_record(live, payload, received, at) {
         feed(live, inputs, ev, identify, received);
-    }
-    for r in rejections {
-        // A batch item is dead-lettered as itself, not as the whole envelope.
-        let raw = r.item.map_or_else(|| payload.to_vec(), String::into_bytes);
-        live.metrics.dead_letter(r.reason.as_str());
-        live.to_sink(SinkMsg::DeadLetter {
-            letter: DeadLetter {
-                source: format!("kafka:{topic}/{partition}"),
-                line: offset.max(0) as u64,
-                batch_index: r.batch_index,
-                reason: r.reason,
-                detail: r.detail,
-                raw: String::from_utf8_lossy(&raw).into_owned(),
-            },
-            raw,
-            kafka: Some((topic.to_string(), partition, offset)),
-        });
     }
 }
 
