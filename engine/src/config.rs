@@ -719,6 +719,8 @@ mod tests {
         );
         let e = err("[engine]\nsegments = \"s.sql\"\njourneys = \"j.yaml\"\n[notify]\ntemplates = \"t\"\n[notify.email]\nsmtp = \"nohost\"\nfrom = \"a@b.c\"\n");
         assert!(e.contains("notify.email.smtp"), "{e}");
+        let e = err("[engine]\nsegments = \"s.sql\"\njourneys = \"j.yaml\"\n[output]\ndir = \"o\"\n[notify]\ntemplates = \"t\"\noutbox_retention = \"a while\"\n");
+        assert!(e.contains("notify.outbox_retention"), "{e}");
         let e = err("[engine]\nsegments = \"s.sql\"\n[cluster]\nprocess = 2\naddresses = [\"a:1\", \"b:2\"]\n");
         assert!(e.contains("cluster.process"), "{e}");
     }

@@ -25,6 +25,10 @@ pub struct NotifyConfig {
     /// Longest retry delay (ms).
     #[serde(default = "defaults::retry_max_ms")]
     pub retry_max_ms: u64,
+    /// How long the outbox remembers a finished message's id (an interval, e.g.
+    /// `"7 days"`); with durable state, never past the latest checkpoint.
+    #[serde(default = "defaults::outbox_retention")]
+    pub outbox_retention: String,
     /// Email over SMTP.
     pub email: Option<EmailConfig>,
     /// SMS through a Twilio-style Messages API.
@@ -183,6 +187,9 @@ impl NotifyConfig {
         if self.max_attempts == 0 {
             return bad("max_attempts", "must be at least 1".into());
         }
+        if let Err(e) = herald_operators::time::parse_interval_ms(&self.outbox_retention) {
+            return bad("outbox_retention", e.to_string());
+        }
         if self.retry_base_ms == 0 || self.retry_max_ms < self.retry_base_ms {
             return bad(
                 "retry_base_ms",
@@ -268,6 +275,11 @@ pub mod defaults {
     /// Longest retry delay (ms).
     pub fn retry_max_ms() -> u64 {
         60_000
+    }
+    /// A week: longer than Kafka's default retention and the default dedup horizon, the
+    /// longest a restart without durable state can redeliver from.
+    pub fn outbox_retention() -> String {
+        "7 days".into()
     }
     /// Required STARTTLS, what relays on port 587 expect.
     pub fn smtp_tls() -> String {

@@ -4,9 +4,11 @@
 //! Owns [`Outbox`], a [redb](https://docs.rs/redb) file (a pure-Rust embedded key-value
 //! store with ACID transactions, fsync on commit). Two tables:
 //!
-//! - `messages`: `message_id` -> the [`Entry`] as JSON. An id is inserted once and never
-//!   removed, so an action that arrives again (a replay, a redelivered event after a
-//!   restart) is recognised and dropped: that is what makes "never twice" hold.
+//! - `messages`: `message_id` -> the [`Entry`] as JSON. An id is inserted once, so an
+//!   action that arrives again (a replay, a redelivered event after a restart) is
+//!   recognised and dropped: that is what makes "never twice" hold. Only
+//!   [`Outbox::compact_blocking`] removes ids: finished ones whose action is older than
+//!   any instant that can still be derived again.
 //! - `open`: the ids that still need work: not yet in a final state, or final with the
 //!   feedback event not yet handed on. A restart resumes from this table alone.
 //!
@@ -18,9 +20,6 @@
 //! Writes go through one writer thread that commits whatever has queued up in one
 //! transaction (group commit): many deliveries in flight cost one fsync per batch, not
 //! one each. Reads are concurrent.
-//!
-//! Not here: retention (delivered ids are kept forever; a compaction that drops ids
-//! older than the longest replay horizon is future work).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -117,6 +116,8 @@ enum WriteOp {
     Insert(Box<Entry>),
     /// Overwrite.
     Put(Box<Entry>),
+    /// Forget a finished id.
+    Remove(String),
 }
 
 struct WriteReq {
@@ -273,6 +274,38 @@ impl Outbox {
         Ok(out)
     }
 
+    /// Forgets finished entries (sent or failed, feedback handed on) whose action's
+    /// instant is before `before` (ms): no replay or restart can derive them again, so
+    /// their ids need not be remembered. Returns how many went. Blocks: call from a plain
+    /// thread.
+    pub fn compact_blocking(&self, before: i64) -> Result<usize, OutboxError> {
+        let mut ids = Vec::new();
+        {
+            let rx = self.db.begin_read().map_err(|e| self.storage(e))?;
+            let messages = rx.open_table(MESSAGES).map_err(|e| self.storage(e))?;
+            for item in messages.iter().map_err(|e| self.storage(e))? {
+                let (k, v) = item.map_err(|e| self.storage(e))?;
+                let e: Entry = serde_json::from_slice(v.value()).map_err(|e| {
+                    self.storage(format!("entry {} does not parse: {e}", k.value()))
+                })?;
+                if !e.is_open() && e.action.time < before {
+                    ids.push(k.value().to_string());
+                }
+            }
+        }
+        let n = ids.len();
+        // In slices, so deliveries' writes are not held behind one huge transaction.
+        let mut rest = ids.into_iter().peekable();
+        while rest.peek().is_some() {
+            let ops: Vec<WriteOp> = rest.by_ref().take(10_000).map(WriteOp::Remove).collect();
+            self.submit(ops)?
+                .blocking_recv()
+                .map_err(|_| OutboxError::Closed(self.path.clone()))?
+                .map_err(|e| self.storage(e))?;
+        }
+        Ok(n)
+    }
+
     /// Every entry, in id order (for reports and tests).
     pub fn all_entries(&self) -> Result<Vec<Entry>, OutboxError> {
         let rx = self.db.begin_read().map_err(|e| self.storage(e))?;
@@ -318,6 +351,14 @@ fn apply(db: &Database, batch: &[WriteReq]) -> Vec<Result<Vec<bool>, String>> {
                     let (entry, only_new) = match op {
                         WriteOp::Insert(e) => (e, true),
                         WriteOp::Put(e) => (e, false),
+                        WriteOp::Remove(id) => {
+                            // Never an open one (it may have been reopened meanwhile).
+                            if open.get(id.as_str()).map_err(|e| e.to_string())?.is_none() {
+                                messages.remove(id.as_str()).map_err(|e| e.to_string())?;
+                            }
+                            reply.push(true);
+                            continue;
+                        }
                     };
                     let id = entry.action.message_id.as_str();
                     if only_new && messages.get(id).map_err(|e| e.to_string())?.is_some() {
@@ -417,6 +458,36 @@ mod tests {
             .unwrap()
             .is_empty());
         assert_eq!(o.all_entries().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn compaction_forgets_only_finished_entries_older_than_the_instant() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(&dir.path().join("outbox.redb")).unwrap();
+        let at = |id: &str, time: i64| MessageAction { time, ..action(id) };
+        o.enqueue_blocking(vec![at("old", 5), at("open", 5), at("new", 50)], 60)
+            .unwrap();
+        for id in ["old", "new"] {
+            let mut e = o.get(id).unwrap().unwrap();
+            e.state = State::Sent;
+            e.feedback_done = true;
+            o.put_blocking(&e).unwrap();
+        }
+        assert_eq!(o.compact_blocking(10).unwrap(), 1);
+        let left: Vec<String> = o
+            .all_entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action.message_id)
+            .collect();
+        assert_eq!(left, ["new", "open"]);
+        assert_eq!(o.open_entries().unwrap().len(), 1);
+        // A forgotten id is new again; one still remembered is not.
+        let fresh = o
+            .enqueue_blocking(vec![at("old", 5), at("new", 50)], 70)
+            .unwrap();
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].action.message_id, "old");
     }
 
     #[test]

@@ -73,6 +73,35 @@ fn feed_embedded(live: &Weak<Live>, msg: &Json) -> Result<(), String> {
     Ok(())
 }
 
+/// How often the outbox forgets what it no longer needs (and first, this long after start).
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Forgets finished outbox entries older than `retention` (ms) and, with durable state,
+/// older than the latest checkpoint (a restart derives again only what follows it; before
+/// this run's first checkpoint, nothing is forgotten). Runs until the service goes.
+async fn compact(live: Weak<Live>, outbox: Arc<Outbox>, retention: i64) {
+    loop {
+        tokio::time::sleep(COMPACT_EVERY).await;
+        let Some(l) = live.upgrade() else { return };
+        let mut before = now_ms() as i64 - retention;
+        if l.checkpointer.is_some() {
+            let at = l.checkpointed.load(std::sync::atomic::Ordering::Acquire) as i64;
+            if at == 0 {
+                continue;
+            }
+            before = before.min(at);
+        }
+        drop(l);
+        let o = Arc::clone(&outbox);
+        match tokio::task::spawn_blocking(move || o.compact_blocking(before)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!("the outbox forgot {n} finished messages"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("compacting the outbox: {e}"),
+            Err(e) => tracing::warn!("compacting the outbox: {e}"),
+        }
+    }
+}
+
 /// Opens the outbox, builds a connector per configured channel and starts delivering,
 /// resuming what the outbox still holds. Template and channel checks against the
 /// journeys were done at load.
@@ -142,6 +171,13 @@ pub fn start(
             })
         }
     };
+    let retention = herald_operators::time::parse_interval_ms(&n.outbox_retention)
+        .map_err(|e| EngineError::Usage(format!("config: `notify.outbox_retention`: {e}")))?;
+    rt.spawn(compact(
+        Arc::downgrade(live),
+        Arc::clone(&outbox),
+        retention,
+    ));
     let templates = Arc::new(templates);
     let delivery = Delivery::start(
         rt,

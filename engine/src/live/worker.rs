@@ -281,10 +281,15 @@ fn run(
     inputs.flush();
     if was_restored {
         // The query API's memberships, from the restored state.
-        if let (Some(st), Ok(mut ls)) = (&state, live.state.write()) {
+        if let Some(st) = &state {
+            let mut pairs = Vec::new();
             st.for_each_member(live.plan.visible, &mut |user, seg| {
-                ls.apply(seg, user, 1);
+                pairs.push((user.to_string(), seg));
             });
+            let built = super::state::RestoredMembers::build(live.plan.visible, pairs);
+            if let Ok(mut ls) = live.state.write() {
+                ls.add_restored(built);
+            }
         }
     }
     live.workers_ready.fetch_add(1, Ordering::AcqRel);
