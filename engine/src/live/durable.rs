@@ -176,7 +176,12 @@ impl IngestLog {
                         path.display()
                     ));
                 }
-                // A write a crash cut short: it was never acknowledged.
+                // A write a crash cut short: it was never acknowledged (and nothing
+                // derived from it left Herald). Its whole records before the tear are
+                // kept: the tear cannot tell which group they belong to. A Kafka batch cut
+                // before its positions record is thus fed from the log and read from the
+                // broker again; the second copy is dropped by dedup (a message without a
+                // `messageId` gets one hashed from its bytes).
                 tracing::warn!(
                     file = %path.display(),
                     bytes = bytes.len() - pos,
@@ -338,7 +343,14 @@ pub struct LogShared {
     pub history: PositionsHistory,
     /// The Kafka positions the log starts from (the checkpoint's, moved on by the log).
     pub positions: Positions,
+    /// Told when a batch could not be written: `(error, events dropped, whether it came
+    /// from the Kafka reader)`. Waiting callers are told too; a Kafka batch has nobody to
+    /// tell and its offsets have moved on, so the service must stop.
+    pub on_error: LogErrorFn,
 }
+
+/// See [`LogShared::on_error`].
+pub type LogErrorFn = Box<dyn Fn(&str, usize, bool) + Send>;
 
 /// Runs the log writer until every sender is gone; see the module docs. Events go to
 /// the worker their user hashes to.
@@ -354,6 +366,7 @@ pub fn run_log_writer(
         synced,
         history,
         positions: mut current,
+        on_error,
     } = shared;
     let n = workers.len() as u64;
     loop {
@@ -413,6 +426,8 @@ pub fn run_log_writer(
         // was never acknowledged (the client sends it again) and no checkpoint can hold it:
         // the checkpointer commits an instant only once the log is synced past it.
         let written = log.append(at, &events, &moved);
+        let (events_n, from_kafka, write_failed) =
+            (events.len(), !moved.is_empty(), written.is_err());
         if written.is_ok() {
             if !moved.is_empty() {
                 current.extend(moved);
@@ -435,6 +450,10 @@ pub fn run_log_writer(
             }
             Err(e) => {
                 tracing::error!("ingest log: {e}");
+                if write_failed {
+                    // Never handed to a worker.
+                    on_error(&e, events_n, from_kafka);
+                }
                 for d in waiting {
                     let _ = d.send(Err(e.clone()));
                 }

@@ -398,7 +398,7 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// The records of `topic` after the offsets in `after` (per partition; a partition not in
 /// it from its start) up to its end: values with their counts. Used at a restart to find
 /// what was produced after the checkpoint (see [`super::sink::Sink::open`]). Only this
-/// process produces to the topic, so its end is where it stays quiet for [`SETTLE`].
+/// process produces to the topic, so its end is where it stays quiet for `SETTLE` (500 ms).
 pub fn read_after(
     k: &KafkaConfig,
     topic: &str,
@@ -437,8 +437,11 @@ pub fn read_after(
     let started = Instant::now();
     let mut last_seen = Instant::now();
     while last_seen.elapsed() < SETTLE {
-        if started.elapsed() > Duration::from_secs(120) {
-            return Err(unavailable("it did not go quiet within 120 s".into()));
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(unavailable(format!(
+                "it did not go quiet within 600 s ({} records read)",
+                out.values().sum::<u32>()
+            )));
         }
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {

@@ -491,6 +491,18 @@ where
             synced,
             history: Arc::clone(&live.kafka_history),
             positions: r.positions.clone(),
+            on_error: {
+                let weak = Arc::downgrade(&live);
+                Box::new(move |e: &str, dropped: usize, from_kafka: bool| {
+                    if let Some(l) = weak.upgrade() {
+                        l.queued.fetch_sub(dropped, Ordering::AcqRel);
+                        l.metrics.error("ingest_log");
+                        if from_kafka {
+                            l.fail("ingest log (Kafka events it could not keep)", &e);
+                        }
+                    }
+                })
+            },
         };
         let tick = std::time::Duration::from_millis(live.config.engine.tick_ms.max(1));
         let log = r.log;

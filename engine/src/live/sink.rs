@@ -299,7 +299,9 @@ impl Sink {
             changes: Vec::new(),
             journey_out: Vec::new(),
             checkpoints: BTreeMap::new(),
-            acked: BTreeMap::new(),
+            // Where the checkpoint left off: a topic nothing is produced to before the
+            // next checkpoint keeps its offsets.
+            acked: resume.cloned().unwrap_or_default(),
             landed,
         })
     }
@@ -383,11 +385,18 @@ impl Sink {
     /// before a flush, so one flush (one round of Kafka acks) covers every watermark that
     /// arrived meanwhile: the sink keeps up however often workers report progress.
     pub fn run(mut self, rx: Receiver<SinkMsg>, live: &Live) -> Result<(), EngineError> {
+        let tick = Duration::from_millis(live.config.engine.tick_ms.max(1));
         let mut stop = false;
+        // The highest watermark seen, and how far it has been released (the ingest log's
+        // sync can hold a release back; it is taken up again when the sync moves on).
+        let (mut seen, mut released): (Time, Time) = (0, 0);
         while !stop {
-            let Ok(first) = rx.recv() else { break };
             let mut watermark: Option<Time> = None;
-            let mut next = Some(first);
+            let mut next = match rx.recv_timeout(tick) {
+                Ok(m) => Some(m),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             while let Some(msg) = next.take() {
                 match msg {
                     SinkMsg::Change {
@@ -411,27 +420,39 @@ impl Sink {
                 }
                 next = rx.try_recv().ok();
             }
-            // Nothing derived from events the ingest log has not synced yet.
-            let synced = live.log_synced.load(Ordering::Acquire);
-            let watermark = watermark.map(|f| f.min(synced));
             if let Some(f) = watermark {
-                self.release(live, f)?;
+                seen = seen.max(f);
             }
-            if let (Some(f), false) = (watermark, stop) {
-                let started = Instant::now();
-                let complete = self.flush(live)?;
-                live.metrics
-                    .sink_flush_ms
-                    .set(started.elapsed().as_secs_f64() * 1e3);
-                if complete {
-                    match &live.export {
-                        // The exporter publishes it once the archive holds it.
-                        Some(x) => {
-                            let _ = x.send(super::export::ExportMsg::Watermark(f));
-                        }
-                        None => {
-                            live.durable.fetch_max(f, Ordering::AcqRel);
-                        }
+            if stop {
+                // What the log syncs in its last moments belongs to the final checkpoint.
+                let waited = Instant::now();
+                while live.log_synced.load(Ordering::Acquire) < seen
+                    && waited.elapsed() < Duration::from_secs(5)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            // Nothing derived from events the ingest log has not synced yet.
+            let f = seen.min(live.log_synced.load(Ordering::Acquire));
+            if f <= released {
+                continue;
+            }
+            self.release(live, f)?;
+            released = f;
+            let started = Instant::now();
+            let complete = self.flush(live)?;
+            live.metrics
+                .sink_flush_ms
+                .set(started.elapsed().as_secs_f64() * 1e3);
+            if complete {
+                match &live.export {
+                    // The exporter publishes it once the archive holds it (at a stop too:
+                    // the final checkpoint waits for it).
+                    Some(x) => {
+                        let _ = x.send(super::export::ExportMsg::Watermark(f));
+                    }
+                    None => {
+                        live.durable.fetch_max(f, Ordering::AcqRel);
                     }
                 }
             }
