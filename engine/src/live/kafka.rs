@@ -454,3 +454,35 @@ pub fn read_after(
     }
     Ok(out)
 }
+
+/// Per partition of `topic`, its end offset as the broker reports it now (a lower bound:
+/// tansu was seen to report less than it serves, never more).
+pub fn end_offsets(
+    k: &KafkaConfig,
+    topic: &str,
+) -> Result<std::collections::BTreeMap<i32, i64>, EngineError> {
+    let unavailable = |e: String| {
+        EngineError::Unavailable(format!(
+            "Kafka at `kafka.brokers` = {}: cannot read the end offsets of {topic}: {e}",
+            k.brokers
+        ))
+    };
+    let consumer: BaseConsumer = client_config(k)
+        .set("group.id", format!("{}-restart", k.group_id))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| unavailable(e.to_string()))?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| unavailable(e.to_string()))?;
+    let mut out = std::collections::BTreeMap::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .map_err(|e| unavailable(e.to_string()))?;
+            out.insert(p.id(), high);
+        }
+    }
+    Ok(out)
+}

@@ -269,6 +269,20 @@ impl Sink {
             ),
             None => (None, String::new(), String::new()),
         };
+        // Where the checkpoint left off (a topic nothing is produced to before the next
+        // checkpoint keeps its offsets); on a first start with durable state, the topics'
+        // ends now, so that even the first checkpoint bounds what a restart reads back.
+        let mut acked: Resume = resume.cloned().unwrap_or_default();
+        if let (Some(k), None, Some(_), true) = (
+            &live.config.kafka,
+            resume,
+            &producer,
+            live.checkpointer.is_some(),
+        ) {
+            for topic in [&changes_topic, &messages_topic] {
+                acked.insert(topic.clone(), super::kafka::end_offsets(k, topic)?);
+            }
+        }
         let mut landed = BTreeMap::new();
         if let (Some(k), Some(from), Some(_)) = (&live.config.kafka, resume, &producer) {
             for topic in [&changes_topic, &messages_topic] {
@@ -299,9 +313,7 @@ impl Sink {
             changes: Vec::new(),
             journey_out: Vec::new(),
             checkpoints: BTreeMap::new(),
-            // Where the checkpoint left off: a topic nothing is produced to before the
-            // next checkpoint keeps its offsets.
-            acked: resume.cloned().unwrap_or_default(),
+            acked,
             landed,
         })
     }

@@ -294,7 +294,13 @@ fn run(
     }
     live.workers_ready.fetch_add(1, Ordering::AcqRel);
     // Worker 0 asks for checkpoints; what changed in the snapshot since the last one.
-    let mut next_checkpoint = cur + checkpoint_every;
+    // The first at once: from then on a crash never finds the state directory without a
+    // checkpoint (whose sink part bounds what a restart reads back from the topics).
+    let mut next_checkpoint = if chain.is_empty() {
+        cur
+    } else {
+        cur + checkpoint_every
+    };
     let mut snapshot_changed = chain.is_empty();
     let mut final_requested = false;
     let mut fed_at_cur = false;
