@@ -325,15 +325,27 @@ fn commit_checkpointed(consumer: &BaseConsumer<KafkaContext>, live: &Live, mode:
     else {
         return;
     };
+    commit_offsets(consumer, &p, mode, live);
+}
+
+/// Commits `offsets` (the next offset to read per partition) for the consumer's group. A
+/// failure is counted and logged: a partition moved to another member (rebalance) or the
+/// broker is away, and what it leaves uncommitted is read again and deduplicated.
+pub fn commit_offsets(
+    consumer: &BaseConsumer<KafkaContext>,
+    offsets: &Positions,
+    mode: CommitMode,
+    live: &Live,
+) {
     let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in &p {
+    for ((topic, partition), offset) in offsets {
         if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
             tracing::warn!("cannot commit {topic}/{partition}@{offset}: {e}");
         }
     }
     if let Err(e) = consumer.commit(&tpl, mode) {
         live.metrics.error("kafka_commit");
-        tracing::warn!("committing the checkpoint's offsets: {e}");
+        tracing::warn!("offset commit failed: {e}");
     }
 }
 
@@ -410,25 +422,14 @@ pub fn read_after(
             k.brokers
         ))
     };
-    let consumer: BaseConsumer = client_config(k)
-        .set("group.id", format!("{}-restart", k.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .map_err(|e| unavailable(e.to_string()))?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| unavailable(e.to_string()))?;
+    let (consumer, ids) = output_reader(k, topic).map_err(unavailable)?;
     let mut tpl = TopicPartitionList::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            let from = after
-                .get(&p.id())
-                .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-            tpl.add_partition_offset(topic, p.id(), from)
-                .map_err(|e| unavailable(e.to_string()))?;
-        }
+    for p in ids {
+        let from = after
+            .get(&p)
+            .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        tpl.add_partition_offset(topic, p, from)
+            .map_err(|e| unavailable(e.to_string()))?;
     }
     consumer
         .assign(&tpl)
@@ -467,22 +468,34 @@ pub fn end_offsets(
             k.brokers
         ))
     };
+    let (consumer, ids) = output_reader(k, topic).map_err(unavailable)?;
+    let mut out = std::collections::BTreeMap::new();
+    for p in ids {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|e| unavailable(e.to_string()))?;
+        out.insert(p, high);
+    }
+    Ok(out)
+}
+
+/// A consumer (outside the group's membership) for reading one of Herald's own output
+/// topics back at a start, and that topic's partitions.
+fn output_reader(k: &KafkaConfig, topic: &str) -> Result<(BaseConsumer, Vec<i32>), String> {
     let consumer: BaseConsumer = client_config(k)
         .set("group.id", format!("{}-restart", k.group_id))
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "10")
         .create()
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| unavailable(e.to_string()))?;
-    let mut out = std::collections::BTreeMap::new();
-    for t in md.topics() {
-        for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .map_err(|e| unavailable(e.to_string()))?;
-            out.insert(p.id(), high);
-        }
-    }
-    Ok(out)
+        .map_err(|e| e.to_string())?;
+    let ids = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    Ok((consumer, ids))
 }

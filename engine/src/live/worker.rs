@@ -20,9 +20,8 @@ use herald_operators::plan::SnapshotRows;
 use herald_operators::state::StateCounters;
 use herald_operators::time::Time;
 use herald_operators::value::Value;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Input, Inspect, Probe};
@@ -692,20 +691,8 @@ fn commit_durable(
             }
         }
     }
-    if merged.is_empty() {
-        return;
-    }
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), offset) in &merged {
-        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
-            tracing::warn!("cannot commit {topic}/{partition}@{offset}: {e}");
-        }
-    }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        // A partition moved to another member (rebalance) or the broker is away: the
-        // events will be redelivered and deduplicated.
-        live.metrics.error("kafka_commit");
-        tracing::warn!("offset commit failed: {e}");
+    if !merged.is_empty() {
+        kafka::commit_offsets(consumer, &merged, mode, live);
     }
 }
 
