@@ -53,9 +53,14 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
+    /// `dir` as written (None: not given).
+    #[serde(default, rename = "dir")]
+    pub dir_given: Option<String>,
     /// Directory for checkpoints and the ingest log (relative to the config file); empty
-    /// string: state is not kept across restarts.
-    #[serde(default = "defaults::checkpoint_dir")]
+    /// string: state is not kept across restarts. When not given: `herald-state`, or in a
+    /// cluster none (a cluster's processes need one they all share, which only the
+    /// operator can name).
+    #[serde(skip)]
     pub dir: String,
     /// How often a checkpoint is taken, as an interval (`"5 seconds"`).
     #[serde(default = "defaults::checkpoint_every")]
@@ -65,6 +70,7 @@ pub struct CheckpointConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {
+            dir_given: None,
             dir: defaults::checkpoint_dir(),
             every: defaults::checkpoint_every(),
         }
@@ -371,8 +377,13 @@ impl Config {
 
     /// Parses and validates config text (paths left as written).
     pub fn parse(text: &str) -> Result<Config, EngineError> {
-        let config: Config =
+        let mut config: Config =
             toml::from_str(text).map_err(|e| EngineError::Usage(format!("config: {e}")))?;
+        config.checkpoint.dir = match (&config.checkpoint.dir_given, &config.cluster) {
+            (Some(d), _) => d.clone(),
+            (None, Some(_)) => String::new(),
+            (None, None) => defaults::checkpoint_dir(),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -588,10 +599,17 @@ impl Config {
         Ok(ms as u64)
     }
 
-    /// Whether state is kept across restarts: a checkpoint directory and one process
-    /// (embedded or Kafka mode; cluster checkpoints are not built yet).
+    /// Whether state is kept across restarts: a checkpoint directory (in a cluster, one
+    /// that every process shares).
     pub fn durable(&self) -> bool {
-        !self.checkpoint.dir.is_empty() && self.cluster.is_none()
+        !self.checkpoint.dir.is_empty()
+    }
+
+    /// `(this process, processes)`: `(0, 1)` outside a cluster.
+    pub fn processes(&self) -> (usize, usize) {
+        self.cluster
+            .as_ref()
+            .map_or((0, 1), |c| (c.process, c.addresses.len()))
     }
 
     fn resolve_paths(&mut self, base: &Path) {

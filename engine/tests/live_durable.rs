@@ -381,37 +381,127 @@ fn kill_9_ten_times(kafka: Option<Kafka>) {
         );
         assert_eq!(ids.len(), want["big_spenders"].len());
     }
-    // Webhooks: every big spender got theirs; a second request with the same key only
-    // for an attempt in flight at a kill (at most the channel's concurrency per kill).
-    h.wait_for("every webhook", Duration::from_secs(60), |_| {
-        let s = seen.lock().unwrap();
-        s.iter()
-            .map(|(_, b)| b["user_id"].as_str().unwrap_or_default().to_string())
-            .collect::<BTreeSet<_>>()
-            == want["big_spenders"]
-    });
-    let mut per_key: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    for (k, body) in seen.lock().unwrap().iter() {
-        let u = body["user_id"].as_str().unwrap_or_default().to_string();
-        let e = per_key.entry(k.clone()).or_insert((u, 0));
-        e.1 += 1;
-    }
-    let keys_per_user: BTreeMap<&str, usize> =
-        per_key.values().fold(BTreeMap::new(), |mut m, (u, _)| {
-            *m.entry(u.as_str()).or_default() += 1;
-            m
-        });
-    assert!(
-        keys_per_user.values().all(|n| *n == 1),
-        "a user's webhook went out under two message ids"
-    );
-    let repeated = per_key.values().filter(|(_, n)| *n > 1).count();
-    assert!(
-        repeated <= 4 * kills,
-        "{repeated} webhooks were sent twice: more than were in flight at the kills"
-    );
+    check_webhooks(&h, &seen, &want, kills);
     let mut h = h;
     assert!(h.stop().success());
+}
+
+/// A two-process cluster sharing one state directory: `kill -9` of one process at random
+/// points during the stream (the other stops with it, as a timely cluster does, and both
+/// are started again), then a graceful stop and a start. Each process answers for the
+/// users its worker owns and writes their changes to its own changelog; together they
+/// must equal the events, with no row twice and no webhook sent twice.
+#[test]
+fn a_two_process_cluster_with_one_process_killed_loses_and_repeats_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (seen, hook) = recorder(&rt, Duration::ZERO);
+    let state = tempfile::tempdir().unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for d in &dirs {
+        std::fs::write(d.path().join("segments.sql"), SEGMENTS).unwrap();
+        std::fs::write(d.path().join("journeys.yaml"), JOURNEYS).unwrap();
+        std::fs::create_dir_all(d.path().join("templates")).unwrap();
+        std::fs::write(d.path().join("templates/thanks.liquid"), "thanks\n").unwrap();
+    }
+    let base = config(&hook, None)
+        .replace("workers = 2", "workers = 1")
+        .replace(
+            "[checkpoint]\n",
+            &format!("[checkpoint]\ndir = \"{}\"\n", state.path().display()),
+        );
+    let configs = common::cluster_configs(&base, 2);
+    let paths: Vec<std::path::PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    let events = events();
+    let want = expected(&events);
+    let batches: Vec<String> = events
+        .chunks(BATCH)
+        .map(|c| json!({"batch": c}).to_string())
+        .collect();
+
+    let mut hs = common::start_processes(&paths, &configs);
+    let bases = Arc::new(Mutex::new(
+        hs.iter().map(|h| h.base.clone()).collect::<Vec<_>>(),
+    ));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    // The client: sends each batch to either process until it is acknowledged.
+    let poster = {
+        let (bases, acked, done) = (Arc::clone(&bases), Arc::clone(&acked), Arc::clone(&done));
+        let batches = batches.clone();
+        std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            for (i, b) in batches.iter().enumerate() {
+                loop {
+                    let url = format!("{}/v1/batch", bases.lock().unwrap()[i % 2]);
+                    let r = http
+                        .post(url)
+                        .basic_auth("wk", Some(""))
+                        .header("content-type", "application/json")
+                        .body(b.clone())
+                        .send();
+                    if matches!(&r, Ok(r) if r.status().as_u16() == 200) {
+                        acked.fetch_add(1, Ordering::AcqRel);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            done.store(true, Ordering::Release);
+        })
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let mut kills = 0;
+    while kills < 5 {
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1000)));
+        if done.load(Ordering::Acquire) {
+            break;
+        }
+        let victim = rng.random_range(0..2);
+        hs[victim].kill();
+        // The other loses its peer and stops on its own, with an error.
+        let other = hs[1 - victim].exit_or_kill(Duration::from_secs(20));
+        assert!(
+            other.is_some_and(|s| !s.success()),
+            "process {} did not stop when process {victim} died: {other:?}\n{}",
+            1 - victim,
+            hs[1 - victim].stderr_text()
+        );
+        kills += 1;
+        hs = common::start_processes(&paths, &configs);
+        *bases.lock().unwrap() = hs.iter().map(|h| h.base.clone()).collect();
+    }
+    poster.join().unwrap();
+    assert!(
+        kills >= 5,
+        "the stream ended after {kills} kills: the test needs at least 5 during it"
+    );
+    assert_eq!(acked.load(Ordering::Acquire), batches.len());
+    // A graceful stop of both and a start: the state comes back from the final checkpoint.
+    for (status, stderr) in common::stop_all(hs) {
+        assert!(status.success(), "exit {status:?}\n{stderr}");
+    }
+    let hs = common::start_processes(&paths, &configs);
+    for (seg, users) in &want {
+        hs[0].wait_for(&format!("{seg}'s members"), Duration::from_secs(60), |_| {
+            let mut all = BTreeSet::new();
+            for h in &hs {
+                all.extend(members(h, seg));
+            }
+            all == *users
+        });
+    }
+    let rows: Vec<Json> = hs
+        .iter()
+        .flat_map(|h| h.output("segment_changes.jsonl"))
+        .collect();
+    check_changelog("both processes' segment_changes.jsonl", &rows, &want);
+    check_webhooks(&hs[0], &seen, &want, kills);
+    for (status, stderr) in common::stop_all(hs) {
+        assert!(status.success(), "exit {status:?}\n{stderr}");
+    }
 }
 
 /// A restart with a long log after the last checkpoint: the workers take the log in
@@ -455,4 +545,41 @@ fn a_checkpoint_taken_while_the_log_is_fed_again_holds_every_event_before_it() {
         });
     }
     assert!(h.stop().success());
+}
+
+/// Webhooks: every big spender got theirs; a second request with the same key only for
+/// an attempt in flight at a kill (at most the channel's concurrency per kill).
+fn check_webhooks(
+    h: &Herald,
+    seen: &Mutex<Vec<(String, Json)>>,
+    want: &BTreeMap<&'static str, BTreeSet<String>>,
+    kills: usize,
+) {
+    h.wait_for("every webhook", Duration::from_secs(60), |_| {
+        let s = seen.lock().unwrap();
+        s.iter()
+            .map(|(_, b)| b["user_id"].as_str().unwrap_or_default().to_string())
+            .collect::<BTreeSet<_>>()
+            == want["big_spenders"]
+    });
+    let mut per_key: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    for (k, body) in seen.lock().unwrap().iter() {
+        let u = body["user_id"].as_str().unwrap_or_default().to_string();
+        let e = per_key.entry(k.clone()).or_insert((u, 0));
+        e.1 += 1;
+    }
+    let keys_per_user: BTreeMap<&str, usize> =
+        per_key.values().fold(BTreeMap::new(), |mut m, (u, _)| {
+            *m.entry(u.as_str()).or_default() += 1;
+            m
+        });
+    assert!(
+        keys_per_user.values().all(|n| *n == 1),
+        "a user's webhook went out under two message ids"
+    );
+    let repeated = per_key.values().filter(|(_, n)| *n > 1).count();
+    assert!(
+        repeated <= 4 * kills,
+        "{repeated} webhooks were sent twice: more than were in flight at the kills"
+    );
 }

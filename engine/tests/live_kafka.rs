@@ -534,6 +534,81 @@ fn a_two_process_cluster_consumes_and_commits() {
     }
 }
 
+/// Kafka mode on a durable two-process cluster (one `checkpoint.dir` both share): each
+/// process reads its share of the partitions; a graceful stop of one process stops both
+/// at the final checkpoint, which commits every partition's position; a start restores
+/// the state on both and reads only what came after.
+#[test]
+#[ignore = "needs a Kafka-protocol broker on 127.0.0.1: run scripts/test.sh"]
+fn a_durable_two_process_cluster_restores_its_state_and_resumes_every_partition() {
+    let brokers = brokers();
+    let t = Topics::new();
+    create_topic(&brokers, &t.events, 4);
+    let state = tempfile::tempdir().unwrap();
+    let base = format!(
+        "{}[checkpoint]\ndir = \"{}\"\nevery = \"1 second\"\n",
+        t.config(&brokers, 1),
+        state.path().display()
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let paths: Vec<std::path::PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    for d in &paths {
+        std::fs::write(d.join("segments.sql"), SEGMENTS).unwrap();
+    }
+    let configs = common::cluster_configs(&base, 2);
+    let mut hs = common::start_processes(&paths, &configs);
+    let p = producer(&brokers);
+    for u in 0..40 {
+        let ev = format!(r#"{{"type":"track","userId":"k{u}","event":"Clicked"}}"#);
+        produce(&p, &t.events, &format!("k{u}"), &ev);
+    }
+    let total = |hs: &[Herald]| hs.iter().map(|h| h.size("clicked")).sum::<i64>();
+    hs[0].wait_for(
+        "40 clickers across the cluster",
+        Duration::from_secs(60),
+        |_| total(&hs) == 40,
+    );
+    let read: Vec<f64> = hs
+        .iter()
+        .map(|h| metric(h, "herald_events_in_total{source=\"kafka\"}").unwrap_or(0.0))
+        .collect();
+    assert!(
+        read.iter().all(|n| *n > 0.0),
+        "each process reads its share of the partitions: {read:?}"
+    );
+    // SIGTERM to process 1 only: both stop.
+    let mut p1 = hs.pop().unwrap();
+    assert!(p1.stop().success(), "{}", p1.stderr_text());
+    let p0 = hs[0].wait_exit(Duration::from_secs(60));
+    assert!(p0.success(), "{}", hs[0].stderr_text());
+    let (committed, ends) = committed_and_ends(&brokers, &t.group, &t.events, 4);
+    assert_eq!(
+        committed, ends,
+        "the final checkpoint's positions are committed"
+    );
+
+    let hs = common::start_processes(&paths, &configs);
+    assert_eq!(total(&hs), 40, "the state came back on both processes");
+    produce(
+        &p,
+        &t.events,
+        "late",
+        r#"{"type":"track","userId":"late","event":"Clicked"}"#,
+    );
+    hs[0].wait_for("the new event", Duration::from_secs(60), |_| {
+        total(&hs) == 41
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let read: f64 = hs
+        .iter()
+        .map(|h| metric(h, "herald_events_in_total{source=\"kafka\"}").unwrap_or(0.0))
+        .sum();
+    assert_eq!(read, 1.0, "only the new event is read again");
+    for (status, stderr) in common::stop_all(hs) {
+        assert!(status.success(), "exit {status:?}\n{stderr}");
+    }
+}
+
 #[test]
 #[ignore = "needs a Kafka-protocol broker on 127.0.0.1: run scripts/test.sh"]
 fn journeys_in_kafka_mode_trigger_through_the_events_topic_and_send_to_the_messages_topic() {

@@ -1,5 +1,5 @@
-//! Durable state of `herald run` (embedded and single-process Kafka mode): the ingest log
-//! and checkpoints.
+//! Durable state of `herald run` (embedded and Kafka mode, one process or a cluster): the
+//! ingest log and checkpoints.
 //!
 //! Owns [`IngestLog`] (its writer thread stamps, appends and fsyncs accepted events
 //! before HTTP ingest answers 200, then hands them to the workers), [`Store`] (the
@@ -43,6 +43,15 @@
 //!   every record before it (the exporter's `durable`), and the next one is asked for only
 //!   then: a restart derives again only what the archive has not got, so the archive loses
 //!   nothing; checkpoints then come at most every `export.flush_every`.
+//!
+//! * **A cluster.** The processes share the checkpoint directory. Each writes its workers'
+//!   parts (by global worker index), its own driver and sink parts (`driver.p<N>`,
+//!   `sink.p<N>`; local worker 0 of a process other than 0 asks for them when its segment
+//!   part is taken) and then `p<N>.written`; process 0 commits the manifest once every
+//!   process has, and alone removes old checkpoints. Each process has its own log
+//!   (`ingest.p<N>`), cut only behind a committed checkpoint. Sinks release only what
+//!   every process's log has synced (the processes report it to each other, see
+//!   `worker.rs`).
 //!
 //! Files: `<dir>/ingest/<first stamp>.log` (records: length, CRC-32, bincode of
 //! `(stamp, event)`; a positions record sets the top bit of its length and holds
@@ -474,13 +483,38 @@ pub struct Manifest {
     pub at: Time,
     /// The checkpoints to read, from the last full one to this one.
     pub chain: Vec<Time>,
-    /// Timely workers that wrote parts.
+    /// Timely workers per process that wrote parts.
     pub workers: usize,
+    /// Processes of the cluster that wrote parts (1 outside a cluster).
+    #[serde(default = "one")]
+    pub processes: usize,
     /// Whether journeys ran (and wrote parts).
     pub journeys: bool,
     /// A hash of the segment and journey files the state was built with.
     pub definitions: String,
 }
+
+fn one() -> usize {
+    1
+}
+
+/// The name of a per-process part (`driver`, `sink`): the name itself for process 0,
+/// `name.p<N>` for process `N` of a cluster.
+pub fn process_part(name: &str, process: usize) -> String {
+    match process {
+        0 => name.to_string(),
+        p => format!("{name}.p{p}"),
+    }
+}
+
+/// The ingest log's directory of process `process` under the state directory.
+pub fn log_dir(dir: &Path, process: usize) -> PathBuf {
+    dir.join(process_part("ingest", process))
+}
+
+/// How long a cluster's process waits for the others' parts of a checkpoint (process 0)
+/// or for process 0 to commit it (the others).
+const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 
 /// The driver's part: what worker 0 feeds from.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -645,6 +679,35 @@ impl Store {
         Ok(())
     }
 
+    /// Marks process `process`'s parts of checkpoint `at` as written (a cluster's process
+    /// 0 commits the checkpoint once every process has).
+    fn mark_written(&self, at: Time, process: usize) -> Result<(), String> {
+        let dir = self.dir(at);
+        let path = dir.join(format!("p{process}.written"));
+        File::create(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("cannot write", &path, e))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("cannot sync", &dir, e))
+    }
+
+    /// The processes among `1..processes` that have not marked checkpoint `at` written.
+    fn unwritten(&self, at: Time, processes: usize) -> Vec<usize> {
+        let dir = self.dir(at);
+        (1..processes)
+            .filter(|p| !dir.join(format!("p{p}.written")).exists())
+            .collect()
+    }
+
+    /// Whether a checkpoint at or after `at` is complete.
+    fn committed_since(&self, at: Time) -> bool {
+        self.instants()
+            .into_iter()
+            .take_while(|&t| t >= at)
+            .any(|t| self.dir(t).join("MANIFEST").exists())
+    }
+
     /// Removes checkpoints after `at` (incomplete ones a crash left), before starting
     /// from `at`.
     pub fn remove_after(&self, at: Time) {
@@ -698,10 +761,17 @@ pub struct PartsTo {
     pub worker: usize,
     /// The checkpointer's channel.
     pub tx: Sender<CkMsg>,
+    /// Local worker 0 of a cluster's process other than 0: told `(instant, full)` when
+    /// its segment part is taken, before the output frontier can pass the instant (so
+    /// that the process's sink and driver parts are asked for in time).
+    pub on_part: Option<Box<dyn Fn(Time, bool)>>,
 }
 
 impl PartSink for PartsTo {
     fn segments(&self, at: Time, part: SegmentPart) {
+        if let Some(f) = &self.on_part {
+            f(at, part.full);
+        }
         let _ = self
             .tx
             .send(CkMsg::Segments(self.worker, at, Box::new(part)));
@@ -734,6 +804,7 @@ pub fn run_checkpointer(
             .map(|f| Path::new(&live.config.output.dir).join(f))
             .collect()
     };
+    let (process, processes) = live.config.processes();
     let expected = template.workers * (1 + template.journeys as usize) + 2;
     // Per instant: parts written, the chain and Kafka positions (from the driver part),
     // their bytes.
@@ -751,8 +822,14 @@ pub fn run_checkpointer(
             CkMsg::Journeys(w, at, p) => {
                 (*at, store.write_part(*at, &format!("w{w}.journeys"), p)?)
             }
-            CkMsg::Driver(at, _, p) => (*at, store.write_part(*at, "driver", p)?),
-            CkMsg::Sink(at, p) => (*at, store.write_part(*at, "sink", p)?),
+            CkMsg::Driver(at, _, p) => (
+                *at,
+                store.write_part(*at, &process_part("driver", process), p)?,
+            ),
+            CkMsg::Sink(at, p) => (
+                *at,
+                store.write_part(*at, &process_part("sink", process), p)?,
+            ),
             CkMsg::Stop => break,
         };
         metrics.checkpoint_bytes.inc_by(bytes);
@@ -792,6 +869,62 @@ pub fn run_checkpointer(
                 chain,
                 ..template.clone()
             };
+            if process > 0 {
+                // Process 0 commits once every process has written its parts; the log
+                // is cut only behind a committed checkpoint.
+                store.mark_written(at, process)?;
+                pending.remove(&at);
+                pending.retain(|t, _| *t > at);
+                let waited = std::time::Instant::now();
+                while !store.committed_since(at) {
+                    if waited.elapsed() > CLUSTER_WAIT || live.sink_failed.load(Ordering::Acquire) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if !store.committed_since(at) {
+                    tracing::warn!(
+                        "checkpoint {at}: process 0 has not committed it within {CLUSTER_WAIT:?} \
+                         (is `checkpoint.dir` {} shared by every process?)",
+                        store.root.display()
+                    );
+                    continue;
+                }
+                committed += 1;
+                live.checkpointed.store(at, Ordering::Release);
+                if !positions.is_empty() {
+                    if let Ok(mut p) = live.checkpointed_positions.lock() {
+                        *p = Some(positions);
+                    }
+                }
+                metrics.checkpoints.inc();
+                metrics.checkpoint_at.set(at as i64);
+                if let Some(l) = &log {
+                    let _ = l.send(LogReq::Truncate(at));
+                }
+                continue;
+            }
+            // A cluster's checkpoint is complete once every process has written its parts.
+            let waited = std::time::Instant::now();
+            loop {
+                let missing = store.unwritten(at, processes);
+                if missing.is_empty() {
+                    break;
+                }
+                if live.sink_failed.load(Ordering::Acquire) {
+                    return Ok(committed);
+                }
+                if waited.elapsed() > CLUSTER_WAIT {
+                    return Err(format!(
+                        "checkpoint {at}: process {missing:?} wrote no parts to {} within \
+                         {CLUSTER_WAIT:?}; in a cluster `checkpoint.dir` must be one location \
+                         that every process shares (a network file system), or \"\" to run \
+                         without durable state",
+                        store.dir(at).display()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
             store.commit(&m)?;
             // Once the deltas outweigh the full checkpoint they follow, reading the chain
             // costs more than a new full one: ask worker 0 for one next.
@@ -940,6 +1073,7 @@ mod tests {
             at: 5,
             chain: vec![5],
             workers: 1,
+            processes: 1,
             journeys: false,
             definitions: String::new(),
         };
@@ -952,5 +1086,29 @@ mod tests {
         )
         .unwrap();
         assert!(store.latest().unwrap_err().contains("format 0"));
+    }
+
+    #[test]
+    fn a_cluster_checkpoint_is_complete_once_every_process_marked_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.write_part(7, "w0.segments", &1u32).unwrap();
+        store.write_part(7, "w2.segments", &1u32).unwrap();
+        assert_eq!(store.unwritten(7, 3), [1, 2]);
+        store.mark_written(7, 2).unwrap();
+        assert_eq!(store.unwritten(7, 3), [1]);
+        store.mark_written(7, 1).unwrap();
+        assert!(store.unwritten(7, 3).is_empty());
+        assert!(!store.committed_since(7));
+        // A manifest of a single-process Herald (no `processes`) reads as one process.
+        let text =
+            r#"{"format":2,"at":7,"chain":[7],"workers":1,"journeys":false,"definitions":""}"#;
+        std::fs::write(store.dir(7).join("MANIFEST"), text).unwrap();
+        assert_eq!(store.latest().unwrap().unwrap().processes, 1);
+        assert!(store.committed_since(7));
+        assert!(store.committed_since(3));
+        assert!(!store.committed_since(8));
+        assert_eq!(process_part("sink", 0), "sink");
+        assert_eq!(process_part("sink", 2), "sink.p2");
     }
 }

@@ -184,7 +184,7 @@ const READER_BATCH: usize = 8192;
 const METADATA_EVERY: Duration = Duration::from_secs(5);
 
 /// The Kafka reader of durable Kafka mode (see [`super::durable`]): consumes every
-/// partition of the events topics from `positions` on (a partition without one starts at
+/// partition of the events topics (in a cluster, this process's share) from `positions` on (a partition without one starts at
 /// the group's committed offset, else at `auto_offset_reset`), hands what it parsed to the
 /// ingest log with the partitions' next offsets, and commits the latest complete
 /// checkpoint's positions to the group. Reads until the service stops; returns once
@@ -214,7 +214,14 @@ pub fn run_reader(
     while !live.stopping() {
         if looked.elapsed() >= METADATA_EVERY {
             looked = Instant::now();
-            match partitions(&consumer, &k.events_topics) {
+            // In a cluster each process reads the partitions `p` with
+            // `p % processes == process`.
+            let (process, processes) = live.config.processes();
+            let mine = partitions(&consumer, &k.events_topics).map(|mut found| {
+                found.retain(|(_, p)| *p as usize % processes == process);
+                found
+            });
+            match mine {
                 Ok(found) if found != assigned => {
                     let mut tpl = TopicPartitionList::new();
                     for (topic, p) in &found {

@@ -108,7 +108,7 @@ pub struct Live {
     pub durable: AtomicU64,
     /// The output frontier last seen by a worker.
     pub frontier: AtomicU64,
-    /// Set when the sink has failed: nothing more will become durable.
+    /// Set when the sink (or the dataflow) has failed: nothing more will become durable.
     pub sink_failed: std::sync::atomic::AtomicBool,
     /// The sink's channel.
     pub sink: Sender<SinkMsg>,
@@ -127,6 +127,13 @@ pub struct Live {
     /// a log): the sink releases nothing derived at or after it, so no output ever holds
     /// what a crash could make the log forget (and a restart derive differently).
     pub log_synced: Arc<AtomicU64>,
+    /// In a durable cluster: the least `log_synced` of every process, as last heard
+    /// (changes are emitted where their user lives, which need not be where the event
+    /// was logged).
+    pub cluster_synced: AtomicU64,
+    /// The sink has released every change before this instant (and handed the
+    /// checkpointer its parts of the checkpoints before it).
+    pub released: AtomicU64,
     /// The checkpointer's channel, when state is durable.
     pub checkpointer: Option<Sender<durable::CkMsg>>,
     /// The instant of the checkpoint taken at shutdown, once worker 0 has asked for it
@@ -244,6 +251,16 @@ impl Live {
     pub fn stopping(&self) -> bool {
         self.stop_at.load(Ordering::Acquire) != 0
     }
+
+    /// Every event stamped below this is on disk in the ingest log of every process
+    /// (`u64::MAX` without a log): what the sink may release.
+    pub fn synced_everywhere(&self) -> u64 {
+        let local = self.log_synced.load(Ordering::Acquire);
+        match (&self.config.cluster, &self.log) {
+            (Some(_), Some(_)) => local.min(self.cluster_synced.load(Ordering::Acquire)),
+            _ => local,
+        }
+    }
 }
 
 /// What the service did, for the exit summary.
@@ -309,10 +326,10 @@ where
     let recovery = if config.durable() {
         Some(recover(&config, journeys.is_some(), &ingest_tx)?)
     } else {
-        if !config.checkpoint.dir.is_empty() {
+        if config.cluster.is_some() && config.checkpoint.dir_given.is_none() {
             tracing::warn!(
-                "state is not kept across restarts in a cluster yet: a restart rebuilds \
-                 it from what the brokers redeliver"
+                "state is not kept across restarts: a cluster keeps it only in a \
+                 `checkpoint.dir` that every process shares (set one in [checkpoint])"
             );
         }
         None
@@ -344,6 +361,8 @@ where
             recovery.as_ref().map_or(u64::MAX, |r| r.log_watermark),
         )),
         checkpointer: recovery.as_ref().map(|r| r.ck_tx.clone()),
+        cluster_synced: AtomicU64::new(0),
+        released: AtomicU64::new(0),
         final_checkpoint: AtomicU64::new(0),
         workers_ready: std::sync::atomic::AtomicUsize::new(0),
         checkpoint_full_next: std::sync::atomic::AtomicBool::new(false),
@@ -629,7 +648,11 @@ where
             Err(e) => failure = failure.or(Some(format!("a worker panicked: {e}"))),
         }
     }
-    // Workers are gone (normally after shutdown; on failure, stop serving too).
+    // Workers are gone (normally after shutdown; on failure, stop serving too, and let
+    // nothing wait for a checkpoint that cannot complete now).
+    if failure.is_some() {
+        live.sink_failed.store(true, Ordering::Release);
+    }
     let _ = workers_done_tx.send(());
     if let Ok(Err(e)) = runtime.block_on(served) {
         tracing::warn!("HTTP server: {e}");
@@ -741,11 +764,17 @@ fn recover(
     let store = durable::Store::new(dir);
     let manifest = store.latest().map_err(fail)?;
     let n = config.engine.workers;
+    let (process, processes) = config.processes();
     if let Some(m) = &manifest {
         let why = if m.workers != n {
             Some(format!(
                 "it was taken with {} workers and engine.workers is {n}",
                 m.workers
+            ))
+        } else if m.processes != processes {
+            Some(format!(
+                "it was taken by {} processes and this cluster has {processes}",
+                m.processes
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
             Some("the segment or journey file changed since it was taken".to_string())
@@ -760,10 +789,15 @@ fn recover(
                 dir.display()
             )));
         }
-        store.remove_after(m.at);
+        // Torn checkpoints a crash left: process 0 removes them (a cluster's processes
+        // share the directory; none writes before they have all started).
+        if process == 0 {
+            store.remove_after(m.at);
+        }
     }
     let from = manifest.as_ref().map_or(0, |m| m.at);
-    let (log, logged) = durable::IngestLog::open(&dir.join("ingest"), from).map_err(fail)?;
+    let (log, logged) =
+        durable::IngestLog::open(&durable::log_dir(dir, process), from).map_err(fail)?;
     let durable::Logged {
         records,
         last,
@@ -792,12 +826,16 @@ fn recover(
             let mut files = Default::default();
             let mut topics = Default::default();
             for &t in &m.chain {
-                let mut d: durable::DriverPart = store.read_part(t, "driver").map_err(fail)?;
+                let mut d: durable::DriverPart = store
+                    .read_part(t, &durable::process_part("driver", process))
+                    .map_err(fail)?;
                 if let Some(s) = d.snapshot.take() {
                     snapshot = s;
                 }
                 last_driver = d;
-                let s: durable::SinkPart = store.read_part(t, "sink").map_err(fail)?;
+                let s: durable::SinkPart = store
+                    .read_part(t, &durable::process_part("sink", process))
+                    .map_err(fail)?;
                 traits.push((s.full, s.traits));
                 files = s.files;
                 topics = s.topics;
@@ -861,6 +899,7 @@ fn recover(
             at: 0,
             chain: Vec::new(),
             workers: n,
+            processes,
             journeys,
             definitions,
         },

@@ -438,19 +438,18 @@ impl Sink {
             if stop {
                 // What the log syncs in its last moments belongs to the final checkpoint.
                 let waited = Instant::now();
-                while live.log_synced.load(Ordering::Acquire) < seen
-                    && waited.elapsed() < Duration::from_secs(5)
-                {
+                while live.synced_everywhere() < seen && waited.elapsed() < Duration::from_secs(5) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
             // Nothing derived from events the ingest log has not synced yet.
-            let f = seen.min(live.log_synced.load(Ordering::Acquire));
+            let f = seen.min(live.synced_everywhere());
             if f <= released {
                 continue;
             }
             self.release(live, f)?;
             released = f;
+            live.released.fetch_max(f, Ordering::AcqRel);
             let started = Instant::now();
             let complete = self.flush(live)?;
             live.metrics

@@ -73,22 +73,33 @@ pub(crate) struct RestoredDriver {
 /// Offsets to commit once the instant they were fed at is durable.
 type Pending = VecDeque<(Time, BTreeMap<(String, i32), i64>)>;
 
-/// What every process's sink has made durable, so that a worker commits an offset only
-/// once the changes its event caused are handed over wherever they were emitted (state is
-/// partitioned by user across processes, so they may be emitted by another process's
-/// sink). Each process's local worker 0 broadcasts its sink's `durable` through a small
-/// dataflow; in a single process that is just [`Live::durable`].
-/// The input of the durable-broadcast dataflow.
-type DurableInput = timely::dataflow::InputHandle<
-    Time,
-    timely::container::CapacityContainerBuilder<Vec<(usize, Time)>>,
->;
+/// What each process of a cluster tells the others, through a small broadcast dataflow
+/// fed by each process's local worker 0 (outside a cluster, [`Live`] itself says it):
+///
+/// * how far its sink is durable, so that a worker commits an offset only once the
+///   changes its event caused are handed over wherever they were emitted (state is
+///   partitioned by user across processes, so they may be emitted by another process's
+///   sink);
+/// * with durable state, how far its ingest log is synced (a sink releases nothing
+///   derived from an event some process could still lose), that it is stopping (a stop
+///   signal to one process stops the cluster), and, from process 0, the instant of the
+///   final checkpoint every process stops after.
+type Report = (usize, u8, Time);
+const DURABLE: u8 = 0;
+const SYNCED: u8 = 1;
+const STOPPING: u8 = 2;
+const FINAL: u8 = 3;
+
+/// The input of the report dataflow.
+type ReportInput =
+    timely::dataflow::InputHandle<Time, timely::container::CapacityContainerBuilder<Vec<Report>>>;
 
 struct ClusterDurable {
-    input: Option<DurableInput>,
-    seen: Rc<RefCell<Vec<Time>>>,
+    input: Option<ReportInput>,
+    /// Per process, the latest of each report.
+    seen: Rc<RefCell<Vec<[Time; 4]>>>,
     process: usize,
-    reported: Time,
+    reported: [Time; 4],
 }
 
 impl ClusterDurable {
@@ -98,15 +109,20 @@ impl ClusterDurable {
                 input: None,
                 seen: Rc::default(),
                 process: 0,
-                reported: 0,
+                reported: [0; 4],
             };
         };
-        let seen: Rc<RefCell<Vec<Time>>> = Rc::new(RefCell::new(vec![0; cluster.addresses.len()]));
+        let seen: Rc<RefCell<Vec<[Time; 4]>>> =
+            Rc::new(RefCell::new(vec![[0; 4]; cluster.addresses.len()]));
         let sink = Rc::clone(&seen);
         let input = worker.dataflow::<Time, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Vec<(usize, Time)>>();
-            stream.broadcast().inspect(move |(p, d): &(usize, Time)| {
-                if let Some(x) = sink.borrow_mut().get_mut(*p) {
+            let (input, stream) = scope.new_input::<Vec<Report>>();
+            stream.broadcast().inspect(move |(p, kind, d): &Report| {
+                if let Some(x) = sink
+                    .borrow_mut()
+                    .get_mut(*p)
+                    .and_then(|r| r.get_mut(*kind as usize))
+                {
                     *x = (*x).max(*d);
                 }
             });
@@ -116,20 +132,60 @@ impl ClusterDurable {
             input: Some(input),
             seen,
             process: cluster.process,
-            reported: 0,
+            reported: [0; 4],
         }
     }
 
-    /// Local worker 0: tells every worker how far this process's sink is.
+    /// Local worker 0: tells every worker how far this process is, and takes up what the
+    /// others said.
     fn report(&mut self, live: &Live, now: Time) {
         let Some(input) = &mut self.input else { return };
-        let d = live.durable.load(Ordering::Acquire);
-        if d > self.reported {
-            self.reported = d;
-            input.send((self.process, d));
+        let durable_state = live.log.is_some();
+        let mine = [
+            live.durable.load(Ordering::Acquire),
+            if durable_state {
+                live.log_synced.load(Ordering::Acquire)
+            } else {
+                0
+            },
+            if durable_state {
+                live.stop_at.load(Ordering::Acquire)
+            } else {
+                0
+            },
+            if durable_state && self.process == 0 {
+                live.final_checkpoint.load(Ordering::Acquire)
+            } else {
+                0
+            },
+        ];
+        for (kind, (&d, r)) in mine.iter().zip(self.reported.iter_mut()).enumerate() {
+            if d > *r {
+                *r = d;
+                input.send((self.process, kind as u8, d));
+            }
         }
         if *input.time() < now {
             input.advance_to(now);
+        }
+        if !durable_state {
+            return;
+        }
+        let seen = self.seen.borrow();
+        let synced = seen.iter().map(|r| r[SYNCED as usize]).min().unwrap_or(0);
+        live.cluster_synced.fetch_max(synced, Ordering::AcqRel);
+        if seen.iter().any(|r| r[STOPPING as usize] != 0) && !live.stopping() {
+            tracing::info!("another process of the cluster is stopping: stopping too");
+            let stop = now_ms() + live.config.engine.tick_ms;
+            let _ = live
+                .stop_at
+                .compare_exchange(0, stop, Ordering::AcqRel, Ordering::Acquire);
+        }
+        let f = seen.first().map_or(0, |r| r[FINAL as usize]);
+        if self.process != 0 && f != 0 {
+            let _ =
+                live.final_checkpoint
+                    .compare_exchange(0, f, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
@@ -137,7 +193,13 @@ impl ClusterDurable {
     fn committable(&self, live: &Live) -> Time {
         match &self.input {
             None => live.durable.load(Ordering::Acquire),
-            Some(_) => self.seen.borrow().iter().copied().min().unwrap_or(0),
+            Some(_) => self
+                .seen
+                .borrow()
+                .iter()
+                .map(|r| r[DURABLE as usize])
+                .min()
+                .unwrap_or(0),
         }
     }
 }
@@ -200,10 +262,12 @@ fn run(
         None => (None, Vec::new()),
     };
     let was_restored = restored.is_some();
+    let (process, _) = live.config.processes();
     let durability = live.checkpointer.as_ref().map(|tx| Durability {
         parts: Rc::new(PartsTo {
             worker: index,
             tx: tx.clone(),
+            on_part: (local == 0 && process > 0).then(|| process_parts(live, tx.clone())),
         }),
         restored,
     });
@@ -338,9 +402,16 @@ fn run(
                 match rx.try_recv() {
                     Ok(Fed { at, ev }) => {
                         taken += 1;
-                        if stopping && durable_stop && at >= stop_at {
-                            // After the final checkpoint: fed again from the log at the
-                            // next start.
+                        // After the final checkpoint: fed again from the log at the next
+                        // start. Worker 0 takes its instant at or after `stop_at` and
+                        // feeds nothing from `stop_at` on; the others feed everything
+                        // until they know it (what they feed at or after it is after the
+                        // checkpoint either way).
+                        let after_final = match live.final_checkpoint.load(Ordering::Acquire) {
+                            0 => index == 0 && at >= stop_at,
+                            f => at >= f,
+                        };
+                        if stopping && durable_stop && after_final {
                             continue;
                         }
                         if at > cur {
@@ -427,9 +498,13 @@ fn run(
         let target = match (stopping, durable_stop) {
             (false, _) => now,
             (true, false) => now.min(stop_at),
-            (true, true) if final_ck != 0 => final_ck + 1,
+            // Not past an event still on its way (stamped before the final checkpoint,
+            // it belongs in it): `now` holds the log watermark read before the drain.
+            (true, true) if final_ck != 0 => (final_ck + 1).min(now),
             (true, true) if index == 0 && cur >= stop_at => cur + 1,
-            (true, true) => now.min(stop_at),
+            (true, true) if index == 0 => now.min(stop_at),
+            // Until worker 0 has chosen the final checkpoint's instant.
+            (true, true) => now,
         };
         let mut advanced = false;
         if target > cur {
@@ -536,6 +611,16 @@ fn run(
     // Shutdown: wait until the sink has handed over everything up to where the frontier
     // stopped.
     let stop_at = live.stop_at.load(Ordering::Acquire).min(last_frontier);
+    // A durable cluster: until this process's sink has passed the final checkpoint (its
+    // release waits for every process's log, which this loop keeps hearing about).
+    let final_ck = live.final_checkpoint.load(Ordering::Acquire);
+    let durable_stop = live.checkpointer.is_some();
+    let released_past = |live: &Live| {
+        live.config.cluster.is_none()
+            || !durable_stop
+            || final_ck == 0
+            || live.released.load(Ordering::Acquire) > final_ck
+    };
     if local == 0 {
         live.to_sink(SinkMsg::Watermark(last_frontier));
     }
@@ -545,7 +630,7 @@ fn run(
     let needed = pending.back().map_or(0, |(t, _)| t + 1);
     let mut done_at: Option<Instant> = None;
     loop {
-        let local_done = live.durable.load(Ordering::Acquire) >= stop_at;
+        let local_done = live.durable.load(Ordering::Acquire) >= stop_at && released_past(live);
         let cluster_done = durable.committable(live) >= needed;
         if local_done {
             let since = done_at.get_or_insert_with(Instant::now).elapsed();
@@ -604,6 +689,21 @@ fn run(
         worker.drop_dataflow(id);
     }
     Ok(())
+}
+
+/// Local worker 0 of a cluster's process other than 0: at each of its segment parts, asks
+/// the sink for its part and sends the checkpointer this process's driver part (its Kafka
+/// positions; process 0's driver part holds what only process 0 feeds).
+fn process_parts(live: &Arc<Live>, tx: std::sync::mpsc::Sender<CkMsg>) -> Box<dyn Fn(Time, bool)> {
+    let live = Arc::clone(live);
+    Box::new(move |at, full| {
+        live.to_sink(SinkMsg::Checkpoint(at, full));
+        let part = DriverPart {
+            kafka: positions_before(&live, at),
+            ..Default::default()
+        };
+        let _ = tx.send(CkMsg::Driver(at, Vec::new(), Box::new(part)));
+    })
 }
 
 /// Kafka mode: the positions after every batch logged before `at` (the history's older

@@ -204,6 +204,24 @@ impl Herald {
         }
     }
 
+    /// Waits (up to `limit`) for Herald to exit on its own, else kills it: the exit status
+    /// if it exited.
+    pub fn exit_or_kill(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("already stopped");
+        let started = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("already stopped");
@@ -253,6 +271,19 @@ impl Herald {
 /// directory holding `segments` and `base_config` plus its `[cluster]` section. Returns
 /// the directories (keep them alive) and the processes, in process order.
 pub fn start_cluster(segments: &str, base_config: &str) -> (Vec<tempfile::TempDir>, Vec<Herald>) {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for dir in &dirs {
+        std::fs::write(dir.path().join("segments.sql"), segments).unwrap();
+    }
+    let configs = cluster_configs(base_config, 2);
+    let paths: Vec<PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    let hs = start_processes(&paths, &configs);
+    (dirs, hs)
+}
+
+/// The configs of an `n`-process cluster on 127.0.0.1: `base_config` plus each process's
+/// `[cluster]` section (free ports picked now).
+pub fn cluster_configs(base_config: &str, n: usize) -> Vec<String> {
     let free_port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -260,26 +291,29 @@ pub fn start_cluster(segments: &str, base_config: &str) -> (Vec<tempfile::TempDi
             .unwrap()
             .port()
     };
-    let addresses = format!(
-        "[\"127.0.0.1:{}\", \"127.0.0.1:{}\"]",
-        free_port(),
-        free_port()
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    // Processes wait for each other while connecting: start them concurrently.
+    let addresses: Vec<String> = (0..n)
+        .map(|_| format!("\"127.0.0.1:{}\"", free_port()))
+        .collect();
+    let addresses = format!("[{}]", addresses.join(", "));
+    (0..n)
+        .map(|process| {
+            format!("{base_config}[cluster]\nprocess = {process}\naddresses = {addresses}\n")
+        })
+        .collect()
+}
+
+/// Starts one process per directory with its config, concurrently (a cluster's processes
+/// wait for each other while connecting); in process order.
+pub fn start_processes(dirs: &[PathBuf], configs: &[String]) -> Vec<Herald> {
     let handles: Vec<_> = dirs
         .iter()
-        .enumerate()
-        .map(|(process, dir)| {
-            std::fs::write(dir.path().join("segments.sql"), segments).unwrap();
-            let config =
-                format!("{base_config}[cluster]\nprocess = {process}\naddresses = {addresses}\n");
-            let path = dir.path().to_path_buf();
-            std::thread::spawn(move || Herald::start(&path, &config))
+        .zip(configs)
+        .map(|(dir, config)| {
+            let (dir, config) = (dir.clone(), config.clone());
+            std::thread::spawn(move || Herald::start(&dir, &config))
         })
         .collect();
-    let hs = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    (dirs, hs)
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// Stops every process concurrently (SIGTERM); returns each exit status and stderr.
