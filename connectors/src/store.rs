@@ -4,7 +4,8 @@
 //! Owns the parsing of a location string ([`open`]), the crate's internal tokio runtime
 //! (a small current-thread runtime shared by all callers; object_store is async, the
 //! callers of this crate are plain threads), whole-object reads and writes
-//! ([`read_all`], [`write_all`]), listing ([`list`]) and [`OutputFile`], a streaming
+//! ([`read_all`], [`write_all`]), listing ([`list`]), removal ([`remove_all`]) and
+//! [`OutputFile`], a streaming
 //! writer that publishes its file atomically when finished.
 //!
 //! S3 settings come from the usual `AWS_*` environment variables (see [`open`]).
@@ -222,6 +223,25 @@ pub fn exists(url_or_path: &str) -> Result<bool, ConnectorError> {
         Err(object_store::Error::NotFound { .. }) => Ok(false),
         Err(e) => Err(ConnectorError::storage(url_or_path, e)),
     }
+}
+
+/// Deletes every file or object under a directory or prefix (recursively); returns how
+/// many. Nothing there is not an error.
+pub fn remove_all(prefix_url: &str) -> Result<usize, ConnectorError> {
+    let (store, prefix) = open(prefix_url)?;
+    let prefix_opt = (!prefix.is_root()).then_some(prefix);
+    block_on(prefix_url, async move {
+        let metas: Vec<object_store::ObjectMeta> =
+            store.list(prefix_opt.as_ref()).try_collect().await?;
+        for m in &metas {
+            match store.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(metas.len())
+    })?
+    .map_err(|e| ConnectorError::storage(prefix_url, e))
 }
 
 /// Lists the files or objects under a directory or prefix, recursively, sorted. Each

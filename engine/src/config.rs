@@ -62,6 +62,11 @@ pub struct CheckpointConfig {
     /// operator can name).
     #[serde(skip)]
     pub dir: String,
+    /// Local directory of the ingest log (relative to the config file): by default `dir`
+    /// itself, or `herald-state` when `dir` is on object storage (`s3://`), since the log
+    /// is fsynced on every group commit.
+    #[serde(default)]
+    pub log_dir: String,
     /// How often a checkpoint is taken, as an interval (`"5 seconds"`).
     #[serde(default = "defaults::checkpoint_every")]
     pub every: String,
@@ -72,6 +77,7 @@ impl Default for CheckpointConfig {
         CheckpointConfig {
             dir_given: None,
             dir: defaults::checkpoint_dir(),
+            log_dir: String::new(),
             every: defaults::checkpoint_every(),
         }
     }
@@ -384,6 +390,13 @@ impl Config {
             (None, Some(_)) => String::new(),
             (None, None) => defaults::checkpoint_dir(),
         };
+        if config.checkpoint.log_dir.is_empty() && !config.checkpoint.dir.is_empty() {
+            config.checkpoint.log_dir = if config.checkpoint.dir.contains("://") {
+                defaults::checkpoint_dir()
+            } else {
+                config.checkpoint.dir.clone()
+            };
+        }
         config.validate()?;
         Ok(config)
     }
@@ -419,10 +432,16 @@ impl Config {
             ));
         }
         self.checkpoint_every_ms()?;
-        if self.checkpoint.dir.contains("://") {
+        if self.checkpoint.dir.contains("://") && !self.checkpoint.dir.starts_with("s3://") {
             return Err(bad(
                 "checkpoint.dir",
-                "must be a local directory for now (object-store checkpoints are not built yet)",
+                "must be a local directory or an s3://bucket/prefix URL",
+            ));
+        }
+        if self.checkpoint.log_dir.contains("://") {
+            return Err(bad(
+                "checkpoint.log_dir",
+                "must be a local directory (the ingest log is fsynced at every group commit)",
             ));
         }
         if self.http.page_size == 0 {
@@ -624,6 +643,7 @@ impl Config {
         }
         resolve(&mut self.output.dir);
         resolve(&mut self.checkpoint.dir);
+        resolve(&mut self.checkpoint.log_dir);
         if let Some(n) = &mut self.notify {
             resolve(&mut n.templates);
             if n.outbox.is_empty() && !self.output.dir.is_empty() {
@@ -678,6 +698,31 @@ mod tests {
         assert_eq!(c.http.max_batch_bytes, 500 * 1024);
         assert_eq!(c.dedup_horizon_ms().unwrap(), 86_400_000);
         assert!(c.kafka.is_none());
+    }
+
+    #[test]
+    fn durable_state_defaults_to_a_local_directory_outside_a_cluster_only() {
+        let base = "[engine]\nsegments = \"s.sql\"\n";
+        let c = Config::parse(base).unwrap();
+        assert!(c.durable());
+        assert_eq!(
+            (c.checkpoint.dir.as_str(), c.checkpoint.log_dir.as_str()),
+            ("herald-state", "herald-state")
+        );
+        let cluster = format!("{base}[cluster]\nprocess = 1\naddresses = [\"a:1\", \"b:2\"]\n");
+        let c = Config::parse(&cluster).unwrap();
+        assert!(
+            !c.durable(),
+            "a cluster needs a directory its processes share"
+        );
+        assert_eq!(c.processes(), (1, 2));
+        let c = Config::parse(&format!("{cluster}[checkpoint]\ndir = \"s3://b/state\"\n")).unwrap();
+        assert!(c.durable());
+        assert_eq!(c.checkpoint.log_dir, "herald-state", "the log stays local");
+        let e = err(&format!("{base}[checkpoint]\ndir = \"gs://b/state\"\n"));
+        assert!(e.contains("checkpoint.dir"), "{e}");
+        let e = err(&format!("{base}[checkpoint]\nlog_dir = \"s3://b/log\"\n"));
+        assert!(e.contains("checkpoint.log_dir"), "{e}");
     }
 
     #[test]

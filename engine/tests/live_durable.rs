@@ -237,13 +237,29 @@ fn members(h: &Herald, segment: &str) -> BTreeSet<String> {
 
 #[test]
 fn kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
-    kill_9_ten_times(None);
+    kill_9_ten_times(None, None);
 }
 
 #[test]
 #[ignore = "needs a Kafka-protocol broker on 127.0.0.1: run scripts/test.sh"]
 fn kafka_mode_kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
-    kill_9_ten_times(Some(Kafka::new()));
+    kill_9_ten_times(Some(Kafka::new()), None);
+}
+
+/// Checkpoints on object storage (`checkpoint.dir = "s3://…"`, the S3-compatible server
+/// `scripts/services.sh` starts), the ingest log in a local directory.
+#[test]
+#[ignore = "needs an S3-compatible server on 127.0.0.1: run scripts/test.sh"]
+fn checkpoints_on_s3_kill_9_ten_times_then_a_graceful_restart_loses_and_repeats_nothing() {
+    let bucket = std::env::var("HERALD_TEST_S3_BUCKET").unwrap_or_else(|_| {
+        panic!("HERALD_TEST_S3_BUCKET must be set: run `eval \"$(scripts/services.sh start)\"`")
+    });
+    let url = format!(
+        "s3://{bucket}/durable-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    kill_9_ten_times(None, Some(&url));
 }
 
 /// The changelog rows: each (segment, user) alternates +1, -1, ... from 0 (no row twice),
@@ -280,7 +296,7 @@ fn check_changelog(what: &str, rows: &[Json], want: &BTreeMap<&'static str, BTre
     }
 }
 
-fn kill_9_ten_times(kafka: Option<Kafka>) {
+fn kill_9_ten_times(kafka: Option<Kafka>, checkpoint_dir: Option<&str>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (seen, hook) = recorder(&rt, Duration::ZERO);
     let dir = tempfile::tempdir().unwrap();
@@ -288,7 +304,10 @@ fn kill_9_ten_times(kafka: Option<Kafka>) {
     std::fs::write(dir.path().join("journeys.yaml"), JOURNEYS).unwrap();
     std::fs::create_dir_all(dir.path().join("templates")).unwrap();
     std::fs::write(dir.path().join("templates/thanks.liquid"), "thanks\n").unwrap();
-    let config = config(&hook, kafka.as_ref());
+    let mut config = config(&hook, kafka.as_ref());
+    if let Some(d) = checkpoint_dir {
+        config = config.replace("[checkpoint]\n", &format!("[checkpoint]\ndir = \"{d}\"\n"));
+    }
     let events = events();
     let want = expected(&events);
     let batches: Vec<String> = events
@@ -384,6 +403,12 @@ fn kill_9_ten_times(kafka: Option<Kafka>) {
     check_webhooks(&h, &seen, &want, kills);
     let mut h = h;
     assert!(h.stop().success());
+    if checkpoint_dir.is_some() {
+        // The log stayed local; no checkpoint did.
+        let local = dir.path().join("herald-state");
+        assert!(local.join("ingest").is_dir());
+        assert!(!local.join("checkpoints").exists());
+    }
 }
 
 /// A two-process cluster sharing one state directory: `kill -9` of one process at random
@@ -502,6 +527,43 @@ fn a_two_process_cluster_with_one_process_killed_loses_and_repeats_nothing() {
     for (status, stderr) in common::stop_all(hs) {
         assert!(status.success(), "exit {status:?}\n{stderr}");
     }
+}
+
+/// A cluster whose processes each name their own `checkpoint.dir` could never complete a
+/// checkpoint: refused at start, with the reason, by the process that cannot see process
+/// 0's probe.
+#[test]
+fn a_cluster_whose_processes_do_not_share_the_state_directory_is_refused() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let base = "[engine]\nsegments = \"segments.sql\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+                write_keys = [\"wk\"]\n[checkpoint]\ndir = \"herald-state\"\n";
+    let configs = common::cluster_configs(base, 2);
+    let children: Vec<_> = dirs
+        .iter()
+        .zip(&configs)
+        .map(|(d, c)| {
+            std::fs::write(d.path().join("segments.sql"), SEGMENTS).unwrap();
+            std::fs::write(d.path().join("herald.toml"), c).unwrap();
+            std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+                .args(["run", "--config"])
+                .arg(d.path().join("herald.toml"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let stderr1 = String::from_utf8_lossy(&outs[1].stderr);
+    assert!(!outs[1].status.success(), "{stderr1}");
+    assert!(
+        stderr1.contains("`checkpoint.dir` is not shared with process 0"),
+        "{stderr1}"
+    );
+    assert!(!outs[0].status.success(), "process 0 stops with it");
 }
 
 /// A restart with a long log after the last checkpoint: the workers take the log in

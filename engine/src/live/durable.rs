@@ -512,9 +512,13 @@ pub fn log_dir(dir: &Path, process: usize) -> PathBuf {
     dir.join(process_part("ingest", process))
 }
 
-/// How long a cluster's process waits for the others' parts of a checkpoint (process 0)
-/// or for process 0 to commit it (the others).
+/// How long a cluster's process waits for process 0 to commit a checkpoint before it
+/// carries on without cutting its log, and how often process 0 warns about a process
+/// whose parts it still waits for.
 const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+
+/// How often a cluster's checkpointer looks at the store while it waits.
+const CLUSTER_POLL: Duration = Duration::from_millis(20);
 
 /// The driver's part: what worker 0 feeds from.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -559,55 +563,177 @@ pub enum CkMsg {
     Stop,
 }
 
-/// The checkpoint directory.
+/// The checkpoint directory: a local directory, or a prefix on object storage
+/// (`s3://bucket/prefix`).
 #[derive(Clone)]
 pub struct Store {
-    root: PathBuf,
+    root: Root,
+}
+
+#[derive(Clone)]
+enum Root {
+    /// `<dir>/checkpoints`.
+    Local(PathBuf),
+    /// `<url>/checkpoints`, without a trailing slash.
+    Remote(String),
 }
 
 impl Store {
-    /// The store under `dir` (created on first write).
-    pub fn new(dir: &Path) -> Store {
-        Store {
-            root: dir.join("checkpoints"),
+    /// The store under `location` (created on first write): a local directory, or an
+    /// object-store URL.
+    pub fn new(location: &str) -> Store {
+        let root = if location.contains("://") {
+            Root::Remote(format!("{}/checkpoints", location.trim_end_matches('/')))
+        } else {
+            Root::Local(Path::new(location).join("checkpoints"))
+        };
+        Store { root }
+    }
+
+    /// Where the store is, for messages.
+    pub fn location(&self) -> String {
+        match &self.root {
+            Root::Local(p) => p.display().to_string(),
+            Root::Remote(u) => u.clone(),
         }
     }
 
-    fn dir(&self, at: Time) -> PathBuf {
-        self.root.join(format!("{at:020}"))
+    /// Where checkpoint `at`'s object `name` is, for messages.
+    fn describe(&self, at: Time, name: &str) -> String {
+        format!("{}/{at:020}/{name}", self.location())
     }
 
-    /// Checkpoint instants with a directory, newest first.
-    fn instants(&self) -> Vec<Time> {
-        let mut v: Vec<Time> = std::fs::read_dir(&self.root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
+    #[cfg(test)]
+    fn dir(&self, at: Time) -> PathBuf {
+        match &self.root {
+            Root::Local(p) => p.join(format!("{at:020}")),
+            Root::Remote(_) => unreachable!("a local store in the tests"),
+        }
+    }
+
+    /// Writes checkpoint `at`'s object `name` (a local file is fsynced; `atomic`: written
+    /// whole under another name, renamed into place and the directory synced too). An
+    /// object-store PUT is atomic by itself.
+    fn put(&self, at: Time, name: &str, bytes: &[u8], atomic: bool) -> Result<(), String> {
+        match &self.root {
+            Root::Local(root) => {
+                let dir = root.join(format!("{at:020}"));
+                std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
+                let path = dir.join(name);
+                let first = if atomic {
+                    dir.join(format!("{name}.tmp"))
+                } else {
+                    path.clone()
+                };
+                File::create(&first)
+                    .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+                    .map_err(|e| io("cannot write", &first, e))?;
+                if atomic {
+                    std::fs::rename(&first, &path).map_err(|e| io("cannot commit", &path, e))?;
+                    File::open(&dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| io("cannot sync", &dir, e))?;
+                }
+                Ok(())
+            }
+            Root::Remote(_) => {
+                let url = self.describe(at, name);
+                herald_connectors::store::write_all(&url, bytes.to_vec())
+                    .map_err(|e| format!("cannot write {url}: {e}"))
+            }
+        }
+    }
+
+    /// Reads checkpoint `at`'s object `name` (None: there is none).
+    fn get(&self, at: Time, name: &str) -> Result<Option<Vec<u8>>, String> {
+        match &self.root {
+            Root::Local(root) => {
+                let path = root.join(format!("{at:020}")).join(name);
+                match std::fs::read(&path) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io("cannot read", &path, e)),
+                }
+            }
+            Root::Remote(_) => {
+                let url = self.describe(at, name);
+                match herald_connectors::store::read_all(&url) {
+                    Ok(b) => Ok(Some(b.to_vec())),
+                    Err(herald_connectors::ConnectorError::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(format!("cannot read {url}: {e}")),
+                }
+            }
+        }
+    }
+
+    /// Whether checkpoint `at` has an object `name` (an unreachable store: no).
+    fn has(&self, at: Time, name: &str) -> bool {
+        match &self.root {
+            Root::Local(root) => root.join(format!("{at:020}")).join(name).exists(),
+            Root::Remote(_) => {
+                herald_connectors::store::exists(&self.describe(at, name)).unwrap_or(false)
+            }
+        }
+    }
+
+    /// Removes checkpoint `at` (best effort: what stays is removed by a later commit).
+    fn remove(&self, at: Time) {
+        match &self.root {
+            Root::Local(root) => {
+                let _ = std::fs::remove_dir_all(root.join(format!("{at:020}")));
+            }
+            Root::Remote(_) => {
+                let prefix = format!("{}/{at:020}/", self.location());
+                if let Err(e) = herald_connectors::store::remove_all(&prefix) {
+                    tracing::warn!("cannot remove the old checkpoint {prefix}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Checkpoint instants with any object, newest first.
+    fn instants(&self) -> Result<Vec<Time>, String> {
+        let mut v: Vec<Time> = match &self.root {
+            Root::Local(root) => std::fs::read_dir(root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect(),
+            Root::Remote(url) => {
+                let prefix = format!("{url}/");
+                herald_connectors::store::list(&prefix)
+                    .map_err(|e| format!("cannot list {prefix}: {e}"))?
+                    .iter()
+                    .filter_map(|entry| {
+                        entry.strip_prefix(&prefix)?.split('/').next()?.parse().ok()
+                    })
+                    .collect()
+            }
+        };
         v.sort_unstable_by(|a, b| b.cmp(a));
-        v
+        v.dedup();
+        Ok(v)
     }
 
     /// The latest complete checkpoint's manifest. One of another format is an error
     /// that says what to do.
     pub fn latest(&self) -> Result<Option<Manifest>, String> {
-        for at in self.instants() {
-            let path = self.dir(at).join("MANIFEST");
-            let Ok(text) = std::fs::read_to_string(&path) else {
+        for at in self.instants()? {
+            let Some(bytes) = self.get(at, "MANIFEST")? else {
                 continue; // torn: never read
             };
-            let m: Manifest = serde_json::from_str(&text)
-                .map_err(|e| io("cannot read the checkpoint manifest", &path, e))?;
+            let what = self.describe(at, "MANIFEST");
+            let m: Manifest = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("cannot read the checkpoint manifest {what}: {e}"))?;
             if m.format != FORMAT {
                 return Err(format!(
-                    "the checkpoint {} was written in format {} and this Herald reads format \
+                    "the checkpoint {what} was written in format {} and this Herald reads format \
                      {FORMAT}: run the Herald that wrote it to a graceful stop and replay, or \
                      move {} away to start from empty state (the events archive or the ingest \
                      log can be replayed into it)",
-                    path.display(),
                     m.format,
-                    self.root.display()
+                    self.location()
                 ));
             }
             return Ok(Some(m));
@@ -615,65 +741,48 @@ impl Store {
         Ok(None)
     }
 
-    /// Writes one part (fsynced); returns its size.
+    /// Writes one part; returns its size.
     pub fn write_part(&self, at: Time, name: &str, value: &impl Serialize) -> Result<u64, String> {
-        let dir = self.dir(at);
-        std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
         let body = bincode::serialize(value).map_err(|e| format!("cannot encode {name}: {e}"))?;
         let mut bytes = Vec::with_capacity(body.len() + 16);
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&FORMAT.to_le_bytes());
         bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         bytes.extend_from_slice(&body);
-        let path = dir.join(name);
-        File::create(&path)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-            .map_err(|e| io("cannot write", &path, e))?;
+        self.put(at, name, &bytes, false)?;
         Ok(bytes.len() as u64)
     }
 
     /// Reads one part of checkpoint `at`.
     pub fn read_part<T: DeserializeOwned>(&self, at: Time, name: &str) -> Result<T, String> {
-        let path = self.dir(at).join(name);
-        let bytes = std::fs::read(&path).map_err(|e| io("cannot read", &path, e))?;
+        let what = self.describe(at, name);
+        let bytes = self
+            .get(at, name)?
+            .ok_or_else(|| format!("cannot read {what}: it is missing"))?;
         if bytes.len() < 16 || &bytes[..8] != MAGIC {
-            return Err(format!(
-                "{} is not a Herald checkpoint part",
-                path.display()
-            ));
+            return Err(format!("{what} is not a Herald checkpoint part"));
         }
         let format = u32::from_le_bytes(bytes[8..12].try_into().unwrap_or_default());
         let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default());
         if format != FORMAT {
-            return Err(format!(
-                "{} is in format {format}, not {FORMAT}",
-                path.display()
-            ));
+            return Err(format!("{what} is in format {format}, not {FORMAT}"));
         }
         if crc32fast::hash(&bytes[16..]) != crc {
-            return Err(format!("{} is damaged (checksum mismatch)", path.display()));
+            return Err(format!("{what} is damaged (checksum mismatch)"));
         }
-        bincode::deserialize(&bytes[16..]).map_err(|e| io("cannot decode", &path, e))
+        bincode::deserialize(&bytes[16..]).map_err(|e| format!("cannot decode {what}: {e}"))
     }
 
     /// Makes checkpoint `m` complete, then removes the checkpoints its chain no longer
     /// needs (every one before the chain's start, and incomplete ones before it).
     fn commit(&self, m: &Manifest) -> Result<(), String> {
-        let dir = self.dir(m.at);
-        let tmp = dir.join("MANIFEST.tmp");
         let text = serde_json::to_string_pretty(m).map_err(|e| e.to_string())?;
-        File::create(&tmp)
-            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
-            .map_err(|e| io("cannot write", &tmp, e))?;
-        std::fs::rename(&tmp, dir.join("MANIFEST")).map_err(|e| io("cannot commit", &dir, e))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("cannot sync", &dir, e))?;
+        self.put(m.at, "MANIFEST", text.as_bytes(), true)?;
         let keep: BTreeSet<Time> = m.chain.iter().copied().collect();
         let start = m.chain.first().copied().unwrap_or(m.at);
-        for at in self.instants() {
+        for at in self.instants().unwrap_or_default() {
             if at < m.at && (at < start || !keep.contains(&at)) {
-                let _ = std::fs::remove_dir_all(self.dir(at));
+                self.remove(at);
             }
         }
         Ok(())
@@ -682,38 +791,64 @@ impl Store {
     /// Marks process `process`'s parts of checkpoint `at` as written (a cluster's process
     /// 0 commits the checkpoint once every process has).
     fn mark_written(&self, at: Time, process: usize) -> Result<(), String> {
-        let dir = self.dir(at);
-        let path = dir.join(format!("p{process}.written"));
-        File::create(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("cannot write", &path, e))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("cannot sync", &dir, e))
+        self.put(at, &format!("p{process}.written"), &[], true)
     }
 
     /// The processes among `1..processes` that have not marked checkpoint `at` written.
     fn unwritten(&self, at: Time, processes: usize) -> Vec<usize> {
-        let dir = self.dir(at);
         (1..processes)
-            .filter(|p| !dir.join(format!("p{p}.written")).exists())
+            .filter(|p| !self.has(at, &format!("p{p}.written")))
             .collect()
     }
 
-    /// Whether a checkpoint at or after `at` is complete.
-    fn committed_since(&self, at: Time) -> bool {
-        self.instants()
-            .into_iter()
-            .take_while(|&t| t >= at)
-            .any(|t| self.dir(t).join("MANIFEST").exists())
+    /// Whether checkpoint `at` is complete.
+    fn committed(&self, at: Time) -> bool {
+        self.has(at, "MANIFEST")
+    }
+
+    /// Where a cluster's process 0 leaves its start's probe.
+    fn probe_location(&self) -> String {
+        format!("{}/PROBE", self.location())
+    }
+
+    /// A cluster's process 0 at start: leaves `nonce` where every process must find it
+    /// (the check that they share the directory).
+    pub fn write_probe(&self, nonce: u64) -> Result<(), String> {
+        let text = nonce.to_string();
+        match &self.root {
+            Root::Local(root) => {
+                std::fs::create_dir_all(root).map_err(|e| io("cannot create", root, e))?;
+                let path = root.join("PROBE");
+                std::fs::write(&path, text).map_err(|e| io("cannot write", &path, e))
+            }
+            Root::Remote(_) => {
+                let url = self.probe_location();
+                herald_connectors::store::write_all(&url, text.into_bytes())
+                    .map_err(|e| format!("cannot write {url}: {e}"))
+            }
+        }
+    }
+
+    /// The probe process 0 left (None: none visible here), and where it was looked for.
+    pub fn read_probe(&self) -> (Option<u64>, String) {
+        let text = match &self.root {
+            Root::Local(root) => std::fs::read_to_string(root.join("PROBE")).ok(),
+            Root::Remote(_) => herald_connectors::store::read_all(&self.probe_location())
+                .ok()
+                .and_then(|b| String::from_utf8(b.to_vec()).ok()),
+        };
+        (
+            text.and_then(|t| t.trim().parse().ok()),
+            self.probe_location(),
+        )
     }
 
     /// Removes checkpoints after `at` (incomplete ones a crash left), before starting
     /// from `at`.
     pub fn remove_after(&self, at: Time) {
-        for t in self.instants() {
+        for t in self.instants().unwrap_or_default() {
             if t > at {
-                let _ = std::fs::remove_dir_all(self.dir(t));
+                self.remove(t);
             }
         }
     }
@@ -875,18 +1010,20 @@ pub fn run_checkpointer(
                 store.mark_written(at, process)?;
                 pending.remove(&at);
                 pending.retain(|t, _| *t > at);
+                // (Process 0 commits a later one only once this process has marked it:
+                // this one's manifest is there until then.)
                 let waited = std::time::Instant::now();
-                while !store.committed_since(at) {
+                while !store.committed(at) {
                     if waited.elapsed() > CLUSTER_WAIT || live.sink_failed.load(Ordering::Acquire) {
                         break;
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(CLUSTER_POLL);
                 }
-                if !store.committed_since(at) {
+                if !store.committed(at) {
                     tracing::warn!(
                         "checkpoint {at}: process 0 has not committed it within {CLUSTER_WAIT:?} \
                          (is `checkpoint.dir` {} shared by every process?)",
-                        store.root.display()
+                        store.location()
                     );
                     continue;
                 }
@@ -905,7 +1042,9 @@ pub fn run_checkpointer(
                 continue;
             }
             // A cluster's checkpoint is complete once every process has written its parts.
-            let waited = std::time::Instant::now();
+            // A process that lags is waited for (warned about every `CLUSTER_WAIT`); only a
+            // stop gives up, since nothing else would end the wait.
+            let (waited, mut warned) = (std::time::Instant::now(), std::time::Instant::now());
             loop {
                 let missing = store.unwritten(at, processes);
                 if missing.is_empty() {
@@ -914,16 +1053,20 @@ pub fn run_checkpointer(
                 if live.sink_failed.load(Ordering::Acquire) {
                     return Ok(committed);
                 }
-                if waited.elapsed() > CLUSTER_WAIT {
-                    return Err(format!(
-                        "checkpoint {at}: process {missing:?} wrote no parts to {} within \
-                         {CLUSTER_WAIT:?}; in a cluster `checkpoint.dir` must be one location \
-                         that every process shares (a network file system), or \"\" to run \
-                         without durable state",
-                        store.dir(at).display()
-                    ));
+                let late = format!(
+                    "checkpoint {at}: process {missing:?} has not written its parts to {} \
+                     after {:.0?}",
+                    store.describe(at, ""),
+                    waited.elapsed()
+                );
+                if waited.elapsed() > CLUSTER_WAIT && live.stopping() {
+                    return Err(format!("{late}; stopping without it"));
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                if warned.elapsed() > CLUSTER_WAIT {
+                    warned = std::time::Instant::now();
+                    tracing::warn!("{late}");
+                }
+                std::thread::sleep(CLUSTER_POLL);
             }
             store.commit(&m)?;
             // Once the deltas outweigh the full checkpoint they follow, reading the chain
@@ -1054,7 +1197,7 @@ mod tests {
     #[test]
     fn a_part_of_another_format_or_damaged_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path());
+        let store = Store::new(&dir.path().to_string_lossy());
         store.write_part(5, "p", &vec![1u32, 2, 3]).unwrap();
         assert_eq!(store.read_part::<Vec<u32>>(5, "p").unwrap(), [1, 2, 3]);
         let path = store.dir(5).join("p");
@@ -1091,7 +1234,7 @@ mod tests {
     #[test]
     fn a_cluster_checkpoint_is_complete_once_every_process_marked_its_parts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path());
+        let store = Store::new(&dir.path().to_string_lossy());
         store.write_part(7, "w0.segments", &1u32).unwrap();
         store.write_part(7, "w2.segments", &1u32).unwrap();
         assert_eq!(store.unwritten(7, 3), [1, 2]);
@@ -1099,15 +1242,19 @@ mod tests {
         assert_eq!(store.unwritten(7, 3), [1]);
         store.mark_written(7, 1).unwrap();
         assert!(store.unwritten(7, 3).is_empty());
-        assert!(!store.committed_since(7));
+        assert!(!store.committed(7));
         // A manifest of a single-process Herald (no `processes`) reads as one process.
         let text =
             r#"{"format":2,"at":7,"chain":[7],"workers":1,"journeys":false,"definitions":""}"#;
         std::fs::write(store.dir(7).join("MANIFEST"), text).unwrap();
         assert_eq!(store.latest().unwrap().unwrap().processes, 1);
-        assert!(store.committed_since(7));
-        assert!(store.committed_since(3));
-        assert!(!store.committed_since(8));
+        assert!(store.committed(7));
+        assert!(!store.committed(8));
+        assert_eq!(store.read_probe().0, None);
+        store.write_probe(42).unwrap();
+        assert_eq!(store.read_probe().0, Some(42));
+        // The probe is not a checkpoint.
+        assert_eq!(store.instants().unwrap(), [7]);
         assert_eq!(process_part("sink", 0), "sink");
         assert_eq!(process_part("sink", 2), "sink.p2");
     }

@@ -110,6 +110,8 @@ pub struct Live {
     pub frontier: AtomicU64,
     /// Set when the sink (or the dataflow) has failed: nothing more will become durable.
     pub sink_failed: std::sync::atomic::AtomicBool,
+    /// Set when a worker (of this process, or in a cluster of any) has failed.
+    pub worker_failed: std::sync::atomic::AtomicBool,
     /// The sink's channel.
     pub sink: Sender<SinkMsg>,
     /// Embedded mode: one channel per local worker, chosen by user hash (through the
@@ -350,6 +352,7 @@ where
         durable: AtomicU64::new(0),
         frontier: AtomicU64::new(0),
         sink_failed: std::sync::atomic::AtomicBool::new(false),
+        worker_failed: std::sync::atomic::AtomicBool::new(false),
         sink: sink_tx,
         queued: std::sync::atomic::AtomicUsize::new(recovery.as_ref().map_or(0, |r| r.replayed)),
         ingest: ingest_tx,
@@ -495,6 +498,7 @@ where
         driver: None,
         start_at: 0,
         chain: Vec::new(),
+        probe: None,
     };
     let recovery_at = recovery.as_ref().map_or(0, |r| r.start_at);
     let reader_from = recovery
@@ -560,6 +564,7 @@ where
         io.driver = r.driver;
         io.start_at = r.start_at;
         io.chain = r.chain;
+        io.probe = r.probe;
     }
     // The workers.
     let io: Arc<Mutex<worker::WorkerIo>> = Arc::new(Mutex::new(io));
@@ -647,6 +652,9 @@ where
             Ok(Err(e)) => failure = failure.or(Some(e)),
             Err(e) => failure = failure.or(Some(format!("a worker panicked: {e}"))),
         }
+    }
+    if failure.is_none() && live.worker_failed.load(Ordering::Acquire) {
+        failure = Some("a worker of another process of the cluster failed (see its log)".into());
     }
     // Workers are gone (normally after shutdown; on failure, stop serving too, and let
     // nothing wait for a checkpoint that cannot complete now).
@@ -742,6 +750,9 @@ struct Recovery {
     positions: durable::Positions,
     /// Kafka output after a restart: where the sink looks for what landed already.
     sink_resume: Option<sink::Resume>,
+    /// In a cluster: the store and, on process 0, the probe's nonce it wrote (the others
+    /// check they see it).
+    probe: Option<(durable::Store, u64)>,
 }
 
 /// Reads the latest complete checkpoint and the ingest log, cuts the output files back
@@ -751,8 +762,14 @@ fn recover(
     journeys: bool,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
-    let dir = std::path::Path::new(&config.checkpoint.dir);
-    let fail = |e: String| EngineError::Usage(format!("config: `checkpoint.dir`: {e}"));
+    let dir = &config.checkpoint.dir;
+    // A local directory that cannot be used is the config's fault; object storage that
+    // does not answer is an outage.
+    let remote = dir.contains("://");
+    let fail = |e: String| match remote {
+        false => EngineError::Usage(format!("config: `checkpoint.dir`: {e}")),
+        true => EngineError::Unavailable(format!("`checkpoint.dir` = {dir}: {e}")),
+    };
     let read = |p: Option<&str>| -> String {
         p.and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
@@ -761,7 +778,7 @@ fn recover(
         &read(Some(&config.engine.segments)),
         &read(config.engine.journeys.as_deref()),
     ]);
-    let store = durable::Store::new(dir);
+    let store = durable::Store::new(&config.checkpoint.dir);
     let manifest = store.latest().map_err(fail)?;
     let n = config.engine.workers;
     let (process, processes) = config.processes();
@@ -782,11 +799,11 @@ fn recover(
             None
         };
         if let Some(why) = why {
-            return Err(fail(format!(
-                "the checkpoint in {} cannot be used: {why}. Start with the definitions and \
-                 worker count it was taken with, or move the directory away to start from \
-                 empty state (then replay the events archive to rebuild it)",
-                dir.display()
+            return Err(EngineError::Usage(format!(
+                "config: `checkpoint.dir`: the checkpoint in {dir} cannot be used: {why}. \
+                 Start with the definitions and worker count it was taken with, or move the \
+                 directory away to start from empty state (then replay the events archive \
+                 to rebuild it)"
             )));
         }
         // Torn checkpoints a crash left: process 0 removes them (a cluster's processes
@@ -795,9 +812,23 @@ fn recover(
             store.remove_after(m.at);
         }
     }
+    // A cluster's process 0 leaves a probe that every process must find at start: the
+    // check that they share the directory.
+    let probe = match (process, processes) {
+        (_, 1) => None,
+        (0, _) => {
+            let nonce = rand_nonce();
+            store.write_probe(nonce).map_err(fail)?;
+            Some((store.clone(), nonce))
+        }
+        _ => Some((store.clone(), 0)),
+    };
     let from = manifest.as_ref().map_or(0, |m| m.at);
-    let (log, logged) =
-        durable::IngestLog::open(&durable::log_dir(dir, process), from).map_err(fail)?;
+    let (log, logged) = durable::IngestLog::open(
+        &durable::log_dir(std::path::Path::new(&config.checkpoint.log_dir), process),
+        from,
+    )
+    .map_err(|e| EngineError::Usage(format!("config: `checkpoint.log_dir`: {e}")))?;
     let durable::Logged {
         records,
         last,
@@ -910,5 +941,16 @@ fn recover(
         chain,
         positions,
         sink_resume,
+        probe,
     })
+}
+
+/// A number unlikely to repeat across starts (time and process id mixed).
+fn rand_nonce() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    xxhash_rust::xxh3::xxh3_64(
+        &[t.to_le_bytes(), (std::process::id() as u64).to_le_bytes()].concat(),
+    ) | 1
 }

@@ -469,9 +469,11 @@ impl Sink {
             }
         }
         // What no watermark released (instants the dataflow did not finish) is written
-        // too; a restart cuts it off again if it follows the last checkpoint.
+        // too; a restart cuts it off again if it follows the last checkpoint. Never what a
+        // log (in a cluster, another process's) has not synced: that follows the last
+        // checkpoint, and its event may be gone.
         self.checkpoints.clear();
-        self.release(live, Time::MAX)?;
+        self.release(live, live.synced_everywhere())?;
         self.final_flush(live)
     }
 

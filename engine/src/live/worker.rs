@@ -45,6 +45,10 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
 /// taking a stalled frontier (other processes stopped earlier) as final.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a stopping worker with durable state waits for a frontier that does not move
+/// before it gives up on the final checkpoint.
+const DURABLE_STOP_STALL: Duration = Duration::from_secs(20);
+
 /// How long shutdown waits for the sink to hand the last changes over.
 const SHUTDOWN_SINK_WAIT: Duration = Duration::from_secs(30);
 
@@ -61,6 +65,8 @@ pub(crate) struct WorkerIo {
     pub start_at: Time,
     /// The restored checkpoint's chain (empty: none).
     pub chain: Vec<Time>,
+    /// A durable cluster: the store and process 0's probe nonce (see [`ClusterDurable::agree`]).
+    pub probe: Option<(super::durable::Store, u64)>,
 }
 
 /// What worker 0 feeds from, as a checkpoint left it.
@@ -89,6 +95,21 @@ const DURABLE: u8 = 0;
 const SYNCED: u8 = 1;
 const STOPPING: u8 = 2;
 const FINAL: u8 = 3;
+/// At start (see [`ClusterDurable::agree`]): the restored checkpoint's instant + 1 (1:
+/// none), and process 0's probe nonce.
+const RESTORED: u8 = 4;
+const PROBE: u8 = 5;
+/// A worker of the process failed: no checkpoint can complete, every process stops at
+/// once (a timely cluster ends only when all its processes do).
+const FAILED: u8 = 6;
+const KINDS: usize = 7;
+
+/// How long a durable cluster's processes wait at start to hear from each other.
+const AGREE_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a process looks for process 0's probe (a network file system may show a
+/// rewritten file late).
+const PROBE_WAIT: Duration = Duration::from_secs(10);
 
 /// The input of the report dataflow.
 type ReportInput =
@@ -97,9 +118,9 @@ type ReportInput =
 struct ClusterDurable {
     input: Option<ReportInput>,
     /// Per process, the latest of each report.
-    seen: Rc<RefCell<Vec<[Time; 4]>>>,
+    seen: Rc<RefCell<Vec<[Time; KINDS]>>>,
     process: usize,
-    reported: [Time; 4],
+    reported: [Time; KINDS],
 }
 
 impl ClusterDurable {
@@ -109,11 +130,11 @@ impl ClusterDurable {
                 input: None,
                 seen: Rc::default(),
                 process: 0,
-                reported: [0; 4],
+                reported: [0; KINDS],
             };
         };
-        let seen: Rc<RefCell<Vec<[Time; 4]>>> =
-            Rc::new(RefCell::new(vec![[0; 4]; cluster.addresses.len()]));
+        let seen: Rc<RefCell<Vec<[Time; KINDS]>>> =
+            Rc::new(RefCell::new(vec![[0; KINDS]; cluster.addresses.len()]));
         let sink = Rc::clone(&seen);
         let input = worker.dataflow::<Time, _, _>(|scope| {
             let (input, stream) = scope.new_input::<Vec<Report>>();
@@ -132,7 +153,18 @@ impl ClusterDurable {
             input: Some(input),
             seen,
             process: cluster.process,
-            reported: [0; 4],
+            reported: [0; KINDS],
+        }
+    }
+
+    /// Every worker: tells the others once when a worker of this process has failed
+    /// (local worker 0 may be the one that failed).
+    fn report_failure(&mut self, live: &Live) {
+        let Some(input) = &mut self.input else { return };
+        if self.reported[FAILED as usize] == 0 && live.worker_failed.load(Ordering::Acquire) {
+            self.reported[FAILED as usize] = 1;
+            input.send((self.process, FAILED, 1));
+            input.flush();
         }
     }
 
@@ -168,10 +200,19 @@ impl ClusterDurable {
         if *input.time() < now {
             input.advance_to(now);
         }
+        let seen = self.seen.borrow();
+        if seen.iter().any(|r| r[FAILED as usize] != 0)
+            && !live.worker_failed.load(Ordering::Acquire)
+        {
+            tracing::error!("a worker of another process of the cluster failed: stopping");
+            live.worker_failed.store(true, Ordering::Release);
+            let _ = live
+                .stop_at
+                .compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
+        }
         if !durable_state {
             return;
         }
-        let seen = self.seen.borrow();
         let synced = seen.iter().map(|r| r[SYNCED as usize]).min().unwrap_or(0);
         live.cluster_synced.fetch_max(synced, Ordering::AcqRel);
         if seen.iter().any(|r| r[STOPPING as usize] != 0) && !live.stopping() {
@@ -187,6 +228,95 @@ impl ClusterDurable {
                 live.final_checkpoint
                     .compare_exchange(0, f, Ordering::AcqRel, Ordering::Acquire);
         }
+    }
+
+    /// A durable cluster at start, on every worker: every process must have restored the
+    /// same checkpoint (each picks the latest complete one on its own, and one that
+    /// raced a commit could pick another), and every process must see process 0's probe
+    /// in the checkpoint directory (else they do not share it, and no checkpoint could
+    /// ever complete). Either failing stops the start with the reason.
+    fn agree(
+        &mut self,
+        worker: &mut timely::worker::Worker,
+        local: usize,
+        restored: Option<Time>,
+        probe: Option<&(super::durable::Store, u64)>,
+    ) -> Result<(), String> {
+        let result = self.agree_inner(worker, local, restored, probe);
+        if result.is_err() {
+            // The others stop at once rather than wait for this process.
+            if let Some(input) = &mut self.input {
+                input.send((self.process, FAILED, 1));
+                input.flush();
+            }
+            let until = Instant::now() + STOP_GRACE / 4;
+            while Instant::now() < until {
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+        }
+        result
+    }
+
+    fn agree_inner(
+        &mut self,
+        worker: &mut timely::worker::Worker,
+        local: usize,
+        restored: Option<Time>,
+        probe: Option<&(super::durable::Store, u64)>,
+    ) -> Result<(), String> {
+        let (Some(input), Some((store, nonce))) = (&mut self.input, probe) else {
+            return Ok(());
+        };
+        if local == 0 {
+            input.send((self.process, RESTORED, restored.map_or(1, |t| t + 1)));
+            if self.process == 0 {
+                input.send((0, PROBE, *nonce));
+            }
+            input.flush();
+        }
+        let started = Instant::now();
+        let heard = |seen: &Vec<[Time; KINDS]>| {
+            seen.iter().all(|r| r[RESTORED as usize] != 0)
+                && seen.first().is_some_and(|r| r[PROBE as usize] != 0)
+        };
+        while !heard(&self.seen.borrow()) {
+            if started.elapsed() > AGREE_WAIT {
+                return Err(format!(
+                    "the other processes of the cluster did not report their checkpoint \
+                     within {AGREE_WAIT:?}"
+                ));
+            }
+            worker.step_or_park(Some(Duration::from_millis(1)));
+        }
+        let seen = self.seen.borrow();
+        let at: Vec<Time> = seen.iter().map(|r| r[RESTORED as usize] - 1).collect();
+        if at.iter().any(|&t| t != at[0]) {
+            return Err(format!(
+                "the processes restored different checkpoints (by process, 0 for none: \
+                 {at:?}), which happens when one started while another was still committing \
+                 one: stop every process, then start them all again"
+            ));
+        }
+        if self.process > 0 && local == 0 {
+            let want = seen[0][PROBE as usize];
+            let looking = Instant::now();
+            loop {
+                let (found, location) = store.read_probe();
+                if found == Some(want) {
+                    break;
+                }
+                if looking.elapsed() > PROBE_WAIT {
+                    return Err(format!(
+                        "`checkpoint.dir` is not shared with process 0: the probe it wrote at \
+                         {location} is not visible from this process ({found:?}, expected \
+                         {want}); in a cluster every process must use one location (an s3:// \
+                         prefix or a network file system), or \"\" to run without durable state"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
     }
 
     /// Changes at instants below this are durable in every process.
@@ -217,6 +347,7 @@ pub(crate) fn run_worker(
             worker.drop_dataflow(id);
         }
         tracing::error!("worker {}: {e}", worker.index());
+        live.worker_failed.store(true, Ordering::Release);
         let _ = live
             .stop_at
             .compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
@@ -232,13 +363,22 @@ fn run(
     let index = worker.index();
     let local_workers = live.config.engine.workers;
     let local = index % local_workers;
-    let (events_rx, snapshots_rx, audiences_rx, restored, driver, start_at, mut chain) = {
+    let (
+        events_rx,
+        snapshots_rx,
+        audiences_rx,
+        restored,
+        driver,
+        start_at,
+        mut chain,
+        cluster_probe,
+    ) = {
         let mut io = io
             .lock()
             .map_err(|_| "worker channels poisoned".to_string())?;
         let ev = io.events.get_mut(local).and_then(Option::take);
         let restored = io.restored.get_mut(local).and_then(Option::take);
-        let (start_at, chain) = (io.start_at, io.chain.clone());
+        let (start_at, chain, probe) = (io.start_at, io.chain.clone(), io.probe.clone());
         if index == 0 {
             (
                 ev,
@@ -248,9 +388,10 @@ fn run(
                 io.driver.take(),
                 start_at,
                 chain,
+                probe,
             )
         } else {
-            (ev, None, None, restored, None, start_at, chain)
+            (ev, None, None, restored, None, start_at, chain, probe)
         }
     };
     // This worker's parts, read here so that the workers read theirs in parallel.
@@ -315,6 +456,7 @@ fn run(
     });
 
     let mut durable = ClusterDurable::new(worker, live);
+    durable.agree(worker, local, chain.last().copied(), cluster_probe.as_ref())?;
     let mut cur: Time = if start_at > 0 { start_at } else { now_ms() };
     inputs.advance_to(cur);
     let mut snapshots = SnapshotFeeder::default();
@@ -569,6 +711,7 @@ fn run(
         if local == 0 {
             durable.report(live, cur);
         }
+        durable.report_failure(live);
         if let (Some(c), true) = (&consumer, last_commit.elapsed() >= COMMIT_INTERVAL) {
             last_commit = Instant::now();
             commit_durable(
@@ -584,6 +727,22 @@ fn run(
             if durable_stop {
                 let f = live.final_checkpoint.load(Ordering::Acquire);
                 if f != 0 && frontier > f {
+                    break;
+                }
+                if live.worker_failed.load(Ordering::Acquire) {
+                    tracing::warn!("worker {index}: a worker failed: no final checkpoint");
+                    break;
+                }
+                // A frontier that no longer moves (a worker somewhere failed and dropped
+                // its dataflow): the final checkpoint cannot complete; the next start
+                // resumes from the last complete one.
+                if frontier > stalled_at.0 {
+                    stalled_at = (frontier, Instant::now());
+                } else if stalled_at.1.elapsed() > DURABLE_STOP_STALL {
+                    tracing::warn!(
+                        "worker {index}: the frontier stayed at {frontier} for \
+                         {DURABLE_STOP_STALL:?} while stopping: no final checkpoint"
+                    );
                     break;
                 }
                 continue;
@@ -651,6 +810,11 @@ fn run(
         }
         if local == 0 {
             durable.report(live, cur);
+        }
+        durable.report_failure(live);
+        // A failed worker: keep stepping only long enough for the report to go out.
+        if live.worker_failed.load(Ordering::Acquire) && started.elapsed() > STOP_GRACE / 4 {
+            break;
         }
         if live.sink_failed.load(Ordering::Acquire) {
             tracing::warn!(
