@@ -566,6 +566,129 @@ fn a_cluster_whose_processes_do_not_share_the_state_directory_is_refused() {
     assert!(!outs[0].status.success(), "process 0 stops with it");
 }
 
+/// A segment file changed between runs: the state its segments still read (the same
+/// aggregates and traits) is carried over, every user is evaluated again at the restart
+/// instant, and the changes land as ordinary rows then; a file that needs an aggregate
+/// the state does not hold is refused with the aggregate's text.
+#[test]
+fn a_changed_segment_file_keeps_the_state_it_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = "\
+CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 2;
+CREATE SEGMENT big_spenders AS
+    coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 300;
+CREATE SEGMENT pro AS plan = 'pro';
+";
+    // `pro` dropped, `repeat_buyers` changed, two new segments over what was kept.
+    let after = "\
+CREATE SEGMENT one_order AS count(*) FILTER (WHERE event = 'Order Completed') = 1;
+CREATE SEGMENT big_spenders AS
+    coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 300;
+CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 3;
+CREATE SEGMENT free AS plan = 'free';
+";
+    let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
+                  write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n";
+    std::fs::write(dir.path().join("segments.sql"), before).unwrap();
+    let events: Vec<Json> = events().into_iter().take(30_000).collect();
+    let mut h = Herald::start(dir.path(), config);
+    for c in events.chunks(BATCH) {
+        let (status, body) = h.post("/v1/batch", "wk", &json!({"batch": c}).to_string());
+        assert_eq!(status, 200, "{body}");
+    }
+    // Some of it in a checkpoint, the rest only in the log.
+    std::thread::sleep(Duration::from_millis(1500));
+    h.kill();
+
+    // What the new file's segments must hold.
+    let mut orders: BTreeMap<String, usize> = BTreeMap::new();
+    let mut revenue: BTreeMap<String, f64> = BTreeMap::new();
+    let mut plan: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for e in &events {
+        let user = e["userId"].as_str().unwrap().to_string();
+        match e["type"].as_str().unwrap() {
+            "track" => {
+                *revenue.entry(user.clone()).or_default() +=
+                    e["properties"]["revenue"].as_f64().unwrap();
+                *orders.entry(user).or_default() += 1
+            }
+            "identify" => {
+                let t = e["timestamp"].as_str().unwrap().to_string();
+                let p = e["traits"]["plan"].as_str().unwrap().to_string();
+                let cur = plan.entry(user).or_insert((t.clone(), p.clone()));
+                if t >= cur.0 {
+                    *cur = (t, p);
+                }
+            }
+            _ => {}
+        }
+    }
+    let with = |f: &dyn Fn(usize) -> bool| -> BTreeSet<String> {
+        orders
+            .iter()
+            .filter(|(_, n)| f(**n))
+            .map(|(u, _)| u.clone())
+            .collect()
+    };
+    let mut want: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    want.insert("one_order", with(&|n| n == 1));
+    want.insert("repeat_buyers", with(&|n| n >= 3));
+    want.insert(
+        "big_spenders",
+        revenue
+            .iter()
+            .filter(|(_, r)| **r >= 300.0)
+            .map(|(u, _)| u.clone())
+            .collect(),
+    );
+    want.insert(
+        "free",
+        plan.iter()
+            .filter(|(_, p)| p.1 == "free")
+            .map(|(u, _)| u.clone())
+            .collect(),
+    );
+
+    // A file that needs an aggregate over history the state does not hold: refused.
+    let needs_more = format!("{after}CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
+    std::fs::write(dir.path().join("segments.sql"), &needs_more).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("herald.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("a new aggregate, read by top: max(properties.revenue)"),
+        "{stderr}"
+    );
+
+    std::fs::write(dir.path().join("segments.sql"), after).unwrap();
+    let mut h = Herald::start(dir.path(), config);
+    assert!(
+        h.stderr_text().contains("carried over"),
+        "{}",
+        h.stderr_text()
+    );
+    for (seg, users) in &want {
+        h.wait_for(&format!("{seg}'s members"), Duration::from_secs(60), |h| {
+            members(h, seg) == *users
+        });
+    }
+    // The changelog's running sum of each segment of the new file is its membership.
+    let rows = h.output("segment_changes.jsonl");
+    let rows: Vec<Json> = rows.into_iter().filter(|r| r["segment"] != "pro").collect();
+    check_changelog("segment_changes.jsonl after the change", &rows, &want);
+    // And it stays so across a restart with the new file.
+    assert!(h.stop().success());
+    let mut h = Herald::start(dir.path(), config);
+    for (seg, users) in &want {
+        assert_eq!(members(&h, seg), *users, "{seg} after a restart");
+    }
+    assert!(h.stop().success());
+}
+
 /// A restart with a long log after the last checkpoint: the workers take the log in
 /// slices, and a checkpoint taken while part of it still waits must not pass those events
 /// (they would be neither in the checkpoint nor fed again after it).

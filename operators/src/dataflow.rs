@@ -113,6 +113,9 @@ pub struct Restored {
     pub segments: Vec<SegmentPart>,
     /// The journey operator's chain of parts (empty without journeys).
     pub journeys: Vec<MachinePart>,
+    /// The parts were carried over to a changed segment file
+    /// ([`SegmentPart::remap`]): every user is evaluated again at `at`.
+    pub reevaluate: bool,
 }
 
 /// Checkpointing for [`build_segments_durable`].
@@ -246,9 +249,9 @@ pub fn build_segments_durable<'s>(
         Some(d) => (Some(d.parts), d.restored),
         None => (None, None),
     };
-    let (restored_at, seg_parts, journey_parts) = match restored {
-        Some(r) => (Some(r.at), r.segments, r.journeys),
-        None => (None, Vec::new(), Vec::new()),
+    let (restored_at, seg_parts, journey_parts, reevaluate) = match restored {
+        Some(r) => (Some(r.at), r.segments, r.journeys, r.reevaluate),
+        None => (None, Vec::new(), Vec::new(), false),
     };
 
     // update_trait writes come back as identify events, one millisecond later. The loop
@@ -279,6 +282,9 @@ pub fn build_segments_durable<'s>(
         if let Err(e) = seg_state.restore(seg_parts, at) {
             // The engine checks the chain before building; a broken one here is a bug.
             panic!("restoring the segment state: {e}");
+        }
+        if reevaluate {
+            seg_state.reevaluate_all(at);
         }
     }
     let state = Rc::new(RefCell::new(seg_state));

@@ -149,6 +149,24 @@ enum Cell {
 }
 
 impl Cell {
+    /// Moves the cell to another slot (same aggregate or trait under a new plan).
+    fn set_slot(&mut self, slot: u16) {
+        match self {
+            Cell::Count(s, _)
+            | Cell::Distinct(s, _)
+            | Cell::Sum(s, _)
+            | Cell::ExtremeTs(s, _)
+            | Cell::ExtremeNum(s, _)
+            | Cell::Acc(s, _)
+            | Cell::WinCount(s, _)
+            | Cell::WinVal(s, _)
+            | Cell::TraitSnap(s, _)
+            | Cell::TraitWrite(s, _)
+            | Cell::TraitBoth(s, _)
+            | Cell::List(s, _) => *s = slot,
+        }
+    }
+
     fn slot(&self) -> u32 {
         let s = match self {
             Cell::Count(s, _)
@@ -660,6 +678,49 @@ pub struct SegmentPart {
     counters: StateCounters,
 }
 
+impl SegmentPart {
+    /// Carries the part over to a new plan ([`crate::plan::Remap`]): cells and pending
+    /// contributions move to their new slots (those the new plan lacks are dropped),
+    /// memberships to their segments' new indices. Every user must then be evaluated
+    /// again ([`SegmentState::reevaluate_all`]): a changed segment's membership is
+    /// stale until then.
+    pub fn remap(&mut self, r: &crate::plan::Remap) {
+        let slot = |s: u32| r.slots.get(s as usize).copied().flatten();
+        for (_, user) in &mut self.users {
+            let mut cells: Vec<Cell> = std::mem::take(&mut user.cells)
+                .into_vec()
+                .into_iter()
+                .filter_map(|mut c| {
+                    let to = slot(c.slot())?;
+                    c.set_slot(to as u16);
+                    Some(c)
+                })
+                .collect();
+            cells.sort_by_key(Cell::slot);
+            user.cells = cells.into_boxed_slice();
+            let mut members = Bits::new(r.n_segments);
+            for (o, n) in r.segments.iter().enumerate() {
+                if let (Some(n), true) = (n, user.members.get(o)) {
+                    members.set(*n, true);
+                }
+            }
+            user.members = members;
+        }
+        for (_, v) in &mut self.pending {
+            v.retain_mut(|(_, s, _)| match slot(*s) {
+                Some(to) => {
+                    *s = to;
+                    true
+                }
+                None => false,
+            });
+        }
+        self.pending.retain(|(_, v)| !v.is_empty());
+        // Slot masks of the old plan mean nothing in the new one.
+        self.touched.clear();
+    }
+}
+
 /// Every slot: a change that may move any segment (the user's universe, the snapshot clock).
 const ALL_SLOTS: u64 = u64::MAX;
 
@@ -798,6 +859,20 @@ impl SegmentState {
     /// write only those.
     pub fn track_changes(&mut self) {
         self.changed.get_or_insert_with(Default::default);
+    }
+
+    /// After a restore carried over to a new plan: every user is evaluated again at `at`
+    /// against every segment (their memberships are the old plan's), and counts as
+    /// changed for the next checkpoint part.
+    pub fn reevaluate_all(&mut self, at: Time) {
+        for (i, user) in self.users.iter_mut().enumerate() {
+            user.scheduled = user.scheduled.min(at);
+            self.touched.insert(i as u32, ALL_SLOTS);
+            self.timers.push(Reverse((user.scheduled, i as u32)));
+            if let Some(c) = &mut self.changed {
+                c.insert(i as u32);
+            }
+        }
     }
 
     /// The state as a checkpoint part: everything (`full`), or the users changed since

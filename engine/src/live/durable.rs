@@ -492,6 +492,10 @@ pub struct Manifest {
     pub journeys: bool,
     /// A hash of the segment and journey files the state was built with.
     pub definitions: String,
+    /// The segment file's text the state was built with (empty in checkpoints of an
+    /// earlier Herald): a start with a changed file carries the state over to it.
+    #[serde(default)]
+    pub segments_text: String,
 }
 
 fn one() -> usize {
@@ -864,6 +868,8 @@ pub struct WorkerParts {
     pub chain: Vec<Time>,
     /// Whether journeys wrote parts.
     pub journeys: bool,
+    /// The segment file changed since: how its state is carried over.
+    pub remap: Option<Arc<herald_operators::plan::Remap>>,
 }
 
 impl WorkerParts {
@@ -876,7 +882,11 @@ impl WorkerParts {
         };
         let mut writes = Vec::new();
         for &t in &self.chain {
-            let seg: SegmentPart = self.store.read_part(t, &format!("w{w}.segments"))?;
+            let mut seg: SegmentPart = self.store.read_part(t, &format!("w{w}.segments"))?;
+            if let Some(m) = &self.remap {
+                seg.remap(m);
+                r.reevaluate = true;
+            }
             r.segments.push(seg);
             if self.journeys {
                 let j: JourneysPart = self.store.read_part(t, &format!("w{w}.journeys"))?;
@@ -1219,6 +1229,7 @@ mod tests {
             processes: 1,
             journeys: false,
             definitions: String::new(),
+            segments_text: String::new(),
         };
         store.commit(&m).unwrap();
         assert_eq!(store.latest().unwrap().unwrap().at, 5);

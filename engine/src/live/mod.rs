@@ -326,7 +326,7 @@ where
         ingest_rx.push(Some(rx));
     }
     let recovery = if config.durable() {
-        Some(recover(&config, journeys.is_some(), &ingest_tx)?)
+        Some(recover(&config, &plan, journeys.is_some(), &ingest_tx)?)
     } else {
         if config.cluster.is_some() && config.checkpoint.dir_given.is_none() {
             tracing::warn!(
@@ -368,7 +368,11 @@ where
         released: AtomicU64::new(0),
         final_checkpoint: AtomicU64::new(0),
         workers_ready: std::sync::atomic::AtomicUsize::new(0),
-        checkpoint_full_next: std::sync::atomic::AtomicBool::new(false),
+        // State carried over to a changed segment file: the next checkpoint must be full
+        // (the chain's earlier parts are in the old file's slots).
+        checkpoint_full_next: std::sync::atomic::AtomicBool::new(
+            recovery.as_ref().is_some_and(|r| r.carried_over),
+        ),
         checkpointed: AtomicU64::new(0),
         checkpointed_positions: Mutex::new(None),
         kafka_history: Arc::new(Mutex::new(
@@ -753,12 +757,15 @@ struct Recovery {
     /// In a cluster: the store and, on process 0, the probe's nonce it wrote (the others
     /// check they see it).
     probe: Option<(durable::Store, u64)>,
+    /// The checkpoint was taken with another segment file and is carried over to this one.
+    carried_over: bool,
 }
 
 /// Reads the latest complete checkpoint and the ingest log, cuts the output files back
 /// to the checkpoint, and queues the logged events after it for the workers.
 fn recover(
     config: &Config,
+    plan: &Plan,
     journeys: bool,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
@@ -774,14 +781,14 @@ fn recover(
         p.and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
     };
-    let definitions = durable::definitions_hash(&[
-        &read(Some(&config.engine.segments)),
-        &read(config.engine.journeys.as_deref()),
-    ]);
+    let segments_text = read(Some(&config.engine.segments));
+    let definitions =
+        durable::definitions_hash(&[&segments_text, &read(config.engine.journeys.as_deref())]);
     let store = durable::Store::new(&config.checkpoint.dir);
     let manifest = store.latest().map_err(fail)?;
     let n = config.engine.workers;
     let (process, processes) = config.processes();
+    let mut remap = None;
     if let Some(m) = &manifest {
         let why = if m.workers != n {
             Some(format!(
@@ -794,7 +801,23 @@ fn recover(
                 m.processes
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
-            Some("the segment or journey file changed since it was taken".to_string())
+            match carry_over(m, plan, journeys) {
+                Ok(r) => {
+                    tracing::info!(
+                        "the segment file changed since the checkpoint at {}: its state is \
+                         carried over (segments kept: {}; new: {}; dropped: {}); every user \
+                         is evaluated again at {}",
+                        m.at,
+                        r.kept.len(),
+                        names(&r.added),
+                        names(&r.dropped),
+                        m.at
+                    );
+                    remap = Some(Arc::new(r));
+                    None
+                }
+                Err(why) => Some(why),
+            }
         } else {
             None
         };
@@ -850,6 +873,7 @@ fn recover(
                     at: m.at,
                     chain: m.chain.clone(),
                     journeys,
+                    remap: remap.clone(),
                 });
             }
             let mut snapshot = None;
@@ -874,8 +898,8 @@ fn recover(
             positions = std::mem::take(&mut last_driver.kafka);
             driver = Some(worker::RestoredDriver {
                 snapshot: snapshot.map(|(at, rows)| (at, Arc::new(rows))),
-                audiences: last_driver.audiences,
-                lists: last_driver.lists,
+                audiences: by_new_segment(last_driver.audiences, remap.as_deref()),
+                lists: by_new_segment(last_driver.lists, remap.as_deref()),
             });
             if !config.output.dir.is_empty() {
                 sink::cut_to_checkpoint(&config.output.dir, &files)?;
@@ -933,6 +957,7 @@ fn recover(
             processes,
             journeys,
             definitions,
+            segments_text,
         },
         restored,
         driver,
@@ -942,7 +967,64 @@ fn recover(
         positions,
         sink_resume,
         probe,
+        carried_over: remap.is_some(),
     })
+}
+
+/// Whether a checkpoint taken with another segment file can be carried over to `plan`
+/// (see [`herald_operators::plan::Remap`]); else why not.
+fn carry_over(
+    m: &durable::Manifest,
+    plan: &Plan,
+    journeys: bool,
+) -> Result<herald_operators::plan::Remap, String> {
+    if journeys || m.journeys {
+        return Err(
+            "the segment or journey file changed since it was taken, and journeys \
+                    ran (their state is not carried over a changed file yet)"
+                .into(),
+        );
+    }
+    if m.segments_text.is_empty() {
+        return Err(
+            "the segment file changed since it was taken (by a Herald that did not \
+                    keep the file's text with it)"
+                .into(),
+        );
+    }
+    let old = herald_operators::lang::parse::parse_segments(&m.segments_text)
+        .map_err(|e| format!("the segment file it was taken with does not parse: {e}"))?;
+    let old = Plan::compile(&old);
+    plan.remap_from(&old).map_err(|missing| {
+        format!(
+            "the segment file changed since it was taken, and the new one reads what the \
+             state does not hold: {} (an aggregate or trait over history is rebuilt only by \
+             replaying the events)",
+            missing.join("; ")
+        )
+    })
+}
+
+/// Per-segment state of a driver part, re-keyed to a changed segment file's indices.
+fn by_new_segment<T>(
+    map: BTreeMap<usize, T>,
+    remap: Option<&herald_operators::plan::Remap>,
+) -> BTreeMap<usize, T> {
+    match remap {
+        None => map,
+        Some(r) => map
+            .into_iter()
+            .filter_map(|(seg, v)| Some((r.segments.get(seg).copied().flatten()?, v)))
+            .collect(),
+    }
+}
+
+fn names(list: &[String]) -> String {
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
+    }
 }
 
 /// A number unlikely to repeat across starts (time and process id mixed).

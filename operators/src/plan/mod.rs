@@ -20,9 +20,11 @@ use crate::project::Projection;
 mod evaluate;
 mod explain;
 mod facts;
+mod remap;
 
 pub(crate) use evaluate::{type_rank, EventCtx};
 pub use facts::{FactVal, SnapshotRows};
+pub use remap::Remap;
 
 /// Slot of the "has at least one event" presence fact.
 pub const SLOT_SEEN: u32 = 0;

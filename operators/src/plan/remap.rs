@@ -1,0 +1,112 @@
+//! Carrying state across a changed segment file: which of the old plan's slots and
+//! segments the new plan still has, by meaning rather than by position.
+//!
+//! An aggregate is the same when its kind, argument, `DISTINCT` and FILTER are the same
+//! (the compiled aggregate of the segment language, positions aside); a trait by its
+//! name; a static list or warehouse audience by its segment's name and source; a segment
+//! by its name (its definition may change: it is evaluated again). State for what the old
+//! plan had and the new one lacks is dropped; what the new one reads and the old lacked
+//! (an aggregate or a trait over history) is not in the state at all, and is reported.
+
+use std::collections::BTreeMap;
+
+use super::{Plan, SegmentKind, FIRST_DYNAMIC_SLOT};
+
+/// Old slot and segment numbers mapped to new ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Remap {
+    /// Per old fact slot, its new slot (None: dropped).
+    pub slots: Vec<Option<u32>>,
+    /// Per old segment, its new index (None: dropped).
+    pub segments: Vec<Option<usize>>,
+    /// Segments of the new plan.
+    pub n_segments: usize,
+    /// What was kept, new and dropped, for the log: `(kept, new, dropped)` segment names.
+    pub kept: Vec<String>,
+    /// Segments the new plan has and the old did not (they start from what the kept
+    /// slots hold).
+    pub added: Vec<String>,
+    /// Segments the old plan had and the new one does not.
+    pub dropped: Vec<String>,
+}
+
+impl Plan {
+    /// How to carry state built with `old` into this plan, or what this plan reads that
+    /// `old`'s state does not hold (each as a sentence).
+    pub fn remap_from(&self, old: &Plan) -> Result<Remap, Vec<String>> {
+        let mut slots: Vec<Option<u32>> = vec![None; old.slot_count()];
+        // The presence slots are fixed.
+        for s in 0..FIRST_DYNAMIC_SLOT {
+            slots[s as usize] = Some(s);
+        }
+        let mut missing = Vec::new();
+        let old_aggs: BTreeMap<_, usize> = old
+            .aggs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (&a.agg, i))
+            .collect();
+        for (i, a) in self.aggs.iter().enumerate() {
+            match old_aggs.get(&a.agg) {
+                Some(&o) => slots[old.agg_slot(o) as usize] = Some(self.agg_slot(i)),
+                None => missing.push(format!(
+                    "a new aggregate, read by {}: {}",
+                    a.used_by.join(", "),
+                    crate::ast::Expr::Agg(Box::new(a.agg.clone()))
+                )),
+            }
+        }
+        for (i, (name, used_by)) in self.traits.iter().enumerate() {
+            match old.trait_index(name) {
+                Some(o) => slots[old.trait_slot(o) as usize] = Some(self.trait_slot(i)),
+                None => missing.push(format!(
+                    "the trait `{name}`, which no segment read before, read by {}",
+                    used_by.join(", ")
+                )),
+            }
+        }
+        let source = |k: &SegmentKind| match k {
+            SegmentKind::List { slot, url } => Some((*slot, format!("list {url}"))),
+            SegmentKind::Warehouse { slot, query, .. } => {
+                Some((*slot, format!("warehouse {query}")))
+            }
+            SegmentKind::Expr(_) => None,
+        };
+        let mut segments = vec![None; old.segments.len()];
+        let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+        for (o, seg) in old.segments.iter().enumerate() {
+            match self.segment_index(&seg.name) {
+                Some(n) => {
+                    segments[o] = Some(n);
+                    kept.push(seg.name.clone());
+                    // A list or audience keeps its memberships only from the same source.
+                    if let (Some((os, osrc)), Some((ns, nsrc))) =
+                        (source(&seg.kind), source(&self.segments[n].kind))
+                    {
+                        if osrc == nsrc {
+                            slots[os as usize] = Some(ns);
+                        }
+                    }
+                }
+                None => dropped.push(seg.name.clone()),
+            }
+        }
+        let added = self
+            .segments
+            .iter()
+            .filter(|s| old.segment_index(&s.name).is_none())
+            .map(|s| s.name.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        Ok(Remap {
+            slots,
+            segments,
+            n_segments: self.segments.len(),
+            kept,
+            added,
+            dropped,
+        })
+    }
+}
