@@ -716,6 +716,21 @@ impl SegmentPart {
             });
         }
         self.pending.retain(|(_, v)| !v.is_empty());
+        // The exposed trait values last reported to the journeys, at their new positions.
+        for (_, e) in &mut self.exposed {
+            if let Some(v) = e {
+                v.retain_mut(
+                    |(pos, _)| match r.exposed.get(*pos as usize).copied().flatten() {
+                        Some(to) => {
+                            *pos = to;
+                            true
+                        }
+                        None => false,
+                    },
+                );
+                v.sort_by_key(|(pos, _)| *pos);
+            }
+        }
         // Slot masks of the old plan mean nothing in the new one.
         self.touched.clear();
     }

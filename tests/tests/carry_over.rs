@@ -18,6 +18,7 @@ use herald_operators::dataflow::{
     SegmentPart,
 };
 use herald_operators::event::Event;
+use herald_operators::journey::{compile_journeys, parse_journeys, JOut, JourneySet};
 use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
 use herald_operators::time::Time;
@@ -27,53 +28,112 @@ use timely::dataflow::operators::{Inspect, Probe};
 const T0: i64 = 1_772_323_200_000;
 const HOUR: i64 = 3_600_000;
 
-struct Collect(Arc<Mutex<BTreeMap<usize, Vec<u8>>>>, usize);
+/// Journeys over a segment both files keep, an exposed trait (read by a branch) and a
+/// condition that becomes a hidden segment.
+const JOURNEYS: &str = r#"
+journey: thank
+entry: {event: Order Completed}
+reentry: always
+steps:
+  - wait: 2 hours
+  - branch:
+      - when: "in_segment('s0') OR plan = 'free'"
+        steps:
+          - send: {channel: webhook, template: t}
+---
+journey: greet
+entry: {segment_entered: s0}
+reentry: always
+steps:
+  - send: {channel: webhook, template: t}
+  - wait: 3 hours
+  - branch:
+      - when: "plan = 'pro' AND in_segment('s0')"
+        steps:
+          - send: {channel: email, template: t}
+  - update_trait: {name: plan, value: pro}
+"#;
+
+/// Serialized parts by worker: segments, journeys.
+type Parts = Arc<Mutex<BTreeMap<usize, (Vec<u8>, Vec<u8>)>>>;
+
+struct Collect(Parts, usize);
 
 impl PartSink for Collect {
     fn segments(&self, _at: Time, part: SegmentPart) {
         let bytes = bincode::serialize(&part).unwrap();
-        self.0.lock().unwrap().insert(self.1, bytes);
+        self.0.lock().unwrap().entry(self.1).or_default().0 = bytes;
     }
-    fn journeys(&self, _at: Time, _part: JourneysPart) {}
+    fn journeys(&self, _at: Time, part: JourneysPart) {
+        let bytes = bincode::serialize(&part).unwrap();
+        self.0.lock().unwrap().entry(self.1).or_default().1 = bytes;
+    }
 }
 
 /// Changes `(time, segment name, user, diff)`, sorted.
 type Changes = Vec<(Time, String, String, isize)>;
+/// Journey output as text, sorted.
+type Journeyed = Vec<(Time, String)>;
 
-/// Runs `segments` over the events from `from` (restoring the collected parts carried
-/// over from `old`, when given), taking a full checkpoint at `checkpoint`.
-fn run(
-    segments: &str,
-    events: &[Event],
+/// The plan of a segment file, with the journeys when they run.
+fn compile(segments: &str, journeys: bool) -> (Plan, Option<JourneySet>) {
+    let file = parse_segments(segments).unwrap();
+    if journeys {
+        let set = compile_journeys(&file, &parse_journeys(JOURNEYS).unwrap()).unwrap();
+        (set.plan.clone(), Some(set))
+    } else {
+        (Plan::compile(&file), None)
+    }
+}
+
+/// One run's setup.
+struct Run<'a> {
+    segments: &'a str,
+    journeys: bool,
+    events: &'a [Event],
     workers: usize,
-    from: Option<(Time, &str)>,
+    /// Restore at this instant the collected parts, carried over from this file.
+    from: Option<(Time, &'a str)>,
+    /// Take a full checkpoint here.
     checkpoint: Option<Time>,
-    parts: Arc<Mutex<BTreeMap<usize, Vec<u8>>>>,
     until: Time,
-) -> Changes {
-    let plan = Plan::compile(&parse_segments(segments).unwrap());
-    let remap = from.map(|(_, old)| {
-        let old = Plan::compile(&parse_segments(old).unwrap());
+}
+
+fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
+    let (plan, set) = compile(r.segments, r.journeys);
+    let remap = r.from.map(|(_, old)| {
+        let (old, _) = compile(old, r.journeys);
         plan.remap_from(&old)
             .expect("B reads only what A's state holds")
     });
     let names: Vec<String> = plan.segments.iter().map(|s| s.name.clone()).collect();
     let out: Arc<Mutex<Changes>> = Arc::default();
-    let events = Arc::new(events.to_vec());
-    let sink = Arc::clone(&out);
-    let start = from.map_or(0, |(at, _)| at);
-    let restoring = from.is_some();
-    timely::execute(timely::Config::process(workers), move |w| {
+    let journeyed: Arc<Mutex<Journeyed>> = Arc::default();
+    let events = Arc::new(r.events.to_vec());
+    let (sink, jsink) = (Arc::clone(&out), Arc::clone(&journeyed));
+    let start = r.from.map_or(0, |(at, _)| at);
+    let restoring = r.from.is_some();
+    let (checkpoint, until) = (r.checkpoint, r.until);
+    timely::execute(timely::Config::process(r.workers), move |w| {
         let (index, peers) = (w.index(), w.peers());
         let plan = Rc::new(plan.clone());
-        let restored = remap.as_ref().map(|r| {
-            let mut part: SegmentPart =
-                bincode::deserialize(&parts.lock().unwrap()[&index]).unwrap();
-            part.remap(r);
+        let jset = set.clone().map(Rc::new);
+        let mut writes: Vec<Event> = Vec::new();
+        let restored = remap.as_ref().map(|m| {
+            let p = parts.lock().unwrap();
+            let mut part: SegmentPart = bincode::deserialize(&p[&index].0).unwrap();
+            part.remap(m);
+            let mut journeys = vec![];
+            if jset.is_some() {
+                let mut j: JourneysPart = bincode::deserialize(&p[&index].1).unwrap();
+                j.machine.remap(m);
+                writes = j.writes;
+                journeys.push(j.machine);
+            }
             Restored {
                 at: start,
                 segments: vec![part],
-                journeys: vec![],
+                journeys,
                 reevaluate: true,
             }
         });
@@ -82,10 +142,10 @@ fn run(
             restored,
         };
         let probe = timely::dataflow::operators::probe::Handle::new();
-        let (sink, names) = (Arc::clone(&sink), names.clone());
+        let (sink, names, jsink) = (Arc::clone(&sink), names.clone(), Arc::clone(&jsink));
         let mut inputs = w.dataflow::<Time, _, _>(|scope| {
             let (inputs, outputs) =
-                build_segments_durable(scope, plan.clone(), -1, None, Some(durability));
+                build_segments_durable(scope, plan.clone(), -1, jset.clone(), Some(durability));
             outputs
                 .changes
                 .inner
@@ -94,11 +154,29 @@ fn run(
                     sink.lock().unwrap().push((*t, name, u.clone(), *r));
                 })
                 .probe_with(&probe);
+            if let Some(j) = outputs.journeys {
+                j.inspect_core(move |x| {
+                    let Ok((t, data)) = x else { return };
+                    for o in data.iter() {
+                        let line = match o {
+                            JOut::Row(r) => serde_json::to_string(r).unwrap(),
+                            JOut::Message(m) => serde_json::to_string(m).unwrap(),
+                            JOut::Write(e, at) => format!("write {at} {}", e.message_id),
+                        };
+                        jsink.lock().unwrap().push((*t.expect_singleton(), line));
+                    }
+                })
+                .probe_with(&probe);
+            }
             inputs
         });
         inputs.advance_to(start);
         if !restoring && index == 0 {
             inputs.set_snapshot_clock(None, i64::MIN);
+        }
+        for e in writes {
+            let keep = jset.as_ref().is_some_and(|j| j.wants(&e));
+            inputs.events.update(plan.project(e, keep), 1);
         }
         let mut mine: Vec<&Event> = events
             .iter()
@@ -129,7 +207,8 @@ fn run(
                 pending_ck = None;
             }
             while let Some(e) = feed.next_if(|e| e.timestamp as Time == t) {
-                inputs.events.update(plan.project(e.clone(), false), 1);
+                let keep = jset.as_ref().is_some_and(|j| j.wants(e));
+                inputs.events.update(plan.project(e.clone(), keep), 1);
             }
             inputs.flush();
             w.step();
@@ -143,7 +222,9 @@ fn run(
     .unwrap();
     let mut out = std::mem::take(&mut *out.lock().unwrap());
     out.sort();
-    out
+    let mut j = std::mem::take(&mut *journeyed.lock().unwrap());
+    j.sort();
+    (out, j)
 }
 
 /// Membership of each segment just after instant `at` (changes at or before it).
@@ -156,8 +237,8 @@ fn members_through(changes: &Changes, at: Time) -> BTreeMap<(String, String), is
     m
 }
 
-/// File B from file A's statements: `extra` (A's first condition under a new name)
-/// first, A's second segment negated, A's last dropped (no segment names a later one).
+/// File B from file A's statements: `extra` and `extra2` (A's first condition and its
+/// negation, under new names) first, A's second segment negated, A's last dropped (no segment names a later one).
 fn changed_file(a: &str) -> String {
     let statements: Vec<&str> = a
         .split("CREATE SEGMENT ")
@@ -165,7 +246,12 @@ fn changed_file(a: &str) -> String {
         .map(|s| s.trim().trim_end_matches(';'))
         .collect();
     let cond = |s: &str| s.split_once(" AS").unwrap().1.trim().to_string();
-    let mut b = format!("CREATE SEGMENT extra AS {};\n", cond(statements[0]));
+    // Two new segments and one dropped: the journeys' hidden segments move too.
+    let mut b = format!(
+        "CREATE SEGMENT extra AS {};\nCREATE SEGMENT extra2 AS NOT ({});\n",
+        cond(statements[0]),
+        cond(statements[0])
+    );
     for (i, s) in statements[..statements.len() - 1].iter().enumerate() {
         let name = s.split_once(" AS").unwrap().0.trim();
         let c = cond(s);
@@ -175,29 +261,30 @@ fn changed_file(a: &str) -> String {
     b
 }
 
-fn check(seed: u64, workers: usize) {
+fn check(seed: u64, workers: usize, journeys: bool) {
     let span = 48 * HOUR;
     let events = random_events(seed, 40, 600, T0, span);
     let a = random_segment_file(seed, 6);
     let b = changed_file(&a);
     let until = (T0 + span + 72 * HOUR) as Time;
     let f = (T0 + 20 * HOUR + 17) as Time;
-
-    let parts: Arc<Mutex<BTreeMap<usize, Vec<u8>>>> = Arc::default();
-    let run_a = run(
-        &a,
-        &events,
+    let setup = |segments, from, checkpoint| Run {
+        segments,
+        journeys,
+        events: &events,
         workers,
-        None,
-        Some(f),
-        Arc::clone(&parts),
+        from,
+        checkpoint,
         until,
-    );
-    let whole_b = run(&b, &events, workers, None, None, Arc::default(), until);
-    let carried = run(&b, &events, workers, Some((f, &a)), None, parts, until);
+    };
+    let parts: Parts = Arc::default();
+    let (run_a, _) = run(&setup(&a, None, Some(f)), Arc::clone(&parts));
+    let (whole_b, whole_bj) = run(&setup(&b, None, None), Arc::default());
+    let (carried, carried_j) = run(&setup(&b, Some((f, &a)), None), parts);
 
     // B' starts from A's memberships before `F` for the segments B kept.
-    let kept: BTreeSet<String> = Plan::compile(&parse_segments(&b).unwrap())
+    let kept: BTreeSet<String> = compile(&b, journeys)
+        .0
         .segments
         .iter()
         .map(|s| s.name.clone())
@@ -225,13 +312,34 @@ fn check(seed: u64, workers: usize) {
         after(&whole_b),
         "seed {seed}, {workers} workers: changes after F\nB:\n{b}"
     );
+    if journeys {
+        assert!(
+            !whole_bj.is_empty(),
+            "seed {seed}: the journeys did nothing"
+        );
+    }
+    let after_j = |c: &Journeyed| -> Journeyed { c.iter().filter(|x| x.0 > f).cloned().collect() };
+    assert_eq!(
+        after_j(&carried_j),
+        after_j(&whole_bj),
+        "seed {seed}, {workers} workers: journey output after F\nB:\n{b}"
+    );
 }
 
 #[test]
 fn state_carried_over_to_a_changed_file_equals_state_built_with_it() {
     for seed in 0..6 {
         for workers in [1, 2] {
-            check(seed, workers);
+            check(seed, workers, false);
+        }
+    }
+}
+
+#[test]
+fn journey_state_carried_over_to_a_changed_segment_file_equals_a_run_with_it() {
+    for seed in 0..6 {
+        for workers in [1, 2] {
+            check(seed, workers, true);
         }
     }
 }

@@ -496,6 +496,9 @@ pub struct Manifest {
     /// earlier Herald): a start with a changed file carries the state over to it.
     #[serde(default)]
     pub segments_text: String,
+    /// The journey file's text, likewise (empty: none, or an earlier Herald).
+    #[serde(default)]
+    pub journeys_text: String,
 }
 
 fn one() -> usize {
@@ -889,9 +892,12 @@ impl WorkerParts {
             }
             r.segments.push(seg);
             if self.journeys {
-                let j: JourneysPart = self.store.read_part(t, &format!("w{w}.journeys"))?;
+                let mut j: JourneysPart = self.store.read_part(t, &format!("w{w}.journeys"))?;
                 if t == self.at {
                     writes = j.writes;
+                }
+                if let Some(m) = &self.remap {
+                    j.machine.remap(m);
                 }
                 r.journeys.push(j.machine);
             }
@@ -1230,6 +1236,7 @@ mod tests {
             journeys: false,
             definitions: String::new(),
             segments_text: String::new(),
+            journeys_text: String::new(),
         };
         store.commit(&m).unwrap();
         assert_eq!(store.latest().unwrap().unwrap().at, 5);

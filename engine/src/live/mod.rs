@@ -782,8 +782,8 @@ fn recover(
             .unwrap_or_default()
     };
     let segments_text = read(Some(&config.engine.segments));
-    let definitions =
-        durable::definitions_hash(&[&segments_text, &read(config.engine.journeys.as_deref())]);
+    let journeys_text = read(config.engine.journeys.as_deref());
+    let definitions = durable::definitions_hash(&[&segments_text, &journeys_text]);
     let store = durable::Store::new(&config.checkpoint.dir);
     let manifest = store.latest().map_err(fail)?;
     let n = config.engine.workers;
@@ -801,7 +801,7 @@ fn recover(
                 m.processes
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
-            match carry_over(m, plan, journeys) {
+            match carry_over(m, plan, &journeys_text) {
                 Ok(r) => {
                     tracing::info!(
                         "the segment file changed since the checkpoint at {}: its state is \
@@ -958,6 +958,7 @@ fn recover(
             journeys,
             definitions,
             segments_text,
+            journeys_text,
         },
         restored,
         driver,
@@ -976,25 +977,35 @@ fn recover(
 fn carry_over(
     m: &durable::Manifest,
     plan: &Plan,
-    journeys: bool,
+    journeys_text: &str,
 ) -> Result<herald_operators::plan::Remap, String> {
-    if journeys || m.journeys {
+    if m.segments_text.is_empty() {
         return Err(
-            "the segment or journey file changed since it was taken, and journeys \
-                    ran (their state is not carried over a changed file yet)"
+            "the segment or journey file changed since it was taken (by a Herald \
+                    that did not keep the files' text with it)"
                 .into(),
         );
     }
-    if m.segments_text.is_empty() {
+    if m.journeys != !journeys_text.is_empty() || m.journeys_text != journeys_text {
         return Err(
-            "the segment file changed since it was taken (by a Herald that did not \
-                    keep the file's text with it)"
+            "the journey file changed since it was taken (journey state is carried \
+                    over only a changed segment file)"
                 .into(),
         );
     }
     let old = herald_operators::lang::parse::parse_segments(&m.segments_text)
         .map_err(|e| format!("the segment file it was taken with does not parse: {e}"))?;
-    let old = Plan::compile(&old);
+    let old = if journeys_text.is_empty() {
+        Plan::compile(&old)
+    } else {
+        let defs = herald_operators::journey::parse_journeys(journeys_text)
+            .map_err(|e| format!("the journey file does not parse: {e}"))?;
+        herald_operators::journey::compile_journeys(&old, &defs)
+            .map_err(|e| {
+                format!("the journey file does not compile against the old segment file: {e}")
+            })?
+            .plan
+    };
     plan.remap_from(&old).map_err(|missing| {
         format!(
             "the segment file changed since it was taken, and the new one reads what the \

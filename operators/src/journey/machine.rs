@@ -267,6 +267,36 @@ pub struct MachinePart {
     users: Vec<(String, Option<UserState>)>,
 }
 
+impl MachinePart {
+    /// Carries the part over to a changed segment file (the journey file unchanged):
+    /// each user's memberships and exposed traits move to their new segment indices and
+    /// positions; those the new plan lacks are dropped.
+    pub fn remap(&mut self, r: &crate::plan::Remap) {
+        for (_, state) in &mut self.users {
+            let Some(st) = state else { continue };
+            st.members.retain_mut(|(seg, _)| {
+                match r.segments.get(*seg as usize).copied().flatten() {
+                    Some(to) => {
+                        *seg = to as u16;
+                        true
+                    }
+                    None => false,
+                }
+            });
+            st.members.sort_by_key(|(seg, _)| *seg);
+            st.traits.retain_mut(|((pos, _), _)| {
+                match r.exposed.get(*pos as usize).copied().flatten() {
+                    Some(to) => {
+                        *pos = to;
+                        true
+                    }
+                    None => false,
+                }
+            });
+        }
+    }
+}
+
 /// Everything that happens to one user at one instant, and what it emits.
 struct At<'a> {
     set: &'a JourneySet,

@@ -17,8 +17,11 @@ use super::{Plan, SegmentKind, FIRST_DYNAMIC_SLOT};
 pub struct Remap {
     /// Per old fact slot, its new slot (None: dropped).
     pub slots: Vec<Option<u32>>,
-    /// Per old segment, its new index (None: dropped).
+    /// Per old segment, its new index (None: dropped). Journeys' hidden segments are
+    /// named after their journey and step, so they map like any other.
     pub segments: Vec<Option<usize>>,
+    /// Per old exposed trait position (the traits journeys read), its new one.
+    pub exposed: Vec<Option<u16>>,
     /// Segments of the new plan.
     pub n_segments: usize,
     /// What was kept, new and dropped, for the log: `(kept, new, dropped)` segment names.
@@ -100,9 +103,20 @@ impl Plan {
         if !missing.is_empty() {
             return Err(missing);
         }
+        let exposed = old
+            .exposed
+            .iter()
+            .map(|&k| {
+                let name = &old.traits[k].0;
+                let new_k = self.trait_index(name)?;
+                let pos = self.exposed.iter().position(|&j| j == new_k)?;
+                u16::try_from(pos).ok()
+            })
+            .collect();
         Ok(Remap {
             slots,
             segments,
+            exposed,
             n_segments: self.segments.len(),
             kept,
             added,
