@@ -986,7 +986,7 @@ fn carry_over(
                 .into(),
         );
     }
-    if m.journeys != !journeys_text.is_empty() || m.journeys_text != journeys_text {
+    if m.journeys == journeys_text.is_empty() || m.journeys_text != journeys_text {
         return Err(
             "the journey file changed since it was taken (journey state is carried \
                     over only a changed segment file)"
