@@ -19,11 +19,19 @@ use crate::EngineError;
 
 /// Reads (local path or object-store URL), parses, checks and compiles a segment file.
 pub fn load_segments(path: &str) -> Result<(SegmentFile, Plan), EngineError> {
+    segments_from_text(path, &read_text(path, "segment")?)
+}
+
+/// Reads a definition file (a local path or an object-store URL) as UTF-8 text.
+pub fn read_text(path: &str, what: &str) -> Result<String, EngineError> {
     let bytes = herald_connectors::store::read_all(path)?;
-    let text = String::from_utf8(bytes.to_vec()).map_err(|e| {
-        EngineError::Usage(format!("{path}: a segment file must be UTF-8 text ({e})"))
-    })?;
-    let file = parse_segments(&text).map_err(|err| EngineError::Segments {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| EngineError::Usage(format!("{path}: a {what} file must be UTF-8 text ({e})")))
+}
+
+/// [`load_segments`] of text already read from `path`.
+pub fn segments_from_text(path: &str, text: &str) -> Result<(SegmentFile, Plan), EngineError> {
+    let file = parse_segments(text).map_err(|err| EngineError::Segments {
         path: path.to_string(),
         err,
     })?;
@@ -43,15 +51,20 @@ pub fn load_segments(path: &str) -> Result<(SegmentFile, Plan), EngineError> {
 /// Reads, parses and checks a journey file and compiles it with the segment file it
 /// reads (unknown segments are errors here, at load).
 pub fn load_journeys(path: &str, segments: &SegmentFile) -> Result<JourneySet, EngineError> {
-    let bytes = herald_connectors::store::read_all(path)?;
-    let text = String::from_utf8(bytes.to_vec()).map_err(|e| {
-        EngineError::Usage(format!("{path}: a journey file must be UTF-8 text ({e})"))
-    })?;
+    journeys_from_text(path, &read_text(path, "journey")?, segments)
+}
+
+/// [`load_journeys`] of text already read from `path`.
+pub fn journeys_from_text(
+    path: &str,
+    text: &str,
+    segments: &SegmentFile,
+) -> Result<JourneySet, EngineError> {
     let err = |err| EngineError::Journeys {
         path: path.to_string(),
         err,
     };
-    let defs = parse_journeys(&text).map_err(err)?;
+    let defs = parse_journeys(text).map_err(err)?;
     let set = compile_journeys(segments, &defs).map_err(err)?;
     if set.plan.segments.len() > usize::from(u16::MAX) {
         return Err(EngineError::Usage(format!(

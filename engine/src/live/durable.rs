@@ -590,7 +590,10 @@ impl Store {
     /// object-store URL.
     pub fn new(location: &str) -> Store {
         let root = if location.contains("://") {
-            Root::Remote(format!("{}/checkpoints", location.trim_end_matches('/')))
+            // As object_store names keys (no empty segments), so listings match it.
+            let (scheme, rest) = location.split_once("://").unwrap_or(("s3", location));
+            let path: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+            Root::Remote(format!("{scheme}://{}/checkpoints", path.join("/")))
         } else {
             Root::Local(Path::new(location).join("checkpoints"))
         };
@@ -836,17 +839,25 @@ impl Store {
         }
     }
 
-    /// The probe process 0 left (None: none visible here), and where it was looked for.
-    pub fn read_probe(&self) -> (Option<u64>, String) {
+    /// The probe process 0 left (None: none visible here), and where it was looked for;
+    /// a store that cannot be read is an error, not "none".
+    pub fn read_probe(&self) -> (Result<Option<u64>, String>, String) {
+        let location = self.probe_location();
         let text = match &self.root {
-            Root::Local(root) => std::fs::read_to_string(root.join("PROBE")).ok(),
-            Root::Remote(_) => herald_connectors::store::read_all(&self.probe_location())
-                .ok()
-                .and_then(|b| String::from_utf8(b.to_vec()).ok()),
+            Root::Local(root) => match std::fs::read_to_string(root.join("PROBE")) {
+                Ok(t) => Ok(Some(t)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("cannot read {location}: {e}")),
+            },
+            Root::Remote(_) => match herald_connectors::store::read_all(&location) {
+                Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+                Err(herald_connectors::ConnectorError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(format!("cannot read {location}: {e}")),
+            },
         };
         (
-            text.and_then(|t| t.trim().parse().ok()),
-            self.probe_location(),
+            text.map(|t| t.and_then(|t| t.trim().parse().ok())),
+            location,
         )
     }
 
@@ -1268,9 +1279,9 @@ mod tests {
         assert_eq!(store.latest().unwrap().unwrap().processes, 1);
         assert!(store.committed(7));
         assert!(!store.committed(8));
-        assert_eq!(store.read_probe().0, None);
+        assert_eq!(store.read_probe().0, Ok(None));
         store.write_probe(42).unwrap();
-        assert_eq!(store.read_probe().0, Some(42));
+        assert_eq!(store.read_probe().0, Ok(Some(42)));
         // The probe is not a checkpoint.
         assert_eq!(store.instants().unwrap(), [7]);
         assert_eq!(process_part("sink", 0), "sink");

@@ -282,10 +282,17 @@ pub fn run<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let (file, mut plan) = crate::check::load_segments(&config.engine.segments)?;
+    // Each definition file is read once: what runs is what a checkpoint records.
+    let segments_text = crate::check::read_text(&config.engine.segments, "segment")?;
+    let (file, mut plan) =
+        crate::check::segments_from_text(&config.engine.segments, &segments_text)?;
+    let journeys_text = match &config.engine.journeys {
+        Some(path) => crate::check::read_text(path, "journey")?,
+        None => String::new(),
+    };
     let journeys = match &config.engine.journeys {
         Some(path) => {
-            let set = crate::check::load_journeys(path, &file)?;
+            let set = crate::check::journeys_from_text(path, &journeys_text, &file)?;
             plan = set.plan.clone();
             Some(set)
         }
@@ -326,7 +333,14 @@ where
         ingest_rx.push(Some(rx));
     }
     let recovery = if config.durable() {
-        Some(recover(&config, &plan, journeys.is_some(), &ingest_tx)?)
+        let texts = (segments_text, journeys_text);
+        Some(recover(
+            &config,
+            &plan,
+            texts,
+            journeys.is_some(),
+            &ingest_tx,
+        )?)
     } else {
         if config.cluster.is_some() && config.checkpoint.dir_given.is_none() {
             tracing::warn!(
@@ -756,7 +770,7 @@ struct Recovery {
     sink_resume: Option<sink::Resume>,
     /// In a cluster: the store and, on process 0, the probe's nonce it wrote (the others
     /// check they see it).
-    probe: Option<(durable::Store, u64)>,
+    probe: Option<(durable::Store, u64, u64)>,
     /// The checkpoint was taken with another segment file and is carried over to this one.
     carried_over: bool,
 }
@@ -766,6 +780,7 @@ struct Recovery {
 fn recover(
     config: &Config,
     plan: &Plan,
+    (segments_text, journeys_text): (String, String),
     journeys: bool,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
@@ -777,12 +792,6 @@ fn recover(
         false => EngineError::Usage(format!("config: `checkpoint.dir`: {e}")),
         true => EngineError::Unavailable(format!("`checkpoint.dir` = {dir}: {e}")),
     };
-    let read = |p: Option<&str>| -> String {
-        p.and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default()
-    };
-    let segments_text = read(Some(&config.engine.segments));
-    let journeys_text = read(config.engine.journeys.as_deref());
     let definitions = durable::definitions_hash(&[&segments_text, &journeys_text]);
     let store = durable::Store::new(&config.checkpoint.dir);
     let manifest = store.latest().map_err(fail)?;
@@ -837,14 +846,16 @@ fn recover(
     }
     // A cluster's process 0 leaves a probe that every process must find at start: the
     // check that they share the directory.
+    // And every process must run the same definitions.
+    let defs = xxhash_rust::xxh3::xxh3_64(definitions.as_bytes()) | 1;
     let probe = match (process, processes) {
         (_, 1) => None,
         (0, _) => {
             let nonce = rand_nonce();
             store.write_probe(nonce).map_err(fail)?;
-            Some((store.clone(), nonce))
+            Some((store.clone(), nonce, defs))
         }
-        _ => Some((store.clone(), 0)),
+        _ => Some((store.clone(), 0, defs)),
     };
     let from = manifest.as_ref().map_or(0, |m| m.at);
     let (log, logged) = durable::IngestLog::open(
@@ -1016,7 +1027,9 @@ fn carry_over(
     })
 }
 
-/// Per-segment state of a driver part, re-keyed to a changed segment file's indices.
+/// Per-segment state of a driver part (list and audience members), re-keyed to a changed
+/// segment file's indices; a segment whose source changed starts empty (the new source's
+/// members are fed as new).
 fn by_new_segment<T>(
     map: BTreeMap<usize, T>,
     remap: Option<&herald_operators::plan::Remap>,
@@ -1025,7 +1038,7 @@ fn by_new_segment<T>(
         None => map,
         Some(r) => map
             .into_iter()
-            .filter_map(|(seg, v)| Some((r.segments.get(seg).copied().flatten()?, v)))
+            .filter_map(|(seg, v)| Some((r.lists.get(seg).copied().flatten()?, v)))
             .collect(),
     }
 }

@@ -66,7 +66,7 @@ pub(crate) struct WorkerIo {
     /// The restored checkpoint's chain (empty: none).
     pub chain: Vec<Time>,
     /// A durable cluster: the store and process 0's probe nonce (see [`ClusterDurable::agree`]).
-    pub probe: Option<(super::durable::Store, u64)>,
+    pub probe: Option<(super::durable::Store, u64, u64)>,
 }
 
 /// What worker 0 feeds from, as a checkpoint left it.
@@ -102,7 +102,9 @@ const PROBE: u8 = 5;
 /// A worker of the process failed: no checkpoint can complete, every process stops at
 /// once (a timely cluster ends only when all its processes do).
 const FAILED: u8 = 6;
-const KINDS: usize = 7;
+/// At start: a hash of the process's definition files (they must be the same).
+const DEFS: u8 = 7;
+const KINDS: usize = 8;
 
 /// How long a durable cluster's processes wait at start to hear from each other.
 const AGREE_WAIT: Duration = Duration::from_secs(60);
@@ -240,7 +242,7 @@ impl ClusterDurable {
         worker: &mut timely::worker::Worker,
         local: usize,
         restored: Option<Time>,
-        probe: Option<&(super::durable::Store, u64)>,
+        probe: Option<&(super::durable::Store, u64, u64)>,
     ) -> Result<(), String> {
         let result = self.agree_inner(worker, local, restored, probe);
         if result.is_err() {
@@ -262,13 +264,14 @@ impl ClusterDurable {
         worker: &mut timely::worker::Worker,
         local: usize,
         restored: Option<Time>,
-        probe: Option<&(super::durable::Store, u64)>,
+        probe: Option<&(super::durable::Store, u64, u64)>,
     ) -> Result<(), String> {
-        let (Some(input), Some((store, nonce))) = (&mut self.input, probe) else {
+        let (Some(input), Some((store, nonce, defs))) = (&mut self.input, probe) else {
             return Ok(());
         };
         if local == 0 {
             input.send((self.process, RESTORED, restored.map_or(1, |t| t + 1)));
+            input.send((self.process, DEFS, *defs));
             if self.process == 0 {
                 input.send((0, PROBE, *nonce));
             }
@@ -276,7 +279,8 @@ impl ClusterDurable {
         }
         let started = Instant::now();
         let heard = |seen: &Vec<[Time; KINDS]>| {
-            seen.iter().all(|r| r[RESTORED as usize] != 0)
+            seen.iter()
+                .all(|r| r[RESTORED as usize] != 0 && r[DEFS as usize] != 0)
                 && seen.first().is_some_and(|r| r[PROBE as usize] != 0)
         };
         while !heard(&self.seen.borrow()) {
@@ -297,11 +301,22 @@ impl ClusterDurable {
                  one: stop every process, then start them all again"
             ));
         }
+        if seen
+            .iter()
+            .any(|r| r[DEFS as usize] != seen[0][DEFS as usize])
+        {
+            return Err(
+                "the processes of the cluster run different segment or journey files: \
+                        every process must run the same ones"
+                    .into(),
+            );
+        }
         if self.process > 0 && local == 0 {
             let want = seen[0][PROBE as usize];
             let looking = Instant::now();
             loop {
                 let (found, location) = store.read_probe();
+                let found = found?;
                 if found == Some(want) {
                     break;
                 }

@@ -22,6 +22,9 @@ pub struct Remap {
     pub segments: Vec<Option<usize>>,
     /// Per old exposed trait position (the traits journeys read), its new one.
     pub exposed: Vec<Option<u16>>,
+    /// Per old list or warehouse segment, its new index when it reads the same source
+    /// (else its memberships are not carried: the new source's are fed afresh).
+    pub lists: Vec<Option<usize>>,
     /// Segments of the new plan.
     pub n_segments: usize,
     /// What was kept, new and dropped, for the log: `(kept, new, dropped)` segment names.
@@ -76,6 +79,7 @@ impl Plan {
             SegmentKind::Expr(_) => None,
         };
         let mut segments = vec![None; old.segments.len()];
+        let mut lists = vec![None; old.segments.len()];
         let (mut kept, mut dropped) = (Vec::new(), Vec::new());
         for (o, seg) in old.segments.iter().enumerate() {
             match self.segment_index(&seg.name) {
@@ -88,6 +92,7 @@ impl Plan {
                     {
                         if osrc == nsrc {
                             slots[os as usize] = Some(ns);
+                            lists[o] = Some(n);
                         }
                     }
                 }
@@ -117,10 +122,59 @@ impl Plan {
             slots,
             segments,
             exposed,
+            lists,
             n_segments: self.segments.len(),
             kept,
             added,
             dropped,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::lang::parse::parse_segments;
+    use crate::plan::Plan;
+
+    fn plan(text: &str) -> Plan {
+        Plan::compile(&parse_segments(text).unwrap())
+    }
+
+    #[test]
+    fn slots_and_segments_map_by_meaning_and_new_history_is_named() {
+        let old = plan(
+            "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n\
+             CREATE SEGMENT pro AS plan = 'pro';\n\
+             CREATE SEGMENT vip FROM CSV 'vip.csv';\n\
+             CREATE SEGMENT staff FROM CSV 'staff.csv';\n",
+        );
+        let new = plan(
+            "CREATE SEGMENT staff FROM CSV 'staff-2.csv';\n\
+             CREATE SEGMENT vip FROM CSV 'vip.csv';\n\
+             CREATE SEGMENT repeat AS count(*) FILTER (WHERE event = 'Order Completed') >= 2;\n\
+             CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n",
+        );
+        let r = new.remap_from(&old).unwrap();
+        // The shared aggregate keeps its cells; `plan` is no longer read.
+        assert_eq!(r.slots[old.agg_slot(0) as usize], Some(new.agg_slot(0)));
+        assert_eq!(r.slots[old.trait_slot(0) as usize], None);
+        assert_eq!(r.segments, [Some(3), None, Some(1), Some(0)]);
+        // A list keeps its members only from the same source.
+        assert_eq!(r.lists, [None, None, Some(1), None]);
+        assert_eq!(
+            (r.added.clone(), r.dropped.clone()),
+            (vec!["repeat".to_string()], vec!["pro".to_string()])
+        );
+        let more = plan(
+            "CREATE SEGMENT top AS max(properties.revenue) >= 100;\n\
+             CREATE SEGMENT de AS country = 'DE';\n",
+        );
+        let missing = more.remap_from(&old).unwrap_err();
+        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert!(
+            missing[0].contains("max(properties.revenue)"),
+            "{missing:?}"
+        );
+        assert!(missing[1].contains("`country`"), "{missing:?}");
     }
 }
