@@ -5,6 +5,10 @@
 # every user, then the HTTP listener up), by wall clock.
 #
 #   benches/checkpoint.sh [USERS]      # default 1000000
+#
+# Checkpoints on object storage: CHECKPOINT_DIR=s3://bucket/prefix (AWS_* variables as
+# for Herald), and CHECKPOINT_FS=the local directory where that prefix's objects live (an
+# S3-compatible server on this machine, e.g. scripts/services.sh's s3s-fs) for the sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 USERS="${1:-1000000}"
@@ -14,6 +18,8 @@ BIN="$CARGO_TARGET_DIR/release/herald"
 DIR="$(mktemp -d /tmp/herald-checkpoint-XXXXXX)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
 cp benches/segments20.sql "$DIR/segments.sql"
+CK_LINE=""
+if [ -n "${CHECKPOINT_DIR:-}" ]; then CK_LINE="dir = \"$CHECKPOINT_DIR\""; fi
 cat > "$DIR/herald.toml" <<EOF
 [engine]
 segments = "segments.sql"
@@ -25,7 +31,9 @@ write_keys = ["bench"]
 max_batch_bytes = 8000000
 [checkpoint]
 every = "5 seconds"
+$CK_LINE
 EOF
+CKS="${CHECKPOINT_FS:-$DIR/herald-state}/checkpoints"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
 start() {
@@ -77,12 +85,12 @@ echo "checkpoints so far: $(metric herald_checkpoints_total), part bytes written
 stop_t0=$(date +%s%3N)
 kill -TERM $PID; wait $PID
 stop_ms=$(( $(date +%s%3N) - stop_t0 ))
-latest=$(ls -d "$DIR"/herald-state/checkpoints/*/ | tail -1)
+latest=$(dirname "$(ls "$CKS"/*/MANIFEST | tail -1)")
 chain=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['chain']))" "$latest/MANIFEST")
-bytes=$(du -sb "$DIR/herald-state/checkpoints" | cut -f1)
+bytes=$(du -sb "$CKS" | cut -f1)
 echo "graceful stop (final checkpoint): ${stop_ms} ms"
 echo "checkpoint directory: $bytes bytes for $USERS users (chain of $chain): $(( bytes / USERS )) B/user"
-echo "full part sizes:"; ls -l "$(ls -d "$DIR"/herald-state/checkpoints/*/ | head -1)" | awk 'NR>1 {print "  " $9 ": " $5}'
+echo "full part sizes:"; ls -l "$(dirname "$(ls "$CKS"/*/MANIFEST | head -1)")" | awk 'NR>1 {print "  " $9 ": " $5}'
 restart_t0=$(date +%s%3N)
 start
 restart_ms=$(( $(date +%s%3N) - restart_t0 ))
