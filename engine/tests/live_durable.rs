@@ -296,6 +296,50 @@ fn check_changelog(what: &str, rows: &[Json], want: &BTreeMap<&'static str, BTre
     }
 }
 
+/// The client: posts every batch until it is acknowledged, as an SDK retries, the `i`th
+/// to the `i % n`th of the current `bases` (which the test swaps as it restarts Herald).
+/// Returns the thread, the count of acknowledged batches and whether all were.
+fn post_until_acked(
+    bases: &Arc<Mutex<Vec<String>>>,
+    batches: &[String],
+) -> (
+    std::thread::JoinHandle<()>,
+    Arc<AtomicUsize>,
+    Arc<AtomicBool>,
+) {
+    let acked = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (bases, a, d) = (Arc::clone(bases), Arc::clone(&acked), Arc::clone(&done));
+    let batches = batches.to_vec();
+    let thread = std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        for (i, b) in batches.iter().enumerate() {
+            loop {
+                let url = {
+                    let bases = bases.lock().unwrap();
+                    format!("{}/v1/batch", bases[i % bases.len()])
+                };
+                let r = http
+                    .post(url)
+                    .basic_auth("wk", Some(""))
+                    .header("content-type", "application/json")
+                    .body(b.clone())
+                    .send();
+                if matches!(&r, Ok(r) if r.status().as_u16() == 200) {
+                    a.fetch_add(1, Ordering::AcqRel);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        d.store(true, Ordering::Release);
+    });
+    (thread, acked, done)
+}
+
 fn kill_9_ten_times(kafka: Option<Kafka>, checkpoint_dir: Option<&str>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (seen, hook) = recorder(&rt, Duration::ZERO);
@@ -316,37 +360,8 @@ fn kill_9_ten_times(kafka: Option<Kafka>, checkpoint_dir: Option<&str>) {
         .collect();
 
     let h = Herald::start(dir.path(), &config);
-    let base = Arc::new(Mutex::new(h.base.clone()));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    // The client: posts every batch until it is acknowledged, as an SDK retries.
-    let poster = {
-        let (base, acked, done) = (Arc::clone(&base), Arc::clone(&acked), Arc::clone(&done));
-        let batches = batches.clone();
-        std::thread::spawn(move || {
-            let http = reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap();
-            for b in &batches {
-                loop {
-                    let url = format!("{}/v1/batch", base.lock().unwrap());
-                    let r = http
-                        .post(url)
-                        .basic_auth("wk", Some(""))
-                        .header("content-type", "application/json")
-                        .body(b.clone())
-                        .send();
-                    if matches!(&r, Ok(r) if r.status().as_u16() == 200) {
-                        acked.fetch_add(1, Ordering::AcqRel);
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            done.store(true, Ordering::Release);
-        })
-    };
+    let bases = Arc::new(Mutex::new(vec![h.base.clone()]));
+    let (poster, acked, done) = post_until_acked(&bases, &batches);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let mut h = h;
     let mut kills = 0;
@@ -358,7 +373,7 @@ fn kill_9_ten_times(kafka: Option<Kafka>, checkpoint_dir: Option<&str>) {
         h.kill();
         kills += 1;
         h = Herald::start(dir.path(), &config);
-        *base.lock().unwrap() = h.base.clone();
+        *bases.lock().unwrap() = vec![h.base.clone()];
     }
     poster.join().unwrap();
     assert!(
@@ -447,36 +462,7 @@ fn a_two_process_cluster_with_one_process_killed_loses_and_repeats_nothing() {
     let bases = Arc::new(Mutex::new(
         hs.iter().map(|h| h.base.clone()).collect::<Vec<_>>(),
     ));
-    let acked = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    // The client: sends each batch to either process until it is acknowledged.
-    let poster = {
-        let (bases, acked, done) = (Arc::clone(&bases), Arc::clone(&acked), Arc::clone(&done));
-        let batches = batches.clone();
-        std::thread::spawn(move || {
-            let http = reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap();
-            for (i, b) in batches.iter().enumerate() {
-                loop {
-                    let url = format!("{}/v1/batch", bases.lock().unwrap()[i % 2]);
-                    let r = http
-                        .post(url)
-                        .basic_auth("wk", Some(""))
-                        .header("content-type", "application/json")
-                        .body(b.clone())
-                        .send();
-                    if matches!(&r, Ok(r) if r.status().as_u16() == 200) {
-                        acked.fetch_add(1, Ordering::AcqRel);
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            done.store(true, Ordering::Release);
-        })
-    };
+    let (poster, acked, done) = post_until_acked(&bases, &batches);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
     let mut kills = 0;
     while kills < 5 {
