@@ -459,11 +459,28 @@ pub struct StateBytes {
     pub timers: u64,
     /// Bytes of the dedup window (live mode).
     pub dedup: u64,
+    /// `per_user` by part, in the order of [`StateBytes::PARTS`].
+    pub by_part: [u64; 8],
 }
 
 impl StateBytes {
+    /// The parts of `per_user`, as [`StateBytes::by_part`] counts them.
+    pub const PARTS: [&'static str; 8] = [
+        "user records",
+        "user keys",
+        "user index",
+        "cells",
+        "traits (boxed values, writes)",
+        "window headers",
+        "running values (boxed), distinct sets",
+        "membership overflow, exposed traits",
+    ];
+
     /// Sums two workers' figures.
     pub fn add(&mut self, o: &StateBytes) {
+        for (a, b) in self.by_part.iter_mut().zip(o.by_part) {
+            *a += b;
+        }
         self.users += o.users;
         self.per_user += o.per_user;
         self.in_window += o.in_window;
@@ -632,6 +649,9 @@ pub struct SegmentState {
     counters: StateCounters,
     /// Per-aggregate facts: `(kind, distinct, windowed, accumulated)`.
     agg_kinds: Vec<(AggKind, bool, bool, bool)>,
+    /// Per aggregate, the event name or type its FILTER's first conjunct asks for
+    /// ([`filter_guard`]): an event with another one is skipped without evaluating.
+    agg_guards: Vec<Option<(EventField, String)>>,
     /// Per windowed aggregate, the top-level conjuncts of its FILTER that do not read
     /// `now()`: unless they all hold for an event, it has no interval (and none is sought).
     static_filters: Vec<Vec<CExpr>>,
@@ -810,6 +830,11 @@ impl SegmentState {
                 )
             })
             .collect();
+        let agg_guards = plan
+            .aggs
+            .iter()
+            .map(|a| a.filter.as_ref().and_then(filter_guard))
+            .collect();
         let list_base = plan.trait_slot(plan.traits.len());
         let n_segments = plan.segments.len();
         let static_filters = plan
@@ -859,6 +884,7 @@ impl SegmentState {
             dedup: crate::dedup::Dedup::forgetting(dedup_horizon_ms),
             counters: StateCounters::default(),
             agg_kinds,
+            agg_guards,
             static_filters,
             segment_temporal,
             segment_reads,
@@ -1128,6 +1154,13 @@ impl SegmentState {
         let mismatches = std::cell::Cell::new(0);
         let ctx = EventCtx(ev, &mismatches);
         for (i, slot) in plan.aggs.iter().enumerate() {
+            if let Some((field, want)) = &self.agg_guards[i] {
+                if let Value::Str(have) = &*ev.field(field) {
+                    if have != want {
+                        continue;
+                    }
+                }
+            }
             let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
             // Whether a condition that does not read now() holds for this event.
             let holds = |c: &CExpr| *eval_ref(c, &ctx, ev.timestamp) == Value::Bool(true);
@@ -1478,8 +1511,9 @@ impl SegmentState {
             users: self.users.len() as u64,
             ..StateBytes::default()
         };
-        let mut per_user = self.users.capacity() * size_of::<User>()
-            + self.index.capacity() * (size_of::<u32>() + 1);
+        let mut part = [0usize; 8];
+        part[0] = self.users.capacity() * size_of::<User>();
+        part[2] = self.index.capacity() * (size_of::<u32>() + 1);
         let value_heap = |v: &Value| match v {
             Value::Str(s) => s.capacity(),
             _ => 0,
@@ -1490,11 +1524,11 @@ impl SegmentState {
             _ => 0,
         };
         for user in &self.users {
-            per_user += user.key.len();
+            part[1] += user.key.len();
             if let Bits::Heap(ws) = &user.members {
-                per_user += std::mem::size_of::<Vec<u64>>() + ws.capacity() * 8;
+                part[7] += std::mem::size_of::<Vec<u64>>() + ws.capacity() * 8;
             }
-            per_user += user.cells.len() * size_of::<Cell>();
+            part[3] += user.cells.len() * size_of::<Cell>();
             for c in user.cells.iter() {
                 match c {
                     Cell::Count(..)
@@ -1502,9 +1536,9 @@ impl SegmentState {
                     | Cell::Sum(..)
                     | Cell::ExtremeTs(..)
                     | Cell::ExtremeNum(..) => {}
-                    Cell::Distinct(_, v) => per_user += size_of::<Vec<u64>>() + v.capacity() * 8,
+                    Cell::Distinct(_, v) => part[6] += size_of::<Vec<u64>>() + v.capacity() * 8,
                     Cell::Acc(_, a) => {
-                        per_user += size_of::<Acc>()
+                        part[6] += size_of::<Acc>()
                             + match &**a {
                                 Acc::Extreme(v) => value_heap(v),
                                 Acc::Ordered(o) => {
@@ -1516,14 +1550,14 @@ impl SegmentState {
                             }
                     }
                     Cell::WinCount(_, w) => {
-                        per_user += size_of::<Window<()>>();
+                        part[5] += size_of::<Window<()>>();
                         b.in_window += w.len() as u64;
                         b.window_bytes += (w.live.capacity() * size_of::<(Time, ())>()
                             + w.later.capacity() * size_of::<(Time, Time, ())>())
                             as u64;
                     }
                     Cell::WinVal(_, w) => {
-                        per_user += size_of::<Window<FactVal>>();
+                        part[5] += size_of::<Window<FactVal>>();
                         b.in_window += w.len() as u64;
                         b.window_bytes += (w.live.capacity() * size_of::<(Time, FactVal)>()
                             + w.later.capacity() * size_of::<(Time, Time, FactVal)>()
@@ -1531,12 +1565,12 @@ impl SegmentState {
                             + w.later.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
-                    Cell::TraitSnap(_, v) => per_user += size_of::<Value>() + value_heap(v),
+                    Cell::TraitSnap(_, v) => part[4] += size_of::<Value>() + value_heap(v),
                     Cell::TraitWrite(_, w) => {
-                        per_user += size_of::<Write>() + w.1.heap_bytes() + value_heap(&w.2)
+                        part[4] += size_of::<Write>() + w.1.heap_bytes() + value_heap(&w.2)
                     }
                     Cell::TraitBoth(_, b) => {
-                        per_user += size_of::<(Value, Write)>()
+                        part[4] += size_of::<(Value, Write)>()
                             + value_heap(&b.0)
                             + b.1 .1.heap_bytes()
                             + value_heap(&b.1 .2)
@@ -1549,12 +1583,36 @@ impl SegmentState {
             b.window_bytes += (list.capacity() * size_of::<(Time, u32, FactVal)>()) as u64;
         }
         for v in self.exposed.values() {
-            per_user += v.capacity() * size_of::<(u16, Value)>();
+            part[7] += v.capacity() * size_of::<(u16, Value)>();
         }
-        b.per_user = per_user as u64;
+        b.by_part = part.map(|x| x as u64);
+        b.per_user = b.by_part.iter().sum();
         b.timers = (self.timers.capacity() * size_of::<Reverse<(Time, u32)>>()) as u64;
         b.dedup = self.dedup.bytes() as u64;
         b
+    }
+}
+
+/// The event name or type a FILTER asks for first: `event = 'X'` or `type = 'x'` (either
+/// way round) as its leftmost conjunct. AND evaluates left to right and stops at the first
+/// false, so for an event whose name (type) is another string the FILTER is false and
+/// nothing else of it would be evaluated (nor a type mismatch counted): skipping it is
+/// exact. An event with no name (NULL) is not skipped: the rest of the FILTER is evaluated
+/// as before.
+fn filter_guard(f: &CExpr) -> Option<(EventField, String)> {
+    let mut e = f;
+    while let CExpr::And(a, _) = e {
+        e = a;
+    }
+    let CExpr::Cmp(crate::ast::CmpOp::Eq, a, b) = e else {
+        return None;
+    };
+    match (&**a, &**b) {
+        (CExpr::Field(f @ (EventField::Event | EventField::Type)), CExpr::Lit(Value::Str(s)))
+        | (CExpr::Lit(Value::Str(s)), CExpr::Field(f @ (EventField::Event | EventField::Type))) => {
+            Some((f.clone(), s.clone()))
+        }
+        _ => None,
     }
 }
 

@@ -148,6 +148,15 @@ fn main() -> anyhow::Result<()> {
         st.window_bytes as f64 / st.in_window.max(1) as f64,
         mib(st.timers)
     );
+    for (name, bytes) in herald_operators::state::StateBytes::PARTS
+        .iter()
+        .zip(st.by_part)
+    {
+        println!(
+            "  {name:<38} {:>6.1} bytes/user",
+            bytes as f64 / st.users.max(1) as f64
+        );
+    }
     println!(
         "evaluations         {} ({:.2} per event)",
         out.counters.evaluations,
