@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use differential_dataflow::input::InputSession;
 use herald_connectors::snapshot::merge_sorted;
 use herald_operators::change::{consolidate, SegmentChange};
-use herald_operators::dataflow::{build_segments, user_hash, Change, SegmentInputs, UserFact};
+use herald_operators::dataflow::{
+    build_segments, user_hash, Change, JourneyBytes, SegmentInputs, UserFact,
+};
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
 use herald_operators::plan::{FactVal, Plan, SegmentKind, SnapshotRows};
@@ -80,6 +82,8 @@ pub struct DataflowOutput {
     pub state: StateBytes,
     /// All workers' segment state counters.
     pub counters: StateCounters,
+    /// Journey state of all workers at `until`, counted from the structures.
+    pub journey_bytes: JourneyBytes,
 }
 
 /// Worker 0's extra inputs at an instant: static lists or a snapshot (by index).
@@ -194,10 +198,12 @@ pub fn run_dataflow(
         let limit = to_time(shared.until);
         let probe = ProbeHandle::new();
         let mut state = None;
+        let mut journey_state = None;
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
             // Replay input is deduplicated by the reader (the same rule), so the state need not.
             let (inputs, outputs) = build_segments(scope, plan.clone(), -1, journeys);
             state = Some(outputs.state);
+            journey_state = outputs.journey_state;
             outputs
                 .changes
                 .inspect(move |(change, t, r)| {
@@ -291,6 +297,10 @@ pub fn run_dataflow(
             .as_ref()
             .map(|s| (s.bytes(), s.counters()))
             .unwrap_or_default();
+        let jbytes = journey_state
+            .as_ref()
+            .map(|j| j.bytes())
+            .unwrap_or_default();
         if index == 0 {
             if let Some(hook) = on_caught_up.as_ref() {
                 hook();
@@ -307,7 +317,7 @@ pub fn run_dataflow(
         let result = out.borrow_mut().split_off(0);
         let journey_out = jout.borrow_mut().split_off(0);
         let counts = *jcount.borrow();
-        (result, journey_out, counts, bytes, counters)
+        (result, journey_out, counts, (bytes, jbytes), counters)
     })
     .map_err(|e| EngineError::Dataflow(e.to_string()))?;
 
@@ -316,11 +326,13 @@ pub fn run_dataflow(
     let mut messages = Vec::new();
     let mut journey_counts = (0, 0);
     let mut state = StateBytes::default();
+    let mut journey_bytes = JourneyBytes::default();
     let mut counters = StateCounters::default();
     for r in guards.join() {
-        let (part, journey_part, counts, bytes, c) =
+        let (part, journey_part, counts, (bytes, jbytes), c) =
             r.map_err(|e| EngineError::Dataflow(e.to_string()))?;
         state.add(&bytes);
+        journey_bytes.add(&jbytes);
         counters.add(&c);
         journey_counts.0 += counts.0;
         journey_counts.1 += counts.1;
@@ -361,6 +373,7 @@ pub fn run_dataflow(
         journey_counts,
         state,
         counters,
+        journey_bytes,
     })
 }
 

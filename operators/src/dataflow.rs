@@ -48,8 +48,9 @@ use timely::dataflow::operators::{Capability, Concat, ConnectLoop, Feedback};
 use timely::dataflow::{Scope, Stream};
 
 use crate::event::Event;
+pub use crate::journey::machine::JourneyBytes;
 use crate::journey::machine::{JIn, JOut, MachinePart};
-use crate::journey::operator::run_journeys;
+use crate::journey::operator::{run_journeys, JourneyHandle};
 use crate::journey::JourneySet;
 use crate::plan::{FactVal, Plan};
 use crate::project::Projected;
@@ -197,6 +198,8 @@ pub struct SegmentOutputs<'s> {
     pub journeys: Option<Stream<'s, Time, Vec<JOut>>>,
     /// This worker's segment state.
     pub state: StateHandle,
+    /// This worker's journey state, when there are journeys.
+    pub journey_state: Option<JourneyHandle>,
 }
 
 /// What leaves the keyed operator: `((user, output), instant, diff)`.
@@ -307,6 +310,7 @@ pub fn build_segments_durable<'s>(
         })
         .as_collection();
 
+    let mut journey_state = None;
     let journey_out = journeys.map(|set| {
         let input = out
             .map(|((user, o), t, r)| {
@@ -318,13 +322,14 @@ pub fn build_segments_durable<'s>(
                 ((user, x), t, r)
             })
             .as_collection();
-        let out = run_journeys(
+        let (out, handle) = run_journeys(
             input,
             set,
             ctl,
             parts,
             restored_at.map(|at| (at, journey_parts)),
         );
+        journey_state = Some(handle);
         if let Some(feedback) = feedback {
             out.clone()
                 .flat_map(|o| match o {
@@ -345,6 +350,7 @@ pub fn build_segments_durable<'s>(
             changes,
             journeys: journey_out,
             state: StateHandle(state),
+            journey_state,
         },
     )
 }

@@ -102,9 +102,20 @@ fn main() -> anyhow::Result<()> {
     )?;
     let secs = started.elapsed().as_secs_f64();
     let rss = *rss_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let jb = out.journey_bytes;
     println!(
-        "phase={} users={} workers={} seconds={secs:.2} rss_bytes={rss} journey_events={} messages={}",
-        args.phase, args.users, args.workers, out.journey_counts.0, out.journey_counts.1
+        "phase={} users={} workers={} seconds={secs:.2} rss_bytes={rss} journey_events={} messages={} \
+         journey_users={} instances={} timers={} journey_state_bytes={} timer_bytes={}",
+        args.phase,
+        args.users,
+        args.workers,
+        out.journey_counts.0,
+        out.journey_counts.1,
+        jb.users,
+        jb.instances,
+        jb.timers,
+        jb.state,
+        jb.timer_bytes
     );
     Ok(())
 }

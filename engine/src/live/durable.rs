@@ -76,7 +76,8 @@ use serde::{Deserialize, Serialize};
 
 /// The checkpoint format. A checkpoint of another format is refused, never misread.
 /// 2: the driver's part holds Kafka positions.
-pub const FORMAT: u32 = 2;
+/// 3: journey parts hold compact instances (packed triggers, exact-size lists).
+pub const FORMAT: u32 = 3;
 
 /// The top bit of a log record's length marks a positions record.
 const POSITIONS_RECORD: u32 = 1 << 31;

@@ -18,7 +18,7 @@
 //! effect, for any worker count. Nothing here reads a clock.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
@@ -148,41 +148,75 @@ pub enum JOut {
     Write(Event, Time),
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// An instant field that may be unset (`NONE`), in 8 bytes rather than an `Option`'s 16.
+const NONE: Time = Time::MAX;
+
+fn opt(t: Time) -> Option<Time> {
+    (t != NONE).then_some(t)
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 enum Waiting {
     Timer,
     Event,
     Quiet,
 }
 
+/// An active instance, in 56 bytes (a million of them wait at once in the scale bench).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Instance {
-    number: u32,
     /// Entry instant (the trigger's timestamp): part of every message id.
     entry: i64,
     /// Processing instant of the entry.
     entered_at: Time,
-    pc: usize,
+    /// The instant its timer fires (`NONE`: no timer).
+    wake: Time,
+    /// The triggering event, packed ([`pack_trigger`]): the message action carries it.
+    trigger: Option<Box<[u8]>>,
+    number: u32,
+    pc: u32,
     variant: Option<u16>,
     waiting: Waiting,
-    wake: Option<Time>,
-    /// The triggering event as JSON text (compact: held for the instance's lifetime).
-    trigger: Option<Box<str>>,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+impl Instance {
+    fn wake(&self) -> Option<Time> {
+        opt(self.wake)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct JState {
     entries: u32,
-    last_entry: Option<Time>,
-    sends: VecDeque<Time>,
+    /// The processing instant of the last entry (`NONE`: never entered).
+    last_entry: Time,
+    /// Send instants inside the frequency cap's period (journeys with a cap only).
+    #[allow(clippy::box_collection)] // boxed: one word for the journeys without a cap
+    sends: Option<Box<VecDeque<Time>>>,
     active: Option<Instance>,
 }
 
+impl Default for JState {
+    fn default() -> Self {
+        JState {
+            entries: 0,
+            last_entry: NONE,
+            sends: None,
+            active: None,
+        }
+    }
+}
+
+/// One user's journey state. Lists are exact-size boxed slices: they change rarely (a
+/// membership or trait change) and are held for every user.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct UserState {
-    traits: Vec<((u16, Value), isize)>,
-    members: Vec<(u16, isize)>,
-    journeys: Vec<JState>,
+    /// The user key (a checkpoint part carries it beside the state).
+    #[serde(skip)]
+    key: Box<str>,
+    traits: Box<[((u16, Value), i32)]>,
+    members: Box<[(u16, i32)]>,
+    journeys: Box<[JState]>,
 }
 
 impl UserState {
@@ -202,10 +236,42 @@ impl UserState {
             && self
                 .journeys
                 .iter()
-                .all(|j| j.entries == 0 && j.sends.is_empty())
+                .all(|j| j.entries == 0 && j.sends.as_ref().is_none_or(|s| s.is_empty()))
+    }
+
+    /// Bytes this user holds beyond its record, counted from the structures.
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let value_heap = |v: &Value| match v {
+            Value::Str(s) => s.capacity(),
+            _ => 0,
+        };
+        self.key.len()
+            + self.traits.len() * size_of::<((u16, Value), i32)>()
+            + self
+                .traits
+                .iter()
+                .map(|((_, v), _)| value_heap(v))
+                .sum::<usize>()
+            + self.members.len() * size_of::<(u16, i32)>()
+            + self.journeys.len() * size_of::<JState>()
+            + self
+                .journeys
+                .iter()
+                .map(|j| {
+                    j.sends
+                        .as_ref()
+                        .map_or(0, |s| size_of::<VecDeque<Time>>() + s.capacity() * 8)
+                        + j.active
+                            .as_ref()
+                            .and_then(|i| i.trigger.as_ref())
+                            .map_or(0, |t| t.len())
+                })
+                .sum::<usize>()
     }
 }
 
+/// Adds `r` to `k`'s multiplicity in `v`, dropping it at zero.
 fn add<K: PartialEq>(v: &mut Vec<(K, isize)>, k: K, r: isize) {
     match v.iter().position(|(x, _)| *x == k) {
         Some(i) => {
@@ -216,6 +282,163 @@ fn add<K: PartialEq>(v: &mut Vec<(K, isize)>, k: K, r: isize) {
         }
         None => v.push((k, r)),
     }
+}
+
+/// [`add`] on an exact-size list.
+fn add_exact<K: PartialEq>(v: &mut Box<[(K, i32)]>, k: K, r: isize) {
+    let mut list = std::mem::take(v).into_vec();
+    let r = r as i32;
+    match list.iter().position(|(x, _)| *x == k) {
+        Some(i) => {
+            list[i].1 += r;
+            if list[i].1 == 0 {
+                list.swap_remove(i);
+            }
+        }
+        None => list.push((k, r)),
+    }
+    *v = list.into_boxed_slice();
+}
+
+/// Timers are kept in buckets of 2^16 ms (~66 s) of their instant.
+const BUCKET_SHIFT: u32 = 16;
+
+/// The pending timers of one worker: a timer wheel of one level. Timers of later buckets
+/// are unsorted `(user, journey)` pairs in `far` (8 bytes each; the instant is the
+/// instance's `wake`); when the earliest bucket comes up, its pairs are looked up, sorted
+/// and moved to `near`. A timer is never removed when its instance stops waiting: a
+/// pair whose instance no longer wakes at that instant is dropped when it comes up
+/// (`Machine::live_timer`), so arming and cancelling are O(1) and firing in order costs a
+/// sort per bucket instead of a heap operation per timer.
+#[derive(Debug, Default)]
+struct Timers {
+    /// Timers of every bucket up to `open`, sorted by `(instant, user, journey)`.
+    near: VecDeque<(Time, u32, u16)>,
+    /// The latest bucket whose timers are in `near` (none yet: `None`).
+    open: Option<u64>,
+    /// Timers of later buckets, by bucket.
+    far: BTreeMap<u64, Vec<(u32, u16)>>,
+}
+
+impl Timers {
+    fn arm(&mut self, t: Time, u: u32, j: u16) {
+        let b = t >> BUCKET_SHIFT;
+        if self.open.is_some_and(|o| b <= o) {
+            let x = (t, u, j);
+            let at = self.near.partition_point(|y| *y < x);
+            if self.near.get(at) != Some(&x) {
+                self.near.insert(at, x);
+            }
+        } else {
+            self.far.entry(b).or_default().push((u, j));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.near.len() + self.far.values().map(Vec::len).sum::<usize>()
+    }
+
+    fn bytes(&self) -> usize {
+        use std::mem::size_of;
+        // A B-tree entry costs its key and value plus about a third for node slack.
+        self.near.capacity() * size_of::<(Time, u32, u16)>()
+            + self.far.len() * (size_of::<u64>() + size_of::<Vec<(u32, u16)>>()) * 4 / 3
+            + self
+                .far
+                .values()
+                .map(|v| v.capacity() * size_of::<(u32, u16)>())
+                .sum::<usize>()
+    }
+}
+
+/// Bytes of journey state, counted from the structures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JourneyBytes {
+    /// Users held.
+    pub users: u64,
+    /// Active instances.
+    pub instances: u64,
+    /// Pending timers (some may be stale: see the timer wheel).
+    pub timers: u64,
+    /// Bytes of the users' state: records, keys, index, lists, instances, triggers.
+    pub state: u64,
+    /// Bytes of the timer wheel.
+    pub timer_bytes: u64,
+}
+
+impl JourneyBytes {
+    /// Sums two workers' figures.
+    pub fn add(&mut self, o: &JourneyBytes) {
+        self.users += o.users;
+        self.instances += o.instances;
+        self.timers += o.timers;
+        self.state += o.state;
+        self.timer_bytes += o.timer_bytes;
+    }
+}
+
+/// Packs a triggering event into the bytes an instance holds: the type, the timestamp,
+/// the event name, the message id and the properties as JSON text (nothing when empty).
+/// [`unpack_trigger`] gives the JSON the message action carries.
+fn pack_trigger(e: &Event) -> Box<[u8]> {
+    let mut b = Vec::with_capacity(32);
+    let kind = e.kind.as_str().as_bytes();
+    b.push(kind.len() as u8);
+    b.extend_from_slice(kind);
+    b.extend_from_slice(&e.timestamp.to_le_bytes());
+    match &e.event {
+        Some(name) => {
+            b.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            b.extend_from_slice(name.as_bytes());
+        }
+        None => b.extend_from_slice(&u32::MAX.to_le_bytes()),
+    }
+    b.extend_from_slice(&(e.message_id.len() as u32).to_le_bytes());
+    b.extend_from_slice(e.message_id.as_bytes());
+    if !e.properties.is_empty() {
+        if let Ok(text) = serde_json::to_vec(&e.properties) {
+            b.extend_from_slice(&text);
+        }
+    }
+    b.into_boxed_slice()
+}
+
+/// The triggering event's JSON (`type`, `event`, `message_id`, `timestamp`,
+/// `properties`) from [`pack_trigger`]'s bytes; `None` if they are not such bytes.
+fn unpack_trigger(b: &[u8]) -> Option<Json> {
+    fn take<'b>(b: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
+        let (head, rest) = (b.get(..n)?, b.get(n..)?);
+        *b = rest;
+        Some(head)
+    }
+    fn text<'b>(b: &mut &'b [u8], n: usize) -> Option<&'b str> {
+        std::str::from_utf8(take(b, n)?).ok()
+    }
+    fn len(b: &mut &[u8]) -> Option<u32> {
+        Some(u32::from_le_bytes(take(b, 4)?.try_into().ok()?))
+    }
+    let mut b = b;
+    let n = *take(&mut b, 1)?.first()? as usize;
+    let kind = text(&mut b, n)?;
+    let ts = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
+    let event = match len(&mut b)? {
+        u32::MAX => None,
+        n => Some(text(&mut b, n as usize)?),
+    };
+    let n = len(&mut b)? as usize;
+    let message_id = text(&mut b, n)?;
+    let properties: Map<String, Json> = if b.is_empty() {
+        Map::new()
+    } else {
+        serde_json::from_slice(b).ok()?
+    };
+    Some(json!({
+        "type": kind,
+        "event": event,
+        "message_id": message_id,
+        "timestamp": format_rfc3339_ms(ts),
+        "properties": properties,
+    }))
 }
 
 /// Evaluation context of a journey condition: the event (if any) and the user's state.
@@ -248,13 +471,21 @@ impl Context for JCtx<'_> {
     }
 }
 
-/// Per-user journey state of one worker, and its timers.
+/// Per-user journey state of one worker, and its timers. Users are interned to dense
+/// indices (a slot whose user has nothing left to remember is freed and reused).
 pub struct Machine {
     set: Rc<JourneySet>,
-    users: HashMap<String, UserState>,
-    timers: BTreeSet<(Time, String, u16)>,
-    /// Users stepped since the last checkpoint part (only when parts are taken).
-    changed: Option<BTreeSet<String>>,
+    index: hashbrown::HashTable<u32>,
+    users: Vec<UserState>,
+    free: Vec<u32>,
+    timers: Timers,
+    /// Users due at `due_at` not yet handed out, in key order.
+    due: VecDeque<u32>,
+    due_at: Time,
+    /// Users stepped since the last checkpoint part (only when parts are taken), and the
+    /// keys of those forgotten since.
+    changed: Option<hashbrown::HashSet<u32>>,
+    removed: Vec<Box<str>>,
 }
 
 /// The journey state of one worker, or what changed in it since the previous part, as a
@@ -274,17 +505,20 @@ impl MachinePart {
     pub fn remap(&mut self, r: &crate::plan::Remap) {
         for (_, state) in &mut self.users {
             let Some(st) = state else { continue };
-            st.members.retain_mut(|(seg, _)| {
-                match r.segments.get(*seg as usize).copied().flatten() {
+            let mut members = std::mem::take(&mut st.members).into_vec();
+            members.retain_mut(
+                |(seg, _)| match r.segments.get(*seg as usize).copied().flatten() {
                     Some(to) => {
                         *seg = to as u16;
                         true
                     }
                     None => false,
-                }
-            });
-            st.members.sort_by_key(|(seg, _)| *seg);
-            st.traits.retain_mut(|((pos, _), _)| {
+                },
+            );
+            members.sort_by_key(|(seg, _)| *seg);
+            st.members = members.into_boxed_slice();
+            let mut traits = std::mem::take(&mut st.traits).into_vec();
+            traits.retain_mut(|((pos, _), _)| {
                 match r.exposed.get(*pos as usize).copied().flatten() {
                     Some(to) => {
                         *pos = to;
@@ -293,6 +527,7 @@ impl MachinePart {
                     None => false,
                 }
             });
+            st.traits = traits.into_boxed_slice();
         }
     }
 }
@@ -301,10 +536,12 @@ impl MachinePart {
 struct At<'a> {
     set: &'a JourneySet,
     user: &'a str,
+    /// The user's index, for the timers.
+    u: u32,
     t: Time,
     events: &'a [Event],
     changes: &'a [(u16, isize)],
-    timers: &'a mut BTreeSet<(Time, String, u16)>,
+    timers: &'a mut Timers,
     out: &'a mut Vec<JOut>,
     seq: u32,
 }
@@ -314,9 +551,14 @@ impl Machine {
     pub fn new(set: Rc<JourneySet>) -> Machine {
         Machine {
             set,
-            users: HashMap::new(),
-            timers: BTreeSet::new(),
+            index: hashbrown::HashTable::new(),
+            users: Vec::new(),
+            free: Vec::new(),
+            timers: Timers::default(),
+            due: VecDeque::new(),
+            due_at: NONE,
             changed: None,
+            removed: Vec::new(),
         }
     }
 
@@ -325,26 +567,83 @@ impl Machine {
         self.changed.get_or_insert_with(Default::default);
     }
 
+    /// The index of `user`, interning it if new.
+    fn intern(&mut self, user: &str) -> u32 {
+        let h = crate::state::user_hash(user);
+        let users = &self.users;
+        if let Some(&i) = self.index.find(h, |&i| &*users[i as usize].key == user) {
+            return i;
+        }
+        let state = UserState {
+            key: user.into(),
+            ..UserState::default()
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.users[i as usize] = state;
+                i
+            }
+            None => {
+                if self.users.len() == self.users.capacity() {
+                    // A quarter at a time: the records are most of a waiting user's bytes.
+                    self.users.reserve_exact((self.users.len() / 4).max(1024));
+                }
+                self.users.push(state);
+                (self.users.len() - 1) as u32
+            }
+        };
+        let users = &self.users;
+        self.index
+            .insert_unique(h, i, |&j| crate::state::user_hash(&users[j as usize].key));
+        i
+    }
+
+    /// Forgets user `u` (it has nothing left to remember).
+    fn forget(&mut self, u: u32) {
+        let key = std::mem::take(&mut self.users[u as usize].key);
+        let h = crate::state::user_hash(&key);
+        if let Ok(e) = self.index.find_entry(h, |&i| i == u) {
+            e.remove();
+        }
+        self.users[u as usize] = UserState::default();
+        self.free.push(u);
+        if self.changed.is_some() {
+            self.removed.push(key);
+        }
+    }
+
+    /// The key of user `u`.
+    pub fn key(&self, u: u32) -> &str {
+        &self.users[u as usize].key
+    }
+
     /// The state as a checkpoint part: every user (`full`) or those stepped since the
     /// last part. Resets the change set.
     pub fn part(&mut self, full: bool) -> MachinePart {
         let changed = self.changed.replace(Default::default()).unwrap_or_default();
+        let removed = std::mem::take(&mut self.removed);
+        let live = |u: &UserState| !u.key.is_empty() || !u.is_empty();
         let users = if full {
             let mut v: Vec<_> = self
                 .users
                 .iter()
-                .map(|(k, u)| (k.clone(), Some(u.clone())))
+                .filter(|u| live(u))
+                .map(|u| (u.key.to_string(), Some(u.clone())))
                 .collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         } else {
-            changed
-                .into_iter()
-                .map(|k| {
-                    let u = self.users.get(&k).cloned();
-                    (k, u)
-                })
-                .collect()
+            // Forgotten users first: a user forgotten and met again since is in both.
+            let mut v: Vec<_> = removed.into_iter().map(|k| (k.into(), None)).collect();
+            let mut ids: Vec<u32> = changed.into_iter().collect();
+            ids.sort_unstable();
+            for u in ids {
+                let state = &self.users[u as usize];
+                if live(state) {
+                    v.push((state.key.to_string(), Some(state.clone())));
+                }
+            }
+            v
         };
         MachinePart { full, users }
     }
@@ -352,65 +651,124 @@ impl Machine {
     /// Restores the state from a chain of parts (a full one, then the deltas after it).
     pub fn restore(&mut self, parts: impl IntoIterator<Item = MachinePart>) -> Result<(), String> {
         let mut first = true;
+        let mut users: BTreeMap<String, UserState> = BTreeMap::new();
         for p in parts {
             if first && !p.full {
                 return Err("the chain of journey parts does not start with a full one".into());
             }
             first = false;
             if p.full {
-                self.users.clear();
+                users.clear();
             }
             for (k, u) in p.users {
                 match u {
-                    Some(u) => self.users.insert(k, u),
-                    None => self.users.remove(&k),
+                    Some(u) => users.insert(k, u),
+                    None => users.remove(&k),
                 };
             }
         }
-        self.timers.clear();
-        for (k, u) in &self.users {
-            for (ji, j) in u.journeys.iter().enumerate() {
-                if let Some(w) = j.active.as_ref().and_then(|i| i.wake) {
-                    self.timers.insert((w, k.clone(), ji as u16));
+        let changed = self.changed.take();
+        *self = Machine::new(Rc::clone(&self.set));
+        self.changed = changed;
+        for (k, mut state) in users {
+            let u = self.intern(&k);
+            state.key = k.into();
+            for (ji, j) in state.journeys.iter().enumerate() {
+                if let Some(w) = j.active.as_ref().and_then(Instance::wake) {
+                    self.timers.arm(w, u, ji as u16);
                 }
             }
+            self.users[u as usize] = state;
         }
         Ok(())
     }
 
-    /// The earliest pending timer.
-    pub fn next_timer(&self) -> Option<Time> {
-        self.timers.first().map(|(t, _, _)| *t)
+    /// Whether user `u`'s instance of journey `j` still waits for instant `t`.
+    fn live_timer(&self, t: Time, u: u32, j: u16) -> bool {
+        self.users
+            .get(u as usize)
+            .and_then(|s| s.journeys.get(j as usize))
+            .and_then(|js| js.active.as_ref())
+            .is_some_and(|i| i.wake == t)
     }
 
-    /// The first `limit` users (in user order) with a timer due at `t`, each once. Timers
-    /// before `t` have all fired by the time `t` is processed.
-    pub fn due(&self, t: Time, limit: usize) -> Vec<String> {
-        let mut users: Vec<String> = Vec::new();
-        for (_, u, _) in self
-            .timers
-            .range((t, String::new(), 0)..)
-            .take_while(|(w, _, _)| *w == t)
-        {
-            if users.last() != Some(u) {
-                if users.len() == limit {
-                    break;
+    /// The earliest pending timer. Drops the stale timers in front of it, and opens the
+    /// next bucket of the wheel when the open ones are spent.
+    pub fn next_timer(&mut self) -> Option<Time> {
+        if !self.due.is_empty() {
+            return Some(self.due_at);
+        }
+        loop {
+            while let Some(&(t, u, j)) = self.timers.near.front() {
+                if self.live_timer(t, u, j) {
+                    return Some(t);
                 }
-                users.push(u.clone());
+                self.timers.near.pop_front();
+            }
+            let (b, list) = self.timers.far.pop_first()?;
+            let mut near: Vec<(Time, u32, u16)> = list
+                .into_iter()
+                .filter_map(|(u, j)| {
+                    let w = self.users.get(u as usize)?.journeys.get(j as usize)?;
+                    let w = w.active.as_ref()?.wake()?;
+                    (w >> BUCKET_SHIFT == b).then_some((w, u, j))
+                })
+                .collect();
+            near.sort_unstable();
+            near.dedup();
+            self.timers.near = near.into();
+            self.timers.open = Some(b);
+        }
+    }
+
+    /// The next `limit` users (in user order) with a timer due at `t`, each once; those
+    /// not handed out are handed out by the next call. `t` must be the earliest pending
+    /// timer ([`Machine::next_timer`]): timers before `t` have all fired.
+    pub fn due(&mut self, t: Time, limit: usize) -> Vec<u32> {
+        if self.due_at != t {
+            self.due.clear();
+            self.due_at = t;
+        }
+        let mut pulled = false;
+        while let Some(&(w, u, j)) = self.timers.near.front() {
+            if w != t {
+                break;
+            }
+            self.timers.near.pop_front();
+            if self.live_timer(w, u, j) {
+                self.due.push_back(u);
+                pulled = true;
             }
         }
-        users
+        if pulled {
+            let users = &self.users;
+            self.due
+                .make_contiguous()
+                .sort_unstable_by(|a, b| users[*a as usize].key.cmp(&users[*b as usize].key));
+            let mut seen = hashbrown::HashSet::new();
+            self.due.retain(|u| seen.insert(*u));
+        }
+        let n = limit.min(self.due.len());
+        self.due.drain(..n).collect()
+    }
+
+    /// Gives back users [`Machine::due`] handed out but the caller did not step (it ran
+    /// out of budget): they come first at the next call.
+    pub fn undue(&mut self, users: Vec<u32>) {
+        for u in users.into_iter().rev() {
+            self.due.push_front(u);
+        }
     }
 
     /// Users held in memory (with state or history).
     pub fn users(&self) -> usize {
-        self.users.len()
+        self.users.len() - self.free.len()
     }
 
     /// Active instances.
     pub fn active(&self) -> usize {
         self.users
-            .values()
+            .iter()
             .flat_map(|u| u.journeys.iter())
             .filter(|j| j.active.is_some())
             .count()
@@ -421,16 +779,37 @@ impl Machine {
         self.timers.len()
     }
 
+    /// Bytes of journey state, counted from the structures.
+    pub fn bytes(&self) -> JourneyBytes {
+        use std::mem::size_of;
+        let state = self.users.capacity() * size_of::<UserState>()
+            + self.index.capacity() * (size_of::<u32>() + 1)
+            + self.free.capacity() * size_of::<u32>()
+            + self.users.iter().map(UserState::heap_bytes).sum::<usize>();
+        JourneyBytes {
+            users: self.users() as u64,
+            instances: self.active() as u64,
+            timers: self.timers() as u64,
+            state: state as u64,
+            timer_bytes: (self.timers.bytes() + self.due.capacity() * size_of::<u32>()) as u64,
+        }
+    }
+
     /// Processes everything that happened to `user` at `t` (inputs with their diffs);
     /// appends what it emits to `out`.
     pub fn step(&mut self, user: &str, t: Time, inputs: Vec<(JIn, isize)>, out: &mut Vec<JOut>) {
+        let u = self.intern(user);
+        self.step_user(u, t, inputs, out);
+    }
+
+    /// [`Machine::step`] for an interned user (one [`Machine::due`] handed out).
+    pub fn step_user(&mut self, u: u32, t: Time, inputs: Vec<(JIn, isize)>, out: &mut Vec<JOut>) {
         let set = Rc::clone(&self.set);
         if let Some(c) = &mut self.changed {
-            if !c.contains(user) {
-                c.insert(user.to_string());
-            }
+            c.insert(u);
         }
-        let state = self.users.entry(user.to_string()).or_default();
+        let mut state = std::mem::take(&mut self.users[u as usize]);
+        let key = std::mem::take(&mut state.key);
         let mut events = Vec::new();
         let mut changes: Vec<(u16, isize)> = Vec::new();
         for (x, r) in inputs {
@@ -438,21 +817,22 @@ impl Machine {
                 JIn::Event(e) if r > 0 => events.push(e),
                 JIn::Event(_) => {}
                 JIn::Member(s) => {
-                    add(&mut state.members, s, r);
+                    add_exact(&mut state.members, s, r);
                     add(&mut changes, s, r);
                 }
-                JIn::Trait(p, v) => add(&mut state.traits, (p, v), r),
+                JIn::Trait(p, v) => add_exact(&mut state.traits, (p, v), r),
             }
         }
         events.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
         if state.journeys.len() < set.journeys.len() {
-            state
-                .journeys
-                .resize_with(set.journeys.len(), JState::default);
+            let mut js = std::mem::take(&mut state.journeys).into_vec();
+            js.resize_with(set.journeys.len(), JState::default);
+            state.journeys = js.into_boxed_slice();
         }
         let mut at = At {
             set: &set,
-            user,
+            user: &key,
+            u,
             t,
             events: &events,
             changes: &changes,
@@ -461,10 +841,13 @@ impl Machine {
             seq: 0,
         };
         for j in 0..set.journeys.len() {
-            at.journey(state, j);
+            at.journey(&mut state, j);
         }
-        if state.is_empty() {
-            self.users.remove(user);
+        let empty = state.is_empty();
+        state.key = key;
+        self.users[u as usize] = state;
+        if empty {
+            self.forget(u);
         }
     }
 }
@@ -576,7 +959,7 @@ impl<'a> At<'a> {
                     on_event,
                     ..
                 },
-            ) = (&inst.waiting, &j.ops[inst.pc])
+            ) = (&inst.waiting, &j.ops[inst.pc as usize])
             {
                 let name = event.as_str();
                 let hit = self
@@ -585,17 +968,17 @@ impl<'a> At<'a> {
                     .any(|e| e.event.as_deref() == Some(name) && self.holds(state, cond, Some(e)));
                 if hit {
                     self.cancel(&inst, ji);
-                    inst.pc = *on_event;
+                    inst.pc = *on_event as u32;
                     resume = true;
                 }
             }
-            if !resume && inst.wake == Some(self.t) {
-                self.timers
-                    .remove(&(self.t, self.user.to_string(), ji as u16));
-                inst.wake = None;
-                match (&inst.waiting, &j.ops[inst.pc]) {
+            if !resume && inst.wake == self.t {
+                inst.wake = NONE;
+                match (&inst.waiting, &j.ops[inst.pc as usize]) {
                     (Waiting::Timer, _) => inst.pc += 1,
-                    (Waiting::Event, Op::WaitUntil { on_timeout, .. }) => inst.pc = *on_timeout,
+                    (Waiting::Event, Op::WaitUntil { on_timeout, .. }) => {
+                        inst.pc = *on_timeout as u32
+                    }
                     _ => {} // quiet hours over: the send runs again
                 }
                 resume = true;
@@ -615,7 +998,7 @@ impl<'a> At<'a> {
         let may = match j.reentry {
             Reentry::Never => js.entries == 0,
             Reentry::Always => true,
-            Reentry::After(d) => js.last_entry.is_none_or(|l| self.t as i64 - l as i64 >= d),
+            Reentry::After(d) => opt(js.last_entry).is_none_or(|l| self.t as i64 - l as i64 >= d),
         };
         if !may {
             return;
@@ -625,7 +1008,7 @@ impl<'a> At<'a> {
         };
         let js = &mut state.journeys[ji];
         js.entries += 1;
-        js.last_entry = Some(self.t);
+        js.last_entry = self.t;
         let inst = Instance {
             number: js.entries,
             entry: ev.map_or(self.t as i64, |e| e.timestamp),
@@ -633,8 +1016,8 @@ impl<'a> At<'a> {
             pc: 0,
             variant: None,
             waiting: Waiting::Timer,
-            wake: None,
-            trigger: ev.map(|e| trigger_json(e).to_string().into_boxed_str()),
+            wake: NONE,
+            trigger: ev.map(pack_trigger),
         };
         let reason = match &j.entry {
             CTrigger::Event(e) => format!("event:{e}"),
@@ -650,11 +1033,9 @@ impl<'a> At<'a> {
         self.run(state, ji, inst, false);
     }
 
-    fn cancel(&mut self, inst: &Instance, ji: usize) {
-        if let Some(w) = inst.wake {
-            self.timers.remove(&(w, self.user.to_string(), ji as u16));
-        }
-    }
+    /// Stops the instance's timer. Nothing to do: the wheel drops a timer whose instance
+    /// no longer waits for it when it comes up (see [`Timers`]).
+    fn cancel(&mut self, _inst: &Instance, _ji: usize) {}
 
     fn wait(
         &mut self,
@@ -665,9 +1046,9 @@ impl<'a> At<'a> {
         wake: Option<Time>,
     ) {
         inst.waiting = waiting;
-        inst.wake = wake;
+        inst.wake = wake.unwrap_or(NONE);
         if let Some(w) = wake {
-            self.timers.insert((w, self.user.to_string(), ji as u16));
+            self.timers.arm(w, self.u, ji as u16);
         }
         state.journeys[ji].active = Some(inst);
     }
@@ -686,10 +1067,10 @@ impl<'a> At<'a> {
         let j = &set.journeys[ji];
         let t = self.t;
         loop {
-            let path = j.paths[inst.pc].as_str();
-            match &j.ops[inst.pc] {
+            let path = j.paths[inst.pc as usize].as_str();
+            match &j.ops[inst.pc as usize] {
                 Op::Jump(to) => {
-                    inst.pc = *to;
+                    inst.pc = *to as u32;
                     continue;
                 }
                 Op::End => {
@@ -702,7 +1083,7 @@ impl<'a> At<'a> {
                 self.row(j, &inst, Kind::Step, path, None, None);
             }
             resumed_send = false;
-            match &j.ops[inst.pc] {
+            match &j.ops[inst.pc as usize] {
                 Op::Wait(ms) => {
                     if *ms == 0 {
                         inst.pc += 1;
@@ -719,7 +1100,7 @@ impl<'a> At<'a> {
                     inst.pc = arms
                         .iter()
                         .find(|(seg, _)| state.is_member(*seg))
-                        .map_or(*otherwise, |(_, pc)| *pc);
+                        .map_or(*otherwise, |(_, pc)| *pc) as u32;
                 }
                 Op::Split { variants, total } => {
                     let key = format!("{}:{}", j.name, self.user);
@@ -730,7 +1111,7 @@ impl<'a> At<'a> {
                         .copied()
                         .unwrap_or(variants[variants.len() - 1]);
                     inst.variant = Some(v);
-                    inst.pc = pc;
+                    inst.pc = pc as u32;
                 }
                 Op::Send {
                     channel,
@@ -741,23 +1122,21 @@ impl<'a> At<'a> {
                     let msg = message_id(&j.name, self.user, inst.entry, path);
                     let addr = address.and_then(|p| state.trait_value(p)).cloned();
                     let js = &mut state.journeys[ji];
-                    if let Some((_, per)) = j.frequency_cap {
-                        while js
-                            .sends
-                            .front()
-                            .is_some_and(|s| (*s as i64) <= t as i64 - per)
-                        {
-                            js.sends.pop_front();
+                    if let (Some((_, per)), Some(sends)) = (j.frequency_cap, js.sends.as_mut()) {
+                        while sends.front().is_some_and(|s| (*s as i64) <= t as i64 - per) {
+                            sends.pop_front();
+                        }
+                        if sends.is_empty() {
+                            js.sends = None;
                         }
                     }
                     let suppressed = if state.trait_value(*opt_out) == Some(&Value::Bool(true)) {
                         Some("opt_out")
                     } else if address.is_some() && addr.is_none() {
                         Some("no_address")
-                    } else if j
-                        .frequency_cap
-                        .is_some_and(|(max, _)| state.journeys[ji].sends.len() >= max as usize)
-                    {
+                    } else if j.frequency_cap.is_some_and(|(max, _)| {
+                        state.journeys[ji].sends.as_ref().map_or(0, |s| s.len()) >= max as usize
+                    }) {
                         Some("frequency_cap")
                     } else {
                         None
@@ -794,7 +1173,10 @@ impl<'a> At<'a> {
                         }
                     }
                     if j.frequency_cap.is_some() {
-                        state.journeys[ji].sends.push_back(t);
+                        state.journeys[ji]
+                            .sends
+                            .get_or_insert_with(Default::default)
+                            .push_back(t);
                     }
                     let traits: Map<String, Json> = set
                         .traits
@@ -821,10 +1203,7 @@ impl<'a> At<'a> {
                             other => other.to_json().to_string(),
                         }),
                         traits,
-                        event: inst
-                            .trigger
-                            .as_deref()
-                            .and_then(|t| serde_json::from_str(t).ok()),
+                        event: inst.trigger.as_deref().and_then(unpack_trigger),
                         time: t as i64,
                     }));
                     inst.pc += 1;
@@ -872,14 +1251,4 @@ pub fn message_id(journey: &str, user: &str, entry: i64, path: &str) -> String {
         h.update(part);
     }
     format!("{:032x}", h.digest128())
-}
-
-fn trigger_json(e: &Event) -> Json {
-    json!({
-        "type": e.kind.as_str(),
-        "event": e.event,
-        "message_id": e.message_id,
-        "timestamp": format_rfc3339_ms(e.timestamp),
-        "properties": e.properties,
-    })
 }

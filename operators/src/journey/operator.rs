@@ -11,6 +11,8 @@
 //! set a timer that falls before the frontier; the loop takes it in the same activation).
 //! So a timer fires exactly when the clock passes its instant, in replay as in live mode.
 
+use std::cell::RefCell;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
@@ -23,25 +25,45 @@ use timely::dataflow::Stream;
 use crate::dataflow::{Ctl, JourneysPart, PartSink};
 use crate::event::Event;
 use crate::journey::compile::JourneySet;
-use crate::journey::machine::{JIn, JOut, Machine, MachinePart};
+use crate::journey::machine::{JIn, JOut, JourneyBytes, Machine, MachinePart};
 use crate::state::user_hash;
 use crate::time::Time;
 
 /// Users stepped per activation before the operator yields (and asks to run again).
 const STEPS_PER_ACTIVATION: usize = 16 * 1024;
 
-/// Runs the journeys over `input`; returns what they emit, each record at its instant.
-/// `ctl` (broadcast) carries checkpoint requests, answered through `parts`; `restored`
-/// is a checkpoint's instant and chain of parts to start from.
+/// A worker's journey state, read from outside the dataflow.
+#[derive(Clone)]
+pub struct JourneyHandle(Rc<RefCell<Machine>>);
+
+impl JourneyHandle {
+    /// Bytes of journey state, counted from the structures.
+    pub fn bytes(&self) -> JourneyBytes {
+        self.0.borrow().bytes()
+    }
+}
+
+/// Which user the merge of stashed input and due timers steps next.
+enum Next {
+    Input,
+    Timer,
+    Both,
+}
+
+/// Runs the journeys over `input`; returns what they emit, each record at its instant,
+/// and a handle on the state. `ctl` (broadcast) carries checkpoint requests, answered
+/// through `parts`; `restored` is a checkpoint's instant and chain of parts to start from.
 pub fn run_journeys<'s>(
     input: VecCollection<'s, Time, (String, JIn), isize>,
     set: Rc<JourneySet>,
     ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
     parts: Option<Rc<dyn PartSink>>,
     restored: Option<(Time, Vec<MachinePart>)>,
-) -> Stream<'s, Time, Vec<JOut>> {
+) -> (Stream<'s, Time, Vec<JOut>>, JourneyHandle) {
     let scope = input.inner.scope();
-    input.inner.binary_frontier(
+    let shared = Rc::new(RefCell::new(Machine::new(set)));
+    let handle = JourneyHandle(Rc::clone(&shared));
+    let out = input.inner.binary_frontier(
         ctl,
         Exchange::new(|((u, _), _, _): &((String, JIn), Time, isize)| user_hash(u)),
         Pipeline,
@@ -49,16 +71,18 @@ pub fn run_journeys<'s>(
         move |initial, info| {
             let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Time, Vec<(String, JIn, isize)>> = BTreeMap::new();
-            let mut machine = Machine::new(set);
-            if parts.is_some() {
-                machine.track_changes();
-            }
             let mut cap: Option<Capability<Time>> = None;
-            if let Some((at, chain)) = restored {
-                if let Err(e) = machine.restore(chain) {
-                    panic!("restoring the journeys: {e}");
+            {
+                let mut machine = shared.borrow_mut();
+                if parts.is_some() {
+                    machine.track_changes();
                 }
-                cap = Some(initial.delayed(&at));
+                if let Some((at, chain)) = restored {
+                    if let Err(e) = machine.restore(chain) {
+                        panic!("restoring the journeys: {e}");
+                    }
+                    cap = Some(initial.delayed(&at));
+                }
             }
             // Checkpoint requests not yet answered, by instant.
             let mut requests: BTreeMap<Time, Vec<crate::dataflow::CheckpointReq>> = BTreeMap::new();
@@ -66,6 +90,8 @@ pub fn run_journeys<'s>(
             let mut writes: Vec<(Time, Event)> = Vec::new();
             let mut outs: Vec<JOut> = Vec::new();
             move |(input, frontier), (ctl_in, ctl_frontier), output| {
+                let mut machine = shared.borrow_mut();
+                let machine = &mut *machine;
                 input.for_each_stamp(|c, data| {
                     if let Some(c) = c.retain_least(output.output_index()) {
                         if cap.as_ref().is_none_or(|k| c.time() < k.time()) {
@@ -102,7 +128,7 @@ pub fn run_journeys<'s>(
                         activator.activate();
                         break;
                     }
-                    let Some(next) = next_instant(&stash, &machine, &requests) else {
+                    let Some(next) = next_instant(&stash, machine, &requests) else {
                         break;
                     };
                     if frontier.less_equal(&next) || ctl_frontier.less_equal(&next) {
@@ -136,27 +162,43 @@ pub fn run_journeys<'s>(
                     let mut items = items.into_iter().peekable();
                     let mut due = due.into_iter().peekable();
                     loop {
-                        let user = match (items.peek(), due.peek()) {
-                            (Some(i), Some(d)) => i.0.clone().min(d.clone()),
-                            (Some(i), None) => i.0.clone(),
-                            (None, Some(d)) => d.clone(),
+                        let pick = match (items.peek(), due.peek()) {
+                            (Some(i), Some(&d)) => match i.0.as_str().cmp(machine.key(d)) {
+                                Ordering::Less => Next::Input,
+                                Ordering::Greater => Next::Timer,
+                                Ordering::Equal => Next::Both,
+                            },
+                            (Some(_), None) => Next::Input,
+                            (None, Some(_)) => Next::Timer,
                             (None, None) => break,
                         };
                         if budget == 0 {
                             // Yield mid-instant: the rest of its input goes back to the
-                            // stash; due timers stay in the machine until stepped.
+                            // stash, the due users not stepped back to the machine.
                             let rest: Vec<_> = items.collect();
                             if !rest.is_empty() {
                                 stash.insert(next, rest);
                             }
+                            machine.undue(due.collect());
                             break;
                         }
-                        let mut inputs = Vec::new();
-                        while let Some((_, x, r)) = items.next_if(|i| i.0 == user) {
-                            inputs.push((x, r));
+                        match pick {
+                            Next::Timer => {
+                                let u = due.next().expect("peeked");
+                                machine.step_user(u, next, Vec::new(), &mut outs);
+                            }
+                            Next::Input | Next::Both => {
+                                let user = items.peek().expect("peeked").0.clone();
+                                let mut inputs = Vec::new();
+                                while let Some((_, x, r)) = items.next_if(|i| i.0 == user) {
+                                    inputs.push((x, r));
+                                }
+                                if let Next::Both = pick {
+                                    due.next();
+                                }
+                                machine.step(&user, next, inputs, &mut outs);
+                            }
                         }
-                        while due.next_if(|d| *d == user).is_some() {}
-                        machine.step(&user, next, inputs, &mut outs);
                         budget -= 1;
                         for o in outs.drain(..) {
                             if let (JOut::Write(ev, t), true) = (&o, parts.is_some()) {
@@ -166,20 +208,21 @@ pub fn run_journeys<'s>(
                         }
                     }
                 }
-                match next_instant(&stash, &machine, &requests) {
+                match next_instant(&stash, machine, &requests) {
                     Some(t) => c.downgrade(&t),
                     None => cap = None,
                 }
             }
         },
-    )
+    );
+    (out, handle)
 }
 
 /// The earliest instant the operator still has to take: stashed input, a timer or a
 /// checkpoint request.
 fn next_instant<A, B>(
     stash: &BTreeMap<Time, A>,
-    machine: &Machine,
+    machine: &mut Machine,
     requests: &BTreeMap<Time, B>,
 ) -> Option<Time> {
     [
