@@ -1274,8 +1274,9 @@ mod tests {
         assert!(store.unwritten(7, 3).is_empty());
         assert!(!store.committed(7));
         // A manifest of a single-process Herald (no `processes`) reads as one process.
-        let text =
-            r#"{"format":2,"at":7,"chain":[7],"workers":1,"journeys":false,"definitions":""}"#;
+        let text = format!(
+            r#"{{"format":{FORMAT},"at":7,"chain":[7],"workers":1,"journeys":false,"definitions":""}}"#
+        );
         std::fs::write(store.dir(7).join("MANIFEST"), text).unwrap();
         assert_eq!(store.latest().unwrap().unwrap().processes, 1);
         assert!(store.committed(7));
