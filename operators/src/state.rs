@@ -1514,13 +1514,9 @@ impl SegmentState {
         let mut part = [0usize; 8];
         part[0] = self.users.capacity() * size_of::<User>();
         part[2] = self.index.capacity() * (size_of::<u32>() + 1);
-        let value_heap = |v: &Value| match v {
-            Value::Str(s) => s.capacity(),
-            _ => 0,
-        };
         let fact_heap = |f: &FactVal| match f {
-            FactVal::Val(v) | FactVal::Snap(v) => value_heap(v),
-            FactVal::Ordered(_, m, v) => m.capacity() + value_heap(v),
+            FactVal::Val(v) | FactVal::Snap(v) => Value::heap_bytes(v),
+            FactVal::Ordered(_, m, v) => m.capacity() + Value::heap_bytes(v),
             _ => 0,
         };
         for user in &self.users {
@@ -1540,11 +1536,11 @@ impl SegmentState {
                     Cell::Acc(_, a) => {
                         part[6] += size_of::<Acc>()
                             + match &**a {
-                                Acc::Extreme(v) => value_heap(v),
+                                Acc::Extreme(v) => Value::heap_bytes(v),
                                 Acc::Ordered(o) => {
                                     size_of::<(i64, Box<str>, Value)>()
                                         + o.1.len()
-                                        + value_heap(&o.2)
+                                        + Value::heap_bytes(&o.2)
                                 }
                                 Acc::Sum(_) | Acc::Avg(..) => 0,
                             }
@@ -1565,15 +1561,15 @@ impl SegmentState {
                             + w.later.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
-                    Cell::TraitSnap(_, v) => part[4] += size_of::<Value>() + value_heap(v),
+                    Cell::TraitSnap(_, v) => part[4] += size_of::<Value>() + Value::heap_bytes(v),
                     Cell::TraitWrite(_, w) => {
-                        part[4] += size_of::<Write>() + w.1.heap_bytes() + value_heap(&w.2)
+                        part[4] += size_of::<Write>() + w.1.heap_bytes() + Value::heap_bytes(&w.2)
                     }
                     Cell::TraitBoth(_, b) => {
                         part[4] += size_of::<(Value, Write)>()
-                            + value_heap(&b.0)
+                            + Value::heap_bytes(&b.0)
                             + b.1 .1.heap_bytes()
-                            + value_heap(&b.1 .2)
+                            + Value::heap_bytes(&b.1 .2)
                     }
                 }
             }

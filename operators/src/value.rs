@@ -85,6 +85,14 @@ impl std::fmt::Display for Type {
 }
 
 impl Value {
+    /// Bytes the value holds on the heap (a string's capacity), for state counts.
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Value::Str(s) => s.capacity(),
+            _ => 0,
+        }
+    }
+
     /// A number value.
     pub fn num(v: f64) -> Value {
         Value::Num(Num(v))

@@ -242,16 +242,12 @@ impl UserState {
     /// Bytes this user holds beyond its record, counted from the structures.
     fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
-        let value_heap = |v: &Value| match v {
-            Value::Str(s) => s.capacity(),
-            _ => 0,
-        };
         self.key.len()
             + self.traits.len() * size_of::<((u16, Value), i32)>()
             + self
                 .traits
                 .iter()
-                .map(|((_, v), _)| value_heap(v))
+                .map(|((_, v), _)| v.heap_bytes())
                 .sum::<usize>()
             + self.members.len() * size_of::<(u16, i32)>()
             + self.journeys.len() * size_of::<JState>()
@@ -272,11 +268,15 @@ impl UserState {
 }
 
 /// Adds `r` to `k`'s multiplicity in `v`, dropping it at zero.
-fn add<K: PartialEq>(v: &mut Vec<(K, isize)>, k: K, r: isize) {
+fn add<K: PartialEq, R: Copy + Default + PartialEq + std::ops::AddAssign>(
+    v: &mut Vec<(K, R)>,
+    k: K,
+    r: R,
+) {
     match v.iter().position(|(x, _)| *x == k) {
         Some(i) => {
             v[i].1 += r;
-            if v[i].1 == 0 {
+            if v[i].1 == R::default() {
                 v.swap_remove(i);
             }
         }
@@ -287,16 +287,7 @@ fn add<K: PartialEq>(v: &mut Vec<(K, isize)>, k: K, r: isize) {
 /// [`add`] on an exact-size list.
 fn add_exact<K: PartialEq>(v: &mut Box<[(K, i32)]>, k: K, r: isize) {
     let mut list = std::mem::take(v).into_vec();
-    let r = r as i32;
-    match list.iter().position(|(x, _)| *x == k) {
-        Some(i) => {
-            list[i].1 += r;
-            if list[i].1 == 0 {
-                list.swap_remove(i);
-            }
-        }
-        None => list.push((k, r)),
-    }
+    add(&mut list, k, r as i32);
     *v = list.into_boxed_slice();
 }
 
@@ -741,12 +732,12 @@ impl Machine {
             }
         }
         if pulled {
+            // In key order, a user due twice (a timer armed twice) is adjacent to itself.
             let users = &self.users;
-            self.due
-                .make_contiguous()
-                .sort_unstable_by(|a, b| users[*a as usize].key.cmp(&users[*b as usize].key));
-            let mut seen = hashbrown::HashSet::new();
-            self.due.retain(|u| seen.insert(*u));
+            let mut due: Vec<u32> = self.due.drain(..).collect();
+            due.sort_unstable_by(|a, b| users[*a as usize].key.cmp(&users[*b as usize].key));
+            due.dedup();
+            self.due = due.into();
         }
         let n = limit.min(self.due.len());
         self.due.drain(..n).collect()
