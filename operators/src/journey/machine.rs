@@ -734,10 +734,16 @@ impl Machine {
         if pulled {
             // In key order, a user due twice (a timer armed twice) is adjacent to itself.
             let users = &self.users;
-            let mut due: Vec<u32> = self.due.drain(..).collect();
+            let due = self.due.make_contiguous();
             due.sort_unstable_by(|a, b| users[*a as usize].key.cmp(&users[*b as usize].key));
-            due.dedup();
-            self.due = due.into();
+            let mut kept = 0;
+            for i in 0..due.len() {
+                if kept == 0 || due[i] != due[kept - 1] {
+                    due[kept] = due[i];
+                    kept += 1;
+                }
+            }
+            self.due.truncate(kept);
         }
         let n = limit.min(self.due.len());
         self.due.drain(..n).collect()
