@@ -132,7 +132,8 @@ enum Cell {
     ExtremeTs(u16, i64),
     /// Window-free `min/max` whose best value is a number.
     ExtremeNum(u16, f64),
-    /// Any other running value: `avg`, `min/max` of text or booleans, `first/last`.
+    /// Any other running value: `min/max` of text or booleans, `first/last`, an `avg` of
+    /// more than 2^32 values.
     Acc(u16, Box<Acc>),
     /// A windowed count: each matching event's validity interval.
     WinCount(u16, Box<Window<()>>),
@@ -146,6 +147,22 @@ enum Cell {
     TraitBoth(u16, Box<(Value, Write)>),
     /// A static list or warehouse audience: membership multiplicity.
     List(u16, i32),
+    /// Window-free `avg`: the count of values (in the slot's padding) and their sum.
+    Avg(u16, u32, f64),
+    /// A trait whose snapshot cell is the latest write's value (a CRM export of what the
+    /// app identified, the common case), kept once.
+    TraitSame(u16, Box<Write>),
+}
+
+// Every variant is a slot and one word: a user's cells are an array of 16-byte entries.
+const _: () = assert!(std::mem::size_of::<Cell>() == 16);
+
+/// Whether two values are the same value, bit for bit (`==` takes `-0` for `0`).
+fn identical(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Num(x), Value::Num(y)) => x.0.to_bits() == y.0.to_bits(),
+        _ => a == b,
+    }
 }
 
 impl Cell {
@@ -157,12 +174,14 @@ impl Cell {
             | Cell::Sum(s, _)
             | Cell::ExtremeTs(s, _)
             | Cell::ExtremeNum(s, _)
+            | Cell::Avg(s, ..)
             | Cell::Acc(s, _)
             | Cell::WinCount(s, _)
             | Cell::WinVal(s, _)
             | Cell::TraitSnap(s, _)
             | Cell::TraitWrite(s, _)
             | Cell::TraitBoth(s, _)
+            | Cell::TraitSame(s, _)
             | Cell::List(s, _) => *s = slot,
         }
     }
@@ -174,12 +193,14 @@ impl Cell {
             | Cell::Sum(s, _)
             | Cell::ExtremeTs(s, _)
             | Cell::ExtremeNum(s, _)
+            | Cell::Avg(s, ..)
             | Cell::Acc(s, _)
             | Cell::WinCount(s, _)
             | Cell::WinVal(s, _)
             | Cell::TraitSnap(s, _)
             | Cell::TraitWrite(s, _)
             | Cell::TraitBoth(s, _)
+            | Cell::TraitSame(s, _)
             | Cell::List(s, _) => *s,
         };
         u32::from(s)
@@ -191,6 +212,7 @@ impl Cell {
             Cell::Sum(_, x) => Cow::Owned(Acc::Sum(*x)),
             Cell::ExtremeTs(_, t) => Cow::Owned(Acc::Extreme(Value::Ts(*t))),
             Cell::ExtremeNum(_, x) => Cow::Owned(Acc::Extreme(Value::num(*x))),
+            Cell::Avg(_, n, s) => Cow::Owned(Acc::Avg(*s, f64::from(*n))),
             Cell::Acc(_, a) => Cow::Borrowed(&**a),
             _ => return None,
         })
@@ -202,6 +224,8 @@ impl Cell {
             Acc::Sum(x) => Cell::Sum(slot, x),
             Acc::Extreme(Value::Ts(t)) => Cell::ExtremeTs(slot, t),
             Acc::Extreme(Value::Num(n)) => Cell::ExtremeNum(slot, n.0),
+            // The count is a whole number of values; past u32 it stays boxed.
+            Acc::Avg(s, n) if n <= f64::from(u32::MAX) => Cell::Avg(slot, n as u32, s),
             other => Cell::Acc(slot, Box::new(other)),
         }
     }
@@ -212,6 +236,7 @@ impl Cell {
             Cell::TraitSnap(_, v) => (Some(&**v), None),
             Cell::TraitWrite(_, w) => (None, Some(&**w)),
             Cell::TraitBoth(_, b) => (Some(&b.0), Some(&b.1)),
+            Cell::TraitSame(_, w) => (Some(&w.2), Some(&**w)),
             _ => return None,
         })
     }
@@ -221,6 +246,7 @@ impl Cell {
         Some(match (snap, write) {
             (Some(v), None) => Cell::TraitSnap(slot, Box::new(v)),
             (None, Some(w)) => Cell::TraitWrite(slot, Box::new(w)),
+            (Some(v), Some(w)) if identical(&v, &w.2) => Cell::TraitSame(slot, Box::new(w)),
             (Some(v), Some(w)) => Cell::TraitBoth(slot, Box::new((v, w))),
             (None, None) => return None,
         })
@@ -322,13 +348,13 @@ impl<V> Window<V> {
     }
 }
 
-/// Segment membership bits, inline up to 64 segments (hidden ones included).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Segment membership bits of one user at evaluation, inline up to 64 segments (hidden
+/// ones included). The user record keeps the first 64 ([`User::members`]); a plan with
+/// more keeps the rest in [`SegmentState`]'s `wide` table, for the users that have any.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Bits {
     Inline(u64),
-    /// Boxed twice so that the inline case stays one word (the user record is per user).
-    #[allow(clippy::box_collection)]
-    Heap(Box<Vec<u64>>),
+    Heap(Vec<u64>),
 }
 
 impl Bits {
@@ -336,9 +362,35 @@ impl Bits {
         if n <= 64 {
             Bits::Inline(0)
         } else {
-            Bits::Heap(Box::new(vec![0; n.div_ceil(64)]))
+            Bits::Heap(vec![0; n.div_ceil(64)])
         }
     }
+    /// The bits of `n` segments from a user record's word and the rest (`wide`).
+    fn join(low: u64, wide: Option<&[u64]>, n: usize) -> Bits {
+        let mut b = Bits::new(n);
+        match &mut b {
+            Bits::Inline(w) => *w = low,
+            Bits::Heap(ws) => {
+                ws[0] = low;
+                for (w, x) in ws[1..].iter_mut().zip(wide.unwrap_or_default()) {
+                    *w = *x;
+                }
+            }
+        }
+        b
+    }
+
+    /// The word a user record keeps, and the rest when any of it is set.
+    fn split(self) -> (u64, Option<Box<[u64]>>) {
+        match self {
+            Bits::Inline(w) => (w, None),
+            Bits::Heap(ws) => {
+                let rest = ws[1..].iter().any(|w| *w != 0).then(|| ws[1..].into());
+                (ws[0], rest)
+            }
+        }
+    }
+
     fn get(&self, i: usize) -> bool {
         match self {
             Bits::Inline(w) => i < 64 && w >> i & 1 == 1,
@@ -362,7 +414,8 @@ impl Bits {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct User {
     key: Box<str>,
-    members: Bits,
+    /// Memberships of the first 64 segments, a bit each (the rest: `SegmentState::wide`).
+    members: u64,
     /// The instant from which the user has an event (`Time::MAX`: none yet).
     seen_from: Time,
     /// Multiplicity of the user's row in the current profile snapshot.
@@ -406,6 +459,7 @@ impl User {
                     let (v, w) = *b;
                     (Some(v), Some(w))
                 }
+                Cell::TraitSame(_, w) => (Some(w.2.clone()), Some(*w)),
                 other => {
                     self.cells[i] = other;
                     return;
@@ -645,6 +699,9 @@ pub struct SegmentState {
     clock: i64,
     /// Exposed trait values last reported per user (journeys only).
     exposed: HashMap<u32, Vec<(u16, Value)>>,
+    /// Memberships past the 64th segment, of the users that have any (plans of more
+    /// than 64 segments only; the user record holds the first 64).
+    wide: HashMap<u32, Box<[u64]>>,
     dedup: crate::dedup::Dedup,
     counters: StateCounters,
     /// Per-aggregate facts: `(kind, distinct, windowed, accumulated)`.
@@ -689,6 +746,8 @@ pub struct SegmentPart {
     users: Vec<(u32, User)>,
     /// Exposed trait values of the users in `users` (None: none).
     exposed: Vec<(u32, Option<Exposed>)>,
+    /// Memberships past the 64th segment of the users in `users` (None: none).
+    wide: Vec<(u32, Option<Box<[u64]>>)>,
     pending: Vec<(u32, Vec<PendingCount>)>,
     clock_counts: Vec<(i64, isize)>,
     clock: i64,
@@ -706,7 +765,11 @@ impl SegmentPart {
     /// stale until then.
     pub fn remap(&mut self, r: &crate::plan::Remap) {
         let slot = |s: u32| r.slots.get(s as usize).copied().flatten();
-        for (_, user) in &mut self.users {
+        let mut wide: HashMap<u32, Box<[u64]>> = std::mem::take(&mut self.wide)
+            .into_iter()
+            .filter_map(|(u, w)| Some((u, w?)))
+            .collect();
+        for (u, user) in &mut self.users {
             let mut cells: Vec<Cell> = std::mem::take(&mut user.cells)
                 .into_vec()
                 .into_iter()
@@ -718,14 +781,25 @@ impl SegmentPart {
                 .collect();
             cells.sort_by_key(Cell::slot);
             user.cells = cells.into_boxed_slice();
+            let old = Bits::join(user.members, wide.get(u).map(|w| &w[..]), r.segments.len());
             let mut members = Bits::new(r.n_segments);
             for (o, n) in r.segments.iter().enumerate() {
-                if let (Some(n), true) = (n, user.members.get(o)) {
+                if let (Some(n), true) = (n, old.get(o)) {
                     members.set(*n, true);
                 }
             }
-            user.members = members;
+            let (low, rest) = members.split();
+            user.members = low;
+            match rest {
+                Some(w) => wide.insert(*u, w),
+                None => wide.remove(u),
+            };
         }
+        self.wide = self
+            .users
+            .iter()
+            .map(|(u, _)| (*u, wide.remove(u)))
+            .collect();
         for (_, v) in &mut self.pending {
             v.retain_mut(|(_, s, _)| match slot(*s) {
                 Some(to) => {
@@ -881,6 +955,7 @@ impl SegmentState {
             clock_counts: Default::default(),
             clock: i64::MIN,
             exposed: HashMap::new(),
+            wide: HashMap::new(),
             dedup: crate::dedup::Dedup::forgetting(dedup_horizon_ms),
             counters: StateCounters::default(),
             agg_kinds,
@@ -934,6 +1009,10 @@ impl SegmentState {
                 .iter()
                 .map(|u| (*u, self.exposed.get(u).cloned()))
                 .collect(),
+            wide: ids
+                .iter()
+                .map(|u| (*u, self.wide.get(u).cloned()))
+                .collect(),
             users: ids
                 .iter()
                 .map(|&u| (u, self.users[u as usize].clone()))
@@ -963,6 +1042,7 @@ impl SegmentState {
             if p.full {
                 self.users.clear();
                 self.exposed.clear();
+                self.wide.clear();
                 self.dedup.clear();
             }
             first = false;
@@ -974,7 +1054,7 @@ impl SegmentState {
                 // Filled by this part (a new user is always a changed one).
                 self.users.push(User {
                     key: "".into(),
-                    members: Bits::new(self.n_segments),
+                    members: 0,
                     seen_from: Time::MAX,
                     profile: 0,
                     scheduled: Time::MAX,
@@ -992,6 +1072,12 @@ impl SegmentState {
                 match e {
                     Some(v) => self.exposed.insert(u, v),
                     None => self.exposed.remove(&u),
+                };
+            }
+            for (u, w) in p.wide {
+                match w {
+                    Some(w) => self.wide.insert(u, w),
+                    None => self.wide.remove(&u),
                 };
             }
             self.pending = p.pending.into_iter().collect();
@@ -1022,13 +1108,23 @@ impl SegmentState {
     /// Users and their visible memberships, for a restored query API: `f(user, segment)`
     /// for every segment below `visible` the user is in.
     pub fn for_each_member(&self, visible: usize, f: &mut dyn FnMut(&str, u16)) {
-        for user in &self.users {
+        for (u, user) in self.users.iter().enumerate() {
+            let members = self.members(u as u32);
             for s in 0..visible.min(self.n_segments) {
-                if user.members.get(s) {
+                if members.get(s) {
                     f(&user.key, s as u16);
                 }
             }
         }
+    }
+
+    /// User `u`'s memberships, all segments.
+    fn members(&self, u: u32) -> Bits {
+        let low = self.users[u as usize].members;
+        if self.n_segments <= 64 {
+            return Bits::Inline(low);
+        }
+        Bits::join(low, self.wide.get(&u).map(|w| &w[..]), self.n_segments)
     }
 
     /// The counters so far.
@@ -1051,7 +1147,7 @@ impl SegmentState {
         }
         self.users.push(User {
             key: user.into(),
-            members: Bits::new(self.n_segments),
+            members: 0,
             seen_from: Time::MAX,
             profile: 0,
             scheduled: Time::MAX,
@@ -1351,6 +1447,7 @@ impl SegmentState {
             // The universe starts now (a future-dated first event's instant has come).
             touched = ALL_SLOTS;
         }
+        let was = self.members(u);
         let user = &self.users[u as usize];
         let n_aggs = plan.aggs.len();
         let mut aggs: Vec<Cow<Value>> = self
@@ -1372,13 +1469,17 @@ impl SegmentState {
                 Cell::Distinct(_, v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
                 Cell::Sum(_, x) | Cell::ExtremeNum(_, x) => aggs[k] = Cow::Owned(Value::num(*x)),
                 Cell::ExtremeTs(_, t) => aggs[k] = Cow::Owned(Value::Ts(*t)),
+                Cell::Avg(_, n, s) => aggs[k] = Cow::Owned(Value::num(*s / f64::from(*n))),
                 Cell::Acc(_, a) => aggs[k] = a.value(),
                 Cell::WinCount(_, w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
                 Cell::WinVal(_, w) => {
                     let (kind, distinct, ..) = self.agg_kinds[k];
                     aggs[k] = Cow::Owned(window_value(kind, distinct, w));
                 }
-                Cell::TraitSnap(..) | Cell::TraitWrite(..) | Cell::TraitBoth(..) => {
+                Cell::TraitSnap(..)
+                | Cell::TraitWrite(..)
+                | Cell::TraitBoth(..)
+                | Cell::TraitSame(..) => {
                     let (snap, write) = cell.trait_parts().unwrap_or((None, None));
                     let v = match (write, snap) {
                         (Some(w), _) if w.0 >= self.clock => &w.2,
@@ -1408,13 +1509,13 @@ impl SegmentState {
         for &si in &plan.order {
             // Unless a slot it reads changed, it reads now() itself, or a segment it
             // references moved, a segment keeps its membership.
-            let moved = |r: &usize| row.members.get(*r) != user.members.get(*r);
+            let moved = |r: &usize| row.members.get(*r) != was.get(*r);
             if touched != ALL_SLOTS
                 && touched & self.segment_reads[si] == 0
                 && !self.segment_temporal[si]
                 && !plan.refs[si].iter().any(moved)
             {
-                row.members.set(si, user.members.get(si));
+                row.members.set(si, was.get(si));
                 continue;
             }
             let on = match &plan.segments[si].kind {
@@ -1448,8 +1549,8 @@ impl SegmentState {
         let members = row.members;
         let key = &*user.key;
         for si in 0..self.n_segments {
-            let (was, is) = (user.members.get(si), members.get(si));
-            if was != is {
+            let (before, is) = (was.get(si), members.get(si));
+            if before != is {
                 give(key, StateOut::Change(si as u16), if is { 1 } else { -1 });
             }
         }
@@ -1476,8 +1577,14 @@ impl SegmentState {
                 }
             }
         }
+        let (low, rest) = members.split();
+        if let Some(w) = rest {
+            self.wide.insert(u, w);
+        } else if !self.wide.is_empty() {
+            self.wide.remove(&u);
+        }
         let user = &mut self.users[u as usize];
-        user.members = members;
+        user.members = low;
         if next < user.scheduled {
             user.scheduled = next;
             self.timers.push(Reverse((next, u)));
@@ -1521,9 +1628,6 @@ impl SegmentState {
         };
         for user in &self.users {
             part[1] += user.key.len();
-            if let Bits::Heap(ws) = &user.members {
-                part[7] += std::mem::size_of::<Vec<u64>>() + ws.capacity() * 8;
-            }
             part[3] += user.cells.len() * size_of::<Cell>();
             for c in user.cells.iter() {
                 match c {
@@ -1531,7 +1635,8 @@ impl SegmentState {
                     | Cell::List(..)
                     | Cell::Sum(..)
                     | Cell::ExtremeTs(..)
-                    | Cell::ExtremeNum(..) => {}
+                    | Cell::ExtremeNum(..)
+                    | Cell::Avg(..) => {}
                     Cell::Distinct(_, v) => part[6] += size_of::<Vec<u64>>() + v.capacity() * 8,
                     Cell::Acc(_, a) => {
                         part[6] += size_of::<Acc>()
@@ -1562,7 +1667,7 @@ impl SegmentState {
                             as u64;
                     }
                     Cell::TraitSnap(_, v) => part[4] += size_of::<Value>() + Value::heap_bytes(v),
-                    Cell::TraitWrite(_, w) => {
+                    Cell::TraitWrite(_, w) | Cell::TraitSame(_, w) => {
                         part[4] += size_of::<Write>() + w.1.heap_bytes() + Value::heap_bytes(&w.2)
                     }
                     Cell::TraitBoth(_, b) => {
@@ -1580,6 +1685,9 @@ impl SegmentState {
         }
         for v in self.exposed.values() {
             part[7] += v.capacity() * size_of::<(u16, Value)>();
+        }
+        for w in self.wide.values() {
+            part[7] += w.len() * 8;
         }
         b.by_part = part.map(|x| x as u64);
         b.per_user = b.by_part.iter().sum();
@@ -1694,6 +1802,43 @@ mod tests {
         assert_eq!(st.counters().type_mismatches, 1, "1 > 'a' in the FILTER");
         st.evaluate(u, t, &mut |_, _, _| {});
         assert_eq!(st.counters().type_mismatches, 2, "'pro' > 3 in the segment");
+    }
+
+    #[test]
+    fn memberships_past_the_64th_segment_survive_evaluation_and_a_checkpoint() {
+        // 70 segments: s68 holds for the user, the others do not.
+        let mut sql: String = (0..70)
+            .filter(|i| *i != 68)
+            .map(|i| format!("CREATE SEGMENT s{i} AS plan = 'p{i}';\n"))
+            .collect();
+        sql.push_str("CREATE SEGMENT s68 AS plan = 'pro';\n");
+        let file = crate::lang::parse::parse_segments(&sql).unwrap();
+        let plan = std::rc::Rc::new(Plan::compile(&file));
+        let s68 = plan.segments.iter().position(|s| s.name == "s68").unwrap();
+        assert!(s68 >= 64, "the test needs the segment in the second word");
+        let mut st = SegmentState::new(plan.clone(), -1);
+        let msg = br#"{"type":"identify","userId":"u","messageId":"m","timestamp":"2026-03-01T00:00:00Z","traits":{"plan":"pro"}}"#;
+        let ev = plan.fast_parse(msg).unwrap();
+        let u = st.intern(&ev.user);
+        let t = to_time(ev.timestamp);
+        assert!(st.apply_event(u, &ev, t));
+        let mut changes = Vec::new();
+        st.evaluate(u, t, &mut |k, o, d| changes.push((k.to_string(), o, d)));
+        assert_eq!(
+            changes,
+            vec![("u".to_string(), StateOut::Change(s68 as u16), 1)]
+        );
+        assert!(st.wide.contains_key(&u));
+        let mut back = SegmentState::new(plan.clone(), -1);
+        back.restore([st.part(true, 0)], t).unwrap();
+        let mut members = Vec::new();
+        back.for_each_member(plan.segments.len(), &mut |k, s| {
+            members.push((k.to_string(), s))
+        });
+        assert_eq!(members, vec![("u".to_string(), s68 as u16)]);
+        // Evaluated again with nothing changed: no change, the bits stay.
+        back.evaluate(0, t + 1, &mut |_, _, _| panic!("nothing changed"));
+        assert!(back.members(0).get(s68));
     }
 
     #[test]

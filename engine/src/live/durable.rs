@@ -77,7 +77,9 @@ use serde::{Deserialize, Serialize};
 /// The checkpoint format. A checkpoint of another format is refused, never misread.
 /// 2: the driver's part holds Kafka positions.
 /// 3: journey parts hold compact instances (packed triggers, exact-size lists).
-pub const FORMAT: u32 = 3;
+/// 4: segment parts hold one membership word per user (the rest beside it) and the
+///    compact `avg` and same-value trait cells.
+pub const FORMAT: u32 = 4;
 
 /// The top bit of a log record's length marks a positions record.
 const POSITIONS_RECORD: u32 = 1 << 31;
