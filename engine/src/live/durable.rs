@@ -78,7 +78,8 @@ use serde::{Deserialize, Serialize};
 /// 2: the driver's part holds Kafka positions.
 /// 3: journey parts hold compact instances (packed triggers, exact-size lists).
 /// 4: segment parts hold one membership word per user (the rest beside it) and the
-///    compact `avg` and same-value trait cells.
+///    compact `avg` and same-value trait cells; journey parts hold shorter packed
+///    triggers and no trait list for users without one.
 pub const FORMAT: u32 = 4;
 
 /// The top bit of a log record's length marks a positions record.

@@ -32,6 +32,7 @@ use crate::journey::compile::{
 };
 use crate::journey::file::Reentry;
 use crate::journey::quiet::{quiet_until, zone};
+use crate::msgid::MsgId;
 use crate::time::{format_rfc3339_ms, Time};
 use crate::value::Value;
 
@@ -209,12 +210,16 @@ impl Default for JState {
 
 /// One user's journey state. Lists are exact-size boxed slices: they change rarely (a
 /// membership or trait change) and are held for every user.
+/// A user's exposed trait values with their multiplicities.
+type Traits = Box<[((u16, Value), i32)]>;
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct UserState {
     /// The user key (a checkpoint part carries it beside the state).
     #[serde(skip)]
     key: Box<str>,
-    traits: Box<[((u16, Value), i32)]>,
+    /// Exposed trait values (journeys that read traits only): one word when there are none.
+    traits: Option<Box<Traits>>,
     members: Box<[(u16, i32)]>,
     journeys: Box<[JState]>,
 }
@@ -223,6 +228,7 @@ impl UserState {
     fn trait_value(&self, pos: u16) -> Option<&Value> {
         self.traits
             .iter()
+            .flat_map(|t| t.iter())
             .find(|((p, _), r)| *p == pos && *r > 0)
             .map(|((_, v), _)| v)
     }
@@ -231,7 +237,7 @@ impl UserState {
     }
     /// Nothing to remember: the user can be forgotten.
     fn is_empty(&self) -> bool {
-        self.traits.is_empty()
+        self.traits.is_none()
             && self.members.is_empty()
             && self
                 .journeys
@@ -243,12 +249,11 @@ impl UserState {
     fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
         self.key.len()
-            + self.traits.len() * size_of::<((u16, Value), i32)>()
-            + self
-                .traits
-                .iter()
-                .map(|((_, v), _)| v.heap_bytes())
-                .sum::<usize>()
+            + self.traits.as_ref().map_or(0, |t| {
+                size_of::<Traits>()
+                    + t.len() * size_of::<((u16, Value), i32)>()
+                    + t.iter().map(|((_, v), _)| v.heap_bytes()).sum::<usize>()
+            })
             + self.members.len() * size_of::<(u16, i32)>()
             + self.journeys.len() * size_of::<JState>()
             + self
@@ -295,7 +300,7 @@ fn add_exact<K: PartialEq>(v: &mut Box<[(K, i32)]>, k: K, r: isize) {
 const BUCKET_SHIFT: u32 = 16;
 
 /// The pending timers of one worker: a timer wheel of one level. Timers of later buckets
-/// are unsorted `(user, journey)` pairs in `far` (8 bytes each; the instant is the
+/// are unsorted `(user, journey)` pairs in `far` (6 bytes each; the instant is the
 /// instance's `wake`); when the earliest bucket comes up, its pairs are looked up, sorted
 /// and moved to `near`. A timer is never removed when its instance stops waiting: a
 /// pair whose instance no longer wakes at that instant is dropped when it comes up
@@ -308,7 +313,21 @@ struct Timers {
     /// The latest bucket whose timers are in `near` (none yet: `None`).
     open: Option<u64>,
     /// Timers of later buckets, by bucket.
-    far: BTreeMap<u64, Vec<(u32, u16)>>,
+    far: BTreeMap<u64, Vec<Pair>>,
+}
+
+/// A `(user, journey)` pair in 6 bytes (a `(u32, u16)` tuple takes 8).
+#[derive(Clone, Copy, Debug)]
+struct Pair([u16; 3]);
+
+impl Pair {
+    fn new(u: u32, j: u16) -> Pair {
+        Pair([u as u16, (u >> 16) as u16, j])
+    }
+    fn get(self) -> (u32, u16) {
+        let [lo, hi, j] = self.0;
+        (u32::from(lo) | u32::from(hi) << 16, j)
+    }
 }
 
 impl Timers {
@@ -321,7 +340,7 @@ impl Timers {
                 self.near.insert(at, x);
             }
         } else {
-            self.far.entry(b).or_default().push((u, j));
+            self.far.entry(b).or_default().push(Pair::new(u, j));
         }
     }
 
@@ -333,11 +352,11 @@ impl Timers {
         use std::mem::size_of;
         // A B-tree entry costs its key and value plus about a third for node slack.
         self.near.capacity() * size_of::<(Time, u32, u16)>()
-            + self.far.len() * (size_of::<u64>() + size_of::<Vec<(u32, u16)>>()) * 4 / 3
+            + self.far.len() * (size_of::<u64>() + size_of::<Vec<Pair>>()) * 4 / 3
             + self
                 .far
                 .values()
-                .map(|v| v.capacity() * size_of::<(u32, u16)>())
+                .map(|v| v.capacity() * size_of::<Pair>())
                 .sum::<usize>()
     }
 }
@@ -368,24 +387,39 @@ impl JourneyBytes {
     }
 }
 
-/// Packs a triggering event into the bytes an instance holds: the type, the timestamp,
-/// the event name, the message id and the properties as JSON text (nothing when empty).
-/// [`unpack_trigger`] gives the JSON the message action carries.
+/// Packs a triggering event into the bytes an instance holds: the type as one byte, the
+/// event name and the message id with varint lengths (a canonical UUID message id as its
+/// 16 bytes, [`MsgId`]), then the properties as JSON text (nothing when empty). The
+/// timestamp is the instance's `entry`. [`unpack_trigger`] gives back the JSON the message
+/// action carries.
 fn pack_trigger(e: &Event) -> Box<[u8]> {
+    fn varint(b: &mut Vec<u8>, mut n: u64) {
+        while n >= 0x80 {
+            b.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        b.push(n as u8);
+    }
     let mut b = Vec::with_capacity(32);
-    let kind = e.kind.as_str().as_bytes();
-    b.push(kind.len() as u8);
-    b.extend_from_slice(kind);
-    b.extend_from_slice(&e.timestamp.to_le_bytes());
+    b.push(e.kind as u8);
     match &e.event {
         Some(name) => {
-            b.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            varint(&mut b, name.len() as u64 + 1);
             b.extend_from_slice(name.as_bytes());
         }
-        None => b.extend_from_slice(&u32::MAX.to_le_bytes()),
+        None => varint(&mut b, 0),
     }
-    b.extend_from_slice(&(e.message_id.len() as u32).to_le_bytes());
-    b.extend_from_slice(e.message_id.as_bytes());
+    // Length times two, plus one for a UUID kept as its bytes.
+    match MsgId::new(&e.message_id) {
+        MsgId::Uuid(u) => {
+            varint(&mut b, 16 * 2 + 1);
+            b.extend_from_slice(&u);
+        }
+        MsgId::Text(t) => {
+            varint(&mut b, t.len() as u64 * 2);
+            b.extend_from_slice(t.as_bytes());
+        }
+    }
     if !e.properties.is_empty() {
         if let Ok(text) = serde_json::to_vec(&e.properties) {
             b.extend_from_slice(&text);
@@ -395,8 +429,9 @@ fn pack_trigger(e: &Event) -> Box<[u8]> {
 }
 
 /// The triggering event's JSON (`type`, `event`, `message_id`, `timestamp`,
-/// `properties`) from [`pack_trigger`]'s bytes; `None` if they are not such bytes.
-fn unpack_trigger(b: &[u8]) -> Option<Json> {
+/// `properties`) from [`pack_trigger`]'s bytes and the instance's entry timestamp;
+/// `None` if they are not such bytes.
+fn unpack_trigger(b: &[u8], timestamp: i64) -> Option<Json> {
     fn take<'b>(b: &mut &'b [u8], n: usize) -> Option<&'b [u8]> {
         let (head, rest) = (b.get(..n)?, b.get(n..)?);
         *b = rest;
@@ -405,19 +440,39 @@ fn unpack_trigger(b: &[u8]) -> Option<Json> {
     fn text<'b>(b: &mut &'b [u8], n: usize) -> Option<&'b str> {
         std::str::from_utf8(take(b, n)?).ok()
     }
-    fn len(b: &mut &[u8]) -> Option<u32> {
-        Some(u32::from_le_bytes(take(b, 4)?.try_into().ok()?))
+    fn varint(b: &mut &[u8]) -> Option<usize> {
+        let mut n: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = *take(b, 1)?.first()?;
+            n |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return usize::try_from(n).ok();
+            }
+        }
+        None
     }
+    const KINDS: [EventType; 6] = [
+        EventType::Track,
+        EventType::Identify,
+        EventType::Page,
+        EventType::Screen,
+        EventType::Group,
+        EventType::Alias,
+    ];
     let mut b = b;
-    let n = *take(&mut b, 1)?.first()? as usize;
-    let kind = text(&mut b, n)?;
-    let ts = i64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
-    let event = match len(&mut b)? {
-        u32::MAX => None,
-        n => Some(text(&mut b, n as usize)?),
+    let code = *take(&mut b, 1)?.first()?;
+    let kind = KINDS.into_iter().find(|k| *k as u8 == code)?.as_str();
+    let event = match varint(&mut b)? {
+        0 => None,
+        n => Some(text(&mut b, n - 1)?),
     };
-    let n = len(&mut b)? as usize;
-    let message_id = text(&mut b, n)?;
+    let n = varint(&mut b)?;
+    let message_id = if n % 2 == 1 {
+        let u: [u8; 16] = take(&mut b, n / 2)?.try_into().ok()?;
+        Cow::Owned(MsgId::Uuid(u).text().into_owned())
+    } else {
+        Cow::Borrowed(text(&mut b, n / 2)?)
+    };
     let properties: Map<String, Json> = if b.is_empty() {
         Map::new()
     } else {
@@ -427,7 +482,7 @@ fn unpack_trigger(b: &[u8]) -> Option<Json> {
         "type": kind,
         "event": event,
         "message_id": message_id,
-        "timestamp": format_rfc3339_ms(ts),
+        "timestamp": format_rfc3339_ms(timestamp),
         "properties": properties,
     }))
 }
@@ -508,7 +563,7 @@ impl MachinePart {
             );
             members.sort_by_key(|(seg, _)| *seg);
             st.members = members.into_boxed_slice();
-            let mut traits = std::mem::take(&mut st.traits).into_vec();
+            let mut traits = st.traits.take().map(|t| t.into_vec()).unwrap_or_default();
             traits.retain_mut(|((pos, _), _)| {
                 match r.exposed.get(*pos as usize).copied().flatten() {
                     Some(to) => {
@@ -518,7 +573,7 @@ impl MachinePart {
                     None => false,
                 }
             });
-            st.traits = traits.into_boxed_slice();
+            st.traits = (!traits.is_empty()).then(|| Box::new(traits.into_boxed_slice()));
         }
     }
 }
@@ -699,7 +754,8 @@ impl Machine {
             let (b, list) = self.timers.far.pop_first()?;
             let mut near: Vec<(Time, u32, u16)> = list
                 .into_iter()
-                .filter_map(|(u, j)| {
+                .filter_map(|p| {
+                    let (u, j) = p.get();
                     let w = self.users.get(u as usize)?.journeys.get(j as usize)?;
                     let w = w.active.as_ref()?.wake()?;
                     (w >> BUCKET_SHIFT == b).then_some((w, u, j))
@@ -817,7 +873,11 @@ impl Machine {
                     add_exact(&mut state.members, s, r);
                     add(&mut changes, s, r);
                 }
-                JIn::Trait(p, v) => add_exact(&mut state.traits, (p, v), r),
+                JIn::Trait(p, v) => {
+                    let mut t = state.traits.take().map_or_else(Box::default, |t| *t);
+                    add_exact(&mut t, (p, v), r);
+                    state.traits = (!t.is_empty()).then(|| Box::new(t));
+                }
             }
         }
         events.sort_by(|a, b| (a.timestamp, &a.message_id).cmp(&(b.timestamp, &b.message_id)));
@@ -1200,7 +1260,10 @@ impl<'a> At<'a> {
                             other => other.to_json().to_string(),
                         }),
                         traits,
-                        event: inst.trigger.as_deref().and_then(unpack_trigger),
+                        event: inst
+                            .trigger
+                            .as_deref()
+                            .and_then(|b| unpack_trigger(b, inst.entry)),
                         time: t as i64,
                     }));
                     inst.pc += 1;
@@ -1248,4 +1311,75 @@ pub fn message_id(journey: &str, user: &str, entry: i64, path: &str) -> String {
         h.update(part);
     }
     format!("{:032x}", h.digest128())
+}
+
+#[cfg(test)]
+mod pack_tests {
+    use super::*;
+
+    fn event(kind: EventType, name: Option<&str>, id: &str, props: Json) -> Event {
+        Event {
+            user: "u".into(),
+            kind,
+            event: name.map(Into::into),
+            message_id: id.into(),
+            timestamp: 1_772_323_200_123,
+            properties: props.as_object().cloned().unwrap_or_default(),
+            context: Map::new(),
+            traits: Map::new(),
+        }
+    }
+
+    #[test]
+    fn a_packed_trigger_unpacks_to_the_events_json() {
+        let long = "x".repeat(300); // a length past one varint byte
+        for e in [
+            event(
+                EventType::Track,
+                Some("Order Completed"),
+                "8d3f2a10-1c2b-4d5e-8f90-a1b2c3d4e5f6",
+                json!({"revenue": 12.5, "items": [1, 2]}),
+            ),
+            event(EventType::Page, None, "m1", json!({})),
+            event(EventType::Alias, Some(""), &long, json!({"k": long})),
+            // Upper-case hex is not canonical: it stays text, as written.
+            event(
+                EventType::Identify,
+                Some("é"),
+                "8D3F2A10-1C2B-4D5E-8F90-A1B2C3D4E5F6",
+                json!({}),
+            ),
+        ] {
+            let got = unpack_trigger(&pack_trigger(&e), e.timestamp).unwrap();
+            let want = json!({
+                "type": e.kind.as_str(),
+                "event": e.event,
+                "message_id": e.message_id,
+                "timestamp": format_rfc3339_ms(e.timestamp),
+                "properties": e.properties,
+            });
+            assert_eq!(got, want);
+        }
+        assert!(unpack_trigger(&[9], 0).is_none(), "no such type");
+        assert!(unpack_trigger(&[0, 5, b'a'], 0).is_none(), "cut short");
+    }
+}
+
+#[cfg(test)]
+mod pair_tests {
+    use super::Pair;
+
+    #[test]
+    fn a_pair_holds_any_user_and_journey() {
+        assert_eq!(std::mem::size_of::<Pair>(), 6);
+        for (u, j) in [
+            (0, 0),
+            (1, 2),
+            (65_535, 7),
+            (65_536, 1),
+            (u32::MAX, u16::MAX),
+        ] {
+            assert_eq!(Pair::new(u, j).get(), (u, j));
+        }
+    }
 }
