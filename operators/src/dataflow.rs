@@ -312,14 +312,19 @@ pub fn build_segments_durable<'s>(
 
     let mut journey_state = None;
     let journey_out = journeys.map(|set| {
+        // Changes of segments no journey reads are not the journeys' to keep.
+        let read = set.segments_read();
         let input = out
-            .map(|((user, o), t, r)| {
+            .flat_map(move |((user, o), t, r)| {
                 let x = match o {
-                    StateOut::Change(seg) => JIn::Member(seg),
+                    StateOut::Change(seg) if read.get(seg as usize) == Some(&true) => {
+                        JIn::Member(seg)
+                    }
+                    StateOut::Change(_) => return None,
                     StateOut::Event(e) => JIn::Event(e),
                     StateOut::Trait(k, v) => JIn::Trait(k, v),
                 };
-                ((user, x), t, r)
+                Some(((user, x), t, r))
             })
             .as_collection();
         let (out, handle) = run_journeys(

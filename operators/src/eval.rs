@@ -450,39 +450,49 @@ pub fn breakpoints(e: &CExpr, ctx: &dyn Context, out: &mut Vec<i64>) {
 
 /// True if `e` mentions `now()` anywhere (so its value depends on time).
 pub fn mentions_now(e: &CExpr) -> bool {
-    fn walk(e: &CExpr, found: &mut bool) {
-        match e {
-            CExpr::Now(_) => *found = true,
-            CExpr::Cmp(_, a, b)
-            | CExpr::Arith(_, a, b)
-            | CExpr::And(a, b)
-            | CExpr::Or(a, b)
-            | CExpr::Like(a, b, _) => {
-                walk(a, found);
-                walk(b, found);
-            }
-            CExpr::Neg(a)
-            | CExpr::Not(a)
-            | CExpr::IsNull(a, _)
-            | CExpr::Lower(a)
-            | CExpr::Upper(a)
-            | CExpr::HashBucket(a, _, _) => walk(a, found),
-            CExpr::Between(a, b, c, _) => {
-                walk(a, found);
-                walk(b, found);
-                walk(c, found);
-            }
-            CExpr::InList(a, l, _) => {
-                walk(a, found);
-                l.iter().for_each(|x| walk(x, found));
-            }
-            CExpr::Coalesce(l) => l.iter().for_each(|x| walk(x, found)),
-            _ => {}
-        }
-    }
     let mut found = false;
-    walk(e, &mut found);
+    visit(e, &mut |x| found |= matches!(x, CExpr::Now(_)));
     found
+}
+
+/// Calls `f` on `e` and on every expression inside it.
+pub fn visit(e: &CExpr, f: &mut dyn FnMut(&CExpr)) {
+    f(e);
+    match e {
+        CExpr::Cmp(_, a, b)
+        | CExpr::Arith(_, a, b)
+        | CExpr::And(a, b)
+        | CExpr::Or(a, b)
+        | CExpr::Like(a, b, _) => {
+            visit(a, f);
+            visit(b, f);
+        }
+        CExpr::Neg(a)
+        | CExpr::Not(a)
+        | CExpr::IsNull(a, _)
+        | CExpr::Lower(a)
+        | CExpr::Upper(a)
+        | CExpr::HashBucket(a, _, _) => visit(a, f),
+        CExpr::Between(a, b, c, _) => {
+            visit(a, f);
+            visit(b, f);
+            visit(c, f);
+        }
+        CExpr::InList(a, l, _) => {
+            visit(a, f);
+            l.iter().for_each(|x| visit(x, f));
+        }
+        CExpr::Coalesce(l) => l.iter().for_each(|x| visit(x, f)),
+        CExpr::Lit(_)
+        | CExpr::Interval(_)
+        | CExpr::Now(_)
+        | CExpr::UserId
+        | CExpr::Trait(_)
+        | CExpr::Field(_)
+        | CExpr::Path(..)
+        | CExpr::Agg(_)
+        | CExpr::InSegment(_) => {}
+    }
 }
 
 /// The half-open intervals `[from, until)` of dataflow time, at or after `start`, during

@@ -122,10 +122,9 @@ type Write = (i64, MsgId, Value);
 enum Cell {
     /// Window-free `count(*)` / `count(x)`: matching events.
     Count(u16, u64),
-    /// Window-free `count(DISTINCT x)`: fingerprints of the distinct values, sorted.
-    // Boxed so the variant is one word (clippy's box_collection assumes the Vec is inline).
-    #[allow(clippy::box_collection)]
-    Distinct(u16, Box<Vec<u64>>),
+    /// Window-free `count(DISTINCT x)`: fingerprints of the distinct values, sorted, in
+    /// an exact-size array (boxed again so the variant is one word).
+    Distinct(u16, Box<Box<[u64]>>),
     /// Window-free `sum`.
     Sum(u16, f64),
     /// Window-free `min/max` whose best value is a timestamp (most are: `min(timestamp)`).
@@ -1637,7 +1636,7 @@ impl SegmentState {
                     | Cell::ExtremeTs(..)
                     | Cell::ExtremeNum(..)
                     | Cell::Avg(..) => {}
-                    Cell::Distinct(_, v) => part[6] += size_of::<Vec<u64>>() + v.capacity() * 8,
+                    Cell::Distinct(_, v) => part[6] += size_of::<Box<[u64]>>() + v.len() * 8,
                     Cell::Acc(_, a) => {
                         part[6] += size_of::<Acc>()
                             + match &**a {
@@ -1740,7 +1739,13 @@ fn add_count(user: &mut User, slot: u32, val: &FactVal) {
             {
                 let f = fingerprint(v);
                 if let Err(i) = set.binary_search(&f) {
-                    set.insert(i, f);
+                    // Exact size: a user's set grows by one value at a time and is read
+                    // far more often than it grows.
+                    let mut grown = Vec::with_capacity(set.len() + 1);
+                    grown.extend_from_slice(&set[..i]);
+                    grown.push(f);
+                    grown.extend_from_slice(&set[i..]);
+                    **set = grown.into_boxed_slice();
                 }
             }
         }

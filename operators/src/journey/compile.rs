@@ -159,6 +159,46 @@ pub struct JourneySet {
 }
 
 impl JourneySet {
+    /// Per plan segment, whether a journey reads its membership: a trigger (entry or
+    /// exit), an `in_segment` in a condition, or a branch arm's hidden segment. The
+    /// journeys need no other segment's changes.
+    pub fn segments_read(&self) -> Vec<bool> {
+        let mut read = vec![false; self.plan.segments.len()];
+        let mut mark = |s: usize| {
+            if let Some(r) = read.get_mut(s) {
+                *r = true;
+            }
+        };
+        let cond = |c: &Option<CExpr>, mark: &mut dyn FnMut(usize)| {
+            if let Some(c) = c {
+                crate::eval::visit(c, &mut |x| {
+                    if let CExpr::InSegment(s) = x {
+                        mark(*s);
+                    }
+                });
+            }
+        };
+        for j in &self.journeys {
+            for t in std::iter::once(&j.entry).chain(j.exits.iter().map(|x| &x.trigger)) {
+                if let CTrigger::Entered(s) | CTrigger::Exited(s) = t {
+                    mark(*s as usize);
+                }
+            }
+            cond(&j.entry_cond, &mut mark);
+            for x in &j.exits {
+                cond(&x.cond, &mut mark);
+            }
+            for op in &j.ops {
+                match op {
+                    Op::WaitUntil { cond: c, .. } => cond(c, &mut mark),
+                    Op::Branch { arms, .. } => arms.iter().for_each(|(s, _)| mark(*s as usize)),
+                    _ => {}
+                }
+            }
+        }
+        read
+    }
+
     /// Whether some journey has an `update_trait` step (so its writes loop back).
     pub fn writes_traits(&self) -> bool {
         self.journeys
