@@ -116,6 +116,51 @@ pub(crate) fn fold(kind: AggKind, acc: Option<&Acc>, ev: &Projected, v: Value) -
 /// A trait's latest identify write: `(timestamp, message id, value)`.
 type Write = (i64, MsgId, Value);
 
+/// A write as a trait cell keeps it: the message id as a canonical UUID's 16 bytes
+/// (`[u8; 16]`) or as text (`Box<str>`): 48 bytes either way, where a [`Write`] takes 56.
+type Kept<I> = (i64, I, Value);
+
+/// A message id as a trait cell holds it.
+#[derive(Clone, Copy, Debug)]
+enum IdRef<'a> {
+    Uuid(&'a [u8; 16]),
+    Text(&'a str),
+}
+
+/// A trait's latest write, borrowed from its cell.
+#[derive(Clone, Copy, Debug)]
+struct WriteRef<'a> {
+    ts: i64,
+    id: IdRef<'a>,
+    value: &'a Value,
+}
+
+impl WriteRef<'_> {
+    /// The id compared with one given as text, in text order.
+    fn cmp_id(&self, other: &str) -> Ordering {
+        match self.id {
+            IdRef::Uuid(u) => MsgId::Uuid(*u).cmp_text(other),
+            IdRef::Text(t) => t.cmp(other),
+        }
+    }
+}
+
+fn uuid_ref(w: &Kept<[u8; 16]>) -> WriteRef<'_> {
+    WriteRef {
+        ts: w.0,
+        id: IdRef::Uuid(&w.1),
+        value: &w.2,
+    }
+}
+
+fn text_ref(w: &Kept<Box<str>>) -> WriteRef<'_> {
+    WriteRef {
+        ts: w.0,
+        id: IdRef::Text(&w.1),
+        value: &w.2,
+    }
+}
+
 /// One slot of one user's state, in 16 bytes: every variant is the slot number and one
 /// word (larger parts are boxed), so a user's cells are one small array.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,21 +185,29 @@ enum Cell {
     WinVal(u16, Box<Window<FactVal>>),
     /// A trait with a snapshot cell only.
     TraitSnap(u16, Box<Value>),
-    /// A trait with an identify write only.
-    TraitWrite(u16, Box<Write>),
+    /// A trait with an identify write only (its message id a canonical UUID).
+    TraitWrite(u16, Box<Kept<[u8; 16]>>),
     /// A trait with both: the snapshot cell and the latest identify write.
-    TraitBoth(u16, Box<(Value, Write)>),
+    TraitBoth(u16, Box<(Value, Kept<[u8; 16]>)>),
     /// A static list or warehouse audience: membership multiplicity.
     List(u16, i32),
     /// Window-free `avg`: the count of values (in the slot's padding) and their sum.
     Avg(u16, u32, f64),
     /// A trait whose snapshot cell is the latest write's value (a CRM export of what the
     /// app identified, the common case), kept once.
-    TraitSame(u16, Box<Write>),
+    TraitSame(u16, Box<Kept<[u8; 16]>>),
+    /// [`Cell::TraitWrite`] of a write whose message id is not a canonical UUID.
+    TraitWriteText(u16, Box<Kept<Box<str>>>),
+    /// [`Cell::TraitBoth`] of a write whose message id is not a canonical UUID.
+    TraitBothText(u16, Box<(Value, Kept<Box<str>>)>),
+    /// [`Cell::TraitSame`] of a write whose message id is not a canonical UUID.
+    TraitSameText(u16, Box<Kept<Box<str>>>),
 }
 
 // Every variant is a slot and one word: a user's cells are an array of 16-byte entries.
 const _: () = assert!(std::mem::size_of::<Cell>() == 16);
+const _: () = assert!(std::mem::size_of::<Kept<[u8; 16]>>() == 48);
+const _: () = assert!(std::mem::size_of::<Kept<Box<str>>>() == 48);
 
 /// Whether two values are the same value, bit for bit (`==` takes `-0` for `0`).
 fn identical(a: &Value, b: &Value) -> bool {
@@ -181,6 +234,9 @@ impl Cell {
             | Cell::TraitWrite(s, _)
             | Cell::TraitBoth(s, _)
             | Cell::TraitSame(s, _)
+            | Cell::TraitWriteText(s, _)
+            | Cell::TraitBothText(s, _)
+            | Cell::TraitSameText(s, _)
             | Cell::List(s, _) => *s = slot,
         }
     }
@@ -200,6 +256,9 @@ impl Cell {
             | Cell::TraitWrite(s, _)
             | Cell::TraitBoth(s, _)
             | Cell::TraitSame(s, _)
+            | Cell::TraitWriteText(s, _)
+            | Cell::TraitBothText(s, _)
+            | Cell::TraitSameText(s, _)
             | Cell::List(s, _) => *s,
         };
         u32::from(s)
@@ -230,24 +289,73 @@ impl Cell {
     }
 
     /// A trait's snapshot cell and latest write; `None` for other cells.
-    fn trait_parts(&self) -> Option<(Option<&Value>, Option<&Write>)> {
+    fn trait_parts(&self) -> Option<(Option<&Value>, Option<WriteRef<'_>>)> {
         Some(match self {
             Cell::TraitSnap(_, v) => (Some(&**v), None),
-            Cell::TraitWrite(_, w) => (None, Some(&**w)),
-            Cell::TraitBoth(_, b) => (Some(&b.0), Some(&b.1)),
-            Cell::TraitSame(_, w) => (Some(&w.2), Some(&**w)),
+            Cell::TraitWrite(_, w) => (None, Some(uuid_ref(w))),
+            Cell::TraitBoth(_, b) => (Some(&b.0), Some(uuid_ref(&b.1))),
+            Cell::TraitSame(_, w) => (Some(&w.2), Some(uuid_ref(w))),
+            Cell::TraitWriteText(_, w) => (None, Some(text_ref(w))),
+            Cell::TraitBothText(_, b) => (Some(&b.0), Some(text_ref(&b.1))),
+            Cell::TraitSameText(_, w) => (Some(&w.2), Some(text_ref(w))),
             _ => return None,
         })
     }
 
+    /// A trait cell's snapshot value and write, owned; `Err` gives back any other cell.
+    fn into_trait(self) -> Result<(Option<Value>, Option<Write>), Cell> {
+        fn uuid((t, u, v): Kept<[u8; 16]>) -> Write {
+            (t, MsgId::Uuid(u), v)
+        }
+        fn text((t, s, v): Kept<Box<str>>) -> Write {
+            (t, MsgId::Text(s), v)
+        }
+        Ok(match self {
+            Cell::TraitSnap(_, v) => (Some(*v), None),
+            Cell::TraitWrite(_, w) => (None, Some(uuid(*w))),
+            Cell::TraitBoth(_, b) => (Some(b.0), Some(uuid(b.1))),
+            Cell::TraitSame(_, w) => (Some(w.2.clone()), Some(uuid(*w))),
+            Cell::TraitWriteText(_, w) => (None, Some(text(*w))),
+            Cell::TraitBothText(_, b) => (Some(b.0), Some(text(b.1))),
+            Cell::TraitSameText(_, w) => (Some(w.2.clone()), Some(text(*w))),
+            other => return Err(other),
+        })
+    }
+
+    /// Bytes of a trait cell's box and the heap it points to (0 for other cells).
+    fn trait_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let kept = |v: &Value, id: usize| size_of::<Kept<[u8; 16]>>() + id + Value::heap_bytes(v);
+        match self {
+            Cell::TraitSnap(_, v) => size_of::<Value>() + Value::heap_bytes(v),
+            Cell::TraitWrite(_, w) | Cell::TraitSame(_, w) => kept(&w.2, 0),
+            Cell::TraitWriteText(_, w) | Cell::TraitSameText(_, w) => kept(&w.2, w.1.len()),
+            Cell::TraitBoth(_, b) => {
+                size_of::<Value>() + Value::heap_bytes(&b.0) + kept(&b.1 .2, 0)
+            }
+            Cell::TraitBothText(_, b) => {
+                size_of::<Value>() + Value::heap_bytes(&b.0) + kept(&b.1 .2, b.1 .1.len())
+            }
+            _ => 0,
+        }
+    }
+
     /// The cell of a trait with these parts; `None` when it has neither.
     fn from_trait(slot: u16, snap: Option<Value>, write: Option<Write>) -> Option<Cell> {
-        Some(match (snap, write) {
-            (Some(v), None) => Cell::TraitSnap(slot, Box::new(v)),
-            (None, Some(w)) => Cell::TraitWrite(slot, Box::new(w)),
-            (Some(v), Some(w)) if identical(&v, &w.2) => Cell::TraitSame(slot, Box::new(w)),
-            (Some(v), Some(w)) => Cell::TraitBoth(slot, Box::new((v, w))),
-            (None, None) => return None,
+        let Some((t, id, w)) = write else {
+            return snap.map(|v| Cell::TraitSnap(slot, Box::new(v)));
+        };
+        Some(match (snap, id) {
+            (None, MsgId::Uuid(u)) => Cell::TraitWrite(slot, Box::new((t, u, w))),
+            (None, MsgId::Text(s)) => Cell::TraitWriteText(slot, Box::new((t, s, w))),
+            (Some(v), MsgId::Uuid(u)) if identical(&v, &w) => {
+                Cell::TraitSame(slot, Box::new((t, u, w)))
+            }
+            (Some(v), MsgId::Text(s)) if identical(&v, &w) => {
+                Cell::TraitSameText(slot, Box::new((t, s, w)))
+            }
+            (Some(v), MsgId::Uuid(u)) => Cell::TraitBoth(slot, Box::new((v, (t, u, w)))),
+            (Some(v), MsgId::Text(s)) => Cell::TraitBothText(slot, Box::new((v, (t, s, w)))),
         })
     }
 
@@ -451,15 +559,11 @@ impl User {
     fn update_trait(&mut self, slot: u32, f: impl FnOnce(&mut Option<Value>, &mut Option<Write>)) {
         let found = self.cells.binary_search_by_key(&slot, Cell::slot);
         let (mut snap, mut write) = match found {
-            Ok(i) => match std::mem::replace(&mut self.cells[i], Cell::List(slot as u16, 0)) {
-                Cell::TraitSnap(_, v) => (Some(*v), None),
-                Cell::TraitWrite(_, w) => (None, Some(*w)),
-                Cell::TraitBoth(_, b) => {
-                    let (v, w) = *b;
-                    (Some(v), Some(w))
-                }
-                Cell::TraitSame(_, w) => (Some(w.2.clone()), Some(*w)),
-                other => {
+            Ok(i) => match std::mem::replace(&mut self.cells[i], Cell::List(slot as u16, 0))
+                .into_trait()
+            {
+                Ok(parts) => parts,
+                Err(other) => {
                     self.cells[i] = other;
                     return;
                 }
@@ -1191,7 +1295,7 @@ impl SegmentState {
                 .cells
                 .iter()
                 .filter_map(Cell::trait_parts)
-                .any(|(_, w)| w.is_some_and(|w| lo <= w.0 && w.0 < hi));
+                .any(|(_, w)| w.is_some_and(|w| lo <= w.ts && w.ts < hi));
             if flips {
                 dirty.push(u as u32);
                 self.touched.insert(u as u32, ALL_SLOTS);
@@ -1363,8 +1467,8 @@ impl SegmentState {
         for (slot, val) in ev.traits.iter() {
             let slot = *slot;
             let newer = match user.cell(slot).and_then(Cell::trait_parts) {
-                Some((_, Some(w))) => match ev.timestamp.cmp(&w.0) {
-                    Ordering::Equal => w.1.cmp_text(&ev.message_id) == Ordering::Less,
+                Some((_, Some(w))) => match ev.timestamp.cmp(&w.ts) {
+                    Ordering::Equal => w.cmp_id(&ev.message_id) == Ordering::Less,
                     later => later == Ordering::Greater,
                 },
                 _ => true,
@@ -1478,12 +1582,15 @@ impl SegmentState {
                 Cell::TraitSnap(..)
                 | Cell::TraitWrite(..)
                 | Cell::TraitBoth(..)
-                | Cell::TraitSame(..) => {
+                | Cell::TraitSame(..)
+                | Cell::TraitWriteText(..)
+                | Cell::TraitBothText(..)
+                | Cell::TraitSameText(..) => {
                     let (snap, write) = cell.trait_parts().unwrap_or((None, None));
                     let v = match (write, snap) {
-                        (Some(w), _) if w.0 >= self.clock => &w.2,
+                        (Some(w), _) if w.ts >= self.clock => w.value,
                         (_, Some(s)) => s,
-                        (Some(w), None) => &w.2,
+                        (Some(w), None) => w.value,
                         (None, None) => &NULL,
                     };
                     traits[k - n_aggs] = Cow::Borrowed(v);
@@ -1665,16 +1772,13 @@ impl SegmentState {
                             + w.later.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
-                    Cell::TraitSnap(_, v) => part[4] += size_of::<Value>() + Value::heap_bytes(v),
-                    Cell::TraitWrite(_, w) | Cell::TraitSame(_, w) => {
-                        part[4] += size_of::<Write>() + w.1.heap_bytes() + Value::heap_bytes(&w.2)
-                    }
-                    Cell::TraitBoth(_, b) => {
-                        part[4] += size_of::<(Value, Write)>()
-                            + Value::heap_bytes(&b.0)
-                            + b.1 .1.heap_bytes()
-                            + Value::heap_bytes(&b.1 .2)
-                    }
+                    Cell::TraitSnap(..)
+                    | Cell::TraitWrite(..)
+                    | Cell::TraitBoth(..)
+                    | Cell::TraitSame(..)
+                    | Cell::TraitWriteText(..)
+                    | Cell::TraitBothText(..)
+                    | Cell::TraitSameText(..) => part[4] += c.trait_bytes(),
                 }
             }
         }
