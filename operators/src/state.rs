@@ -121,7 +121,7 @@ type Write = (i64, MsgId, Value);
 type Kept<I> = (i64, I, Value);
 
 /// A message id as a trait cell holds it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IdRef<'a> {
     Uuid(&'a [u8; 16]),
     Text(&'a str),
@@ -135,7 +135,21 @@ struct WriteRef<'a> {
     value: &'a Value,
 }
 
-impl WriteRef<'_> {
+impl IdRef<'_> {
+    fn to_owned(self) -> MsgId {
+        match self {
+            IdRef::Uuid(u) => MsgId::Uuid(*u),
+            IdRef::Text(t) => MsgId::Text(t.into()),
+        }
+    }
+}
+
+impl<'a> WriteRef<'a> {
+    /// The write's timestamp and message id.
+    fn stamp(self) -> (i64, IdRef<'a>) {
+        (self.ts, self.id)
+    }
+
     /// The id compared with one given as text, in text order.
     fn cmp_id(&self, other: &str) -> Ordering {
         match self.id {
@@ -202,6 +216,14 @@ enum Cell {
     TraitBothText(u16, Box<(Value, Kept<Box<str>>)>),
     /// [`Cell::TraitSame`] of a write whose message id is not a canonical UUID.
     TraitSameText(u16, Box<Kept<Box<str>>>),
+    /// [`Cell::TraitWrite`] whose write has the previous cell's timestamp and message id
+    /// (one identify writing several traits): the value only.
+    TraitWriteLinked(u16, Box<Value>),
+    /// [`Cell::TraitSame`] with the previous cell's timestamp and message id.
+    TraitSameLinked(u16, Box<Value>),
+    /// [`Cell::TraitBoth`] with the previous cell's timestamp and message id: the snapshot
+    /// cell and the write's value.
+    TraitBothLinked(u16, Box<(Value, Value)>),
 }
 
 // Every variant is a slot and one word: a user's cells are an array of 16-byte entries.
@@ -237,6 +259,9 @@ impl Cell {
             | Cell::TraitWriteText(s, _)
             | Cell::TraitBothText(s, _)
             | Cell::TraitSameText(s, _)
+            | Cell::TraitWriteLinked(s, _)
+            | Cell::TraitSameLinked(s, _)
+            | Cell::TraitBothLinked(s, _)
             | Cell::List(s, _) => *s = slot,
         }
     }
@@ -259,6 +284,9 @@ impl Cell {
             | Cell::TraitWriteText(s, _)
             | Cell::TraitBothText(s, _)
             | Cell::TraitSameText(s, _)
+            | Cell::TraitWriteLinked(s, _)
+            | Cell::TraitSameLinked(s, _)
+            | Cell::TraitBothLinked(s, _)
             | Cell::List(s, _) => *s,
         };
         u32::from(s)
@@ -288,9 +316,19 @@ impl Cell {
         }
     }
 
-    /// A trait's snapshot cell and latest write; `None` for other cells.
-    fn trait_parts(&self) -> Option<(Option<&Value>, Option<WriteRef<'_>>)> {
+    /// A trait's snapshot cell and latest write; `None` for other cells. A linked cell's
+    /// write has the stamp `prev` gives (the previous cell's).
+    fn trait_parts<'a>(
+        &'a self,
+        prev: impl FnOnce() -> Option<(i64, IdRef<'a>)>,
+    ) -> Option<(Option<&'a Value>, Option<WriteRef<'a>>)> {
+        let linked = |value: &'a Value, prev: Option<(i64, IdRef<'a>)>| {
+            prev.map(|(ts, id)| WriteRef { ts, id, value })
+        };
         Some(match self {
+            Cell::TraitWriteLinked(_, v) => (None, linked(v, prev())),
+            Cell::TraitSameLinked(_, v) => (Some(&**v), linked(v, prev())),
+            Cell::TraitBothLinked(_, b) => (Some(&b.0), linked(&b.1, prev())),
             Cell::TraitSnap(_, v) => (Some(&**v), None),
             Cell::TraitWrite(_, w) => (None, Some(uuid_ref(w))),
             Cell::TraitBoth(_, b) => (Some(&b.0), Some(uuid_ref(&b.1))),
@@ -302,7 +340,40 @@ impl Cell {
         })
     }
 
-    /// A trait cell's snapshot value and write, owned; `Err` gives back any other cell.
+    /// Whether the cell takes its write's stamp from the previous cell.
+    fn is_linked(&self) -> bool {
+        matches!(
+            self,
+            Cell::TraitWriteLinked(..) | Cell::TraitSameLinked(..) | Cell::TraitBothLinked(..)
+        )
+    }
+
+    /// The cell without its write's stamp (which the previous cell has).
+    fn linked(self) -> Cell {
+        match self {
+            Cell::TraitWrite(s, w) => Cell::TraitWriteLinked(s, Box::new(w.2)),
+            Cell::TraitWriteText(s, w) => Cell::TraitWriteLinked(s, Box::new(w.2)),
+            Cell::TraitSame(s, w) => Cell::TraitSameLinked(s, Box::new(w.2)),
+            Cell::TraitSameText(s, w) => Cell::TraitSameLinked(s, Box::new(w.2)),
+            Cell::TraitBoth(s, b) => Cell::TraitBothLinked(s, Box::new((b.0, b.1 .2))),
+            Cell::TraitBothText(s, b) => Cell::TraitBothLinked(s, Box::new((b.0, b.1 .2))),
+            other => other,
+        }
+    }
+
+    /// A linked cell with its write's stamp put back.
+    fn unlinked(self, (ts, id): (i64, MsgId)) -> Cell {
+        let (slot, snap, value) = match self {
+            Cell::TraitWriteLinked(s, v) => (s, None, *v),
+            Cell::TraitSameLinked(s, v) => (s, Some((*v).clone()), *v),
+            Cell::TraitBothLinked(s, b) => (s, Some(b.0), b.1),
+            other => return other,
+        };
+        Cell::from_trait(slot, snap, Some((ts, id, value))).unwrap_or(Cell::List(slot, 0))
+    }
+
+    /// A trait cell's snapshot value and write, owned; `Err` gives back any other cell
+    /// (and a linked one, whose stamp is not its own: see [`User::unlink`]).
     fn into_trait(self) -> Result<(Option<Value>, Option<Write>), Cell> {
         fn uuid((t, u, v): Kept<[u8; 16]>) -> Write {
             (t, MsgId::Uuid(u), v)
@@ -335,6 +406,12 @@ impl Cell {
             }
             Cell::TraitBothText(_, b) => {
                 size_of::<Value>() + Value::heap_bytes(&b.0) + kept(&b.1 .2, b.1 .1.len())
+            }
+            Cell::TraitWriteLinked(_, v) | Cell::TraitSameLinked(_, v) => {
+                size_of::<Value>() + Value::heap_bytes(v)
+            }
+            Cell::TraitBothLinked(_, b) => {
+                2 * size_of::<Value>() + Value::heap_bytes(&b.0) + Value::heap_bytes(&b.1)
             }
             _ => 0,
         }
@@ -545,6 +622,8 @@ impl User {
         let i = match self.cells.binary_search_by_key(&slot, Cell::slot) {
             Ok(i) => i,
             Err(i) => {
+                // The cell at `i` will follow another: it keeps its own stamp.
+                self.unlink(i);
                 let mut cells = std::mem::take(&mut self.cells).into_vec();
                 cells.insert(i, new(slot as u16));
                 self.cells = cells.into_boxed_slice();
@@ -554,9 +633,80 @@ impl User {
         &mut self.cells[i]
     }
 
+    /// The trait parts of cell `i` (`None`: not a trait cell).
+    fn trait_at(&self, i: usize) -> Option<(Option<&Value>, Option<WriteRef<'_>>)> {
+        self.cells
+            .get(i)?
+            .trait_parts(|| Some(self.trait_at(i.checked_sub(1)?)?.1?.stamp()))
+    }
+
+    /// Gives cell `i` its own stamp if it takes the previous cell's (before that cell, or
+    /// the cells' order, changes).
+    fn unlink(&mut self, i: usize) {
+        if !self.cells.get(i).is_some_and(Cell::is_linked) {
+            return;
+        }
+        let stamp = i
+            .checked_sub(1)
+            .and_then(|p| self.trait_at(p)?.1)
+            .map(|w| (w.ts, w.id.to_owned()));
+        // A linked cell always follows a cell with a write; were it not so, the stamp
+        // that sorts before every write keeps the value and lets any later write win.
+        let stamp = stamp.unwrap_or((i64::MIN, MsgId::Text("".into())));
+        let cell = std::mem::replace(&mut self.cells[i], Cell::List(0, 0));
+        self.cells[i] = cell.unlinked(stamp);
+    }
+
+    /// Links cell `i` to the previous cell when their writes have the same stamp (the
+    /// traits one identify wrote).
+    fn relink(&mut self, i: usize) {
+        let same = match (i.checked_sub(1), self.cells.get(i)) {
+            (Some(p), Some(c)) if !c.is_linked() => {
+                let mine = self.trait_at(i).and_then(|t| t.1).map(|w| w.stamp());
+                let theirs = self.trait_at(p).and_then(|t| t.1).map(|w| w.stamp());
+                mine.is_some() && mine == theirs
+            }
+            _ => false,
+        };
+        if same {
+            let cell = std::mem::replace(&mut self.cells[i], Cell::List(0, 0));
+            self.cells[i] = cell.linked();
+        }
+    }
+
+    /// Every cell with its own stamp (before cells move to other slots).
+    fn unlink_all(&mut self) {
+        for i in 0..self.cells.len() {
+            self.unlink(i);
+        }
+    }
+
     /// Changes a trait's snapshot cell and latest write with `f`; a trait left with
     /// neither loses its cell.
     fn update_trait(&mut self, slot: u32, f: impl FnOnce(&mut Option<Value>, &mut Option<Write>)) {
+        let at = match self.cells.binary_search_by_key(&slot, Cell::slot) {
+            Ok(i) => {
+                // The next cell may take its stamp from this one, which changes.
+                self.unlink(i + 1);
+                self.unlink(i);
+                i
+            }
+            // A new cell goes before the one at `i`, which then follows another.
+            Err(i) => {
+                self.unlink(i);
+                i
+            }
+        };
+        self.update_trait_cell(slot, f);
+        self.relink(at);
+        self.relink(at + 1);
+    }
+
+    fn update_trait_cell(
+        &mut self,
+        slot: u32,
+        f: impl FnOnce(&mut Option<Value>, &mut Option<Write>),
+    ) {
         let found = self.cells.binary_search_by_key(&slot, Cell::slot);
         let (mut snap, mut write) = match found {
             Ok(i) => match std::mem::replace(&mut self.cells[i], Cell::List(slot as u16, 0))
@@ -873,6 +1023,8 @@ impl SegmentPart {
             .filter_map(|(u, w)| Some((u, w?)))
             .collect();
         for (u, user) in &mut self.users {
+            // Cells move and some go: each keeps its own stamp from here on.
+            user.unlink_all();
             let mut cells: Vec<Cell> = std::mem::take(&mut user.cells)
                 .into_vec()
                 .into_iter()
@@ -1291,10 +1443,8 @@ impl SegmentState {
         }
         let (lo, hi) = (old.min(new), old.max(new));
         for (u, user) in self.users.iter().enumerate() {
-            let flips = user
-                .cells
-                .iter()
-                .filter_map(Cell::trait_parts)
+            let flips = (0..user.cells.len())
+                .filter_map(|i| user.trait_at(i))
                 .any(|(_, w)| w.is_some_and(|w| lo <= w.ts && w.ts < hi));
             if flips {
                 dirty.push(u as u32);
@@ -1466,7 +1616,8 @@ impl SegmentState {
         }
         for (slot, val) in ev.traits.iter() {
             let slot = *slot;
-            let newer = match user.cell(slot).and_then(Cell::trait_parts) {
+            let at = user.cells.binary_search_by_key(&slot, Cell::slot);
+            let newer = match at.ok().and_then(|i| user.trait_at(i)) {
                 Some((_, Some(w))) => match ev.timestamp.cmp(&w.ts) {
                     Ordering::Equal => w.cmp_id(&ev.message_id) == Ordering::Less,
                     later => later == Ordering::Greater,
@@ -1564,7 +1715,7 @@ impl SegmentState {
         let mut traits: Vec<Cow<Value>> = vec![Cow::Borrowed(&NULL); plan.traits.len()];
         let mut lists: Vec<u32> = Vec::new();
         let first_agg = plan.agg_slot(0);
-        for cell in user.cells.iter() {
+        for (ci, cell) in user.cells.iter().enumerate() {
             let slot = cell.slot();
             let k = slot.wrapping_sub(first_agg) as usize;
             match cell {
@@ -1585,8 +1736,11 @@ impl SegmentState {
                 | Cell::TraitSame(..)
                 | Cell::TraitWriteText(..)
                 | Cell::TraitBothText(..)
-                | Cell::TraitSameText(..) => {
-                    let (snap, write) = cell.trait_parts().unwrap_or((None, None));
+                | Cell::TraitSameText(..)
+                | Cell::TraitWriteLinked(..)
+                | Cell::TraitSameLinked(..)
+                | Cell::TraitBothLinked(..) => {
+                    let (snap, write) = user.trait_at(ci).unwrap_or((None, None));
                     let v = match (write, snap) {
                         (Some(w), _) if w.ts >= self.clock => w.value,
                         (_, Some(s)) => s,
@@ -1778,7 +1932,10 @@ impl SegmentState {
                     | Cell::TraitSame(..)
                     | Cell::TraitWriteText(..)
                     | Cell::TraitBothText(..)
-                    | Cell::TraitSameText(..) => part[4] += c.trait_bytes(),
+                    | Cell::TraitSameText(..)
+                    | Cell::TraitWriteLinked(..)
+                    | Cell::TraitSameLinked(..)
+                    | Cell::TraitBothLinked(..) => part[4] += c.trait_bytes(),
                 }
             }
         }
@@ -1948,6 +2105,75 @@ mod tests {
         // Evaluated again with nothing changed: no change, the bits stay.
         back.evaluate(0, t + 1, &mut |_, _, _| panic!("nothing changed"));
         assert!(back.members(0).get(s68));
+    }
+
+    #[test]
+    fn traits_one_identify_wrote_share_its_stamp_and_keep_their_own_when_it_moves() {
+        let file = crate::lang::parse::parse_segments(
+            "CREATE SEGMENT s AS plan = 'pro' AND country = 'IN' AND email LIKE '%@x';",
+        )
+        .unwrap();
+        let plan = std::rc::Rc::new(Plan::compile(&file));
+        let mut st = SegmentState::new(plan.clone(), -1);
+        let mut feed = |st: &mut SegmentState, id: &str, ts: &str, traits: &str| {
+            let msg = format!(
+                r#"{{"type":"identify","userId":"u","messageId":"{id}","timestamp":"{ts}","traits":{traits}}}"#
+            );
+            let ev = plan.fast_parse(msg.as_bytes()).unwrap();
+            let u = st.intern(&ev.user);
+            let t = to_time(ev.timestamp);
+            st.apply_event(u, &ev, t);
+            let mut out = Vec::new();
+            st.evaluate(u, t, &mut |_, o, d| out.push((o, d)));
+            out
+        };
+        let linked = |st: &SegmentState| st.users[0].cells.iter().filter(|c| c.is_linked()).count();
+        let a = "8d3f2a10-1c2b-4d5e-8f90-a1b2c3d4e5f6";
+        let out = feed(
+            &mut st,
+            a,
+            "2026-03-01T00:00:00Z",
+            r#"{"plan":"pro","country":"IN","email":"a@x"}"#,
+        );
+        assert_eq!(out, vec![(StateOut::Change(0), 1)]);
+        assert_eq!(
+            linked(&st),
+            2,
+            "two of the three cells take the first one's stamp"
+        );
+        // A later write of the first trait alone: the others keep the old stamp, so an
+        // older write of them (same millisecond as the first, larger id) still wins.
+        assert_eq!(
+            feed(&mut st, "m2", "2026-03-02T00:00:00Z", r#"{"plan":"free"}"#).len(),
+            1
+        );
+        assert_eq!(linked(&st), 1);
+        let tie = "8d3f2a10-1c2b-4d5e-8f90-a1b2c3d4e5f7"; // sorts after `a`
+        feed(&mut st, tie, "2026-03-01T00:00:00Z", r#"{"country":"DE"}"#);
+        let before = "8d3f2a10-1c2b-4d5e-8f90-a1b2c3d4e5f5"; // sorts before `a`
+        feed(
+            &mut st,
+            before,
+            "2026-03-01T00:00:00Z",
+            r#"{"email":"b@y"}"#,
+        );
+        let u = &st.users[0];
+        let values: Vec<String> = (0..u.cells.len())
+            .filter_map(|i| u.trait_at(i)?.1)
+            .map(|w| format!("{}@{}", w.value.to_json(), w.ts))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                "\"free\"@1772409600000",
+                "\"DE\"@1772323200000",
+                "\"a@x\"@1772323200000"
+            ]
+        );
+        // Through a checkpoint and back, the same.
+        let mut back = SegmentState::new(plan.clone(), -1);
+        back.restore([st.part(true, 0)], 0).unwrap();
+        assert_eq!(back.users[0].cells, st.users[0].cells);
     }
 
     #[test]
