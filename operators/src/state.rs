@@ -2115,7 +2115,7 @@ mod tests {
         .unwrap();
         let plan = std::rc::Rc::new(Plan::compile(&file));
         let mut st = SegmentState::new(plan.clone(), -1);
-        let mut feed = |st: &mut SegmentState, id: &str, ts: &str, traits: &str| {
+        let feed = |st: &mut SegmentState, id: &str, ts: &str, traits: &str| {
             let msg = format!(
                 r#"{{"type":"identify","userId":"u","messageId":"{id}","timestamp":"{ts}","traits":{traits}}}"#
             );
