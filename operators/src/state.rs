@@ -448,9 +448,9 @@ impl Cell {
     /// `None` for other cells.
     fn advance_window(&mut self, t: Time) -> Option<(Time, bool)> {
         fn go<V>(w: &mut Window<V>, t: Time) -> (Time, bool) {
-            let before = (w.live.len(), w.later.len());
+            let before = (w.live.len(), w.later().len());
             let next = w.advance(t);
-            (next, before != (w.live.len(), w.later.len()))
+            (next, before != (w.live.len(), w.later().len()))
         }
         match self {
             Cell::WinCount(_, w) => Some(go(w, t)),
@@ -468,15 +468,16 @@ impl Cell {
 struct Window<V> {
     /// `(until, value)`, sorted by `until`.
     live: VecDeque<(Time, V)>,
-    /// `(from, until, value)` not yet started.
-    later: Vec<(Time, Time, V)>,
+    /// `(from, until, value)` not yet started; rare, so one word when there are none.
+    #[allow(clippy::box_collection)]
+    later: Option<Box<Vec<(Time, Time, V)>>>,
 }
 
 impl<V> Default for Window<V> {
     fn default() -> Self {
         Window {
             live: VecDeque::new(),
-            later: Vec::new(),
+            later: None,
         }
     }
 }
@@ -485,7 +486,7 @@ impl<V> Window<V> {
     /// Adds an entry valid over `[from, until)`, processed at instant `t`.
     fn insert(&mut self, from: Time, until: Time, v: V, t: Time) {
         if from > t {
-            self.later.push((from, until, v));
+            self.later.get_or_insert_default().push((from, until, v));
         } else {
             self.start(until, v);
         }
@@ -506,29 +507,47 @@ impl<V> Window<V> {
     /// Brings the window to instant `t` (entries that started go live, expired ones go)
     /// and returns the next instant after `t` at which it changes.
     fn advance(&mut self, t: Time) -> Time {
-        let mut i = 0;
-        while i < self.later.len() {
-            if self.later[i].0 <= t {
-                let (_, until, v) = self.later.swap_remove(i);
-                self.start(until, v);
-            } else {
-                i += 1;
+        if let Some(mut later) = self.later.take() {
+            let mut i = 0;
+            while i < later.len() {
+                if later[i].0 <= t {
+                    let (_, until, v) = later.swap_remove(i);
+                    self.start(until, v);
+                } else {
+                    i += 1;
+                }
+            }
+            if !later.is_empty() {
+                self.later = Some(later);
             }
         }
         while self.live.front().is_some_and(|(u, _)| *u <= t) {
             self.live.pop_front();
         }
-        let next_start = self.later.iter().map(|x| x.0).min().unwrap_or(Time::MAX);
+        let next_start = self.later().iter().map(|x| x.0).min().unwrap_or(Time::MAX);
         let next_end = self.live.front().map_or(Time::MAX, |(u, _)| *u);
         next_start.min(next_end)
     }
 
     fn is_empty(&self) -> bool {
-        self.live.is_empty() && self.later.is_empty()
+        self.live.is_empty() && self.later().is_empty()
     }
 
     fn len(&self) -> usize {
-        self.live.len() + self.later.len()
+        self.live.len() + self.later().len()
+    }
+
+    /// The entries not yet started.
+    fn later(&self) -> &[(Time, Time, V)] {
+        self.later.as_deref().map_or(&[], |v| &v[..])
+    }
+
+    /// Bytes of the list of entries not yet started, beyond the window's own record.
+    fn later_bytes(&self) -> usize {
+        self.later.as_ref().map_or(0, |v| {
+            std::mem::size_of::<Vec<(Time, Time, V)>>()
+                + v.capacity() * std::mem::size_of::<(Time, Time, V)>()
+        })
     }
 }
 
@@ -1913,17 +1932,16 @@ impl SegmentState {
                     Cell::WinCount(_, w) => {
                         part[5] += size_of::<Window<()>>();
                         b.in_window += w.len() as u64;
-                        b.window_bytes += (w.live.capacity() * size_of::<(Time, ())>()
-                            + w.later.capacity() * size_of::<(Time, Time, ())>())
-                            as u64;
+                        b.window_bytes +=
+                            (w.live.capacity() * size_of::<(Time, ())>() + w.later_bytes()) as u64;
                     }
                     Cell::WinVal(_, w) => {
                         part[5] += size_of::<Window<FactVal>>();
                         b.in_window += w.len() as u64;
                         b.window_bytes += (w.live.capacity() * size_of::<(Time, FactVal)>()
-                            + w.later.capacity() * size_of::<(Time, Time, FactVal)>()
+                            + w.later_bytes()
                             + w.live.iter().map(|x| fact_heap(&x.1)).sum::<usize>()
-                            + w.later.iter().map(|x| fact_heap(&x.2)).sum::<usize>())
+                            + w.later().iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
                     Cell::TraitSnap(..)
