@@ -1734,9 +1734,12 @@ impl SegmentState {
         let mut traits: Vec<Cow<Value>> = vec![Cow::Borrowed(&NULL); plan.traits.len()];
         let mut lists: Vec<u32> = Vec::new();
         let first_agg = plan.agg_slot(0);
-        for (ci, cell) in user.cells.iter().enumerate() {
+        // The stamp of the previous cell's write, for a linked trait cell.
+        let mut prev: Option<(i64, IdRef)> = None;
+        for cell in user.cells.iter() {
             let slot = cell.slot();
             let k = slot.wrapping_sub(first_agg) as usize;
+            let before = prev.take();
             match cell {
                 Cell::Count(_, n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
                 Cell::Distinct(_, v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
@@ -1759,7 +1762,8 @@ impl SegmentState {
                 | Cell::TraitWriteLinked(..)
                 | Cell::TraitSameLinked(..)
                 | Cell::TraitBothLinked(..) => {
-                    let (snap, write) = user.trait_at(ci).unwrap_or((None, None));
+                    let (snap, write) = cell.trait_parts(|| before).unwrap_or((None, None));
+                    prev = write.map(WriteRef::stamp);
                     let v = match (write, snap) {
                         (Some(w), _) if w.ts >= self.clock => w.value,
                         (_, Some(s)) => s,
