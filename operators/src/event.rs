@@ -46,6 +46,16 @@ impl EventType {
         }
     }
 
+    /// Every type, in declaration order.
+    pub const ALL: [EventType; 6] = [
+        EventType::Track,
+        EventType::Identify,
+        EventType::Page,
+        EventType::Screen,
+        EventType::Group,
+        EventType::Alias,
+    ];
+
     /// The type named by a message's `type` field.
     pub fn parse(s: &str) -> Option<EventType> {
         Some(match s {

@@ -143,17 +143,8 @@ impl Projection {
 }
 
 /// `EventType`s as the values `type` compares with.
-static KIND_VALUES: LazyLock<[Value; 6]> = LazyLock::new(|| {
-    [
-        EventType::Track,
-        EventType::Identify,
-        EventType::Page,
-        EventType::Screen,
-        EventType::Group,
-        EventType::Alias,
-    ]
-    .map(|k| Value::Str(k.as_str().to_string()))
-});
+static KIND_VALUES: LazyLock<[Value; 6]> =
+    LazyLock::new(|| EventType::ALL.map(|k| Value::Str(k.as_str().to_string())));
 
 impl Projected {
     /// The value of a non-path event field (paths are read by index, [`Projected::values`]).

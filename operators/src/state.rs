@@ -1752,17 +1752,16 @@ impl SegmentState {
                     let (kind, distinct, ..) = self.agg_kinds[k];
                     aggs[k] = Cow::Owned(window_value(kind, distinct, w));
                 }
-                Cell::TraitSnap(..)
-                | Cell::TraitWrite(..)
-                | Cell::TraitBoth(..)
-                | Cell::TraitSame(..)
-                | Cell::TraitWriteText(..)
-                | Cell::TraitBothText(..)
-                | Cell::TraitSameText(..)
-                | Cell::TraitWriteLinked(..)
-                | Cell::TraitSameLinked(..)
-                | Cell::TraitBothLinked(..) => {
-                    let (snap, write) = cell.trait_parts(|| before).unwrap_or((None, None));
+                Cell::List(_, n) => {
+                    if *n > 0 {
+                        lists.push(slot);
+                    }
+                }
+                // The rest are traits'.
+                _ => {
+                    let Some((snap, write)) = cell.trait_parts(|| before) else {
+                        continue;
+                    };
                     prev = write.map(WriteRef::stamp);
                     let v = match (write, snap) {
                         (Some(w), _) if w.ts >= self.clock => w.value,
@@ -1771,11 +1770,6 @@ impl SegmentState {
                         (None, None) => &NULL,
                     };
                     traits[k - n_aggs] = Cow::Borrowed(v);
-                }
-                Cell::List(_, n) => {
-                    if *n > 0 {
-                        lists.push(slot);
-                    }
                 }
             }
         }
@@ -1948,16 +1942,7 @@ impl SegmentState {
                             + w.later().iter().map(|x| fact_heap(&x.2)).sum::<usize>())
                             as u64;
                     }
-                    Cell::TraitSnap(..)
-                    | Cell::TraitWrite(..)
-                    | Cell::TraitBoth(..)
-                    | Cell::TraitSame(..)
-                    | Cell::TraitWriteText(..)
-                    | Cell::TraitBothText(..)
-                    | Cell::TraitSameText(..)
-                    | Cell::TraitWriteLinked(..)
-                    | Cell::TraitSameLinked(..)
-                    | Cell::TraitBothLinked(..) => part[4] += c.trait_bytes(),
+                    _ => part[4] += c.trait_bytes(),
                 }
             }
         }

@@ -451,17 +451,12 @@ fn unpack_trigger(b: &[u8], timestamp: i64) -> Option<Json> {
         }
         None
     }
-    const KINDS: [EventType; 6] = [
-        EventType::Track,
-        EventType::Identify,
-        EventType::Page,
-        EventType::Screen,
-        EventType::Group,
-        EventType::Alias,
-    ];
     let mut b = b;
     let code = *take(&mut b, 1)?.first()?;
-    let kind = KINDS.into_iter().find(|k| *k as u8 == code)?.as_str();
+    let kind = EventType::ALL
+        .into_iter()
+        .find(|k| *k as u8 == code)?
+        .as_str();
     let event = match varint(&mut b)? {
         0 => None,
         n => Some(text(&mut b, n - 1)?),
