@@ -391,7 +391,31 @@ fn kill_9_ten_times(kafka: Option<Kafka>, checkpoint_dir: Option<&str>) {
         "checkpoint metrics missing:\n{m}"
     );
     for (seg, users) in &want {
-        h.wait_for(&format!("{seg}'s members"), Duration::from_secs(60), |h| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut got = members(&h, seg);
+        while got != *users && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            got = members(&h, seg);
+        }
+        if got != *users {
+            // Which users, to tell lost events from counted-twice ones in the changelog.
+            let missing: Vec<&String> = users.difference(&got).take(10).collect();
+            let extra: Vec<&String> = got.difference(users).take(10).collect();
+            eprintln!(
+                "{seg}: {} members, {} wanted; missing {missing:?}; extra {extra:?}",
+                got.len(),
+                users.len()
+            );
+            if let Some(u) = missing.first() {
+                let rows: Vec<Json> = h
+                    .output("segment_changes.jsonl")
+                    .into_iter()
+                    .filter(|r| r["user_id"] == u.as_str())
+                    .collect();
+                eprintln!("{u}'s changelog rows: {rows:?}");
+            }
+        }
+        h.wait_for(&format!("{seg}'s members"), Duration::ZERO, |h| {
             members(h, seg) == *users
         });
     }
