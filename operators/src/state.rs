@@ -2029,6 +2029,12 @@ fn add_count(user: &mut User, slot: u32, val: &FactVal) {
 mod tests {
     use super::*;
 
+    /// The plan of a segment file the test writes.
+    fn plan_of(sql: &str) -> std::rc::Rc<Plan> {
+        let file = crate::lang::parse::parse_segments(sql).unwrap();
+        std::rc::Rc::new(Plan::compile(&file))
+    }
+
     #[test]
     fn equal_values_have_equal_fingerprints() {
         assert_eq!(
@@ -2061,11 +2067,9 @@ mod tests {
 
     #[test]
     fn mismatched_comparisons_are_counted_in_the_state() {
-        let file = crate::lang::parse::parse_segments(
+        let plan = plan_of(
             "CREATE SEGMENT s AS plan > 3 AND count(*) FILTER (WHERE properties.x > 'a') > 0;",
-        )
-        .unwrap();
-        let plan = std::rc::Rc::new(Plan::compile(&file));
+        );
         let mut st = SegmentState::new(plan.clone(), -1);
         let msg = br#"{"type":"identify","userId":"u","messageId":"m","timestamp":"2026-03-01T00:00:00Z","traits":{"plan":"pro"},"properties":{"x":1}}"#;
         let ev = plan.fast_parse(msg).unwrap();
@@ -2085,8 +2089,7 @@ mod tests {
             .map(|i| format!("CREATE SEGMENT s{i} AS plan = 'p{i}';\n"))
             .collect();
         sql.push_str("CREATE SEGMENT s68 AS plan = 'pro';\n");
-        let file = crate::lang::parse::parse_segments(&sql).unwrap();
-        let plan = std::rc::Rc::new(Plan::compile(&file));
+        let plan = plan_of(&sql);
         let s68 = plan.segments.iter().position(|s| s.name == "s68").unwrap();
         assert!(s68 >= 64, "the test needs the segment in the second word");
         let mut st = SegmentState::new(plan.clone(), -1);
@@ -2116,11 +2119,8 @@ mod tests {
 
     #[test]
     fn traits_one_identify_wrote_share_its_stamp_and_keep_their_own_when_it_moves() {
-        let file = crate::lang::parse::parse_segments(
-            "CREATE SEGMENT s AS plan = 'pro' AND country = 'IN' AND email LIKE '%@x';",
-        )
-        .unwrap();
-        let plan = std::rc::Rc::new(Plan::compile(&file));
+        let plan =
+            plan_of("CREATE SEGMENT s AS plan = 'pro' AND country = 'IN' AND email LIKE '%@x';");
         let mut st = SegmentState::new(plan.clone(), -1);
         let feed = |st: &mut SegmentState, id: &str, ts: &str, traits: &str| {
             let msg = format!(
