@@ -163,37 +163,38 @@ impl JourneySet {
     /// exit), an `in_segment` in a condition, or a branch arm's hidden segment. The
     /// journeys need no other segment's changes.
     pub fn segments_read(&self) -> Vec<bool> {
-        let mut read = vec![false; self.plan.segments.len()];
-        let mut mark = |s: usize| {
-            if let Some(r) = read.get_mut(s) {
-                *r = true;
-            }
-        };
-        let cond = |c: &Option<CExpr>, mark: &mut dyn FnMut(usize)| {
-            if let Some(c) = c {
-                crate::eval::visit(c, &mut |x| {
-                    if let CExpr::InSegment(s) = x {
-                        mark(*s);
-                    }
-                });
-            }
-        };
+        let mut named: Vec<usize> = Vec::new();
+        let mut conds: Vec<&CExpr> = Vec::new();
         for j in &self.journeys {
             for t in std::iter::once(&j.entry).chain(j.exits.iter().map(|x| &x.trigger)) {
                 if let CTrigger::Entered(s) | CTrigger::Exited(s) = t {
-                    mark(*s as usize);
+                    named.push(*s as usize);
                 }
             }
-            cond(&j.entry_cond, &mut mark);
-            for x in &j.exits {
-                cond(&x.cond, &mut mark);
-            }
+            conds.extend(
+                j.entry_cond
+                    .iter()
+                    .chain(j.exits.iter().flat_map(|x| &x.cond)),
+            );
             for op in &j.ops {
                 match op {
-                    Op::WaitUntil { cond: c, .. } => cond(c, &mut mark),
-                    Op::Branch { arms, .. } => arms.iter().for_each(|(s, _)| mark(*s as usize)),
+                    Op::WaitUntil { cond, .. } => conds.extend(cond),
+                    Op::Branch { arms, .. } => named.extend(arms.iter().map(|(s, _)| *s as usize)),
                     _ => {}
                 }
+            }
+        }
+        for c in conds {
+            crate::eval::visit(c, &mut |x| {
+                if let CExpr::InSegment(s) = x {
+                    named.push(*s);
+                }
+            });
+        }
+        let mut read = vec![false; self.plan.segments.len()];
+        for s in named {
+            if let Some(r) = read.get_mut(s) {
+                *r = true;
             }
         }
         read
