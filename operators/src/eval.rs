@@ -373,78 +373,49 @@ fn like_units<U: PartialEq + Copy>(s: &[U], p: &[U], any: U, one: U) -> bool {
     j == p.len()
 }
 
-/// Collects the instants at which `e`'s value may change as `now` moves: for each
-/// comparison of `now() + off` with a value `v`, the instants `v - off` and `v - off + 1`.
-pub fn breakpoints(e: &CExpr, ctx: &dyn Context, out: &mut Vec<i64>) {
-    match e {
+/// Where a condition's breakpoints come from: its comparisons with `now() + off`, as
+/// `(x, off)` (the condition may change at `x - off` and at the instant after). Found once
+/// per condition, when the state is built; `x` never depends on now(): the parser
+/// guarantees it.
+pub type NowPoints = Vec<(CExpr, i64)>;
+
+/// The [`NowPoints`] of `e`: for `now() + off` compared with `x`, or `x BETWEEN` bounds one
+/// of which is `now() + off`, the pair `(x, off)`; for `now() BETWEEN lo AND hi`, the
+/// bounds with offset 0.
+pub fn now_points(e: &CExpr) -> NowPoints {
+    let mut out = Vec::new();
+    visit(e, &mut |node| match node {
         CExpr::Cmp(_, a, b) => {
-            let other = match (&**a, &**b) {
-                (CExpr::Now(off), x) | (x, CExpr::Now(off)) => Some((x, *off)),
-                _ => None,
-            };
-            if let Some((x, off)) = other {
-                // `x` never depends on now(): the parser guarantees it.
-                if let Some(t) = eval(x, ctx, 0).as_ts() {
-                    let c = t.saturating_sub(off);
-                    out.push(c);
-                    out.push(c.saturating_add(1));
-                }
+            if let (CExpr::Now(off), x) | (x, CExpr::Now(off)) = (&**a, &**b) {
+                out.push((x.clone(), *off));
             }
-            breakpoints(a, ctx, out);
-            breakpoints(b, ctx, out);
         }
         CExpr::Between(a, lo, hi, _) => {
             for bound in [lo, hi] {
                 if let CExpr::Now(off) = **bound {
-                    if let Some(t) = eval(a, ctx, 0).as_ts() {
-                        let c = t.saturating_sub(off);
-                        out.push(c);
-                        out.push(c.saturating_add(1));
-                    }
+                    out.push(((**a).clone(), off));
                 }
             }
             if let CExpr::Now(_) = **a {
                 for bound in [lo, hi] {
-                    if let Some(t) = eval(bound, ctx, 0).as_ts() {
-                        out.push(t);
-                        out.push(t.saturating_add(1));
-                    }
+                    out.push(((**bound).clone(), 0));
                 }
             }
-            for x in [a, lo, hi] {
-                breakpoints(x, ctx, out);
-            }
         }
-        CExpr::Arith(_, a, b) | CExpr::And(a, b) | CExpr::Or(a, b) | CExpr::Like(a, b, _) => {
-            breakpoints(a, ctx, out);
-            breakpoints(b, ctx, out);
+        _ => {}
+    });
+    out
+}
+
+/// Collects the instants at which a condition's value may change as `now` moves, from its
+/// [`now_points`]: for each `(x, off)`, the instants `x - off` and `x - off + 1`.
+pub fn breakpoints(points: &[(CExpr, i64)], ctx: &dyn Context, out: &mut Vec<i64>) {
+    for (x, off) in points {
+        if let Some(t) = eval(x, ctx, 0).as_ts() {
+            let c = t.saturating_sub(*off);
+            out.push(c);
+            out.push(c.saturating_add(1));
         }
-        CExpr::Neg(a)
-        | CExpr::Not(a)
-        | CExpr::IsNull(a, _)
-        | CExpr::Lower(a)
-        | CExpr::Upper(a)
-        | CExpr::HashBucket(a, _, _) => breakpoints(a, ctx, out),
-        CExpr::InList(a, list, _) => {
-            breakpoints(a, ctx, out);
-            for x in list {
-                breakpoints(x, ctx, out);
-            }
-        }
-        CExpr::Coalesce(list) => {
-            for x in list {
-                breakpoints(x, ctx, out);
-            }
-        }
-        CExpr::Lit(_)
-        | CExpr::Interval(_)
-        | CExpr::Now(_)
-        | CExpr::UserId
-        | CExpr::Trait(_)
-        | CExpr::Field(_)
-        | CExpr::Path(..)
-        | CExpr::Agg(_)
-        | CExpr::InSegment(_) => {}
     }
 }
 
@@ -583,11 +554,41 @@ mod tests {
         );
         let ctx = Ev(1_000);
         let mut pts = Vec::new();
-        breakpoints(&e, &ctx, &mut pts);
+        breakpoints(&now_points(&e), &ctx, &mut pts);
         let iv = true_intervals(1_000, &mut pts, |now| {
             eval(&e, &ctx, now) == Value::Bool(true)
         });
         assert_eq!(iv, vec![(1_000, 1_000 + 7 * 86_400_000)]);
+    }
+
+    #[test]
+    fn between_bounds_and_now_as_the_subject_give_their_breakpoints() {
+        let ts = || Box::new(CExpr::Field(EventField::Timestamp));
+        let ctx = Ev(1_000);
+        let points = |e: &CExpr| {
+            let mut pts = Vec::new();
+            breakpoints(&now_points(e), &ctx, &mut pts);
+            pts.sort_unstable();
+            pts
+        };
+        // timestamp BETWEEN now() - 10 AND now(): moves at 1 010 (and after) and 1 000.
+        let e = CExpr::Between(
+            ts(),
+            Box::new(CExpr::Now(-10)),
+            Box::new(CExpr::Now(0)),
+            false,
+        );
+        assert_eq!(points(&e), vec![1_000, 1_001, 1_010, 1_011]);
+        // now() BETWEEN timestamp AND '2 000': its bounds.
+        let e = CExpr::Between(
+            Box::new(CExpr::Now(0)),
+            ts(),
+            Box::new(CExpr::Lit(Value::Ts(2_000))),
+            false,
+        );
+        assert_eq!(points(&e), vec![1_000, 1_001, 2_000, 2_001]);
+        // A condition without now() has none.
+        assert!(now_points(&CExpr::IsNull(ts(), false)).is_empty());
     }
 
     #[test]

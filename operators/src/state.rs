@@ -34,7 +34,10 @@ use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
 
 use crate::ast::{AggKind, EventField};
-use crate::eval::{breakpoints, eval, eval_ref, mentions_now, true_intervals, CExpr, Context};
+use crate::eval::{
+    breakpoints, eval, eval_ref, mentions_now, now_points, true_intervals, CExpr, Context,
+    NowPoints,
+};
 use crate::event::Event;
 use crate::msgid::MsgId;
 use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE};
@@ -984,6 +987,12 @@ pub struct SegmentState {
     /// Per windowed aggregate, the top-level conjuncts of its FILTER that do not read
     /// `now()`: unless they all hold for an event, it has no interval (and none is sought).
     static_filters: Vec<Vec<CExpr>>,
+    /// Per aggregate, where its FILTER's breakpoints come from (empty unless it reads
+    /// `now()`).
+    filter_points: Vec<NowPoints>,
+    /// Per segment, where its condition's breakpoints come from (empty unless it reads
+    /// `now()` outside aggregates).
+    segment_points: Vec<NowPoints>,
     /// Per segment, whether its condition reads `now()` outside aggregates (only those
     /// have breakpoints of their own).
     segment_temporal: Vec<bool>,
@@ -1201,10 +1210,27 @@ impl SegmentState {
                 _ => Vec::new(),
             })
             .collect();
-        let segment_temporal = plan
+        let segment_temporal: Vec<bool> = plan
             .segments
             .iter()
             .map(|s| matches!(&s.kind, SegmentKind::Expr(e) if mentions_now(e)))
+            .collect();
+        let segment_points = plan
+            .segments
+            .iter()
+            .zip(&segment_temporal)
+            .map(|(s, &temporal)| match &s.kind {
+                SegmentKind::Expr(e) if temporal => now_points(e),
+                _ => Vec::new(),
+            })
+            .collect();
+        let filter_points = plan
+            .aggs
+            .iter()
+            .map(|a| match (&a.filter, a.temporal) {
+                (Some(f), true) => now_points(f),
+                _ => Vec::new(),
+            })
             .collect();
         let segment_reads = plan
             .segments
@@ -1235,6 +1261,8 @@ impl SegmentState {
             agg_kinds,
             agg_guards,
             static_filters,
+            filter_points,
+            segment_points,
             segment_temporal,
             segment_reads,
             touched: hashbrown::HashMap::new(),
@@ -1561,7 +1589,7 @@ impl SegmentState {
                         continue;
                     }
                     self.points.clear();
-                    breakpoints(f, &ctx, &mut self.points);
+                    breakpoints(&self.filter_points[i], &ctx, &mut self.points);
                     true_intervals(start, &mut self.points, |now| {
                         *eval_ref(f, &ctx, now) == Value::Bool(true)
                     })
@@ -1798,7 +1826,7 @@ impl SegmentState {
             let on = match &plan.segments[si].kind {
                 SegmentKind::Expr(e) if universe => {
                     if self.segment_temporal[si] {
-                        breakpoints(e, &row, &mut self.points);
+                        breakpoints(&self.segment_points[si], &row, &mut self.points);
                     }
                     *eval_ref(e, &row, now) == Value::Bool(true)
                 }
