@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/herald-target}"
 # tansu in memory, as the published figures were taken (the tests keep its log in
-# PostgreSQL: see scripts/services.sh).
+# SQLite: see scripts/services.sh).
 export HERALD_TANSU_STORAGE="${HERALD_TANSU_STORAGE:-memory}"
 eval "$(scripts/services.sh start)"
 cargo build --release --quiet -p herald-engine --bin herald -p herald-benches --bin trigger-latency

@@ -130,13 +130,13 @@ start() {
   else
     local storage="memory://tansu/" where="in-memory storage"
     if [ "$TANSU_STORAGE" != memory ]; then
-      # A fresh broker each start, as the in-memory one is. (The path is relative to the
-      # broker's working directory.)
-      rm -rf "$RUN/tansu"; mkdir -p "$RUN/tansu"
+      # A fresh broker each start, as the in-memory one is.
+      rm -rf "$RUN/tansu"
       storage="sqlite://tansu.db" where="its log in SQLite ($RUN/tansu)"
     fi
-    (cd "$RUN/tansu" 2>/dev/null || cd "$RUN"
-     exec "$TOOLS/bin/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    # The SQLite path is relative to the broker's working directory.
+    mkdir -p "$RUN/tansu"
+    (cd "$RUN/tansu" && exec "$TOOLS/bin/tansu" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
       --storage-engine "$storage") >"$RUN/kafka.log" 2>&1 &
     echo $! >"$RUN/kafka.pid"

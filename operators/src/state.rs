@@ -1210,7 +1210,7 @@ impl SegmentState {
                 _ => Vec::new(),
             })
             .collect();
-        let segment_temporal: Vec<bool> = plan
+        let segment_temporal = plan
             .segments
             .iter()
             .map(|s| matches!(&s.kind, SegmentKind::Expr(e) if mentions_now(e)))
@@ -1218,19 +1218,15 @@ impl SegmentState {
         let segment_points = plan
             .segments
             .iter()
-            .zip(&segment_temporal)
-            .map(|(s, &temporal)| match &s.kind {
-                SegmentKind::Expr(e) if temporal => now_points(e),
+            .map(|s| match &s.kind {
+                SegmentKind::Expr(e) => now_points(e),
                 _ => Vec::new(),
             })
             .collect();
         let filter_points = plan
             .aggs
             .iter()
-            .map(|a| match (&a.filter, a.temporal) {
-                (Some(f), true) => now_points(f),
-                _ => Vec::new(),
-            })
+            .map(|a| a.filter.as_ref().map(now_points).unwrap_or_default())
             .collect();
         let segment_reads = plan
             .segments
@@ -1825,9 +1821,7 @@ impl SegmentState {
             }
             let on = match &plan.segments[si].kind {
                 SegmentKind::Expr(e) if universe => {
-                    if self.segment_temporal[si] {
-                        breakpoints(&self.segment_points[si], &row, &mut self.points);
-                    }
+                    breakpoints(&self.segment_points[si], &row, &mut self.points);
                     *eval_ref(e, &row, now) == Value::Bool(true)
                 }
                 SegmentKind::Expr(_) => false,
