@@ -29,6 +29,9 @@ dedup_horizon = "1 hour"
 listen = "127.0.0.1:0"
 write_keys = ["bench"]
 max_batch_bytes = 8000000
+[admin]
+listen = "127.0.0.1:0"
+read_keys = ["bench-read"]
 [checkpoint]
 every = "5 seconds"
 $CK_LINE
@@ -42,8 +45,10 @@ start() {
   PID=$!
   until grep -q "listening on" "$DIR/stdout"; do sleep 0.01; done
   ADDR=$(sed -n 's/^herald: listening on \([^ ]*\).*/\1/p' "$DIR/stdout")
+  ADMIN=$(sed -n 's/^herald: listening on .*admin on \([^ )]*\).*/\1/p' "$DIR/stdout")
 }
-metric() { curl -s "$ADDR/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
+query() { curl -s -H "Authorization: Bearer bench-read" "$ADMIN$1"; }
+metric() { query /metrics | awk -v m="$1" '$1 == m {print $2}'; }
 
 start
 python3 - "$ADDR" "$USERS" <<'EOF'
@@ -95,6 +100,6 @@ restart_t0=$(date +%s%3N)
 start
 restart_ms=$(( $(date +%s%3N) - restart_t0 ))
 echo "restart to serving: ${restart_ms} ms ($(grep -o 'restored the checkpoint.*' "$DIR/stderr" | tail -1))"
-size=$(curl -s "$ADDR/v1/segments" | python3 -c "import json,sys; print({s['name']: s['size'] for s in json.load(sys.stdin)['segments']}['buyers'])")
+size=$(query /v1/segments | python3 -c "import json,sys; print({s['name']: s['size'] for s in json.load(sys.stdin)['segments']}['buyers'])")
 echo "buyers after the restart: $size (want $USERS)"
 kill -TERM $PID; wait $PID

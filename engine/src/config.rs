@@ -21,9 +21,12 @@ use crate::EngineError;
 pub struct Config {
     /// `[engine]`: the dataflow.
     pub engine: EngineConfig,
-    /// `[http]`: ingest and query API.
+    /// `[http]`: the ingest listener (public-facing), and the limits of both listeners.
     #[serde(default)]
     pub http: HttpConfig,
+    /// `[admin]`: the query, admin and metrics listener (internal by default).
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// `[kafka]`: when present, events come from Kafka and changes go to Kafka.
     pub kafka: Option<KafkaConfig>,
     /// `[snapshots]`: profile snapshots picked up from an object-store prefix.
@@ -151,22 +154,114 @@ pub struct EngineConfig {
     pub max_message_bytes: usize,
 }
 
-/// `[http]`.
+/// `[http]`: the ingest listener, and the connection limits of both listeners.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address to listen on (`host:port`); port 0 picks a free port.
     #[serde(default = "defaults::listen")]
     pub listen: String,
-    /// Accepted write keys (the HTTP Basic user name). Empty: ingest is refused.
+    /// Accepted write keys (the HTTP Basic user name): ingest only. Empty: ingest is
+    /// refused. After loading, this also holds the keys of `write_keys_file` and
+    /// `write_keys_env`.
     #[serde(default = "defaults::write_keys")]
     pub write_keys: Vec<String>,
+    /// A file of more write keys, one per line (`#` comments and blank lines skipped).
+    #[serde(default)]
+    pub write_keys_file: Option<String>,
+    /// An environment variable holding more write keys, comma-separated.
+    #[serde(default)]
+    pub write_keys_env: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the listener speaks HTTPS only. Both files
+    /// are read again when they change (certificate rotation without a restart).
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    /// Most connections open at once on each listener; more wait in the kernel's
+    /// backlog until one closes.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers (and a TLS handshake).
+    #[serde(default = "defaults::header_timeout")]
+    pub header_timeout: String,
+    /// How long a client has to send a request's body.
+    #[serde(default = "defaults::body_timeout")]
+    pub body_timeout: String,
+    /// A connection with no bytes in or out for this long is closed (half-open and idle
+    /// keep-alive connections).
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: String,
+    /// Requests per second each write key may make (a token bucket); over it, 429 with
+    /// `Retry-After`. 0: no limit.
+    #[serde(default = "defaults::write_rate_limit")]
+    pub rate_limit: u32,
+    /// Requests a write key may make at once above its rate (the bucket's size).
+    #[serde(default = "defaults::write_rate_burst")]
+    pub rate_burst: u32,
+    /// `dead_letters.jsonl` is rotated when it reaches this many bytes
+    /// (`dead_letters.1.jsonl` is the newest rotated file).
+    #[serde(default = "defaults::dead_letter_file_bytes")]
+    pub dead_letter_file_bytes: u64,
+    /// Rotated dead-letter files kept; the oldest beyond them is deleted (and counted in
+    /// `herald_dead_letters_dropped_total`).
+    #[serde(default = "defaults::dead_letter_files")]
+    pub dead_letter_files: usize,
+    /// Bytes of a rejected payload copied into its dead letter (the rest is cut, and the
+    /// letter says how long the payload was).
+    #[serde(default = "defaults::dead_letter_payload_bytes")]
+    pub dead_letter_payload_bytes: usize,
+    /// Dead letters one request writes with their payloads; the rest of that request's
+    /// rejections are written as one summary letter (counts by reason).
+    #[serde(default = "defaults::dead_letters_per_request")]
+    pub dead_letters_per_request: usize,
     /// Largest accepted request body after decompression, bytes.
     #[serde(default = "defaults::max_batch_bytes")]
     pub max_batch_bytes: usize,
     /// Page size of `/v1/segments/{name}/members` when the caller gives none.
     #[serde(default = "defaults::page_size")]
     pub page_size: usize,
+}
+
+/// `[admin]`: the listener of the query API (`/v1/segments`, `/v1/users/{id}`), admin
+/// actions (journey triggers, engagement reports) and `/metrics`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on; a non-loopback address needs TLS and keys.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: String,
+    /// Keys that read: the query API and `/metrics` (`Authorization: Bearer KEY`).
+    #[serde(default)]
+    pub read_keys: Vec<String>,
+    /// A file of more read keys, one per line.
+    #[serde(default)]
+    pub read_keys_file: Option<String>,
+    /// An environment variable holding more read keys, comma-separated.
+    #[serde(default)]
+    pub read_keys_env: Option<String>,
+    /// Keys that read and act: journey triggers, engagement reports, definitions.
+    #[serde(default)]
+    pub admin_keys: Vec<String>,
+    /// A file of more admin keys, one per line.
+    #[serde(default)]
+    pub admin_keys_file: Option<String>,
+    /// An environment variable holding more admin keys, comma-separated.
+    #[serde(default)]
+    pub admin_keys_env: Option<String>,
+    /// PEM certificate chain of the admin listener (reloaded when it changes).
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    /// Requests per second each read or admin key may make; 0: no limit.
+    #[serde(default = "defaults::admin_rate_limit")]
+    pub rate_limit: u32,
+    /// The bucket's size above that rate.
+    #[serde(default = "defaults::admin_rate_burst")]
+    pub rate_burst: u32,
 }
 
 /// `[kafka]`.
@@ -241,8 +336,40 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: defaults::listen(),
             write_keys: defaults::write_keys(),
+            write_keys_file: None,
+            write_keys_env: None,
+            tls_cert: None,
+            tls_key: None,
+            max_connections: defaults::max_connections(),
+            header_timeout: defaults::header_timeout(),
+            body_timeout: defaults::body_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            rate_limit: defaults::write_rate_limit(),
+            rate_burst: defaults::write_rate_burst(),
+            dead_letter_file_bytes: defaults::dead_letter_file_bytes(),
+            dead_letter_files: defaults::dead_letter_files(),
+            dead_letter_payload_bytes: defaults::dead_letter_payload_bytes(),
+            dead_letters_per_request: defaults::dead_letters_per_request(),
             max_batch_bytes: defaults::max_batch_bytes(),
             page_size: defaults::page_size(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: defaults::admin_listen(),
+            read_keys: Vec::new(),
+            read_keys_file: None,
+            read_keys_env: None,
+            admin_keys: Vec::new(),
+            admin_keys_file: None,
+            admin_keys_env: None,
+            tls_cert: None,
+            tls_key: None,
+            rate_limit: defaults::admin_rate_limit(),
+            rate_burst: defaults::admin_rate_burst(),
         }
     }
 }
@@ -284,6 +411,58 @@ pub mod defaults {
     /// The spec's 500 KB.
     pub fn max_batch_bytes() -> usize {
         500 * 1024
+    }
+    /// The admin listener: loopback only.
+    pub fn admin_listen() -> String {
+        "127.0.0.1:8081".into()
+    }
+    /// Connections per listener.
+    pub fn max_connections() -> usize {
+        1024
+    }
+    /// To send a request's headers (slowloris).
+    pub fn header_timeout() -> String {
+        "10 seconds".into()
+    }
+    /// To send a request's body.
+    pub fn body_timeout() -> String {
+        "30 seconds".into()
+    }
+    /// A connection with no traffic.
+    pub fn idle_timeout() -> String {
+        "60 seconds".into()
+    }
+    /// Requests per second per write key (one site's browsers share its key).
+    pub fn write_rate_limit() -> u32 {
+        2000
+    }
+    /// Burst per write key.
+    pub fn write_rate_burst() -> u32 {
+        4000
+    }
+    /// Requests per second per read or admin key.
+    pub fn admin_rate_limit() -> u32 {
+        200
+    }
+    /// Burst per read or admin key.
+    pub fn admin_rate_burst() -> u32 {
+        400
+    }
+    /// One dead-letter file's size before rotation: 64 MiB.
+    pub fn dead_letter_file_bytes() -> u64 {
+        64 << 20
+    }
+    /// Rotated dead-letter files kept (so at most ~320 MiB in all by default).
+    pub fn dead_letter_files() -> usize {
+        4
+    }
+    /// Payload bytes copied into a dead letter.
+    pub fn dead_letter_payload_bytes() -> usize {
+        16 * 1024
+    }
+    /// Dead letters with payloads per request.
+    pub fn dead_letters_per_request() -> usize {
+        100
     }
     /// Members per page.
     pub fn page_size() -> usize {
@@ -356,6 +535,53 @@ pub mod defaults {
     }
 }
 
+/// The connection timeouts of both listeners.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// To send the headers (and the TLS handshake).
+    pub header: std::time::Duration,
+    /// To send the body.
+    pub body: std::time::Duration,
+    /// With no bytes in or out.
+    pub idle: std::time::Duration,
+}
+
+/// The keys of `file` (one per line; `#` comments and blank lines skipped) and of the
+/// environment variable `env` (comma-separated).
+fn more_keys(
+    key: &str,
+    file: &Option<String>,
+    env: &Option<String>,
+) -> Result<Vec<String>, EngineError> {
+    let mut keys = Vec::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(&format!("{key}_file"), format!("cannot read {path}: {e}")))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    if let Some(var) = env {
+        let value = std::env::var(var).map_err(|_| {
+            bad(
+                &format!("{key}_env"),
+                format!("the environment variable {var} is not set (or not UTF-8)"),
+            )
+        })?;
+        keys.extend(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+        );
+    }
+    Ok(keys)
+}
+
 fn bad(key: &str, problem: impl std::fmt::Display) -> EngineError {
     EngineError::Usage(format!("config: `{key}`: {problem}"))
 }
@@ -365,10 +591,11 @@ impl Config {
     pub fn load(path: &str) -> Result<Config, EngineError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| EngineError::Usage(format!("cannot read config file {path}: {e}")))?;
-        let mut config = Config::parse(&text).map_err(|e| match e {
+        let prefixed = |e| match e {
             EngineError::Usage(m) => EngineError::Usage(format!("{path}: {m}")),
             other => other,
-        })?;
+        };
+        let mut config = Config::parse_unchecked(&text).map_err(prefixed)?;
         let parent = Path::new(path).parent().unwrap_or(Path::new(""));
         let parent = if parent.as_os_str().is_empty() {
             Path::new(".")
@@ -378,11 +605,33 @@ impl Config {
         // Absolute, so that listings (which return absolute paths) match the prefix.
         let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
         config.resolve_paths(&base);
+        config.finish().map_err(prefixed)?;
         Ok(config)
     }
 
     /// Parses and validates config text (paths left as written).
     pub fn parse(text: &str) -> Result<Config, EngineError> {
+        let mut config = Config::parse_unchecked(text)?;
+        config.finish()?;
+        Ok(config)
+    }
+
+    /// Keys from files and the environment, then every check.
+    fn finish(&mut self) -> Result<(), EngineError> {
+        let h = &mut self.http;
+        let more = more_keys("http.write_keys", &h.write_keys_file, &h.write_keys_env)?;
+        h.write_keys.extend(more);
+        let a = &mut self.admin;
+        let more = more_keys("admin.read_keys", &a.read_keys_file, &a.read_keys_env)?;
+        a.read_keys.extend(more);
+        let more = more_keys("admin.admin_keys", &a.admin_keys_file, &a.admin_keys_env)?;
+        a.admin_keys.extend(more);
+        self.validate()
+    }
+
+    /// Parses (paths left as written, keys from files and the environment not read yet,
+    /// nothing validated).
+    fn parse_unchecked(text: &str) -> Result<Config, EngineError> {
         let mut config: Config =
             toml::from_str(text).map_err(|e| EngineError::Usage(format!("config: {e}")))?;
         config.checkpoint.dir = match (&config.checkpoint.dir_given, &config.cluster) {
@@ -397,7 +646,6 @@ impl Config {
                 config.checkpoint.dir.clone()
             };
         }
-        config.validate()?;
         Ok(config)
     }
 
@@ -422,9 +670,19 @@ impl Config {
                 ),
             ));
         }
-        if self.http.write_keys.iter().any(|k| k.is_empty()) {
-            return Err(bad("http.write_keys", "a write key cannot be empty"));
+        for (key, keys) in [
+            ("http.write_keys", &self.http.write_keys),
+            ("admin.read_keys", &self.admin.read_keys),
+            ("admin.admin_keys", &self.admin.admin_keys),
+        ] {
+            if keys.iter().any(|k| k.trim().is_empty()) {
+                return Err(bad(key, "a key cannot be empty"));
+            }
+            if keys.iter().any(|k| k.chars().any(char::is_whitespace)) {
+                return Err(bad(key, "a key cannot hold spaces or line breaks"));
+            }
         }
+        self.validate_listeners()?;
         if self.http.max_batch_bytes < self.engine.max_message_bytes {
             return Err(bad(
                 "http.max_batch_bytes",
@@ -564,6 +822,80 @@ impl Config {
         Ok(())
     }
 
+    /// The two listeners: addresses, TLS pairs, timeouts, and what exposing the admin
+    /// listener beyond this host needs.
+    fn validate_listeners(&self) -> Result<(), EngineError> {
+        let admin: std::net::SocketAddr = self.admin.listen.parse().map_err(|_| {
+            bad(
+                "admin.listen",
+                format!(
+                    "'{}' is not an address like 127.0.0.1:8081",
+                    self.admin.listen
+                ),
+            )
+        })?;
+        if self.admin.listen == self.http.listen && !self.http.listen.ends_with(":0") {
+            return Err(bad(
+                "admin.listen",
+                "must differ from http.listen: ingest and the query API listen apart",
+            ));
+        }
+        for (table, cert, key) in [
+            ("http", &self.http.tls_cert, &self.http.tls_key),
+            ("admin", &self.admin.tls_cert, &self.admin.tls_key),
+        ] {
+            match (cert, key) {
+                (Some(_), None) => {
+                    return Err(bad(&format!("{table}.tls_key"), "tls_cert needs tls_key"))
+                }
+                (None, Some(_)) => {
+                    return Err(bad(&format!("{table}.tls_cert"), "tls_key needs tls_cert"))
+                }
+                _ => {}
+            }
+        }
+        if !admin.ip().is_loopback() {
+            let keys = !self.admin.read_keys.is_empty() || !self.admin.admin_keys.is_empty();
+            if self.admin.tls_cert.is_none() || !keys {
+                return Err(bad(
+                    "admin.listen",
+                    format!(
+                        "{} is reachable from other hosts, and the admin listener serves \
+                         users' traits and acts on journeys: it needs admin.tls_cert and \
+                         admin.tls_key, and admin.read_keys or admin.admin_keys (or listen \
+                         on 127.0.0.1)",
+                        self.admin.listen
+                    ),
+                ));
+            }
+        }
+        if self.http.max_connections == 0 {
+            return Err(bad("http.max_connections", "must be at least 1"));
+        }
+        self.timeouts()?;
+        Ok(())
+    }
+
+    /// `http.{header,body,idle}_timeout`.
+    pub fn timeouts(&self) -> Result<Timeouts, EngineError> {
+        let one = |key: &str, text: &str| {
+            let ms = herald_operators::time::parse_interval_ms(text)
+                .map_err(|e| bad(&format!("http.{key}"), e))?;
+            if ms < 10 {
+                return Err(bad(
+                    &format!("http.{key}"),
+                    "must be at least 10 milliseconds",
+                ));
+            }
+            Ok(std::time::Duration::from_millis(ms as u64))
+        };
+        Ok(Timeouts {
+            header: one("header_timeout", &self.http.header_timeout)?,
+            body: one("body_timeout", &self.http.body_timeout)?,
+            idle: one("idle_timeout", &self.http.idle_timeout)?,
+        })
+    }
+
     /// The warehouse connection: `own` (a section's own `postgres` key) if given, else
     /// `warehouse.postgres`.
     pub fn warehouse_url(&self, own: Option<&str>) -> Option<String> {
@@ -642,6 +974,20 @@ impl Config {
             resolve(j);
         }
         resolve(&mut self.output.dir);
+        for p in [
+            &mut self.http.write_keys_file,
+            &mut self.http.tls_cert,
+            &mut self.http.tls_key,
+            &mut self.admin.read_keys_file,
+            &mut self.admin.admin_keys_file,
+            &mut self.admin.tls_cert,
+            &mut self.admin.tls_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            resolve(p);
+        }
         resolve(&mut self.checkpoint.dir);
         resolve(&mut self.checkpoint.log_dir);
         if let Some(n) = &mut self.notify {
@@ -653,6 +999,9 @@ impl Config {
                     .into_owned();
             }
             resolve(&mut n.outbox);
+            if let Some(f) = &mut n.tracking_secret_file {
+                resolve(f);
+            }
         }
         if let Some(s) = &mut self.snapshots {
             resolve(&mut s.prefix);

@@ -24,8 +24,10 @@ pub struct PreviewArgs {
     pub name: String,
     /// User id.
     pub user: String,
-    /// A running Herald's base URL, to read the user's traits from.
+    /// A running Herald's admin listener, to read the user's traits from.
     pub server: Option<String>,
+    /// Its read (or admin) key; `HERALD_KEY` from the environment when not given.
+    pub key: Option<String>,
     /// Traits as a JSON object (over the server's).
     pub traits: Option<String>,
     /// The triggering event as a JSON object.
@@ -65,9 +67,20 @@ pub fn render_preview(a: &PreviewArgs) -> Result<String, EngineError> {
             .pop_if_empty()
             .extend(["v1", "users", a.user.as_str()]);
         let url = url.to_string();
-        let r = reqwest::blocking::get(&url)
+        let key = a.key.clone().or_else(|| std::env::var("HERALD_KEY").ok());
+        let mut req = reqwest::blocking::Client::new().get(&url);
+        if let Some(k) = &key {
+            req = req.bearer_auth(k);
+        }
+        let r = req
+            .send()
             .map_err(|e| EngineError::Unavailable(format!("--server: cannot reach {url}: {e}")))?;
         match r.status().as_u16() {
+            401 => {
+                return Err(EngineError::Usage(format!(
+                    "--server: {server} wants a read key: give --key KEY or set HERALD_KEY"
+                )))
+            }
             200 => {
                 let j: Json = r
                     .json()

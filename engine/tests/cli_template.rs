@@ -169,7 +169,7 @@ fn render_reads_traits_from_a_running_herald() {
     h.wait_for("the identify", Duration::from_secs(30), |h| {
         h.size("named") == 1
     });
-    let server = h.base.clone();
+    let server = h.admin.clone();
     let tdir = t.to_str().unwrap();
     let (code, out, err) = herald(&[
         "template",
@@ -181,6 +181,8 @@ fn render_reads_traits_from_a_running_herald() {
         tdir,
         "--server",
         &server,
+        "--key",
+        common::READ_KEY,
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "Hi Ada (a b/c)\n");
@@ -194,6 +196,21 @@ fn render_reads_traits_from_a_running_herald() {
         tdir,
         "--server",
         &server,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("wants a read key"), "{err}");
+    let (code, _, err) = herald(&[
+        "template",
+        "render",
+        "hi",
+        "--user",
+        "nobody",
+        "--templates",
+        tdir,
+        "--server",
+        &server,
+        "--key",
+        common::READ_KEY,
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("no user 'nobody'"), "{err}");

@@ -58,9 +58,8 @@ fn api_triggers_timers_and_exits_run_on_the_wall_clock() {
         r#"{"userId":"t1","traits":{"email":"t1@example.com"}}"#,
     );
     let sent = Instant::now();
-    let (status, body) = h.post(
+    let (status, body) = h.post_admin(
         "/v1/journeys/welcome/trigger",
-        "wk",
         r#"{"user_id":"t1","properties":{"plan":"pro"}}"#,
     );
     assert_eq!(status, 200, "{body}");
@@ -87,31 +86,31 @@ fn api_triggers_timers_and_exits_run_on_the_wall_clock() {
     assert_eq!(msgs[1]["address"], "t1@example.com");
 
     // Not entered: a where that is false; refused: unknown or non-API journeys, bad bodies.
-    let (s, _) = h.post(
+    let (s, _) = h.post_admin(
         "/v1/journeys/welcome/trigger",
-        "wk",
         r#"{"user_id":"t2","properties":{"plan":"free"}}"#,
     );
     assert_eq!(s, 200);
     assert_eq!(
-        h.post("/v1/journeys/nope/trigger", "wk", r#"{"user_id":"t2"}"#)
+        h.post_admin("/v1/journeys/nope/trigger", r#"{"user_id":"t2"}"#)
             .0,
         404
     );
     assert_eq!(
-        h.post("/v1/journeys/nudge/trigger", "wk", r#"{"user_id":"t2"}"#)
+        h.post_admin("/v1/journeys/nudge/trigger", r#"{"user_id":"t2"}"#)
             .0,
         409
     );
     assert_eq!(
-        h.post("/v1/journeys/welcome/trigger", "wk", r#"{"properties":{}}"#)
+        h.post_admin("/v1/journeys/welcome/trigger", r#"{"properties":{}}"#)
             .0,
         400
     );
+    // A write key cannot trigger a journey (an admin action, on the admin listener).
     assert_eq!(
-        h.post("/v1/journeys/welcome/trigger", "bad", r#"{"user_id":"t2"}"#)
+        h.post("/v1/journeys/welcome/trigger", "wk", r#"{"user_id":"t2"}"#)
             .0,
-        401
+        404
     );
 
     // An exit during a wait cancels the timer: n1 converts, n2 gets the nudge.

@@ -630,7 +630,7 @@ fn journeys_in_kafka_mode_trigger_through_the_events_topic_and_send_to_the_messa
         + &format!("messages_topic = \"{messages}\"\n");
     let mut h = Herald::start(dir.path(), &config);
     // The API trigger is produced to the events topic and consumed like any event.
-    let (status, body) = h.post("/v1/journeys/welcome/trigger", "wk", r#"{"user_id":"k1"}"#);
+    let (status, body) = h.post_admin("/v1/journeys/welcome/trigger", r#"{"user_id":"k1"}"#);
     assert_eq!(status, 200, "{body}");
     produce(
         &producer(&brokers),

@@ -115,8 +115,48 @@ fn setup(dir: &Path, webhook: &str, smtp_port: u16) -> String {
          [notify]\ntemplates = \"templates\"\nretry_base_ms = 50\nretry_max_ms = 500\n\
          [notify.webhook]\nurl = \"{webhook}\"\nsecret = \"s\"\nconcurrency = 2\n\
          [notify.email]\nsmtp = \"127.0.0.1:{smtp_port}\"\ntls = \"none\"\n\
-         from = \"Herald <noreply@herald.test>\"\nconcurrency = 2\n"
+         from = \"Herald <noreply@herald.test>\"\nconcurrency = 2\n\
+         [notify.sms]\nbase_url = \"http://127.0.0.1:9\"\naccount_sid = \"AC1\"\n\
+         auth_token = \"{TWILIO_TOKEN}\"\nfrom = \"+15550000000\"\n\
+         status_callback = \"{TWILIO_CALLBACK}\"\n"
     )
+}
+
+/// The Messages API channel's auth token and status callback URL in `setup`'s config.
+const TWILIO_TOKEN: &str = "twilio-auth-token";
+const TWILIO_CALLBACK: &str = "https://herald.example/v1/providers/twilio/status";
+
+/// Twilio's signature of a callback, computed as its documentation says: HMAC-SHA1 of the
+/// URL followed by each parameter's name and value in name order, base64.
+fn twilio_sign(url: &str, form: &str) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let mut params: Vec<(String, String)> = url::form_urlencoded::parse(form.as_bytes())
+        .into_owned()
+        .collect();
+    params.sort();
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(TWILIO_TOKEN.as_bytes()).unwrap();
+    mac.update(url.as_bytes());
+    for (k, v) in params {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// POSTs a status callback to the ingest listener, signed with `signature` if given.
+fn twilio_post(h: &Herald, message_id: &str, form: &str, signature: Option<&str>) -> u16 {
+    let mut req = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/v1/providers/twilio/status?message_id={message_id}",
+            h.base
+        ))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form.to_string());
+    if let Some(s) = signature {
+        req = req.header("X-Twilio-Signature", s);
+    }
+    req.send().unwrap().status().as_u16()
 }
 
 /// A batch of an identify (the email address) and a `Cart Abandoned` event per user, with fixed ids and timestamps (so
@@ -277,9 +317,8 @@ fn outcomes_and_engagement_come_back_as_events() {
     );
     // A click reported for one message.
     let id = hook["message_id"].as_str().unwrap().to_string();
-    let (status, body) = h.post(
+    let (status, body) = h.post_admin(
         "/v1/engagement",
-        "wk",
         &format!(r#"{{"message_id":"{id}","type":"click","url":"https://shop.example/cart","event_id":"c1"}}"#),
     );
     assert_eq!(status, 200, "{body}");
@@ -287,23 +326,14 @@ fn outcomes_and_engagement_come_back_as_events() {
         h.size("clicked") == 1
     });
     // The provider retries the same report: deduplicated.
-    let (status, _) = h.post(
+    let (status, _) = h.post_admin(
         "/v1/engagement",
-        "wk",
         &format!(r#"{{"message_id":"{id}","type":"click","url":"https://shop.example/cart","event_id":"c1"}}"#),
     );
     assert_eq!(status, 200);
-    let (status, body) = h.post(
-        "/v1/engagement",
-        "wk",
-        r#"{"message_id":"nope","type":"open"}"#,
-    );
+    let (status, body) = h.post_admin("/v1/engagement", r#"{"message_id":"nope","type":"open"}"#);
     assert_eq!(status, 404, "{body}");
-    let (status, _) = h.post(
-        "/v1/engagement",
-        "wk",
-        r#"{"message_id":"x","type":"bounce"}"#,
-    );
+    let (status, _) = h.post_admin("/v1/engagement", r#"{"message_id":"x","type":"bounce"}"#);
     assert_eq!(status, 400);
     // A provider's delivery report (Twilio's status callback shape): undelivered.
     let mail_id = h
@@ -314,20 +344,29 @@ fn outcomes_and_engagement_come_back_as_events() {
         .as_str()
         .unwrap()
         .to_string();
+    let form = "MessageSid=SM1&MessageStatus=undelivered&ErrorCode=30003";
+    let signed_url = format!("{TWILIO_CALLBACK}?message_id={mail_id}");
+    // Forged: no signature, another message's signature, the write key as credential.
+    assert_eq!(twilio_post(&h, &mail_id, form, None), 403);
+    let other = twilio_sign(&format!("{TWILIO_CALLBACK}?message_id=other"), form);
+    assert_eq!(twilio_post(&h, &mail_id, form, Some(&other)), 403);
+    let tampered = twilio_sign(&signed_url, "MessageSid=SM1&MessageStatus=delivered");
+    assert_eq!(twilio_post(&h, &mail_id, form, Some(&tampered)), 403);
     let (status, _) = h.post(
         &format!("/v1/providers/twilio/status?message_id={mail_id}"),
         "wk",
-        "MessageSid=SM1&MessageStatus=undelivered&ErrorCode=30003",
+        form,
     );
+    assert_eq!(status, 403, "a write key is not Twilio's signature");
+    // Signed by Twilio: taken.
+    let status = twilio_post(&h, &mail_id, form, Some(&twilio_sign(&signed_url, form)));
     assert_eq!(status, 204);
     h.wait_for("the delivery report", Duration::from_secs(30), |h| {
         h.size("bounced") == 1
     });
-    let (status, _) = h.post(
-        "/v1/providers/twilio/status?message_id=nope",
-        "wk",
-        "MessageStatus=delivered",
-    );
+    let form = "MessageStatus=delivered";
+    let url = format!("{TWILIO_CALLBACK}?message_id=nope");
+    let status = twilio_post(&h, "nope", form, Some(&twilio_sign(&url, form)));
     assert_eq!(status, 404);
     // Per-channel metrics, once the emails are out too.
     wait("three emails", Duration::from_secs(30), || {
@@ -383,4 +422,153 @@ fn a_journey_sending_on_an_unconfigured_channel_or_template_is_refused_at_start(
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown template 'cart_mail'"), "{err}");
+}
+
+/// Opens and clicks come only from the signed links Herald put in its messages: a
+/// followed click link records `Message Clicked` and redirects to its target, the open
+/// pixel of an HTML email records `Message Opened`; a link with a changed target, message
+/// or signature records nothing (regression: forged opens and clicks with the write key).
+#[test]
+#[ignore = "needs aiosmtpd: run scripts/test.sh"]
+fn signed_tracking_links_count_and_forged_ones_are_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (seen, url) = recorder(&rt, Duration::ZERO);
+    let smtpd = Smtpd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), &url, smtpd.port).replace(
+        "[notify]\n",
+        "[notify]\ntracking_url = \"https://t.herald.example\"\n\
+         tracking_secret = \"a-tracking-secret-for-tests\"\n",
+    );
+    std::fs::write(
+        dir.path().join("segments.sql"),
+        format!(
+            "{SEGMENTS}CREATE SEGMENT opened AS count(*) FILTER (WHERE event = 'Message Opened') >= 1;\n"
+        ),
+    )
+    .unwrap();
+    let t = dir.path().join("templates");
+    std::fs::write(
+        t.join("cart_hook.liquid"),
+        "---\nlink: https://shop.example/cart?u={{ user.id }}&utm=herald\n---\nBack to your cart: {{ message.click_url }}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        t.join("cart_mail.liquid"),
+        "---\nsubject: Your cart\n---\n<html><body><p>Hi {{ traits.first_name | default: \"there\" }}</p></body></html>\n",
+    )
+    .unwrap();
+    let h = Herald::start(dir.path(), &config);
+    let (status, _) = h.post("/v1/batch", "wk", &batch(0..1));
+    assert_eq!(status, 200);
+    wait("the webhook", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() == 1
+    });
+    let body = seen.lock().unwrap()[0].1["body"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let link = body
+        .strip_prefix("Back to your cart: https://t.herald.example")
+        .unwrap_or_else(|| panic!("no click link in {body:?}"))
+        .to_string();
+    assert!(link.starts_with("/v1/t/click/"), "{link}");
+    let client = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: &str| client.get(format!("{}{path}", h.base)).send().unwrap();
+
+    // Forged: another target, another message, no signature, a cut signature.
+    let (path, sig) = link.rsplit_once("&sig=").unwrap();
+    let evil = path.replace(
+        "to=https%3A%2F%2Fshop.example",
+        "to=https%3A%2F%2Fevil.example",
+    );
+    assert_ne!(evil, path);
+    let id = path
+        .strip_prefix("/v1/t/click/")
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap();
+    for forged in [
+        format!("{evil}&sig={sig}"),
+        link.replace(id, "another-message"),
+        path.to_string(),
+        format!("{path}&sig={}", &sig[..sig.len() - 2]),
+    ] {
+        let r = get(&forged);
+        assert_eq!(r.status().as_u16(), 403, "{forged}");
+    }
+    // The real link: recorded, and on to the target.
+    let r = get(&link);
+    assert_eq!(r.status().as_u16(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        "https://shop.example/cart?u=u0&utm=herald"
+    );
+    h.wait_for("the click", Duration::from_secs(30), |h| {
+        h.size("clicked") == 1
+    });
+
+    // The HTML email carries the open pixel, sent as text/html.
+    wait("the email", Duration::from_secs(60), || {
+        !smtpd.message_ids().is_empty()
+    });
+    let mail = std::fs::read_dir(smtpd.maildir.path().join("new"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .next()
+        .unwrap();
+    assert!(mail.contains("Content-Type: text/html"), "{mail}");
+    let mail = quoted_printable(&mail);
+    let pixel = mail
+        .split("src=\"https://t.herald.example")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_else(|| panic!("no open pixel in {mail}"))
+        .to_string();
+    let forged = pixel.replace("sig=", "sig=00");
+    assert_eq!(get(&forged).status().as_u16(), 403);
+    let r = get(&pixel);
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "image/gif");
+    h.wait_for("the open", Duration::from_secs(30), |h| {
+        h.size("opened") == 1
+    });
+    // The engagement endpoint is an admin action now: a write key is refused there.
+    let (status, _) = h.post(
+        "/v1/engagement",
+        "wk",
+        &format!(r#"{{"message_id":"{id}","type":"click"}}"#),
+    );
+    assert_eq!(
+        status, 404,
+        "the ingest listener does not serve engagement reports"
+    );
+}
+
+/// The text of a quoted-printable body (soft line breaks joined, `=XX` decoded).
+fn quoted_printable(text: &str) -> String {
+    let joined = text.replace("=\r\n", "").replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'=', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -348,11 +348,16 @@ fn run_broker(args: &Args, rate: u64) -> Result<Outcome> {
 struct HeraldProc {
     child: Child,
     base: String,
+    /// The admin listener (`/metrics`).
+    admin: String,
 }
 
 fn start_herald(args: &Args, dir: &std::path::Path, config: &str) -> Result<HeraldProc> {
     std::fs::write(dir.join("segments.sql"), SEGMENTS)?;
     std::fs::write(dir.join("journeys.yaml"), JOURNEYS)?;
+    // The admin listener (for /metrics) on a free port, with the bench's read key.
+    let config =
+        format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\nread_keys = [\"{READ_KEY}\"]\n");
     std::fs::write(dir.join("herald.toml"), config)?;
     let mut child = Command::new(&args.herald)
         .args(["run", "--config"])
@@ -363,11 +368,13 @@ fn start_herald(args: &Args, dir: &std::path::Path, config: &str) -> Result<Hera
         .context("starting herald")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let base = loop {
+    let (base, admin) = loop {
         match lines.next() {
             Some(Ok(l)) => {
                 if let Some(rest) = l.strip_prefix("herald: listening on ") {
-                    break rest.split_whitespace().next().unwrap_or("").to_string();
+                    let base = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let admin = rest.split_once("admin on ").map_or("", |(_, a)| a);
+                    break (base, admin.trim_end_matches(')').to_string());
                 }
             }
             _ => bail!(
@@ -377,8 +384,11 @@ fn start_herald(args: &Args, dir: &std::path::Path, config: &str) -> Result<Hera
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    Ok(HeraldProc { child, base })
+    Ok(HeraldProc { child, base, admin })
 }
+
+/// The read key the bench gives Herald's admin listener.
+const READ_KEY: &str = "bench-read";
 
 fn stop_herald(mut h: HeraldProc) -> Result<()> {
     Command::new("kill")
@@ -393,8 +403,11 @@ fn stop_herald(mut h: HeraldProc) -> Result<()> {
 
 /// Herald's own change-delay histogram from /metrics: mean, and the upper bounds of
 /// the buckets holding p50 and p99.
-fn herald_delay(base: &str) -> Option<(f64, f64, f64)> {
-    let text = reqwest::blocking::get(format!("{base}/metrics"))
+fn herald_delay(admin: &str) -> Option<(f64, f64, f64)> {
+    let text = reqwest::blocking::Client::new()
+        .get(format!("{admin}/metrics"))
+        .bearer_auth(READ_KEY)
+        .send()
         .ok()?
         .text()
         .ok()?;
@@ -561,7 +574,7 @@ fn run_herald(args: &Args, path: &str, rate: u64) -> Result<Outcome> {
     done.store(true, Ordering::Release);
     let (hist, hist_in, hist_out, enters, elapsed) =
         reader.join().map_err(|_| anyhow!("reader panicked"))?;
-    let delay = herald_delay(&herald.base);
+    let delay = herald_delay(&herald.admin);
     stop_herald(herald)?;
     Ok(Outcome {
         path: match path {

@@ -239,7 +239,11 @@ impl Smtp {
             .to(to)
             .subject(msg.subject.clone().unwrap_or_default())
             .message_id(Some(format!("<{}@herald>", action.message_id)))
-            .header(lettre::message::header::ContentType::TEXT_PLAIN)
+            .header(if msg.html {
+                lettre::message::header::ContentType::TEXT_HTML
+            } else {
+                lettre::message::header::ContentType::TEXT_PLAIN
+            })
             .body(msg.body.clone())
             .map_err(|e| Failure::Permanent(format!("cannot build the email: {e}")))?;
         match self.transport.send(email).await {
@@ -250,6 +254,14 @@ impl Smtp {
             Err(e) => Err(Failure::retry(format!("SMTP: {e}"))),
         }
     }
+}
+
+/// The status callback URL Herald gives the provider for a message: the configured URL
+/// with `message_id` added to its query (the URL Twilio signs its callback with).
+pub fn status_callback_url(configured: &str, message_id: &str) -> String {
+    let sep = if configured.contains('?') { '&' } else { '?' };
+    let id: String = url::form_urlencoded::byte_serialize(message_id.as_bytes()).collect();
+    format!("{configured}{sep}message_id={id}")
 }
 
 /// A Twilio-style Messages API.
@@ -292,10 +304,9 @@ impl MessagesApi {
             ("Body", msg.body.clone()),
         ];
         if let Some(cb) = &self.config.status_callback {
-            let sep = if cb.contains('?') { '&' } else { '?' };
             form.push((
                 "StatusCallback",
-                format!("{cb}{sep}message_id={}", action.message_id),
+                status_callback_url(cb, &action.message_id),
             ));
         }
         let r = self

@@ -41,6 +41,20 @@ pub struct NotifyConfig {
     pub push: Option<WebhookConfig>,
     /// A Kafka topic, for teams that run their own senders.
     pub kafka: Option<KafkaChannelConfig>,
+    /// The public base URL of Herald's ingest listener, for signed tracking links
+    /// (`{{ message.click_url }}`, the open pixel of HTML email). None: no tracking.
+    #[serde(default)]
+    pub tracking_url: Option<String>,
+    /// The key that signs tracking links (with `tracking_url`). Prefer
+    /// `tracking_secret_env` or `tracking_secret_file`.
+    #[serde(default)]
+    pub tracking_secret: Option<String>,
+    /// An environment variable holding the tracking secret.
+    #[serde(default)]
+    pub tracking_secret_env: Option<String>,
+    /// A file holding the tracking secret (surrounding whitespace trimmed).
+    #[serde(default)]
+    pub tracking_secret_file: Option<String>,
 }
 
 /// How hard a channel may be driven.
@@ -181,6 +195,42 @@ impl NotifyConfig {
         out
     }
 
+    /// The tracking links' base and key, reading the secret from the environment or its
+    /// file: `(key, problem)` when it cannot be read or is too short.
+    pub fn tracking(&self) -> Result<Option<super::tracking::Tracking>, (String, String)> {
+        let Some(base) = &self.tracking_url else {
+            return Ok(None);
+        };
+        let bad = |k: &str, m: String| Err((format!("notify.{k}"), m));
+        let secret = match (
+            &self.tracking_secret,
+            &self.tracking_secret_env,
+            &self.tracking_secret_file,
+        ) {
+            (Some(s), _, _) => s.clone(),
+            (_, Some(var), _) => match std::env::var(var) {
+                Ok(v) => v,
+                Err(_) => return bad("tracking_secret_env", format!("{var} is not set")),
+            },
+            (_, _, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(v) => v.trim().to_string(),
+                Err(e) => return bad("tracking_secret_file", format!("cannot read {path}: {e}")),
+            },
+            _ => return bad("tracking_secret", "tracking_url needs a secret".into()),
+        };
+        if secret.len() < 16 {
+            return bad(
+                "tracking_secret",
+                "must be at least 16 characters (links signed with it can be forged otherwise)"
+                    .into(),
+            );
+        }
+        Ok(Some(super::tracking::Tracking::new(
+            base,
+            secret.as_bytes(),
+        )))
+    }
+
     /// Checks values serde cannot: returns `(key, problem)` for the first bad one.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| Err((format!("notify.{k}"), m));
@@ -195,6 +245,24 @@ impl NotifyConfig {
                 "retry_base_ms",
                 "must be positive and at most notify.retry_max_ms".into(),
             );
+        }
+        if let Some(u) = &self.tracking_url {
+            if !u.starts_with("https://") && !u.starts_with("http://") {
+                return bad("tracking_url", format!("'{u}' is not an http(s) URL"));
+            }
+            let secrets = [
+                &self.tracking_secret,
+                &self.tracking_secret_env,
+                &self.tracking_secret_file,
+            ];
+            if secrets.iter().filter(|s| s.is_some()).count() != 1 {
+                return bad(
+                    "tracking_secret",
+                    "tracking_url needs exactly one of tracking_secret, tracking_secret_env \
+                     and tracking_secret_file"
+                        .into(),
+                );
+            }
         }
         let mut limits = Vec::new();
         if let Some(e) = &self.email {

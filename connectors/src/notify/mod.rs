@@ -8,6 +8,7 @@
 //! - [`config`]: per-channel settings (`[notify.*]` in `herald.toml`).
 //! - [`channel`]: one connector per provider kind: SMTP (email), a Twilio-style Messages
 //!   API (SMS, WhatsApp), signed webhooks (webhook, push), a Kafka topic.
+//! - [`tracking`]: signed click links and open pixels, and their check.
 //! - [`delivery`]: the tokio delivery engine: per-channel queues, concurrency and rate
 //!   limits, retries with backoff and jitter, outcomes recorded in the outbox and handed
 //!   on as feedback events.
@@ -17,3 +18,4 @@ pub mod config;
 pub mod delivery;
 pub mod outbox;
 pub mod template;
+pub mod tracking;

@@ -48,7 +48,7 @@ fn fields(root: &str) -> Option<&'static [&'static str]> {
     match root {
         "user" => Some(&["id"]),
         "journey" => Some(&["name", "variant", "step", "instance"]),
-        "message" => Some(&["id", "channel", "template"]),
+        "message" => Some(&["id", "channel", "template", "click_url", "open_url"]),
         _ => None,
     }
 }
@@ -135,6 +135,9 @@ pub struct Rendered {
     pub subject: Option<String>,
     /// The body.
     pub body: String,
+    /// Whether the body is HTML (an email body starting with `<`): sent as `text/html`,
+    /// with the open pixel when tracking is on.
+    pub html: bool,
 }
 
 /// A compiled subject or body.
@@ -147,6 +150,8 @@ struct Part {
     fills: Vec<Vec<Seg>>,
     /// Key paths beneath `traits`/`event` read as values.
     reads: Vec<Vec<Seg>>,
+    /// The fields of `message` it reads.
+    message_fields: Vec<String>,
 }
 
 /// A loaded template.
@@ -154,12 +159,17 @@ struct Template {
     /// The file as errors show it.
     file: String,
     subject: Option<Part>,
+    /// The target of `message.click_url` (rendered first, so it can use the user's data).
+    link: Option<Part>,
     body: Part,
+    /// Whether the subject or body reads `message.click_url` / `message.open_url`.
+    tracked: bool,
 }
 
 /// The loaded, checked templates, by name. `Send + Sync`: shared by delivery tasks.
 pub struct Templates {
     by_name: BTreeMap<String, Template>,
+    tracking: Option<super::tracking::Tracking>,
 }
 
 // Shared by tokio tasks: checked at compile time.
@@ -218,7 +228,10 @@ impl Templates {
             let text = std::fs::read_to_string(&path).map_err(|e| read_err(&path, e))?;
             by_name.insert(name, compile(&parser, file, &text)?);
         }
-        Ok(Templates { by_name })
+        Ok(Templates {
+            by_name,
+            tracking: None,
+        })
     }
 
     /// Builds from in-memory `(name, source)` pairs, with the same checks as
@@ -239,7 +252,30 @@ impl Templates {
             }
             by_name.insert(name.to_string(), compile(&parser, file, text)?);
         }
-        Ok(Templates { by_name })
+        Ok(Templates {
+            by_name,
+            tracking: None,
+        })
+    }
+
+    /// Turns on signed tracking links (`message.click_url`, `message.open_url`, the open
+    /// pixel of HTML email).
+    pub fn with_tracking(mut self, tracking: Option<super::tracking::Tracking>) -> Templates {
+        self.tracking = tracking;
+        self
+    }
+
+    /// The templates that read `message.click_url` or `message.open_url` (they need
+    /// `[notify] tracking_url`); and those that read `message.click_url` without a `link`.
+    pub fn tracked(&self) -> (Vec<&str>, Vec<&str>) {
+        let reads = |t: &Template| t.tracked;
+        let tracked = self.by_name.iter().filter(|(_, t)| reads(t));
+        let without_link = tracked
+            .clone()
+            .filter(|(_, t)| t.link.is_none() && t.reads_click())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        (tracked.map(|(n, _)| n.as_str()).collect(), without_link)
     }
 
     /// Whether a template of that name is loaded.
@@ -265,29 +301,67 @@ impl Templates {
                 .ok_or_else(|| TemplateError::UnknownTemplate {
                     name: action.template.clone(),
                 })?;
-        let parts = || t.subject.iter().chain([&t.body]);
-        let globals = data::globals(
+        let parts = || t.subject.iter().chain(&t.link).chain([&t.body]);
+        let mut globals = data::globals(
             action,
             parts().flat_map(|p| &p.assigned),
             parts().flat_map(|p| &p.fills),
             &parts().flat_map(|p| &p.reads).map(Vec::as_slice).collect(),
         );
-        let render = |p: &Part| {
-            let out = catch_unwind(AssertUnwindSafe(|| p.liquid.render(&globals)));
-            let detail = match out {
-                Ok(Ok(s)) => return Ok(s),
-                Ok(Err(e)) => describe(&e, true).1,
-                Err(_) => "liquid panicked".to_string(),
-            };
-            Err(TemplateError::Render {
-                file: t.file.clone(),
-                detail,
-            })
-        };
+        if let Some(tracking) = &self.tracking {
+            let target = t.link.as_ref().map(|p| t.render(p, &globals)).transpose()?;
+            let click = target.map(|to| tracking.click_url(&action.message_id, to.trim()));
+            data::set_links(&mut globals, click, tracking.open_url(&action.message_id));
+        }
+        let mut body = t.render(&t.body, &globals)?;
+        let html = action.channel == "email" && super::tracking::is_html(&body);
+        if let (true, Some(tracking)) = (html, &self.tracking) {
+            let pixel = tracking.open_url(&action.message_id);
+            if let Some(b) = super::tracking::with_open_pixel(&body, &pixel) {
+                body = b;
+            }
+        }
         Ok(Rendered {
-            subject: t.subject.as_ref().map(render).transpose()?,
-            body: render(&t.body)?,
+            subject: t
+                .subject
+                .as_ref()
+                .map(|p| t.render(p, &globals))
+                .transpose()?,
+            body,
+            html,
         })
+    }
+}
+
+impl Template {
+    /// Renders one of its parts over `globals`.
+    fn render(&self, p: &Part, globals: &data::Data) -> Result<String, TemplateError> {
+        let out = catch_unwind(AssertUnwindSafe(|| p.liquid.render(globals)));
+        let detail = match out {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => describe(&e, true).1,
+            Err(_) => "liquid panicked".to_string(),
+        };
+        Err(TemplateError::Render {
+            file: self.file.clone(),
+            detail,
+        })
+    }
+
+    fn reads_click(&self) -> bool {
+        self.subject
+            .iter()
+            .chain([&self.body])
+            .any(|p| p.reads_message(&["click_url"]))
+    }
+}
+
+impl Part {
+    /// Whether the part reads one of `fields` of `message`.
+    fn reads_message(&self, fields: &[&str]) -> bool {
+        self.message_fields
+            .iter()
+            .any(|f| fields.contains(&f.as_str()))
     }
 }
 
@@ -297,11 +371,30 @@ fn compile(parser: &liquid::Parser, file: String, text: &str) -> Result<Template
         Some((s, line)) => Some(part(parser, &file, s, *line)?),
         None => None,
     };
+    let link = match &src.link {
+        Some((s, line)) => Some(part(parser, &file, s, *line)?),
+        None => None,
+    };
+    if let (Some(l), Some((_, line))) = (&link, &src.link) {
+        if l.reads_message(&["click_url", "open_url"]) {
+            return Err(TemplateError::Syntax {
+                file,
+                line: *line,
+                detail: "'link' cannot read message.click_url or message.open_url".into(),
+            });
+        }
+    }
     let body = part(parser, &file, &src.body, src.body_line)?;
+    let tracked = subject
+        .iter()
+        .chain([&body])
+        .any(|p| p.reads_message(&["click_url", "open_url"]));
     Ok(Template {
         file,
         subject,
+        link,
         body,
+        tracked,
     })
 }
 
@@ -327,8 +420,12 @@ fn part(
         let (file, line) = (file.to_string(), at(line));
         return Err(TemplateError::Syntax { file, line, detail });
     }
+    let mut message_fields = Vec::new();
     for r in &scan.refs {
         let root = r.path[0].as_str();
+        if let ("message", Some(f)) = (root, r.path.get(1)) {
+            message_fields.push(f.to_string());
+        }
         let unknown = |name: String, hint: String| TemplateError::UnknownVariable {
             file: file.to_string(),
             line: at(r.line),
@@ -356,6 +453,7 @@ fn part(
             .collect(),
         fills: scan.fills.into_iter().collect(),
         reads: scan.reads.into_iter().collect(),
+        message_fields,
     })
 }
 

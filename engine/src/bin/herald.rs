@@ -138,9 +138,13 @@ enum TemplateCommand {
         /// The templates directory.
         #[arg(long, value_name = "DIR", default_value = "templates")]
         templates: String,
-        /// A running Herald to read the user's traits from, e.g. http://127.0.0.1:8080.
+        /// A running Herald's admin listener to read the user's traits from, e.g.
+        /// http://127.0.0.1:8081.
         #[arg(long, value_name = "URL")]
         server: Option<String>,
+        /// A read key of that Herald (default: the HERALD_KEY environment variable).
+        #[arg(long, value_name = "KEY")]
+        key: Option<String>,
         /// Traits as a JSON object (applied over the server's).
         #[arg(long, value_name = "JSON")]
         traits: Option<String>,
@@ -290,9 +294,9 @@ fn run(config: &str) -> Result<(), EngineError> {
         "embedded"
     };
     let workers = config.engine.workers;
-    herald_engine::live::run(config, shutdown_signal(), move |addr| {
+    herald_engine::live::run(config, shutdown_signal(), move |ingest, admin| {
         use std::io::Write;
-        outln!("herald: listening on http://{addr} ({mode} mode, {workers} workers)");
+        outln!("herald: listening on {ingest} ({mode} mode, {workers} workers; admin on {admin})");
         let _ = std::io::stdout().flush();
     })
     .map(|_| {
@@ -379,6 +383,7 @@ fn main() -> ExitCode {
                     user,
                     templates,
                     server,
+                    key,
                     traits,
                     event,
                     journey,
@@ -389,6 +394,7 @@ fn main() -> ExitCode {
             name,
             user,
             server,
+            key,
             traits,
             event,
             journey,

@@ -1,6 +1,13 @@
 //! What providers and tracking report back about a message, as events.
 //!
-//! - `POST /v1/engagement`: `{"message_id": …, "type": "open"|"click", "url"?: …,
+//! - `GET /v1/t/click/{message_id}?to=…&sig=…` and `GET /v1/t/open/{message_id}?sig=…`
+//!   (ingest listener, no key: the signature is the credential): the signed tracking
+//!   links Herald puts in messages (`tracking`). A click records `Message Clicked` with
+//!   the target and redirects to it (302); an open records `Message Opened` and answers
+//!   a 1×1 GIF. A link whose signature does not match is 403 and records nothing. Each
+//!   message's first open and first click of each target count (their `messageId` is
+//!   derived from message, kind and target, so repeats are deduplicated).
+//! - `POST /v1/engagement` (admin listener, admin key): `{"message_id": …, "type": "open"|"click", "url"?: …,
 //!   "event_id"?: …, "timestamp"?: RFC 3339}` or an array of them (an ESP's event webhook
 //!   mapped to this shape, or a tracking endpoint in front of Herald). Each becomes a
 //!   `Message Opened` / `Message Clicked` track event for the message's user, with the
@@ -12,21 +19,27 @@
 //!   become `Message Failed` with the provider's `ErrorCode`; other statuses are
 //!   acknowledged and dropped.
 //!
-//! Both take the write key as the HTTP Basic user name (Twilio sends the credentials of
-//! its callback URL: `https://KEY:@herald.example/v1/providers/twilio/status`).
-//! Unknown message ids are 404; without `[notify]` both are 404 too.
+//!   The callback must carry a valid `X-Twilio-Signature`: HMAC-SHA1, keyed with the
+//!   channel's `auth_token`, of the callback URL Herald gave Twilio followed by every
+//!   POST parameter's name and value in name order, base64 (Twilio's documented scheme).
+//!   Anything else is 403.
+//!
+//! Unknown message ids are 404; without `[notify]` all are 404 too.
 
 use std::collections::HashMap;
 
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json as AxumJson;
 use herald_connectors::notify::delivery::feedback_event;
 use herald_connectors::notify::outbox::Entry;
 use serde_json::{json, Value as Json};
 
-use super::http::{admit, refuse, App};
+use herald_connectors::notify::tracking::Kind;
+
+use super::http::{read_body, refuse, App};
 use super::now_ms;
 
 /// Feeds an event; the refusal to answer with when it cannot be taken now.
@@ -77,14 +90,11 @@ fn lookup(app: &App, n: &super::notify::Notify, id: &str) -> Result<Entry, Box<R
 }
 
 /// `POST /v1/engagement`.
-pub(super) async fn engagement(
-    State(app): State<App>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(refused) = admit(&app, &headers) {
-        return refused;
-    }
+pub(super) async fn engagement(State(app): State<App>, body: Body) -> Response {
+    let body = match read_body(&app, body, app.live.config.http.max_batch_bytes).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let Some(n) = app.live.notify.get() else {
         return no_notify(&app);
     };
@@ -150,15 +160,28 @@ pub(super) async fn twilio_status(
     State(app): State<App>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Response {
-    if let Some(refused) = admit(&app, &headers) {
-        return refused;
-    }
     let Some(n) = app.live.notify.get() else {
         return no_notify(&app);
     };
-    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    // The signature is checked before the body is parsed, but needs the body.
+    let Some(signature) = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return refuse(
+            &app,
+            StatusCode::FORBIDDEN,
+            "unsigned_callback",
+            "no X-Twilio-Signature header: status callbacks must come from Twilio".into(),
+        );
+    };
+    let body = match read_body(&app, body, 64 * 1024).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let Some(id) = q.get("message_id").filter(|s| !s.is_empty()) else {
         return refuse(
             &app,
@@ -167,6 +190,27 @@ pub(super) async fn twilio_status(
             "the callback URL must carry ?message_id= (Herald sets it when sending)".into(),
         );
     };
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let config = app.live.config.notify.as_ref();
+    let channels = config
+        .into_iter()
+        .flat_map(|c| [&c.sms, &c.whatsapp])
+        .flatten();
+    let signed = channels.clone().any(|c| {
+        c.status_callback.as_ref().is_some_and(|cb| {
+            let url = herald_connectors::notify::channel::status_callback_url(cb, id);
+            twilio_signature_ok(&c.auth_token, &url, &params, &signature)
+        })
+    });
+    if !signed {
+        let detail = if channels.clone().all(|c| c.status_callback.is_none()) {
+            "no channel sets a status_callback, so no callback is expected".to_string()
+        } else {
+            "X-Twilio-Signature does not match the callback URL and parameters".to_string()
+        };
+        return refuse(&app, StatusCode::FORBIDDEN, "bad_signature", detail);
+    }
+    let form: HashMap<String, String> = params.into_iter().collect();
     let status = form.get("MessageStatus").map(String::as_str).unwrap_or("");
     let kind = match status {
         "delivered" | "read" => "delivered",
@@ -186,4 +230,148 @@ pub(super) async fn twilio_status(
     // One delivery report per message and status: the provider's retries deduplicate.
     ev["messageId"] = Json::from(format!("herald-{kind}-{id}-{status}"));
     feed_or_503(&app, &ev).unwrap_or_else(|| StatusCode::NO_CONTENT.into_response())
+}
+
+/// Twilio's request signature: base64(HMAC-SHA1(auth token, URL + each POST parameter's
+/// name and value, in name order)), compared in constant time.
+fn twilio_signature_ok(token: &str, url: &str, params: &[(String, String)], given: &str) -> bool {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let Ok(given) = base64::engine::general_purpose::STANDARD.decode(given.trim()) else {
+        return false;
+    };
+    let mut sorted: Vec<&(String, String)> = params.iter().collect();
+    sorted.sort();
+    let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()) else {
+        return false;
+    };
+    mac.update(url.as_bytes());
+    for (k, v) in sorted {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    mac.verify_slice(&given).is_ok()
+}
+
+/// A transparent 1×1 GIF.
+const PIXEL: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+/// `GET /v1/t/{click,open}/{message_id}`: a signed tracking link followed.
+pub(super) async fn tracked(
+    State(app): State<App>,
+    Path((kind, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(n) = app.live.notify.get() else {
+        return no_notify(&app);
+    };
+    let Some(kind) = Kind::parse(&kind) else {
+        return refuse(
+            &app,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no tracking link kind '{kind}' (click or open)"),
+        );
+    };
+    let Some(tracking) = n.tracking.as_ref() else {
+        return refuse(
+            &app,
+            StatusCode::NOT_FOUND,
+            "tracking_off",
+            "this Herald makes no tracking links (no [notify] tracking_url)".into(),
+        );
+    };
+    let target = match kind {
+        Kind::Click => q.get("to").map(String::as_str).unwrap_or(""),
+        Kind::Open => "",
+    };
+    let sig = q.get("sig").map(String::as_str).unwrap_or("");
+    if !tracking.verify(kind, &id, target, sig) || (kind == Kind::Click && target.is_empty()) {
+        return refuse(
+            &app,
+            StatusCode::FORBIDDEN,
+            "bad_signature",
+            "this link was not made by this Herald (its signature does not match)".into(),
+        );
+    }
+    let entry = match lookup(&app, n, &id) {
+        Ok(e) => e,
+        Err(resp) => return *resp,
+    };
+    let (name, extra) = match kind {
+        Kind::Click => ("clicked", json!({"url": target})),
+        Kind::Open => ("opened", json!({})),
+    };
+    let mut ev = feedback_event(name, &entry, extra, now_ms() as i64);
+    ev["messageId"] = Json::from(format!(
+        "herald-{name}-{id}-{:016x}",
+        xxhash_rust::xxh3::xxh3_64(target.as_bytes())
+    ));
+    let fed = feed_or_503(&app, &ev);
+    match kind {
+        // The recipient goes on to the target even when the click cannot be recorded now
+        // (counted as an error and logged): a broken link is worse than a lost click.
+        Kind::Click => {
+            if fed.is_some() {
+                app.live.metrics.error("tracking");
+                tracing::warn!("a click on message {id} could not be recorded (overloaded)");
+            }
+            (
+                StatusCode::FOUND,
+                [
+                    (header::LOCATION, target.to_string()),
+                    (header::CACHE_CONTROL, "no-store".to_string()),
+                ],
+            )
+                .into_response()
+        }
+        Kind::Open => fed.unwrap_or_else(|| {
+            (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "image/gif"),
+                    (header::CACHE_CONTROL, "no-store, private"),
+                ],
+                PIXEL,
+            )
+                .into_response()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Twilio's documented example (its "Validating requests" page): this URL, these
+    /// parameters and the auth token `12345` sign to `0/KCTR6DLpKmkAf8muzZqo1nDgQ=`.
+    #[test]
+    fn twilio_signature_matches_twilios_example() {
+        let url = "https://mycompany.com/myapp.php?foo=1&bar=2";
+        let params: Vec<(String, String)> = [
+            ("CallSid", "CA1234567890ABCDE"),
+            ("Caller", "+12349013030"),
+            ("Digits", "1234"),
+            ("From", "+12349013030"),
+            ("To", "+18005551212"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let good = "0/KCTR6DLpKmkAf8muzZqo1nDgQ=";
+        assert!(twilio_signature_ok("12345", url, &params, good));
+        assert!(!twilio_signature_ok("12346", url, &params, good));
+        assert!(!twilio_signature_ok(
+            "12345",
+            &format!("{url}&x=1"),
+            &params,
+            good
+        ));
+        assert!(!twilio_signature_ok("12345", url, &params[1..], good));
+        assert!(!twilio_signature_ok("12345", url, &params, "not base64!"));
+    }
 }

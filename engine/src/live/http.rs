@@ -1,5 +1,16 @@
-//! The HTTP API of `herald run` (axum): Segment/RudderStack-compatible ingest, the query
-//! API, health and metrics.
+//! The HTTP API of `herald run` (axum), on two listeners with three roles (see
+//! `docs/security.md`):
+//!
+//! - the **ingest listener** (`[http] listen`, public-facing): Segment/RudderStack ingest
+//!   with a *write key*, Twilio's signed status callbacks, signed tracking links, and
+//!   `/healthz`;
+//! - the **admin listener** (`[admin] listen`, 127.0.0.1 by default): the query API and
+//!   `/metrics` with a *read key*, journey triggers and engagement reports with an *admin
+//!   key* (which can also read), and `/healthz`.
+//!
+//! Read and admin keys come as `Authorization: Bearer KEY`. Every credential is checked
+//! before the body is read (401 otherwise), compared in constant time, and rate-limited
+//! per key (429 with `Retry-After`). Connections, TLS and timeouts: `serve`.
 //!
 //! Ingest (`POST /v1/{track,identify,page,screen,group,alias,batch}`, `/v1/import` as an
 //! alias of batch): the write key is the HTTP Basic user name; the body is JSON, gzip when
@@ -14,8 +25,9 @@
 //! each accepted message to the first events topic (key: user) and replies after the
 //! broker's ack.
 //!
-//! Notifications (see `engagement`): `POST /v1/engagement` (opens and clicks) and
-//! `POST /v1/providers/twilio/status` (delivery reports).
+//! Notifications (see `engagement`): `POST /v1/engagement` (opens and clicks reported by
+//! an ESP, admin key), `GET /v1/t/{click,open}/{message_id}` (signed tracking links) and
+//! `POST /v1/providers/twilio/status` (delivery reports signed by Twilio).
 //!
 //! Query: `GET /v1/segments`, `/v1/segments/{name}/members?cursor=&limit=`,
 //! `/v1/users/{id}`, `/healthz`, `/metrics`.
@@ -29,6 +41,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json as AxumJson, Router};
@@ -54,10 +67,33 @@ pub(super) struct App {
     pub(super) live: Arc<Live>,
     producer: Option<FutureProducer>,
     events_topic: String,
+    write_limiter: Option<Arc<KeyedLimiter>>,
+    admin_limiter: Option<Arc<KeyedLimiter>>,
 }
 
-/// The API's routes.
-pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// What a route needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    /// A write key, as the HTTP Basic user name.
+    Write,
+    /// A read or admin key, as a bearer token.
+    Read,
+    /// An admin key, as a bearer token.
+    Admin,
+}
+
+fn limiter(rate: u32, burst: u32) -> Option<Arc<KeyedLimiter>> {
+    let rate = std::num::NonZeroU32::new(rate)?;
+    let burst = std::num::NonZeroU32::new(burst.max(rate.get()))?;
+    Some(Arc::new(governor::RateLimiter::keyed(
+        governor::Quota::per_second(rate).allow_burst(burst),
+    )))
+}
+
+/// The routes of the ingest listener and of the admin listener.
+pub fn routers(live: Arc<Live>) -> Result<(Router, Router), EngineError> {
     let (producer, events_topic) = match &live.config.kafka {
         Some(k) => (
             Some(super::kafka::producer(k)?),
@@ -65,10 +101,25 @@ pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
         ),
         None => (None, String::new()),
     };
+    let write_limiter = limiter(live.config.http.rate_limit, live.config.http.rate_burst);
+    let admin_limiter = limiter(live.config.admin.rate_limit, live.config.admin.rate_burst);
     let app = App {
         live,
         producer,
         events_topic,
+        write_limiter,
+        admin_limiter,
+    };
+    let guard = |role: Role| {
+        axum::middleware::from_fn_with_state(
+            app.clone(),
+            move |State(app): State<App>, req: axum::extract::Request, next: Next| async move {
+                match authorize(&app, role, req.headers()) {
+                    Some(refused) => refused,
+                    None => next.run(req).await,
+                }
+            },
+        )
     };
     let mut router = Router::new();
     for kind in ["track", "identify", "page", "screen", "group", "alias"] {
@@ -89,19 +140,161 @@ pub fn router(live: Arc<Live>) -> Result<Router, EngineError> {
             }),
         );
     }
-    Ok(router
-        .route("/v1/journeys/{name}/trigger", post(trigger))
-        .route("/v1/engagement", post(super::engagement::engagement))
+    let ingest = router
+        .route_layer(guard(Role::Write))
         .route(
             "/v1/providers/twilio/status",
             post(super::engagement::twilio_status),
         )
+        .route("/v1/t/{kind}/{message_id}", get(super::engagement::tracked))
+        .route("/healthz", get(health))
+        .fallback(not_here)
+        .with_state(app.clone());
+    let read = Router::new()
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{name}/members", get(members))
         .route("/v1/users/{id}", get(user))
-        .route("/healthz", get(health))
         .route("/metrics", get(metrics))
-        .with_state(app))
+        .route_layer(guard(Role::Read));
+    let act = Router::new()
+        .route("/v1/journeys/{name}/trigger", post(trigger))
+        .route("/v1/engagement", post(super::engagement::engagement))
+        .route_layer(guard(Role::Admin));
+    let admin = read
+        .merge(act)
+        .route("/healthz", get(health))
+        .fallback(not_here)
+        .with_state(app);
+    Ok((ingest, admin))
+}
+
+/// 404 for a path this listener does not serve, saying where it is served if anywhere.
+async fn not_here(State(app): State<App>, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let admin = [
+        "/v1/segments",
+        "/v1/users/",
+        "/metrics",
+        "/v1/journeys/",
+        "/v1/engagement",
+    ];
+    let detail = if admin.iter().any(|p| path.starts_with(p)) {
+        format!("{path} is served on the admin listener ([admin] listen), not here")
+    } else {
+        format!("no route {path}")
+    };
+    refuse(&app, StatusCode::NOT_FOUND, "not_found", detail)
+}
+
+/// Whether `given` is one of `keys`: the digests are compared, each in constant time, so
+/// neither a key's bytes nor its length show in the time taken.
+fn known_key(keys: &[String], given: &str) -> bool {
+    use sha1::Digest as _;
+    use subtle::ConstantTimeEq as _;
+    let given = sha1::Sha1::digest(given.as_bytes());
+    keys.iter()
+        .fold(subtle::Choice::from(0), |found, k| {
+            found | sha1::Sha1::digest(k.as_bytes()).ct_eq(&given)
+        })
+        .into()
+}
+
+/// The bearer token of `Authorization: Bearer KEY`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The refusal for a request without `role`'s credential, or over its key's rate (None:
+/// let it through). Runs before anything reads the body.
+fn authorize(app: &App, role: Role, headers: &HeaderMap) -> Option<Response> {
+    let (key, limiter) = match role {
+        Role::Write => {
+            if let Some(refused) = admit(app, headers) {
+                return Some(refused);
+            }
+            (write_key(headers)?, &app.write_limiter)
+        }
+        Role::Read | Role::Admin => {
+            let cfg = &app.live.config.admin;
+            let unauthorized = |reason: &str, detail: String| {
+                let mut r = refuse(app, StatusCode::UNAUTHORIZED, reason, detail);
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer realm=\"herald\""),
+                );
+                r
+            };
+            let Some(token) = bearer(headers) else {
+                let what = if role == Role::Admin {
+                    "an admin"
+                } else {
+                    "a read or admin"
+                };
+                return Some(unauthorized(
+                    "missing_key",
+                    format!("send {what} key as `Authorization: Bearer KEY`"),
+                ));
+            };
+            let admin = known_key(&cfg.admin_keys, token);
+            let ok = admin || (role == Role::Read && known_key(&cfg.read_keys, token));
+            if !ok {
+                let detail = if role == Role::Admin && known_key(&cfg.read_keys, token) {
+                    "a read key cannot do this: it needs an admin key ([admin] admin_keys)"
+                } else {
+                    "unknown key"
+                };
+                return Some(unauthorized("bad_key", detail.into()));
+            }
+            (token.to_string(), &app.admin_limiter)
+        }
+    };
+    let limiter = limiter.as_ref()?;
+    let Err(not_until) = limiter.check_key(&key) else {
+        return None;
+    };
+    use governor::clock::Clock as _;
+    let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut r = refuse(
+        app,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("this key is over its rate limit; retry in {secs} s"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&secs.max(1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(r)
+}
+
+/// Reads a request body of at most `limit` bytes within `http.body_timeout`: 413 when
+/// longer, 408 when the client is too slow.
+pub(super) async fn read_body(
+    app: &App,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Response> {
+    let timeout = app.live.timeouts.body;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(refuse(
+            app,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body is over the limit of {limit} bytes"),
+        )),
+        Err(_) => Err(refuse(
+            app,
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {timeout:?}"),
+        )),
+    }
 }
 
 pub(super) fn refuse(app: &App, status: StatusCode, reason: &str, error: String) -> Response {
@@ -173,15 +366,19 @@ pub(super) fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
 /// optional `message_id` for idempotent retries): enters the user in an API-triggered
 /// journey. The call becomes a track event (see `API_TRIGGER_EVENT`) that goes where
 /// ingested events go, so it is deduplicated, durable in Kafka mode, and replayable.
-async fn trigger(
-    State(app): State<App>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(refused) = admit(&app, &headers) {
-        return refused;
+async fn trigger(State(app): State<App>, Path(name): Path<String>, body: Body) -> Response {
+    if app.live.stopping() {
+        return refuse(
+            &app,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "Herald is shutting down; retry against another instance".into(),
+        );
     }
+    let body = match read_body(&app, body, app.live.limits.max_message_bytes).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let live = &app.live;
     let journey = live
         .journeys
@@ -264,20 +461,10 @@ fn trigger_seq() -> u64 {
 async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: Body) -> Response {
     let live = &app.live;
     let cfg = &live.config.http;
-    if let Some(refused) = admit(&app, &headers) {
-        return refused;
-    }
     let limit = cfg.max_batch_bytes;
-    let raw = match axum::body::to_bytes(body, limit + 64 * 1024).await {
+    let raw = match read_body(&app, body, limit + 64 * 1024).await {
         Ok(b) => b,
-        Err(_) => {
-            return refuse(
-                &app,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body is over the limit of {limit} bytes"),
-            )
-        }
+        Err(resp) => return resp,
     };
     let gzip = headers
         .get(header::CONTENT_ENCODING)
@@ -308,8 +495,17 @@ async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: 
     }
     let received = now_ms() as i64;
     let source = format!("http:/v1/{}", kind.unwrap_or("batch"));
+    let cap = cfg.dead_letter_payload_bytes;
     let dead_letter = |reason: RejectReason, detail: String, index: Option<usize>, raw: &[u8]| {
-        live.metrics.dead_letter(reason.as_str());
+        let (raw, detail) = if raw.len() > cap {
+            let cut = format!(
+                "{detail} (payload cut to its first {cap} of {} bytes)",
+                raw.len()
+            );
+            (&raw[..cap], cut)
+        } else {
+            (raw, detail)
+        };
         live.to_sink(SinkMsg::DeadLetter {
             letter: DeadLetter {
                 source: source.clone(),
@@ -329,6 +525,7 @@ async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: 
         Ok(j) => j,
         Err(e) => {
             let detail = format!("not valid JSON: {e}");
+            live.metrics.dead_letter(RejectReason::InvalidJson.as_str());
             dead_letter(RejectReason::InvalidJson, detail.clone(), None, &bytes);
             return rejected_response(0, &[(None, RejectReason::InvalidJson, detail)]);
         }
@@ -343,11 +540,33 @@ async fn ingest(app: App, kind: Option<&'static str>, headers: HeaderMap, body: 
     };
     let (events, rejections) = parse_json(&json, &text, Some(received), live.limits);
     let mut rejected = Vec::with_capacity(rejections.len());
-    for r in &rejections {
+    // Past `dead_letters_per_request`, a request's rejections are summarised per reason
+    // (the reply still lists each one).
+    let mut rest: std::collections::BTreeMap<&str, (RejectReason, usize, usize, usize)> =
+        Default::default();
+    for (n, r) in rejections.iter().enumerate() {
+        live.metrics.dead_letter(r.reason.as_str());
+        rejected.push((r.batch_index, r.reason, r.detail.clone()));
+        if n >= cfg.dead_letters_per_request {
+            let i = r.batch_index.unwrap_or(0);
+            let e = rest.entry(r.reason.as_str()).or_insert((r.reason, 0, i, i));
+            e.1 += 1;
+            e.2 = e.2.min(i);
+            e.3 = e.3.max(i);
+            continue;
+        }
         // A batch item is dead-lettered as itself, not as the whole request.
         let raw = r.item.as_deref().map_or(bytes.as_slice(), str::as_bytes);
         dead_letter(r.reason, r.detail.clone(), r.batch_index, raw);
-        rejected.push((r.batch_index, r.reason, r.detail.clone()));
+    }
+    for (reason, n, first, last) in rest.into_values() {
+        live.metrics.dead_letters_summarised.inc_by(n as u64);
+        let detail = format!(
+            "and {n} more items of this request rejected as {} (batch items {first} to \
+             {last}; past http.dead_letters_per_request, not written one by one)",
+            reason.as_str()
+        );
+        dead_letter(reason, detail, None, b"");
     }
     let accepted = events.len();
     if accepted > 0 {

@@ -75,6 +75,15 @@ pub struct SinkLabel {
     pub sink: String,
 }
 
+/// A listener and why one of its connections was closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabel {
+    /// `ingest` or `admin`.
+    pub listener: String,
+    /// `idle_timeout`, `header_timeout`, `handshake_timeout`.
+    pub reason: String,
+}
+
 /// Every metric of the process.
 pub struct Metrics {
     registry: Registry,
@@ -126,6 +135,16 @@ pub struct Metrics {
     pub checkpoint_at: Gauge,
     /// Milliseconds the last checkpoint's final part and commit took.
     pub checkpoint_ms: Gauge<f64, AtomicU64>,
+    /// Connections Herald closed, by listener and reason.
+    pub connections_dropped: Family<DroppedLabel, Counter>,
+    /// Dead letters deleted with the oldest rotated file (past `http.dead_letter_files`).
+    pub dead_letters_dropped: Counter,
+    /// Dead letters that could not be written (disk full, permissions): counted and
+    /// logged, ingest goes on.
+    pub dead_letter_write_errors: Counter,
+    /// Rejections summarised instead of written one by one (past
+    /// `http.dead_letters_per_request` in one request).
+    pub dead_letters_summarised: Counter,
 }
 
 impl Default for Metrics {
@@ -255,7 +274,35 @@ impl Default for Metrics {
             "Milliseconds the last checkpoint's final part and commit took",
             checkpoint_ms.clone(),
         );
+        let connections_dropped = Family::<DroppedLabel, Counter>::default();
+        registry.register(
+            "connections_dropped",
+            "HTTP connections Herald closed (idle, slow headers, slow TLS handshake)",
+            connections_dropped.clone(),
+        );
+        let dead_letters_dropped = Counter::default();
+        registry.register(
+            "dead_letters_dropped",
+            "Dead letters deleted with the oldest rotated dead-letter file",
+            dead_letters_dropped.clone(),
+        );
+        let dead_letter_write_errors = Counter::default();
+        registry.register(
+            "dead_letter_write_errors",
+            "Dead letters that could not be written to the dead-letter file",
+            dead_letter_write_errors.clone(),
+        );
+        let dead_letters_summarised = Counter::default();
+        registry.register(
+            "dead_letters_summarised",
+            "Rejections written as one summary letter per request instead of one by one",
+            dead_letters_summarised.clone(),
+        );
         Metrics {
+            connections_dropped,
+            dead_letters_dropped,
+            dead_letter_write_errors,
+            dead_letters_summarised,
             checkpoints,
             checkpoint_bytes,
             checkpoint_at,
@@ -306,6 +353,16 @@ impl Metrics {
     pub fn dead_letter(&self, reason: &str) {
         self.dead_letters
             .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection Herald closed.
+    pub fn connection_dropped(&self, listener: &str, reason: &str) {
+        self.connections_dropped
+            .get_or_create(&DroppedLabel {
+                listener: listener.into(),
                 reason: reason.into(),
             })
             .inc();

@@ -31,6 +31,7 @@
 //! instant, wait for the sink to hand everything over, commit, and exit.
 
 pub mod audiences;
+mod dead_letters;
 pub mod durable;
 mod engagement;
 pub mod export;
@@ -38,6 +39,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod notify;
+mod serve;
 pub mod sink;
 pub mod snapshots;
 pub mod state;
@@ -48,7 +50,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_operators::event::{Event, Limits};
 use herald_operators::plan::{Plan, SegmentKind, SnapshotRows};
@@ -102,6 +104,8 @@ pub struct Live {
     pub metrics: Metrics,
     /// Message parsing limits.
     pub limits: Limits,
+    /// The listeners' connection timeouts.
+    pub timeouts: crate::config::Timeouts,
     /// 0 while running; the instant the dataflow stops at once shutdown begins.
     pub stop_at: AtomicU64,
     /// Every change at an instant below this has been handed to the sinks.
@@ -265,6 +269,53 @@ impl Live {
     }
 }
 
+/// Binds the `[http]` or `[admin]` listener (`table`), with its TLS and limits; and its
+/// URL.
+async fn listen(live: &Arc<Live>, table: &str) -> Result<(serve::Listener, String), EngineError> {
+    let cfg = &live.config;
+    let (addr, cert, key) = match table {
+        "http" => (&cfg.http.listen, &cfg.http.tls_cert, &cfg.http.tls_key),
+        _ => (&cfg.admin.listen, &cfg.admin.tls_cert, &cfg.admin.tls_key),
+    };
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some(serve::Reloading::load(table, c, k)?),
+        _ => None,
+    };
+    let socket = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        EngineError::Usage(format!(
+            "config: `{table}.listen`: cannot listen on {addr}: {e}"
+        ))
+    })?;
+    let local = socket
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if let Some(t) = &tls {
+        // Certificate rotation: the files are checked every second.
+        let t = Arc::clone(t);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                t.refresh();
+            }
+        });
+    }
+    let metrics_live = Arc::clone(live);
+    let listener_name: &'static str = if table == "http" { "ingest" } else { "admin" };
+    let listener = serve::Listener {
+        socket,
+        tls,
+        max_connections: cfg.http.max_connections,
+        timeouts: live.timeouts,
+        on_dropped: Arc::new(move |why: &'static str| {
+            metrics_live.metrics.connection_dropped(listener_name, why);
+        }),
+    };
+    Ok((listener, format!("{scheme}://{local}")))
+}
+
 /// What the service did, for the exit summary.
 #[derive(Debug, Default)]
 pub struct RunSummary {
@@ -273,11 +324,11 @@ pub struct RunSummary {
 }
 
 /// Runs the service until `shutdown` resolves, then stops gracefully. `on_ready` gets
-/// the HTTP address once everything listens.
+/// the URLs of the ingest and admin listeners once everything listens.
 pub fn run<F>(
     config: Config,
     shutdown: F,
-    on_ready: impl FnOnce(&str) + Send + 'static,
+    on_ready: impl FnOnce(&str, &str) + Send + 'static,
 ) -> Result<RunSummary, EngineError>
 where
     F: Future<Output = ()> + Send + 'static,
@@ -303,7 +354,25 @@ where
         (Some(n), Some(set), Some(path)) => {
             let t = crate::check::load_templates(&n.templates)?;
             crate::check::check_sends(path, set, &t, Some(&n.channels()))?;
-            Some(t)
+            let tracking = n
+                .tracking()
+                .map_err(|(k, m)| EngineError::Usage(format!("config: `{k}`: {m}")))?;
+            let (tracked, without_link) = t.tracked();
+            if let (None, Some(name)) = (&tracking, tracked.first()) {
+                return Err(EngineError::Usage(format!(
+                    "{}: template '{name}' reads message.click_url or message.open_url, \
+                     which need [notify] tracking_url and tracking_secret",
+                    n.templates
+                )));
+            }
+            if let Some(name) = without_link.first() {
+                return Err(EngineError::Usage(format!(
+                    "{}: template '{name}' reads message.click_url but has no 'link:' in \
+                     its front matter (the click's target)",
+                    n.templates
+                )));
+            }
+            Some(t.with_tracking(tracking))
         }
         _ => None,
     };
@@ -354,6 +423,7 @@ where
         max_message_bytes: config.engine.max_message_bytes,
     };
     let segments = plan.visible;
+    let timeouts = config.timeouts()?;
     let live = Arc::new(Live {
         config,
         plan,
@@ -362,6 +432,7 @@ where
         state: RwLock::new(LiveState::new(segments)),
         metrics: Metrics::default(),
         limits,
+        timeouts,
         stop_at: AtomicU64::new(0),
         durable: AtomicU64::new(0),
         frontier: AtomicU64::new(0),
@@ -492,18 +563,8 @@ where
     };
     let (audience_tx, audience_rx) = std::sync::mpsc::channel::<AudienceMsg>();
 
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(&live.config.http.listen))
-        .map_err(|e| {
-            EngineError::Usage(format!(
-                "config: `http.listen`: cannot listen on {}: {e}",
-                live.config.http.listen
-            ))
-        })?;
-    let http_addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (listener, http_addr) = runtime.block_on(listen(&live, "http"))?;
+    let (admin_listener, admin_addr) = runtime.block_on(listen(&live, "admin"))?;
 
     // Durable state: the ingest log's writer and the checkpointer.
     let mut log_thread = None;
@@ -629,7 +690,7 @@ where
         _ => None,
     };
     // The HTTP server, and shutdown: stop taking requests first, then stop the workers.
-    let app = http::router(Arc::clone(&live))?;
+    let (ingest_app, admin_app) = http::routers(Arc::clone(&live))?;
     // Warehouse audiences start once nothing else can fail to start (their queries run
     // on a warehouse that others use).
     let audiences = match process {
@@ -647,9 +708,20 @@ where
             }
             tracing::info!("shutting down: no new HTTP requests");
         };
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(graceful)
-            .await;
+        // Both listeners stop together: one signal, watched by both loops.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let drain = Duration::from_secs(30);
+        let ingest = serve::serve(listener, ingest_app, stopped(stop_rx.clone()), drain);
+        let admin = serve::serve(admin_listener, admin_app, stopped(stop_rx), drain);
+        let signal = async move {
+            graceful.await;
+            let _ = stop_tx.send(true);
+        };
+        tokio::join!(ingest, admin, signal);
+        let result: Result<(), std::io::Error> = Ok(());
         // Every accepted request has been handed on: stop the workers at an instant
         // they all reach (unless a failure already chose one).
         let tick = stop_live2.config.engine.tick_ms;
@@ -661,7 +733,7 @@ where
         );
         result
     });
-    on_ready(&http_addr);
+    on_ready(&http_addr, &admin_addr);
 
     let mut failure = None;
     for r in guards.join() {

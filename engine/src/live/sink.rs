@@ -83,7 +83,7 @@ struct InFlight {
 /// The sink's outputs.
 pub struct Sink {
     changes_file: Option<BufWriter<File>>,
-    dead_letters_file: Option<BufWriter<File>>,
+    dead_letters_file: Option<super::dead_letters::DeadLetterFile>,
     journey_file: Option<BufWriter<File>>,
     messages_file: Option<BufWriter<File>>,
     messages_topic: String,
@@ -244,7 +244,12 @@ impl Sink {
             })?;
             (
                 Some(open_append(dir, "segment_changes.jsonl")?),
-                Some(open_append(dir, "dead_letters.jsonl")?),
+                Some(super::dead_letters::DeadLetterFile::open(
+                    Path::new(dir),
+                    live.config.http.dead_letter_file_bytes,
+                    live.config.http.dead_letter_files,
+                    open_append(dir, "dead_letters.jsonl")?,
+                )),
             )
         };
         let (journey_file, messages_file) = if dir.is_empty() || live.journeys.is_none() {
@@ -632,12 +637,9 @@ impl Sink {
     ) {
         self.line.clear();
         dead_letter_line(&letter, &mut self.line);
-        append(
-            &mut self.dead_letters_file,
-            &self.line,
-            "dead_letters.jsonl",
-            &mut self.write_error,
-        );
+        if let Some(f) = &mut self.dead_letters_file {
+            f.write(&self.line, &live.metrics);
+        }
         if self.producer.is_some() {
             let mut headers = OwnedHeaders::new()
                 .insert(Header {
@@ -795,9 +797,11 @@ impl Sink {
             live.metrics.error("file");
             return Err(EngineError::Dataflow(e));
         }
+        if let Some(f) = &mut self.dead_letters_file {
+            f.flush(&live.metrics);
+        }
         for f in [
             &mut self.changes_file,
-            &mut self.dead_letters_file,
             &mut self.journey_file,
             &mut self.messages_file,
         ]

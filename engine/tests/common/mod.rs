@@ -10,11 +10,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
+/// The read key the harness gives every Herald it starts (unless the config has an
+/// `[admin]` section of its own).
+pub const READ_KEY: &str = "test-read-key";
+/// The admin key the harness gives every Herald it starts.
+pub const ADMIN_KEY: &str = "test-admin-key";
+
 /// A running `herald run`.
 pub struct Herald {
     child: Option<Child>,
-    /// `http://127.0.0.1:PORT`.
+    /// The ingest listener, `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The admin listener (query API, `/metrics`, triggers), `http://127.0.0.1:PORT`.
+    pub admin: String,
+    /// The key `get` and friends send to the admin listener.
+    pub key: String,
     /// The directory holding the config (and `herald-out/`).
     pub dir: PathBuf,
     http: reqwest::blocking::Client,
@@ -25,7 +35,16 @@ impl Herald {
     /// Writes `config` to `dir/herald.toml` and starts Herald on it; waits until it
     /// listens (or panics with its stderr).
     pub fn start(dir: &Path, config: &str) -> Herald {
-        std::fs::write(dir.join("herald.toml"), config).unwrap();
+        // The admin listener on a free port, with the harness's keys.
+        let config = if config.contains("[admin]") {
+            config.to_string()
+        } else {
+            format!(
+                "{config}\n[admin]\nlisten = \"127.0.0.1:0\"\nread_keys = [\"{READ_KEY}\"]\n\
+                 admin_keys = [\"{ADMIN_KEY}\"]\n"
+            )
+        };
+        std::fs::write(dir.join("herald.toml"), &config).unwrap();
         let stderr = dir.join("herald.stderr");
         let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(["run", "--config"])
@@ -49,11 +68,16 @@ impl Herald {
                 let _ = tx.send(line);
             }
         });
-        let base = loop {
+        let (base, admin) = loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
                     if let Some(rest) = line.strip_prefix("herald: listening on ") {
-                        break rest.split_whitespace().next().unwrap().to_string();
+                        let base = rest.split_whitespace().next().unwrap().to_string();
+                        let admin = rest
+                            .split_once("admin on ")
+                            .map(|(_, a)| a.trim_end_matches(')').to_string())
+                            .unwrap();
+                        break (base, admin);
                     }
                 }
                 Err(_) => {
@@ -68,6 +92,8 @@ impl Herald {
         Herald {
             child: Some(child),
             base,
+            admin,
+            key: ADMIN_KEY.to_string(),
             dir: dir.to_path_buf(),
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -109,14 +135,31 @@ impl Herald {
         (status, r.json().unwrap_or(Json::Null))
     }
 
-    /// GETs a path; returns status and body text.
+    /// GETs a path of the admin listener with the harness's key; returns status and body
+    /// text.
     pub fn get(&self, path: &str) -> (u16, String) {
         let r = self
             .http
-            .get(format!("{}{path}", self.base))
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(&self.key)
             .send()
             .unwrap();
         (r.status().as_u16(), r.text().unwrap())
+    }
+
+    /// POSTs a JSON body to the admin listener with the admin key (journey triggers,
+    /// engagement reports).
+    pub fn post_admin(&self, path: &str, body: &str) -> (u16, Json) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Json::Null))
     }
 
     /// GETs a JSON path.
@@ -158,13 +201,15 @@ impl Herald {
                 // What the engine saw, to tell "nothing arrived" from "too much arrived".
                 let seen = self
                     .http
-                    .get(format!("{}/v1/segments", self.base))
+                    .get(format!("{}/v1/segments", self.admin))
+                    .bearer_auth(&self.key)
                     .send()
                     .and_then(|r| r.text())
                     .unwrap_or_else(|e| format!("(unreachable: {e})"));
                 let events = self
                     .http
-                    .get(format!("{}/metrics", self.base))
+                    .get(format!("{}/metrics", self.admin))
+                    .bearer_auth(&self.key)
                     .send()
                     .and_then(|r| r.text())
                     .map(|t| {

@@ -68,6 +68,18 @@ pub(super) fn globals<'a>(
     Data::Object(globals)
 }
 
+/// Sets `message.click_url` (when the template has a link) and `message.open_url`.
+pub(super) fn set_links(globals: &mut Data, click: Option<String>, open: String) {
+    let Data::Object(g) = globals else { return };
+    let Some(Data::Object(m)) = g.get_mut("message") else {
+        return;
+    };
+    if let Some(c) = click {
+        m.insert("click_url".into(), Data::Scalar(Scalar::new(c)));
+    }
+    m.insert("open_url".into(), Data::Scalar(Scalar::new(open)));
+}
+
 /// A value a template sees.
 #[derive(Debug)]
 pub(super) enum Data {

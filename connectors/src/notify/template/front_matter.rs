@@ -1,7 +1,7 @@
 //! Jekyll-style front matter: the `---` lines at the top of a template file that set its
-//! subject. A few lines of `key: value` do not need a YAML parser; only `subject` is
-//! allowed, and its value may be quoted as in YAML (`"…"` with `\"` and `\\`, `'…'`
-//! with `''`) or bare.
+//! subject. A few lines of `key: value` do not need a YAML parser; only `subject` and
+//! `link` (the target of `{{ message.click_url }}`) are allowed, and a value may be quoted
+//! as in YAML (`"…"` with `\"` and `\\`, `'…'` with `''`) or bare.
 
 use super::TemplateError;
 
@@ -9,6 +9,8 @@ use super::TemplateError;
 pub(super) struct Source {
     /// The subject and its line in the file.
     pub subject: Option<(String, usize)>,
+    /// The click link's target and its line in the file.
+    pub link: Option<(String, usize)>,
     /// The text after the front matter.
     pub body: String,
     /// The line in the file where the body starts.
@@ -28,6 +30,7 @@ pub(super) fn split(file: &str, text: &str) -> Result<Source, TemplateError> {
         let (subject, body, body_line) = (None, text.to_string(), 1);
         return Ok(Source {
             subject,
+            link: None,
             body,
             body_line,
         });
@@ -38,6 +41,7 @@ pub(super) fn split(file: &str, text: &str) -> Result<Source, TemplateError> {
         detail,
     };
     let mut subject = None;
+    let mut link = None;
     let mut offset = text.find('\n').map_or(text.len(), |n| n + 1);
     for (i, raw) in lines.enumerate() {
         let line = i + 2;
@@ -47,6 +51,7 @@ pub(super) fn split(file: &str, text: &str) -> Result<Source, TemplateError> {
             let body = text[offset..].to_string();
             return Ok(Source {
                 subject,
+                link,
                 body,
                 body_line: line + 1,
             });
@@ -58,20 +63,24 @@ pub(super) fn split(file: &str, text: &str) -> Result<Source, TemplateError> {
             return Err(err(line, format!("expected 'subject: …', found '{l}'")));
         };
         let key = key.trim();
-        if key != "subject" {
-            return Err(err(
-                line,
-                format!("unknown key '{key}' (only 'subject' is allowed)"),
-            ));
-        }
-        if subject.is_some() {
-            return Err(err(line, "'subject' is given twice".into()));
+        let slot = match key {
+            "subject" => &mut subject,
+            "link" => &mut link,
+            _ => {
+                return Err(err(
+                    line,
+                    format!("unknown key '{key}' (only 'subject' and 'link' are allowed)"),
+                ))
+            }
+        };
+        if slot.is_some() {
+            return Err(err(line, format!("'{key}' is given twice")));
         }
         let value = unquote(value.trim()).map_err(|d| err(line, d))?;
         if value.trim().is_empty() {
-            return Err(err(line, "'subject' is empty".into()));
+            return Err(err(line, format!("'{key}' is empty")));
         }
-        subject = Some((value, line));
+        *slot = Some((value, line));
     }
     Err(err(1, "no closing '---' line".into()))
 }

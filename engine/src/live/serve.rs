@@ -1,0 +1,360 @@
+//! The two HTTP listeners' connection handling: TLS (rustls, certificates reloaded when
+//! their files change), a cap on open connections, and the timeouts that drop slow and
+//! half-open clients. Routing and credentials are `http`'s; this module only decides which
+//! connections get to talk to the router and for how long.
+//!
+//! Why our own accept loop instead of `axum::serve`: it has no TLS, no connection cap and
+//! no idle timeout. The loop is hyper's connection builder (http1 with
+//! `header_read_timeout`, which also bounds a keep-alive connection's wait for its next
+//! request's headers), tokio-rustls for TLS, and hyper-util's graceful shutdown, the same
+//! parts `axum::serve` is made of.
+//!
+//! - **Connections**: at most `http.max_connections` per listener. The accept loop waits
+//!   for a free slot before accepting, so excess clients wait in the kernel's backlog
+//!   instead of being accepted and starved.
+//! - **Handshake and headers**: a TLS handshake must finish, and each request's headers
+//!   arrive, within `http.header_timeout`.
+//! - **Idle**: a connection with no bytes read or written for `http.idle_timeout`, and
+//!   no request being answered, is closed (a half-open TCP connection never sends a FIN,
+//!   so only this notices it).
+//! - The body's own deadline (`http.body_timeout`) is applied where the body is read
+//!   (`http::read_body`), after the credential is checked.
+
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tower::ServiceExt as _;
+
+use crate::config::Timeouts;
+use crate::EngineError;
+
+/// One listener: its socket, its TLS (if any), its limits.
+pub(super) struct Listener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// `Some` for HTTPS.
+    pub tls: Option<Arc<Reloading>>,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Handshake, headers and idle deadlines.
+    pub timeouts: Timeouts,
+    /// Counts connections closed for idling or slowness (the metric).
+    pub on_dropped: Arc<dyn Fn(&'static str) + Send + Sync>,
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets open requests finish
+/// (at most `drain`).
+pub(super) async fn serve(
+    listener: Listener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(listener.max_connections));
+    let acceptor = listener
+        .tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.config)));
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            s = Arc::clone(&slots).acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let (tcp, _peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.socket.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!("HTTP accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let timeouts = listener.timeouts;
+        let router = router.clone();
+        let acceptor = acceptor.clone();
+        let dropped = Arc::clone(&listener.on_dropped);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let activity = Arc::new(Activity::new());
+            let io = Watched {
+                inner: tcp,
+                activity: Arc::clone(&activity),
+            };
+            match acceptor {
+                None => connection(io, router, timeouts, activity, dropped, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(timeouts.header, acceptor.accept(io)).await {
+                        Ok(Ok(tls)) => {
+                            connection(tls, router, timeouts, activity, dropped, watcher).await
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => dropped("handshake_timeout"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener.socket);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP: requests still open after {drain:?} at shutdown; closing them");
+    }
+}
+
+/// One connection: HTTP/1.1 with keep-alive, closed when idle.
+async fn connection<I>(
+    io: I,
+    router: Router,
+    timeouts: Timeouts,
+    activity: Arc<Activity>,
+    dropped: Arc<dyn Fn(&'static str) + Send + Sync>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let busy = Arc::clone(&activity);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let router = router.clone();
+        let busy = Arc::clone(&busy);
+        async move {
+            let _answering = busy.answering();
+            router.oneshot(req.map(axum::body::Body::new)).await
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header)
+        .keep_alive(true);
+    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                if e.is_timeout() {
+                    dropped("header_timeout");
+                } else {
+                    tracing::debug!("HTTP connection: {e}");
+                }
+            }
+        }
+        _ = activity.idle(timeouts.idle) => dropped("idle_timeout"),
+    }
+}
+
+/// When a connection last moved bytes, and how many of its requests are being answered.
+struct Activity {
+    started: Instant,
+    last_ms: AtomicU64,
+    answering: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            answering: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn answering(self: &Arc<Self>) -> Answering {
+        self.answering.fetch_add(1, Ordering::AcqRel);
+        Answering(Arc::clone(self))
+    }
+
+    /// Resolves once the connection has been idle for `limit`: no bytes moved and no
+    /// request being answered.
+    async fn idle(&self, limit: Duration) {
+        let limit_ms = limit.as_millis() as u64;
+        loop {
+            let since = (self.started.elapsed().as_millis() as u64)
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+            if self.answering.load(Ordering::Acquire) > 0 {
+                // Handlers wait on fsyncs and broker acks, not on the client.
+                self.touch();
+                tokio::time::sleep(limit).await;
+            } else if since >= limit_ms {
+                return;
+            } else {
+                tokio::time::sleep(Duration::from_millis(limit_ms - since)).await;
+            }
+        }
+    }
+}
+
+/// A request being answered (while alive).
+struct Answering(Arc<Activity>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.answering.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A socket that notes when bytes move.
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A certificate and key read from PEM files, read again when either file changes.
+#[derive(Debug)]
+pub(super) struct Reloading {
+    cert: PathBuf,
+    key: PathBuf,
+    current: Arc<Current>,
+    config: Arc<rustls::ServerConfig>,
+}
+
+/// The pair being served, and the files' modification time it was read at.
+#[derive(Debug)]
+struct Current(RwLock<(Arc<CertifiedKey>, Option<SystemTime>)>);
+
+impl Reloading {
+    /// Reads the pair now; a bad pair is a configuration error (`table.tls_cert`).
+    pub fn load(table: &str, cert: &str, key: &str) -> Result<Arc<Reloading>, EngineError> {
+        let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+        let certified = read_pair(&cert, &key)
+            .map_err(|e| EngineError::Usage(format!("config: `{table}.tls_cert`: {e}")))?;
+        let stamp = modified(&cert, &key);
+        let current = Arc::new(Current(RwLock::new((Arc::new(certified), stamp))));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| EngineError::Dataflow(format!("TLS setup: {e}")))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(Reloading {
+            cert,
+            key,
+            current,
+            config: Arc::new(config),
+        }))
+    }
+
+    /// Reads the files again if either changed since the last read; keeps the old pair
+    /// (and says why) when the new one does not load, e.g. half-written.
+    pub fn refresh(&self) -> bool {
+        let stamp = modified(&self.cert, &self.key);
+        let known = self.current.0.read().map(|c| c.1).unwrap_or(None);
+        if stamp == known {
+            return false;
+        }
+        match read_pair(&self.cert, &self.key) {
+            Ok(certified) => {
+                if let Ok(mut c) = self.current.0.write() {
+                    *c = (Arc::new(certified), stamp);
+                }
+                tracing::info!("TLS: loaded the new certificate {}", self.cert.display());
+                true
+            }
+            Err(e) => {
+                tracing::warn!("TLS: keeping the current certificate: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.read().ok().map(|c| Arc::clone(&c.0))
+    }
+}
+
+/// The later of the two files' modification times.
+fn modified(cert: &PathBuf, key: &PathBuf) -> Option<SystemTime> {
+    let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    m(cert).max(m(key))
+}
+
+fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<CertifiedKey, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", cert.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("{}: unusable private key: {e}", key.display()))?;
+    let certified = CertifiedKey::new(certs, signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
+    Ok(certified)
+}
