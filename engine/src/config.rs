@@ -1162,4 +1162,45 @@ mod tests {
         assert_eq!(c.snapshots.unwrap().prefix, "s3://b/p/");
         assert!(c.output.dir.ends_with("herald-out"));
     }
+
+    #[test]
+    fn listeners_and_keys_are_checked() {
+        let base = "[engine]\nsegments = \"s.sql\"\n";
+        let c = Config::parse(base).unwrap();
+        assert_eq!(c.admin.listen, "127.0.0.1:8081");
+        assert!(c.admin.read_keys.is_empty() && c.admin.admin_keys.is_empty());
+        assert_eq!(
+            c.timeouts().unwrap().idle,
+            std::time::Duration::from_secs(60)
+        );
+        let e = err(&format!(
+            "{base}[admin]\nlisten = \"0.0.0.0:8081\"\nread_keys = [\"k\"]\n"
+        ));
+        assert!(e.contains("admin.listen") && e.contains("tls_cert"), "{e}");
+        let e = err(&format!(
+            "{base}[admin]\nlisten = \"10.0.0.1:8081\"\ntls_cert = \"c\"\ntls_key = \"k\"\n"
+        ));
+        assert!(e.contains("read_keys or admin.admin_keys"), "{e}");
+        // Exposed with TLS and a key: accepted.
+        Config::parse(&format!(
+            "{base}[admin]\nlisten = \"0.0.0.0:8081\"\ntls_cert = \"c\"\ntls_key = \"k\"\nadmin_keys = [\"a\"]\n"
+        ))
+        .unwrap();
+        let e = err(&format!("{base}[http]\ntls_cert = \"c\"\n"));
+        assert!(e.contains("http.tls_key"), "{e}");
+        let e = err(&format!("{base}[admin]\nlisten = \"127.0.0.1:8080\"\n"));
+        assert!(e.contains("must differ from http.listen"), "{e}");
+        let e = err(&format!("{base}[admin]\nread_keys = [\"a b\"]\n"));
+        assert!(e.contains("admin.read_keys"), "{e}");
+        let e = err(&format!("{base}[http]\nidle_timeout = \"soon\"\n"));
+        assert!(e.contains("http.idle_timeout"), "{e}");
+        let e = err(&format!(
+            "{base}[http]\nwrite_keys_env = \"HERALD_NO_SUCH_VARIABLE\"\n"
+        ));
+        assert!(e.contains("HERALD_NO_SUCH_VARIABLE"), "{e}");
+        let e = err(&format!(
+            "{base}[http]\nwrite_keys_file = \"/nonexistent/keys\"\n"
+        ));
+        assert!(e.contains("http.write_keys_file"), "{e}");
+    }
 }

@@ -747,7 +747,7 @@ mod tests {
             ("hello\n\n{{ trait.first_name }}", &format!("cart.liquid:3: unknown variable 'trait' {sees}")),
             ("{{ user.idd }}", "cart.liquid:1: unknown variable 'user.idd' (user has: id)"),
             ("{{ journey['nam'] }}", "cart.liquid:1: unknown variable 'journey.nam' (journey has: name, variant, step, instance)"),
-            ("{{ message.body }}", "cart.liquid:1: unknown variable 'message.body' (message has: id, channel, template)"),
+            ("{{ message.body }}", "cart.liquid:1: unknown variable 'message.body' (message has: id, channel, template, click_url, open_url)"),
             ("{{ traits.a | default: trait.b }}", &format!("cart.liquid:1: unknown variable 'trait' {sees}")),
             ("{% if traits.a and\n  vip %}{% endif %}", &format!("cart.liquid:2: unknown variable 'vip' {sees}")),
             ("{% for p in event.items %}{% endfor %}\n{{ p.name }}", &format!("cart.liquid:2: unknown variable 'p' {sees}")),
@@ -762,7 +762,7 @@ mod tests {
             ("---\nsubject: Hi\n---\nbody\n{{ usr.id }}", &format!("cart.liquid:5: unknown variable 'usr' {sees}")),
             ("---\n\nsubject: Hi {{ user.name }}\n---\n", "cart.liquid:3: unknown variable 'user.name' (user has: id)"),
             // Front matter.
-            ("---\nsubject: a\nfrom: b\n---\n", "cart.liquid:3: front matter: unknown key 'from' (only 'subject' is allowed)"),
+            ("---\nsubject: a\nfrom: b\n---\n", "cart.liquid:3: front matter: unknown key 'from' (only 'subject' and 'link' are allowed)"),
             ("---\nsubject: a\n", "cart.liquid:1: front matter: no closing '---' line"),
             ("---\nsubject a\n---\n", "cart.liquid:2: front matter: expected 'subject: …', found 'subject a'"),
             ("---\nsubject: a\nsubject: b\n---\n", "cart.liquid:3: front matter: 'subject' is given twice"),
@@ -907,5 +907,46 @@ mod tests {
             variants.len()
         );
         assert!(Templates::from_sources([("t", valid)]).is_ok());
+    }
+
+    #[test]
+    fn tracking_links_are_signed_links_to_the_rendered_target() {
+        use crate::notify::tracking::{Kind, Tracking};
+        let tracking = Tracking::new("https://t.example", b"0123456789abcdef");
+        let src =
+            "---\nlink: \"https://shop.example/{{ user.id }}\"\n---\nGo: {{ message.click_url }}";
+        let t = Templates::from_sources([("cart", src)])
+            .unwrap()
+            .with_tracking(Some(tracking.clone()));
+        assert_eq!(t.tracked(), (vec!["cart"], vec![]));
+        let r = t.render(&action("cart", None)).unwrap();
+        let a = action("cart", None);
+        let want = tracking.click_url(
+            &a.message_id,
+            &format!("https://shop.example/{}", a.user_id),
+        );
+        assert_eq!(r.body, format!("Go: {want}"));
+        let sig = want.rsplit_once("sig=").unwrap().1;
+        let target = format!("https://shop.example/{}", a.user_id);
+        assert!(tracking.verify(Kind::Click, &a.message_id, &target, sig));
+        // An HTML email gets the pixel and is HTML; a text one neither.
+        let html = Templates::from_sources([("m", "<p>Hi</p>")])
+            .unwrap()
+            .with_tracking(Some(tracking.clone()));
+        let mut mail = action("m", None);
+        mail.channel = "email".into();
+        let r = html.render(&mail).unwrap();
+        assert!(r.html);
+        assert!(r.body.contains(&tracking.open_url(&mail.message_id)));
+        mail.channel = "webhook".into();
+        let r = html.render(&mail).unwrap();
+        assert_eq!((r.html, r.body.as_str()), (false, "<p>Hi</p>"));
+        // click_url without a link is reported; a link cannot read the links.
+        let no_link = Templates::from_sources([("x", "{{ message.click_url }}")]).unwrap();
+        assert_eq!(no_link.tracked(), (vec!["x"], vec!["x"]));
+        let e = Templates::from_sources([("y", "---\nlink: \"{{ message.open_url }}\"\n---\nx")])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("'link' cannot read"), "{e}");
     }
 }

@@ -357,18 +357,10 @@ where
             let tracking = n
                 .tracking()
                 .map_err(|(k, m)| EngineError::Usage(format!("config: `{k}`: {m}")))?;
-            let (tracked, without_link) = t.tracked();
-            if let (None, Some(name)) = (&tracking, tracked.first()) {
+            if let (None, Some(name)) = (&tracking, t.tracked().0.first()) {
                 return Err(EngineError::Usage(format!(
                     "{}: template '{name}' reads message.click_url or message.open_url, \
                      which need [notify] tracking_url and tracking_secret",
-                    n.templates
-                )));
-            }
-            if let Some(name) = without_link.first() {
-                return Err(EngineError::Usage(format!(
-                    "{}: template '{name}' reads message.click_url but has no 'link:' in \
-                     its front matter (the click's target)",
                     n.templates
                 )));
             }
