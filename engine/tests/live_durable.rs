@@ -546,7 +546,8 @@ fn a_two_process_cluster_with_one_process_killed_loses_and_repeats_nothing() {
 fn a_cluster_whose_processes_do_not_share_the_state_directory_is_refused() {
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let base = "[engine]\nsegments = \"segments.sql\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-                write_keys = [\"wk\"]\n[checkpoint]\ndir = \"herald-state\"\n";
+                write_keys = [\"wk\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                [checkpoint]\ndir = \"herald-state\"\n";
     let configs = common::cluster_configs(base, 2);
     let children: Vec<_> = dirs
         .iter()
