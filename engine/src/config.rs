@@ -183,6 +183,10 @@ pub struct HttpConfig {
     /// backlog until one closes.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Most connections one client address may hold open on a listener; past it, its new
+    /// connections are closed at once.
+    #[serde(default = "defaults::max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// How long a client has to send a request's headers (and a TLS handshake).
     #[serde(default = "defaults::header_timeout")]
     pub header_timeout: String,
@@ -341,6 +345,7 @@ impl Default for HttpConfig {
             tls_cert: None,
             tls_key: None,
             max_connections: defaults::max_connections(),
+            max_connections_per_ip: defaults::max_connections_per_ip(),
             header_timeout: defaults::header_timeout(),
             body_timeout: defaults::body_timeout(),
             idle_timeout: defaults::idle_timeout(),
@@ -419,6 +424,10 @@ pub mod defaults {
     /// Connections per listener.
     pub fn max_connections() -> usize {
         1024
+    }
+    /// Connections per client address (a NAT or proxy shares one address: raise it then).
+    pub fn max_connections_per_ip() -> usize {
+        256
     }
     /// To send a request's headers (slowloris).
     pub fn header_timeout() -> String {
@@ -869,8 +878,11 @@ impl Config {
                 ));
             }
         }
-        if self.http.max_connections == 0 {
-            return Err(bad("http.max_connections", "must be at least 1"));
+        if !(1..=1_000_000).contains(&self.http.max_connections) {
+            return Err(bad("http.max_connections", "must be between 1 and 1000000"));
+        }
+        if self.http.max_connections_per_ip == 0 {
+            return Err(bad("http.max_connections_per_ip", "must be at least 1"));
         }
         self.timeouts()?;
         Ok(())

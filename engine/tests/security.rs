@@ -408,7 +408,10 @@ fn tls_on_both_listeners_with_certificate_rotation() {
 /// Regression: 300 of 300 half-open connections were still open after 35 s.
 #[test]
 fn half_open_and_slow_connections_are_dropped() {
-    let (_dir, h) = start("idle_timeout = \"1 second\"\nheader_timeout = \"1 second\"\n");
+    let (_dir, h) = start(
+        "idle_timeout = \"1 second\"\nheader_timeout = \"1 second\"\n\
+         max_connections_per_ip = 1000\n",
+    );
     let addr = host_port(&h.base);
     // Connections that never send a byte.
     let mut idle: Vec<TcpStream> = (0..300)
@@ -478,6 +481,47 @@ fn connections_beyond_the_maximum_wait_for_a_free_one() {
         Duration::from_secs(10),
     );
     assert!(reply.starts_with("HTTP/1.1"), "{reply}");
+}
+
+/// One client address cannot take every connection: past its share, its new
+/// connections are closed at once, and another address is still served.
+#[test]
+fn one_client_cannot_take_every_connection() {
+    let (_dir, h) = start("max_connections_per_ip = 3\nidle_timeout = \"30 seconds\"\n");
+    let addr: std::net::SocketAddr = host_port(&h.base).parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect_from = |source: &str| {
+        rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(format!("{source}:0").parse().unwrap()).unwrap();
+            s.connect(addr).await.unwrap().into_std().unwrap()
+        })
+    };
+    let _held: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.1")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fourth = connect_from("127.0.0.1");
+    fourth.set_nonblocking(false).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = fourth.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let n = fourth.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "a fourth connection from one address was served");
+    // Another address (all of 127.0.0.0/8 is this host) is served.
+    let mut other = connect_from("127.0.0.2");
+    other.set_nonblocking(false).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let n = other.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1"));
 }
 
 #[test]

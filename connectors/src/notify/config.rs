@@ -107,7 +107,8 @@ pub struct MessagesApiConfig {
     /// The sender: a number, a messaging service's number, or `whatsapp:+…`.
     pub from: String,
     /// Where the provider reports delivery (`StatusCallback`); Herald's
-    /// `/v1/providers/twilio/status` (with the write key as Basic-auth user in the URL).
+    /// `/v1/providers/twilio/status` as Twilio reaches it (its callbacks are checked with
+    /// `X-Twilio-Signature` over this URL).
     pub status_callback: Option<String>,
     /// Requests in flight at once.
     #[serde(default = "defaults::concurrency")]
@@ -289,6 +290,25 @@ impl NotifyConfig {
         }
         for (name, c) in [("sms", &self.sms), ("whatsapp", &self.whatsapp)] {
             if let Some(c) = c {
+                if c.status_callback.is_some() && c.auth_token.trim().is_empty() {
+                    return bad(
+                        &format!("{name}.auth_token"),
+                        "is empty, and status callbacks are checked with it (an empty key \
+                         signs for anyone)"
+                            .into(),
+                    );
+                }
+                if c.status_callback
+                    .as_ref()
+                    .is_some_and(|cb| cb.contains('@'))
+                {
+                    return bad(
+                        &format!("{name}.status_callback"),
+                        "must not carry credentials: Twilio's signature is the callback's \
+                         credential"
+                            .into(),
+                    );
+                }
                 if url::Url::parse(&c.base_url).is_err() {
                     return bad(
                         &format!("{name}.base_url"),

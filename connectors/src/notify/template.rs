@@ -135,8 +135,8 @@ pub struct Rendered {
     pub subject: Option<String>,
     /// The body.
     pub body: String,
-    /// Whether the body is HTML (an email body starting with `<`): sent as `text/html`,
-    /// with the open pixel when tracking is on.
+    /// Whether the body is HTML (an email template whose body starts with `<`): sent as
+    /// `text/html`, its data HTML-escaped, with the open pixel when tracking is on.
     pub html: bool,
 }
 
@@ -164,6 +164,10 @@ struct Template {
     body: Part,
     /// Whether the subject or body reads `message.click_url` / `message.open_url`.
     tracked: bool,
+    /// The scheme and host `link` starts with, literally: a rendered link must keep them.
+    link_origin: Option<url::Origin>,
+    /// The body's source starts with `<`: HTML (for email).
+    html: bool,
 }
 
 /// The loaded, checked templates, by name. `Send + Sync`: shared by delivery tasks.
@@ -302,6 +306,15 @@ impl Templates {
                     name: action.template.clone(),
                 })?;
         let parts = || t.subject.iter().chain(&t.link).chain([&t.body]);
+        let html = action.channel == "email" && t.html;
+        // An HTML email's data is HTML-escaped: a trait cannot add markup to it.
+        let escaped;
+        let action = if html {
+            escaped = data::html_escaped(action);
+            &escaped
+        } else {
+            action
+        };
         let mut globals = data::globals(
             action,
             parts().flat_map(|p| &p.assigned),
@@ -310,11 +323,11 @@ impl Templates {
         );
         if let Some(tracking) = &self.tracking {
             let target = t.link.as_ref().map(|p| t.render(p, &globals)).transpose()?;
-            let click = target.map(|to| tracking.click_url(&action.message_id, to.trim()));
+            let target = target.map(|to| t.checked_link(to.trim())).transpose()?;
+            let click = target.map(|to| tracking.click_url(&action.message_id, &to));
             data::set_links(&mut globals, click, tracking.open_url(&action.message_id));
         }
         let mut body = t.render(&t.body, &globals)?;
-        let html = action.channel == "email" && super::tracking::is_html(&body);
         if let (true, Some(tracking)) = (html, &self.tracking) {
             let pixel = tracking.open_url(&action.message_id);
             if let Some(b) = super::tracking::with_open_pixel(&body, &pixel) {
@@ -334,6 +347,23 @@ impl Templates {
 }
 
 impl Template {
+    /// A rendered link, if it is an http(s) URL on the host the template wrote literally
+    /// (HTML entities from escaped data undone: the link is a URL, not markup).
+    fn checked_link(&self, rendered: &str) -> Result<String, TemplateError> {
+        let text = rendered.replace("&amp;", "&");
+        let bad = |why: &str| TemplateError::Render {
+            file: self.file.clone(),
+            detail: format!("the rendered link '{text}' {why}"),
+        };
+        let url = url::Url::parse(&text).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+        if Some(url.origin()) != self.link_origin {
+            return Err(bad(
+                "leaves the scheme and host the template's 'link:' starts with",
+            ));
+        }
+        Ok(url.to_string())
+    }
+
     /// Renders one of its parts over `globals`.
     fn render(&self, p: &Part, globals: &data::Data) -> Result<String, TemplateError> {
         let out = catch_unwind(AssertUnwindSafe(|| p.liquid.render(globals)));
@@ -375,6 +405,19 @@ fn compile(parser: &liquid::Parser, file: String, text: &str) -> Result<Template
         Some((s, line)) => Some(part(parser, &file, s, *line)?),
         None => None,
     };
+    let link_origin = match &src.link {
+        Some((s, line)) => Some(literal_origin(s).ok_or_else(|| {
+            TemplateError::Syntax {
+                file: file.clone(),
+                line: *line,
+                detail: "'link' must start with http:// or https:// and a host written out \
+                     (no {{ }} before the first '/'), so that no trait can send a click \
+                     to another site"
+                    .into(),
+            }
+        })?),
+        None => None,
+    };
     if let (Some(l), Some((_, line))) = (&link, &src.link) {
         if l.reads_message(&["click_url", "open_url"]) {
             return Err(TemplateError::Syntax {
@@ -385,6 +428,7 @@ fn compile(parser: &liquid::Parser, file: String, text: &str) -> Result<Template
         }
     }
     let body = part(parser, &file, &src.body, src.body_line)?;
+    let html = super::tracking::is_html(&src.body);
     let tracked = subject
         .iter()
         .chain([&body])
@@ -395,7 +439,29 @@ fn compile(parser: &liquid::Parser, file: String, text: &str) -> Result<Template
         link,
         body,
         tracked,
+        link_origin,
+        html,
     })
+}
+
+/// The origin (scheme, host, port) a link's source starts with, when it is written out
+/// literally: `https://shop.example/…` yes, `https://{{ traits.host }}/…` no.
+fn literal_origin(src: &str) -> Option<url::Origin> {
+    let src = src.trim();
+    let rest = src
+        .strip_prefix("https://")
+        .or_else(|| src.strip_prefix("http://"))?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let host = &rest[..end];
+    if host.is_empty()
+        || host.contains(['{', '}', '@', '%', '\\'])
+        || host.contains(char::is_whitespace)
+    {
+        return None;
+    }
+    let scheme_len = src.len() - rest.len();
+    let url = url::Url::parse(&format!("{}/", &src[..scheme_len + end])).ok()?;
+    Some(url.origin())
 }
 
 /// Parses and checks a subject or body that starts at line `first` of the file.
@@ -944,9 +1010,65 @@ mod tests {
         // click_url without a link is reported; a link cannot read the links.
         let no_link = Templates::from_sources([("x", "{{ message.click_url }}")]).unwrap();
         assert_eq!(no_link.tracked(), (vec!["x"], vec!["x"]));
-        let e = Templates::from_sources([("y", "---\nlink: \"{{ message.open_url }}\"\n---\nx")])
-            .err()
-            .unwrap();
+        let e = Templates::from_sources([(
+            "y",
+            "---\nlink: \"https://x.example/{{ message.open_url }}\"\n---\nx",
+        )])
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("'link' cannot read"), "{e}");
+    }
+
+    #[test]
+    fn a_trait_can_neither_move_a_link_to_another_host_nor_add_markup() {
+        use crate::notify::tracking::Tracking;
+        // The host must be written out.
+        for link in [
+            "https://shop.example{{ traits.p }}",
+            "{{ traits.url }}",
+            "javascript:alert(1)",
+            "https://{{ traits.h }}/x",
+        ] {
+            let src = format!("---\nlink: \"{link}\"\n---\n{{{{ message.click_url }}}}");
+            let e = Templates::from_sources([("t", src.as_str())]).err();
+            assert!(
+                e.is_some_and(|e| e.to_string().contains("host written out")),
+                "{link}"
+            );
+        }
+        // Data after the host stays on the host.
+        let src =
+            "---\nlink: \"https://shop.example/{{ traits.p }}\"\n---\n{{ message.click_url }}";
+        let t = Templates::from_sources([("t", src)])
+            .unwrap()
+            .with_tracking(Some(Tracking::new(
+                "https://t.example",
+                b"0123456789abcdef",
+            )));
+        let mut a = action("t", None);
+        a.traits.insert("p".into(), Json::from("@evil.example/x"));
+        let body = t.render(&a).unwrap().body;
+        assert!(
+            body.contains("to=https%3A%2F%2Fshop.example%2F%40evil.example%2Fx"),
+            "{body}"
+        );
+        // An HTML email's data is escaped; a text one's is not; the choice is the source's.
+        let t = Templates::from_sources([
+            ("h", "<p>Hi {{ traits.name }}</p>"),
+            ("p", "Hi {{ traits.name }}"),
+        ])
+        .unwrap();
+        let mut a = action("h", None);
+        a.channel = "email".into();
+        a.traits
+            .insert("name".into(), Json::from("<b>Ann</b> & co"));
+        let r = t.render(&a).unwrap();
+        assert!(r.html);
+        assert_eq!(r.body, "<p>Hi &lt;b&gt;Ann&lt;/b&gt; &amp; co</p>");
+        a.template = "p".into();
+        a.traits.insert("name".into(), Json::from("<html>"));
+        let r = t.render(&a).unwrap();
+        assert!(!r.html, "a trait made a text template HTML");
+        assert_eq!(r.body, "Hi <html>");
     }
 }

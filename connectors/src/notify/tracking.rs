@@ -78,19 +78,31 @@ impl Tracking {
         hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
+    /// `{base}/v1/t/{kind}/{message_id}` with the query pairs, each part encoded for
+    /// where it goes (the id as a path segment, so the router decodes it back).
+    fn link(&self, kind: Kind, message_id: &str, query: &[(&str, &str)]) -> String {
+        let Ok(mut url) = url::Url::parse(&self.base) else {
+            // `base` is checked to be an http(s) URL when the config loads.
+            return String::new();
+        };
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty()
+                .extend(["v1", "t", kind.as_str(), message_id]);
+        }
+        url.query_pairs_mut().extend_pairs(query);
+        url.to_string()
+    }
+
     /// The click link of a message to `target`.
     pub fn click_url(&self, message_id: &str, target: &str) -> String {
         let sig = self.sign(Kind::Click, message_id, target);
-        let to: String = url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
-        let id: String = url::form_urlencoded::byte_serialize(message_id.as_bytes()).collect();
-        format!("{}/v1/t/click/{id}?to={to}&sig={sig}", self.base)
+        self.link(Kind::Click, message_id, &[("to", target), ("sig", &sig)])
     }
 
     /// The open pixel's URL of a message.
     pub fn open_url(&self, message_id: &str) -> String {
         let sig = self.sign(Kind::Open, message_id, "");
-        let id: String = url::form_urlencoded::byte_serialize(message_id.as_bytes()).collect();
-        format!("{}/v1/t/open/{id}?sig={sig}", self.base)
+        self.link(Kind::Open, message_id, &[("sig", &sig)])
     }
 
     /// Whether `sig` is this Herald's signature of the link (in constant time).
@@ -137,6 +149,12 @@ mod tests {
         let t = Tracking::new("https://h.example/", b"s3cret");
         let url = t.click_url("m-1", "https://shop.example/cart?a=1&b=2");
         assert!(url.starts_with("https://h.example/v1/t/click/m-1?to=https%3A%2F%2Fshop"));
+        // An id that needs encoding goes into the path as a segment.
+        let odd = t.click_url("a b/c", "https://x.example/");
+        assert!(
+            odd.starts_with("https://h.example/v1/t/click/a%20b%2Fc?"),
+            "{odd}"
+        );
         let sig = url.rsplit_once("sig=").unwrap().1;
         assert!(t.verify(Kind::Click, "m-1", "https://shop.example/cart?a=1&b=2", sig));
         assert!(!t.verify(Kind::Click, "m-2", "https://shop.example/cart?a=1&b=2", sig));

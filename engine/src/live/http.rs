@@ -333,7 +333,7 @@ fn write_key(headers: &HeaderMap) -> Option<String> {
 pub(super) fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
     let cfg = &app.live.config.http;
     match write_key(headers) {
-        Some(k) if cfg.write_keys.contains(&k) => {}
+        Some(k) if known_key(&cfg.write_keys, &k) => {}
         Some(_) => {
             return Some(refuse(
                 app,

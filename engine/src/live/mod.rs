@@ -308,6 +308,7 @@ async fn listen(live: &Arc<Live>, table: &str) -> Result<(serve::Listener, Strin
         socket,
         tls,
         max_connections: cfg.http.max_connections,
+        max_per_ip: cfg.http.max_connections_per_ip,
         timeouts: live.timeouts,
         on_dropped: Arc::new(move |why: &'static str| {
             metrics_live.metrics.connection_dropped(listener_name, why);

@@ -11,16 +11,26 @@
 //!
 //! - **Connections**: at most `http.max_connections` per listener. The accept loop waits
 //!   for a free slot before accepting, so excess clients wait in the kernel's backlog
-//!   instead of being accepted and starved.
+//!   instead of being accepted and starved. One client address may hold at most
+//!   `http.max_connections_per_ip` of them; past that its new connections are closed at
+//!   once, so one client cannot take every slot.
 //! - **Handshake and headers**: a TLS handshake must finish, and each request's headers
-//!   arrive, within `http.header_timeout`.
+//!   arrive, within `http.header_timeout`. hyper's header timer also runs while a
+//!   keep-alive connection waits for its next request, so an idle keep-alive connection
+//!   is closed after `header_timeout` too (counted as `keepalive_timeout`).
 //! - **Idle**: a connection with no bytes read or written for `http.idle_timeout`, and
-//!   no request being answered, is closed (a half-open TCP connection never sends a FIN,
-//!   so only this notices it).
+//!   no request being answered, is closed: a half-open TCP connection never sends a FIN,
+//!   and one stalled in the middle of a body or a response is not under the header
+//!   timer.
+//! - **Shutdown**: the listener stops accepting, open requests are answered and
+//!   keep-alive connections closed (hyper-util's graceful shutdown); after `drain`, what
+//!   is still open is aborted.
 //! - The body's own deadline (`http.body_timeout`) is applied where the body is read
 //!   (`http::read_body`), after the credential is checked.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -47,6 +57,8 @@ pub(super) struct Listener {
     pub tls: Option<Arc<Reloading>>,
     /// Open connections at most.
     pub max_connections: usize,
+    /// Open connections from one client address at most.
+    pub max_per_ip: usize,
     /// Handshake, headers and idle deadlines.
     pub timeouts: Timeouts,
     /// Counts connections closed for idling or slowness (the metric).
@@ -63,6 +75,8 @@ pub(super) async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(listener.max_connections));
+    let per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let (abort_tx, abort_rx) = tokio::sync::watch::channel(false);
     let acceptor = listener
         .tls
         .as_ref()
@@ -76,7 +90,7 @@ pub(super) async fn serve(
                 Err(_) => break,
             },
         };
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             _ = &mut shutdown => break,
             a = listener.socket.accept() => match a {
                 Ok(a) => a,
@@ -88,6 +102,12 @@ pub(super) async fn serve(
                 }
             },
         };
+        let Some(held) = PerIp::take(&per_ip, peer.ip(), listener.max_per_ip) else {
+            (listener.on_dropped)("too_many_from_client");
+            drop(tcp);
+            continue;
+        };
+        let mut abort = abort_rx.clone();
         let _ = tcp.set_nodelay(true);
         let timeouts = listener.timeouts;
         let router = router.clone();
@@ -95,23 +115,30 @@ pub(super) async fn serve(
         let dropped = Arc::clone(&listener.on_dropped);
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _held = (slot, held);
             let activity = Arc::new(Activity::new());
             let io = Watched {
                 inner: tcp,
                 activity: Arc::clone(&activity),
             };
-            match acceptor {
-                None => connection(io, router, timeouts, activity, dropped, watcher).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(timeouts.header, acceptor.accept(io)).await {
-                        Ok(Ok(tls)) => {
-                            connection(tls, router, timeouts, activity, dropped, watcher).await
+            let work = async move {
+                match acceptor {
+                    None => connection(io, router, timeouts, activity, dropped, watcher).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(timeouts.header, acceptor.accept(io)).await {
+                            Ok(Ok(tls)) => {
+                                connection(tls, router, timeouts, activity, dropped, watcher).await
+                            }
+                            Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                            Err(_) => dropped("handshake_timeout"),
                         }
-                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
-                        Err(_) => dropped("handshake_timeout"),
                     }
                 }
+            };
+            // After the drain at shutdown, whatever is still open is dropped.
+            tokio::select! {
+                _ = work => {}
+                _ = abort.wait_for(|a| *a) => {}
             }
         });
     }
@@ -121,6 +148,7 @@ pub(super) async fn serve(
         .is_err()
     {
         tracing::warn!("HTTP: requests still open after {drain:?} at shutdown; closing them");
+        let _ = abort_tx.send(true);
     }
 }
 
@@ -154,7 +182,12 @@ async fn connection<I>(
         r = conn => {
             if let Err(e) = r {
                 if e.is_timeout() {
-                    dropped("header_timeout");
+                    // Waiting for a next request that never began, or a slow one.
+                    dropped(if activity.between_requests() {
+                        "keepalive_timeout"
+                    } else {
+                        "header_timeout"
+                    });
                 } else {
                     tracing::debug!("HTTP connection: {e}");
                 }
@@ -168,6 +201,10 @@ async fn connection<I>(
 struct Activity {
     started: Instant,
     last_ms: AtomicU64,
+    /// When bytes last arrived (ms since `started`, +1; 0: never).
+    last_read_ms: AtomicU64,
+    /// When the last answer was done (ms since `started`, +1; 0: none yet).
+    answered_ms: AtomicU64,
     answering: AtomicUsize,
 }
 
@@ -176,13 +213,30 @@ impl Activity {
         Activity {
             started: Instant::now(),
             last_ms: AtomicU64::new(0),
+            last_read_ms: AtomicU64::new(0),
+            answered_ms: AtomicU64::new(0),
             answering: AtomicUsize::new(0),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     fn touch(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn read(&self) {
+        let ms = self.now_ms();
         self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_read_ms.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// A request was answered and nothing of another has arrived since.
+    fn between_requests(&self) -> bool {
+        let answered = self.answered_ms.load(Ordering::Relaxed);
+        answered > 0 && self.last_read_ms.load(Ordering::Relaxed) <= answered
     }
 
     fn answering(self: &Arc<Self>) -> Answering {
@@ -200,7 +254,7 @@ impl Activity {
             if self.answering.load(Ordering::Acquire) > 0 {
                 // Handlers wait on fsyncs and broker acks, not on the client.
                 self.touch();
-                tokio::time::sleep(limit).await;
+                tokio::time::sleep(limit.min(Duration::from_secs(1))).await;
             } else if since >= limit_ms {
                 return;
             } else {
@@ -216,6 +270,8 @@ struct Answering(Arc<Activity>);
 impl Drop for Answering {
     fn drop(&mut self) {
         self.0.touch();
+        let ms = self.0.now_ms() + 1;
+        self.0.answered_ms.store(ms, Ordering::Relaxed);
         self.0.answering.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -235,7 +291,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.read();
         }
         r
     }
@@ -357,4 +413,42 @@ fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<CertifiedKey, String> {
         .keys_match()
         .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
     Ok(certified)
+}
+
+/// One client address's share of a listener's connections (released when dropped).
+struct PerIp {
+    map: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn take(
+        map: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        limit: usize,
+    ) -> Option<PerIp> {
+        let mut m = map.lock().ok()?;
+        let n = m.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(PerIp {
+            map: Arc::clone(map),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerIp {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
 }

@@ -68,6 +68,41 @@ pub(super) fn globals<'a>(
     Data::Object(globals)
 }
 
+/// The action with every string of the user's data (`user.id`, traits, the event)
+/// HTML-escaped, for an HTML email.
+pub(super) fn html_escaped(action: &MessageAction) -> MessageAction {
+    fn escape(v: &mut Json) {
+        match v {
+            Json::String(s) => *s = escape_text(s),
+            Json::Array(a) => a.iter_mut().for_each(escape),
+            Json::Object(m) => m.values_mut().for_each(escape),
+            _ => {}
+        }
+    }
+    let mut a = action.clone();
+    a.user_id = escape_text(&a.user_id);
+    a.traits.values_mut().for_each(escape);
+    if let Some(e) = &mut a.event {
+        escape(e);
+    }
+    a
+}
+
+fn escape_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Sets `message.click_url` (when the template has a link) and `message.open_url`.
 pub(super) fn set_links(globals: &mut Data, click: Option<String>, open: String) {
     let Data::Object(g) = globals else { return };
