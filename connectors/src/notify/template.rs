@@ -346,6 +346,28 @@ impl Templates {
     }
 }
 
+/// The longest subject or body a template may render (a loop over data could otherwise
+/// grow without bound).
+const MAX_RENDERED: usize = 1 << 20;
+
+/// A buffer that refuses to grow past [`MAX_RENDERED`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED {
+            self.0.resize(MAX_RENDERED, 0);
+            return Err(std::io::Error::other("message too long"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Template {
     /// A rendered link, if it is an http(s) URL on the host the template wrote literally
     /// (HTML entities from escaped data undone: the link is a URL, not markup).
@@ -366,9 +388,13 @@ impl Template {
 
     /// Renders one of its parts over `globals`.
     fn render(&self, p: &Part, globals: &data::Data) -> Result<String, TemplateError> {
-        let out = catch_unwind(AssertUnwindSafe(|| p.liquid.render(globals)));
-        let detail = match out {
-            Ok(Ok(s)) => return Ok(s),
+        let mut out = Capped(Vec::new());
+        let done = catch_unwind(AssertUnwindSafe(|| p.liquid.render_to(&mut out, globals)));
+        let detail = match done {
+            Ok(Ok(())) => return Ok(String::from_utf8_lossy(&out.0).into_owned()),
+            Ok(Err(_)) if out.0.len() >= MAX_RENDERED => {
+                format!("the message is longer than {MAX_RENDERED} bytes")
+            }
             Ok(Err(e)) => describe(&e, true).1,
             Err(_) => "liquid panicked".to_string(),
         };
@@ -818,7 +844,7 @@ mod tests {
             ("{% if traits.a and\n  vip %}{% endif %}", &format!("cart.liquid:2: unknown variable 'vip' {sees}")),
             ("{% for p in event.items %}{% endfor %}\n{{ p.name }}", &format!("cart.liquid:2: unknown variable 'p' {sees}")),
             ("{{ forloop.index }}", &format!("cart.liquid:1: unknown variable 'forloop' {sees}")),
-            ("{% for i in (1..n) %}{% endfor %}", &format!("cart.liquid:1: unknown variable 'n' {sees}")),
+            ("{% for i in (1..n) %}{% endfor %}", "cart.liquid:1: '(1..n)': a range's bounds must be whole numbers written out (a bound read from data could be any size)"),
             ("{% for i in event.items limit: max %}{% endfor %}", &format!("cart.liquid:1: unknown variable 'max' {sees}")),
             ("{{ traits[key] }}", &format!("cart.liquid:1: unknown variable 'key' {sees}")),
             ("{{ traits[event.k[\"]\"]][nope] }}", &format!("cart.liquid:1: unknown variable 'nope' {sees}")),
@@ -1070,5 +1096,37 @@ mod tests {
         let r = t.render(&a).unwrap();
         assert!(!r.html, "a trait made a text template HTML");
         assert_eq!(r.body, "Hi <html>");
+    }
+
+    #[test]
+    fn ranges_and_output_are_bounded() {
+        for (src, want) in [
+            (
+                "{% for i in (1..100000000) %}x{% endfor %}",
+                "at most 10000 values",
+            ),
+            ("{% for i in (1..traits.n) %}x{% endfor %}", "written out"),
+            (
+                "{% tablerow i in (traits.a..3) %}x{% endtablerow %}",
+                "written out",
+            ),
+        ] {
+            let e = Templates::from_sources([("t", src)])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(want), "{src}: {e}");
+        }
+        assert!(
+            Templates::from_sources([("t", "{% for i in (1..10) %}{{ i }}{% endfor %}")]).is_ok()
+        );
+        // Output past 1 MiB fails the message instead of growing.
+        let t = Templates::from_sources([(
+            "t",
+            "{% for a in (1..2000) %}{% for b in (1..2000) %}xxxxxxxx{% endfor %}{% endfor %}",
+        )])
+        .unwrap();
+        let e = t.render(&action("t", None)).unwrap_err().to_string();
+        assert!(e.contains("longer than 1048576 bytes"), "{e}");
     }
 }

@@ -638,6 +638,12 @@ impl Scanner<'_> {
                 }
             }
             "for" | "tablerow" => {
+                // liquid-rust builds a range's every value before the loop starts: a
+                // bound read from data (a trait anyone can set) or a huge literal one
+                // would take all memory.
+                if let Some(why) = unbounded_range(t.inner) {
+                    self.reject(t, why);
+                }
                 let range = toks.get(3..).unwrap_or(&[]);
                 self.reads(range, &["reversed"], true);
                 if let Some(x) = var(1) {
@@ -670,6 +676,26 @@ impl Scanner<'_> {
         }
         t.end
     }
+}
+
+/// Most values a `for` range may have.
+pub(crate) const MAX_RANGE: i64 = 10_000;
+
+/// Why a `for`/`tablerow` tag's range `(a..b)` is refused: bounds that are not whole
+/// numbers written out, or more than [`MAX_RANGE`] values.
+fn unbounded_range(inner: &str) -> Option<String> {
+    let open = inner.find('(')?;
+    let close = open + inner[open..].find(')')?;
+    let (a, b) = inner[open + 1..close].split_once("..")?;
+    let bounds = (a.trim().parse::<i64>(), b.trim().parse::<i64>());
+    let why = match bounds {
+        (Ok(a), Ok(b)) if b.saturating_sub(a) < MAX_RANGE => return None,
+        (Ok(_), Ok(_)) => format!("a range has at most {MAX_RANGE} values"),
+        _ => "a range's bounds must be whole numbers written out (a bound read from \
+              data could be any size)"
+            .to_string(),
+    };
+    Some(format!("'({}..{})': {why}", a.trim(), b.trim()))
 }
 
 /// Scans a Liquid text: the variables it reads but does not bind, the names it binds,
