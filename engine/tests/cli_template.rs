@@ -186,7 +186,7 @@ fn render_reads_traits_from_a_running_herald() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "Hi Ada (a b/c)\n");
-    let (code, _, err) = herald(&[
+    let nobody = [
         "template",
         "render",
         "hi",
@@ -194,24 +194,12 @@ fn render_reads_traits_from_a_running_herald() {
         "nobody",
         "--templates",
         tdir,
-        "--server",
-        &server,
-    ]);
+    ];
+    let (code, _, err) = herald(&[&nobody[..], &["--server", &server]].concat());
     assert_eq!(code, 2);
     assert!(err.contains("wants a read key"), "{err}");
-    let (code, _, err) = herald(&[
-        "template",
-        "render",
-        "hi",
-        "--user",
-        "nobody",
-        "--templates",
-        tdir,
-        "--server",
-        &server,
-        "--key",
-        common::READ_KEY,
-    ]);
+    let with_key = ["--server", &server, "--key", common::READ_KEY];
+    let (code, _, err) = herald(&[&nobody[..], &with_key].concat());
     assert_eq!(code, 2);
     assert!(err.contains("no user 'nobody'"), "{err}");
     assert!(h.stop().success());
