@@ -128,7 +128,7 @@ pub fn check_sends(
             }
         }
     }
-    if let Some(name) = templates.tracked().1.first() {
+    if let Some(name) = templates.click_without_link().first() {
         return Err(EngineError::Usage(format!(
             "template '{name}' reads message.click_url but has no 'link:' in its front \
              matter (the click's target)"

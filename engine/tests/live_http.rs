@@ -243,9 +243,6 @@ fn a_bad_config_names_the_key_and_exits_2() {
 #[test]
 #[ignore = "needs Node.js and the SDKs from npm: run scripts/test.sh"]
 fn segment_and_rudderstack_node_sdks_feed_segments() {
-    let modules = std::env::var("HERALD_NODE_MODULES").unwrap_or_else(|_| {
-        panic!("HERALD_NODE_MODULES must be set: run `eval \"$(scripts/services.sh start)\"`")
-    });
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("segments.sql"),
@@ -255,19 +252,7 @@ fn segment_and_rudderstack_node_sdks_feed_segments() {
     )
     .unwrap();
     let mut h = Herald::start(dir.path(), &config(2));
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send.cjs");
-    let out = std::process::Command::new("node")
-        .arg(&script)
-        .args([&h.base, "wk"])
-        .env("NODE_PATH", &modules)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "SDK script failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.stderr_text()
-    );
+    common::send_with_node_sdks(&h, "wk", None);
     h.wait_for(
         "both SDKs' users in segments",
         Duration::from_secs(30),

@@ -314,9 +314,6 @@ fn tls_client(ca: &str) -> reqwest::blocking::Client {
 #[test]
 #[ignore = "needs Node.js and the SDKs from npm: run scripts/test.sh"]
 fn tls_on_both_listeners_with_certificate_rotation() {
-    let modules = std::env::var("HERALD_NODE_MODULES").unwrap_or_else(|_| {
-        panic!("HERALD_NODE_MODULES must be set: run `eval \"$(scripts/services.sh start)\"`")
-    });
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
     let (ca1, cert1, key1) = certificate("first");
@@ -348,20 +345,7 @@ fn tls_on_both_listeners_with_certificate_rotation() {
 
     // The official SDKs over https, trusting the CA through Node's own setting.
     std::fs::write(dir.path().join("ca.pem"), &ca1).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send.cjs");
-    let out = std::process::Command::new("node")
-        .arg(&script)
-        .args([&h.base, "wk"])
-        .env("NODE_PATH", &modules)
-        .env("NODE_EXTRA_CA_CERTS", dir.path().join("ca.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "SDK script failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.stderr_text()
-    );
+    common::send_with_node_sdks(&h, "wk", Some(&dir.path().join("ca.pem")));
     let size = |client: &reqwest::blocking::Client| -> Option<i64> {
         let r = client
             .get(format!("{}/v1/segments", h.admin))

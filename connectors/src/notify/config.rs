@@ -226,10 +226,9 @@ impl NotifyConfig {
                     .into(),
             );
         }
-        Ok(Some(super::tracking::Tracking::new(
-            base,
-            secret.as_bytes(),
-        )))
+        super::tracking::Tracking::new(base, secret.as_bytes())
+            .map(Some)
+            .map_err(|e| ("notify.tracking_url".into(), e))
     }
 
     /// Checks values serde cannot: returns `(key, problem)` for the first bad one.

@@ -270,16 +270,24 @@ impl Templates {
     }
 
     /// The templates that read `message.click_url` or `message.open_url` (they need
-    /// `[notify] tracking_url`); and those that read `message.click_url` without a `link`.
-    pub fn tracked(&self) -> (Vec<&str>, Vec<&str>) {
-        let reads = |t: &Template| t.tracked;
-        let tracked = self.by_name.iter().filter(|(_, t)| reads(t));
-        let without_link = tracked
-            .clone()
-            .filter(|(_, t)| t.link.is_none() && t.reads_click())
-            .map(|(n, _)| n.as_str())
-            .collect();
-        (tracked.map(|(n, _)| n.as_str()).collect(), without_link)
+    /// `[notify] tracking_url`).
+    pub fn reading_links(&self) -> Vec<&str> {
+        self.names_where(|t| t.tracked)
+    }
+
+    /// The templates that read `message.click_url` but have no `link` to point it at.
+    pub fn click_without_link(&self) -> Vec<&str> {
+        self.names_where(|t| t.link.is_none() && t.reads_click())
+    }
+
+    fn names_where(&self, f: impl Fn(&Template) -> bool) -> Vec<&str> {
+        let chosen = self.by_name.iter().filter(|(_, t)| f(t));
+        chosen.map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The tracking links' base and key, when on.
+    pub fn tracking(&self) -> Option<&super::tracking::Tracking> {
+        self.tracking.as_ref()
     }
 
     /// Whether a template of that name is loaded.
@@ -1004,13 +1012,14 @@ mod tests {
     #[test]
     fn tracking_links_are_signed_links_to_the_rendered_target() {
         use crate::notify::tracking::{Kind, Tracking};
-        let tracking = Tracking::new("https://t.example", b"0123456789abcdef");
+        let tracking = Tracking::new("https://t.example", b"0123456789abcdef").unwrap();
         let src =
             "---\nlink: \"https://shop.example/{{ user.id }}\"\n---\nGo: {{ message.click_url }}";
         let t = Templates::from_sources([("cart", src)])
             .unwrap()
             .with_tracking(Some(tracking.clone()));
-        assert_eq!(t.tracked(), (vec!["cart"], vec![]));
+        assert_eq!(t.reading_links(), vec!["cart"]);
+        assert!(t.click_without_link().is_empty());
         let r = t.render(&action("cart", None)).unwrap();
         let a = action("cart", None);
         let want = tracking.click_url(
@@ -1035,7 +1044,8 @@ mod tests {
         assert_eq!((r.html, r.body.as_str()), (false, "<p>Hi</p>"));
         // click_url without a link is reported; a link cannot read the links.
         let no_link = Templates::from_sources([("x", "{{ message.click_url }}")]).unwrap();
-        assert_eq!(no_link.tracked(), (vec!["x"], vec!["x"]));
+        assert_eq!(no_link.reading_links(), vec!["x"]);
+        assert_eq!(no_link.click_without_link(), vec!["x"]);
         let e = Templates::from_sources([(
             "y",
             "---\nlink: \"https://x.example/{{ message.open_url }}\"\n---\nx",
@@ -1067,10 +1077,9 @@ mod tests {
             "---\nlink: \"https://shop.example/{{ traits.p }}\"\n---\n{{ message.click_url }}";
         let t = Templates::from_sources([("t", src)])
             .unwrap()
-            .with_tracking(Some(Tracking::new(
-                "https://t.example",
-                b"0123456789abcdef",
-            )));
+            .with_tracking(Some(
+                Tracking::new("https://t.example", b"0123456789abcdef").unwrap(),
+            ));
         let mut a = action("t", None);
         a.traits.insert("p".into(), Json::from("@evil.example/x"));
         let body = t.render(&a).unwrap().body;

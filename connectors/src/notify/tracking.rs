@@ -18,8 +18,8 @@ use sha2::Sha256;
 /// Where tracking links point and the key that signs them.
 #[derive(Clone)]
 pub struct Tracking {
-    /// The public base URL of Herald's ingest listener (no trailing `/`).
-    pub base: String,
+    /// The public base URL of Herald's ingest listener.
+    pub base: url::Url,
     secret: Vec<u8>,
 }
 
@@ -60,31 +60,38 @@ impl Kind {
 }
 
 impl Tracking {
-    /// From the public base URL and the secret.
-    pub fn new(base: &str, secret: &[u8]) -> Tracking {
-        Tracking {
-            base: base.trim_end_matches('/').to_string(),
-            secret: secret.to_vec(),
+    /// From the public base URL (an http(s) URL) and the secret.
+    pub fn new(base: &str, secret: &[u8]) -> Result<Tracking, String> {
+        let base = url::Url::parse(base).map_err(|e| format!("'{base}' is not a URL: {e}"))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(format!("'{base}' is not an http(s) URL"));
         }
+        Ok(Tracking {
+            base,
+            secret: secret.to_vec(),
+        })
     }
 
-    fn sign(&self, kind: Kind, message_id: &str, target: &str) -> String {
+    /// The MAC of a link: kind, message id and target, each ended by a NUL.
+    fn mac(&self, kind: Kind, message_id: &str, target: &str) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes a key of any length");
         for part in [kind.as_str(), message_id, target] {
             mac.update(part.as_bytes());
             mac.update(&[0]);
         }
+        mac
+    }
+
+    fn sign(&self, kind: Kind, message_id: &str, target: &str) -> String {
+        let mac = self.mac(kind, message_id, target);
         hex::encode(&mac.finalize().into_bytes()[..16])
     }
 
     /// `{base}/v1/t/{kind}/{message_id}` with the query pairs, each part encoded for
     /// where it goes (the id as a path segment, so the router decodes it back).
     fn link(&self, kind: Kind, message_id: &str, query: &[(&str, &str)]) -> String {
-        let Ok(mut url) = url::Url::parse(&self.base) else {
-            // `base` is checked to be an http(s) URL when the config loads.
-            return String::new();
-        };
+        let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty()
                 .extend(["v1", "t", kind.as_str(), message_id]);
@@ -110,13 +117,11 @@ impl Tracking {
         let Ok(given) = hex::decode(sig) else {
             return false;
         };
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes a key of any length");
-        for part in [kind.as_str(), message_id, target] {
-            mac.update(part.as_bytes());
-            mac.update(&[0]);
-        }
-        mac.verify_truncated_left(&given).is_ok() && given.len() == 16
+        given.len() == 16
+            && self
+                .mac(kind, message_id, target)
+                .verify_truncated_left(&given)
+                .is_ok()
     }
 }
 
@@ -146,7 +151,7 @@ mod tests {
 
     #[test]
     fn a_link_verifies_and_a_changed_one_does_not() {
-        let t = Tracking::new("https://h.example/", b"s3cret");
+        let t = Tracking::new("https://h.example/", b"s3cret").unwrap();
         let url = t.click_url("m-1", "https://shop.example/cart?a=1&b=2");
         assert!(url.starts_with("https://h.example/v1/t/click/m-1?to=https%3A%2F%2Fshop"));
         // An id that needs encoding goes into the path as a segment.
@@ -166,7 +171,7 @@ mod tests {
             "https://shop.example/cart?a=1&b=2",
             &sig[..20]
         ));
-        let other = Tracking::new("https://h.example", b"other");
+        let other = Tracking::new("https://h.example", b"other").unwrap();
         assert!(!other.verify(Kind::Click, "m-1", "https://shop.example/cart?a=1&b=2", sig));
         let open = t.open_url("m-1");
         let sig = open.rsplit_once("sig=").unwrap().1;

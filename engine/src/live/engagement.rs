@@ -137,10 +137,7 @@ pub(super) async fn engagement(State(app): State<App>, body: Body) -> Response {
             Some(e) => e.to_string(),
             None => r.to_string(),
         };
-        ev["messageId"] = Json::from(format!(
-            "herald-{kind}-{id}-{:016x}",
-            xxhash_rust::xxh3::xxh3_64(key.as_bytes())
-        ));
+        ev["messageId"] = Json::from(engagement_id(kind, id, &key));
         events.push(ev);
     }
     for ev in &events {
@@ -242,6 +239,13 @@ pub(super) async fn twilio_status(
     feed_or_503(&app, &ev).unwrap_or_else(|| StatusCode::NO_CONTENT.into_response())
 }
 
+/// The `messageId` of an open or click (`kind`) of message `id`, from `key` (the report's
+/// own id, or the link's target): the same report twice is deduplicated.
+fn engagement_id(kind: &str, id: &str, key: &str) -> String {
+    let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+    format!("herald-{kind}-{id}-{h:016x}")
+}
+
 /// Twilio's request signature: base64(HMAC-SHA1(auth token, URL + each POST parameter's
 /// name and value, in name order)), compared in constant time.
 fn twilio_signature_ok(token: &str, url: &str, params: &[(String, String)], given: &str) -> bool {
@@ -287,7 +291,7 @@ pub(super) async fn tracked(
             format!("no tracking link kind '{kind}' (click or open)"),
         );
     };
-    let Some(tracking) = n.tracking.as_ref() else {
+    let Some(tracking) = n.templates.tracking() else {
         return refuse(
             &app,
             StatusCode::NOT_FOUND,
@@ -317,10 +321,7 @@ pub(super) async fn tracked(
         Kind::Open => ("opened", json!({})),
     };
     let mut ev = feedback_event(name, &entry, extra, now_ms() as i64);
-    ev["messageId"] = Json::from(format!(
-        "herald-{name}-{id}-{:016x}",
-        xxhash_rust::xxh3::xxh3_64(target.as_bytes())
-    ));
+    ev["messageId"] = Json::from(engagement_id(name, &id, target));
     let fed = feed_or_503(&app, &ev);
     match kind {
         // The recipient goes on to the target even when the click cannot be recorded now

@@ -214,10 +214,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 fn authorize(app: &App, role: Role, headers: &HeaderMap) -> Option<Response> {
     let (key, limiter) = match role {
         Role::Write => {
-            if let Some(refused) = admit(app, headers) {
+            let key = match admit(app, headers) {
+                Ok(k) => k,
+                Err(refused) => return Some(*refused),
+            };
+            if let Some(refused) = refuse_if_stopping(app) {
                 return Some(refused);
             }
-            (write_key(headers)?, &app.write_limiter)
+            (key, &app.write_limiter)
         }
         Role::Read | Role::Admin => {
             let cfg = &app.live.config.admin;
@@ -329,37 +333,36 @@ fn write_key(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-/// Refuses a request without an accepted write key, or while shutting down.
-pub(super) fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
+/// The write key of a request, if it is an accepted one; the refusal otherwise.
+fn admit(app: &App, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let cfg = &app.live.config.http;
     match write_key(headers) {
-        Some(k) if known_key(&cfg.write_keys, &k) => {}
-        Some(_) => {
-            return Some(refuse(
-                app,
-                StatusCode::UNAUTHORIZED,
-                "bad_write_key",
-                "unknown write key (the HTTP Basic user name)".into(),
-            ))
-        }
-        None => {
-            return Some(refuse(
-                app,
-                StatusCode::UNAUTHORIZED,
-                "missing_write_key",
-                "no write key: send it as the HTTP Basic user name".into(),
-            ))
-        }
+        Some(k) if known_key(&cfg.write_keys, &k) => Ok(k),
+        Some(_) => Err(Box::new(refuse(
+            app,
+            StatusCode::UNAUTHORIZED,
+            "bad_write_key",
+            "unknown write key (the HTTP Basic user name)".into(),
+        ))),
+        None => Err(Box::new(refuse(
+            app,
+            StatusCode::UNAUTHORIZED,
+            "missing_write_key",
+            "no write key: send it as the HTTP Basic user name".into(),
+        ))),
     }
-    if app.live.stopping() {
-        return Some(refuse(
+}
+
+/// 503 while shutting down (the client retries against another instance).
+fn refuse_if_stopping(app: &App) -> Option<Response> {
+    app.live.stopping().then(|| {
+        refuse(
             app,
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "Herald is shutting down; retry against another instance".into(),
-        ));
-    }
-    None
+        )
+    })
 }
 
 /// `POST /v1/journeys/{name}/trigger` with `{"user_id": …, "properties": {…}}` (and an
@@ -367,13 +370,8 @@ pub(super) fn admit(app: &App, headers: &HeaderMap) -> Option<Response> {
 /// journey. The call becomes a track event (see `API_TRIGGER_EVENT`) that goes where
 /// ingested events go, so it is deduplicated, durable in Kafka mode, and replayable.
 async fn trigger(State(app): State<App>, Path(name): Path<String>, body: Body) -> Response {
-    if app.live.stopping() {
-        return refuse(
-            &app,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "Herald is shutting down; retry against another instance".into(),
-        );
+    if let Some(refused) = refuse_if_stopping(&app) {
+        return refused;
     }
     let body = match read_body(&app, body, app.live.limits.max_message_bytes).await {
         Ok(b) => b,

@@ -358,7 +358,7 @@ where
             let tracking = n
                 .tracking()
                 .map_err(|(k, m)| EngineError::Usage(format!("config: `{k}`: {m}")))?;
-            if let (None, Some(name)) = (&tracking, t.tracked().0.first()) {
+            if let (None, Some(name)) = (&tracking, t.reading_links().first()) {
                 return Err(EngineError::Usage(format!(
                     "{}: template '{name}' reads message.click_url or message.open_url, \
                      which need [notify] tracking_url and tracking_secret",
@@ -714,7 +714,6 @@ where
             let _ = stop_tx.send(true);
         };
         tokio::join!(ingest, admin, signal);
-        let result: Result<(), std::io::Error> = Ok(());
         // Every accepted request has been handed on: stop the workers at an instant
         // they all reach (unless a failure already chose one).
         let tick = stop_live2.config.engine.tick_ms;
@@ -724,7 +723,6 @@ where
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        result
     });
     on_ready(&http_addr, &admin_addr);
 
@@ -745,7 +743,7 @@ where
         live.sink_failed.store(true, Ordering::Release);
     }
     let _ = workers_done_tx.send(());
-    if let Ok(Err(e)) = runtime.block_on(served) {
+    if let Err(e) = runtime.block_on(served) {
         tracing::warn!("HTTP server: {e}");
     }
     live.to_sink(SinkMsg::Stop);

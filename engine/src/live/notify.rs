@@ -29,8 +29,6 @@ pub struct Notify {
     pub templates: Arc<Templates>,
     /// Hands a feedback or engagement event to the event stream.
     pub feed: FeedbackFn,
-    /// Signed tracking links, when `[notify] tracking_url` is set.
-    pub tracking: Option<herald_connectors::notify::tracking::Tracking>,
 }
 
 /// How long a Kafka-mode feedback event waits for the broker's ack before its delivery
@@ -195,13 +193,9 @@ pub fn start(
         Arc::clone(&live.metrics.notify),
     )
     .map_err(|e| EngineError::Usage(format!("config: `notify.outbox`: {e}")))?;
-    let tracking = n
-        .tracking()
-        .map_err(|(k, m)| EngineError::Usage(format!("config: `{k}`: {m}")))?;
     Ok(Some(Notify {
         delivery,
         templates,
         feed,
-        tracking,
     }))
 }

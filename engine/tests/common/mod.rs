@@ -379,6 +379,31 @@ impl Drop for Herald {
     }
 }
 
+/// Sends events to `h` with the official Segment and RudderStack Node SDKs
+/// (`tests/sdk/send.cjs`, the SDKs from `HERALD_NODE_MODULES`, set by
+/// scripts/services.sh), with `write_key`; `extra_ca` is a PEM file Node trusts too (for
+/// https). Panics with the script's stderr if it fails.
+pub fn send_with_node_sdks(h: &Herald, write_key: &str, extra_ca: Option<&Path>) {
+    let modules = std::env::var("HERALD_NODE_MODULES").unwrap_or_else(|_| {
+        panic!("HERALD_NODE_MODULES must be set: run `eval \"$(scripts/services.sh start)\"`")
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send.cjs");
+    let mut node = Command::new("node");
+    node.arg(&script)
+        .args([h.base.as_str(), write_key])
+        .env("NODE_PATH", &modules);
+    if let Some(ca) = extra_ca {
+        node.env("NODE_EXTRA_CA_CERTS", ca);
+    }
+    let out = node.output().unwrap();
+    assert!(
+        out.status.success(),
+        "SDK script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.stderr_text()
+    );
+}
+
 /// The test PostgreSQL's URL (`HERALD_TEST_POSTGRES`, set by scripts/services.sh).
 pub fn pg() -> String {
     std::env::var("HERALD_TEST_POSTGRES")
