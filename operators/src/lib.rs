@@ -10,6 +10,7 @@
 //!   shared by every segment that uses it) and evaluates segments as functions of time.
 //! - [`project`]: the part of an event the segment state reads, and a parser straight to it.
 //! - `state`: one worker's per-user segment state and the evaluation of a user at an instant.
+//! - [`why`]: why a user is or is not in a segment at an instant (explain).
 //! - `dataflow`: the keyed timely operator over that state that keeps every segment's
 //!   membership exact as inputs arrive and as time passes.
 
@@ -26,5 +27,6 @@ pub mod project;
 pub mod state;
 pub mod time;
 pub mod value;
+pub mod why;
 
 pub use lang::ast;

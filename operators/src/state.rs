@@ -44,6 +44,7 @@ use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE}
 use crate::project::Projected;
 use crate::time::{to_time, Time};
 use crate::value::Value;
+use crate::why::UserAt;
 
 /// A running accumulator for one window-free (user, aggregate).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -907,6 +908,75 @@ impl Context for Row<'_> {
     }
 }
 
+/// The row of `user` as its cells stand (windows as of its last evaluation): every
+/// aggregate's and trait's value, no memberships yet; the list and audience slots it is
+/// in go to `lists`.
+fn row_of<'a>(
+    plan: &Plan,
+    agg_kinds: &[(AggKind, bool, bool, bool)],
+    clock: i64,
+    user: &'a User,
+    n_segments: usize,
+    lists: &mut Vec<u32>,
+) -> Row<'a> {
+    let n_aggs = plan.aggs.len();
+    let mut aggs: Vec<Cow<Value>> = agg_kinds
+        .iter()
+        .map(|(k, ..)| match k {
+            AggKind::Count => Cow::Owned(Value::num(0.0)),
+            _ => Cow::Borrowed(&NULL),
+        })
+        .collect();
+    let mut traits: Vec<Cow<Value>> = vec![Cow::Borrowed(&NULL); plan.traits.len()];
+    let first_agg = plan.agg_slot(0);
+    // The stamp of the previous cell's write, for a linked trait cell.
+    let mut prev: Option<(i64, IdRef)> = None;
+    for cell in user.cells.iter() {
+        let slot = cell.slot();
+        let k = slot.wrapping_sub(first_agg) as usize;
+        let before = prev.take();
+        match cell {
+            Cell::Count(_, n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
+            Cell::Distinct(_, v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
+            Cell::Sum(_, x) | Cell::ExtremeNum(_, x) => aggs[k] = Cow::Owned(Value::num(*x)),
+            Cell::ExtremeTs(_, t) => aggs[k] = Cow::Owned(Value::Ts(*t)),
+            Cell::Avg(_, n, s) => aggs[k] = Cow::Owned(Value::num(*s / f64::from(*n))),
+            Cell::Acc(_, a) => aggs[k] = a.value(),
+            Cell::WinCount(_, w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
+            Cell::WinVal(_, w) => {
+                let (kind, distinct, ..) = agg_kinds[k];
+                aggs[k] = Cow::Owned(window_value(kind, distinct, w));
+            }
+            Cell::List(_, n) => {
+                if *n > 0 {
+                    lists.push(slot);
+                }
+            }
+            // The rest are traits'.
+            _ => {
+                let Some((snap, write)) = cell.trait_parts(|| before) else {
+                    continue;
+                };
+                prev = write.map(WriteRef::stamp);
+                let v = match (write, snap) {
+                    (Some(w), _) if w.ts >= clock => w.value,
+                    (_, Some(s)) => s,
+                    (Some(w), None) => w.value,
+                    (None, None) => &NULL,
+                };
+                traits[k - n_aggs] = Cow::Borrowed(v);
+            }
+        }
+    }
+    Row {
+        user: &user.key,
+        aggs,
+        traits,
+        members: Bits::new(n_segments),
+        mismatches: std::cell::Cell::new(0),
+    }
+}
+
 /// A windowed aggregate's value over its live entries (the window brought to the instant).
 fn window_value(kind: AggKind, distinct: bool, w: &Window<FactVal>) -> Value {
     let active = w.live.iter().map(|x| &x.1);
@@ -1746,65 +1816,16 @@ impl SegmentState {
         }
         let was = self.members(u);
         let user = &self.users[u as usize];
-        let n_aggs = plan.aggs.len();
-        let mut aggs: Vec<Cow<Value>> = self
-            .agg_kinds
-            .iter()
-            .map(|(k, ..)| match k {
-                AggKind::Count => Cow::Owned(Value::num(0.0)),
-                _ => Cow::Borrowed(&NULL),
-            })
-            .collect();
-        let mut traits: Vec<Cow<Value>> = vec![Cow::Borrowed(&NULL); plan.traits.len()];
         let mut lists: Vec<u32> = Vec::new();
-        let first_agg = plan.agg_slot(0);
-        // The stamp of the previous cell's write, for a linked trait cell.
-        let mut prev: Option<(i64, IdRef)> = None;
-        for cell in user.cells.iter() {
-            let slot = cell.slot();
-            let k = slot.wrapping_sub(first_agg) as usize;
-            let before = prev.take();
-            match cell {
-                Cell::Count(_, n) => aggs[k] = Cow::Owned(Value::num(*n as f64)),
-                Cell::Distinct(_, v) => aggs[k] = Cow::Owned(Value::num(v.len() as f64)),
-                Cell::Sum(_, x) | Cell::ExtremeNum(_, x) => aggs[k] = Cow::Owned(Value::num(*x)),
-                Cell::ExtremeTs(_, t) => aggs[k] = Cow::Owned(Value::Ts(*t)),
-                Cell::Avg(_, n, s) => aggs[k] = Cow::Owned(Value::num(*s / f64::from(*n))),
-                Cell::Acc(_, a) => aggs[k] = a.value(),
-                Cell::WinCount(_, w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
-                Cell::WinVal(_, w) => {
-                    let (kind, distinct, ..) = self.agg_kinds[k];
-                    aggs[k] = Cow::Owned(window_value(kind, distinct, w));
-                }
-                Cell::List(_, n) => {
-                    if *n > 0 {
-                        lists.push(slot);
-                    }
-                }
-                // The rest are traits'.
-                _ => {
-                    let Some((snap, write)) = cell.trait_parts(|| before) else {
-                        continue;
-                    };
-                    prev = write.map(WriteRef::stamp);
-                    let v = match (write, snap) {
-                        (Some(w), _) if w.ts >= self.clock => w.value,
-                        (_, Some(s)) => s,
-                        (Some(w), None) => w.value,
-                        (None, None) => &NULL,
-                    };
-                    traits[k - n_aggs] = Cow::Borrowed(v);
-                }
-            }
-        }
+        let mut row = row_of(
+            plan,
+            &self.agg_kinds,
+            self.clock,
+            user,
+            self.n_segments,
+            &mut lists,
+        );
         let universe = user.seen_from <= t || user.profile > 0;
-        let mut row = Row {
-            user: &user.key,
-            aggs,
-            traits,
-            members: Bits::new(self.n_segments),
-            mismatches: std::cell::Cell::new(0),
-        };
         let now = t as i64;
         self.points.clear();
         for &si in &plan.order {
@@ -1887,6 +1908,77 @@ impl SegmentState {
         if next < user.scheduled {
             user.scheduled = next;
             self.timers.push(Reverse((next, u)));
+        }
+    }
+
+    /// User `user` as it stands at instant `at`, which must be no earlier than the last
+    /// instant this state processed, without changing this state: a scratch copy of the
+    /// user is evaluated at `at` and then run on by time alone (at most `steps` wake-ups)
+    /// to find the next instant at which `segment`'s membership changes with no new
+    /// input. A user this worker has never seen is an empty one.
+    pub fn user_at(&self, user: &str, segment: usize, at: Time, steps: usize) -> UserAt {
+        let mut s = SegmentState::new(self.plan.clone(), -1);
+        s.clock = self.clock;
+        s.clock_counts = self.clock_counts.clone();
+        let u = s.intern(user);
+        let users = &self.users;
+        let found = self
+            .index
+            .find(user_hash(user), |&i| &*users[i as usize].key == user)
+            .copied();
+        if let Some(i) = found {
+            let mut copy = self.users[i as usize].clone();
+            copy.scheduled = Time::MAX;
+            s.users[u as usize] = copy;
+            if let Some(p) = self.pending.get(&i) {
+                s.pending.insert(u, p.clone());
+            }
+            if let Some(w) = self.wide.get(&i) {
+                s.wide.insert(u, w.clone());
+            }
+        }
+        s.touched.insert(u, ALL_SLOTS);
+        s.evaluate(u, at, &mut |_, _, _| {});
+        let user = &s.users[u as usize];
+        let mut lists = Vec::new();
+        let row = row_of(
+            &s.plan,
+            &s.agg_kinds,
+            s.clock,
+            user,
+            s.n_segments,
+            &mut lists,
+        );
+        let members = s.members(u);
+        let snapshot = UserAt {
+            user: user.key.to_string(),
+            known: found.is_some(),
+            universe: user.seen_from <= at || user.profile > 0,
+            aggs: row.aggs.into_iter().map(Cow::into_owned).collect(),
+            traits: row.traits.into_iter().map(Cow::into_owned).collect(),
+            members: (0..s.n_segments).map(|i| members.get(i)).collect(),
+            next_change: None,
+        };
+        let mut next_change = None;
+        let mut due = Vec::new();
+        for _ in 0..steps {
+            let Some(t) = s.next_timer() else { break };
+            due.clear();
+            s.pop_due(t, &mut due);
+            let mut changed = false;
+            for &x in &due {
+                s.evaluate(x, t, &mut |_, o, _| {
+                    changed |= matches!(o, StateOut::Change(k) if k as usize == segment);
+                });
+            }
+            if changed {
+                next_change = Some(t);
+                break;
+            }
+        }
+        UserAt {
+            next_change,
+            ..snapshot
         }
     }
 

@@ -370,6 +370,14 @@ impl Plan {
         self.traits.iter().position(|(n, _)| n == name)
     }
 
+    /// Whether `name` is one of the segments the user declared (not a journey's hidden
+    /// condition).
+    pub fn visible_name(&self, name: &str) -> bool {
+        self.segments[..self.visible.min(self.segments.len())]
+            .iter()
+            .any(|s| s.name == name)
+    }
+
     /// Index of a segment by name.
     pub fn segment_index(&self, name: &str) -> Option<usize> {
         self.segments.iter().position(|s| s.name == name)
