@@ -44,7 +44,7 @@ use crate::plan::{type_rank, EventCtx, FactVal, Plan, SegmentKind, SLOT_PROFILE}
 use crate::project::Projected;
 use crate::time::{to_time, Time};
 use crate::value::Value;
-use crate::why::UserAt;
+use crate::why::{keep_smallest, Preview, UserAt};
 
 /// A running accumulator for one window-free (user, aggregate).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1917,48 +1917,21 @@ impl SegmentState {
     /// to find the next instant at which `segment`'s membership changes with no new
     /// input. A user this worker has never seen is an empty one.
     pub fn user_at(&self, user: &str, segment: usize, at: Time, steps: usize) -> UserAt {
-        let mut s = SegmentState::new(self.plan.clone(), -1);
-        s.clock = self.clock;
-        s.clock_counts = self.clock_counts.clone();
-        let u = s.intern(user);
+        let mut s = self.scratch();
         let users = &self.users;
         let found = self
             .index
             .find(user_hash(user), |&i| &*users[i as usize].key == user)
             .copied();
-        if let Some(i) = found {
-            let mut copy = self.users[i as usize].clone();
-            copy.scheduled = Time::MAX;
-            s.users[u as usize] = copy;
-            if let Some(p) = self.pending.get(&i) {
-                s.pending.insert(u, p.clone());
-            }
-            if let Some(w) = self.wide.get(&i) {
-                s.wide.insert(u, w.clone());
+        match found {
+            Some(i) => self.copy_into(&mut s, i),
+            None => {
+                s.intern(user);
+                s.touched.insert(0, ALL_SLOTS);
             }
         }
-        s.touched.insert(u, ALL_SLOTS);
-        s.evaluate(u, at, &mut |_, _, _| {});
-        let user = &s.users[u as usize];
-        let mut lists = Vec::new();
-        let row = row_of(
-            &s.plan,
-            &s.agg_kinds,
-            s.clock,
-            user,
-            s.n_segments,
-            &mut lists,
-        );
-        let members = s.members(u);
-        let snapshot = UserAt {
-            user: user.key.to_string(),
-            known: found.is_some(),
-            universe: user.seen_from <= at || user.profile > 0,
-            aggs: row.aggs.into_iter().map(Cow::into_owned).collect(),
-            traits: row.traits.into_iter().map(Cow::into_owned).collect(),
-            members: (0..s.n_segments).map(|i| members.get(i)).collect(),
-            next_change: None,
-        };
+        s.evaluate(0, at, &mut |_, _, _| {});
+        let snapshot = s.scratch_at(at, found.is_some());
         let mut next_change = None;
         let mut due = Vec::new();
         for _ in 0..steps {
@@ -1979,6 +1952,96 @@ impl SegmentState {
         UserAt {
             next_change,
             ..snapshot
+        }
+    }
+
+    /// Membership of `expr` (a condition over this plan's slots, [`Plan::rebase`]) for
+    /// every user of this worker at `at` (as [`SegmentState::user_at`]: no earlier than
+    /// the last instant processed), against segment `current`'s membership (None: a new
+    /// segment, every member entering); up to `samples` of the smallest user ids of each
+    /// side. Changes nothing.
+    pub fn preview(
+        &self,
+        expr: &CExpr,
+        current: Option<usize>,
+        at: Time,
+        samples: usize,
+    ) -> Preview {
+        let mut out = Preview::default();
+        let mut s = self.scratch();
+        let now = at as i64;
+        for i in 0..self.users.len() as u32 {
+            self.copy_into(&mut s, i);
+            s.evaluate(0, at, &mut |_, _, _| {});
+            let u = s.scratch_at(at, true);
+            let on = u.universe && *eval_ref(expr, &u, now) == Value::Bool(true);
+            let was = current.is_some_and(|c| u.members.get(c).copied().unwrap_or(false));
+            out.size += u64::from(on);
+            let side = match (was, on) {
+                (false, true) => {
+                    out.entering += 1;
+                    &mut out.sample_entering
+                }
+                (true, false) => {
+                    out.leaving += 1;
+                    &mut out.sample_leaving
+                }
+                _ => continue,
+            };
+            keep_smallest(side, &u.user, samples);
+        }
+        out
+    }
+
+    /// An empty state over this plan, at this state's snapshot clock.
+    fn scratch(&self) -> SegmentState {
+        let mut s = SegmentState::new(self.plan.clone(), -1);
+        s.clock = self.clock;
+        s.clock_counts = self.clock_counts.clone();
+        s
+    }
+
+    /// Makes user `i` of this state the only user (index 0) of scratch state `s`, to
+    /// be evaluated again at every segment.
+    fn copy_into(&self, s: &mut SegmentState, i: u32) {
+        s.users.clear();
+        let mut copy = self.users[i as usize].clone();
+        copy.scheduled = Time::MAX;
+        s.users.push(copy);
+        s.pending.clear();
+        s.wide.clear();
+        s.timers.clear();
+        s.touched.clear();
+        if let Some(p) = self.pending.get(&i) {
+            s.pending.insert(0, p.clone());
+        }
+        if let Some(w) = self.wide.get(&i) {
+            s.wide.insert(0, w.clone());
+        }
+        s.touched.insert(0, ALL_SLOTS);
+    }
+
+    /// Scratch user 0 as evaluated at `at`.
+    fn scratch_at(&self, at: Time, known: bool) -> UserAt {
+        let user = &self.users[0];
+        let mut lists = Vec::new();
+        let row = row_of(
+            &self.plan,
+            &self.agg_kinds,
+            self.clock,
+            user,
+            self.n_segments,
+            &mut lists,
+        );
+        let members = self.members(0);
+        UserAt {
+            user: user.key.to_string(),
+            known,
+            universe: user.seen_from <= at || user.profile > 0,
+            aggs: row.aggs.into_iter().map(Cow::into_owned).collect(),
+            traits: row.traits.into_iter().map(Cow::into_owned).collect(),
+            members: (0..self.n_segments).map(|i| members.get(i)).collect(),
+            next_change: None,
         }
     }
 

@@ -135,6 +135,48 @@ pub struct Explanation {
     pub next_change: Option<NextChange>,
 }
 
+/// What a candidate segment's membership would be, against the current one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Preview {
+    /// Members under the candidate.
+    pub size: u64,
+    /// Users the candidate adds.
+    pub entering: u64,
+    /// Users the candidate removes.
+    pub leaving: u64,
+    /// The smallest user ids entering (at most the sample size).
+    pub sample_entering: Vec<String>,
+    /// The smallest user ids leaving.
+    pub sample_leaving: Vec<String>,
+}
+
+impl Preview {
+    /// Adds another worker's counts, keeping `samples` of each side.
+    pub fn add(&mut self, other: Preview, samples: usize) {
+        self.size += other.size;
+        self.entering += other.entering;
+        self.leaving += other.leaving;
+        for u in other.sample_entering {
+            keep_smallest(&mut self.sample_entering, &u, samples);
+        }
+        for u in other.sample_leaving {
+            keep_smallest(&mut self.sample_leaving, &u, samples);
+        }
+    }
+}
+
+/// Inserts `user` into the sorted `list` if it is among the `n` smallest.
+pub(crate) fn keep_smallest(list: &mut Vec<String>, user: &str, n: usize) {
+    if list.len() == n && list.last().is_some_and(|l| l.as_str() <= user) {
+        return;
+    }
+    let i = list.partition_point(|x| x.as_str() < user);
+    if list.get(i).map(String::as_str) != Some(user) {
+        list.insert(i, user.to_string());
+        list.truncate(n);
+    }
+}
+
 fn truth(v: &Value) -> Json {
     match v {
         Value::Bool(b) => Json::Bool(*b),
@@ -435,5 +477,62 @@ mod tests {
         let x = explain(&plan, 2, &st.user_at("nobody", 2, now, 1000), now);
         assert!(!x.member && !x.in_universe && !x.known);
         assert!(x.decided_by.starts_with("not in the universe"));
+    }
+
+    #[test]
+    fn a_preview_counts_entering_and_leaving_over_the_live_state() {
+        let a = order("m1", "2026-03-01T00:00:00Z", 30);
+        let other = a.replace(r#""userId":"u""#, r#""userId":"v""#);
+        let b = order("m2", "2026-03-03T00:00:00Z", 40);
+        let (plan, st) = state(SQL, &[&a, &other, &b]);
+        let file = crate::lang::parse::parse_segments(SQL).unwrap();
+        let now = at("2026-03-04T00:00:00Z");
+        // buyers needs two orders in 7 days (u only); one is enough for the candidate.
+        let text = "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed'
+            AND timestamp > now() - INTERVAL '7 days') >= 1;";
+        let (cand, i) = crate::lang::parse::parse_statement_into(text, &file).unwrap();
+        assert_eq!(i, 0);
+        let cplan = Plan::compile(&cand);
+        let r = plan.rebase(&cplan, i).unwrap();
+        assert_eq!(r.shared.len(), 1, "the windowed count is shared");
+        let p = st.preview(&r.expr, Some(0), now, 10);
+        assert_eq!(
+            p,
+            Preview {
+                size: 2,
+                entering: 1,
+                leaving: 0,
+                sample_entering: vec!["v".into()],
+                sample_leaving: vec![],
+            }
+        );
+        // A new name: every member enters.
+        let text = "CREATE SEGMENT big AS sum(properties.total) FILTER (WHERE event = 'Order Completed') > 50;";
+        let (cand, i) = crate::lang::parse::parse_statement_into(text, &file).unwrap();
+        assert_eq!(i, 3);
+        let r = plan.rebase(&Plan::compile(&cand), i).unwrap();
+        let p = st.preview(&r.expr, None, now, 10);
+        assert_eq!(
+            (p.size, p.entering, p.sample_entering),
+            (1, 1, vec!["u".into()])
+        );
+        // An aggregate no segment maintains has no history in the state.
+        let text = "CREATE SEGMENT x AS count(*) >= 1;";
+        let (cand, i) = crate::lang::parse::parse_statement_into(text, &file).unwrap();
+        let missing = plan.rebase(&Plan::compile(&cand), i).unwrap_err();
+        assert!(missing[0].contains("count(*)"), "{missing:?}");
+        // References are checked against the live set, at the statement.
+        let e = crate::lang::parse::parse_statement_into(
+            "CREATE SEGMENT x AS in_segment('nope');",
+            &file,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("nope"), "{e}");
+        let e = crate::lang::parse::parse_statement_into(
+            "CREATE SEGMENT buyers AS in_segment('pro_buyers');",
+            &file,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("cycle"), "{e}");
     }
 }

@@ -21,6 +21,7 @@ use crate::value::{Type, Value};
 use calls::function_name;
 
 /// An `in_segment('name')` met while lowering, and where.
+#[derive(Clone)]
 pub(crate) struct SegmentRef {
     pub(crate) name: String,
     pub(crate) pos: Pos,

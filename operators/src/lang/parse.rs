@@ -80,6 +80,71 @@ pub fn parse_segments(src: &str) -> Result<SegmentFile, SegmentError> {
     Ok(SegmentFile { segments })
 }
 
+/// Parses and checks one `CREATE SEGMENT` statement (`src`, positions in it) as a
+/// change to `file`: it replaces the segment of the same name or is added after the
+/// others, and its `in_segment` references are checked against the result (targets
+/// exist, no cycle through it). Returns the changed file and the statement's index in it.
+pub fn parse_statement_into(
+    src: &str,
+    file: &SegmentFile,
+) -> Result<(SegmentFile, usize), SegmentError> {
+    let source = Source::new(src)?;
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect).with_tokens_with_locations(source.tokens.clone());
+    while parser.consume_token(&Token::SemiColon) {}
+    if parser.peek_token_ref().token == Token::EOF {
+        return Err(SegmentError::new(
+            source.eof_pos(),
+            "the body holds no statement; send CREATE SEGMENT name AS <condition>;",
+        ));
+    }
+    let (def, at, refs) = statement(&mut parser, &source)?;
+    while parser.consume_token(&Token::SemiColon) {}
+    let rest = parser.peek_token();
+    if rest.token != Token::EOF {
+        return Err(SegmentError::new(
+            source.pos(rest.span.start),
+            "the body holds more than one statement; send one CREATE SEGMENT at a time",
+        ));
+    }
+    let mut segments = file.segments.clone();
+    let index = match segments.iter().position(|s| s.name == def.name) {
+        Some(i) => {
+            segments[i] = def;
+            i
+        }
+        None => {
+            segments.push(def);
+            segments.len() - 1
+        }
+    };
+    // The other segments' references were checked when they were defined; a cycle or a
+    // missing target now runs through this statement, so it is reported at it.
+    let all_refs: Vec<Vec<SegmentRef>> = segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            if i == index {
+                return refs.clone();
+            }
+            let mut out = Vec::new();
+            if let SegmentBody::Expr(e) = &s.body {
+                e.walk(&mut |x| {
+                    if let Expr::InSegment(name) = x {
+                        out.push(SegmentRef {
+                            name: name.clone(),
+                            pos: at,
+                        });
+                    }
+                });
+            }
+            out
+        })
+        .collect();
+    check_references(&segments, &all_refs)?;
+    Ok((SegmentFile { segments }, index))
+}
+
 /// Parses and checks one condition (a journey's `when` or `where`), with the same syntax,
 /// names and types as a segment condition; `scope` says whether the triggering event's
 /// fields are in scope. Returns the expression and the segments it references by
