@@ -241,3 +241,35 @@ mod tests {
         );
     }
 }
+
+/// A statement as it re-parses: `CREATE SEGMENT name AS …;` (or `FROM CSV` / `FROM
+/// WAREHOUSE`), on one line.
+impl Display for crate::ast::SegmentDef {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        use crate::ast::SegmentBody;
+        let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+        match &self.body {
+            SegmentBody::Expr(e) => write!(f, "CREATE SEGMENT {} AS {e};", self.name),
+            SegmentBody::Csv { url } => {
+                write!(f, "CREATE SEGMENT {} FROM CSV {};", self.name, quote(url))
+            }
+            SegmentBody::Warehouse { query, refresh_ms } => write!(
+                f,
+                "CREATE SEGMENT {} FROM WAREHOUSE {} REFRESH EVERY {};",
+                self.name,
+                quote(query),
+                interval(*refresh_ms)
+            ),
+        }
+    }
+}
+
+/// A file as it re-parses: one statement per line, in file order.
+impl Display for crate::ast::SegmentFile {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        for s in &self.segments {
+            writeln!(f, "{s}")?;
+        }
+        Ok(())
+    }
+}

@@ -499,3 +499,29 @@ mod no_panics {
         }
     }
 }
+
+#[test]
+fn a_rendered_file_parses_back_to_the_same_segments() {
+    let src = "CREATE SEGMENT a AS count(*) FILTER (WHERE event = 'O''Neil' \
+        AND timestamp > now() - INTERVAL '7 days') >= 2 AND plan IN ('pro', 'team');\n\
+        CREATE SEGMENT b FROM CSV 's3://bucket/it''s.csv';\n\
+        CREATE SEGMENT c FROM WAREHOUSE 'SELECT user_id FROM t WHERE x = ''y''' \
+        REFRESH EVERY INTERVAL '90 minutes';\n\
+        CREATE SEGMENT d AS in_segment('a') AND NOT in_segment('c') \
+        OR sum(properties.total) > 1.5;";
+    let bodies = |f: &crate::ast::SegmentFile| {
+        f.segments
+            .iter()
+            .map(|s| (s.name.clone(), s.body.clone()))
+            .collect::<Vec<_>>()
+    };
+    for src in [
+        src,
+        include_str!("../../../examples/ecommerce/segments.sql"),
+        include_str!("../../../benches/segments20.sql"),
+    ] {
+        let file = parse_segments(src).unwrap();
+        let again = parse_segments(&file.to_string()).unwrap();
+        assert_eq!(bodies(&again), bodies(&file));
+    }
+}
