@@ -47,6 +47,7 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Capability, Concat, ConnectLoop, Feedback};
 use timely::dataflow::{Scope, Stream};
 
+use crate::eval::CExpr;
 use crate::event::Event;
 pub use crate::journey::machine::JourneyBytes;
 use crate::journey::machine::{JIn, JOut, MachinePart};
@@ -58,6 +59,7 @@ pub use crate::state::user_hash;
 pub use crate::state::SegmentPart;
 use crate::state::{SegmentState, StateBytes, StateCounters, StateOut};
 use crate::time::Time;
+use crate::why::{Preview, UserAt};
 
 /// An external fact about a user: a snapshot cell or profile presence, a static list or
 /// warehouse audience membership: `(user, (slot, value))`, counted from the instant of
@@ -75,7 +77,15 @@ pub enum Ctl {
     /// Take a checkpoint part at the update's instant `F`: the state after every instant
     /// before `F` and before any at `F`.
     Checkpoint(CheckpointReq),
+    /// Switch to definitions version `N` at the update's instant (after a checkpoint
+    /// part at it, before any input at it): its plan comes from [`Definitions`].
+    Define(u64),
 }
+
+/// Where the segment operator finds the plan of a definitions version
+/// ([`Ctl::Define`]): a changed segment file compiled over the running plan's slots
+/// ([`Plan::compile_over`]).
+pub type Definitions = Rc<dyn Fn(u64) -> Option<Plan>>;
 
 /// A checkpoint request: a full part, or the changes since the part taken at `since`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -184,6 +194,35 @@ impl StateHandle {
         self.0.borrow().counters()
     }
 
+    /// User `user` brought to `at` without changing the state
+    /// ([`SegmentState::user_at`]), and the plan it was evaluated with.
+    pub fn user_at(
+        &self,
+        user: &str,
+        segment: usize,
+        at: Time,
+        steps: usize,
+    ) -> (UserAt, Rc<Plan>) {
+        let st = self.0.borrow();
+        (st.user_at(user, segment, at, steps), st.plan().clone())
+    }
+
+    /// A candidate condition's membership on this worker ([`SegmentState::preview`]).
+    pub fn preview(
+        &self,
+        expr: &CExpr,
+        current: Option<usize>,
+        at: Time,
+        samples: usize,
+    ) -> Preview {
+        self.0.borrow().preview(expr, current, at, samples)
+    }
+
+    /// The plan the state evaluates now.
+    pub fn plan(&self) -> Rc<Plan> {
+        self.0.borrow().plan().clone()
+    }
+
     /// `f(user, segment)` for every visible segment each user of this worker is in.
     pub fn for_each_member(&self, visible: usize, f: &mut dyn FnMut(&str, u16)) {
         self.0.borrow().for_each_member(visible, f)
@@ -245,6 +284,19 @@ pub fn build_segments_durable<'s>(
     journeys: Option<Rc<JourneySet>>,
     durability: Option<Durability>,
 ) -> (SegmentInputs, SegmentOutputs<'s>) {
+    build_segments_live(scope, plan, dedup_horizon_ms, journeys, durability, None)
+}
+
+/// [`build_segments_durable`], whose segments can change while it runs: a
+/// [`Ctl::Define`] switches to the plan `definitions` gives for its version.
+pub fn build_segments_live<'s>(
+    scope: Scope<'s, Time>,
+    plan: Rc<Plan>,
+    dedup_horizon_ms: i64,
+    journeys: Option<Rc<JourneySet>>,
+    durability: Option<Durability>,
+    definitions: Option<Definitions>,
+) -> (SegmentInputs, SegmentOutputs<'s>) {
     let (events_in, events) = scope.new_collection::<Projected, isize>();
     let (facts_in, facts) = scope.new_collection::<UserFact, isize>();
     let (ctl_in, ctl) = scope.new_collection::<Ctl, isize>();
@@ -292,20 +344,26 @@ pub fn build_segments_durable<'s>(
     }
     let state = Rc::new(RefCell::new(seg_state));
     let ctl = ctl.inner.broadcast();
+    // Segments a definition appends are visible: the bound grows when the operator
+    // switches plans, before it emits any change of the new segments.
+    let visible = Rc::new(std::cell::Cell::new(plan.visible as u16));
     let out = segment_state(
         keyed,
         ctl.clone(),
         state.clone(),
-        journeys.clone(),
-        parts.clone(),
+        Hooks {
+            journeys: journeys.clone(),
+            parts: parts.clone(),
+            definitions,
+            visible: visible.clone(),
+        },
         restored_at,
     );
 
-    let visible = plan.visible as u16;
     let changes = out
         .clone()
         .flat_map(move |((user, o), t, r)| match o {
-            StateOut::Change(seg) if seg < visible => Some(((seg, user), t, r)),
+            StateOut::Change(seg) if seg < visible.get() => Some(((seg, user), t, r)),
             _ => None,
         })
         .as_collection();
@@ -360,15 +418,28 @@ pub fn build_segments_durable<'s>(
     )
 }
 
+/// What the keyed operator hands to or takes from the rest of the worker.
+struct Hooks {
+    journeys: Option<Rc<JourneySet>>,
+    parts: Option<Rc<dyn PartSink>>,
+    definitions: Option<Definitions>,
+    visible: Rc<std::cell::Cell<u16>>,
+}
+
 /// The keyed operator over [`SegmentState`]; see the module docs.
 fn segment_state<'s>(
     keyed: Stream<'s, Time, Vec<(StateIn, Time, isize)>>,
     ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
     state: Rc<RefCell<SegmentState>>,
-    journeys: Option<Rc<JourneySet>>,
-    parts: Option<Rc<dyn PartSink>>,
+    hooks: Hooks,
     restored_at: Option<Time>,
 ) -> Stream<'s, Time, Vec<StateUpdate>> {
+    let Hooks {
+        journeys,
+        parts,
+        definitions,
+        visible,
+    } = hooks;
     keyed.binary_frontier(
         ctl,
         Exchange::new(|(x, _, _): &(StateIn, Time, isize)| user_hash(x.user())),
@@ -439,6 +510,22 @@ fn segment_state<'s>(
                     while let Some((_, c, r)) = clocks.get(k).filter(|x| x.0 == t) {
                         if let (Ctl::Checkpoint(req), Some(p), true) = (c, &parts, *r > 0) {
                             p.segments(t, st.part(req.full, req.since));
+                        }
+                        k += 1;
+                    }
+                    // Then a definitions change: every user evaluated again at t.
+                    let mut k = ci;
+                    while let Some((_, c, r)) = clocks.get(k).filter(|x| x.0 == t) {
+                        if let (Ctl::Define(v), Some(d), true) = (c, &definitions, *r > 0) {
+                            match d(*v) {
+                                Some(plan) => {
+                                    visible.set(visible.get().max(plan.visible as u16));
+                                    st.set_plan(Rc::new(plan), t);
+                                }
+                                // The engine keeps every version it feeds; a missing one
+                                // here is a bug.
+                                None => panic!("definitions version {v} is unknown"),
+                            }
                         }
                         k += 1;
                     }

@@ -1339,6 +1339,30 @@ impl SegmentState {
         }
     }
 
+    /// Switches to `plan`, a changed segment file compiled over this state's slots
+    /// ([`Plan::compile_over`]): the cells are read as they are, the plan-derived tables
+    /// are rebuilt, and every user is evaluated again at `at` (the changed segments'
+    /// memberships move there, as ordinary changes).
+    pub fn set_plan(&mut self, plan: std::rc::Rc<Plan>, at: Time) {
+        let fresh = SegmentState::new(plan, -1);
+        self.agg_kinds = fresh.agg_kinds;
+        self.agg_guards = fresh.agg_guards;
+        self.static_filters = fresh.static_filters;
+        self.filter_points = fresh.filter_points;
+        self.segment_points = fresh.segment_points;
+        self.segment_temporal = fresh.segment_temporal;
+        self.segment_reads = fresh.segment_reads;
+        self.list_base = fresh.list_base;
+        self.n_segments = fresh.n_segments;
+        self.plan = fresh.plan;
+        self.reevaluate_all(at);
+    }
+
+    /// The plan this state evaluates.
+    pub fn plan(&self) -> &std::rc::Rc<Plan> {
+        &self.plan
+    }
+
     /// From now on, remembers which users change, so that [`SegmentState::part`] can
     /// write only those.
     pub fn track_changes(&mut self) {

@@ -548,6 +548,17 @@ pub fn compile_journeys(
     file: &SegmentFile,
     defs: &[JourneyDef],
 ) -> Result<JourneySet, JourneyError> {
+    compile_journeys_over(file, defs, None)
+}
+
+/// [`compile_journeys`] over a running plan's slots ([`Plan::compile_over`]): a changed
+/// segment file under unchanged journeys. What the file reads that `base` does not
+/// maintain is an error (its message lists each).
+pub fn compile_journeys_over(
+    file: &SegmentFile,
+    defs: &[JourneyDef],
+    base: Option<&Plan>,
+) -> Result<JourneySet, JourneyError> {
     let mut b = Builder {
         file,
         hidden: vec![],
@@ -622,7 +633,16 @@ pub fn compile_journeys(
     let visible = file.segments.len();
     let mut all = file.clone();
     all.segments.extend(b.hidden.iter().cloned());
-    let (mut plan, extras) = Plan::compile_with(&all, visible, &b.extras);
+    let (mut plan, extras) = match base {
+        None => Plan::compile_with(&all, visible, &b.extras),
+        Some(base) => {
+            Plan::compile_over(&all, visible, &b.extras, base).map_err(|missing| JourneyError {
+                journey: String::new(),
+                path: String::new(),
+                message: missing.join("; "),
+            })?
+        }
+    };
     plan.exposed = (0..trait_names.len())
         .map(|i| match &extras[first_trait_extra + i] {
             CExpr::Trait(k) => *k,

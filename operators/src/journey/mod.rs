@@ -15,7 +15,7 @@ pub mod machine;
 pub mod operator;
 pub mod quiet;
 
-pub use compile::{compile_journeys, JourneySet};
+pub use compile::{compile_journeys, compile_journeys_over, JourneySet};
 pub use file::{parse_journeys, JourneyError};
 pub use machine::{JIn, JOut, JourneyRow, Kind, MessageAction};
 

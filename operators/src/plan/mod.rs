@@ -263,7 +263,7 @@ impl Plan {
     /// plan's slots; they must not hold aggregates. Returns the plan and the compiled
     /// extras.
     pub fn compile_with(file: &SegmentFile, visible: usize, extras: &[Expr]) -> (Plan, Vec<CExpr>) {
-        let mut c = Compiler {
+        let c = Compiler {
             file,
             aggs: vec![],
             agg_index: BTreeMap::new(),
@@ -272,6 +272,95 @@ impl Plan {
             projection: Projection::default(),
             current: String::new(),
         };
+        c.finish(visible, extras)
+    }
+
+    /// Compiles a changed segment file (and `extras`, as [`Plan::compile_with`]) over
+    /// `base`'s slots: `base`'s aggregates, traits and event projection keep their
+    /// indices, so state built with `base` and events projected by it are read as they
+    /// are. Aggregates no segment reads any more stay (maintained, read by none). Fails
+    /// with what the file reads that `base` does not maintain (each as a sentence), or
+    /// with a list or audience that is not `base`'s at the same index.
+    pub fn compile_over(
+        file: &SegmentFile,
+        visible: usize,
+        extras: &[Expr],
+        base: &Plan,
+    ) -> Result<(Plan, Vec<CExpr>), Vec<String>> {
+        let mut aggs = base.aggs.clone();
+        let mut traits = base.traits.clone();
+        for a in &mut aggs {
+            a.used_by.clear();
+        }
+        for t in &mut traits {
+            t.1.clear();
+        }
+        let c = Compiler {
+            file,
+            agg_index: aggs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (a.agg.clone(), i))
+                .collect(),
+            aggs,
+            trait_index: traits
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.0.clone(), i))
+                .collect(),
+            traits,
+            projection: base.projection.clone(),
+            current: String::new(),
+        };
+        let (plan, extras) = c.finish(visible, extras);
+        let mut missing: Vec<String> = plan.aggs[base.aggs.len()..]
+            .iter()
+            .map(|a| {
+                format!(
+                    "a new aggregate, read by {}: {} (the state holds no history for it)",
+                    a.used_by.join(", "),
+                    Expr::Agg(Box::new(a.agg.clone()))
+                )
+            })
+            .collect();
+        missing.extend(plan.traits[base.traits.len()..].iter().map(|(name, by)| {
+            format!(
+                "trait '{name}', read by {}, which no segment read, so the state does not keep it",
+                by.join(", ")
+            )
+        }));
+        if plan.projection.paths.len() > base.projection.paths.len() {
+            missing.push("an event path no aggregate read before".into());
+        }
+        let list = |p: &Plan, i: usize| match p.segments.get(i).map(|s| &s.kind) {
+            Some(k @ (SegmentKind::List { .. } | SegmentKind::Warehouse { .. })) => Some(k.clone()),
+            _ => None,
+        };
+        for i in 0..plan.segments.len().max(base.segments.len()) {
+            if list(&plan, i) != list(base, i) {
+                let name = plan
+                    .segments
+                    .get(i)
+                    .or(base.segments.get(i))
+                    .map_or("?", |s| &s.name);
+                missing.push(format!(
+                    "segment '{name}' is or was a list or warehouse audience: those change \
+                     only in the segment file"
+                ));
+            }
+        }
+        if missing.is_empty() {
+            Ok((plan, extras))
+        } else {
+            Err(missing)
+        }
+    }
+}
+
+impl Compiler<'_> {
+    fn finish(self, visible: usize, extras: &[Expr]) -> (Plan, Vec<CExpr>) {
+        let mut c = self;
+        let file = c.file;
         let mut lists = 0u32;
         let mut segments = Vec::with_capacity(file.segments.len());
         for s in &file.segments {
@@ -337,7 +426,9 @@ impl Plan {
         };
         (plan, extras)
     }
+}
 
+impl Plan {
     /// Number of fact slots: presence, aggregates, traits, lists and audiences. The
     /// segment state keeps slot numbers in 16 bits, so loaders refuse plans with more
     /// than `u16::MAX`.
