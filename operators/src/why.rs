@@ -298,6 +298,11 @@ fn reads(e: &CExpr, aggs: &mut Vec<usize>, traits: &mut Vec<usize>, segs: &mut V
     }
 }
 
+/// The aggregates `e` reads, each once, in order.
+pub fn agg_reads(e: &CExpr, aggs: &mut Vec<usize>) {
+    reads(e, aggs, &mut Vec::new(), &mut Vec::new());
+}
+
 /// Explains segment `segment` of `plan` for `u` at instant `at`.
 pub fn explain(plan: &Plan, segment: usize, u: &UserAt, at: Time) -> Explanation {
     let seg = &plan.segments[segment];
@@ -492,10 +497,20 @@ mod tests {
             AND timestamp > now() - INTERVAL '7 days') >= 1;";
         let (cand, i) = crate::lang::parse::parse_statement_into(text, &file).unwrap();
         assert_eq!(i, 0);
-        let cplan = Plan::compile(&cand);
-        let r = plan.rebase(&cplan, i).unwrap();
-        assert_eq!(r.shared.len(), 1, "the windowed count is shared");
-        let p = st.preview(&r.expr, Some(0), now, 10);
+        let over = |cand: &crate::ast::SegmentFile| {
+            Plan::compile_over(cand, cand.segments.len(), &[], &plan).map(|(p, _)| p)
+        };
+        let cplan = over(&cand).unwrap();
+        assert_eq!(
+            cplan.aggs.len(),
+            plan.aggs.len(),
+            "the windowed count is shared"
+        );
+        let expr = |p: &Plan, i: usize| match &p.segments[i].kind {
+            SegmentKind::Expr(e) => e.clone(),
+            _ => unreachable!(),
+        };
+        let p = st.preview(&expr(&cplan, i), Some(0), now, 10);
         assert_eq!(
             p,
             Preview {
@@ -510,8 +525,7 @@ mod tests {
         let text = "CREATE SEGMENT big AS sum(properties.total) FILTER (WHERE event = 'Order Completed') > 50;";
         let (cand, i) = crate::lang::parse::parse_statement_into(text, &file).unwrap();
         assert_eq!(i, 3);
-        let r = plan.rebase(&Plan::compile(&cand), i).unwrap();
-        let p = st.preview(&r.expr, None, now, 10);
+        let p = st.preview(&expr(&over(&cand).unwrap(), i), None, now, 10);
         assert_eq!(
             (p.size, p.entering, p.sample_entering),
             (1, 1, vec!["u".into()])
@@ -519,7 +533,8 @@ mod tests {
         // An aggregate no segment maintains has no history in the state.
         let text = "CREATE SEGMENT x AS count(*) >= 1;";
         let (cand, i) = crate::lang::parse::parse_statement_into(text, &file).unwrap();
-        let missing = plan.rebase(&Plan::compile(&cand), i).unwrap_err();
+        assert_eq!(i, 3);
+        let missing = over(&cand).unwrap_err();
         assert!(missing[0].contains("count(*)"), "{missing:?}");
         // References are checked against the live set, at the statement.
         let e = crate::lang::parse::parse_statement_into(

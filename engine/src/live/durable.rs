@@ -503,7 +503,38 @@ pub struct Manifest {
     /// The journey file's text, likewise (empty: none, or an earlier Herald).
     #[serde(default)]
     pub journeys_text: String,
+    /// The segment definitions changed through the API before the checkpoint's instant,
+    /// applied over `segments_text` in order (see `definitions`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segment_changes: Vec<DefChange>,
 }
+
+/// One change of the segment set through the API: a new version of a segment, or its
+/// deletion.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefChange {
+    /// The segment.
+    pub name: String,
+    /// Its version (the segment file's definition is version 1).
+    pub version: u32,
+    /// The `CREATE SEGMENT` statement (empty for a deletion).
+    pub text: String,
+    /// Whether this change deletes the segment.
+    #[serde(default)]
+    pub deleted: bool,
+    /// The instant it took effect (None: not yet known when it was recorded).
+    pub at: Option<Time>,
+}
+
+/// `DEFINITIONS.json`: every change through the API, in order.
+#[derive(Debug, Serialize, Deserialize)]
+struct DefLog {
+    format: u32,
+    changes: Vec<DefChange>,
+}
+
+/// The format of `DEFINITIONS.json`.
+const DEFINITIONS_FORMAT: u32 = 1;
 
 fn one() -> usize {
     1
@@ -570,6 +601,9 @@ pub enum CkMsg {
     Driver(Time, Vec<Time>, Box<DriverPart>),
     /// The sink's part.
     Sink(Time, Box<SinkPart>),
+    /// The segment definitions in force from an instant on (sent before any part of a
+    /// later checkpoint): checkpoints after it record them.
+    Definitions(Time, Vec<DefChange>),
     /// Ends the checkpointer.
     Stop,
 }
@@ -865,6 +899,68 @@ impl Store {
         )
     }
 
+    /// Where the segment definitions changed through the API are kept.
+    fn definitions_location(&self) -> String {
+        format!("{}/DEFINITIONS.json", self.location())
+    }
+
+    /// Writes the definitions changed through the API, whole and atomically (a local
+    /// file is written under another name, fsynced and renamed into place).
+    pub fn write_definitions(&self, changes: &[DefChange]) -> Result<(), String> {
+        let body = serde_json::to_vec_pretty(&DefLog {
+            format: DEFINITIONS_FORMAT,
+            changes: changes.to_vec(),
+        })
+        .map_err(|e| format!("cannot encode the definitions: {e}"))?;
+        match &self.root {
+            Root::Local(root) => {
+                std::fs::create_dir_all(root).map_err(|e| io("cannot create", root, e))?;
+                let (tmp, path) = (
+                    root.join("DEFINITIONS.json.tmp"),
+                    root.join("DEFINITIONS.json"),
+                );
+                File::create(&tmp)
+                    .and_then(|mut f| f.write_all(&body).and_then(|_| f.sync_all()))
+                    .map_err(|e| io("cannot write", &tmp, e))?;
+                std::fs::rename(&tmp, &path).map_err(|e| io("cannot commit", &path, e))?;
+                File::open(root)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("cannot sync", root, e))
+            }
+            Root::Remote(_) => {
+                let url = self.definitions_location();
+                herald_connectors::store::write_all(&url, body)
+                    .map_err(|e| format!("cannot write {url}: {e}"))
+            }
+        }
+    }
+
+    /// The definitions changed through the API (empty: none kept).
+    pub fn read_definitions(&self) -> Result<Vec<DefChange>, String> {
+        let location = self.definitions_location();
+        let bytes = match &self.root {
+            Root::Local(root) => match std::fs::read(root.join("DEFINITIONS.json")) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(format!("cannot read {location}: {e}")),
+            },
+            Root::Remote(_) => match herald_connectors::store::read_all(&location) {
+                Ok(b) => b.to_vec(),
+                Err(herald_connectors::ConnectorError::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(format!("cannot read {location}: {e}")),
+            },
+        };
+        let log: DefLog =
+            serde_json::from_slice(&bytes).map_err(|e| format!("cannot read {location}: {e}"))?;
+        if log.format != DEFINITIONS_FORMAT {
+            return Err(format!(
+                "{location} is in format {} and this Herald reads format {DEFINITIONS_FORMAT}",
+                log.format
+            ));
+        }
+        Ok(log.changes)
+    }
+
     /// Removes checkpoints after `at` (incomplete ones a crash left), before starting
     /// from `at`.
     pub fn remove_after(&self, at: Time) {
@@ -979,9 +1075,15 @@ pub fn run_checkpointer(
     // Bytes of the chain's full checkpoint, and of its deltas since.
     let (mut full_bytes, mut delta_bytes) = (0u64, 0u64);
     let mut committed = 0;
+    // The definitions changed through the API, from an instant on (the first: at start).
+    let mut definitions: Vec<(Time, Vec<DefChange>)> = vec![(0, template.segment_changes.clone())];
     for msg in rx {
         let started = std::time::Instant::now();
         let (at, bytes) = match &msg {
+            CkMsg::Definitions(at, changes) => {
+                definitions.push((*at, changes.clone()));
+                continue;
+            }
             CkMsg::Segments(w, at, p) => {
                 (*at, store.write_part(*at, &format!("w{w}.segments"), p)?)
             }
@@ -1030,9 +1132,22 @@ pub fn run_checkpointer(
                     f.sync_data().map_err(|e| io("cannot sync", path, e))?;
                 }
             }
+            // A checkpoint at `at` holds the state before anything at `at`: the changes
+            // that took effect before it.
+            let changes = definitions
+                .iter()
+                .rev()
+                .find(|(from, _)| *from < at)
+                .map_or_else(Vec::new, |(_, c)| c.clone());
             let m = Manifest {
                 at,
                 chain,
+                definitions: definitions_hash_with(
+                    &template.segments_text,
+                    &template.journeys_text,
+                    &changes,
+                ),
+                segment_changes: changes,
                 ..template.clone()
             };
             if process > 0 {
@@ -1132,6 +1247,16 @@ pub fn run_checkpointer(
         }
     }
     Ok(committed)
+}
+
+/// [`definitions_hash`] of the segment and journey files' texts and the changes through
+/// the API over them (none: the files' hash alone, as before there were any).
+pub fn definitions_hash_with(segments: &str, journeys: &str, changes: &[DefChange]) -> String {
+    if changes.is_empty() {
+        return definitions_hash(&[segments, journeys]);
+    }
+    let changes = serde_json::to_string(changes).unwrap_or_default();
+    definitions_hash(&[segments, journeys, &changes])
 }
 
 /// A hash of the definitions the state was built with.
@@ -1252,6 +1377,7 @@ mod tests {
             definitions: String::new(),
             segments_text: String::new(),
             journeys_text: String::new(),
+            segment_changes: Vec::new(),
         };
         store.commit(&m).unwrap();
         assert_eq!(store.latest().unwrap().unwrap().at, 5);

@@ -30,7 +30,9 @@
 //! `POST /v1/providers/twilio/status` (delivery reports signed by Twilio).
 //!
 //! Query: `GET /v1/segments`, `/v1/segments/{name}/members?cursor=&limit=`,
-//! `/v1/users/{id}`, `/healthz`, `/metrics`.
+//! `/v1/users/{id}`, `/healthz`, `/metrics`. Definitions and explain (`define_api`):
+//! `GET|PUT|DELETE /v1/segments/{name}`, `POST /v1/segments/preview`,
+//! `GET /v1/users/{id}/explain`.
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -150,15 +152,23 @@ pub fn routers(live: Arc<Live>) -> Result<(Router, Router), EngineError> {
         .route("/healthz", get(health))
         .fallback(not_here)
         .with_state(app.clone());
+    use super::define_api as defs;
     let read = Router::new()
         .route("/v1/segments", get(segments))
+        .route("/v1/segments/preview", post(defs::preview))
+        .route("/v1/segments/{name}", get(defs::get_segment))
         .route("/v1/segments/{name}/members", get(members))
         .route("/v1/users/{id}", get(user))
+        .route("/v1/users/{id}/explain", get(defs::explain))
         .route("/metrics", get(metrics))
         .route_layer(guard(Role::Read));
     let act = Router::new()
         .route("/v1/journeys/{name}/trigger", post(trigger))
         .route("/v1/engagement", post(super::engagement::engagement))
+        .route(
+            "/v1/segments/{name}",
+            axum::routing::put(defs::put_segment).delete(defs::delete_segment),
+        )
         .route_layer(guard(Role::Admin));
     let admin = read
         .merge(act)
@@ -739,10 +749,22 @@ async fn segments(State(app): State<App>) -> Response {
     let Ok(state) = live.state.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let list: Vec<Json> = live.plan.segments[..live.plan.visible]
+    let Ok(defs) = live.defs.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let list: Vec<Json> = defs
+        .entries
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"name": s.name, "kind": live.segment_kind(i), "size": state.size(i)}))
+        .filter(|(_, e)| !e.deleted)
+        .map(|(i, e)| {
+            json!({
+                "name": e.name,
+                "kind": super::define_api::kind(&defs, i),
+                "size": state.size(i),
+                "version": e.version,
+            })
+        })
         .collect();
     let frontier = live.frontier.load(Ordering::Acquire);
     AxumJson(json!({"segments": list, "as_of": format_rfc3339_ms(frontier as i64)})).into_response()
@@ -760,7 +782,7 @@ async fn members(
     Query(q): Query<PageQuery>,
 ) -> Response {
     let live = &app.live;
-    let Some(i) = live.plan.segment_index(&name) else {
+    let Some(i) = live.defs.read().ok().and_then(|d| d.index(&name)) else {
         return (
             StatusCode::NOT_FOUND,
             AxumJson(json!({"error": format!("no segment named '{name}'")})),
@@ -801,10 +823,15 @@ async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
         )
             .into_response();
     }
+    let names: Vec<String> = live
+        .defs
+        .read()
+        .map(|d| d.entries.iter().map(|e| e.name.clone()).collect())
+        .unwrap_or_default();
     let segments: Vec<&str> = segs
         .map(|s| {
             s.iter()
-                .map(|i| live.plan.segments[*i as usize].name.as_str())
+                .filter_map(|i| names.get(*i as usize).map(String::as_str))
                 .collect()
         })
         .unwrap_or_default();

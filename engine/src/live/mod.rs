@@ -32,6 +32,8 @@
 
 pub mod audiences;
 mod dead_letters;
+mod define_api;
+pub mod definitions;
 pub mod durable;
 mod engagement;
 pub mod export;
@@ -160,6 +162,18 @@ pub struct Live {
     pub notify: std::sync::OnceLock<notify::Notify>,
     /// The exporter's channel, when `[export]` is configured.
     pub export: Option<Sender<export::ExportMsg>>,
+    /// The segment set in force, changed through the API ([`definitions`]).
+    pub defs: RwLock<definitions::Catalog>,
+    /// The definitions version in force (readers that cache names compare it).
+    pub defs_version: AtomicU64,
+    /// Held while a definitions change is applied: one at a time.
+    pub defs_change: tokio::sync::Mutex<()>,
+    /// Where the definitions changed through the API are kept (state is durable).
+    pub defs_store: Option<durable::Store>,
+    /// Per local worker, its query channel (explain, preview).
+    pub(crate) queries: Vec<Sender<worker::Query>>,
+    /// Worker 0's channel for definitions changes.
+    pub(crate) defines: Sender<worker::DefineReq>,
 }
 
 /// Events waiting for one worker (embedded mode) before HTTP ingest answers 503: bounds
@@ -231,15 +245,6 @@ impl Live {
     /// Sends a message to the sink thread (dropped only if the sink is gone).
     pub fn to_sink(&self, msg: SinkMsg) {
         let _ = self.sink.send(msg);
-    }
-
-    /// Segment kind names for the API.
-    pub fn segment_kind(&self, i: usize) -> &'static str {
-        match self.plan.segments[i].kind {
-            SegmentKind::Expr(_) => "query",
-            SegmentKind::List { .. } => "list",
-            SegmentKind::Warehouse { .. } => "warehouse",
-        }
     }
 
     /// A thread the service needs failed: nothing more becomes durable, and the service
@@ -382,6 +387,45 @@ where
             )));
         }
     }
+    // The segment set in force: the file, with the changes through the API kept in
+    // `checkpoint.dir` applied over it (see `definitions`).
+    let journey_defs = match &journeys {
+        Some(set) => Some((
+            herald_operators::journey::parse_journeys(&journeys_text).map_err(|err| {
+                EngineError::Journeys {
+                    path: config.engine.journeys.clone().unwrap_or_default(),
+                    err,
+                }
+            })?,
+            set.segments_read(),
+        )),
+        None => None,
+    };
+    let mut catalog = definitions::Catalog::new(file, plan.clone(), journey_defs);
+    let defs_store = (config.durable() && config.processes().1 == 1)
+        .then(|| durable::Store::new(&config.checkpoint.dir));
+    if let Some(store) = &defs_store {
+        let kept = store
+            .read_definitions()
+            .map_err(|e| EngineError::Usage(format!("config: `checkpoint.dir`: {e}")))?;
+        let warnings = catalog.replay(&kept, None);
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+        if !warnings.is_empty() {
+            store
+                .write_definitions(&catalog.changes)
+                .map_err(EngineError::Unavailable)?;
+        }
+        if !catalog.changes.is_empty() {
+            tracing::info!(
+                "{} segment definition change(s) through the API applied over {}",
+                catalog.changes.len(),
+                config.engine.segments
+            );
+            plan = (*catalog.plan).clone();
+        }
+    }
     let lists = crate::replay::load_lists(&config.engine.segments, &plan)?;
     let local_workers = config.engine.workers;
     let (sink_tx, sink_rx) = std::sync::mpsc::channel::<SinkMsg>();
@@ -394,12 +438,21 @@ where
         ingest_tx.push(tx);
         ingest_rx.push(Some(rx));
     }
+    let mut query_rx: Vec<Option<Receiver<worker::Query>>> = Vec::new();
+    let mut query_tx = Vec::new();
+    for _ in 0..local_workers {
+        let (tx, rx) = std::sync::mpsc::channel();
+        query_tx.push(tx);
+        query_rx.push(Some(rx));
+    }
+    let (define_tx, define_rx) = std::sync::mpsc::channel::<worker::DefineReq>();
     let recovery = if config.durable() {
         let texts = (segments_text, journeys_text);
         Some(recover(
             &config,
             &plan,
             texts,
+            &catalog.changes,
             journeys.is_some(),
             &ingest_tx,
         )?)
@@ -463,6 +516,12 @@ where
         )),
         notify: std::sync::OnceLock::new(),
         export: export_tx,
+        defs: RwLock::new(catalog),
+        defs_version: AtomicU64::new(0),
+        defs_change: tokio::sync::Mutex::new(()),
+        defs_store,
+        queries: query_tx,
+        defines: define_tx,
     });
     let mut recovery = recovery;
     if let Some(r) = &mut recovery {
@@ -564,6 +623,8 @@ where
     let mut ck_thread = None;
     let mut io = worker::WorkerIo {
         events: ingest_rx,
+        queries: query_rx,
+        defines: Some(define_rx),
         snapshots: Some(snap_rx),
         audiences: Some(audience_rx),
         restored: (0..local_workers).map(|_| None).collect(),
@@ -844,6 +905,7 @@ fn recover(
     config: &Config,
     plan: &Plan,
     (segments_text, journeys_text): (String, String),
+    changes: &[durable::DefChange],
     journeys: bool,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
@@ -855,7 +917,7 @@ fn recover(
         false => EngineError::Usage(format!("config: `checkpoint.dir`: {e}")),
         true => EngineError::Unavailable(format!("`checkpoint.dir` = {dir}: {e}")),
     };
-    let definitions = durable::definitions_hash(&[&segments_text, &journeys_text]);
+    let definitions = durable::definitions_hash_with(&segments_text, &journeys_text, changes);
     let store = durable::Store::new(&config.checkpoint.dir);
     let manifest = store.latest().map_err(fail)?;
     let n = config.engine.workers;
@@ -1033,6 +1095,7 @@ fn recover(
             definitions,
             segments_text,
             journeys_text,
+            segment_changes: changes.to_vec(),
         },
         restored,
         driver,
@@ -1069,17 +1132,29 @@ fn carry_over(
     }
     let old = herald_operators::lang::parse::parse_segments(&m.segments_text)
         .map_err(|e| format!("the segment file it was taken with does not parse: {e}"))?;
-    let old = if journeys_text.is_empty() {
-        Plan::compile(&old)
+    let (old_plan, defs) = if journeys_text.is_empty() {
+        (Plan::compile(&old), None)
     } else {
         let defs = herald_operators::journey::parse_journeys(journeys_text)
             .map_err(|e| format!("the journey file does not parse: {e}"))?;
-        herald_operators::journey::compile_journeys(&old, &defs)
-            .map_err(|e| {
-                format!("the journey file does not compile against the old segment file: {e}")
-            })?
-            .plan
+        let set = herald_operators::journey::compile_journeys(&old, &defs).map_err(|e| {
+            format!("the journey file does not compile against the old segment file: {e}")
+        })?;
+        let read = set.segments_read();
+        (set.plan, Some((defs, read)))
     };
+    // The changes through the API that were in force at the checkpoint, over its file.
+    let mut at_checkpoint = definitions::Catalog::new(old, old_plan, defs);
+    if let Some(w) = at_checkpoint
+        .replay(&m.segment_changes, None)
+        .into_iter()
+        .next()
+    {
+        return Err(format!(
+            "the definitions it was taken with cannot be rebuilt: {w}"
+        ));
+    }
+    let old = (*at_checkpoint.plan).clone();
     plan.remap_from(&old).map_err(|missing| {
         format!(
             "the segment file changed since it was taken, and the new one reads what the \

@@ -110,6 +110,9 @@ pub struct Sink {
     /// After a restart: per topic, the records that landed after the checkpoint (values,
     /// with their counts). Derived again, they are not produced a second time.
     landed: BTreeMap<String, std::collections::HashMap<Vec<u8>, u32>>,
+    /// Segment names by index, as of definitions version `names.0` (a change through the
+    /// API may append one).
+    names: (u64, Vec<String>),
 }
 
 /// Where a restart's derived-again output starts: the checkpoint's instant, and per topic
@@ -320,7 +323,23 @@ impl Sink {
             checkpoints: BTreeMap::new(),
             acked,
             landed,
+            names: (u64::MAX, Vec::new()),
         })
+    }
+
+    /// The name of segment `i` in the definitions in force.
+    fn segment_name(&mut self, live: &Live, i: u16) -> String {
+        let v = live.defs_version.load(Ordering::Acquire);
+        if self.names.0 != v {
+            if let Ok(c) = live.defs.read() {
+                self.names = (v, c.entries.iter().map(|e| e.name.clone()).collect());
+            }
+        }
+        self.names
+            .1
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("#{i}"))
     }
 
     /// Writes what the watermark `f` released, in order, writing the sink's part of
@@ -585,7 +604,7 @@ impl Sink {
         live.metrics
             .change_delay_ms
             .observe(super::now_ms().saturating_sub(time) as f64);
-        let name = &live.plan.segments[segment as usize].name;
+        let name = &self.segment_name(live, segment);
         let size = match live.state.write() {
             Ok(mut state) => state.apply(segment, &user, diff),
             Err(_) => 0,

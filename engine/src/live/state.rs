@@ -73,6 +73,13 @@ impl LiveState {
         }
     }
 
+    /// Makes room for `segments` segments (a segment added through the API).
+    pub fn grow(&mut self, segments: usize) {
+        if self.members.len() < segments {
+            self.members.resize_with(segments, BTreeSet::new);
+        }
+    }
+
     /// Applies a change; returns the segment's new size.
     pub fn apply(&mut self, segment: u16, user: &str, diff: i64) -> usize {
         let Some(members) = self.members.get_mut(segment as usize) else {

@@ -12,14 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_operators::dataflow::{
-    build_segments_durable, CheckpointReq, Durability, SegmentInputs, StateHandle,
+    build_segments_live, CheckpointReq, Ctl, Definitions, Durability, SegmentInputs, StateHandle,
 };
+use herald_operators::eval::CExpr;
 use herald_operators::event::Event;
 use herald_operators::journey::JOut;
 use herald_operators::plan::SnapshotRows;
 use herald_operators::state::StateCounters;
 use herald_operators::time::Time;
 use herald_operators::value::Value;
+use herald_operators::why::{Explanation, Preview};
 use rdkafka::consumer::{BaseConsumer, CommitMode};
 use rdkafka::message::Message;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
@@ -52,9 +54,54 @@ const DURABLE_STOP_STALL: Duration = Duration::from_secs(20);
 /// How long shutdown waits for the sink to hand the last changes over.
 const SHUTDOWN_SINK_WAIT: Duration = Duration::from_secs(30);
 
+/// A question about the live state, answered by the worker that holds it between two
+/// steps of its dataflow (the state is never shared across threads).
+pub(crate) enum Query {
+    /// Why `user` is or is not in `segment` at `at` (None: as of now).
+    Explain {
+        user: String,
+        segment: String,
+        at: Option<Time>,
+        reply: tokio::sync::oneshot::Sender<Result<Explanation, QueryError>>,
+    },
+    /// A candidate condition's membership on this worker, against segment `current`.
+    Preview {
+        expr: CExpr,
+        current: Option<usize>,
+        samples: usize,
+        reply: tokio::sync::oneshot::Sender<(Preview, Time)>,
+    },
+}
+
+/// Why a query has no answer.
+#[derive(Debug)]
+pub(crate) enum QueryError {
+    /// No such (declared) segment.
+    NoSegment(String),
+    /// The instant is before what the state holds.
+    Past(String),
+}
+
+/// Which part of a user's history the explanation runs forward through by time alone.
+const EXPLAIN_STEPS: usize = 10_000;
+
+/// A definitions change for worker 0 to feed at its current instant.
+pub(crate) struct DefineReq {
+    /// The definitions version to switch to.
+    pub version: u64,
+    /// Every change through the API, the last one this (its instant is filled in).
+    pub changes: Vec<super::durable::DefChange>,
+    /// Told the instant it takes effect at.
+    pub reply: tokio::sync::oneshot::Sender<Time>,
+}
+
 /// Channels the workers take theirs from, by local index.
 pub(crate) struct WorkerIo {
     pub events: Vec<Option<Receiver<Fed>>>,
+    /// Per local worker, its queries.
+    pub queries: Vec<Option<Receiver<Query>>>,
+    /// Worker 0's definitions changes.
+    pub defines: Option<Receiver<DefineReq>>,
     pub snapshots: Option<Receiver<SnapshotMsg>>,
     pub audiences: Option<Receiver<AudienceMsg>>,
     /// Per local worker, the checkpoint parts to start from.
@@ -387,10 +434,14 @@ fn run(
         start_at,
         mut chain,
         cluster_probe,
+        queries_rx,
+        defines_rx,
     ) = {
         let mut io = io
             .lock()
             .map_err(|_| "worker channels poisoned".to_string())?;
+        let queries = io.queries.get_mut(local).and_then(Option::take);
+        let defines = if index == 0 { io.defines.take() } else { None };
         let ev = io.events.get_mut(local).and_then(Option::take);
         let restored = io.restored.get_mut(local).and_then(Option::take);
         let (start_at, chain, probe) = (io.start_at, io.chain.clone(), io.probe.clone());
@@ -404,9 +455,13 @@ fn run(
                 start_at,
                 chain,
                 probe,
+                queries,
+                defines,
             )
         } else {
-            (ev, None, None, restored, None, start_at, chain, probe)
+            (
+                ev, None, None, restored, None, start_at, chain, probe, queries, defines,
+            )
         }
     };
     // This worker's parts, read here so that the workers read theirs in parallel.
@@ -440,8 +495,21 @@ fn run(
     let mut state = None;
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
         let journeys = live.journeys.clone().map(Rc::new);
-        let (inputs, outputs) =
-            build_segments_durable(scope, plan.clone(), dedup_horizon_ms, journeys, durability);
+        // A definitions change's plan, by version, from the catalog (kept until every
+        // worker has switched to it).
+        let defs_live = Arc::clone(live);
+        let definitions: Definitions = Rc::new(move |v| {
+            let plan = defs_live.defs.read().ok()?.plan_of(v)?;
+            Some((*plan).clone())
+        });
+        let (inputs, outputs) = build_segments_live(
+            scope,
+            plan.clone(),
+            dedup_horizon_ms,
+            journeys,
+            durability,
+            Some(definitions),
+        );
         if let Some(j) = outputs.journeys {
             let sink = live.sink.clone();
             j.inspect_core(move |x| {
@@ -645,6 +713,21 @@ fn run(
                 );
             }
         }
+        // Definitions changes (worker 0): in force from the current instant on; the
+        // checkpointer hears of them before any part of a later checkpoint.
+        if let (Some(rx), false) = (&defines_rx, stopping) {
+            while let Ok(mut d) = rx.try_recv() {
+                if let Some(c) = d.changes.last_mut() {
+                    c.at = Some(cur);
+                }
+                if let Some(tx) = &live.checkpointer {
+                    let _ = tx.send(CkMsg::Definitions(cur, d.changes));
+                }
+                inputs.ctl.update(Ctl::Define(d.version), 1);
+                fed_at_cur = true;
+                let _ = d.reply.send(cur);
+            }
+        }
         // The clock: never past the log watermark read above, nor (stopping) past the
         // stop instant, or with durable state the final checkpoint's instant + 1.
         let now = now_ms().min(log_watermark);
@@ -710,6 +793,11 @@ fn run(
         inputs.flush();
         worker.step_or_park(Some(tick));
         report_counters(live, state.as_ref(), &mut counted);
+        if let (Some(rx), Some(st)) = (&queries_rx, &state) {
+            while let Ok(q) = rx.try_recv() {
+                answer(q, st, cur);
+            }
+        }
 
         // Progress: local worker 0 tells its process's sink how far the output is done.
         let frontier = probe.with_frontier(|f| f.iter().min().copied().unwrap_or(Time::MAX));
@@ -978,6 +1066,47 @@ fn commit_durable(
 /// Adds what this worker's segment state counted since the last call to the process's
 /// metrics: duplicates dropped (`herald_duplicates_total`) and comparisons of mismatched
 /// types (`herald_type_mismatches_total`).
+/// Answers a query from this worker's state. Every instant before `cur` may have been
+/// processed, none at or after it: the state is brought to `cur - 1` or later.
+fn answer(q: Query, st: &StateHandle, cur: Time) {
+    let now = cur.saturating_sub(1);
+    match q {
+        Query::Explain {
+            user,
+            segment,
+            at,
+            reply,
+        } => {
+            let plan = st.plan();
+            let result = match plan.segments[..plan.visible]
+                .iter()
+                .position(|s| s.name == segment)
+            {
+                None => Err(QueryError::NoSegment(segment)),
+                Some(_) if at.is_some_and(|a| a < now) => Err(QueryError::Past(format!(
+                    "the live state holds each user as of now ({}), not its history: an \
+                     earlier instant is answered offline from the events by `herald explain`",
+                    herald_operators::time::format_rfc3339_ms(now as i64)
+                ))),
+                Some(i) => {
+                    let at = at.unwrap_or(now);
+                    let (u, plan) = st.user_at(&user, i, at, EXPLAIN_STEPS);
+                    Ok(herald_operators::why::explain(&plan, i, &u, at))
+                }
+            };
+            let _ = reply.send(result);
+        }
+        Query::Preview {
+            expr,
+            current,
+            samples,
+            reply,
+        } => {
+            let _ = reply.send((st.preview(&expr, current, now, samples), now));
+        }
+    }
+}
+
 fn report_counters(live: &Live, state: Option<&StateHandle>, seen: &mut StateCounters) {
     if let Some(st) = state {
         let now = st.counters();

@@ -162,6 +162,43 @@ impl Herald {
         (status, r.json().unwrap_or(Json::Null))
     }
 
+    /// Sends `method` to a path of the admin listener with `key` and a text body (the
+    /// definitions API); returns status and JSON body.
+    pub fn request(&self, method: &str, path: &str, key: &str, body: &str) -> (u16, Json) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(key)
+            .header("content-type", "text/plain")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Json::Null))
+    }
+
+    /// Every member of a segment, through the paged members API.
+    pub fn members(&self, segment: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                None => format!("/v1/segments/{segment}/members?limit=1000"),
+                Some(c) => format!("/v1/segments/{segment}/members?limit=1000&cursor={c}"),
+            };
+            let (status, page) = self.get_json(&path);
+            assert_eq!(status, 200, "{path}: {page}");
+            for m in page["members"].as_array().unwrap() {
+                out.insert(m.as_str().unwrap().to_string());
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return out,
+            }
+        }
+    }
+
     /// GETs a JSON path.
     pub fn get_json(&self, path: &str) -> (u16, Json) {
         let (s, t) = self.get(path);

@@ -222,26 +222,6 @@ impl Display for Expr {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::value::Value;
-
-    #[test]
-    fn renders_timestamps_and_windows() {
-        let e = Expr::Cmp(
-            CmpOp::Gt,
-            Box::new(Expr::Event(EventField::Timestamp)),
-            Box::new(Expr::Now(-7 * 86_400_000)),
-        );
-        assert_eq!(e.to_string(), "timestamp > (now() - INTERVAL '7 days')");
-        assert_eq!(
-            Expr::Lit(Value::Ts(0)).to_string(),
-            "TIMESTAMP '1970-01-01T00:00:00.000Z'"
-        );
-    }
-}
-
 /// A statement as it re-parses: `CREATE SEGMENT name AS …;` (or `FROM CSV` / `FROM
 /// WAREHOUSE`), on one line.
 impl Display for crate::ast::SegmentDef {
@@ -271,5 +251,25 @@ impl Display for crate::ast::SegmentFile {
             writeln!(f, "{s}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::Value;
+
+    #[test]
+    fn renders_timestamps_and_windows() {
+        let e = Expr::Cmp(
+            CmpOp::Gt,
+            Box::new(Expr::Event(EventField::Timestamp)),
+            Box::new(Expr::Now(-7 * 86_400_000)),
+        );
+        assert_eq!(e.to_string(), "timestamp > (now() - INTERVAL '7 days')");
+        assert_eq!(
+            Expr::Lit(Value::Ts(0)).to_string(),
+            "TIMESTAMP '1970-01-01T00:00:00.000Z'"
+        );
     }
 }

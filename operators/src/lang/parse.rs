@@ -83,11 +83,20 @@ pub fn parse_segments(src: &str) -> Result<SegmentFile, SegmentError> {
 /// Parses and checks one `CREATE SEGMENT` statement (`src`, positions in it) as a
 /// change to `file`: it replaces the segment of the same name or is added after the
 /// others, and its `in_segment` references are checked against the result (targets
-/// exist, no cycle through it). Returns the changed file and the statement's index in it.
+/// exist, no cycle through it). The final `;` may be left out. Returns the changed file
+/// and the statement's index in it.
 pub fn parse_statement_into(
     src: &str,
     file: &SegmentFile,
 ) -> Result<(SegmentFile, usize), SegmentError> {
+    // On a line of its own, so a trailing comment does not swallow it.
+    let closed;
+    let src = if src.trim_end().ends_with(';') {
+        src
+    } else {
+        closed = format!("{src}\n;");
+        &closed
+    };
     let source = Source::new(src)?;
     let dialect = PostgreSqlDialect {};
     let mut parser = Parser::new(&dialect).with_tokens_with_locations(source.tokens.clone());

@@ -24,7 +24,7 @@ mod remap;
 
 pub(crate) use evaluate::{type_rank, EventCtx};
 pub use facts::{FactVal, SnapshotRows};
-pub use remap::{Rebased, Remap};
+pub use remap::Remap;
 
 /// Slot of the "has at least one event" presence fact.
 pub const SLOT_SEEN: u32 = 0;

@@ -11,8 +11,6 @@
 use std::collections::BTreeMap;
 
 use super::{Plan, SegmentKind, FIRST_DYNAMIC_SLOT};
-use crate::ast::Expr;
-use crate::eval::CExpr;
 
 /// Old slot and segment numbers mapped to new ones.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -178,120 +176,5 @@ mod tests {
             "{missing:?}"
         );
         assert!(missing[1].contains("`country`"), "{missing:?}");
-    }
-}
-
-/// A segment of another plan, its condition rewritten over this plan's slots
-/// ([`Plan::rebase`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Rebased {
-    /// The condition over this plan's aggregates, traits and segments.
-    pub expr: CExpr,
-    /// The aggregates it reads that this plan already maintains, as written.
-    pub shared: Vec<String>,
-}
-
-impl Plan {
-    /// Segment `segment` of `other` (a changed copy of this plan's file) as a condition
-    /// over this plan's state, or what it reads that this state does not hold (each as a
-    /// sentence): an aggregate no segment maintains, a trait no segment reads, a segment
-    /// this plan lacks, or a list or audience (fed from outside, not from state).
-    pub fn rebase(&self, other: &Plan, segment: usize) -> Result<Rebased, Vec<String>> {
-        let seg = &other.segments[segment];
-        let SegmentKind::Expr(e) = &seg.kind else {
-            return Err(vec![format!(
-                "segment '{}' is a list or warehouse audience: those are defined in the \
-                 segment file, not through the API",
-                seg.name
-            )]);
-        };
-        let mut missing = Vec::new();
-        let mut shared = Vec::new();
-        let expr = rewrite(e, &mut |x| match x {
-            CExpr::Agg(i) => {
-                let a = &other.aggs[*i];
-                match self.aggs.iter().position(|b| b.agg == a.agg) {
-                    Some(j) => {
-                        let text = Expr::Agg(Box::new(a.agg.clone())).to_string();
-                        if !shared.contains(&text) {
-                            shared.push(text);
-                        }
-                        Some(CExpr::Agg(j))
-                    }
-                    None => {
-                        missing.push(format!(
-                            "a new aggregate, {}: the state holds no history for it",
-                            Expr::Agg(Box::new(a.agg.clone()))
-                        ));
-                        Some(CExpr::Lit(crate::value::Value::Null))
-                    }
-                }
-            }
-            CExpr::Trait(k) => {
-                let name = &other.traits[*k].0;
-                match self.trait_index(name) {
-                    Some(j) => Some(CExpr::Trait(j)),
-                    None => {
-                        missing.push(format!(
-                            "trait '{name}', which no segment reads, so the state does not keep it"
-                        ));
-                        Some(CExpr::Lit(crate::value::Value::Null))
-                    }
-                }
-            }
-            CExpr::InSegment(s) => {
-                let name = &other.segments[*s].name;
-                match self.segment_index(name) {
-                    Some(j) => Some(CExpr::InSegment(j)),
-                    None => {
-                        missing.push(format!("segment '{name}', which is not defined"));
-                        Some(CExpr::Lit(crate::value::Value::Bool(false)))
-                    }
-                }
-            }
-            _ => None,
-        });
-        if missing.is_empty() {
-            Ok(Rebased { expr, shared })
-        } else {
-            missing.dedup();
-            Err(missing)
-        }
-    }
-}
-
-/// `e` with every node `f` replaces replaced (children of a replaced node are not visited).
-fn rewrite(e: &CExpr, f: &mut dyn FnMut(&CExpr) -> Option<CExpr>) -> CExpr {
-    if let Some(x) = f(e) {
-        return x;
-    }
-    let mut b = |x: &CExpr| Box::new(rewrite(x, f));
-    match e {
-        CExpr::Lit(_)
-        | CExpr::Interval(_)
-        | CExpr::Now(_)
-        | CExpr::UserId
-        | CExpr::Field(_)
-        | CExpr::Path(..)
-        | CExpr::Agg(_)
-        | CExpr::Trait(_)
-        | CExpr::InSegment(_) => e.clone(),
-        CExpr::Neg(a) => CExpr::Neg(b(a)),
-        CExpr::Not(a) => CExpr::Not(b(a)),
-        CExpr::IsNull(a, n) => CExpr::IsNull(b(a), *n),
-        CExpr::Lower(a) => CExpr::Lower(b(a)),
-        CExpr::Upper(a) => CExpr::Upper(b(a)),
-        CExpr::HashBucket(a, salt, n) => CExpr::HashBucket(b(a), salt.clone(), *n),
-        CExpr::Cmp(op, x, y) => CExpr::Cmp(*op, b(x), b(y)),
-        CExpr::Arith(op, x, y) => CExpr::Arith(*op, b(x), b(y)),
-        CExpr::And(x, y) => CExpr::And(b(x), b(y)),
-        CExpr::Or(x, y) => CExpr::Or(b(x), b(y)),
-        CExpr::Like(x, y, n) => CExpr::Like(b(x), b(y), *n),
-        CExpr::Between(x, y, z, n) => CExpr::Between(b(x), b(y), b(z), *n),
-        CExpr::InList(x, list, n) => {
-            let list = list.iter().map(|i| rewrite(i, f)).collect();
-            CExpr::InList(Box::new(rewrite(x, f)), list, *n)
-        }
-        CExpr::Coalesce(list) => CExpr::Coalesce(list.iter().map(|i| rewrite(i, f)).collect()),
     }
 }

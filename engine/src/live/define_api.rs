@@ -1,0 +1,470 @@
+//! The definitions and explain API of the admin listener:
+//!
+//! - `GET /v1/segments/{name}` (read key): the definition in force, its version, where it
+//!   comes from, its size and every version;
+//! - `PUT /v1/segments/{name}` (admin key; body: one `CREATE SEGMENT` statement) creates
+//!   or replaces it, `DELETE /v1/segments/{name}` (admin key) deletes it: each a new
+//!   version that takes effect at one instant, its members entering and leaving there
+//!   as ordinary changes (see [`super::definitions`] for the rules);
+//! - `POST /v1/segments/preview` (read key; body: a statement): what the statement's
+//!   membership would be now, against the version in force, applying nothing;
+//! - `GET /v1/users/{id}/explain?segment=NAME[&at=RFC3339]` (read key): why the user is
+//!   or is not a member ([`herald_operators::why`]).
+//!
+//! Statement errors are `herald check`'s: 400 with `line`, `column` and `message`.
+//! Questions about the state are answered by the worker that holds it (a query channel
+//! per worker, answered between two steps), so they never lock the dataflow.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json as AxumJson;
+use herald_operators::dataflow::user_hash;
+use herald_operators::lang::parse::{parse_statement_into, SegmentError};
+use herald_operators::plan::SegmentKind;
+use herald_operators::time::{format_rfc3339_ms, parse_rfc3339_ms, to_time, Time};
+use herald_operators::why::Preview;
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+
+use super::definitions::{Refusal, Request, Source};
+use super::http::{read_body, App};
+use super::worker::{DefineReq, Query as WorkerQuery, QueryError};
+
+/// The largest statement accepted.
+const STATEMENT_LIMIT: usize = 64 * 1024;
+
+/// How long a request waits for a worker's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a change waits for its changes to reach the query API.
+const EFFECT_WAIT: Duration = Duration::from_secs(30);
+
+/// Members sampled on each side of a preview.
+const SAMPLES: usize = 10;
+
+fn reply(status: StatusCode, body: Json) -> Response {
+    (status, AxumJson(body)).into_response()
+}
+
+fn unavailable(what: String) -> Response {
+    reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": what }))
+}
+
+fn statement_error(e: &SegmentError) -> Response {
+    reply(
+        StatusCode::BAD_REQUEST,
+        json!({
+            "error": e.to_string(),
+            "line": e.pos.line,
+            "column": e.pos.column,
+            "message": e.message,
+        }),
+    )
+}
+
+fn refusal(r: Refusal) -> Response {
+    match &r {
+        Refusal::Statement(e) => statement_error(e),
+        Refusal::NotFound(m) => reply(StatusCode::NOT_FOUND, json!({ "error": m })),
+        Refusal::Conflict(m) => reply(StatusCode::CONFLICT, json!({ "error": m })),
+        Refusal::NotMaintained(list) => reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": r.to_string(), "not_maintained": list }),
+        ),
+    }
+}
+
+/// In a cluster every process must run the same definitions: they change in the file.
+fn single_process(app: &App) -> Option<Response> {
+    (app.live.config.processes().1 > 1).then(|| {
+        reply(
+            StatusCode::CONFLICT,
+            json!({"error": "in a cluster, segments change in the segment file (every process \
+                   must run the same definitions) and the state is carried over at restart"}),
+        )
+    })
+}
+
+async fn statement(app: &App, body: Body) -> Result<String, Response> {
+    let bytes = read_body(app, body, STATEMENT_LIMIT).await?;
+    String::from_utf8(bytes.to_vec()).map_err(|e| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": format!("the statement must be UTF-8 text: {e}") }),
+        )
+    })
+}
+
+/// `GET /v1/segments/{name}`.
+pub(super) async fn get_segment(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let live = &app.live;
+    let Ok(defs) = live.defs.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let Some(i) = defs.index(&name) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no segment named '{name}'") }),
+        );
+    };
+    let e = &defs.entries[i];
+    let size = live.state.read().map_or(0, |s| s.size(i));
+    let mut versions = vec![];
+    if let Some(text) = defs.file_text(i) {
+        versions.push(
+            json!({"version": 1, "source": "file", "definition": text, "effective_at": null}),
+        );
+    }
+    for c in defs.changes.iter().filter(|c| c.name == name) {
+        versions.push(json!({
+            "version": c.version,
+            "source": "api",
+            "definition": if c.deleted { Json::Null } else { Json::String(c.text.clone()) },
+            "deleted": c.deleted,
+            "effective_at": c.at.map(|t| format_rfc3339_ms(t as i64)),
+        }));
+    }
+    reply(
+        StatusCode::OK,
+        json!({
+            "name": e.name,
+            "kind": kind(&defs, i),
+            "version": e.version,
+            "source": match e.source { Source::File => "file", Source::Api => "api" },
+            "definition": e.text,
+            "effective_at": e.at.map(|t| format_rfc3339_ms(t as i64)),
+            "size": size,
+            "versions": versions,
+        }),
+    )
+}
+
+/// What segment `i` is: `query`, `list` or `warehouse`.
+pub(super) fn kind(defs: &super::definitions::Catalog, i: usize) -> &'static str {
+    match defs.plan.segments.get(i).map(|s| &s.kind) {
+        Some(SegmentKind::List { .. }) => "list",
+        Some(SegmentKind::Warehouse { .. }) => "warehouse",
+        _ => "query",
+    }
+}
+
+/// `PUT /v1/segments/{name}`.
+pub(super) async fn put_segment(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Response {
+    let text = match statement(&app, body).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    apply(&app, &name, Request::Put(&text)).await
+}
+
+/// `DELETE /v1/segments/{name}`.
+pub(super) async fn delete_segment(State(app): State<App>, Path(name): Path<String>) -> Response {
+    apply(&app, &name, Request::Delete).await
+}
+
+/// Applies a change: checked and compiled, kept, fed to the dataflow at worker 0's
+/// current instant; answers once the query API reflects it.
+async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
+    if let Some(r) = single_process(app) {
+        return r;
+    }
+    let live = &app.live;
+    if live.stopping() {
+        return unavailable("Herald is shutting down; retry against the next start".into());
+    }
+    let _one = live.defs_change.lock().await;
+    let deleting = matches!(req, Request::Delete);
+    let planned = {
+        let Ok(defs) = live.defs.read() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if let (Request::Put(text), Some(i)) = (&req, defs.index(name)) {
+            if defs.entries[i].text.trim_end_matches(';').trim()
+                == text.trim().trim_end_matches(';').trim()
+            {
+                let e = &defs.entries[i];
+                return reply(
+                    StatusCode::OK,
+                    json!({
+                        "segment": name,
+                        "version": e.version,
+                        "unchanged": true,
+                        "effective_at": e.at.map(|t| format_rfc3339_ms(t as i64)),
+                    }),
+                );
+            }
+        }
+        match defs.plan_change(name, req) {
+            Ok(p) => (p, defs.changes.clone()),
+            Err(r) => return refusal(r),
+        }
+    };
+    let (planned, mut changes) = planned;
+    let index = planned.index;
+    let created = live
+        .defs
+        .read()
+        .map(|d| d.entries.get(index).is_none_or(|e| e.deleted))
+        .unwrap_or(false);
+    changes.push(planned.change.clone());
+    // Kept before it takes effect: a restart applies it even if this one dies now.
+    if let Err(e) = keep(app, changes).await {
+        return unavailable(format!("cannot keep the definition: {e}"));
+    }
+    if let Ok(mut s) = live.state.write() {
+        s.grow(planned.file.segments.len());
+    }
+    let (version, changes) = match live.defs.write() {
+        Ok(mut d) => {
+            let v = d.commit(planned);
+            (v, d.changes.clone())
+        }
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    live.defs_version.store(version, Ordering::Release);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let req = DefineReq {
+        version,
+        changes,
+        reply: tx,
+    };
+    if live.defines.send(req).is_err() {
+        return unavailable("the workers have stopped".into());
+    }
+    let at = match tokio::time::timeout(ANSWER_WAIT, rx).await {
+        Ok(Ok(at)) => at,
+        _ => return unavailable("worker 0 did not take the change (is Herald stopping?)".into()),
+    };
+    let (changes, seg_version) = match live.defs.write() {
+        Ok(mut d) => {
+            d.set_effective(at);
+            (d.changes.clone(), d.entries[index].version)
+        }
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    if let Err(e) = keep(app, changes).await {
+        tracing::warn!(
+            "definitions: cannot record the instant of '{name}' version {seg_version}: {e}"
+        );
+    }
+    // Answer once the query API holds every change at `at`.
+    let waited = Instant::now();
+    while live.released.load(Ordering::Acquire) <= at {
+        if waited.elapsed() > EFFECT_WAIT || live.stopping() {
+            return unavailable(format!(
+                "the change took effect at {} and its changes have not reached the query API \
+                 within {EFFECT_WAIT:?}",
+                format_rfc3339_ms(at as i64)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Ok(mut d) = live.defs.write() {
+        d.forget_before(version);
+    }
+    let size = live.state.read().map_or(0, |s| s.size(index));
+    tracing::info!(
+        "segment '{name}' version {seg_version} {} through the API, in force from {}",
+        if deleting {
+            "deleted"
+        } else if created {
+            "created"
+        } else {
+            "replaced"
+        },
+        format_rfc3339_ms(at as i64)
+    );
+    reply(
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        json!({
+            "segment": name,
+            "version": seg_version,
+            "effective_at": format_rfc3339_ms(at as i64),
+            "deleted": deleting,
+            "path": "live_state",
+            "size": size,
+        }),
+    )
+}
+
+/// Writes the definitions to `checkpoint.dir` (nothing without durable state).
+async fn keep(app: &App, changes: Vec<super::durable::DefChange>) -> Result<(), String> {
+    let Some(store) = app.live.defs_store.clone() else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || store.write_definitions(&changes))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// `POST /v1/segments/preview`.
+pub(super) async fn preview(State(app): State<App>, body: Body) -> Response {
+    if let Some(r) = single_process(&app) {
+        return r;
+    }
+    let text = match statement(&app, body).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let live = &app.live;
+    let (expr, current, name, shared, version) = {
+        let Ok(defs) = live.defs.read() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        let name = match parse_statement_into(&text, &defs.file) {
+            Ok((file, i)) => file.segments[i].name.clone(),
+            Err(e) => return statement_error(&e),
+        };
+        let p = match defs.plan_change(&name, Request::Put(&text)) {
+            Ok(p) => p,
+            Err(r) => return refusal(r),
+        };
+        let SegmentKind::Expr(expr) = &p.plan.segments[p.index].kind else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        // The aggregates it reads, and whether another segment already reads each.
+        let mut aggs = Vec::new();
+        herald_operators::why::agg_reads(expr, &mut aggs);
+        let shared: Vec<Json> = aggs
+            .into_iter()
+            .map(|k| {
+                let a = &defs.plan.aggs[k];
+                let others: Vec<&String> = a.used_by.iter().filter(|n| **n != name).collect();
+                json!({
+                    "aggregate": herald_operators::ast::Expr::Agg(Box::new(a.agg.clone())).to_string(),
+                    "shared_with": others,
+                })
+            })
+            .collect();
+        let current = defs.index(&name);
+        (expr.clone(), current, name, shared, defs.version)
+    };
+    let mut total = Preview::default();
+    let mut as_of = 0;
+    for q in &live.queries {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ask = WorkerQuery::Preview {
+            expr: expr.clone(),
+            current,
+            samples: SAMPLES,
+            reply: tx,
+        };
+        if q.send(ask).is_err() {
+            return unavailable("the workers have stopped".into());
+        }
+        match tokio::time::timeout(ANSWER_WAIT, rx).await {
+            Ok(Ok((p, at))) => {
+                total.add(p, SAMPLES);
+                as_of = as_of.max(at);
+            }
+            _ => return unavailable("a worker did not answer in time".into()),
+        }
+    }
+    reply(
+        StatusCode::OK,
+        json!({
+            "segment": name,
+            "against_version": current.and_then(|i| live.defs.read().ok().map(|d| d.entries[i].version)),
+            "definitions_version": version,
+            "size": total.size,
+            "entering": total.entering,
+            "leaving": total.leaving,
+            "sample_entering": total.sample_entering,
+            "sample_leaving": total.sample_leaving,
+            "as_of": format_rfc3339_ms(as_of as i64),
+            "plan": { "aggregates": shared },
+        }),
+    )
+}
+
+#[derive(Deserialize)]
+pub(super) struct ExplainQuery {
+    segment: Option<String>,
+    at: Option<String>,
+}
+
+/// `GET /v1/users/{id}/explain?segment=NAME[&at=RFC3339]`.
+pub(super) async fn explain(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    Query(q): Query<ExplainQuery>,
+) -> Response {
+    let live = &app.live;
+    let Some(segment) = q.segment else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "name the segment: ?segment=NAME"}),
+        );
+    };
+    if live
+        .defs
+        .read()
+        .ok()
+        .and_then(|d| d.index(&segment))
+        .is_none()
+    {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no segment named '{segment}'") }),
+        );
+    }
+    let at: Option<Time> = match q.at.as_deref().map(parse_rfc3339_ms) {
+        None => None,
+        Some(Ok(ms)) => Some(to_time(ms)),
+        Some(Err(e)) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({ "error": format!("at: {e}") }),
+            )
+        }
+    };
+    // The worker that holds the user: the dataflow exchanges by user hash over every
+    // worker of the cluster.
+    let local = live.config.engine.workers;
+    let (process, processes) = live.config.processes();
+    let owner = (user_hash(&id) % (local * processes) as u64) as usize;
+    if owner / local != process {
+        return reply(
+            StatusCode::CONFLICT,
+            json!({
+                "error": format!("user '{id}' lives on process {} of the cluster: ask its admin listener", owner / local),
+                "process": owner / local,
+            }),
+        );
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ask = WorkerQuery::Explain {
+        user: id,
+        segment,
+        at,
+        reply: tx,
+    };
+    if live.queries[owner % local].send(ask).is_err() {
+        return unavailable("the workers have stopped".into());
+    }
+    match tokio::time::timeout(ANSWER_WAIT, rx).await {
+        Ok(Ok(Ok(x))) => reply(StatusCode::OK, serde_json::to_value(x).unwrap_or_default()),
+        Ok(Ok(Err(QueryError::NoSegment(s)))) => reply(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no segment named '{s}'") }),
+        ),
+        Ok(Ok(Err(QueryError::Past(m)))) => reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": m, "cannot": "no retained history" }),
+        ),
+        _ => unavailable("the worker did not answer in time".into()),
+    }
+}

@@ -1,0 +1,521 @@
+//! Live segment definitions: creating, replacing and deleting segments on a running
+//! Herald, each change a new version that takes effect at one instant.
+//!
+//! Owns [`Catalog`]: the segment file in force (the configured file with every change
+//! through the API applied over it, in order), the plan compiled from it over the
+//! running plan's slots ([`Plan::compile_over`], so the state and the events' projection
+//! are read as they are), each segment's version, and the plan of every definitions
+//! version the dataflow may still ask for ([`herald_operators::dataflow::Ctl::Define`]).
+//!
+//! Rules (documented in `docs/operations.md`):
+//! - a segment keeps its index for the life of the state: a replacement is compiled in
+//!   place, a deletion leaves a tombstone (`AS false`, hidden from the API) so that its
+//!   members leave at the deletion's instant, and a new segment is appended (not while
+//!   journeys run: their conditions follow the declared segments);
+//! - a change may read only what the state maintains: aggregates, traits and segments
+//!   that some segment already reads. Anything else is refused with each missing part
+//!   named (a new aggregate over history needs the segment file and a restart);
+//! - lists and warehouse audiences change only in the segment file;
+//! - a segment another segment or a journey reads cannot be deleted;
+//! - the changes are kept (`DEFINITIONS.json` in `checkpoint.dir`) and applied over the
+//!   segment file at every start: for a segment changed through the API the API's
+//!   version wins; a change that no longer applies to an edited file is dropped with a
+//!   warning.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use herald_operators::ast::{Expr, SegmentBody, SegmentFile};
+use herald_operators::journey::file::JourneyDef;
+use herald_operators::lang::parse::{parse_statement_into, SegmentError};
+use herald_operators::plan::Plan;
+use herald_operators::time::Time;
+use herald_operators::value::Value;
+
+use super::durable::DefChange;
+
+/// Where a segment's definition in force comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The segment file.
+    File,
+    /// A change through the API.
+    Api,
+}
+
+/// One segment of the catalog (by index).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// Its name.
+    pub name: String,
+    /// Its version: 1 for the segment file's, then one more per change through the API.
+    pub version: u32,
+    /// Its definition, a `CREATE SEGMENT` statement.
+    pub text: String,
+    /// Where it comes from.
+    pub source: Source,
+    /// The instant its version took effect (None: the start of the state).
+    pub at: Option<Time>,
+    /// Deleted: a tombstone, kept for its index.
+    pub deleted: bool,
+    /// A list or warehouse audience (fed from outside; changed only in the file).
+    pub external: bool,
+}
+
+/// What a request asks for.
+pub enum Request<'a> {
+    /// Create or replace with this statement.
+    Put(&'a str),
+    /// Delete.
+    Delete,
+}
+
+/// Why a change is refused.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The statement is wrong, where `herald check` would say.
+    Statement(SegmentError),
+    /// No such segment.
+    NotFound(String),
+    /// The change contradicts the running set (dependents, journeys, lists).
+    Conflict(String),
+    /// The change reads what the state does not maintain (each part named).
+    NotMaintained(Vec<String>),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Statement(e) => write!(f, "{e}"),
+            Refusal::NotFound(m) | Refusal::Conflict(m) => f.write_str(m),
+            Refusal::NotMaintained(list) => write!(
+                f,
+                "it reads what the live state does not maintain: {}. Add it to the segment \
+                 file and restart (the state is carried over; a new aggregate starts from \
+                 the events after the restart unless the events archive is replayed)",
+                list.join("; ")
+            ),
+        }
+    }
+}
+
+/// A change checked and compiled, not yet in force.
+#[derive(Debug)]
+pub struct Planned {
+    /// The segment file with the change.
+    pub file: SegmentFile,
+    /// Its plan, over the running plan's slots.
+    pub plan: Plan,
+    /// The segment's index.
+    pub index: usize,
+    /// The change, as recorded.
+    pub change: DefChange,
+}
+
+/// The segment set in force; see the module docs.
+pub struct Catalog {
+    /// The segment file in force (declared segments, tombstones included).
+    pub file: SegmentFile,
+    /// Its plan (journeys' conditions after the declared segments).
+    pub plan: Arc<Plan>,
+    /// Per declared segment (by index).
+    pub entries: Vec<Entry>,
+    /// Every change through the API, in order.
+    pub changes: Vec<DefChange>,
+    /// The definitions version in force (0: as started).
+    pub version: u64,
+    /// Plans by definitions version, for the dataflow.
+    plans: BTreeMap<u64, Arc<Plan>>,
+    /// The journeys, to compile their conditions against a changed file.
+    journeys: Option<Vec<JourneyDef>>,
+    /// Per segment index, whether a journey reads it.
+    read_by_journeys: Vec<bool>,
+    /// Per segment the file declares, its definition there (version 1).
+    file_texts: Vec<String>,
+}
+
+fn entry_of(def: &herald_operators::ast::SegmentDef) -> Entry {
+    Entry {
+        name: def.name.clone(),
+        version: 1,
+        text: def.to_string(),
+        source: Source::File,
+        at: None,
+        deleted: false,
+        external: !matches!(def.body, SegmentBody::Expr(_)),
+    }
+}
+
+/// The segments `name` is read by through `in_segment`, among those not deleted.
+fn readers(file: &SegmentFile, entries: &[Entry], name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (s, e) in file.segments.iter().zip(entries) {
+        let SegmentBody::Expr(x) = &s.body else {
+            continue;
+        };
+        let mut reads = false;
+        x.walk(&mut |n| reads |= matches!(n, Expr::InSegment(t) if t == name));
+        if reads && !e.deleted && s.name != name {
+            out.push(s.name.clone());
+        }
+    }
+    out
+}
+
+impl Catalog {
+    /// The catalog of the segment file as loaded (`plan`: its plan, with the journeys'
+    /// conditions when `journeys` are given).
+    pub fn new(
+        file: SegmentFile,
+        plan: Plan,
+        journeys: Option<(Vec<JourneyDef>, Vec<bool>)>,
+    ) -> Catalog {
+        let entries: Vec<Entry> = file.segments.iter().map(entry_of).collect();
+        let file_texts = entries.iter().map(|e| e.text.clone()).collect();
+        let plan = Arc::new(plan);
+        let (journeys, read_by_journeys) = match journeys {
+            Some((d, r)) => (Some(d), r),
+            None => (None, Vec::new()),
+        };
+        Catalog {
+            file,
+            plans: BTreeMap::from([(0, plan.clone())]),
+            plan,
+            entries,
+            changes: Vec::new(),
+            version: 0,
+            journeys,
+            read_by_journeys,
+            file_texts,
+        }
+    }
+
+    /// Segment `i`'s definition in the segment file, if the file declares it.
+    pub fn file_text(&self, i: usize) -> Option<&str> {
+        self.file_texts.get(i).map(String::as_str)
+    }
+
+    /// The index of a segment that is not deleted.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.name == name && !e.deleted)
+    }
+
+    /// The plan of definitions version `v`.
+    pub fn plan_of(&self, v: u64) -> Option<Arc<Plan>> {
+        self.plans.get(&v).cloned()
+    }
+
+    /// Checks and compiles a change to segment `name`; changes nothing.
+    pub fn plan_change(&self, name: &str, req: Request<'_>) -> Result<Planned, Refusal> {
+        let (file, index, text, deleted) = match req {
+            Request::Put(text) => {
+                let (file, index) =
+                    parse_statement_into(text, &self.file).map_err(Refusal::Statement)?;
+                let def = &file.segments[index];
+                if def.name != name {
+                    return Err(Refusal::Statement(SegmentError {
+                        pos: def.pos,
+                        message: format!(
+                            "the statement defines segment '{}' and the URL names '{name}'",
+                            def.name
+                        ),
+                    }));
+                }
+                let SegmentBody::Expr(e) = &def.body else {
+                    return Err(Refusal::Statement(SegmentError {
+                        pos: def.pos,
+                        message: "FROM CSV and FROM WAREHOUSE segments are defined in the \
+                                  segment file, not through the API"
+                            .into(),
+                    }));
+                };
+                let mut gone = None;
+                e.walk(&mut |x| {
+                    if let Expr::InSegment(t) = x {
+                        if self.entries.iter().any(|en| &en.name == t && en.deleted) {
+                            gone.get_or_insert_with(|| t.clone());
+                        }
+                    }
+                });
+                if let Some(t) = gone {
+                    return Err(Refusal::Statement(SegmentError {
+                        pos: def.pos,
+                        message: format!("in_segment('{t}') names a deleted segment"),
+                    }));
+                }
+                match self.entries.get(index) {
+                    Some(en) if en.external => {
+                        return Err(Refusal::Conflict(format!(
+                            "segment '{name}' is a list or warehouse audience: it changes only \
+                             in the segment file"
+                        )))
+                    }
+                    None if self.plan.visible < self.plan.segments.len() => {
+                        return Err(Refusal::Conflict(format!(
+                            "segment '{name}' is new, and this Herald runs journeys, whose \
+                             conditions follow the declared segments: a new segment needs \
+                             the segment file and a restart (replacing or deleting one works \
+                             live)"
+                        )))
+                    }
+                    _ => {}
+                }
+                let text = text.trim().to_string();
+                let text = if text.ends_with(';') {
+                    text
+                } else {
+                    format!("{text};")
+                };
+                (file, index, text, false)
+            }
+            Request::Delete => {
+                let index = self
+                    .index(name)
+                    .ok_or_else(|| Refusal::NotFound(format!("no segment named '{name}'")))?;
+                if self.entries[index].external {
+                    return Err(Refusal::Conflict(format!(
+                        "segment '{name}' is a list or warehouse audience: it changes only in \
+                         the segment file"
+                    )));
+                }
+                let by = readers(&self.file, &self.entries, name);
+                if !by.is_empty() {
+                    return Err(Refusal::Conflict(format!(
+                        "segment '{name}' is read through in_segment by {}: change or delete \
+                         those first",
+                        by.join(", ")
+                    )));
+                }
+                if self.read_by_journeys.get(index) == Some(&true) {
+                    return Err(Refusal::Conflict(format!(
+                        "segment '{name}' is read by a journey: change the journey file first"
+                    )));
+                }
+                let mut file = self.file.clone();
+                file.segments[index].body = SegmentBody::Expr(Expr::Lit(Value::Bool(false)));
+                (file, index, String::new(), true)
+            }
+        };
+        let plan = match &self.journeys {
+            Some(defs) => {
+                herald_operators::journey::compile_journeys_over(&file, defs, Some(&self.plan))
+                    .map(|set| set.plan)
+                    .map_err(|e| Refusal::NotMaintained(vec![e.message]))?
+            }
+            None => Plan::compile_over(&file, file.segments.len(), &[], &self.plan)
+                .map(|(p, _)| p)
+                .map_err(Refusal::NotMaintained)?,
+        };
+        let version = self.entries.get(index).map_or(1, |e| e.version + 1);
+        Ok(Planned {
+            file,
+            plan,
+            index,
+            change: DefChange {
+                name: name.to_string(),
+                version,
+                text,
+                deleted,
+                at: None,
+            },
+        })
+    }
+
+    /// Puts a planned change in force as the next definitions version; returns it.
+    pub fn commit(&mut self, p: Planned) -> u64 {
+        let Planned {
+            file,
+            plan,
+            index,
+            change,
+        } = p;
+        let def = &file.segments[index];
+        let entry = Entry {
+            name: change.name.clone(),
+            version: change.version,
+            text: if change.deleted {
+                String::new()
+            } else {
+                change.text.clone()
+            },
+            source: Source::Api,
+            at: change.at,
+            deleted: change.deleted,
+            external: !matches!(def.body, SegmentBody::Expr(_)),
+        };
+        if index < self.entries.len() {
+            self.entries[index] = entry;
+        } else {
+            self.entries.push(entry);
+            self.read_by_journeys.push(false);
+        }
+        self.file = file;
+        self.plan = Arc::new(plan);
+        self.changes.push(change);
+        self.version += 1;
+        self.plans.insert(self.version, self.plan.clone());
+        self.version
+    }
+
+    /// Records the instant the latest change took effect.
+    pub fn set_effective(&mut self, at: Time) {
+        if let Some(c) = self.changes.last_mut() {
+            c.at = Some(at);
+            if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == c.name) {
+                e.at = Some(at);
+            }
+        }
+    }
+
+    /// Forgets the plans of versions before `v` (the dataflow has switched past them).
+    pub fn forget_before(&mut self, v: u64) {
+        self.plans.retain(|k, _| *k >= v);
+    }
+
+    /// Applies recorded changes (from `DEFINITIONS.json` or a checkpoint) in order, as at
+    /// a start: each keeps its version and instant; `at_start` stands for an instant not
+    /// recorded. Returns a warning per change that no longer applies (it is dropped).
+    pub fn replay(&mut self, changes: &[DefChange], at_start: Option<Time>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for c in changes {
+            let req = if c.deleted {
+                Request::Delete
+            } else {
+                Request::Put(&c.text)
+            };
+            match self.plan_change(&c.name, req) {
+                Ok(mut p) => {
+                    p.change.version = c.version;
+                    p.change.at = c.at.or(at_start);
+                    p.change.text = c.text.clone();
+                    self.commit(p);
+                }
+                Err(e) => warnings.push(format!(
+                    "the change through the API to segment '{}' (version {}) no longer applies \
+                     to the segment file, and is dropped: {e}",
+                    c.name, c.version
+                )),
+            }
+        }
+        // What the dataflow starts with is the result: no earlier version is asked for.
+        let v = self.version;
+        self.forget_before(v);
+        warnings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog(sql: &str) -> Catalog {
+        let file = herald_operators::lang::parse::parse_segments(sql).unwrap();
+        let plan = Plan::compile(&file);
+        Catalog::new(file, plan, None)
+    }
+
+    const SQL: &str = "CREATE SEGMENT a AS count(*) >= 2;\n\
+        CREATE SEGMENT b AS in_segment('a') AND plan = 'pro';\n\
+        CREATE SEGMENT l FROM CSV 'list.csv';";
+
+    #[test]
+    fn a_replacement_keeps_the_slots_and_the_index() {
+        let mut c = catalog(SQL);
+        let p = c
+            .plan_change("a", Request::Put("CREATE SEGMENT a AS count(*) >= 3"))
+            .unwrap();
+        assert_eq!((p.index, p.change.version), (0, 2));
+        assert_eq!(p.plan.aggs, c.plan.aggs, "the state's slots");
+        assert_eq!(p.plan.projection, c.plan.projection);
+        assert_eq!(c.commit(p), 1);
+        assert_eq!(c.entries[0].text, "CREATE SEGMENT a AS count(*) >= 3;");
+        assert_eq!(c.entries[0].source, Source::Api);
+        // A new one that reads a maintained trait: appended.
+        let p = c
+            .plan_change("n", Request::Put("CREATE SEGMENT n AS plan = 'team';"))
+            .unwrap();
+        assert_eq!(p.index, 3);
+        c.commit(p);
+        assert_eq!(c.plan.segments.len(), 4);
+        assert_eq!(c.plan.visible, 4);
+    }
+
+    #[test]
+    fn what_the_state_does_not_hold_is_named() {
+        let c = catalog(SQL);
+        let e = c
+            .plan_change(
+                "x",
+                Request::Put("CREATE SEGMENT x AS sum(properties.total) > 1 AND country = 'NL';"),
+            )
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("sum(properties.total)"), "{text}");
+        assert!(text.contains("trait 'country'"), "{text}");
+        let Refusal::Statement(e) = c
+            .plan_change("x", Request::Put("CREATE SEGMENT x AS count(*) >>= 1;"))
+            .unwrap_err()
+        else {
+            panic!("a statement error")
+        };
+        assert_eq!(e.pos.line, 1);
+        let Refusal::Statement(e) = c
+            .plan_change("y", Request::Put("CREATE SEGMENT x AS count(*) >= 1;"))
+            .unwrap_err()
+        else {
+            panic!("a statement error")
+        };
+        assert!(e.message.contains("URL names 'y'"), "{}", e.message);
+        assert!(matches!(
+            c.plan_change("l", Request::Put("CREATE SEGMENT l AS count(*) >= 1;")),
+            Err(Refusal::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn a_segment_others_read_is_not_deleted_and_a_deleted_one_is_a_tombstone() {
+        let mut c = catalog(SQL);
+        let Err(Refusal::Conflict(m)) = c.plan_change("a", Request::Delete) else {
+            panic!("refused")
+        };
+        assert!(m.contains("by b"), "{m}");
+        let p = c.plan_change("b", Request::Delete).unwrap();
+        c.commit(p);
+        assert_eq!(c.index("b"), None);
+        assert_eq!(c.plan.segments.len(), 3, "the tombstone keeps the index");
+        // Nothing reads a now: it may go; a statement naming b is refused.
+        assert!(c.plan_change("a", Request::Delete).is_ok());
+        assert!(matches!(
+            c.plan_change("z", Request::Put("CREATE SEGMENT z AS in_segment('b');")),
+            Err(Refusal::Statement(_))
+        ));
+        // Re-created: in place, the next version.
+        let p = c
+            .plan_change("b", Request::Put("CREATE SEGMENT b AS plan = 'x';"))
+            .unwrap();
+        assert_eq!((p.index, p.change.version), (1, 3));
+    }
+
+    #[test]
+    fn recorded_changes_replay_to_the_same_plan() {
+        let mut c = catalog(SQL);
+        for (n, t) in [
+            ("a", "CREATE SEGMENT a AS count(*) >= 5;"),
+            ("n", "CREATE SEGMENT n AS in_segment('a');"),
+        ] {
+            let p = c.plan_change(n, Request::Put(t)).unwrap();
+            c.commit(p);
+            c.set_effective(7);
+        }
+        let mut again = catalog(SQL);
+        assert!(again.replay(&c.changes, None).is_empty());
+        assert_eq!(again.plan, c.plan);
+        assert_eq!(again.entries, c.entries);
+        // Over a file that dropped what a change reads: that change goes, with a warning.
+        let mut edited = catalog("CREATE SEGMENT b AS plan = 'pro';");
+        let w = edited.replay(&c.changes, None);
+        assert_eq!(w.len(), 2, "{w:?}");
+    }
+}
