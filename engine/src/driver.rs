@@ -19,7 +19,7 @@ use differential_dataflow::input::InputSession;
 use herald_connectors::snapshot::merge_sorted;
 use herald_operators::change::{consolidate, SegmentChange};
 use herald_operators::dataflow::{
-    build_segments, user_hash, Change, JourneyBytes, SegmentInputs, UserFact,
+    build_segments, user_hash, Change, JourneyBytes, SegmentInputs, StateHandle, UserFact,
 };
 use herald_operators::event::Event;
 use herald_operators::journey::{JOut, JourneyRow, JourneySet, MessageAction};
@@ -62,7 +62,13 @@ pub struct DataflowInput {
     /// Called once by worker 0 when the dataflow has caught up with `until`, while all
     /// its state is still live (benchmarks measure memory here).
     pub on_caught_up: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Called by every worker when the dataflow has caught up with `until`, with its
+    /// segment state (`herald explain` reads a user's there).
+    pub inspect: Option<StateLook>,
 }
+
+/// A look at one worker's segment state once the dataflow has caught up.
+pub type StateLook = Arc<dyn Fn(&StateHandle) + Send + Sync>;
 
 /// What the dataflow produced.
 pub struct DataflowOutput {
@@ -125,6 +131,7 @@ pub fn run_dataflow(
         journeys,
         keep_journey_output,
         on_caught_up,
+        inspect,
     } = input;
     if workers == 0 {
         return Err(EngineError::Usage("--workers must be at least 1".into()));
@@ -182,10 +189,12 @@ pub fn run_dataflow(
     });
     let progress = Arc::new(progress);
     let on_caught_up = Arc::new(on_caught_up);
+    let inspect = Arc::new(inspect);
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
         let shared = Arc::clone(&shared);
         let progress = Arc::clone(&progress);
         let on_caught_up = Arc::clone(&on_caught_up);
+        let inspect = Arc::clone(&inspect);
         let index = worker.index();
         let plan = Rc::new(shared.plan.clone());
         let journeys = shared.journeys.clone().map(Rc::new);
@@ -305,6 +314,9 @@ pub fn run_dataflow(
             if let Some(hook) = on_caught_up.as_ref() {
                 hook();
             }
+        }
+        if let (Some(look), Some(st)) = (inspect.as_ref(), state.as_ref()) {
+            look(st);
         }
         for id in worker.installed_dataflows() {
             worker.drop_dataflow(id);

@@ -8,6 +8,8 @@
 //! - [`replay`]: the `herald replay` job: read segment file, events, snapshots and lists;
 //!   run the driver; write changes (JSONL + Parquet) and dead letters; summarise.
 //! - [`check`]: the `herald check` command: validate a segment file and explain its plan.
+//! - [`explain`]: `herald explain`: why a user was or was not in a segment at an instant,
+//!   from files.
 //! - [`config`]: `herald.toml`, the typed configuration of `herald run`.
 //! - [`preview`]: `herald template render`: a template rendered for one user.
 //! - [`live`]: the `herald run` service: Kafka and HTTP in, the dataflow on the wall
@@ -21,6 +23,7 @@ pub mod check;
 #[cfg(feature = "live")]
 pub mod config;
 pub mod driver;
+pub mod explain;
 #[cfg(feature = "live")]
 pub mod live;
 #[cfg(feature = "live")]

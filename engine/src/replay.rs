@@ -242,6 +242,7 @@ pub fn replay(args: &ReplayArgs) -> Result<ReplaySummary, EngineError> {
             workers: args.workers,
             journeys,
             keep_journey_output: true,
+            inspect: None,
             on_caught_up: None,
         },
         progress,

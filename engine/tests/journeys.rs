@@ -161,6 +161,7 @@ fn a_burst_of_timers_at_one_instant_fires_each_exactly_once() {
                 workers,
                 journeys: Some(set),
                 keep_journey_output: true,
+                inspect: None,
                 on_caught_up: None,
             },
             None,

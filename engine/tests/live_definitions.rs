@@ -45,7 +45,7 @@ fn user(i: usize) -> (usize, f64, &'static str) {
     (
         i % 4,
         40.0 + (i % 5) as f64 * 10.0,
-        if i % 3 == 0 { "pro" } else { "free" },
+        if i.is_multiple_of(3) { "pro" } else { "free" },
     )
 }
 
@@ -68,7 +68,7 @@ fn events(now: i64) -> Vec<Json> {
                 "properties": {"revenue": revenue}}),
             );
         }
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             out.push(json!({"type": "track", "event": "Clicked", "userId": id,
                 "messageId": format!("{id}-c"), "timestamp": ts(now - 1_800_000)}));
         }
@@ -396,6 +396,27 @@ fn segments_change_on_a_running_herald_and_survive_restarts() {
             .collect();
         assert_eq!(replayed, h.members(seg), "{seg}: replay and live");
     }
+    // `herald explain` answers from the files what the live API answers from the state.
+    let at = format_rfc3339_ms(now_ms() + 60_000);
+    for (user, seg) in [("u003", "big"), ("u001", "pro_buyers"), ("u000", "spend")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["explain", "--segments"])
+            .arg(dir.path().join("final.sql"))
+            .arg("--events")
+            .arg(&events_file)
+            .args(["--user", user, "--segment", seg, "--at", &at])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let offline: Json = serde_json::from_slice(&out.stdout).unwrap();
+        let (s, live) = h.get_json(&format!("/v1/users/{user}/explain?segment={seg}&at={at}"));
+        assert_eq!(s, 200, "{live}");
+        assert_eq!(offline, live, "{user} in {seg}");
+    }
 }
 
 #[test]
@@ -407,7 +428,7 @@ fn explain_shows_values_clauses_null_logic_and_the_next_lapse() {
     let evs = events(now);
     let body = json!({ "batch": evs }).to_string();
     assert_eq!(h.post("/v1/batch", "wk", &body).0, 200);
-    let clicked = (0..USERS).filter(|i| i % 2 == 0).count() as i64;
+    let clicked = (0..USERS).filter(|i| i.is_multiple_of(2)).count() as i64;
     h.wait_for("the history applied", Duration::from_secs(30), |h| {
         h.size("clicked") == clicked
     });

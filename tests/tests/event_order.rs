@@ -25,6 +25,7 @@ fn changes(lines: &[&str], workers: usize) -> Vec<(String, String, i64, i64)> {
             workers,
             journeys: None,
             keep_journey_output: true,
+            inspect: None,
             on_caught_up: None,
         },
         None,

@@ -60,6 +60,7 @@ fn run(plan: &Plan, world: &World, until: i64, workers: usize) -> Vec<SegmentCha
             workers,
             journeys: None,
             keep_journey_output: true,
+            inspect: None,
             on_caught_up: None,
         },
         None,

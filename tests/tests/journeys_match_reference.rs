@@ -207,6 +207,7 @@ fn engine(seed: u64, workers: usize) -> Vec<RefRow> {
             workers,
             journeys: Some(set),
             keep_journey_output: true,
+            inspect: None,
             on_caught_up: None,
         },
         None,

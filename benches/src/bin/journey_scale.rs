@@ -92,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             workers: args.workers,
             journeys,
             keep_journey_output: false,
+            inspect: None,
             on_caught_up: Some(std::sync::Arc::new(move || {
                 if let (Some((now, _)), Ok(mut r)) = (rss(), hook_rss.lock()) {
                     *r = now;

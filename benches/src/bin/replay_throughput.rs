@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             workers: args.workers,
             journeys: None,
             keep_journey_output: true,
+            inspect: None,
             on_caught_up: Some(Arc::new(move || {
                 if let (Some((now, _)), Ok(mut slot)) = (rss(), hook_slot.lock()) {
                     *slot = now;

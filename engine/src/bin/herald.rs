@@ -113,6 +113,28 @@ enum Command {
         #[arg(long, value_name = "PREFIX")]
         to: String,
     },
+    /// Why a user was or was not in a segment at an instant, from the events (the same
+    /// answer as the live `GET /v1/users/{id}/explain`), as JSON.
+    Explain {
+        /// The segment file.
+        #[arg(long, value_name = "FILE")]
+        segments: String,
+        /// Event files or an events archive, as `herald replay` reads them.
+        #[arg(long, value_name = "FILE", num_args = 1.., required = true)]
+        events: Vec<String>,
+        /// A profile snapshot and the instant it applies at: PATH@RFC3339 (repeatable).
+        #[arg(long, value_name = "PATH@RFC3339")]
+        profiles: Vec<String>,
+        /// The user id.
+        #[arg(long, value_name = "ID")]
+        user: String,
+        /// The segment.
+        #[arg(long, value_name = "NAME")]
+        segment: String,
+        /// The instant.
+        #[arg(long, value_name = "RFC3339")]
+        at: String,
+    },
     /// Message templates.
     Template {
         #[command(subcommand)]
@@ -352,6 +374,27 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         #[cfg(not(feature = "live"))]
         Command::Run { .. } => Err(without("herald run", "live")),
+        Command::Explain {
+            segments,
+            events,
+            profiles,
+            user,
+            segment,
+            at,
+        } => herald_engine::explain::explain(&herald_engine::explain::ExplainArgs {
+            segments,
+            events,
+            profiles,
+            user,
+            segment,
+            at,
+        })
+        .map(|x| {
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&x).unwrap_or_else(|e| e.to_string())
+            )
+        }),
         Command::Check {
             file,
             journeys,
