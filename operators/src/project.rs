@@ -89,8 +89,11 @@ impl Node {
         &mut self.children[i].1
     }
 
+    /// Adds `out` at `path` (once: a plan compiled over another's projection sets the
+    /// same traits again).
     fn insert(&mut self, path: &[String], out: Out) {
         match path.split_first() {
+            None if self.outs.contains(&out) => {}
             None => self.outs.push(out),
             Some((k, rest)) => self.child(k).insert(rest, out),
         }
