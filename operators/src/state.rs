@@ -1198,40 +1198,11 @@ fn slot_bit(slot: u32) -> u64 {
 
 /// The slots an expression reads (aggregates and traits).
 fn expr_reads(plan: &Plan, e: &CExpr, mask: &mut u64) {
-    let mut go = |x: &CExpr| expr_reads(plan, x, mask);
-    match e {
+    crate::eval::visit(e, &mut |x| match x {
         CExpr::Agg(i) => *mask |= slot_bit(plan.agg_slot(*i)),
         CExpr::Trait(k) => *mask |= slot_bit(plan.trait_slot(*k)),
-        CExpr::Lit(_)
-        | CExpr::Interval(_)
-        | CExpr::Now(_)
-        | CExpr::UserId
-        | CExpr::Field(_)
-        | CExpr::Path(..)
-        | CExpr::InSegment(_) => {}
-        CExpr::Neg(a) | CExpr::Not(a) | CExpr::IsNull(a, _) | CExpr::Lower(a) | CExpr::Upper(a) => {
-            go(a)
-        }
-        CExpr::HashBucket(a, ..) => go(a),
-        CExpr::Cmp(_, a, b)
-        | CExpr::Arith(_, a, b)
-        | CExpr::And(a, b)
-        | CExpr::Or(a, b)
-        | CExpr::Like(a, b, _) => {
-            go(a);
-            go(b);
-        }
-        CExpr::Between(a, b, c, _) => {
-            go(a);
-            go(b);
-            go(c);
-        }
-        CExpr::InList(a, list, _) => {
-            go(a);
-            list.iter().for_each(go);
-        }
-        CExpr::Coalesce(list) => list.iter().for_each(go),
-    }
+        _ => {}
+    });
 }
 
 impl SegmentState {
@@ -1979,7 +1950,7 @@ impl SegmentState {
         }
     }
 
-    /// Membership of `expr` (a condition over this plan's slots, [`Plan::rebase`]) for
+    /// Membership of `expr` (a condition over this plan's slots, [`Plan::compile_over`]) for
     /// every user of this worker at `at` (as [`SegmentState::user_at`]: no earlier than
     /// the last instant processed), against segment `current`'s membership (None: a new
     /// segment, every member entering); up to `samples` of the smallest user ids of each

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::ast::Expr;
-use crate::eval::{eval, CExpr, Context};
+use crate::eval::{eval, visit, CExpr, Context};
 use crate::plan::{Plan, SegmentKind};
 use crate::time::{format_rfc3339_ms, Time};
 use crate::value::Value;
@@ -248,54 +248,17 @@ fn decided(c: &Clause) -> &Clause {
 
 /// What `e` reads directly: aggregate, trait and segment indices, each once, in order.
 fn reads(e: &CExpr, aggs: &mut Vec<usize>, traits: &mut Vec<usize>, segs: &mut Vec<usize>) {
-    let mut go = |x: &CExpr| reads(x, aggs, traits, segs);
-    match e {
-        CExpr::Agg(i) => {
-            if !aggs.contains(i) {
-                aggs.push(*i);
-            }
+    let once = |list: &mut Vec<usize>, i: usize| {
+        if !list.contains(&i) {
+            list.push(i);
         }
-        CExpr::Trait(k) => {
-            if !traits.contains(k) {
-                traits.push(*k);
-            }
-        }
-        CExpr::InSegment(s) => {
-            if !segs.contains(s) {
-                segs.push(*s);
-            }
-        }
-        CExpr::Lit(_)
-        | CExpr::Interval(_)
-        | CExpr::Now(_)
-        | CExpr::UserId
-        | CExpr::Field(_)
-        | CExpr::Path(..) => {}
-        CExpr::Neg(a)
-        | CExpr::Not(a)
-        | CExpr::IsNull(a, _)
-        | CExpr::Lower(a)
-        | CExpr::Upper(a)
-        | CExpr::HashBucket(a, ..) => go(a),
-        CExpr::Cmp(_, a, b)
-        | CExpr::Arith(_, a, b)
-        | CExpr::And(a, b)
-        | CExpr::Or(a, b)
-        | CExpr::Like(a, b, _) => {
-            go(a);
-            go(b);
-        }
-        CExpr::Between(a, b, c, _) => {
-            go(a);
-            go(b);
-            go(c);
-        }
-        CExpr::InList(a, list, _) => {
-            go(a);
-            list.iter().for_each(go);
-        }
-        CExpr::Coalesce(list) => list.iter().for_each(go),
-    }
+    };
+    visit(e, &mut |x| match x {
+        CExpr::Agg(i) => once(aggs, *i),
+        CExpr::Trait(k) => once(traits, *k),
+        CExpr::InSegment(s) => once(segs, *s),
+        _ => {}
+    });
 }
 
 /// The aggregates `e` reads, each once, in order.
