@@ -47,6 +47,9 @@ const EFFECT_WAIT: Duration = Duration::from_secs(30);
 /// Members sampled on each side of a preview.
 const SAMPLES: usize = 10;
 
+/// Previews running (at most one).
+static PREVIEWS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 fn reply(status: StatusCode, body: Json) -> Response {
     (status, AxumJson(body)).into_response()
 }
@@ -210,6 +213,7 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
     };
     let (planned, mut changes) = planned;
     let index = planned.index;
+    let seg_version = planned.change.version;
     let created = live
         .defs
         .read()
@@ -242,12 +246,26 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
     }
     let at = match tokio::time::timeout(ANSWER_WAIT, rx).await {
         Ok(Ok(at)) => at,
-        _ => return unavailable("worker 0 did not take the change (is Herald stopping?)".into()),
+        // Kept and in the catalog: it takes effect when worker 0 takes it, at the latest
+        // at the next start.
+        _ => {
+            return reply(
+                StatusCode::ACCEPTED,
+                json!({
+                    "segment": name,
+                    "version": seg_version,
+                    "pending": true,
+                    "error": format!("kept, but worker 0 did not take it within {ANSWER_WAIT:?} \
+                        (is Herald stopping?): it takes effect when it does, at the latest at the \
+                        next start"),
+                }),
+            )
+        }
     };
-    let (changes, seg_version) = match live.defs.write() {
+    let changes = match live.defs.write() {
         Ok(mut d) => {
             d.set_effective(at);
-            (d.changes.clone(), d.entries[index].version)
+            d.changes.clone()
         }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
@@ -342,7 +360,11 @@ pub(super) async fn preview(State(app): State<App>, body: Body) -> Response {
             .into_iter()
             .map(|k| {
                 let a = &defs.plan.aggs[k];
-                let others: Vec<&String> = a.used_by.iter().filter(|n| **n != name).collect();
+                let others: Vec<&String> = a
+                    .used_by
+                    .iter()
+                    .filter(|n| **n != name && defs.plan.visible_name(n))
+                    .collect();
                 json!({
                     "aggregate": herald_operators::ast::Expr::Agg(Box::new(a.agg.clone())).to_string(),
                     "shared_with": others,
@@ -352,8 +374,17 @@ pub(super) async fn preview(State(app): State<App>, body: Body) -> Response {
         let current = defs.index(&name);
         (expr.clone(), current, name, shared, defs.version)
     };
+    // One preview at a time: each is a pass over every user, between the workers'
+    // steps.
+    let Ok(_one) = PREVIEWS.try_acquire() else {
+        return reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": "a preview is running; retry when it is done"}),
+        );
+    };
     let mut total = Preview::default();
     let mut as_of = 0;
+    let mut answers = Vec::with_capacity(live.queries.len());
     for q in &live.queries {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let ask = WorkerQuery::Preview {
@@ -365,12 +396,19 @@ pub(super) async fn preview(State(app): State<App>, body: Body) -> Response {
         if q.send(ask).is_err() {
             return unavailable("the workers have stopped".into());
         }
-        match tokio::time::timeout(ANSWER_WAIT, rx).await {
-            Ok(Ok((p, at))) => {
+        answers.push(rx);
+    }
+    let all = futures::future::join_all(answers);
+    let Ok(answers) = tokio::time::timeout(ANSWER_WAIT, all).await else {
+        return unavailable("a worker did not answer in time".into());
+    };
+    for a in answers {
+        match a {
+            Ok((p, at)) => {
                 total.add(p, SAMPLES);
                 as_of = as_of.max(at);
             }
-            _ => return unavailable("a worker did not answer in time".into()),
+            Err(_) => return unavailable("a worker stopped before it answered".into()),
         }
     }
     reply(

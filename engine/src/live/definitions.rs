@@ -262,13 +262,9 @@ impl Catalog {
                     }
                     _ => {}
                 }
-                let text = text.trim().to_string();
-                let text = if text.ends_with(';') {
-                    text
-                } else {
-                    format!("{text};")
-                };
-                (file, index, text, false)
+                // As sent: parsing it again closes a missing `;` on a line of its own,
+                // after any trailing comment.
+                (file, index, text.trim().to_string(), false)
             }
             Request::Delete => {
                 let index = self
@@ -430,7 +426,7 @@ mod tests {
         assert_eq!(p.plan.aggs, c.plan.aggs, "the state's slots");
         assert_eq!(p.plan.projection, c.plan.projection);
         assert_eq!(c.commit(p), 1);
-        assert_eq!(c.entries[0].text, "CREATE SEGMENT a AS count(*) >= 3;");
+        assert_eq!(c.entries[0].text, "CREATE SEGMENT a AS count(*) >= 3");
         assert_eq!(c.entries[0].source, Source::Api);
         // A new one that reads a maintained trait: appended.
         let p = c
@@ -504,6 +500,8 @@ mod tests {
         for (n, t) in [
             ("a", "CREATE SEGMENT a AS count(*) >= 5;"),
             ("n", "CREATE SEGMENT n AS in_segment('a');"),
+            // No `;`, and a comment to the end of the line: replayed as it was taken.
+            ("m", "CREATE SEGMENT m AS plan = 'x' -- no semicolon"),
         ] {
             let p = c.plan_change(n, Request::Put(t)).unwrap();
             c.commit(p);

@@ -1101,6 +1101,8 @@ pub fn run_checkpointer(
             CkMsg::Stop => break,
         };
         metrics.checkpoint_bytes.inc_by(bytes);
+        // Whether a checkpoint before this one is still being written.
+        let earlier_pending = pending.range(..at).next().is_some();
         let entry = pending.entry(at).or_default();
         entry.0 += 1;
         entry.2 += bytes;
@@ -1139,6 +1141,12 @@ pub fn run_checkpointer(
                 .rev()
                 .find(|(from, _)| *from < at)
                 .map_or_else(Vec::new, |(_, c)| c.clone());
+            // With no earlier checkpoint still being written, later ones are at later
+            // instants: only the sets in force from this one on can still be asked for.
+            let newest_before = definitions.iter().rposition(|(from, _)| *from < at);
+            if let (Some(k), false) = (newest_before, earlier_pending) {
+                definitions.drain(..k);
+            }
             let m = Manifest {
                 at,
                 chain,

@@ -746,10 +746,11 @@ async fn hand_on(
 
 async fn segments(State(app): State<App>) -> Response {
     let live = &app.live;
-    let Ok(state) = live.state.read() else {
+    // Lock order: the definitions before the query state (as everywhere).
+    let Ok(defs) = live.defs.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let Ok(defs) = live.defs.read() else {
+    let Ok(state) = live.state.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let list: Vec<Json> = defs
@@ -811,6 +812,11 @@ async fn members(
 
 async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
     let live = &app.live;
+    let names: Vec<String> = live
+        .defs
+        .read()
+        .map(|d| d.entries.iter().map(|e| e.name.clone()).collect())
+        .unwrap_or_default();
     let Ok(state) = live.state.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
@@ -823,11 +829,6 @@ async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
         )
             .into_response();
     }
-    let names: Vec<String> = live
-        .defs
-        .read()
-        .map(|d| d.entries.iter().map(|e| e.name.clone()).collect())
-        .unwrap_or_default();
     let segments: Vec<&str> = segs
         .map(|s| {
             s.iter()

@@ -1063,9 +1063,6 @@ fn commit_durable(
     }
 }
 
-/// Adds what this worker's segment state counted since the last call to the process's
-/// metrics: duplicates dropped (`herald_duplicates_total`) and comparisons of mismatched
-/// types (`herald_type_mismatches_total`).
 /// Answers a query from this worker's state. Every instant before `cur` may have been
 /// processed, none at or after it: the state is brought to `cur - 1` or later.
 fn answer(q: Query, st: &StateHandle, cur: Time) {
@@ -1107,6 +1104,9 @@ fn answer(q: Query, st: &StateHandle, cur: Time) {
     }
 }
 
+/// Adds what this worker's segment state counted since the last call to the process's
+/// metrics: duplicates dropped (`herald_duplicates_total`) and comparisons of mismatched
+/// types (`herald_type_mismatches_total`).
 fn report_counters(live: &Live, state: Option<&StateHandle>, seen: &mut StateCounters) {
     if let Some(st) = state {
         let now = st.counters();
