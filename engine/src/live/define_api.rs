@@ -428,6 +428,94 @@ pub(super) async fn preview(State(app): State<App>, body: Body) -> Response {
     )
 }
 
+/// The local worker that holds `user` (the dataflow exchanges by user hash over every
+/// worker of the cluster), or the reply naming the process that does.
+fn owner(app: &App, user: &str) -> Result<usize, Box<Response>> {
+    let local = app.live.config.engine.workers;
+    let (process, processes) = app.live.config.processes();
+    let owner = (user_hash(user) % (local * processes) as u64) as usize;
+    if owner / local != process {
+        return Err(Box::new(reply(
+            StatusCode::CONFLICT,
+            json!({
+                "error": format!("user '{user}' lives on process {} of the cluster: ask its admin listener", owner / local),
+                "process": owner / local,
+            }),
+        )));
+    }
+    Ok(owner % local)
+}
+
+/// `GET /v1/users/{id}/journeys`: where the user stands in every journey (the instance
+/// in progress: its step, what it waits for, its timer, its variant) and the latest
+/// suppressed or deferred sends with their reasons.
+pub(super) async fn user_journeys(State(app): State<App>, Path(id): Path<String>) -> Response {
+    let live = &app.live;
+    if live.journeys.is_none() {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "this Herald runs no journeys (engine.journeys)"}),
+        );
+    }
+    let local = match owner(&app, &id) {
+        Ok(w) => w,
+        Err(r) => return *r,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ask = WorkerQuery::Journeys {
+        user: id.clone(),
+        reply: tx,
+    };
+    if live.queries[local].send(ask).is_err() {
+        return unavailable("the workers have stopped".into());
+    }
+    let Ok(Ok(status)) = tokio::time::timeout(ANSWER_WAIT, rx).await else {
+        return unavailable("the worker did not answer in time".into());
+    };
+    let at = |t: Option<Time>| t.map(|t| format_rfc3339_ms(t as i64));
+    let journeys: Vec<Json> = status
+        .iter()
+        .map(|j| {
+            json!({
+                "journey": j.journey,
+                "entries": j.entries,
+                "last_entry": at(j.last_entry),
+                "sends_in_frequency_cap": j.sends_in_cap,
+                "active": j.active.as_ref().map(|a| json!({
+                    "instance": a.instance,
+                    "entered_at": at(Some(a.entered_at)),
+                    "step": a.step,
+                    "waiting_for": a.waiting,
+                    "timer": at(a.wake),
+                    "variant": a.variant,
+                })),
+            })
+        })
+        .collect();
+    let held: Vec<Json> = live
+        .state
+        .read()
+        .map(|s| s.held_sends(&id))
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            json!({
+                "at": format_rfc3339_ms(r.time),
+                "journey": r.journey,
+                "instance": r.instance,
+                "step": r.step_path,
+                "kind": r.kind.as_str(),
+                "reason": r.reason,
+                "message_id": r.message_id,
+            })
+        })
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({"user_id": id, "journeys": journeys, "held_sends": held}),
+    )
+}
+
 #[derive(Deserialize)]
 pub(super) struct ExplainQuery {
     segment: Option<String>,
@@ -469,20 +557,10 @@ pub(super) async fn explain(
             )
         }
     };
-    // The worker that holds the user: the dataflow exchanges by user hash over every
-    // worker of the cluster.
-    let local = live.config.engine.workers;
-    let (process, processes) = live.config.processes();
-    let owner = (user_hash(&id) % (local * processes) as u64) as usize;
-    if owner / local != process {
-        return reply(
-            StatusCode::CONFLICT,
-            json!({
-                "error": format!("user '{id}' lives on process {} of the cluster: ask its admin listener", owner / local),
-                "process": owner / local,
-            }),
-        );
-    }
+    let local = match owner(&app, &id) {
+        Ok(w) => w,
+        Err(r) => return *r,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ask = WorkerQuery::Explain {
         user: id,
@@ -490,7 +568,7 @@ pub(super) async fn explain(
         at,
         reply: tx,
     };
-    if live.queries[owner % local].send(ask).is_err() {
+    if live.queries[local].send(ask).is_err() {
         return unavailable("the workers have stopped".into());
     }
     match tokio::time::timeout(ANSWER_WAIT, rx).await {

@@ -160,6 +160,7 @@ pub fn routers(live: Arc<Live>) -> Result<(Router, Router), EngineError> {
         .route("/v1/segments/{name}/members", get(members))
         .route("/v1/users/{id}", get(user))
         .route("/v1/users/{id}/explain", get(defs::explain))
+        .route("/v1/users/{id}/journeys", get(defs::user_journeys))
         .route("/metrics", get(metrics))
         .route_layer(guard(Role::Read));
     let act = Router::new()

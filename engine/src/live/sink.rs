@@ -12,7 +12,7 @@
 //! nothing after it is committed.
 
 use herald_connectors::journey_sink::{journey_row_line, message_line};
-use herald_operators::journey::JOut;
+use herald_operators::journey::{JOut, Kind};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -555,6 +555,11 @@ impl Sink {
             JOut::Row(r) => {
                 if let Some(x) = &live.export {
                     let _ = x.send(super::export::ExportMsg::Journey(r.clone()));
+                }
+                if matches!(r.kind, Kind::Suppressed | Kind::Deferred) {
+                    if let Ok(mut s) = live.state.write() {
+                        s.note_held_send(&r);
+                    }
                 }
                 live.metrics
                     .journey_events

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
+use herald_operators::journey::JourneyRow;
 use herald_operators::plan::SnapshotRows;
 
 use serde_json::Value as Json;
@@ -32,7 +33,13 @@ pub struct LiveState {
     snapshot: Option<(i64, Arc<SnapshotRows>)>,
     /// Users whose identify traits changed since the last checkpoint (when tracked).
     written: Option<BTreeSet<String>>,
+    /// Per user, the latest sends the journeys suppressed or deferred (since the start of
+    /// this process, at most [`HELD_SENDS`] each), for `GET /v1/users/{id}/journeys`.
+    held: HashMap<String, std::collections::VecDeque<JourneyRow>, Fast>,
 }
+
+/// Suppressed or deferred sends kept per user for the API.
+pub const HELD_SENDS: usize = 20;
 
 /// One worker's restored memberships, built without the service's lock.
 pub struct RestoredMembers {
@@ -71,6 +78,24 @@ impl LiveState {
             members: vec![BTreeSet::new(); segments],
             ..Default::default()
         }
+    }
+
+    /// Remembers a suppressed or deferred send of the user's (the latest
+    /// [`HELD_SENDS`]).
+    pub fn note_held_send(&mut self, row: &JourneyRow) {
+        let list = self.held.entry(row.user_id.clone()).or_default();
+        if list.len() == HELD_SENDS {
+            list.pop_front();
+        }
+        list.push_back(row.clone());
+    }
+
+    /// The user's latest suppressed or deferred sends, oldest first.
+    pub fn held_sends(&self, user: &str) -> Vec<JourneyRow> {
+        self.held
+            .get(user)
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Makes room for `segments` segments (a segment added through the API).

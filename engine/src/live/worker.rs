@@ -16,6 +16,8 @@ use herald_operators::dataflow::{
 };
 use herald_operators::eval::CExpr;
 use herald_operators::event::Event;
+use herald_operators::journey::machine::JourneyStatus;
+use herald_operators::journey::operator::JourneyHandle;
 use herald_operators::journey::JOut;
 use herald_operators::plan::SnapshotRows;
 use herald_operators::state::StateCounters;
@@ -63,6 +65,11 @@ pub(crate) enum Query {
         segment: String,
         at: Option<Time>,
         reply: tokio::sync::oneshot::Sender<Result<Explanation, QueryError>>,
+    },
+    /// Where `user` stands in every journey.
+    Journeys {
+        user: String,
+        reply: tokio::sync::oneshot::Sender<Vec<JourneyStatus>>,
     },
     /// A candidate condition's membership on this worker, against segment `current`.
     Preview {
@@ -493,6 +500,7 @@ fn run(
     let probe = ProbeHandle::new();
     let sink = live.sink.clone();
     let mut state = None;
+    let mut journey_state: Option<JourneyHandle> = None;
     let mut inputs: SegmentInputs = worker.dataflow::<Time, _, _>(|scope| {
         let journeys = live.journeys.clone().map(Rc::new);
         // A definitions change's plan, by version, from the catalog (kept until every
@@ -524,6 +532,7 @@ fn run(
             .probe_with(&probe);
         }
         state = Some(outputs.state);
+        journey_state = outputs.journey_state;
         let changes = outputs.changes;
         changes
             .inspect(move |((seg, user), t, r)| {
@@ -795,7 +804,7 @@ fn run(
         report_counters(live, state.as_ref(), &mut counted);
         if let (Some(rx), Some(st)) = (&queries_rx, &state) {
             while let Ok(q) = rx.try_recv() {
-                answer(q, st, cur);
+                answer(q, st, journey_state.as_ref(), cur);
             }
         }
 
@@ -1065,7 +1074,7 @@ fn commit_durable(
 
 /// Answers a query from this worker's state. Every instant before `cur` may have been
 /// processed, none at or after it: the state is brought to `cur - 1` or later.
-fn answer(q: Query, st: &StateHandle, cur: Time) {
+fn answer(q: Query, st: &StateHandle, journeys: Option<&JourneyHandle>, cur: Time) {
     let now = cur.saturating_sub(1);
     match q {
         Query::Explain {
@@ -1092,6 +1101,9 @@ fn answer(q: Query, st: &StateHandle, cur: Time) {
                 }
             };
             let _ = reply.send(result);
+        }
+        Query::Journeys { user, reply } => {
+            let _ = reply.send(journeys.map(|j| j.status(&user)).unwrap_or_default());
         }
         Query::Preview {
             expr,

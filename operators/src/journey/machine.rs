@@ -512,6 +512,38 @@ impl Context for JCtx<'_> {
     }
 }
 
+/// Where a user stands in one journey ([`Machine::status`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JourneyStatus {
+    /// The journey.
+    pub journey: String,
+    /// How many times the user entered it.
+    pub entries: u32,
+    /// The processing instant of the last entry.
+    pub last_entry: Option<Time>,
+    /// Sends inside the frequency cap's period (journeys with a cap).
+    pub sends_in_cap: Option<u32>,
+    /// The instance in progress, if any.
+    pub active: Option<ActiveStatus>,
+}
+
+/// An instance in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ActiveStatus {
+    /// Its number among the user's instances of the journey.
+    pub instance: u32,
+    /// The processing instant it entered at.
+    pub entered_at: Time,
+    /// The step it is at (its path, like `steps[2].wait`).
+    pub step: String,
+    /// What it waits for: `timer`, `event` or `quiet_hours`.
+    pub waiting: &'static str,
+    /// The instant its timer fires, if it has one.
+    pub wake: Option<Time>,
+    /// Its split variant, once chosen.
+    pub variant: Option<String>,
+}
+
 /// Per-user journey state of one worker, and its timers. Users are interned to dense
 /// indices (a slot whose user has nothing left to remember is freed and reused).
 pub struct Machine {
@@ -656,6 +688,40 @@ impl Machine {
     /// The key of user `u`.
     pub fn key(&self, u: u32) -> &str {
         &self.users[u as usize].key
+    }
+
+    /// Where `user` stands in every journey (empty: none touched it).
+    pub fn status(&self, user: &str) -> Vec<JourneyStatus> {
+        let h = crate::state::user_hash(user);
+        let users = &self.users;
+        let Some(&u) = self.index.find(h, |&i| &*users[i as usize].key == user) else {
+            return Vec::new();
+        };
+        let state = &self.users[u as usize];
+        self.set
+            .journeys
+            .iter()
+            .zip(state.journeys.iter())
+            .filter(|(_, j)| j.entries > 0 || j.active.is_some())
+            .map(|(cj, j)| JourneyStatus {
+                journey: cj.name.clone(),
+                entries: j.entries,
+                last_entry: opt(j.last_entry),
+                sends_in_cap: j.sends.as_ref().map(|s| s.len() as u32),
+                active: j.active.as_ref().map(|i| ActiveStatus {
+                    instance: i.number,
+                    entered_at: i.entered_at,
+                    step: cj.paths.get(i.pc as usize).cloned().unwrap_or_default(),
+                    waiting: match i.waiting {
+                        Waiting::Timer => "timer",
+                        Waiting::Event => "event",
+                        Waiting::Quiet => "quiet_hours",
+                    },
+                    wake: i.wake(),
+                    variant: i.variant.and_then(|v| cj.variants.get(v as usize).cloned()),
+                }),
+            })
+            .collect()
     }
 
     /// The state as a checkpoint part: every user (`full`) or those stepped since the

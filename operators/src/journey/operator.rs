@@ -41,6 +41,11 @@ impl JourneyHandle {
     pub fn bytes(&self) -> JourneyBytes {
         self.0.borrow().bytes()
     }
+
+    /// Where `user` stands in every journey on this worker.
+    pub fn status(&self, user: &str) -> Vec<crate::journey::machine::JourneyStatus> {
+        self.0.borrow().status(user)
+    }
 }
 
 /// Which user the merge of stashed input and due timers steps next.
