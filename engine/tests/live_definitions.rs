@@ -505,3 +505,77 @@ fn explain_shows_values_clauses_null_logic_and_the_next_lapse() {
     assert_eq!(h.get_json("/v1/users/u001/explain?segment=nope").0, 404);
     assert_eq!(h.get_json("/v1/users/u001/explain").0, 400);
 }
+
+#[test]
+fn journeys_explained_and_definitions_under_journeys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    let journeys = "journey: nudge\nentry: { event: Cart Viewed }\nexit:\n  - segment_entered: buyers\n    goal: true\n\
+        steps:\n  - send: { channel: email, template: hi }\n  - wait: 1 hour\n  - send: { channel: webhook, template: later }\n";
+    std::fs::write(dir.path().join("journeys.yaml"), journeys).unwrap();
+    let config = config().replace(
+        "segments = \"segments.sql\"\n",
+        "segments = \"segments.sql\"\njourneys = \"journeys.yaml\"\n",
+    );
+    let h = Herald::start(dir.path(), &config);
+    assert_eq!(
+        h.post(
+            "/v1/track",
+            "wk",
+            r#"{"userId":"j1","event":"Cart Viewed"}"#
+        )
+        .0,
+        200
+    );
+    h.wait_for("the suppressed send", Duration::from_secs(20), |h| {
+        h.output("journey_events.jsonl")
+            .iter()
+            .any(|r| r["kind"] == "suppressed")
+    });
+    let (s, j) = h.get_json("/v1/users/j1/journeys");
+    assert_eq!(s, 200, "{j}");
+    let nudge = &j["journeys"][0];
+    assert_eq!(
+        (nudge["journey"].as_str(), nudge["entries"].as_u64()),
+        (Some("nudge"), Some(1)),
+        "{j}"
+    );
+    let active = &nudge["active"];
+    assert_eq!(active["waiting_for"], "timer", "{j}");
+    assert_eq!(active["step"], "steps[1]", "the wait: {j}");
+    assert!(active["timer"].is_string(), "{j}");
+    assert_eq!(j["held_sends"][0]["kind"], "suppressed", "{j}");
+    assert_eq!(j["held_sends"][0]["reason"], "no_address", "{j}");
+    let (s, j) = h.get_json("/v1/users/nobody/journeys");
+    assert_eq!(
+        (s, j["journeys"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{j}"
+    );
+
+    // With journeys: a segment a journey reads may change but not go; one is added (this
+    // journey has no conditions of its own in the plan).
+    let (s, r) = put(
+        &h,
+        "buyers",
+        "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 2",
+    );
+    assert_eq!(s, 200, "{r}");
+    let (s, r) = h.request("DELETE", "/v1/segments/buyers", ADMIN_KEY, "");
+    assert_eq!(s, 409, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("journey"), "{r}");
+    let (s, r) = put(&h, "fresh", "CREATE SEGMENT fresh AS plan = 'pro'");
+    assert_eq!(s, 201, "{r}");
+    // The journey follows the replaced definition: two orders now end it by its goal.
+    for k in 0..2 {
+        let body = format!(r#"{{"userId":"j1","event":"Order Completed","messageId":"j1-o{k}"}}"#);
+        assert_eq!(h.post("/v1/track", "wk", &body).0, 200);
+    }
+    h.wait_for("the goal exit", Duration::from_secs(20), |h| {
+        h.output("journey_events.jsonl")
+            .iter()
+            .any(|r| r["kind"] == "converted")
+    });
+    let (_, j) = h.get_json("/v1/users/j1/journeys");
+    assert_eq!(j["journeys"][0]["active"], Json::Null, "{j}");
+}

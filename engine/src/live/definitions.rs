@@ -11,7 +11,7 @@
 //! - a segment keeps its index for the life of the state: a replacement is compiled in
 //!   place, a deletion leaves a tombstone (`AS false`, hidden from the API) so that its
 //!   members leave at the deletion's instant, and a new segment is appended (not while
-//!   journeys run: their conditions follow the declared segments);
+//!   journeys have conditions of their own: those follow the declared segments);
 //! - a change may read only what the state maintains: aggregates, traits and segments
 //!   that some segment already reads. Anything else is refused with each missing part
 //!   named (a new aggregate over history needs the segment file and a restart);
