@@ -19,3 +19,38 @@ pub fn rss() -> Option<(u64, u64)> {
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
+
+/// What the replay benches read before the dataflow runs: accepted, projected events
+/// (deduplicated as `herald replay` does) and the profile snapshots with their instants.
+pub struct Inputs {
+    /// The events, in file order.
+    pub events: Vec<herald_operators::project::Projected>,
+    /// The snapshots, `(instant, rows)`.
+    pub snapshots: Vec<(i64, std::sync::Arc<herald_operators::plan::SnapshotRows>)>,
+}
+
+/// Reads `events` (JSONL files) projected by `plan`, and `profiles` (`PATH@RFC3339`).
+pub fn read_inputs(
+    plan: &herald_operators::plan::Plan,
+    events: &[String],
+    profiles: &[String],
+) -> anyhow::Result<Inputs> {
+    let batch = herald_connectors::events::read_projected(
+        events,
+        herald_operators::event::Limits::default(),
+        herald_connectors::events::DEFAULT_DEDUP_HORIZON_MS,
+        0,
+        plan,
+        &|_| false,
+    )?;
+    let mut snapshots = Vec::new();
+    for p in profiles {
+        let (path, at) = herald_engine::replay::parse_profile_arg(p)?;
+        let rows = herald_connectors::snapshot::read_snapshot(&path)?.rows;
+        snapshots.push((at, std::sync::Arc::new(rows)));
+    }
+    Ok(Inputs {
+        events: batch.events.into_iter().map(|(e, _)| e).collect(),
+        snapshots,
+    })
+}

@@ -16,11 +16,9 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use herald_connectors::events::{read_projected, DEFAULT_DEDUP_HORIZON_MS};
+use herald_benches::{read_inputs, Inputs};
 use herald_engine::check::load_segments;
 use herald_engine::driver::{run_dataflow, DataflowInput};
-use herald_engine::replay::parse_profile_arg;
-use herald_operators::event::Limits;
 use herald_operators::lang::parse::parse_statement_into;
 use herald_operators::plan::{Plan, SegmentKind};
 use herald_operators::time::{parse_rfc3339_ms, to_time};
@@ -71,23 +69,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("--candidate must be a condition");
     };
     let current = plan.segment_index(&over.segments[index].name);
-    let batch = read_projected(
-        &args.events,
-        Limits::default(),
-        DEFAULT_DEDUP_HORIZON_MS,
-        0,
-        &plan,
-        &|_| false,
-    )?;
-    let mut snapshots = Vec::new();
-    for p in &args.profiles {
-        let (path, at) = parse_profile_arg(p)?;
-        snapshots.push((
-            at,
-            Arc::new(herald_connectors::snapshot::read_snapshot(&path)?.rows),
-        ));
-    }
-    let events: Vec<_> = batch.events.into_iter().map(|(e, _)| e).collect();
+    let Inputs { events, snapshots } = read_inputs(&plan, &args.events, &args.profiles)?;
     let mut sample: Vec<String> = Vec::new();
     for e in &events {
         if sample.len() == args.explains {

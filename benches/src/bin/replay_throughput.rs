@@ -21,12 +21,9 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use herald_benches::{reset_peak_rss, rss};
-use herald_connectors::events::{read_projected, DEFAULT_DEDUP_HORIZON_MS};
+use herald_benches::{read_inputs, reset_peak_rss, rss, Inputs};
 use herald_engine::check::load_segments;
 use herald_engine::driver::{run_dataflow, DataflowInput};
-use herald_engine::replay::parse_profile_arg;
-use herald_operators::event::Limits;
 use herald_operators::time::parse_rfc3339_ms;
 
 /// Replay throughput and state size.
@@ -58,24 +55,8 @@ fn main() -> anyhow::Result<()> {
     let until = parse_rfc3339_ms(&args.until).map_err(anyhow::Error::msg)?;
     let (_, plan) = load_segments(&args.segments).context("loading segments")?;
     let read_started = Instant::now();
-    let batch = read_projected(
-        &args.events,
-        Limits::default(),
-        DEFAULT_DEDUP_HORIZON_MS,
-        0,
-        &plan,
-        &|_| false,
-    )?;
-    let mut snapshots = Vec::new();
-    for p in &args.profiles {
-        let (path, at) = parse_profile_arg(p)?;
-        snapshots.push((
-            at,
-            Arc::new(herald_connectors::snapshot::read_snapshot(&path)?.rows),
-        ));
-    }
+    let Inputs { events, snapshots } = read_inputs(&plan, &args.events, &args.profiles)?;
     let read_time = read_started.elapsed();
-    let events: Vec<_> = batch.events.into_iter().map(|(e, _)| e).collect();
     let mut users: BTreeSet<&str> = events.iter().map(|e| e.user.as_str()).collect();
     for (_, rows) in &snapshots {
         users.extend(rows.keys().map(String::as_str));
