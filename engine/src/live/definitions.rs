@@ -14,7 +14,7 @@
 //!   journeys have conditions of their own: those follow the declared segments);
 //! - a change may read only what the state maintains: aggregates, traits and segments
 //!   that some segment already reads. Anything else is refused with each missing part
-//!   named (a new aggregate over history needs the segment file and a restart);
+//!   named (a new aggregate over history needs the segment file and a rebuilt state);
 //! - lists and warehouse audiences change only in the segment file;
 //! - a segment another segment or a journey reads cannot be deleted;
 //! - the changes are kept (`DEFINITIONS.json` in `checkpoint.dir`) and applied over the
@@ -90,9 +90,9 @@ impl std::fmt::Display for Refusal {
             Refusal::NotFound(m) | Refusal::Conflict(m) => f.write_str(m),
             Refusal::NotMaintained(list) => write!(
                 f,
-                "it reads what the live state does not maintain: {}. Add it to the segment \
-                 file and restart (the state is carried over; a new aggregate starts from \
-                 the events after the restart unless the events archive is replayed)",
+                "it reads what the live state does not maintain: {}. The state holds no \
+                 history for it: add the segment to the segment file and rebuild the state \
+                 by replaying the events archive into an empty state directory",
                 list.join("; ")
             ),
         }
