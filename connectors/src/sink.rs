@@ -32,6 +32,9 @@ struct ChangeLine<'a> {
     user_id: &'a str,
     diff: i64,
     time: String,
+    /// The segment's definition version, for segments changed through the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -76,11 +79,18 @@ pub(crate) fn write_jsonl<T>(
 /// Appends one change as a JSON line (with its newline) to `out`: the format of the
 /// change files and of the Kafka changelog's values.
 pub fn change_line(c: &SegmentChange, out: &mut Vec<u8>) {
+    change_line_versioned(c, None, out)
+}
+
+/// [`change_line`] with the segment's definition version, when it has one
+/// (`"version":N`, after the other fields).
+pub fn change_line_versioned(c: &SegmentChange, version: Option<u32>, out: &mut Vec<u8>) {
     let line = ChangeLine {
         segment: &c.segment,
         user_id: &c.user_id,
         diff: c.diff,
         time: format_rfc3339_ms(c.time),
+        version,
     };
     // Serialising a struct of strings and integers into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &line);

@@ -348,6 +348,33 @@ fn segments_change_on_a_running_herald_and_survive_restarts() {
     assert_eq!(names(&h)["big"], 2);
     let (_, g) = h.get_json("/v1/segments/big");
     assert_eq!(g["versions"].as_array().unwrap().len(), 2, "{g}");
+    // Each change of a segment changed through the API says which version produced it
+    // (no field: the segment file's, version 1).
+    let (_, g) = h.get_json("/v1/segments/spend");
+    let v2_at = g["versions"][1]["effective_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(g["versions"][1]["version"], 2, "{g}");
+    let rows = h.output("segment_changes.jsonl");
+    for r in &rows {
+        let (seg, t) = (r["segment"].as_str().unwrap(), r["time"].as_str().unwrap());
+        match seg {
+            // Written before the change, when it was the file's version 1: no field.
+            "spend" if t < v2_at.as_str() => {
+                assert!(r.get("version").is_none() || r["version"] == 1, "{r}")
+            }
+            "spend" => assert_eq!(r["version"], 2, "{r}"),
+            "big" | "pro_buyers" => assert!(r["version"].is_u64(), "{r}"),
+            // Its deletion is version 2: the leaves say so.
+            "last_order" if r["diff"] == -1 => assert_eq!(r["version"], 2, "{r}"),
+            "last_order" => assert!(r.get("version").is_none(), "{r}"),
+            _ => assert!(r.get("version").is_none(), "a file segment's row: {r}"),
+        }
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["segment"] == "big" && r["version"] == 2));
     changelog_agrees(&h, "big", &want_big);
     changelog_agrees(&h, "spend", &expected(|_, sum, _| sum >= 60.0));
     changelog_agrees(&h, "last_order", &BTreeSet::new());

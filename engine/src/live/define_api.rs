@@ -234,7 +234,7 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
         }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
-    live.defs_version.store(version, Ordering::Release);
+    live.defs_version.fetch_add(1, Ordering::AcqRel);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let req = DefineReq {
         version,
@@ -262,11 +262,9 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
             )
         }
     };
-    let changes = match live.defs.write() {
-        Ok(mut d) => {
-            d.set_effective(at);
-            d.changes.clone()
-        }
+    // Worker 0 recorded the instant in the catalog; now on disk too.
+    let changes = match live.defs.read() {
+        Ok(d) => d.changes.clone(),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     if let Err(e) = keep(app, changes).await {

@@ -112,6 +112,22 @@ pub struct Planned {
     pub change: DefChange,
 }
 
+/// When a segment's versions took effect: `(instant, version)`, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Versions(Vec<(Time, u32)>);
+
+impl Versions {
+    /// The version in force at `t`: the latest that took effect at or before it, else the
+    /// first (1).
+    pub fn at(&self, t: Time) -> u32 {
+        self.0
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= t)
+            .map_or(1, |(_, v)| *v)
+    }
+}
+
 /// The segment set in force; see the module docs.
 pub struct Catalog {
     /// The segment file in force (declared segments, tombstones included).
@@ -362,6 +378,40 @@ impl Catalog {
             if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == c.name) {
                 e.at = Some(at);
             }
+        }
+    }
+
+    /// The version of segment `index` that produced a change at `t`, for a segment changed
+    /// through the API (None: the segment file's, never changed): the latest change with
+    /// an instant at or before `t` (a change whose instant is not known yet is not in
+    /// force), else version 1.
+    pub fn version_at(&self, index: usize, t: Time) -> Option<u32> {
+        Some(self.versions(index)?.at(t))
+    }
+
+    /// The instants segment `index`'s versions took effect at (None: never changed
+    /// through the API).
+    pub fn versions(&self, index: usize) -> Option<Versions> {
+        let name = &self.entries.get(index)?.name;
+        let mut changed = false;
+        let mut list = Vec::new();
+        for c in self.changes.iter().filter(|c| &c.name == name) {
+            changed = true;
+            if let Some(at) = c.at {
+                list.push((at, c.version));
+            }
+        }
+        changed.then_some(Versions(list))
+    }
+
+    /// At a start from instant `at`: every change is in force from `at` at the latest.
+    /// One kept after the restored checkpoint (a crash), or without its instant (a crash
+    /// before it took effect), takes effect again at `at`, as the restart applies it.
+    pub fn in_force_from(&mut self, at: Time) {
+        let clamp = |x: &mut Option<Time>| *x = Some(x.map_or(at, |t| t.min(at)));
+        self.changes.iter_mut().for_each(|c| clamp(&mut c.at));
+        for e in self.entries.iter_mut().filter(|e| e.source == Source::Api) {
+            clamp(&mut e.at);
         }
     }
 

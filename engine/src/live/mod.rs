@@ -164,7 +164,8 @@ pub struct Live {
     pub export: Option<Sender<export::ExportMsg>>,
     /// The segment set in force, changed through the API ([`definitions`]).
     pub defs: RwLock<definitions::Catalog>,
-    /// The definitions version in force (readers that cache names compare it).
+    /// The catalog's revision, moved by every change to it (readers that cache names and
+    /// versions compare it).
     pub defs_version: AtomicU64,
     /// Held while a definitions change is applied: one at a time.
     pub defs_change: tokio::sync::Mutex<()>,
@@ -465,6 +466,12 @@ where
         }
         None
     };
+    // Every change is in force from the state's start at the latest (one kept after the
+    // checkpoint takes effect again there).
+    catalog.in_force_from(match recovery.as_ref().map_or(0, |r| r.start_at) {
+        0 => now_ms(),
+        at => at,
+    });
     let limits = Limits {
         max_message_bytes: config.engine.max_message_bytes,
     };

@@ -22,11 +22,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use herald_connectors::events::DeadLetter;
-use herald_connectors::sink::{change_line, dead_letter_line, SegmentChange};
+use herald_connectors::sink::{change_line_versioned, dead_letter_line, SegmentChange};
 use herald_operators::time::Time;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
+use super::definitions::Versions;
 use super::metrics::{ChangeLabel, JourneyLabel, SegmentLabel};
 use super::Live;
 use crate::EngineError;
@@ -110,9 +111,9 @@ pub struct Sink {
     /// After a restart: per topic, the records that landed after the checkpoint (values,
     /// with their counts). Derived again, they are not produced a second time.
     landed: BTreeMap<String, std::collections::HashMap<Vec<u8>, u32>>,
-    /// Segment names by index, as of definitions version `names.0` (a change through the
-    /// API may append one).
-    names: (u64, Vec<String>),
+    /// Segment names and definition versions by index, as of catalog revision `names.0`
+    /// (a change through the API may append a segment and adds a version).
+    names: (u64, Vec<(String, Option<Versions>)>),
 }
 
 /// Where a restart's derived-again output starts: the checkpoint's instant, and per topic
@@ -327,19 +328,22 @@ impl Sink {
         })
     }
 
-    /// The name of segment `i` in the definitions in force.
-    fn segment_name(&mut self, live: &Live, i: u16) -> String {
+    /// The name of segment `i` in the definitions in force, and the version that
+    /// produced a change at `t` (segments changed through the API only).
+    fn segment_name(&mut self, live: &Live, i: u16, t: Time) -> (String, Option<u32>) {
         let v = live.defs_version.load(Ordering::Acquire);
         if self.names.0 != v {
             if let Ok(c) = live.defs.read() {
-                self.names = (v, c.entries.iter().map(|e| e.name.clone()).collect());
+                let list = (0..c.entries.len())
+                    .map(|k| (c.entries[k].name.clone(), c.versions(k)))
+                    .collect();
+                self.names = (v, list);
             }
         }
-        self.names
-            .1
-            .get(i as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("#{i}"))
+        match self.names.1.get(i as usize) {
+            Some((name, versions)) => (name.clone(), versions.as_ref().map(|x| x.at(t))),
+            None => (format!("#{i}"), None),
+        }
     }
 
     /// Writes what the watermark `f` released, in order, writing the sink's part of
@@ -609,7 +613,8 @@ impl Sink {
         live.metrics
             .change_delay_ms
             .observe(super::now_ms().saturating_sub(time) as f64);
-        let name = &self.segment_name(live, segment);
+        let (name, version) = self.segment_name(live, segment, time);
+        let name = &name;
         let size = match live.state.write() {
             Ok(mut state) => state.apply(segment, &user, diff),
             Err(_) => 0,
@@ -637,7 +642,7 @@ impl Sink {
             let _ = x.send(super::export::ExportMsg::Change(row.clone()));
         }
         self.line.clear();
-        change_line(&row, &mut self.line);
+        change_line_versioned(&row, version, &mut self.line);
         append(
             &mut self.changes_file,
             &self.line,

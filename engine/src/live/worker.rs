@@ -729,6 +729,12 @@ fn run(
                 if let Some(c) = d.changes.last_mut() {
                     c.at = Some(cur);
                 }
+                // In the catalog before any change of the new version can reach the sink
+                // (it labels each change with the version in force at its instant).
+                if let Ok(mut defs) = live.defs.write() {
+                    defs.set_effective(cur);
+                }
+                live.defs_version.fetch_add(1, Ordering::AcqRel);
                 if let Some(tx) = &live.checkpointer {
                     let _ = tx.send(CkMsg::Definitions(cur, d.changes));
                 }
