@@ -104,9 +104,9 @@ pub fn explain(a: &ExplainArgs) -> Result<Explanation, EngineError> {
             journeys: None,
             keep_journey_output: false,
             inspect: Some(Arc::new(move |st| {
-                let (u, plan) = st.user_at(&user, segment, t, STEPS);
+                let u = st.user_at(&user, segment, t, STEPS);
                 if let Ok(mut s) = slot.lock() {
-                    *s = Some(explain_user(&plan, segment, &u, t));
+                    *s = Some(explain_user(&st.plan(), segment, &u, t));
                 }
             })),
             on_caught_up: None,

@@ -195,16 +195,9 @@ impl StateHandle {
     }
 
     /// User `user` brought to `at` without changing the state
-    /// ([`SegmentState::user_at`]), and the plan it was evaluated with.
-    pub fn user_at(
-        &self,
-        user: &str,
-        segment: usize,
-        at: Time,
-        steps: usize,
-    ) -> (UserAt, Rc<Plan>) {
-        let st = self.0.borrow();
-        (st.user_at(user, segment, at, steps), st.plan().clone())
+    /// ([`SegmentState::user_at`]).
+    pub fn user_at(&self, user: &str, segment: usize, at: Time, steps: usize) -> UserAt {
+        self.0.borrow().user_at(user, segment, at, steps)
     }
 
     /// A candidate condition's membership on this worker ([`SegmentState::preview`]).
@@ -505,29 +498,30 @@ fn segment_state<'s>(
                         break;
                     };
                     dirty.clear();
+                    // The control updates at t, added (retractions only move the clock).
+                    let at_t = || {
+                        clocks[ci..]
+                            .iter()
+                            .take_while(|x| x.0 == t)
+                            .filter(|x| x.2 > 0)
+                            .map(|x| &x.1)
+                    };
                     // A checkpoint at t holds the state before anything at t.
-                    let mut k = ci;
-                    while let Some((_, c, r)) = clocks.get(k).filter(|x| x.0 == t) {
-                        if let (Ctl::Checkpoint(req), Some(p), true) = (c, &parts, *r > 0) {
+                    for c in at_t() {
+                        if let (Ctl::Checkpoint(req), Some(p)) = (c, &parts) {
                             p.segments(t, st.part(req.full, req.since));
                         }
-                        k += 1;
                     }
                     // Then a definitions change: every user evaluated again at t.
-                    let mut k = ci;
-                    while let Some((_, c, r)) = clocks.get(k).filter(|x| x.0 == t) {
-                        if let (Ctl::Define(v), Some(d), true) = (c, &definitions, *r > 0) {
-                            match d(*v) {
-                                Some(plan) => {
-                                    visible.set(visible.get().max(plan.visible as u16));
-                                    st.set_plan(Rc::new(plan), t);
-                                }
-                                // The engine keeps every version it feeds; a missing one
-                                // here is a bug.
-                                None => panic!("definitions version {v} is unknown"),
-                            }
+                    for c in at_t() {
+                        if let (Ctl::Define(v), Some(d)) = (c, &definitions) {
+                            // The engine keeps every version it feeds; a missing one here
+                            // is a bug.
+                            let plan = d(*v)
+                                .unwrap_or_else(|| panic!("definitions version {v} is unknown"));
+                            visible.set(visible.get().max(plan.visible as u16));
+                            st.set_plan(Rc::new(plan), t);
                         }
-                        k += 1;
                     }
                     while let Some((_, c, r)) = clocks.get(ci).filter(|x| x.0 == t) {
                         if let Ctl::Clock(at) = c {

@@ -913,14 +913,14 @@ impl Context for Row<'_> {
 /// in go to `lists`.
 fn row_of<'a>(
     plan: &Plan,
-    agg_kinds: &[(AggKind, bool, bool, bool)],
+    tables: &PlanTables,
     clock: i64,
     user: &'a User,
-    n_segments: usize,
     lists: &mut Vec<u32>,
 ) -> Row<'a> {
     let n_aggs = plan.aggs.len();
-    let mut aggs: Vec<Cow<Value>> = agg_kinds
+    let mut aggs: Vec<Cow<Value>> = tables
+        .agg_kinds
         .iter()
         .map(|(k, ..)| match k {
             AggKind::Count => Cow::Owned(Value::num(0.0)),
@@ -944,7 +944,7 @@ fn row_of<'a>(
             Cell::Acc(_, a) => aggs[k] = a.value(),
             Cell::WinCount(_, w) => aggs[k] = Cow::Owned(Value::num(w.live.len() as f64)),
             Cell::WinVal(_, w) => {
-                let (kind, distinct, ..) = agg_kinds[k];
+                let (kind, distinct, ..) = tables.agg_kinds[k];
                 aggs[k] = Cow::Owned(window_value(kind, distinct, w));
             }
             Cell::List(_, n) => {
@@ -972,7 +972,7 @@ fn row_of<'a>(
         user: &user.key,
         aggs,
         traits,
-        members: Bits::new(n_segments),
+        members: Bits::new(tables.n_segments),
         mismatches: std::cell::Cell::new(0),
     }
 }
@@ -1030,25 +1030,9 @@ fn window_value(kind: AggKind, distinct: bool, w: &Window<FactVal>) -> Value {
     }
 }
 
-/// One worker's segment state; see the module docs.
-pub struct SegmentState {
-    plan: std::rc::Rc<Plan>,
-    index: HashTable<u32>,
-    users: Vec<User>,
-    /// Wake-ups `(instant, user)`; an entry is live while it equals the user's `scheduled`.
-    timers: BinaryHeap<Reverse<(Time, u32)>>,
-    /// Window-free count contributions of future-dated events, until their instant.
-    pending: HashMap<u32, Vec<(Time, u32, FactVal)>>,
-    /// Multiplicity of each snapshot clock value fed; the current one is the greatest live.
-    clock_counts: std::collections::BTreeMap<i64, isize>,
-    clock: i64,
-    /// Exposed trait values last reported per user (journeys only).
-    exposed: HashMap<u32, Vec<(u16, Value)>>,
-    /// Memberships past the 64th segment, of the users that have any (plans of more
-    /// than 64 segments only; the user record holds the first 64).
-    wide: HashMap<u32, Box<[u64]>>,
-    dedup: crate::dedup::Dedup,
-    counters: StateCounters,
+/// The tables a plan's evaluation needs, derived from it ([`PlanTables::of`]): built
+/// with the state, and again when a definitions change switches plans.
+struct PlanTables {
     /// Per-aggregate facts: `(kind, distinct, windowed, accumulated)`.
     agg_kinds: Vec<(AggKind, bool, bool, bool)>,
     /// Per aggregate, the event name or type its FILTER's first conjunct asks for
@@ -1070,10 +1054,34 @@ pub struct SegmentState {
     /// slots changed since a user's last evaluation keeps its membership unless it reads
     /// `now()` itself or a segment it references changed.
     segment_reads: Vec<u64>,
-    /// Slots changed since each user's last evaluation (users with changes only).
-    touched: hashbrown::HashMap<u32, u64>,
+    /// The first list or audience fact slot.
     list_base: u32,
     n_segments: usize,
+}
+
+/// One worker's segment state; see the module docs.
+pub struct SegmentState {
+    plan: std::rc::Rc<Plan>,
+    index: HashTable<u32>,
+    users: Vec<User>,
+    /// Wake-ups `(instant, user)`; an entry is live while it equals the user's `scheduled`.
+    timers: BinaryHeap<Reverse<(Time, u32)>>,
+    /// Window-free count contributions of future-dated events, until their instant.
+    pending: HashMap<u32, Vec<(Time, u32, FactVal)>>,
+    /// Multiplicity of each snapshot clock value fed; the current one is the greatest live.
+    clock_counts: std::collections::BTreeMap<i64, isize>,
+    clock: i64,
+    /// Exposed trait values last reported per user (journeys only).
+    exposed: HashMap<u32, Vec<(u16, Value)>>,
+    /// Memberships past the 64th segment, of the users that have any (plans of more
+    /// than 64 segments only; the user record holds the first 64).
+    wide: HashMap<u32, Box<[u64]>>,
+    dedup: crate::dedup::Dedup,
+    counters: StateCounters,
+    /// What the plan's segments and aggregates need, derived from it once.
+    t: PlanTables,
+    /// Slots changed since each user's last evaluation (users with changes only).
+    touched: hashbrown::HashMap<u32, u64>,
     points: Vec<i64>,
     /// Users changed since the last checkpoint part (only when parts are taken).
     changed: Option<hashbrown::HashSet<u32>>,
@@ -1205,10 +1213,8 @@ fn expr_reads(plan: &Plan, e: &CExpr, mask: &mut u64) {
     });
 }
 
-impl SegmentState {
-    /// Empty state for `plan`, dropping events whose user and `messageId` repeat within
-    /// `dedup_horizon_ms` (negative: no dedup).
-    pub fn new(plan: std::rc::Rc<Plan>, dedup_horizon_ms: i64) -> SegmentState {
+impl PlanTables {
+    fn of(plan: &Plan) -> PlanTables {
         let agg_kinds = (0..plan.aggs.len())
             .map(|i| {
                 let a = &plan.aggs[i];
@@ -1275,7 +1281,7 @@ impl SegmentState {
             .map(|s| match &s.kind {
                 SegmentKind::Expr(e) => {
                     let mut mask = 0;
-                    expr_reads(&plan, e, &mut mask);
+                    expr_reads(plan, e, &mut mask);
                     mask
                 }
                 SegmentKind::List { slot, .. } | SegmentKind::Warehouse { slot, .. } => {
@@ -1283,6 +1289,25 @@ impl SegmentState {
                 }
             })
             .collect();
+        PlanTables {
+            agg_kinds,
+            agg_guards,
+            static_filters,
+            filter_points,
+            segment_points,
+            segment_temporal,
+            segment_reads,
+            list_base,
+            n_segments,
+        }
+    }
+}
+
+impl SegmentState {
+    /// Empty state for `plan`, dropping events whose user and `messageId` repeat within
+    /// `dedup_horizon_ms` (negative: no dedup).
+    pub fn new(plan: std::rc::Rc<Plan>, dedup_horizon_ms: i64) -> SegmentState {
+        let t = PlanTables::of(&plan);
         SegmentState {
             plan,
             index: HashTable::new(),
@@ -1295,16 +1320,8 @@ impl SegmentState {
             wide: HashMap::new(),
             dedup: crate::dedup::Dedup::forgetting(dedup_horizon_ms),
             counters: StateCounters::default(),
-            agg_kinds,
-            agg_guards,
-            static_filters,
-            filter_points,
-            segment_points,
-            segment_temporal,
-            segment_reads,
+            t,
             touched: hashbrown::HashMap::new(),
-            list_base,
-            n_segments,
             points: Vec::new(),
             changed: None,
         }
@@ -1315,17 +1332,8 @@ impl SegmentState {
     /// are rebuilt, and every user is evaluated again at `at` (the changed segments'
     /// memberships move there, as ordinary changes).
     pub fn set_plan(&mut self, plan: std::rc::Rc<Plan>, at: Time) {
-        let fresh = SegmentState::new(plan, -1);
-        self.agg_kinds = fresh.agg_kinds;
-        self.agg_guards = fresh.agg_guards;
-        self.static_filters = fresh.static_filters;
-        self.filter_points = fresh.filter_points;
-        self.segment_points = fresh.segment_points;
-        self.segment_temporal = fresh.segment_temporal;
-        self.segment_reads = fresh.segment_reads;
-        self.list_base = fresh.list_base;
-        self.n_segments = fresh.n_segments;
-        self.plan = fresh.plan;
+        self.t = PlanTables::of(&plan);
+        self.plan = plan;
         self.reevaluate_all(at);
     }
 
@@ -1473,7 +1481,7 @@ impl SegmentState {
     pub fn for_each_member(&self, visible: usize, f: &mut dyn FnMut(&str, u16)) {
         for (u, user) in self.users.iter().enumerate() {
             let members = self.members(u as u32);
-            for s in 0..visible.min(self.n_segments) {
+            for s in 0..visible.min(self.t.n_segments) {
                 if members.get(s) {
                     f(&user.key, s as u16);
                 }
@@ -1484,10 +1492,10 @@ impl SegmentState {
     /// User `u`'s memberships, all segments.
     fn members(&self, u: u32) -> Bits {
         let low = self.users[u as usize].members;
-        if self.n_segments <= 64 {
+        if self.t.n_segments <= 64 {
             return Bits::Inline(low);
         }
-        Bits::join(low, self.wide.get(&u).map(|w| &w[..]), self.n_segments)
+        Bits::join(low, self.wide.get(&u).map(|w| &w[..]), self.t.n_segments)
     }
 
     /// The counters so far.
@@ -1574,7 +1582,7 @@ impl SegmentState {
         *self.touched.entry(u).or_default() |= bit;
         if slot == SLOT_PROFILE {
             user.profile += diff as i32;
-        } else if slot >= self.list_base {
+        } else if slot >= self.t.list_base {
             if let Cell::List(_, n) = user.cell_mut(slot, |s| Cell::List(s, 0)) {
                 *n += diff as i32;
             }
@@ -1611,14 +1619,14 @@ impl SegmentState {
         let mismatches = std::cell::Cell::new(0);
         let ctx = EventCtx(ev, &mismatches);
         for (i, slot) in plan.aggs.iter().enumerate() {
-            if let Some((field, want)) = &self.agg_guards[i] {
+            if let Some((field, want)) = &self.t.agg_guards[i] {
                 if let Value::Str(have) = &*ev.field(field) {
                     if have != want {
                         continue;
                     }
                 }
             }
-            let (kind, distinct, windowed, accumulated) = self.agg_kinds[i];
+            let (kind, distinct, windowed, accumulated) = self.t.agg_kinds[i];
             // Whether a condition that does not read now() holds for this event.
             let holds = |c: &CExpr| *eval_ref(c, &ctx, ev.timestamp) == Value::Bool(true);
             let holds_at_ts = || slot.filter.as_ref().is_none_or(holds);
@@ -1646,11 +1654,11 @@ impl SegmentState {
             }
             let intervals = match &slot.filter {
                 Some(f) if windowed => {
-                    if !self.static_filters[i].iter().all(holds) {
+                    if !self.t.static_filters[i].iter().all(holds) {
                         continue;
                     }
                     self.points.clear();
-                    breakpoints(&self.filter_points[i], &ctx, &mut self.points);
+                    breakpoints(&self.t.filter_points[i], &ctx, &mut self.points);
                     true_intervals(start, &mut self.points, |now| {
                         *eval_ref(f, &ctx, now) == Value::Bool(true)
                     })
@@ -1812,14 +1820,7 @@ impl SegmentState {
         let was = self.members(u);
         let user = &self.users[u as usize];
         let mut lists: Vec<u32> = Vec::new();
-        let mut row = row_of(
-            plan,
-            &self.agg_kinds,
-            self.clock,
-            user,
-            self.n_segments,
-            &mut lists,
-        );
+        let mut row = row_of(plan, &self.t, self.clock, user, &mut lists);
         let universe = user.seen_from <= t || user.profile > 0;
         let now = t as i64;
         self.points.clear();
@@ -1828,8 +1829,8 @@ impl SegmentState {
             // references moved, a segment keeps its membership.
             let moved = |r: &usize| row.members.get(*r) != was.get(*r);
             if touched != ALL_SLOTS
-                && touched & self.segment_reads[si] == 0
-                && !self.segment_temporal[si]
+                && touched & self.t.segment_reads[si] == 0
+                && !self.t.segment_temporal[si]
                 && !plan.refs[si].iter().any(moved)
             {
                 row.members.set(si, was.get(si));
@@ -1837,7 +1838,7 @@ impl SegmentState {
             }
             let on = match &plan.segments[si].kind {
                 SegmentKind::Expr(e) if universe => {
-                    breakpoints(&self.segment_points[si], &row, &mut self.points);
+                    breakpoints(&self.t.segment_points[si], &row, &mut self.points);
                     *eval_ref(e, &row, now) == Value::Bool(true)
                 }
                 SegmentKind::Expr(_) => false,
@@ -1863,7 +1864,7 @@ impl SegmentState {
         self.counters.type_mismatches += row.mismatches.get();
         let members = row.members;
         let key = &*user.key;
-        for si in 0..self.n_segments {
+        for si in 0..self.t.n_segments {
             let (before, is) = (was.get(si), members.get(si));
             if before != is {
                 give(key, StateOut::Change(si as u16), if is { 1 } else { -1 });
@@ -1968,9 +1969,9 @@ impl SegmentState {
         for i in 0..self.users.len() as u32 {
             self.copy_into(&mut s, i);
             s.evaluate(0, at, &mut |_, _, _| {});
-            let u = s.scratch_at(at, true);
-            let on = u.universe && *eval_ref(expr, &u, now) == Value::Bool(true);
-            let was = current.is_some_and(|c| u.members.get(c).copied().unwrap_or(false));
+            let (row, universe) = s.scratch_row(at);
+            let on = universe && *eval_ref(expr, &row, now) == Value::Bool(true);
+            let was = current.is_some_and(|c| row.members.get(c));
             out.size += u64::from(on);
             let side = match (was, on) {
                 (false, true) => {
@@ -1983,7 +1984,7 @@ impl SegmentState {
                 }
                 _ => continue,
             };
-            keep_smallest(side, &u.user, samples);
+            keep_smallest(side, row.user, samples);
         }
         out
     }
@@ -2016,26 +2017,25 @@ impl SegmentState {
         s.touched.insert(0, ALL_SLOTS);
     }
 
+    /// Scratch user 0's row as evaluated (memberships included), and whether it is in
+    /// the universe at `at`.
+    fn scratch_row(&self, at: Time) -> (Row<'_>, bool) {
+        let user = &self.users[0];
+        let mut row = row_of(&self.plan, &self.t, self.clock, user, &mut Vec::new());
+        row.members = self.members(0);
+        (row, user.seen_from <= at || user.profile > 0)
+    }
+
     /// Scratch user 0 as evaluated at `at`.
     fn scratch_at(&self, at: Time, known: bool) -> UserAt {
-        let user = &self.users[0];
-        let mut lists = Vec::new();
-        let row = row_of(
-            &self.plan,
-            &self.agg_kinds,
-            self.clock,
-            user,
-            self.n_segments,
-            &mut lists,
-        );
-        let members = self.members(0);
+        let (row, universe) = self.scratch_row(at);
         UserAt {
-            user: user.key.to_string(),
+            user: row.user.to_string(),
             known,
-            universe: user.seen_from <= at || user.profile > 0,
+            universe,
             aggs: row.aggs.into_iter().map(Cow::into_owned).collect(),
             traits: row.traits.into_iter().map(Cow::into_owned).collect(),
-            members: (0..self.n_segments).map(|i| members.get(i)).collect(),
+            members: (0..self.t.n_segments).map(|i| row.members.get(i)).collect(),
             next_change: None,
         }
     }

@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
                 let started = Instant::now();
                 let mut known = 0;
                 for u in &sample {
-                    let (x, _) = st.user_at(u, explain_segment, t, 10_000);
+                    let x = st.user_at(u, explain_segment, t, 10_000);
                     known += usize::from(x.known);
                 }
                 let explain = started.elapsed().as_secs_f64();

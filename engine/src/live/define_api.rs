@@ -186,7 +186,7 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
     }
     let _one = live.defs_change.lock().await;
     let deleting = matches!(req, Request::Delete);
-    let planned = {
+    let (planned, mut changes, created) = {
         let Ok(defs) = live.defs.read() else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
@@ -207,18 +207,15 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
             }
         }
         match defs.plan_change(name, req) {
-            Ok(p) => (p, defs.changes.clone()),
+            Ok(p) => {
+                let created = defs.entries.get(p.index).is_none_or(|e| e.deleted);
+                (p, defs.changes.clone(), created)
+            }
             Err(r) => return refusal(r),
         }
     };
-    let (planned, mut changes) = planned;
     let index = planned.index;
     let seg_version = planned.change.version;
-    let created = live
-        .defs
-        .read()
-        .map(|d| d.entries.get(index).is_none_or(|e| e.deleted))
-        .unwrap_or(false);
     changes.push(planned.change.clone());
     // Kept before it takes effect: a restart applies it even if this one dies now.
     if let Err(e) = keep(app, changes).await {
@@ -227,20 +224,13 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
     if let Ok(mut s) = live.state.write() {
         s.grow(planned.file.segments.len());
     }
-    let (version, changes) = match live.defs.write() {
-        Ok(mut d) => {
-            let v = d.commit(planned);
-            (v, d.changes.clone())
-        }
+    let version = match live.defs.write() {
+        Ok(mut d) => d.commit(planned),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     live.defs_version.fetch_add(1, Ordering::AcqRel);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let req = DefineReq {
-        version,
-        changes,
-        reply: tx,
-    };
+    let req = DefineReq { version, reply: tx };
     if live.defines.send(req).is_err() {
         return unavailable("the workers have stopped".into());
     }

@@ -499,7 +499,7 @@ mod tests {
             .unwrap_err();
         let text = e.to_string();
         assert!(text.contains("sum(properties.total)"), "{text}");
-        assert!(text.contains("trait 'country'"), "{text}");
+        assert!(text.contains("trait `country`"), "{text}");
         let Refusal::Statement(e) = c
             .plan_change("x", Request::Put("CREATE SEGMENT x AS count(*) >>= 1;"))
             .unwrap_err()

@@ -813,11 +813,10 @@ async fn members(
 
 async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
     let live = &app.live;
-    let names: Vec<String> = live
-        .defs
-        .read()
-        .map(|d| d.entries.iter().map(|e| e.name.clone()).collect())
-        .unwrap_or_default();
+    // Lock order: the definitions before the query state.
+    let Ok(defs) = live.defs.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     let Ok(state) = live.state.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
@@ -833,7 +832,7 @@ async fn user(State(app): State<App>, Path(id): Path<String>) -> Response {
     let segments: Vec<&str> = segs
         .map(|s| {
             s.iter()
-                .filter_map(|i| names.get(*i as usize).map(String::as_str))
+                .filter_map(|i| defs.entries.get(*i as usize).map(|e| e.name.as_str()))
                 .collect()
         })
         .unwrap_or_default();

@@ -92,12 +92,11 @@ pub(crate) enum QueryError {
 /// Which part of a user's history the explanation runs forward through by time alone.
 const EXPLAIN_STEPS: usize = 10_000;
 
-/// A definitions change for worker 0 to feed at its current instant.
+/// A definitions change for worker 0 to feed at its current instant (the catalog's
+/// latest change).
 pub(crate) struct DefineReq {
     /// The definitions version to switch to.
     pub version: u64,
-    /// Every change through the API, the last one this (its instant is filled in).
-    pub changes: Vec<super::durable::DefChange>,
     /// Told the instant it takes effect at.
     pub reply: tokio::sync::oneshot::Sender<Time>,
 }
@@ -725,18 +724,19 @@ fn run(
         // Definitions changes (worker 0): in force from the current instant on; the
         // checkpointer hears of them before any part of a later checkpoint.
         if let (Some(rx), false) = (&defines_rx, stopping) {
-            while let Ok(mut d) = rx.try_recv() {
-                if let Some(c) = d.changes.last_mut() {
-                    c.at = Some(cur);
-                }
+            while let Ok(d) = rx.try_recv() {
                 // In the catalog before any change of the new version can reach the sink
                 // (it labels each change with the version in force at its instant).
-                if let Ok(mut defs) = live.defs.write() {
-                    defs.set_effective(cur);
-                }
+                let changes = match live.defs.write() {
+                    Ok(mut defs) => {
+                        defs.set_effective(cur);
+                        defs.changes.clone()
+                    }
+                    Err(_) => return Err("the definitions catalog is poisoned".into()),
+                };
                 live.defs_version.fetch_add(1, Ordering::AcqRel);
                 if let Some(tx) = &live.checkpointer {
-                    let _ = tx.send(CkMsg::Definitions(cur, d.changes));
+                    let _ = tx.send(CkMsg::Definitions(cur, changes));
                 }
                 inputs.ctl.update(Ctl::Define(d.version), 1);
                 fed_at_cur = true;
@@ -1102,7 +1102,7 @@ fn answer(q: Query, st: &StateHandle, journeys: Option<&JourneyHandle>, cur: Tim
                 ))),
                 Some(i) => {
                     let at = at.unwrap_or(now);
-                    let (u, plan) = st.user_at(&user, i, at, EXPLAIN_STEPS);
+                    let u = st.user_at(&user, i, at, EXPLAIN_STEPS);
                     Ok(herald_operators::why::explain(&plan, i, &u, at))
                 }
             };

@@ -315,20 +315,13 @@ impl Plan {
         let (plan, extras) = c.finish(visible, extras);
         let mut missing: Vec<String> = plan.aggs[base.aggs.len()..]
             .iter()
-            .map(|a| {
-                format!(
-                    "a new aggregate, read by {}: {} (the state holds no history for it)",
-                    a.used_by.join(", "),
-                    Expr::Agg(Box::new(a.agg.clone()))
-                )
-            })
+            .map(remap::new_aggregate)
             .collect();
-        missing.extend(plan.traits[base.traits.len()..].iter().map(|(name, by)| {
-            format!(
-                "trait '{name}', read by {}, which no segment read, so the state does not keep it",
-                by.join(", ")
-            )
-        }));
+        missing.extend(
+            plan.traits[base.traits.len()..]
+                .iter()
+                .map(|(name, by)| remap::new_trait(name, by)),
+        );
         if plan.projection.paths.len() > base.projection.paths.len() {
             missing.push("an event path no aggregate read before".into());
         }

@@ -55,20 +55,13 @@ impl Plan {
         for (i, a) in self.aggs.iter().enumerate() {
             match old_aggs.get(&a.agg) {
                 Some(&o) => slots[old.agg_slot(o) as usize] = Some(self.agg_slot(i)),
-                None => missing.push(format!(
-                    "a new aggregate, read by {}: {}",
-                    a.used_by.join(", "),
-                    crate::ast::Expr::Agg(Box::new(a.agg.clone()))
-                )),
+                None => missing.push(new_aggregate(a)),
             }
         }
         for (i, (name, used_by)) in self.traits.iter().enumerate() {
             match old.trait_index(name) {
                 Some(o) => slots[old.trait_slot(o) as usize] = Some(self.trait_slot(i)),
-                None => missing.push(format!(
-                    "the trait `{name}`, which no segment read before, read by {}",
-                    used_by.join(", ")
-                )),
+                None => missing.push(new_trait(name, used_by)),
             }
         }
         let source = |k: &SegmentKind| match k {
@@ -129,6 +122,23 @@ impl Plan {
             dropped,
         })
     }
+}
+
+/// What a plan reads that the state does not hold: an aggregate no segment read.
+pub(super) fn new_aggregate(a: &super::AggSlot) -> String {
+    format!(
+        "a new aggregate, read by {}: {}",
+        a.used_by.join(", "),
+        crate::ast::Expr::Agg(Box::new(a.agg.clone()))
+    )
+}
+
+/// What a plan reads that the state does not hold: a trait no segment read.
+pub(super) fn new_trait(name: &str, used_by: &[String]) -> String {
+    format!(
+        "the trait `{name}`, which no segment read before, read by {}",
+        used_by.join(", ")
+    )
 }
 
 #[cfg(test)]
