@@ -54,3 +54,23 @@ pub fn read_inputs(
         snapshots,
     })
 }
+
+/// The replay benches' common arguments: what to replay and how far.
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// Segment file.
+    #[arg(long)]
+    pub segments: String,
+    /// Event JSONL files.
+    #[arg(long, num_args = 1.., required = true)]
+    pub events: Vec<String>,
+    /// Profile snapshots, PATH@RFC3339.
+    #[arg(long)]
+    pub profiles: Vec<String>,
+    /// Clock horizon: the instant the state is brought to.
+    #[arg(long)]
+    pub until: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}

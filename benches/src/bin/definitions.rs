@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use herald_benches::{read_inputs, Inputs};
+use herald_benches::{read_inputs, Inputs, ReplayArgs};
 use herald_engine::check::load_segments;
 use herald_engine::driver::{run_dataflow, DataflowInput};
 use herald_operators::lang::parse::parse_statement_into;
@@ -27,21 +27,8 @@ use herald_operators::why::Preview;
 /// Cost of preview and explain.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Segment file.
-    #[arg(long)]
-    segments: String,
-    /// Event JSONL files.
-    #[arg(long, num_args = 1.., required = true)]
-    events: Vec<String>,
-    /// Profile snapshots, PATH@RFC3339.
-    #[arg(long)]
-    profiles: Vec<String>,
-    /// The instant the state is brought to.
-    #[arg(long)]
-    until: String,
-    /// Worker threads.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    #[command(flatten)]
+    replay: ReplayArgs,
     /// The statement previewed (a replacement or a new segment).
     #[arg(
         long,
@@ -58,8 +45,9 @@ type Timing = (u64, f64, Preview, usize, f64);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let until = parse_rfc3339_ms(&args.until).map_err(anyhow::Error::msg)?;
-    let (file, plan) = load_segments(&args.segments).context("loading segments")?;
+    let r = &args.replay;
+    let until = parse_rfc3339_ms(&r.until).map_err(anyhow::Error::msg)?;
+    let (file, plan) = load_segments(&r.segments).context("loading segments")?;
     let (changed, index) = parse_statement_into(&args.candidate, &file)
         .map_err(|e| anyhow::anyhow!("--candidate: {e}"))?;
     let over = Plan::compile_over(&changed, changed.segments.len(), &[], &plan)
@@ -69,7 +57,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("--candidate must be a condition");
     };
     let current = plan.segment_index(&over.segments[index].name);
-    let Inputs { events, snapshots } = read_inputs(&plan, &args.events, &args.profiles)?;
+    let Inputs { events, snapshots } = read_inputs(&plan, &r.events, &r.profiles)?;
     let mut sample: Vec<String> = Vec::new();
     for e in &events {
         if sample.len() == args.explains {
@@ -92,7 +80,7 @@ fn main() -> anyhow::Result<()> {
             lists: Default::default(),
             until,
             lists_at: first,
-            workers: args.workers,
+            workers: r.workers,
             journeys: None,
             keep_journey_output: false,
             inspect: Some(Arc::new(move |st| {

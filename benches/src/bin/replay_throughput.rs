@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Parser;
-use herald_benches::{read_inputs, reset_peak_rss, rss, Inputs};
+use herald_benches::{read_inputs, reset_peak_rss, rss, Inputs, ReplayArgs};
 use herald_engine::check::load_segments;
 use herald_engine::driver::{run_dataflow, DataflowInput};
 use herald_operators::time::parse_rfc3339_ms;
@@ -29,21 +29,8 @@ use herald_operators::time::parse_rfc3339_ms;
 /// Replay throughput and state size.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Segment file.
-    #[arg(long)]
-    segments: String,
-    /// Event JSONL files.
-    #[arg(long, num_args = 1.., required = true)]
-    events: Vec<String>,
-    /// Profile snapshots, PATH@RFC3339.
-    #[arg(long)]
-    profiles: Vec<String>,
-    /// Clock horizon.
-    #[arg(long)]
-    until: String,
-    /// Worker threads.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    #[command(flatten)]
+    replay: ReplayArgs,
 }
 
 fn mib(b: u64) -> f64 {
@@ -51,7 +38,7 @@ fn mib(b: u64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Args::parse().replay;
     let until = parse_rfc3339_ms(&args.until).map_err(anyhow::Error::msg)?;
     let (_, plan) = load_segments(&args.segments).context("loading segments")?;
     let read_started = Instant::now();
