@@ -431,15 +431,24 @@ pub fn is_archive(source: &str) -> bool {
 /// file and row order. Errors name the file: a missing column, a column of the wrong
 /// type, an unknown `type`, JSON text that does not parse to an object.
 pub fn read_archived_events(location: &str) -> Result<Vec<(Event, i64)>, ConnectorError> {
-    let files = crate::store::parquet_files(location)?;
     let mut out = Vec::new();
-    for file in &files {
-        read_archive_file(file, &mut out)?;
-    }
+    for_each_archived_event(location, &mut |ev, received| out.push((ev, received)))?;
     Ok(out)
 }
 
-fn read_archive_file(file: &str, out: &mut Vec<(Event, i64)>) -> Result<(), ConnectorError> {
+/// [`read_archived_events`], handing each event and the instant (ms) Herald received it
+/// to `f` as it is read, so that the archive is never held whole.
+pub fn for_each_archived_event(
+    location: &str,
+    f: &mut dyn FnMut(Event, i64),
+) -> Result<(), ConnectorError> {
+    for file in &crate::store::parquet_files(location)? {
+        read_archive_file(file, f)?;
+    }
+    Ok(())
+}
+
+fn read_archive_file(file: &str, out: &mut dyn FnMut(Event, i64)) -> Result<(), ConnectorError> {
     let bytes = read_all(file)?;
     let bad = |what: String| ConnectorError::input(file, what);
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -503,7 +512,7 @@ fn read_archive_file(file: &str, out: &mut Vec<(Event, i64)>) -> Result<(), Conn
                 context: object(context, i, "context")?,
                 traits: object(traits, i, "traits")?,
             };
-            out.push((ev, received.value(i)));
+            out(ev, received.value(i));
         }
     }
     Ok(())

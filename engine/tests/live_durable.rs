@@ -577,81 +577,73 @@ fn a_cluster_whose_processes_do_not_share_the_state_directory_is_refused() {
     assert!(!outs[0].status.success(), "process 0 stops with it");
 }
 
-/// A segment file changed between runs: the state its segments still read (the same
-/// aggregates and traits) is carried over, every user is evaluated again at the restart
-/// instant, and the changes land as ordinary rows then; a file that needs an aggregate
-/// the state does not hold is refused with the aggregate's text.
-#[test]
-fn a_changed_segment_file_keeps_the_state_it_still_reads() {
-    let dir = tempfile::tempdir().unwrap();
-    let before = "\
+/// The segment files of the carry-over tests: `BEFORE` is the file a state is built with;
+/// `AFTER` drops `pro`, changes `repeat_buyers` and adds two segments over what was kept.
+const BEFORE: &str = "\
 CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 2;
 CREATE SEGMENT big_spenders AS
     coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 300;
 CREATE SEGMENT pro AS plan = 'pro';
 ";
-    // `pro` dropped, `repeat_buyers` changed, two new segments over what was kept.
-    let after = "\
+const AFTER: &str = "\
 CREATE SEGMENT one_order AS count(*) FILTER (WHERE event = 'Order Completed') = 1;
 CREATE SEGMENT big_spenders AS
     coalesce(sum(properties.revenue) FILTER (WHERE event = 'Order Completed'), 0) >= 300;
 CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 3;
 CREATE SEGMENT free AS plan = 'free';
 ";
-    let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
-                  write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n";
-    std::fs::write(dir.path().join("segments.sql"), before).unwrap();
-    let events: Vec<Json> = events().into_iter().take(30_000).collect();
-    let mut h = Herald::start(dir.path(), config);
-    for c in events.chunks(BATCH) {
-        let (status, body) = h.post("/v1/batch", "wk", &json!({"batch": c}).to_string());
-        assert_eq!(status, 200, "{body}");
-    }
-    // Some of it in a checkpoint, the rest only in the log.
-    std::thread::sleep(Duration::from_millis(1500));
-    h.kill();
+/// Segments over aggregates `BEFORE` never read: their history is not in its state.
+const NEW_HISTORY: &str = "\
+CREATE SEGMENT top AS max(properties.revenue) >= 100;
+CREATE SEGMENT browsers AS count(*) FILTER (WHERE type = 'page') >= 20;
+";
 
-    // What the new file's segments must hold.
-    let mut orders: BTreeMap<String, usize> = BTreeMap::new();
-    let mut revenue: BTreeMap<String, f64> = BTreeMap::new();
+/// What the segments of `AFTER` and `NEW_HISTORY` must hold after `events`.
+fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>> {
+    #[derive(Default)]
+    struct Tally {
+        orders: usize,
+        revenue: f64,
+        max_revenue: f64,
+        pages: usize,
+    }
+    let mut users: BTreeMap<String, Tally> = BTreeMap::new();
     let mut plan: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for e in &events {
+    for e in events {
         let user = e["userId"].as_str().unwrap().to_string();
+        let t = users.entry(user.clone()).or_default();
         match e["type"].as_str().unwrap() {
             "track" => {
-                *revenue.entry(user.clone()).or_default() +=
-                    e["properties"]["revenue"].as_f64().unwrap();
-                *orders.entry(user).or_default() += 1
+                let r = e["properties"]["revenue"].as_f64().unwrap();
+                t.revenue += r;
+                t.max_revenue = t.max_revenue.max(r);
+                t.orders += 1;
             }
+            "page" => t.pages += 1,
             "identify" => {
-                let t = e["timestamp"].as_str().unwrap().to_string();
+                let ts = e["timestamp"].as_str().unwrap().to_string();
                 let p = e["traits"]["plan"].as_str().unwrap().to_string();
-                let cur = plan.entry(user).or_insert((t.clone(), p.clone()));
-                if t >= cur.0 {
-                    *cur = (t, p);
+                let cur = plan.entry(user).or_insert((ts.clone(), p.clone()));
+                if ts >= cur.0 {
+                    *cur = (ts, p);
                 }
             }
             _ => {}
         }
     }
-    let with = |f: &dyn Fn(usize) -> bool| -> BTreeSet<String> {
-        orders
+    let with = |f: &dyn Fn(&Tally) -> bool| -> BTreeSet<String> {
+        users
             .iter()
-            .filter(|(_, n)| f(**n))
+            .filter(|(_, t)| f(t))
             .map(|(u, _)| u.clone())
             .collect()
     };
     let mut want: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
-    want.insert("one_order", with(&|n| n == 1));
-    want.insert("repeat_buyers", with(&|n| n >= 3));
-    want.insert(
-        "big_spenders",
-        revenue
-            .iter()
-            .filter(|(_, r)| **r >= 300.0)
-            .map(|(u, _)| u.clone())
-            .collect(),
-    );
+    want.insert("one_order", with(&|t| t.orders == 1));
+    want.insert("repeat_buyers", with(&|t| t.orders >= 3));
+    want.insert("big_spenders", with(&|t| t.revenue >= 300.0));
+    want.insert("top", with(&|t| t.max_revenue >= 100.0));
+    want.insert("browsers", with(&|t| t.pages >= 20));
     want.insert(
         "free",
         plan.iter()
@@ -659,30 +651,51 @@ CREATE SEGMENT free AS plan = 'free';
             .map(|(u, _)| u.clone())
             .collect(),
     );
+    want
+}
 
-    // A file that needs an aggregate over history the state does not hold: refused.
-    let needs_more = format!("{after}CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
-    std::fs::write(dir.path().join("segments.sql"), &needs_more).unwrap();
+/// Starts Herald with `BEFORE`, posts `events`, lets a checkpoint (and, with `[export]`,
+/// the archive) catch up with most of them, posts the rest, and kills it: the rest is
+/// only in the log.
+fn build_then_kill(dir: &std::path::Path, config: &str, events: &[Json]) {
+    std::fs::write(dir.join("segments.sql"), BEFORE).unwrap();
+    let mut h = Herald::start(dir, config);
+    let (first, rest) = events.split_at(events.len() * 9 / 10);
+    for (i, part) in [first, rest].into_iter().enumerate() {
+        for c in part.chunks(BATCH) {
+            let (status, body) = h.post("/v1/batch", "wk", &json!({"batch": c}).to_string());
+            assert_eq!(status, 200, "{body}");
+        }
+        if i == 0 {
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+    }
+    h.kill();
+}
+
+/// `herald run` that is expected to refuse to start: its stderr.
+fn refused_start(dir: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["run", "--config"])
-        .arg(dir.path().join("herald.toml"))
+        .arg(dir.join("herald.toml"))
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("a new aggregate, read by top: max(properties.revenue)"),
-        "{stderr}"
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{stderr}");
+    stderr
+}
 
-    std::fs::write(dir.path().join("segments.sql"), after).unwrap();
-    let mut h = Herald::start(dir.path(), config);
-    assert!(
-        h.stderr_text().contains("carried over"),
-        "{}",
-        h.stderr_text()
-    );
-    for (seg, users) in &want {
+/// Starts Herald on a changed file and checks each of `want`'s segments, the changelog's
+/// running sum, and the same members after a graceful restart.
+fn check_carried(
+    dir: &std::path::Path,
+    config: &str,
+    want: &BTreeMap<&'static str, BTreeSet<String>>,
+    log_says: &str,
+) {
+    let mut h = Herald::start(dir, config);
+    assert!(h.stderr_text().contains(log_says), "{}", h.stderr_text());
+    for (seg, users) in want {
         h.wait_for(&format!("{seg}'s members"), Duration::from_secs(60), |h| {
             members(h, seg) == *users
         });
@@ -690,14 +703,85 @@ CREATE SEGMENT free AS plan = 'free';
     // The changelog's running sum of each segment of the new file is its membership.
     let rows = h.output("segment_changes.jsonl");
     let rows: Vec<Json> = rows.into_iter().filter(|r| r["segment"] != "pro").collect();
-    check_changelog("segment_changes.jsonl after the change", &rows, &want);
+    check_changelog("segment_changes.jsonl after the change", &rows, want);
     // And it stays so across a restart with the new file.
     assert!(h.stop().success());
-    let mut h = Herald::start(dir.path(), config);
-    for (seg, users) in &want {
+    let mut h = Herald::start(dir, config);
+    for (seg, users) in want {
         assert_eq!(members(&h, seg), *users, "{seg} after a restart");
     }
     assert!(h.stop().success());
+}
+
+/// A segment file changed between runs: the state its segments still read (the same
+/// aggregates and traits) is carried over, every user is evaluated again at the restart
+/// instant, and the changes land as ordinary rows then; without an events archive, a file
+/// that needs an aggregate the state does not hold is refused with the aggregate's text.
+#[test]
+fn a_changed_segment_file_keeps_the_state_it_still_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
+                  write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n";
+    let events: Vec<Json> = events().into_iter().take(30_000).collect();
+    build_then_kill(dir.path(), config, &events);
+    let mut want = carried_expected(&events);
+    want.remove("top");
+    want.remove("browsers");
+
+    // A file that needs an aggregate over history the state does not hold: refused.
+    let needs_more = format!("{AFTER}CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
+    std::fs::write(dir.path().join("segments.sql"), &needs_more).unwrap();
+    let stderr = refused_start(dir.path());
+    assert!(
+        stderr.contains("a new aggregate, read by top: max(properties.revenue)")
+            && stderr.contains("`[export] parquet`"),
+        "{stderr}"
+    );
+
+    std::fs::write(dir.path().join("segments.sql"), AFTER).unwrap();
+    check_carried(dir.path(), config, &want, "carried over");
+}
+
+/// A changed segment file that reads aggregates the state does not hold, with the events
+/// archive on: their history is rebuilt at start from the archive's events before the
+/// checkpoint, and every segment, new ones included, holds what the events give (the
+/// events after the checkpoint come from the log). An archive that lacks part of the
+/// history is refused, not read as the whole of it.
+#[test]
+fn a_changed_segment_file_reading_new_aggregates_is_rebuilt_from_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
+                  write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n\
+                  [export]\nparquet = \"archive\"\nflush_every = \"1 second\"\n";
+    let events: Vec<Json> = events().into_iter().take(30_000).collect();
+    build_then_kill(dir.path(), config, &events);
+    let want = carried_expected(&events);
+    std::fs::write(
+        dir.path().join("segments.sql"),
+        format!("{AFTER}{NEW_HISTORY}"),
+    )
+    .unwrap();
+
+    // Without the archive's event files, the history is not whole: refused.
+    let (archive, away) = (
+        dir.path().join("archive/events"),
+        dir.path().join("events.away"),
+    );
+    std::fs::rename(&archive, &away).unwrap();
+    let stderr = refused_start(dir.path());
+    assert!(
+        stderr.contains("the events archive is not the whole history of the state"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&archive);
+    std::fs::rename(&away, &archive).unwrap();
+
+    check_carried(
+        dir.path(),
+        config,
+        &want,
+        "rebuilt a new aggregate, read by top: max(properties.revenue)",
+    );
 }
 
 /// A restart with a long log after the last checkpoint: the workers take the log in

@@ -127,6 +127,9 @@ pub struct Restored {
     /// The parts were carried over to a changed segment file
     /// ([`SegmentPart::remap`]): every user is evaluated again at `at`.
     pub reevaluate: bool,
+    /// History rebuilt for the aggregates the parts lack (a changed segment file that
+    /// reads new ones), put into the state before it is evaluated again.
+    pub backfill: Option<crate::state::Backfill>,
 }
 
 /// Checkpointing for [`build_segments_durable`].
@@ -297,9 +300,9 @@ pub fn build_segments_live<'s>(
         Some(d) => (Some(d.parts), d.restored),
         None => (None, None),
     };
-    let (restored_at, seg_parts, journey_parts, reevaluate) = match restored {
-        Some(r) => (Some(r.at), r.segments, r.journeys, r.reevaluate),
-        None => (None, Vec::new(), Vec::new(), false),
+    let (restored_at, seg_parts, journey_parts, reevaluate, backfill) = match restored {
+        Some(r) => (Some(r.at), r.segments, r.journeys, r.reevaluate, r.backfill),
+        None => (None, Vec::new(), Vec::new(), false, None),
     };
 
     // update_trait writes come back as identify events, one millisecond later. The loop
@@ -330,6 +333,9 @@ pub fn build_segments_live<'s>(
         if let Err(e) = seg_state.restore(seg_parts, at) {
             // The engine checks the chain before building; a broken one here is a bug.
             panic!("restoring the segment state: {e}");
+        }
+        if let Some(b) = backfill {
+            seg_state.graft(b);
         }
         if reevaluate {
             seg_state.reevaluate_all(at);

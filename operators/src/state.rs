@@ -1085,6 +1085,9 @@ pub struct SegmentState {
     points: Vec<i64>,
     /// Users changed since the last checkpoint part (only when parts are taken).
     changed: Option<hashbrown::HashSet<u32>>,
+    /// A [`Backfiller`]'s state: events are applied to these aggregates only, and to no
+    /// trait.
+    only_aggs: Option<Box<[bool]>>,
 }
 
 /// A user's exposed trait values: `(position in Plan::exposed, value)`.
@@ -1188,6 +1191,96 @@ impl SegmentPart {
         }
         // Slot masks of the old plan mean nothing in the new one.
         self.touched.clear();
+    }
+}
+
+impl SegmentPart {
+    /// Events the state had applied when the part was taken (every part carries the
+    /// running count).
+    pub fn events_applied(&self) -> u64 {
+        self.counters.events
+    }
+}
+
+/// History rebuilt for the aggregates a carried-over state lacks
+/// ([`crate::plan::Remap::new_aggregates`]): each user's cells of those aggregates, as a
+/// state built with the new plan from the start would hold them at the checkpoint's
+/// instant. Built by a [`Backfiller`] from the events before that instant, put into the
+/// restored state by [`SegmentState::graft`]. Plain data, so it can be built on another
+/// thread than the worker's.
+#[derive(Debug, Default)]
+pub struct Backfill {
+    /// The slots rebuilt.
+    slots: Vec<u32>,
+    /// Per user key: its cells of `slots`, and its future-dated counts of them.
+    users: Vec<(Box<str>, Vec<Cell>, Vec<PendingCount>)>,
+    /// Events applied (duplicates dropped as the live state dropped them).
+    pub events: u64,
+}
+
+impl Backfill {
+    /// Users with history in the rebuilt aggregates.
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+}
+
+/// Builds a [`Backfill`]: a segment state of the new plan that applies events to the
+/// aggregates of `slots` only, with the live state's deduplication.
+pub struct Backfiller {
+    state: SegmentState,
+}
+
+impl Backfiller {
+    /// For `plan` (the new one) and its aggregate `slots` to rebuild.
+    pub fn new(plan: std::rc::Rc<Plan>, slots: &[u32], dedup_horizon_ms: i64) -> Backfiller {
+        let only: Box<[bool]> = (0..plan.aggs.len())
+            .map(|i| slots.contains(&plan.agg_slot(i)))
+            .collect();
+        let mut state = SegmentState::new(plan, dedup_horizon_ms);
+        state.only_aggs = Some(only);
+        Backfiller { state }
+    }
+
+    /// Applies one event at the instant the live state applied it (events in the order
+    /// it applied them).
+    pub fn apply(&mut self, ev: &Projected, t: Time) {
+        let u = self.state.intern(&ev.user);
+        if self.state.apply_event(u, ev, t) {
+            // Window entries that have passed are dropped as the live state would at its
+            // next evaluation, so the history held stays one window long.
+            for c in self.state.users[u as usize].cells.iter_mut() {
+                c.advance_window(t);
+            }
+        }
+    }
+
+    /// The rebuilt cells.
+    pub fn finish(self) -> Backfill {
+        let mut st = self.state;
+        let slots: Vec<u32> = (0..st.plan.aggs.len())
+            .filter(|&i| st.only_aggs.as_ref().is_some_and(|o| o[i]))
+            .map(|i| st.plan.agg_slot(i))
+            .collect();
+        let users = std::mem::take(&mut st.users)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(u, user)| {
+                let pending = st.pending.remove(&(u as u32)).unwrap_or_default();
+                let cells: Vec<Cell> = user
+                    .cells
+                    .into_vec()
+                    .into_iter()
+                    .filter(|c| !c.is_empty_window())
+                    .collect();
+                (!cells.is_empty() || !pending.is_empty()).then_some((user.key, cells, pending))
+            })
+            .collect();
+        Backfill {
+            slots,
+            users,
+            events: st.counters.events,
+        }
     }
 }
 
@@ -1324,6 +1417,7 @@ impl SegmentState {
             touched: hashbrown::HashMap::new(),
             points: Vec::new(),
             changed: None,
+            only_aggs: None,
         }
     }
 
@@ -1346,6 +1440,32 @@ impl SegmentState {
     /// write only those.
     pub fn track_changes(&mut self) {
         self.changed.get_or_insert_with(Default::default);
+    }
+
+    /// Puts rebuilt history into a restored state carried over to a new plan, before
+    /// [`SegmentState::reevaluate_all`]: each user's cells of the rebuilt aggregates (a
+    /// user the state does not know yet is added). The carried-over state holds no cell
+    /// of those slots. Returns the users given history.
+    pub fn graft(&mut self, b: Backfill) -> usize {
+        let n = b.users.len();
+        for (key, cells, pending) in b.users {
+            let u = self.intern(&key);
+            let user = &mut self.users[u as usize];
+            let mut all = std::mem::take(&mut user.cells).into_vec();
+            all.retain(|c| !b.slots.contains(&c.slot()));
+            // Aggregate slots sort before trait slots, so no trait cell gets another
+            // predecessor (linked stamps stay as they are).
+            all.extend(cells);
+            all.sort_by_key(Cell::slot);
+            user.cells = all.into_boxed_slice();
+            if !pending.is_empty() {
+                self.pending.entry(u).or_default().extend(pending);
+            }
+            if let Some(c) = &mut self.changed {
+                c.insert(u);
+            }
+        }
+        n
     }
 
     /// After a restore carried over to a new plan: every user is evaluated again at `at`
@@ -1619,6 +1739,9 @@ impl SegmentState {
         let mismatches = std::cell::Cell::new(0);
         let ctx = EventCtx(ev, &mismatches);
         for (i, slot) in plan.aggs.iter().enumerate() {
+            if self.only_aggs.as_ref().is_some_and(|o| !o[i]) {
+                continue;
+            }
             if let Some((field, want)) = &self.t.agg_guards[i] {
                 if let Value::Str(have) = &*ev.field(field) {
                     if have != want {
@@ -1730,7 +1853,12 @@ impl SegmentState {
                 }
             }
         }
-        for (slot, val) in ev.traits.iter() {
+        let traits = if self.only_aggs.is_some() {
+            &[][..]
+        } else {
+            &ev.traits[..]
+        };
+        for (slot, val) in traits.iter() {
             let slot = *slot;
             let at = user.cells.binary_search_by_key(&slot, Cell::slot);
             let newer = match at.ok().and_then(|i| user.trait_at(i)) {

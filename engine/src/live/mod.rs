@@ -41,6 +41,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod notify;
+mod rebuild;
 mod serve;
 pub mod sink;
 pub mod snapshots;
@@ -454,7 +455,7 @@ where
             &plan,
             texts,
             &catalog.changes,
-            journeys.is_some(),
+            journeys.as_ref().map(|j| j.writes_traits()),
             &ingest_tx,
         )?)
     } else {
@@ -913,9 +914,11 @@ fn recover(
     plan: &Plan,
     (segments_text, journeys_text): (String, String),
     changes: &[durable::DefChange],
-    journeys: bool,
+    journeys_write: Option<bool>,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
+    // Whether journeys run, and whether they write traits.
+    let journeys = journeys_write.is_some();
     let dir = &config.checkpoint.dir;
     // A local directory that cannot be used is the config's fault; object storage that
     // does not answer is an outage.
@@ -930,6 +933,7 @@ fn recover(
     let n = config.engine.workers;
     let (process, processes) = config.processes();
     let mut remap = None;
+    let mut backfills: Vec<Option<herald_operators::state::Backfill>> = Vec::new();
     if let Some(m) = &manifest {
         let why = if m.workers != n {
             Some(format!(
@@ -942,16 +946,25 @@ fn recover(
                 m.processes
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
-            match carry_over(m, plan, &journeys_text) {
+            match carry_over(m, plan, &journeys_text).and_then(|r| {
+                if r.new_aggregates.is_empty() {
+                    return Ok(r);
+                }
+                let built =
+                    rebuild::new_aggregates(config, plan, &r, m.at, journeys_write == Some(true))?;
+                backfills = built.into_iter().map(Some).collect();
+                Ok(r)
+            }) {
                 Ok(r) => {
                     tracing::info!(
                         "the segment file changed since the checkpoint at {}: its state is \
-                         carried over (segments kept: {}; new: {}; dropped: {}); every user \
-                         is evaluated again at {}",
+                         carried over (segments kept: {}; new: {}; dropped: {}; aggregates \
+                         rebuilt from the archive: {}); every user is evaluated again at {}",
                         m.at,
                         r.kept.len(),
                         names(&r.added),
                         names(&r.dropped),
+                        r.new_aggregates.len(),
                         m.at
                     );
                     remap = Some(Arc::new(r));
@@ -1010,6 +1023,7 @@ fn recover(
         Some(m) => {
             let started = std::time::Instant::now();
             // Each worker reads its own parts, in parallel, on its thread.
+            let mut backfills = std::mem::take(&mut backfills).into_iter();
             for slot in restored.iter_mut() {
                 *slot = Some(durable::WorkerParts {
                     store: store.clone(),
@@ -1017,6 +1031,7 @@ fn recover(
                     chain: m.chain.clone(),
                     journeys,
                     remap: remap.clone(),
+                    backfill: backfills.next().flatten(),
                 });
             }
             let mut snapshot = None;
@@ -1165,8 +1180,8 @@ fn carry_over(
     plan.remap_from(&old).map_err(|missing| {
         format!(
             "the segment file changed since it was taken, and the new one reads what the \
-             state does not hold: {} (an aggregate or trait over history is rebuilt only by \
-             replaying the events)",
+             state does not hold: {} (a trait over history is rebuilt only by replaying \
+             the events)",
             missing.join("; ")
         )
     })

@@ -652,7 +652,11 @@ fn run(
                             inputs.advance_to(cur);
                         }
                         fed_at_cur = true;
-                        feed(live, &mut inputs, ev, &mut identify, now_ms() as i64)
+                        // The archive's `received_at` is the log stamp (0: no log), the
+                        // instant the dataflow applies it at: a rebuild from the archive
+                        // needs it.
+                        let received = if at > 0 { at as i64 } else { now_ms() as i64 };
+                        feed(live, &mut inputs, ev, &mut identify, received)
                     }
                     Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => {
                         drained = true;

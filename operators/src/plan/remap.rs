@@ -5,8 +5,10 @@
 //! (the compiled aggregate of the segment language, positions aside); a trait by its
 //! name; a static list or warehouse audience by its segment's name and source; a segment
 //! by its name (its definition may change: it is evaluated again). State for what the old
-//! plan had and the new one lacks is dropped; what the new one reads and the old lacked
-//! (an aggregate or a trait over history) is not in the state at all, and is reported.
+//! plan had and the new one lacks is dropped; what the new one reads and the old lacked is
+//! not in the state at all: a new aggregate is listed ([`Remap::new_aggregates`]) so that
+//! its history can be rebuilt from the events ([`crate::state::Backfill`]); a new trait
+//! is reported.
 
 use std::collections::BTreeMap;
 
@@ -34,11 +36,16 @@ pub struct Remap {
     pub added: Vec<String>,
     /// Segments the old plan had and the new one does not.
     pub dropped: Vec<String>,
+    /// Aggregates the new plan reads and the old state does not hold: `(new slot, the
+    /// sentence that names it)`. Their cells are empty until rebuilt from the events
+    /// ([`crate::state::Backfill`]); a caller that cannot rebuild them must refuse.
+    pub new_aggregates: Vec<(u32, String)>,
 }
 
 impl Plan {
-    /// How to carry state built with `old` into this plan, or what this plan reads that
-    /// `old`'s state does not hold (each as a sentence).
+    /// How to carry state built with `old` into this plan (with the aggregates it lacks
+    /// listed in [`Remap::new_aggregates`]), or the traits this plan reads that `old`'s
+    /// state does not hold (each as a sentence).
     pub fn remap_from(&self, old: &Plan) -> Result<Remap, Vec<String>> {
         let mut slots: Vec<Option<u32>> = vec![None; old.slot_count()];
         // The presence slots are fixed.
@@ -46,6 +53,7 @@ impl Plan {
             slots[s as usize] = Some(s);
         }
         let mut missing = Vec::new();
+        let mut new_aggregates = Vec::new();
         let old_aggs: BTreeMap<_, usize> = old
             .aggs
             .iter()
@@ -55,7 +63,7 @@ impl Plan {
         for (i, a) in self.aggs.iter().enumerate() {
             match old_aggs.get(&a.agg) {
                 Some(&o) => slots[old.agg_slot(o) as usize] = Some(self.agg_slot(i)),
-                None => missing.push(new_aggregate(a)),
+                None => new_aggregates.push((self.agg_slot(i), new_aggregate(a))),
             }
         }
         for (i, (name, used_by)) in self.traits.iter().enumerate() {
@@ -120,6 +128,7 @@ impl Plan {
             kept,
             added,
             dropped,
+            new_aggregates,
         })
     }
 }
@@ -180,11 +189,18 @@ mod tests {
              CREATE SEGMENT de AS country = 'DE';\n",
         );
         let missing = more.remap_from(&old).unwrap_err();
-        assert_eq!(missing.len(), 2, "{missing:?}");
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(missing[0].contains("`country`"), "{missing:?}");
+        // A new aggregate is listed with its slot, to be rebuilt from the events.
+        let top = plan("CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
+        let r = top.remap_from(&old).unwrap();
+        assert_eq!(r.new_aggregates.len(), 1);
+        assert_eq!(r.new_aggregates[0].0, top.agg_slot(0));
         assert!(
-            missing[0].contains("max(properties.revenue)"),
-            "{missing:?}"
+            r.new_aggregates[0].1.contains("max(properties.revenue)"),
+            "{:?}",
+            r.new_aggregates
         );
-        assert!(missing[1].contains("`country`"), "{missing:?}");
+        assert!(r.slots.iter().all(|s| *s != Some(top.agg_slot(0))));
     }
 }

@@ -1,0 +1,129 @@
+//! Rebuilding, at start, the history of aggregates that a changed segment file reads and
+//! the checkpoint does not hold, from the events archive of `[export]`.
+//!
+//! Owns [`new_aggregates`]. The checkpoint at `F` holds the state after every event
+//! stamped before `F`; the archive holds every one of those events (a checkpoint is
+//! complete only once the archive has caught up with it), each with its stamp as
+//! `received_at`. So the events of the archive received before `F`, applied to the new
+//! aggregates alone in stamp order at their stamps, with the live state's deduplication,
+//! give each user's cells of them exactly as a state built with the new file from the
+//! start would hold them at `F` ([`herald_operators::state::Backfiller`]). Each worker
+//! checks, as it restores, that the rebuild applied as many events as its state did
+//! before `F`: an archive that misses some (`[export]` turned on after the state began,
+//! files removed) is refused, never read as the whole history.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use herald_connectors::tables;
+use herald_connectors::ConnectorError;
+use herald_operators::dataflow::user_hash;
+use herald_operators::plan::{Plan, Remap};
+use herald_operators::project::Projected;
+use herald_operators::state::{Backfill, Backfiller};
+use herald_operators::time::Time;
+
+use crate::config::Config;
+
+/// The events archive's location under `[export] parquet`, if the config writes one.
+pub fn archive_location(config: &Config) -> Option<String> {
+    let prefix = config.export.as_ref()?.parquet.as_ref()?;
+    Some(format!(
+        "{}/{}/",
+        prefix.trim_end_matches('/'),
+        tables::EVENTS.name
+    ))
+}
+
+/// The history of `remap`'s new aggregates for each of this process's workers (by local
+/// index), from the archive's events received before `at`; or why it cannot be rebuilt.
+/// `workers` and `process` are the config's; `writes_traits` whether the journeys write
+/// traits (their writes come back as events the archive does not hold).
+pub fn new_aggregates(
+    config: &Config,
+    plan: &Plan,
+    remap: &Remap,
+    at: Time,
+    writes_traits: bool,
+) -> Result<Vec<Backfill>, String> {
+    let named = || {
+        remap
+            .new_aggregates
+            .iter()
+            .map(|(_, s)| s.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let Some(location) = archive_location(config) else {
+        return Err(format!(
+            "the segment file changed since it was taken, and the new one reads what the \
+             state does not hold: {}. Herald rebuilds new aggregates from the events \
+             archive, and this config writes none (`[export] parquet`)",
+            named()
+        ));
+    };
+    if writes_traits {
+        return Err(format!(
+            "the segment file changed since it was taken, and the new one reads what the \
+             state does not hold: {}. Its history cannot be rebuilt from the events archive \
+             while journeys write traits (`update_trait`): their writes are events the \
+             archive does not hold",
+            named()
+        ));
+    }
+    let dedup_horizon_ms = config.dedup_horizon_ms().map_err(|e| e.to_string())?;
+    let (process, processes) = config.processes();
+    let local = config.engine.workers;
+    let peers = (local * processes) as u64;
+    let started = Instant::now();
+    tracing::info!(
+        "rebuilding {} from the events archive {location} (events received before {at})",
+        named()
+    );
+    // Only what the new aggregates read is kept of each event, and only this process's.
+    let mut events: Vec<(Time, u32, Projected)> = Vec::new();
+    let mut rows = 0u64;
+    let read = tables::for_each_archived_event(&location, &mut |ev, received| {
+        rows += 1;
+        if rows.is_multiple_of(1_000_000) {
+            tracing::info!("rebuilding: {rows} archived events read");
+        }
+        let received = received.max(0) as Time;
+        if received >= at {
+            return;
+        }
+        let global = user_hash(&ev.user) % peers;
+        if global / local as u64 != process as u64 {
+            return;
+        }
+        let w = (global % local as u64) as u32;
+        events.push((received, w, plan.project(ev, false)));
+    });
+    match read {
+        Ok(()) | Err(ConnectorError::NotFound { .. }) => {}
+        Err(e) => return Err(format!("reading the events archive to rebuild: {e}")),
+    }
+    // In stamp order; a user's events of one stamp keep the archive's order, which is
+    // the order they were fed in.
+    events.sort_by_key(|(t, _, _)| *t);
+    let plan = Rc::new(plan.clone());
+    let slots: Vec<u32> = remap.new_aggregates.iter().map(|(s, _)| *s).collect();
+    let mut builders: Vec<Backfiller> = (0..local)
+        .map(|_| Backfiller::new(plan.clone(), &slots, dedup_horizon_ms))
+        .collect();
+    let total = events.len();
+    for (i, (t, w, ev)) in events.into_iter().enumerate() {
+        builders[w as usize].apply(&ev, t);
+        if (i + 1) % 1_000_000 == 0 {
+            tracing::info!("rebuilding: {} of {total} events applied", i + 1);
+        }
+    }
+    let built: Vec<Backfill> = builders.into_iter().map(Backfiller::finish).collect();
+    tracing::info!(
+        "rebuilt {} from {total} archived events before {at} ({rows} read; {} users; {:.0} ms)",
+        named(),
+        built.iter().map(Backfill::users).sum::<usize>(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(built)
+}
