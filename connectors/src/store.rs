@@ -225,6 +225,15 @@ pub fn exists(url_or_path: &str) -> Result<bool, ConnectorError> {
     }
 }
 
+/// Deletes one file or object; one that is not there is not an error.
+pub fn remove(url_or_path: &str) -> Result<(), ConnectorError> {
+    let (store, path) = open(url_or_path)?;
+    match block_on(url_or_path, async move { store.delete(&path).await })? {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(ConnectorError::storage(url_or_path, e)),
+    }
+}
+
 /// Deletes every file or object under a directory or prefix (recursively); returns how
 /// many. Nothing there is not an error.
 pub fn remove_all(prefix_url: &str) -> Result<usize, ConnectorError> {

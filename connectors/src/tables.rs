@@ -401,6 +401,83 @@ pub fn write_partitioned(
     Ok(written)
 }
 
+/// Cuts the Parquet files of `table` under `prefix` that one writer wrote (their names
+/// start with `writer`, as `part-p0-`) back to the rows before instant `at` (ms, by the
+/// table's partition column): a restart from a checkpoint at `at` derives every later row
+/// again, so the earlier run's copies go. Only the partitions from `at`'s hour on are
+/// read; a file left with no row is removed, one left with some is rewritten whole
+/// ([`crate::store::write_all`] is atomic). Returns the rows removed.
+pub fn cut_partitioned(
+    prefix: &str,
+    table: &Table,
+    writer: &str,
+    at: i64,
+) -> Result<u64, ConnectorError> {
+    use arrow::array::BooleanArray;
+    use parquet::arrow::ArrowWriter;
+    let base = format!("{}/{}/", prefix.trim_end_matches('/'), table.name);
+    let from = partition(at);
+    let mut removed = 0;
+    for file in crate::store::list(&base)? {
+        let Some(rest) = file.rfind("/date=").map(|i| &file[i + 1..]) else {
+            continue;
+        };
+        let (part, name) = match rest.rsplit_once('/') {
+            Some(x) => x,
+            None => continue,
+        };
+        if part < from.as_str() || !name.starts_with(writer) || !name.ends_with(".parquet") {
+            continue;
+        }
+        let bad = |what: String| ConnectorError::input(&file, what);
+        let builder = ParquetRecordBatchReaderBuilder::try_new(read_all(&file)?)
+            .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+        let schema = Arc::clone(builder.schema());
+        let reader = builder
+            .build()
+            .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+        let (mut kept, mut dropped) = (Vec::new(), 0);
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(format!("cannot read a row group: {e}")))?;
+            let times = batch
+                .column(table.partition_by)
+                .as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .ok_or_else(|| bad("its partition column is not a millisecond timestamp".into()))?;
+            let before: BooleanArray = times
+                .iter()
+                .map(|t| Some(t.is_some_and(|t| t < at)))
+                .collect();
+            let batch = arrow::compute::filter_record_batch(&batch, &before)
+                .map_err(|e| bad(format!("cannot filter a row group: {e}")))?;
+            dropped += (times.len() - batch.num_rows()) as u64;
+            if batch.num_rows() > 0 {
+                kept.push(batch);
+            }
+        }
+        if dropped == 0 {
+            continue;
+        }
+        removed += dropped;
+        if kept.is_empty() {
+            crate::store::remove(&file)?;
+            continue;
+        }
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+            .build();
+        let mut bytes = Vec::new();
+        let write_err = |e: parquet::errors::ParquetError| bad(format!("cannot rewrite: {e}"));
+        let mut w = ArrowWriter::try_new(&mut bytes, schema, Some(props)).map_err(write_err)?;
+        for b in &kept {
+            w.write(b).map_err(write_err)?;
+        }
+        w.close().map_err(write_err)?;
+        crate::store::write_all(&file, bytes)?;
+    }
+    Ok(removed)
+}
+
 #[cfg(feature = "postgres")]
 mod pg;
 #[cfg(feature = "postgres")]
@@ -566,6 +643,55 @@ mod tests {
         let mut other = ev.clone();
         other.event = Some("Order Completed".into());
         assert!(outcome_row(&other).is_none());
+    }
+
+    #[test]
+    fn a_writers_files_are_cut_back_to_the_rows_before_an_instant() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().to_str().unwrap().to_string();
+        let hour = 3_600_000;
+        let t0 = 1_763_769_600_000;
+        let ev = |i: i64| Event {
+            user: format!("u{i}"),
+            kind: EventType::Track,
+            event: Some("Order Completed".into()),
+            message_id: format!("m{i}"),
+            timestamp: t0 + i,
+            properties: Map::new(),
+            context: Map::new(),
+            traits: Map::new(),
+        };
+        // Writer p0: rows over three hours, one file per hour; writer p1 the same.
+        let received = |i: i64| t0 + i * hour / 2;
+        for writer in ["part-p0-1-000001", "part-p1-1-000001"] {
+            let rows: Vec<Row> = (0..6).map(|i| event_row(&ev(i), received(i))).collect();
+            write_partitioned(&prefix, &EVENTS, &rows, writer).unwrap();
+        }
+        // Cut p0 at row 3's instant: the first hour's file stays as it is, the second
+        // keeps row 2, the third goes.
+        let removed = cut_partitioned(&prefix, &EVENTS, "part-p0-", received(3)).unwrap();
+        assert_eq!(removed, 3);
+        let mut left: Vec<(String, i64)> = read_archived_events(&format!("{prefix}/events/"))
+            .unwrap()
+            .into_iter()
+            .map(|(e, r)| (e.message_id, r))
+            .collect();
+        left.sort();
+        let mut want: Vec<(String, i64)> = (0..3).map(|i| (format!("m{i}"), received(i))).collect();
+        want.extend((0..6).map(|i| (format!("m{i}"), received(i))));
+        want.sort();
+        assert_eq!(left, want);
+        let files = crate::store::list(&format!("{prefix}/events/")).unwrap();
+        assert_eq!(
+            files.iter().filter(|f| f.contains("part-p0-")).count(),
+            2,
+            "{files:?}"
+        );
+        // Nothing at or after the instant is left: cutting again removes nothing.
+        assert_eq!(
+            cut_partitioned(&prefix, &EVENTS, "part-p0-", received(3)).unwrap(),
+            0
+        );
     }
 
     #[test]

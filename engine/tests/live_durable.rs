@@ -654,23 +654,28 @@ fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>>
     want
 }
 
-/// Starts Herald with `BEFORE`, posts `events`, lets a checkpoint (and, with `[export]`,
-/// the archive) catch up with most of them, posts the rest, and kills it: the rest is
-/// only in the log.
+/// Starts Herald with `BEFORE`, posts 90% of `events`, lets a checkpoint (and, with
+/// `[export]`, the archive) catch up with them, and kills it; then starts it again with
+/// checkpoints an hour apart, posts the rest, lets the archive (not a checkpoint) take
+/// them, and kills it again. So the rest is after the checkpoint: in the log and in the
+/// archive both.
 fn build_then_kill(dir: &std::path::Path, config: &str, events: &[Json]) {
     std::fs::write(dir.join("segments.sql"), BEFORE).unwrap();
-    let mut h = Herald::start(dir, config);
     let (first, rest) = events.split_at(events.len() * 9 / 10);
-    for (i, part) in [first, rest].into_iter().enumerate() {
+    let rare = config.replace(
+        "[checkpoint]\nevery = \"1 second\"",
+        "[checkpoint]\nevery = \"1 hour\"",
+    );
+    assert_ne!(rare, config);
+    for (part, config) in [(first, config), (rest, rare.as_str())] {
+        let mut h = Herald::start(dir, config);
         for c in part.chunks(BATCH) {
             let (status, body) = h.post("/v1/batch", "wk", &json!({"batch": c}).to_string());
             assert_eq!(status, 200, "{body}");
         }
-        if i == 0 {
-            std::thread::sleep(Duration::from_millis(2500));
-        }
+        std::thread::sleep(Duration::from_millis(2500));
+        h.kill();
     }
-    h.kill();
 }
 
 /// `herald run` that is expected to refuse to start: its stderr.
@@ -782,6 +787,33 @@ fn a_changed_segment_file_reading_new_aggregates_is_rebuilt_from_the_archive() {
         &want,
         "rebuilt a new aggregate, read by top: max(properties.revenue)",
     );
+
+    // The archive holds every event once (the copies the killed run wrote after the
+    // checkpoint were cut at the restart), and the exported changes are the changelog's.
+    let archived = herald_connectors::tables::read_archived_events(
+        dir.path().join("archive/events/").to_str().unwrap(),
+    )
+    .unwrap();
+    let ids: BTreeSet<&str> = archived
+        .iter()
+        .map(|(e, _)| e.message_id.as_str())
+        .collect();
+    assert_eq!((archived.len(), ids.len()), (events.len(), events.len()));
+    let exported: u64 = herald_connectors::store::list(
+        dir.path()
+            .join("archive/segment_changes/")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap()
+    .iter()
+    .map(|f| herald_connectors::tables::parquet_rows(f).unwrap())
+    .sum();
+    let changelog = std::fs::read_to_string(dir.path().join("herald-out/segment_changes.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(exported as usize, changelog);
 }
 
 /// A restart with a long log after the last checkpoint: the workers take the log in

@@ -131,9 +131,16 @@ impl Exporter {
                 Ok(ExportMsg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(msg) => {
                     self.take(live, msg)?;
-                    // Stopping: the workers wait for what the archive confirms, so it is
-                    // written now rather than at the flush interval.
-                    if live.stopping() && self.pending_watermark.is_some() {
+                    // Due by the flush interval even while messages keep coming (a steady
+                    // stream never lets the wait above time out). Stopping: the workers
+                    // wait for what the archive confirms, so it is written now.
+                    let due = self
+                        .buffers
+                        .iter()
+                        .filter_map(|b| b.since)
+                        .min()
+                        .is_some_and(|s| s.elapsed() >= self.flush_every);
+                    if due || (live.stopping() && self.pending_watermark.is_some()) {
                         self.flush_all(live)?;
                     }
                 }

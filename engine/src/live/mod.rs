@@ -1062,6 +1062,7 @@ fn recover(
             if !config.output.dir.is_empty() {
                 sink::cut_to_checkpoint(&config.output.dir, &files)?;
             }
+            cut_archive(config, m.at)?;
             chain = m.chain.clone();
             sink_resume = Some(topics);
             tracing::info!(
@@ -1079,6 +1080,7 @@ fn recover(
             if !config.output.dir.is_empty() {
                 sink::cut_to_checkpoint(&config.output.dir, &Default::default())?;
             }
+            cut_archive(config, records[0].at)?;
             tracing::info!(
                 "no checkpoint yet; {} logged events fed again",
                 records.len()
@@ -1129,6 +1131,40 @@ fn recover(
         probe,
         carried_over: remap.is_some(),
     })
+}
+
+/// Cuts this process's `[export]` Parquet files back to the rows before `at`: a restart
+/// from a checkpoint at `at` derives every later event, change, journey event and
+/// message again, so the copies an earlier run wrote go (the PostgreSQL load is keyed by
+/// each row's identity already). Delivery outcomes are not derived again (the outbox
+/// sends once), so they stay.
+fn cut_archive(config: &Config, at: herald_operators::time::Time) -> Result<(), EngineError> {
+    use herald_connectors::tables;
+    let Some(prefix) = config.export.as_ref().and_then(|x| x.parquet.as_ref()) else {
+        return Ok(());
+    };
+    let writer = format!("part-p{}-", config.processes().0);
+    for table in [
+        &tables::EVENTS,
+        &tables::SEGMENT_CHANGES,
+        &tables::JOURNEY_EVENTS,
+        &tables::MESSAGES,
+    ] {
+        let removed = tables::cut_partitioned(prefix, table, &writer, at as i64).map_err(|e| {
+            EngineError::Unavailable(format!(
+                "`export.parquet`: cutting the {} table back to the checkpoint: {e}",
+                table.name
+            ))
+        })?;
+        if removed > 0 {
+            tracing::info!(
+                "export: {removed} rows of {} at or after {at} removed (derived again from \
+                 the checkpoint)",
+                table.name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Whether a checkpoint taken with another segment file can be carried over to `plan`
