@@ -816,6 +816,97 @@ fn a_changed_segment_file_reading_new_aggregates_is_rebuilt_from_the_archive() {
     assert_eq!(exported as usize, changelog);
 }
 
+/// A changed journey file between runs: `welcome`, unchanged, keeps its state (every
+/// repeat buyer gets its one webhook, none twice); `thanks`, whose wait changed, ends
+/// each instance in progress with one `exited` row (reason `journey_changed`) at the
+/// restart, and a restart with the same file ends nothing more.
+#[test]
+fn a_changed_journey_file_keeps_the_unchanged_journeys_and_ends_the_changed_ones_instances() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (seen, hook) = recorder(&rt, Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    let journeys = |hours: u32| {
+        format!(
+            "journey: thanks\nentry: {{ segment_entered: big_spenders }}\nsteps:\n  \
+             - wait: {hours} hours\n  - send: {{ channel: webhook, template: thanks }}\n---\n\
+             journey: welcome\nentry: {{ segment_entered: repeat_buyers }}\nsteps:\n  \
+             - send: {{ channel: webhook, template: thanks }}\n"
+        )
+    };
+    std::fs::write(dir.path().join("journeys.yaml"), journeys(1)).unwrap();
+    std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+    std::fs::write(dir.path().join("templates/thanks.liquid"), "thanks\n").unwrap();
+    let config = config(&hook, None);
+    let events: Vec<Json> = events().into_iter().take(20_000).collect();
+    let mut h = Herald::start(dir.path(), &config);
+    for c in events.chunks(BATCH) {
+        let (status, body) = h.post("/v1/batch", "wk", &json!({"batch": c}).to_string());
+        assert_eq!(status, 200, "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    h.kill();
+
+    std::fs::write(dir.path().join("journeys.yaml"), journeys(2)).unwrap();
+    let mut h = Herald::start(dir.path(), &config);
+    let said = h.stderr_text();
+    assert!(
+        said.contains("journeys changed: thanks; removed: none"),
+        "{said}"
+    );
+    let repeat = members(&h, "repeat_buyers");
+    let spenders = members(&h, "big_spenders");
+    assert!(!repeat.is_empty() && !spenders.is_empty());
+    let rows = h.output("journey_events.jsonl");
+    // Times are RFC 3339 in milliseconds, UTC: they sort as text.
+    let of = |journey: &str, kind: &str| -> Vec<(String, String)> {
+        rows.iter()
+            .filter(|r| r["journey"] == journey && r["kind"] == kind)
+            .map(|r| {
+                (
+                    r["user_id"].as_str().unwrap().to_string(),
+                    r["time"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let exited = of("thanks", "exited");
+    assert!(rows
+        .iter()
+        .filter(|r| r["kind"] == "exited")
+        .all(|r| r["journey"] == "thanks" && r["reason"] == "journey_changed"));
+    let at = exited.first().expect("exits at the restart").1.clone();
+    assert!(exited.iter().all(|(_, t)| *t == at));
+    // Every thanks instance that entered before the restart was waiting: each ends once.
+    let entered: BTreeSet<String> = of("thanks", "entered")
+        .into_iter()
+        .filter(|(_, t)| *t < at)
+        .map(|(u, _)| u)
+        .collect();
+    let ended: Vec<String> = exited.into_iter().map(|(u, _)| u).collect();
+    assert_eq!(ended.len(), entered.len(), "one exit each");
+    assert_eq!(ended.into_iter().collect::<BTreeSet<_>>(), entered);
+    assert_eq!(entered, spenders);
+    // welcome kept its state: one webhook per repeat buyer, none sent again.
+    h.wait_for("welcome's webhooks", Duration::from_secs(60), |_| {
+        let keys: BTreeSet<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.len() == repeat.len()
+    });
+    assert!(h.stop().success());
+    let h = Herald::start(dir.path(), &config);
+    let rows = h.output("journey_events.jsonl");
+    assert_eq!(
+        rows.iter().filter(|r| r["kind"] == "exited").count(),
+        spenders.len(),
+        "a restart with the same file ends nothing more"
+    );
+}
+
 /// A restart with a long log after the last checkpoint: the workers take the log in
 /// slices, and a checkpoint taken while part of it still waits must not pass those events
 /// (they would be neither in the checkpoint nor fed again after it).

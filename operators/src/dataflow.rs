@@ -130,6 +130,9 @@ pub struct Restored {
     /// History rebuilt for the aggregates the parts lack (a changed segment file that
     /// reads new ones), put into the state before it is evaluated again.
     pub backfill: Option<crate::state::Backfill>,
+    /// Exit rows, at `at`, of the instances whose journey changed or went with a changed
+    /// journey file ([`crate::journey::machine::remap_journey_chain`]).
+    pub journey_exits: Vec<JOut>,
 }
 
 /// Checkpointing for [`build_segments_durable`].
@@ -300,10 +303,18 @@ pub fn build_segments_live<'s>(
         Some(d) => (Some(d.parts), d.restored),
         None => (None, None),
     };
-    let (restored_at, seg_parts, journey_parts, reevaluate, backfill) = match restored {
-        Some(r) => (Some(r.at), r.segments, r.journeys, r.reevaluate, r.backfill),
-        None => (None, Vec::new(), Vec::new(), false, None),
-    };
+    let (restored_at, seg_parts, journey_parts, reevaluate, backfill, journey_exits) =
+        match restored {
+            Some(r) => (
+                Some(r.at),
+                r.segments,
+                r.journeys,
+                r.reevaluate,
+                r.backfill,
+                r.journey_exits,
+            ),
+            None => (None, Vec::new(), Vec::new(), false, None, Vec::new()),
+        };
 
     // update_trait writes come back as identify events, one millisecond later. The loop
     // makes every instant wait for the journeys to finish the one before (a write at t is
@@ -389,7 +400,7 @@ pub fn build_segments_live<'s>(
             set,
             ctl,
             parts,
-            restored_at.map(|at| (at, journey_parts)),
+            restored_at.map(|at| (at, journey_parts, journey_exits)),
         );
         journey_state = Some(handle);
         if let Some(feedback) = feedback {

@@ -22,6 +22,7 @@ use herald_operators::dataflow::{
     SegmentPart,
 };
 use herald_operators::event::Event;
+use herald_operators::journey::machine::{remap_journey_chain, JourneyRemap};
 use herald_operators::journey::{compile_journeys, parse_journeys, JOut, JourneySet};
 use herald_operators::lang::parse::parse_segments;
 use herald_operators::plan::Plan;
@@ -112,6 +113,8 @@ struct Run<'a> {
     workers: usize,
     /// Restore at this instant the collected parts, carried over from this file.
     from: Option<(Time, &'a str)>,
+    /// The journeys the parts were taken with, when they differ from `journeys`.
+    from_journeys: Option<Journeys>,
     /// Take a full checkpoint here.
     checkpoint: Option<Time>,
     until: Time,
@@ -119,11 +122,24 @@ struct Run<'a> {
 
 fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
     let (plan, set) = compile(r.segments, r.journeys);
+    let old_journeys = r.from_journeys.unwrap_or(r.journeys);
     let remap = r.from.map(|(_, old)| {
-        let (old, _) = compile(old, r.journeys);
+        let (old, _) = compile(old, old_journeys);
         plan.remap_from(&old)
             .expect("B reads no trait A's state lacks")
     });
+    // A changed journey file: its journeys matched by name.
+    let journey_remap = r
+        .from
+        .filter(|_| old_journeys != r.journeys)
+        .map(|(_, old)| {
+            let (_, old_set) = compile(old, old_journeys);
+            JourneyRemap::new(
+                &parse_journeys(old_journeys.unwrap()).unwrap(),
+                &old_set.unwrap(),
+                &parse_journeys(r.journeys.unwrap()).unwrap(),
+            )
+        });
     let names: Vec<String> = plan.segments.iter().map(|s| s.name.clone()).collect();
     let out: Arc<Mutex<Changes>> = Arc::default();
     let journeyed: Arc<Mutex<Journeyed>> = Arc::default();
@@ -148,6 +164,10 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
                 writes = j.writes;
                 journeys.push(j.machine);
             }
+            let journey_exits = journey_remap
+                .as_ref()
+                .map(|jr| remap_journey_chain(&mut journeys, jr, start))
+                .unwrap_or_default();
             // The aggregates A's state lacks, rebuilt from this worker's users' events
             // before `F`, in the order the dataflow applied them.
             let backfill = (!m.new_aggregates.is_empty()).then(|| {
@@ -172,6 +192,7 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
                 journeys,
                 reevaluate: true,
                 backfill,
+                journey_exits,
             }
         });
         let durability = Durability {
@@ -336,6 +357,7 @@ fn check(seed: u64, workers: usize, journeys: Journeys, new_history: bool) {
         events: &events,
         workers,
         from,
+        from_journeys: None,
         checkpoint,
         until,
     };
@@ -414,4 +436,156 @@ fn new_aggregates_rebuilt_from_the_events_before_the_checkpoint_equal_a_run_with
             check(seed, workers, journeys, true);
         }
     }
+}
+
+/// [`JOURNEYS`] with `thank`'s send changed (another template, so its instances live as
+/// long as before) and `greet` as it was.
+static JOURNEYS_THANK_CHANGED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let text = JOURNEYS.replacen("template: t}", "template: t2}", 1);
+    assert_ne!(text, JOURNEYS);
+    text
+});
+
+/// [`JOURNEYS`] without `thank`.
+static JOURNEYS_THANK_REMOVED: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| JOURNEYS[JOURNEYS.find("journey: greet").unwrap()..].to_string());
+
+/// A journey row of the output, as `(journey, user, instance, kind, reason)`.
+fn journey_row(line: &str) -> Option<(String, String, u64, String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some((
+        v["journey"].as_str()?.to_string(),
+        v["user_id"].as_str()?.to_string(),
+        v["instance"].as_u64()?,
+        // `Kind` as serde writes it (`Entered`); output files write `entered`.
+        v.get("kind")?.as_str()?.to_lowercase(),
+        v["reason"].as_str().map(str::to_string),
+    ))
+}
+
+/// A changed journey file at a restart: `greet`, unchanged, goes on exactly as in a run
+/// with the new file from the start; `thank`, changed (or removed), ends each instance
+/// that was in progress at `F` with one `exited` row at `F` (reason `journey_changed` or
+/// `journey_removed`); and a changed `thank`'s instances that enter from `F` on run as in
+/// a run with the new file from the start. Segment changes after `F` are those of that run.
+/// Returns how many instances ended at `F`.
+fn check_journeys_changed(seed: u64, workers: usize, new: &'static str, reason: &str) -> usize {
+    let span = 48 * HOUR;
+    let events = random_events(seed, 40, 600, T0, span);
+    // `s0` (greet's trigger) entered by most users, at their third event.
+    let a = random_segment_file(seed, 6);
+    let (head, rest) = a.split_once("CREATE SEGMENT s0 AS").unwrap();
+    let a = format!(
+        "{head}CREATE SEGMENT s0 AS count(*) >= 3;{}",
+        rest.split_once(';').unwrap().1
+    );
+    let until = (T0 + span + 72 * HOUR) as Time;
+    let f = (T0 + 20 * HOUR + 17) as Time;
+    let setup = |journeys, from, from_journeys, checkpoint| Run {
+        segments: &a,
+        journeys,
+        events: &events,
+        workers,
+        from,
+        from_journeys,
+        checkpoint,
+        until,
+    };
+    let parts: Parts = Arc::default();
+    let (_, run_a) = run(
+        &setup(Some(JOURNEYS), None, None, Some(f)),
+        Arc::clone(&parts),
+    );
+    let (whole_c, whole) = run(&setup(Some(new), None, None, None), Arc::default());
+    let (carried_c, carried) = run(
+        &setup(Some(new), Some((f, a.as_str())), Some(Some(JOURNEYS)), None),
+        parts,
+    );
+    let ctx = format!("seed {seed}, {workers} workers\n{a}");
+    let after = |c: &Changes| -> Changes { c.iter().filter(|x| x.0 > f).cloned().collect() };
+    assert_eq!(
+        after(&carried_c),
+        after(&whole_c),
+        "segment changes after F: {ctx}"
+    );
+
+    // Instances of thank in progress at F in run A: entered before F, not ended before.
+    let mut active: BTreeSet<(String, u64)> = BTreeSet::new();
+    for (t, line) in &run_a {
+        let Some((j, user, inst, kind, _)) = journey_row(line) else {
+            continue;
+        };
+        if *t >= f || j != "thank" {
+            continue;
+        }
+        match kind.as_str() {
+            "entered" => {
+                active.insert((user, inst));
+            }
+            "completed" | "exited" | "converted" => {
+                active.remove(&(user, inst));
+            }
+            _ => {}
+        }
+    }
+    let exits: BTreeSet<(String, u64)> = carried
+        .iter()
+        .filter_map(|(t, line)| {
+            let (j, user, inst, kind, why) = journey_row(line)?;
+            (*t == f && j == "thank" && kind == "exited" && why.as_deref() == Some(reason))
+                .then_some((user, inst))
+        })
+        .collect();
+    assert_eq!(exits, active, "thank's exits at F: {ctx}");
+
+    // Every other row after F: greet's as in the whole run; thank's (when it is kept) of
+    // the users who had no instance in progress at F, as in the whole run.
+    let ended: BTreeSet<String> = active.iter().map(|(u, _)| u.clone()).collect();
+    let of_instance = |line: &str| -> Option<(String, String, u64)> {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        Some((
+            v["journey"].as_str()?.to_string(),
+            v["user_id"].as_str()?.to_string(),
+            v["instance"].as_u64()?,
+        ))
+    };
+    let keep = |(t, line): &(Time, String)| -> bool {
+        if *t <= f && line.contains(reason) {
+            return false;
+        }
+        // A user whose thank instance ended at F may enter it again sooner than in the
+        // whole run, where that instance still runs: their thank rows differ by design.
+        match of_instance(line) {
+            Some((j, user, _)) => *t > f && (j == "greet" || !ended.contains(&user)),
+            None => *t > f,
+        }
+    };
+    let (mut c, mut w): (Journeyed, Journeyed) = (
+        carried.iter().filter(|x| keep(x)).cloned().collect(),
+        whole.iter().filter(|x| keep(x)).cloned().collect(),
+    );
+    c.sort();
+    w.sort();
+    assert!(
+        w.iter().any(|(_, l)| l.contains("\"greet\"")),
+        "{ctx}: greet did nothing after F"
+    );
+    assert_eq!(c, w, "journey output after F: {ctx}");
+    active.len()
+}
+
+#[test]
+fn a_changed_journey_keeps_the_unchanged_journeys_and_ends_its_instances_at_the_restart() {
+    let mut ended = 0;
+    for seed in 0..5 {
+        for workers in [1, 2] {
+            for (file, reason) in [
+                (JOURNEYS_THANK_CHANGED.as_str(), "journey_changed"),
+                (JOURNEYS_THANK_REMOVED.as_str(), "journey_removed"),
+            ] {
+                ended += check_journeys_changed(seed, workers, file, reason);
+            }
+        }
+    }
+    assert!(ended > 0, "no instance was in progress at F in any run");
 }

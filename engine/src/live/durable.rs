@@ -987,6 +987,8 @@ pub struct WorkerParts {
     /// The history of the aggregates the new file reads and the state lacks, rebuilt
     /// from the events archive ([`super::rebuild`]).
     pub backfill: Option<herald_operators::state::Backfill>,
+    /// The journey file changed since: how its journeys map to the new one's.
+    pub journey_remap: Option<Arc<herald_operators::journey::machine::JourneyRemap>>,
 }
 
 impl WorkerParts {
@@ -1016,6 +1018,13 @@ impl WorkerParts {
                 }
                 r.journeys.push(j.machine);
             }
+        }
+        if let Some(j) = &self.journey_remap {
+            r.journey_exits = herald_operators::journey::machine::remap_journey_chain(
+                &mut r.journeys,
+                j,
+                self.at,
+            );
         }
         if let Some(b) = self.backfill {
             let applied = r.segments.last().map_or(0, SegmentPart::events_applied);

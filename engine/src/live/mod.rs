@@ -934,6 +934,7 @@ fn recover(
     let (process, processes) = config.processes();
     let mut remap = None;
     let mut backfills: Vec<Option<herald_operators::state::Backfill>> = Vec::new();
+    let mut journey_remap: JourneyCarry = None;
     if let Some(m) = &manifest {
         let why = if m.workers != n {
             Some(format!(
@@ -946,20 +947,32 @@ fn recover(
                 m.processes
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
-            match carry_over(m, plan, &journeys_text).and_then(|r| {
+            match carry_over(m, plan, &journeys_text).and_then(|(r, j)| {
                 if r.new_aggregates.is_empty() {
-                    return Ok(r);
+                    return Ok((r, j));
                 }
                 let built =
                     rebuild::new_aggregates(config, plan, &r, m.at, journeys_write == Some(true))?;
                 backfills = built.into_iter().map(Some).collect();
-                Ok(r)
+                Ok((r, j))
             }) {
-                Ok(r) => {
+                Ok((r, j)) => {
+                    let journeys_said = match &j {
+                        Some(j) => format!(
+                            "; journeys changed: {}; removed: {}; new: {} (instances in \
+                             progress of a changed or removed journey exit at {})",
+                            names(&j.changed),
+                            names(&j.removed),
+                            names(&j.added),
+                            m.at
+                        ),
+                        None => String::new(),
+                    };
                     tracing::info!(
-                        "the segment file changed since the checkpoint at {}: its state is \
+                        "the definitions changed since the checkpoint at {}: its state is \
                          carried over (segments kept: {}; new: {}; dropped: {}; aggregates \
-                         rebuilt from the archive: {}); every user is evaluated again at {}",
+                         rebuilt from the archive: {}{journeys_said}); every user is \
+                         evaluated again at {}",
                         m.at,
                         r.kept.len(),
                         names(&r.added),
@@ -968,6 +981,7 @@ fn recover(
                         m.at
                     );
                     remap = Some(Arc::new(r));
+                    journey_remap = j;
                     None
                 }
                 Err(why) => Some(why),
@@ -1029,9 +1043,11 @@ fn recover(
                     store: store.clone(),
                     at: m.at,
                     chain: m.chain.clone(),
-                    journeys,
+                    // A checkpoint taken without journeys has no journey parts.
+                    journeys: journeys && m.journeys,
                     remap: remap.clone(),
                     backfill: backfills.next().flatten(),
+                    journey_remap: journey_remap.clone(),
                 });
             }
             let mut snapshot = None;
@@ -1167,13 +1183,19 @@ fn cut_archive(config: &Config, at: herald_operators::time::Time) -> Result<(), 
     Ok(())
 }
 
-/// Whether a checkpoint taken with another segment file can be carried over to `plan`
-/// (see [`herald_operators::plan::Remap`]); else why not.
+/// How a checkpoint's journeys map to a changed journey file's (None: the file did not
+/// change).
+type JourneyCarry = Option<Arc<herald_operators::journey::machine::JourneyRemap>>;
+
+/// Whether a checkpoint taken with other definitions can be carried over to `plan` and
+/// the journey file `journeys_text` (see [`herald_operators::plan::Remap`] and
+/// [`herald_operators::journey::machine::JourneyRemap`]); else why not.
 fn carry_over(
     m: &durable::Manifest,
     plan: &Plan,
     journeys_text: &str,
-) -> Result<herald_operators::plan::Remap, String> {
+) -> Result<(herald_operators::plan::Remap, JourneyCarry), String> {
+    use herald_operators::journey::{compile_journeys, machine::JourneyRemap, parse_journeys};
     if m.segments_text.is_empty() {
         return Err(
             "the segment or journey file changed since it was taken (by a Herald \
@@ -1181,26 +1203,39 @@ fn carry_over(
                 .into(),
         );
     }
-    if m.journeys == journeys_text.is_empty() || m.journeys_text != journeys_text {
+    if m.journeys && journeys_text.is_empty() {
         return Err(
-            "the journey file changed since it was taken (journey state is carried \
-                    over only a changed segment file)"
+            "it holds journey state and this config runs no journeys (to end every \
+             journey, keep `engine.journeys` and remove the journeys from its file one by \
+             one: their instances then exit at the restart)"
                 .into(),
         );
     }
     let old = herald_operators::lang::parse::parse_segments(&m.segments_text)
         .map_err(|e| format!("the segment file it was taken with does not parse: {e}"))?;
-    let (old_plan, defs) = if journeys_text.is_empty() {
+    let (old_plan, defs) = if !m.journeys {
         (Plan::compile(&old), None)
     } else {
-        let defs = herald_operators::journey::parse_journeys(journeys_text)
-            .map_err(|e| format!("the journey file does not parse: {e}"))?;
-        let set = herald_operators::journey::compile_journeys(&old, &defs).map_err(|e| {
-            format!("the journey file does not compile against the old segment file: {e}")
+        let defs = parse_journeys(&m.journeys_text)
+            .map_err(|e| format!("the journey file it was taken with does not parse: {e}"))?;
+        let set = compile_journeys(&old, &defs).map_err(|e| {
+            format!(
+                "the journey file it was taken with does not compile against its segment file: {e}"
+            )
         })?;
         let read = set.segments_read();
-        (set.plan, Some((defs, read)))
+        (set.plan.clone(), Some((defs, read, set)))
     };
+    // A changed journey file: journeys matched by name.
+    let journeys = match &defs {
+        Some((old_defs, _, old_set)) if m.journeys_text != journeys_text => {
+            let new_defs = parse_journeys(journeys_text)
+                .map_err(|e| format!("the journey file does not parse: {e}"))?;
+            Some(Arc::new(JourneyRemap::new(old_defs, old_set, &new_defs)))
+        }
+        _ => None,
+    };
+    let defs = defs.map(|(d, read, _)| (d, read));
     // The changes through the API that were in force at the checkpoint, over its file.
     let mut at_checkpoint = definitions::Catalog::new(old, old_plan, defs);
     if let Some(w) = at_checkpoint
@@ -1213,14 +1248,15 @@ fn carry_over(
         ));
     }
     let old = (*at_checkpoint.plan).clone();
-    plan.remap_from(&old).map_err(|missing| {
+    let remap = plan.remap_from(&old).map_err(|missing| {
         format!(
             "the segment file changed since it was taken, and the new one reads what the \
              state does not hold: {} (a trait over history is rebuilt only by replaying \
              the events)",
             missing.join("; ")
         )
-    })
+    })?;
+    Ok((remap, journeys))
 }
 
 /// Per-segment state of a driver part (list and audience members), re-keyed to a changed

@@ -605,6 +605,110 @@ impl MachinePart {
     }
 }
 
+/// How a checkpoint's journeys map to a changed journey file's: by name. A journey with
+/// the same definition keeps its instances as they are; one whose definition changed
+/// keeps each user's entries and sends (its re-entry rule and frequency cap go on) but
+/// its instance in progress exits at the restart (reason `journey_changed`); a journey
+/// no longer in the file ends its instances the same way (reason `journey_removed`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JourneyRemap {
+    /// Per old journey: its new index and whether its definition changed.
+    pub journeys: Vec<Option<(u16, bool)>>,
+    /// Per old journey: its name and its variants' names (for the exit rows).
+    old: Vec<(String, Vec<String>)>,
+    /// Journeys in the new file.
+    pub n: usize,
+    /// Names of the journeys whose definition changed, that were removed, and that are new.
+    pub changed: Vec<String>,
+    /// See `changed`.
+    pub removed: Vec<String>,
+    /// See `changed`.
+    pub added: Vec<String>,
+}
+
+impl JourneyRemap {
+    /// `old_defs` (compiled as `old`) against `new_defs`.
+    pub fn new(
+        old_defs: &[crate::journey::file::JourneyDef],
+        old: &JourneySet,
+        new_defs: &[crate::journey::file::JourneyDef],
+    ) -> JourneyRemap {
+        let mut r = JourneyRemap {
+            n: new_defs.len(),
+            ..Default::default()
+        };
+        for (d, c) in old_defs.iter().zip(&old.journeys) {
+            r.old.push((c.name.clone(), c.variants.clone()));
+            let to = new_defs.iter().position(|n| n.name == d.name);
+            let changed = to.is_some_and(|i| new_defs[i] != *d);
+            match to {
+                None => r.removed.push(d.name.clone()),
+                Some(_) if changed => r.changed.push(d.name.clone()),
+                Some(_) => {}
+            }
+            r.journeys.push(to.map(|i| (i as u16, changed)));
+        }
+        r.added = new_defs
+            .iter()
+            .filter(|n| !old_defs.iter().any(|d| d.name == n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        r
+    }
+}
+
+/// Carries a chain of parts (full first, deltas after, as [`Machine::restore`] reads
+/// them) over to a changed journey file ([`JourneyRemap`]), and returns the exit rows, at
+/// instant `at`, of the instances that end because their journey changed or went: one
+/// per user and journey, from the user's latest state in the chain, sorted by user and
+/// journey.
+pub fn remap_journey_chain(parts: &mut [MachinePart], r: &JourneyRemap, at: Time) -> Vec<JOut> {
+    let mut exits = Vec::new();
+    let mut seen: std::collections::HashSet<String> = Default::default();
+    for part in parts.iter_mut().rev() {
+        for (key, state) in &mut part.users {
+            let latest = seen.insert(key.clone());
+            let Some(st) = state else { continue };
+            let mut journeys = vec![JState::default(); r.n];
+            for (j, mut js) in std::mem::take(&mut st.journeys)
+                .into_vec()
+                .into_iter()
+                .enumerate()
+            {
+                let to = r.journeys.get(j).copied().flatten();
+                let ends = match to {
+                    Some((_, false)) => None,
+                    Some((_, true)) => Some("journey_changed"),
+                    None => Some("journey_removed"),
+                };
+                if let Some(reason) = ends {
+                    if let (Some(inst), true) = (js.active.take(), latest) {
+                        let (name, variants) = &r.old[j];
+                        exits.push(JourneyRow {
+                            time: at as i64,
+                            journey: name.clone(),
+                            user_id: key.clone(),
+                            instance: inst.number,
+                            seq: 0,
+                            kind: Kind::Exited,
+                            step_path: String::new(),
+                            variant: inst.variant.map(|v| variants[v as usize].clone()),
+                            message_id: None,
+                            reason: Some(reason.to_string()),
+                        });
+                    }
+                }
+                if let Some((to, _)) = to {
+                    journeys[to as usize] = js;
+                }
+            }
+            st.journeys = journeys.into_boxed_slice();
+        }
+    }
+    exits.sort_by(|a, b| (&a.user_id, &a.journey).cmp(&(&b.user_id, &b.journey)));
+    exits.into_iter().map(JOut::Row).collect()
+}
+
 /// Everything that happens to one user at one instant, and what it emits.
 struct At<'a> {
     set: &'a JourneySet,

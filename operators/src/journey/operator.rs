@@ -57,13 +57,14 @@ enum Next {
 
 /// Runs the journeys over `input`; returns what they emit, each record at its instant,
 /// and a handle on the state. `ctl` (broadcast) carries checkpoint requests, answered
-/// through `parts`; `restored` is a checkpoint's instant and chain of parts to start from.
+/// through `parts`; `restored` is a checkpoint's instant, the chain of parts to start
+/// from, and rows to emit at that instant (the exits a changed journey file caused).
 pub fn run_journeys<'s>(
     input: VecCollection<'s, Time, (String, JIn), isize>,
     set: Rc<JourneySet>,
     ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
     parts: Option<Rc<dyn PartSink>>,
-    restored: Option<(Time, Vec<MachinePart>)>,
+    restored: Option<(Time, Vec<MachinePart>, Vec<JOut>)>,
 ) -> (Stream<'s, Time, Vec<JOut>>, JourneyHandle) {
     let scope = input.inner.scope();
     let shared = Rc::new(RefCell::new(Machine::new(set)));
@@ -77,16 +78,18 @@ pub fn run_journeys<'s>(
             let activator = scope.activator_for(info.address);
             let mut stash: BTreeMap<Time, Vec<(String, JIn, isize)>> = BTreeMap::new();
             let mut cap: Option<Capability<Time>> = None;
+            let mut at_restore: Vec<JOut> = Vec::new();
             {
                 let mut machine = shared.borrow_mut();
                 if parts.is_some() {
                     machine.track_changes();
                 }
-                if let Some((at, chain)) = restored {
+                if let Some((at, chain, exits)) = restored {
                     if let Err(e) = machine.restore(chain) {
                         panic!("restoring the journeys: {e}");
                     }
                     cap = Some(initial.delayed(&at));
+                    at_restore = exits;
                 }
             }
             // Checkpoint requests not yet answered, by instant.
@@ -125,6 +128,11 @@ pub fn run_journeys<'s>(
                     }
                 });
                 let Some(c) = cap.as_mut() else { return };
+                // The restore's rows, at its instant (the capability is still there: the
+                // first activation has not moved it).
+                if !at_restore.is_empty() {
+                    output.session(c).give_iterator(at_restore.drain(..));
+                }
                 // A burst (a million timers at one instant, a replay's final catch-up) is
                 // taken in slices, so downstream drains between them and memory stays flat.
                 let mut budget = STEPS_PER_ACTIVATION;
