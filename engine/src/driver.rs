@@ -411,6 +411,25 @@ impl SnapshotFeeder {
         self.prev.as_ref()
     }
 
+    /// Feeds the last applied snapshot's cells of trait `slots` alone: the traits a
+    /// changed segment file reads and the restored state lacks (its other cells are in
+    /// the state already). Returns the number of updates fed.
+    pub fn feed_new_traits(&self, plan: &Plan, inputs: &mut SegmentInputs, slots: &[u32]) -> usize {
+        let Some((_, rows)) = &self.prev else {
+            return 0;
+        };
+        let mut fed = 0;
+        for (user, cells) in rows.iter() {
+            for fact in plan.snapshot_facts(cells) {
+                if slots.contains(&fact.0) {
+                    feed_fact(&mut inputs.facts, user, &fact, 1);
+                    fed += 1;
+                }
+            }
+        }
+        fed
+    }
+
     /// Applies the snapshot taken at `at` (ms); returns the number of updates fed.
     pub fn apply(
         &mut self,

@@ -592,11 +592,27 @@ CREATE SEGMENT big_spenders AS
 CREATE SEGMENT repeat_buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 3;
 CREATE SEGMENT free AS plan = 'free';
 ";
-/// Segments over aggregates `BEFORE` never read: their history is not in its state.
+/// Segments over aggregates `BEFORE` never read, and a trait only the profile snapshot
+/// holds: their history is not in its state.
 const NEW_HISTORY: &str = "\
 CREATE SEGMENT top AS max(properties.revenue) >= 100;
 CREATE SEGMENT browsers AS count(*) FILTER (WHERE type = 'page') >= 20;
+CREATE SEGMENT de AS country = 'DE';
 ";
+
+/// The profile snapshot's `country` column: every third of the first 300 users in DE.
+fn countries() -> BTreeMap<String, BTreeMap<String, herald_operators::value::Value>> {
+    (0..300)
+        .map(|u| {
+            let c = if u % 3 == 0 { "DE" } else { "FR" };
+            let cells = BTreeMap::from([(
+                "country".to_string(),
+                herald_operators::value::Value::Str(c.into()),
+            )]);
+            (format!("u{u}"), cells)
+        })
+        .collect()
+}
 
 /// What the segments of `AFTER` and `NEW_HISTORY` must hold after `events`.
 fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>> {
@@ -645,6 +661,14 @@ fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>>
     want.insert("top", with(&|t| t.max_revenue >= 100.0));
     want.insert("browsers", with(&|t| t.pages >= 20));
     want.insert(
+        "de",
+        countries()
+            .into_iter()
+            .filter(|(_, c)| c["country"] == herald_operators::value::Value::Str("DE".into()))
+            .map(|(u, _)| u)
+            .collect(),
+    );
+    want.insert(
         "free",
         plan.iter()
             .filter(|(_, p)| p.1 == "free")
@@ -659,8 +683,8 @@ fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>>
 /// checkpoints an hour apart, posts the rest, lets the archive (not a checkpoint) take
 /// them, and kills it again. So the rest is after the checkpoint: in the log and in the
 /// archive both.
-fn build_then_kill(dir: &std::path::Path, config: &str, events: &[Json]) {
-    std::fs::write(dir.join("segments.sql"), BEFORE).unwrap();
+fn build_then_kill(dir: &std::path::Path, config: &str, events: &[Json], before: &str) {
+    std::fs::write(dir.join("segments.sql"), before).unwrap();
     let (first, rest) = events.split_at(events.len() * 9 / 10);
     let rare = config.replace(
         "[checkpoint]\nevery = \"1 second\"",
@@ -728,10 +752,11 @@ fn a_changed_segment_file_keeps_the_state_it_still_reads() {
     let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
                   write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n";
     let events: Vec<Json> = events().into_iter().take(30_000).collect();
-    build_then_kill(dir.path(), config, &events);
+    build_then_kill(dir.path(), config, &events, BEFORE);
     let mut want = carried_expected(&events);
     want.remove("top");
     want.remove("browsers");
+    want.remove("de");
 
     // A file that needs an aggregate over history the state does not hold: refused.
     let needs_more = format!("{AFTER}CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
@@ -747,19 +772,33 @@ fn a_changed_segment_file_keeps_the_state_it_still_reads() {
     check_carried(dir.path(), config, &want, "carried over");
 }
 
-/// A changed segment file that reads aggregates the state does not hold, with the events
-/// archive on: their history is rebuilt at start from the archive's events before the
-/// checkpoint, and every segment, new ones included, holds what the events give (the
+/// A changed segment file that reads aggregates and traits the state does not hold, with
+/// the events archive on: their history is rebuilt at start from the archive's events
+/// before the checkpoint (`plan`, from identify calls) and from the last profile snapshot
+/// (`country`), and every segment, new ones included, holds what the events give (the
 /// events after the checkpoint come from the log). An archive that lacks part of the
 /// history is refused, not read as the whole of it.
 #[test]
-fn a_changed_segment_file_reading_new_aggregates_is_rebuilt_from_the_archive() {
+fn a_changed_segment_file_reading_new_aggregates_and_traits_is_rebuilt_from_history() {
     let dir = tempfile::tempdir().unwrap();
     let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
                   write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n\
-                  [export]\nparquet = \"archive\"\nflush_every = \"1 second\"\n";
+                  [export]\nparquet = \"archive\"\nflush_every = \"1 second\"\n\
+                  [snapshots]\nprefix = \"snapshots\"\nrefresh = \"0.2 seconds\"\n";
+    herald_connectors::snapshot::write_snapshot(
+        dir.path()
+            .join("snapshots/2026-11-01.parquet")
+            .to_str()
+            .unwrap(),
+        &countries(),
+        &[("country".to_string(), herald_operators::value::Type::Str)],
+    )
+    .unwrap();
     let events: Vec<Json> = events().into_iter().take(30_000).collect();
-    build_then_kill(dir.path(), config, &events);
+    // Without `pro`, no segment reads `plan`: it is new in `AFTER`.
+    let before = BEFORE.replace("CREATE SEGMENT pro AS plan = 'pro';\n", "");
+    assert_ne!(before, BEFORE);
+    build_then_kill(dir.path(), config, &events, &before);
     let want = carried_expected(&events);
     std::fs::write(
         dir.path().join("segments.sql"),

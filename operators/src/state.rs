@@ -1085,9 +1085,9 @@ pub struct SegmentState {
     points: Vec<i64>,
     /// Users changed since the last checkpoint part (only when parts are taken).
     changed: Option<hashbrown::HashSet<u32>>,
-    /// A [`Backfiller`]'s state: events are applied to these aggregates only, and to no
-    /// trait.
-    only_aggs: Option<Box<[bool]>>,
+    /// A [`Backfiller`]'s state: events are applied to the aggregates and traits of
+    /// these slots only.
+    only: Option<Box<[bool]>>,
 }
 
 /// A user's exposed trait values: `(position in Plan::exposed, value)`.
@@ -1202,10 +1202,10 @@ impl SegmentPart {
     }
 }
 
-/// History rebuilt for the aggregates a carried-over state lacks
-/// ([`crate::plan::Remap::new_aggregates`]): each user's cells of those aggregates, as a
-/// state built with the new plan from the start would hold them at the checkpoint's
-/// instant. Built by a [`Backfiller`] from the events before that instant, put into the
+/// History rebuilt for the aggregates and traits a carried-over state lacks
+/// ([`crate::plan::Remap::rebuilt_slots`]): each user's cells of those slots, as a state
+/// built with the new plan from the start would hold them at the checkpoint's instant
+/// from its events (a trait's snapshot cell comes from the snapshot, not from here). Built by a [`Backfiller`] from the events before that instant, put into the
 /// restored state by [`SegmentState::graft`]. Plain data, so it can be built on another
 /// thread than the worker's.
 #[derive(Debug, Default)]
@@ -1226,19 +1226,19 @@ impl Backfill {
 }
 
 /// Builds a [`Backfill`]: a segment state of the new plan that applies events to the
-/// aggregates of `slots` only, with the live state's deduplication.
+/// aggregates and traits of `slots` only, with the live state's deduplication.
 pub struct Backfiller {
     state: SegmentState,
 }
 
 impl Backfiller {
-    /// For `plan` (the new one) and its aggregate `slots` to rebuild.
+    /// For `plan` (the new one) and its aggregate and trait `slots` to rebuild.
     pub fn new(plan: std::rc::Rc<Plan>, slots: &[u32], dedup_horizon_ms: i64) -> Backfiller {
-        let only: Box<[bool]> = (0..plan.aggs.len())
-            .map(|i| slots.contains(&plan.agg_slot(i)))
+        let only: Box<[bool]> = (0..plan.slot_count() as u32)
+            .map(|s| slots.contains(&s))
             .collect();
         let mut state = SegmentState::new(plan, dedup_horizon_ms);
-        state.only_aggs = Some(only);
+        state.only = Some(only);
         Backfiller { state }
     }
 
@@ -1258,14 +1258,15 @@ impl Backfiller {
     /// The rebuilt cells.
     pub fn finish(self) -> Backfill {
         let mut st = self.state;
-        let slots: Vec<u32> = (0..st.plan.aggs.len())
-            .filter(|&i| st.only_aggs.as_ref().is_some_and(|o| o[i]))
-            .map(|i| st.plan.agg_slot(i))
+        let slots: Vec<u32> = (0..st.plan.slot_count() as u32)
+            .filter(|&s| st.only.as_ref().is_some_and(|o| o[s as usize]))
             .collect();
         let users = std::mem::take(&mut st.users)
             .into_iter()
             .enumerate()
-            .filter_map(|(u, user)| {
+            .filter_map(|(u, mut user)| {
+                // Each cell with its own stamp: they go among other cells.
+                user.unlink_all();
                 let pending = st.pending.remove(&(u as u32)).unwrap_or_default();
                 let cells: Vec<Cell> = user
                     .cells
@@ -1417,7 +1418,7 @@ impl SegmentState {
             touched: hashbrown::HashMap::new(),
             points: Vec::new(),
             changed: None,
-            only_aggs: None,
+            only: None,
         }
     }
 
@@ -1443,18 +1444,18 @@ impl SegmentState {
     }
 
     /// Puts rebuilt history into a restored state carried over to a new plan, before
-    /// [`SegmentState::reevaluate_all`]: each user's cells of the rebuilt aggregates (a
-    /// user the state does not know yet is added). The carried-over state holds no cell
-    /// of those slots. Returns the users given history.
+    /// [`SegmentState::reevaluate_all`]: each user's cells of the rebuilt slots (a user
+    /// the state does not know yet is added). The carried-over state holds no cell of
+    /// those slots. Returns the users given history.
     pub fn graft(&mut self, b: Backfill) -> usize {
         let n = b.users.len();
         for (key, cells, pending) in b.users {
             let u = self.intern(&key);
             let user = &mut self.users[u as usize];
+            // Trait cells get other neighbours: each keeps its own stamp.
+            user.unlink_all();
             let mut all = std::mem::take(&mut user.cells).into_vec();
             all.retain(|c| !b.slots.contains(&c.slot()));
-            // Aggregate slots sort before trait slots, so no trait cell gets another
-            // predecessor (linked stamps stay as they are).
             all.extend(cells);
             all.sort_by_key(Cell::slot);
             user.cells = all.into_boxed_slice();
@@ -1739,7 +1740,11 @@ impl SegmentState {
         let mismatches = std::cell::Cell::new(0);
         let ctx = EventCtx(ev, &mismatches);
         for (i, slot) in plan.aggs.iter().enumerate() {
-            if self.only_aggs.as_ref().is_some_and(|o| !o[i]) {
+            if self
+                .only
+                .as_ref()
+                .is_some_and(|o| !o[plan.agg_slot(i) as usize])
+            {
                 continue;
             }
             if let Some((field, want)) = &self.t.agg_guards[i] {
@@ -1853,13 +1858,11 @@ impl SegmentState {
                 }
             }
         }
-        let traits = if self.only_aggs.is_some() {
-            &[][..]
-        } else {
-            &ev.traits[..]
-        };
-        for (slot, val) in traits.iter() {
+        for (slot, val) in ev.traits.iter() {
             let slot = *slot;
+            if self.only.as_ref().is_some_and(|o| !o[slot as usize]) {
+                continue;
+            }
             let at = user.cells.binary_search_by_key(&slot, Cell::slot);
             let newer = match at.ok().and_then(|i| user.trait_at(i)) {
                 Some((_, Some(w))) => match ev.timestamp.cmp(&w.ts) {

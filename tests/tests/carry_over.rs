@@ -126,7 +126,6 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
     let remap = r.from.map(|(_, old)| {
         let (old, _) = compile(old, old_journeys);
         plan.remap_from(&old)
-            .expect("B reads no trait A's state lacks")
     });
     // A changed journey file: its journeys matched by name.
     let journey_remap = r
@@ -170,8 +169,8 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
                 .unwrap_or_default();
             // The aggregates A's state lacks, rebuilt from this worker's users' events
             // before `F`, in the order the dataflow applied them.
-            let backfill = (!m.new_aggregates.is_empty()).then(|| {
-                let slots: Vec<u32> = m.new_aggregates.iter().map(|(s, _)| *s).collect();
+            let backfill = (!m.missing().is_empty()).then(|| {
+                let slots = m.rebuilt_slots();
                 let mut b = Backfiller::new(plan.clone(), &slots, -1);
                 let mut before: Vec<&Event> = events
                     .iter()
@@ -319,9 +318,9 @@ fn changed_file(a: &str) -> String {
     b
 }
 
-/// File B with segments over aggregates A's state lacks (a random file's segments,
-/// renamed `h0`, `h1`, …), picked among a few random files for one that reads no trait A
-/// lacks and at least one new aggregate.
+/// File B with segments over aggregates and traits A's state lacks (a random file's
+/// segments, renamed `h0`, `h1`, …), picked among a few random files for one that reads
+/// at least one new aggregate and one new trait.
 fn with_new_history(a: &str, b: &str, seed: u64, journeys: Journeys) -> String {
     let (old, _) = compile(a, journeys);
     for k in 0..50 {
@@ -330,13 +329,12 @@ fn with_new_history(a: &str, b: &str, seed: u64, journeys: Journeys) -> String {
             .replace("in_segment('s", "in_segment('h");
         let candidate = format!("{b}{extra}");
         let (new, _) = compile(&candidate, journeys);
-        if let Ok(r) = new.remap_from(&old) {
-            if !r.new_aggregates.is_empty() {
-                return candidate;
-            }
+        let r = new.remap_from(&old);
+        if !r.new_aggregates.is_empty() && !r.new_traits.is_empty() {
+            return candidate;
         }
     }
-    panic!("seed {seed}: no random file with new aggregates and no new trait");
+    panic!("seed {seed}: no random file with new aggregates and new traits");
 }
 
 fn check(seed: u64, workers: usize, journeys: Journeys, new_history: bool) {

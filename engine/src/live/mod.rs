@@ -948,11 +948,11 @@ fn recover(
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
             match carry_over(m, plan, &journeys_text).and_then(|(r, j)| {
-                if r.new_aggregates.is_empty() {
+                if r.missing().is_empty() {
                     return Ok((r, j));
                 }
                 let built =
-                    rebuild::new_aggregates(config, plan, &r, m.at, journeys_write == Some(true))?;
+                    rebuild::new_history(config, plan, &r, m.at, journeys_write == Some(true))?;
                 backfills = built.into_iter().map(Some).collect();
                 Ok((r, j))
             }) {
@@ -971,13 +971,13 @@ fn recover(
                     tracing::info!(
                         "the definitions changed since the checkpoint at {}: its state is \
                          carried over (segments kept: {}; new: {}; dropped: {}; aggregates \
-                         rebuilt from the archive: {}{journeys_said}); every user is \
-                         evaluated again at {}",
+                         and traits rebuilt from the archive: {}{journeys_said}); every \
+                         user is evaluated again at {}",
                         m.at,
                         r.kept.len(),
                         names(&r.added),
                         names(&r.dropped),
-                        r.new_aggregates.len(),
+                        r.missing().len(),
                         m.at
                     );
                     remap = Some(Arc::new(r));
@@ -1072,6 +1072,10 @@ fn recover(
             positions = std::mem::take(&mut last_driver.kafka);
             driver = Some(worker::RestoredDriver {
                 snapshot: snapshot.map(|(at, rows)| (at, Arc::new(rows))),
+                new_traits: remap
+                    .as_deref()
+                    .map(|r| r.new_traits.iter().map(|(s, _)| *s).collect())
+                    .unwrap_or_default(),
                 audiences: by_new_segment(last_driver.audiences, remap.as_deref()),
                 lists: by_new_segment(last_driver.lists, remap.as_deref()),
             });
@@ -1248,15 +1252,7 @@ fn carry_over(
         ));
     }
     let old = (*at_checkpoint.plan).clone();
-    let remap = plan.remap_from(&old).map_err(|missing| {
-        format!(
-            "the segment file changed since it was taken, and the new one reads what the \
-             state does not hold: {} (a trait over history is rebuilt only by replaying \
-             the events)",
-            missing.join("; ")
-        )
-    })?;
-    Ok((remap, journeys))
+    Ok((plan.remap_from(&old), journeys))
 }
 
 /// Per-segment state of a driver part (list and audience members), re-keyed to a changed

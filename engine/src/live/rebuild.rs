@@ -1,13 +1,15 @@
-//! Rebuilding, at start, the history of aggregates that a changed segment file reads and
-//! the checkpoint does not hold, from the events archive of `[export]`.
+//! Rebuilding, at start, the history of aggregates and traits that a changed segment file
+//! reads and the checkpoint does not hold, from the events archive of `[export]` (a new
+//! trait's snapshot cells come from the last snapshot, which the checkpoint holds whole:
+//! worker 0 feeds them at the restart).
 //!
-//! Owns [`new_aggregates`]. The checkpoint at `F` holds the state after every event
+//! Owns [`new_history`]. The checkpoint at `F` holds the state after every event
 //! stamped before `F`; the archive holds every one of those events (a checkpoint is
 //! complete only once the archive has caught up with it), each with its stamp as
 //! `received_at`. So the events of the archive received before `F`, applied to the new
-//! aggregates alone in stamp order at their stamps, with the live state's deduplication,
-//! give each user's cells of them exactly as a state built with the new file from the
-//! start would hold them at `F` ([`herald_operators::state::Backfiller`]). Each worker
+//! aggregates and traits alone in stamp order at their stamps, with the live state's
+//! deduplication, give each user's cells of them exactly as a state built with the new
+//! file from the start would hold them at `F` ([`herald_operators::state::Backfiller`]). Each worker
 //! checks, as it restores, that the rebuild applied as many events as its state did
 //! before `F`: an archive that misses some (`[export]` turned on after the state began,
 //! files removed) is refused, never read as the whole history.
@@ -35,30 +37,24 @@ pub fn archive_location(config: &Config) -> Option<String> {
     ))
 }
 
-/// The history of `remap`'s new aggregates for each of this process's workers (by local
-/// index), from the archive's events received before `at`; or why it cannot be rebuilt.
+/// The history of `remap`'s new aggregates and traits for each of this process's workers
+/// (by local index), from the archive's events received before `at`; or why it cannot be
+/// rebuilt.
 /// `workers` and `process` are the config's; `writes_traits` whether the journeys write
 /// traits (their writes come back as events the archive does not hold).
-pub fn new_aggregates(
+pub fn new_history(
     config: &Config,
     plan: &Plan,
     remap: &Remap,
     at: Time,
     writes_traits: bool,
 ) -> Result<Vec<Backfill>, String> {
-    let named = || {
-        remap
-            .new_aggregates
-            .iter()
-            .map(|(_, s)| s.as_str())
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
+    let named = || remap.missing().join("; ");
     let Some(location) = archive_location(config) else {
         return Err(format!(
             "the segment file changed since it was taken, and the new one reads what the \
-             state does not hold: {}. Herald rebuilds new aggregates from the events \
-             archive, and this config writes none (`[export] parquet`)",
+             state does not hold: {}. Herald rebuilds new aggregates and traits from the \
+             events archive, and this config writes none (`[export] parquet`)",
             named()
         ));
     };
@@ -80,7 +76,7 @@ pub fn new_aggregates(
         "rebuilding {} from the events archive {location} (events received before {at})",
         named()
     );
-    // Only what the new aggregates read is kept of each event, and only this process's.
+    // Only what the plan reads is kept of each event, and only this process's users'.
     let mut events: Vec<(Time, u32, Projected)> = Vec::new();
     let mut rows = 0u64;
     let read = tables::for_each_archived_event(&location, &mut |ev, received| {
@@ -107,7 +103,7 @@ pub fn new_aggregates(
     // the order they were fed in.
     events.sort_by_key(|(t, _, _)| *t);
     let plan = Rc::new(plan.clone());
-    let slots: Vec<u32> = remap.new_aggregates.iter().map(|(s, _)| *s).collect();
+    let slots = remap.rebuilt_slots();
     let mut builders: Vec<Backfiller> = (0..local)
         .map(|_| Backfiller::new(plan.clone(), &slots, dedup_horizon_ms))
         .collect();

@@ -125,6 +125,9 @@ pub(crate) struct WorkerIo {
 /// What worker 0 feeds from, as a checkpoint left it.
 pub(crate) struct RestoredDriver {
     pub snapshot: Option<(i64, Arc<SnapshotRows>)>,
+    /// Trait slots a changed segment file reads and the state lacks: their cells of the
+    /// last snapshot are fed at the restart.
+    pub new_traits: Vec<u32>,
     pub audiences: BTreeMap<usize, BTreeSet<String>>,
     pub lists: BTreeMap<usize, BTreeSet<String>>,
 }
@@ -565,6 +568,10 @@ fn run(
                     tracing::info!("{n} list memberships changed since the checkpoint");
                 }
                 snapshots = SnapshotFeeder::restored(d.snapshot);
+                let n = snapshots.feed_new_traits(&plan, &mut inputs, &d.new_traits);
+                if n > 0 {
+                    tracing::info!("{n} snapshot cells of new traits fed from the last snapshot");
+                }
                 audiences = AudienceFeeder::restored(d.audiences);
             }
         }

@@ -6,9 +6,9 @@
 //! name; a static list or warehouse audience by its segment's name and source; a segment
 //! by its name (its definition may change: it is evaluated again). State for what the old
 //! plan had and the new one lacks is dropped; what the new one reads and the old lacked is
-//! not in the state at all: a new aggregate is listed ([`Remap::new_aggregates`]) so that
-//! its history can be rebuilt from the events ([`crate::state::Backfill`]); a new trait
-//! is reported.
+//! not in the state at all: each new aggregate and trait is listed
+//! ([`Remap::new_aggregates`], [`Remap::new_traits`]) so that its history can be rebuilt
+//! from the events ([`crate::state::Backfill`]) and the last snapshot.
 
 use std::collections::BTreeMap;
 
@@ -40,19 +40,41 @@ pub struct Remap {
     /// sentence that names it)`. Their cells are empty until rebuilt from the events
     /// ([`crate::state::Backfill`]); a caller that cannot rebuild them must refuse.
     pub new_aggregates: Vec<(u32, String)>,
+    /// Traits the new plan reads and the old state does not hold: `(new slot, the
+    /// sentence that names it)`, as [`Remap::new_aggregates`].
+    pub new_traits: Vec<(u32, String)>,
+}
+
+impl Remap {
+    /// Everything the new plan reads that the old state does not hold: the sentences.
+    pub fn missing(&self) -> Vec<&str> {
+        self.new_aggregates
+            .iter()
+            .chain(&self.new_traits)
+            .map(|(_, s)| s.as_str())
+            .collect()
+    }
+
+    /// The slots whose history must be rebuilt.
+    pub fn rebuilt_slots(&self) -> Vec<u32> {
+        self.new_aggregates
+            .iter()
+            .chain(&self.new_traits)
+            .map(|(s, _)| *s)
+            .collect()
+    }
 }
 
 impl Plan {
-    /// How to carry state built with `old` into this plan (with the aggregates it lacks
-    /// listed in [`Remap::new_aggregates`]), or the traits this plan reads that `old`'s
-    /// state does not hold (each as a sentence).
-    pub fn remap_from(&self, old: &Plan) -> Result<Remap, Vec<String>> {
+    /// How to carry state built with `old` into this plan, with what `old`'s state does
+    /// not hold listed ([`Remap::new_aggregates`], [`Remap::new_traits`]).
+    pub fn remap_from(&self, old: &Plan) -> Remap {
         let mut slots: Vec<Option<u32>> = vec![None; old.slot_count()];
         // The presence slots are fixed.
         for s in 0..FIRST_DYNAMIC_SLOT {
             slots[s as usize] = Some(s);
         }
-        let mut missing = Vec::new();
+        let mut new_traits = Vec::new();
         let mut new_aggregates = Vec::new();
         let old_aggs: BTreeMap<_, usize> = old
             .aggs
@@ -69,7 +91,7 @@ impl Plan {
         for (i, (name, used_by)) in self.traits.iter().enumerate() {
             match old.trait_index(name) {
                 Some(o) => slots[old.trait_slot(o) as usize] = Some(self.trait_slot(i)),
-                None => missing.push(new_trait(name, used_by)),
+                None => new_traits.push((self.trait_slot(i), new_trait(name, used_by))),
             }
         }
         let source = |k: &SegmentKind| match k {
@@ -106,9 +128,6 @@ impl Plan {
             .filter(|s| old.segment_index(&s.name).is_none())
             .map(|s| s.name.clone())
             .collect();
-        if !missing.is_empty() {
-            return Err(missing);
-        }
         let exposed = old
             .exposed
             .iter()
@@ -119,7 +138,7 @@ impl Plan {
                 u16::try_from(pos).ok()
             })
             .collect();
-        Ok(Remap {
+        Remap {
             slots,
             segments,
             exposed,
@@ -129,7 +148,8 @@ impl Plan {
             added,
             dropped,
             new_aggregates,
-        })
+            new_traits,
+        }
     }
 }
 
@@ -173,7 +193,7 @@ mod tests {
              CREATE SEGMENT repeat AS count(*) FILTER (WHERE event = 'Order Completed') >= 2;\n\
              CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n",
         );
-        let r = new.remap_from(&old).unwrap();
+        let r = new.remap_from(&old);
         // The shared aggregate keeps its cells; `plan` is no longer read.
         assert_eq!(r.slots[old.agg_slot(0) as usize], Some(new.agg_slot(0)));
         assert_eq!(r.slots[old.trait_slot(0) as usize], None);
@@ -188,12 +208,18 @@ mod tests {
             "CREATE SEGMENT top AS max(properties.revenue) >= 100;\n\
              CREATE SEGMENT de AS country = 'DE';\n",
         );
-        let missing = more.remap_from(&old).unwrap_err();
-        assert_eq!(missing.len(), 1, "{missing:?}");
-        assert!(missing[0].contains("`country`"), "{missing:?}");
+        let r = more.remap_from(&old);
+        assert_eq!(r.new_traits.len(), 1, "{:?}", r.new_traits);
+        assert_eq!(r.new_traits[0].0, more.trait_slot(0));
+        assert!(
+            r.new_traits[0].1.contains("`country`"),
+            "{:?}",
+            r.new_traits
+        );
+        assert_eq!(r.missing().len(), 2);
         // A new aggregate is listed with its slot, to be rebuilt from the events.
         let top = plan("CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
-        let r = top.remap_from(&old).unwrap();
+        let r = top.remap_from(&old);
         assert_eq!(r.new_aggregates.len(), 1);
         assert_eq!(r.new_aggregates[0].0, top.agg_slot(0));
         assert!(
