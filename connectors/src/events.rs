@@ -186,6 +186,10 @@ pub fn read_with<P: LineParser>(
             out.lines += archived.len() as u64;
             dedup.reserve(archived.len());
             for (i, (event, _received)) in archived.into_iter().enumerate() {
+                // A journey's trait write: the replay's journeys write it again.
+                if herald_operators::journey::compile::is_archived_write(&event) {
+                    continue;
+                }
                 let (user, id, ts) = event.dedup_key();
                 if dedup.admit(user, id, ts, 0) {
                     let line = i as u64 + 1;

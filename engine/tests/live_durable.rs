@@ -598,7 +598,14 @@ const NEW_HISTORY: &str = "\
 CREATE SEGMENT top AS max(properties.revenue) >= 100;
 CREATE SEGMENT browsers AS count(*) FILTER (WHERE type = 'page') >= 20;
 CREATE SEGMENT de AS country = 'DE';
+CREATE SEGMENT gold AS tier = 'gold';
+CREATE SEGMENT identified AS count(*) FILTER (WHERE type = 'identify') >= 2;
 ";
+
+/// A journey that writes a trait (`tier`) as each user becomes a big spender: its writes
+/// are identify events the state applies, so a rebuild must see them too.
+const TAGGING: &str = "journey: tag\nentry: { segment_entered: big_spenders }\nsteps:\n  \
+                       - update_trait: { name: tier, value: gold }\n";
 
 /// The profile snapshot's `country` column: every third of the first 300 users in DE.
 fn countries() -> BTreeMap<String, BTreeMap<String, herald_operators::value::Value>> {
@@ -622,6 +629,7 @@ fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>>
         revenue: f64,
         max_revenue: f64,
         pages: usize,
+        identifies: usize,
     }
     let mut users: BTreeMap<String, Tally> = BTreeMap::new();
     let mut plan: BTreeMap<String, (String, String)> = BTreeMap::new();
@@ -637,6 +645,7 @@ fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>>
             }
             "page" => t.pages += 1,
             "identify" => {
+                t.identifies += 1;
                 let ts = e["timestamp"].as_str().unwrap().to_string();
                 let p = e["traits"]["plan"].as_str().unwrap().to_string();
                 let cur = plan.entry(user).or_insert((ts.clone(), p.clone()));
@@ -658,6 +667,12 @@ fn carried_expected(events: &[Json]) -> BTreeMap<&'static str, BTreeSet<String>>
     want.insert("one_order", with(&|t| t.orders == 1));
     want.insert("repeat_buyers", with(&|t| t.orders >= 3));
     want.insert("big_spenders", with(&|t| t.revenue >= 300.0));
+    // `tag` writes `tier` once for each big spender, as an identify event.
+    want.insert("gold", with(&|t| t.revenue >= 300.0));
+    want.insert(
+        "identified",
+        with(&|t| t.identifies + usize::from(t.revenue >= 300.0) >= 2),
+    );
     want.insert("top", with(&|t| t.max_revenue >= 100.0));
     want.insert("browsers", with(&|t| t.pages >= 20));
     want.insert(
@@ -754,9 +769,9 @@ fn a_changed_segment_file_keeps_the_state_it_still_reads() {
     let events: Vec<Json> = events().into_iter().take(30_000).collect();
     build_then_kill(dir.path(), config, &events, BEFORE);
     let mut want = carried_expected(&events);
-    want.remove("top");
-    want.remove("browsers");
-    want.remove("de");
+    for s in ["top", "browsers", "de", "gold", "identified"] {
+        want.remove(s);
+    }
 
     // A file that needs an aggregate over history the state does not hold: refused.
     let needs_more = format!("{AFTER}CREATE SEGMENT top AS max(properties.revenue) >= 100;\n");
@@ -781,10 +796,12 @@ fn a_changed_segment_file_keeps_the_state_it_still_reads() {
 #[test]
 fn a_changed_segment_file_reading_new_aggregates_and_traits_is_rebuilt_from_history() {
     let dir = tempfile::tempdir().unwrap();
-    let config = "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n[http]\nlisten = \"127.0.0.1:0\"\n\
+    let config = "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
+                  [http]\nlisten = \"127.0.0.1:0\"\n\
                   write_keys = [\"wk\"]\nmax_batch_bytes = 4194304\n[checkpoint]\nevery = \"1 second\"\n\
                   [export]\nparquet = \"archive\"\nflush_every = \"1 second\"\n\
                   [snapshots]\nprefix = \"snapshots\"\nrefresh = \"0.2 seconds\"\n";
+    std::fs::write(dir.path().join("journeys.yaml"), TAGGING).unwrap();
     herald_connectors::snapshot::write_snapshot(
         dir.path()
             .join("snapshots/2026-11-01.parquet")
@@ -827,8 +844,9 @@ fn a_changed_segment_file_reading_new_aggregates_and_traits_is_rebuilt_from_hist
         "rebuilt a new aggregate, read by top: max(properties.revenue)",
     );
 
-    // The archive holds every event once (the copies the killed run wrote after the
-    // checkpoint were cut at the restart), and the exported changes are the changelog's.
+    // The archive holds every event and journey write once (the copies the killed run
+    // wrote after the checkpoint were cut at the restart), and the exported changes are
+    // the changelog's.
     let archived = herald_connectors::tables::read_archived_events(
         dir.path().join("archive/events/").to_str().unwrap(),
     )
@@ -837,7 +855,16 @@ fn a_changed_segment_file_reading_new_aggregates_and_traits_is_rebuilt_from_hist
         .iter()
         .map(|(e, _)| e.message_id.as_str())
         .collect();
-    assert_eq!((archived.len(), ids.len()), (events.len(), events.len()));
+    assert_eq!(ids.len(), archived.len(), "no row twice");
+    let writes = archived
+        .iter()
+        .filter(|(e, _)| herald_operators::journey::compile::is_archived_write(e))
+        .count();
+    assert_eq!(
+        (archived.len() - writes, writes),
+        (events.len(), want["gold"].len()),
+        "every event once, and every journey write"
+    );
     let exported: u64 = herald_connectors::store::list(
         dir.path()
             .join("archive/segment_changes/")

@@ -60,16 +60,6 @@ steps:
   - update_trait: {name: plan, value: pro}
 "#;
 
-/// [`JOURNEYS`] without its trait write. The write comes back as an identify event that
-/// only the dataflow sees (it is not in the events archive), so a state whose journeys
-/// write traits gets no rebuilt history (the engine refuses it); the test with new
-/// history runs these journeys.
-static JOURNEYS_NO_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let text = JOURNEYS.replace("  - update_trait: {name: plan, value: pro}\n", "");
-    assert_ne!(text, JOURNEYS);
-    text
-});
-
 /// Which journeys a run has.
 type Journeys = Option<&'static str>;
 
@@ -105,6 +95,10 @@ fn compile(segments: &str, journeys: Journeys) -> (Plan, Option<JourneySet>) {
     }
 }
 
+/// The journeys' trait writes a run emitted, with the instant each is applied at: what
+/// the events archive keeps of them for a rebuild.
+type Writes = Arc<Mutex<Vec<(Time, Event)>>>;
+
 /// One run's setup.
 struct Run<'a> {
     segments: &'a str,
@@ -118,6 +112,8 @@ struct Run<'a> {
     /// Take a full checkpoint here.
     checkpoint: Option<Time>,
     until: Time,
+    /// Where the run's journey writes go; a restoring run rebuilds from those before `F`.
+    writes: Writes,
 }
 
 fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
@@ -147,6 +143,8 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
     let start = r.from.map_or(0, |(at, _)| at);
     let restoring = r.from.is_some();
     let (checkpoint, until) = (r.checkpoint, r.until);
+    let archive = Arc::clone(&r.writes);
+    let before_f: Vec<(Time, Event)> = archive.lock().unwrap().clone();
     timely::execute(timely::Config::process(r.workers), move |w| {
         let (index, peers) = (w.index(), w.peers());
         let plan = Rc::new(plan.clone());
@@ -167,21 +165,23 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
                 .as_ref()
                 .map(|jr| remap_journey_chain(&mut journeys, jr, start))
                 .unwrap_or_default();
-            // The aggregates A's state lacks, rebuilt from this worker's users' events
-            // before `F`, in the order the dataflow applied them.
+            // The aggregates and traits A's state lacks, rebuilt from this worker's users'
+            // events and journey writes applied before `F`, in the order the dataflow
+            // applied them.
             let backfill = (!m.missing().is_empty()).then(|| {
                 let slots = m.rebuilt_slots();
                 let mut b = Backfiller::new(plan.clone(), &slots, -1);
-                let mut before: Vec<&Event> = events
+                let mut before: Vec<(Time, &Event)> = events
                     .iter()
-                    .filter(|e| {
-                        (e.timestamp as Time) < start
-                            && user_hash(&e.user) % peers as u64 == index as u64
+                    .map(|e| (e.timestamp as Time, e))
+                    .chain(before_f.iter().map(|(t, e)| (*t, e)))
+                    .filter(|(t, e)| {
+                        *t < start && user_hash(&e.user) % peers as u64 == index as u64
                     })
                     .collect();
-                before.sort_by_key(|e| (e.timestamp, e.message_id.clone()));
-                for e in before {
-                    b.apply(&plan.project(e.clone(), false), e.timestamp as Time);
+                before.sort_by_key(|(t, e)| (*t, e.message_id.clone()));
+                for (t, e) in before {
+                    b.apply(&plan.project(e.clone(), false), t);
                 }
                 b.finish()
             });
@@ -200,6 +200,7 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
         };
         let probe = timely::dataflow::operators::probe::Handle::new();
         let (sink, names, jsink) = (Arc::clone(&sink), names.clone(), Arc::clone(&jsink));
+        let archive = Arc::clone(&archive);
         let mut inputs = w.dataflow::<Time, _, _>(|scope| {
             let (inputs, outputs) =
                 build_segments_durable(scope, plan.clone(), -1, jset.clone(), Some(durability));
@@ -218,7 +219,10 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
                         let line = match o {
                             JOut::Row(r) => serde_json::to_string(r).unwrap(),
                             JOut::Message(m) => serde_json::to_string(m).unwrap(),
-                            JOut::Write(e, at) => format!("write {at} {}", e.message_id),
+                            JOut::Write(e, at) => {
+                                archive.lock().unwrap().push((*at, e.clone()));
+                                format!("write {at} {}", e.message_id)
+                            }
                         };
                         jsink.lock().unwrap().push((*t.expect_singleton(), line));
                     }
@@ -349,7 +353,8 @@ fn check(seed: u64, workers: usize, journeys: Journeys, new_history: bool) {
     };
     let until = (T0 + span + 72 * HOUR) as Time;
     let f = (T0 + 20 * HOUR + 17) as Time;
-    let setup = |segments, from, checkpoint| Run {
+    let archive: Writes = Arc::default();
+    let setup = |segments, from, checkpoint, writes| Run {
         segments,
         journeys,
         events: &events,
@@ -358,11 +363,15 @@ fn check(seed: u64, workers: usize, journeys: Journeys, new_history: bool) {
         from_journeys: None,
         checkpoint,
         until,
+        writes,
     };
     let parts: Parts = Arc::default();
-    let (run_a, _) = run(&setup(&a, None, Some(f)), Arc::clone(&parts));
-    let (whole_b, whole_bj) = run(&setup(&b, None, None), Arc::default());
-    let (carried, carried_j) = run(&setup(&b, Some((f, &a)), None), parts);
+    let (run_a, _) = run(
+        &setup(&a, None, Some(f), Arc::clone(&archive)),
+        Arc::clone(&parts),
+    );
+    let (whole_b, whole_bj) = run(&setup(&b, None, None, Arc::default()), Arc::default());
+    let (carried, carried_j) = run(&setup(&b, Some((f, &a)), None, archive), parts);
 
     // B' starts from A's memberships before `F` for the segments B kept.
     let kept: BTreeSet<String> = compile(&b, journeys)
@@ -430,7 +439,10 @@ fn journey_state_carried_over_to_a_changed_segment_file_equals_a_run_with_it() {
 fn new_aggregates_rebuilt_from_the_events_before_the_checkpoint_equal_a_run_with_them() {
     for seed in 0..8 {
         for workers in [1, 2] {
-            let journeys = (seed % 2 == 1).then_some(JOURNEYS_NO_WRITES.as_str());
+            // Not seed 7: its file (s0 a 44-hour windowed count that the journeys' own
+            // writes feed) with these journeys does not finish a run in minutes, with
+            // or without a rebuild (docs/benchmarks.md, "Noticed").
+            let journeys = (seed % 2 == 1 && seed != 7).then_some(JOURNEYS);
             check(seed, workers, journeys, true);
         }
     }
@@ -488,6 +500,7 @@ fn check_journeys_changed(seed: u64, workers: usize, new: &'static str, reason: 
         from_journeys,
         checkpoint,
         until,
+        writes: Arc::default(),
     };
     let parts: Parts = Arc::default();
     let (_, run_a) = run(

@@ -455,7 +455,7 @@ where
             &plan,
             texts,
             &catalog.changes,
-            journeys.as_ref().map(|j| j.writes_traits()),
+            journeys.is_some(),
             &ingest_tx,
         )?)
     } else {
@@ -914,11 +914,9 @@ fn recover(
     plan: &Plan,
     (segments_text, journeys_text): (String, String),
     changes: &[durable::DefChange],
-    journeys_write: Option<bool>,
+    journeys: bool,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
-    // Whether journeys run, and whether they write traits.
-    let journeys = journeys_write.is_some();
     let dir = &config.checkpoint.dir;
     // A local directory that cannot be used is the config's fault; object storage that
     // does not answer is an outage.
@@ -951,8 +949,7 @@ fn recover(
                 if r.missing().is_empty() {
                     return Ok((r, j));
                 }
-                let built =
-                    rebuild::new_history(config, plan, &r, m.at, journeys_write == Some(true))?;
+                let built = rebuild::new_history(config, plan, &r, m.at)?;
                 backfills = built.into_iter().map(Some).collect();
                 Ok((r, j))
             }) {

@@ -40,14 +40,14 @@ pub fn archive_location(config: &Config) -> Option<String> {
 /// The history of `remap`'s new aggregates and traits for each of this process's workers
 /// (by local index), from the archive's events received before `at`; or why it cannot be
 /// rebuilt.
-/// `workers` and `process` are the config's; `writes_traits` whether the journeys write
-/// traits (their writes come back as events the archive does not hold).
+/// The journeys' `update_trait` writes are in the archive too (marked, see
+/// [`herald_operators::journey::compile::JOURNEY_WRITE_KEY`]), at the instant the state
+/// applied them.
 pub fn new_history(
     config: &Config,
     plan: &Plan,
     remap: &Remap,
     at: Time,
-    writes_traits: bool,
 ) -> Result<Vec<Backfill>, String> {
     let named = || remap.missing().join("; ");
     let Some(location) = archive_location(config) else {
@@ -58,15 +58,6 @@ pub fn new_history(
             named()
         ));
     };
-    if writes_traits {
-        return Err(format!(
-            "the segment file changed since it was taken, and the new one reads what the \
-             state does not hold: {}. Its history cannot be rebuilt from the events archive \
-             while journeys write traits (`update_trait`): their writes are events the \
-             archive does not hold",
-            named()
-        ));
-    }
     let dedup_horizon_ms = config.dedup_horizon_ms().map_err(|e| e.to_string())?;
     let (process, processes) = config.processes();
     let local = config.engine.workers;

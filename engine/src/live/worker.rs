@@ -16,6 +16,7 @@ use herald_operators::dataflow::{
 };
 use herald_operators::eval::CExpr;
 use herald_operators::event::Event;
+use herald_operators::journey::compile::archived_write;
 use herald_operators::journey::machine::JourneyStatus;
 use herald_operators::journey::operator::JourneyHandle;
 use herald_operators::journey::JOut;
@@ -522,12 +523,25 @@ fn run(
         );
         if let Some(j) = outputs.journeys {
             let sink = live.sink.clone();
+            let export = live.export.clone();
             j.inspect_core(move |x| {
                 let Ok((t, data)) = x else { return };
                 let t = *t.expect_singleton();
                 for o in data.iter() {
-                    if !matches!(o, JOut::Write(..)) {
-                        let _ = sink.send(SinkMsg::Journey(t, o.clone()));
+                    match o {
+                        // A trait write is an event the state applies at `at`: the archive
+                        // keeps it, for rebuilds.
+                        JOut::Write(ev, at) => {
+                            if let Some(x) = &export {
+                                let _ = x.send(ExportMsg::Event(
+                                    Box::new(archived_write(ev)),
+                                    *at as i64,
+                                ));
+                            }
+                        }
+                        _ => {
+                            let _ = sink.send(SinkMsg::Journey(t, o.clone()));
+                        }
                     }
                 }
             })
@@ -576,8 +590,12 @@ fn run(
             }
         }
     }
-    // The journeys' trait writes that were on their way into the state at the checkpoint.
+    // The journeys' trait writes that were on their way into the state at the checkpoint
+    // (the archive's copies, at this instant, were cut with what followed it).
     for ev in writes {
+        if let Some(x) = &live.export {
+            let _ = x.send(ExportMsg::Event(Box::new(archived_write(&ev)), cur as i64));
+        }
         let keep = live.journeys.as_ref().is_some_and(|j| j.wants(&ev));
         inputs.events.update(live.plan.project(ev, keep), 1);
     }

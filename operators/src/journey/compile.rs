@@ -34,6 +34,25 @@ pub const API_TRIGGER_EVENT: &str = "Herald Journey Triggered";
 /// The `context` key that names the journey an [`API_TRIGGER_EVENT`] enters.
 pub const API_TRIGGER_KEY: &str = "herald_journey";
 
+/// The `context` key (value `true`) that marks an `update_trait` write in the events
+/// archive: the identify event a journey wrote, kept so that a rebuild from the archive
+/// applies it as the live state did. A replay of the archive skips it (its journeys
+/// write it again).
+pub const JOURNEY_WRITE_KEY: &str = "herald_journey_write";
+
+/// An `update_trait` write as the events archive keeps it ([`JOURNEY_WRITE_KEY`]).
+pub fn archived_write(ev: &crate::event::Event) -> crate::event::Event {
+    let mut ev = ev.clone();
+    ev.context
+        .insert(JOURNEY_WRITE_KEY.into(), serde_json::Value::Bool(true));
+    ev
+}
+
+/// Whether an archived event is a journey's `update_trait` write.
+pub fn is_archived_write(ev: &crate::event::Event) -> bool {
+    ev.context.get(JOURNEY_WRITE_KEY) == Some(&serde_json::Value::Bool(true))
+}
+
 /// A compiled trigger.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CTrigger {
