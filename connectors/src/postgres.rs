@@ -63,6 +63,10 @@ pub fn load_changes(
             "a table name must be an identifier like segment_changes or analytics.segment_changes",
         ));
     }
-    let rows: Vec<_> = changes.iter().map(crate::tables::change_row).collect();
+    // A replay runs the files' definitions: version 1.
+    let rows: Vec<_> = changes
+        .iter()
+        .map(|c| crate::tables::change_row(c, 1))
+        .collect();
     crate::tables::load_rows(url, table, &crate::tables::SEGMENT_CHANGES, &rows, true)
 }

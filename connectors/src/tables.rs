@@ -112,7 +112,9 @@ pub const EVENTS: Table = Table {
     partition_by: 5,
 };
 
-/// Segment membership changes: `diff` +1 entered, -1 left, at `time`.
+/// Segment membership changes: `diff` +1 entered, -1 left, at `time`, by `version` of
+/// the segment's definition (1: the segment file's; later ones through the definitions
+/// API; NULL in rows written before Herald kept it).
 pub const SEGMENT_CHANGES: Table = Table {
     name: "segment_changes",
     columns: &[
@@ -120,6 +122,7 @@ pub const SEGMENT_CHANGES: Table = Table {
         col("user_id", Text, false),
         col("diff", Int, false),
         col("time", Time, false),
+        col("version", Int, true),
     ],
     key: &["segment", "user_id", "time", "diff"],
     partition_by: 3,
@@ -226,12 +229,13 @@ pub fn event_row(ev: &Event, received_at: i64) -> Row {
 }
 
 /// The [`SEGMENT_CHANGES`] row of a change.
-pub fn change_row(c: &SegmentChange) -> Row {
+pub fn change_row(c: &SegmentChange, version: u32) -> Row {
     vec![
         text(&c.segment),
         text(&c.user_id),
         Cell::Int(c.diff),
         Cell::Time(c.time),
+        Cell::Int(version.into()),
     ]
 }
 
@@ -619,12 +623,15 @@ mod tests {
             (&DELIVERY_OUTCOMES, outcome_row(&ev).unwrap()),
             (
                 &SEGMENT_CHANGES,
-                change_row(&SegmentChange {
-                    segment: "s".into(),
-                    user_id: "u".into(),
-                    diff: 1,
-                    time: 5,
-                }),
+                change_row(
+                    &SegmentChange {
+                        segment: "s".into(),
+                        user_id: "u".into(),
+                        diff: 1,
+                        time: 5,
+                    },
+                    1,
+                ),
             ),
         ];
         for (t, r) in rows {

@@ -79,12 +79,15 @@ fn the_events_archive_reads_back_whole_from_s3_and_from_disk() {
 
     // A Parquet file that is not an events table is refused, naming the column.
     let other = dir.path().join("other");
-    let change = tables::change_row(&herald_connectors::sink::SegmentChange {
-        segment: "s".into(),
-        user_id: "u".into(),
-        diff: 1,
-        time: 0,
-    });
+    let change = tables::change_row(
+        &herald_connectors::sink::SegmentChange {
+            segment: "s".into(),
+            user_id: "u".into(),
+            diff: 1,
+            time: 0,
+        },
+        1,
+    );
     let w = write_partitioned(other.to_str().unwrap(), &SEGMENT_CHANGES, &[change], "x").unwrap();
     let e = read_archived_events(&w[0]).unwrap_err();
     assert_eq!(e.fault(), Fault::Input);

@@ -315,12 +315,15 @@ fn sink_rows(n: usize) -> (Vec<Row>, Vec<Row>) {
         .collect();
     let changes = (0..n)
         .map(|i| {
-            tables::change_row(&SegmentChange {
-                segment: ["pro", "high_value", "engaged"][i % 3].into(),
-                user_id: format!("user-{:07}", i / 3),
-                diff: if i % 7 == 0 { -1 } else { 1 },
-                time: T0 + (i as i64 * 3_600_000) / n.max(1) as i64,
-            })
+            tables::change_row(
+                &SegmentChange {
+                    segment: ["pro", "high_value", "engaged"][i % 3].into(),
+                    user_id: format!("user-{:07}", i / 3),
+                    diff: if i % 7 == 0 { -1 } else { 1 },
+                    time: T0 + (i as i64 * 3_600_000) / n.max(1) as i64,
+                },
+                1,
+            )
         })
         .collect();
     (events, changes)

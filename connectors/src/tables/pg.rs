@@ -37,13 +37,29 @@ fn pg_type(ty: ColType) -> &'static str {
     }
 }
 
-/// The `CREATE TABLE IF NOT EXISTS` statement of a table in `schema`.
+/// The `CREATE TABLE IF NOT EXISTS` statement of a table in `schema`, with the columns
+/// added since an earlier Herald created it (see `create_sql`).
 pub fn create_table_sql(schema: &str, table: &Table) -> String {
     create_sql(&format!("{schema}.{}", table.name), table)
 }
 
-/// `CREATE TABLE IF NOT EXISTS qualified (…)` with the table's columns and key.
+/// `CREATE TABLE IF NOT EXISTS qualified (…)` with the table's columns and key, then an
+/// `ALTER TABLE … ADD COLUMN IF NOT EXISTS` for each nullable column: a table an earlier
+/// Herald created gets the columns added since (they are nullable, NULL in its rows).
 fn create_sql(qualified: &str, table: &Table) -> String {
+    let mut sql = create_table_only(qualified, table);
+    for c in table.columns.iter().filter(|c| c.nullable) {
+        sql.push_str(&format!(
+            "; ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {} {}",
+            c.name,
+            pg_type(c.ty)
+        ));
+    }
+    sql
+}
+
+/// `CREATE TABLE IF NOT EXISTS qualified (…)` with the table's columns and key.
+fn create_table_only(qualified: &str, table: &Table) -> String {
     let cols: Vec<String> = table
         .columns
         .iter()
@@ -63,7 +79,8 @@ fn create_sql(qualified: &str, table: &Table) -> String {
     )
 }
 
-/// Creates `schema` and every table in it, if missing.
+/// Creates `schema` and every table in it, if missing, and adds to an existing table the
+/// columns a later Herald added ([`create_table_sql`]).
 pub fn create_postgres_tables(url: &str, schema: &str) -> Result<(), ConnectorError> {
     check_pg_schema(schema)?;
     let ddl: Vec<String> = std::iter::once(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))

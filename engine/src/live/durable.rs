@@ -985,7 +985,7 @@ pub struct WorkerParts {
     /// The segment file changed since: how its state is carried over.
     pub remap: Option<Arc<herald_operators::plan::Remap>>,
     /// The history of the aggregates the new file reads and the state lacks, rebuilt
-    /// from the events archive ([`super::rebuild`]).
+    /// from the events archive (`live::rebuild`).
     pub backfill: Option<herald_operators::state::Backfill>,
     /// The journey file changed since: how its journeys map to the new one's.
     pub journey_remap: Option<Arc<herald_operators::journey::machine::JourneyRemap>>,

@@ -40,8 +40,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub enum ExportMsg {
     /// An accepted event and the instant (ms) Herald received it.
     Event(Box<Event>, i64),
-    /// A segment change.
-    Change(SegmentChange),
+    /// A segment change, and the version of its segment's definition that made it.
+    Change(SegmentChange, u32),
     /// A journey event.
     Journey(JourneyRow),
     /// A message action.
@@ -164,9 +164,11 @@ impl Exporter {
                 }
                 self.push(live, &tables::EVENTS, tables::event_row(&ev, received))
             }
-            ExportMsg::Change(c) => {
-                self.push(live, &tables::SEGMENT_CHANGES, tables::change_row(&c))
-            }
+            ExportMsg::Change(c, version) => self.push(
+                live,
+                &tables::SEGMENT_CHANGES,
+                tables::change_row(&c, version),
+            ),
             ExportMsg::Journey(r) => {
                 self.push(live, &tables::JOURNEY_EVENTS, tables::journey_row(&r))
             }

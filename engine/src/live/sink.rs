@@ -639,7 +639,9 @@ impl Sink {
             time: time as i64,
         };
         if let Some(x) = &live.export {
-            let _ = x.send(super::export::ExportMsg::Change(row.clone()));
+            // The file's definition is version 1 (the JSONL line then has no field).
+            let v = version.unwrap_or(1);
+            let _ = x.send(super::export::ExportMsg::Change(row.clone(), v));
         }
         self.line.clear();
         change_line_versioned(&row, version, &mut self.line);
