@@ -883,9 +883,10 @@ fn a_changed_segment_file_reading_new_aggregates_and_traits_is_rebuilt_from_hist
 }
 
 /// A changed journey file between runs: `welcome`, unchanged, keeps its state (every
-/// repeat buyer gets its one webhook, none twice); `thanks`, whose wait changed, ends
-/// each instance in progress with one `exited` row (reason `journey_changed`) at the
-/// restart, and a restart with the same file ends nothing more.
+/// repeat buyer gets its webhook); `thanks`, whose wait changed, ends each instance in
+/// progress with one `exited` row (reason `journey_changed`) at the restart, and a
+/// restart with the same file ends nothing more. `ping`, new, reads `pro`, which no
+/// journey read before: it knows the members `pro` already had.
 #[test]
 fn a_changed_journey_file_keeps_the_unchanged_journeys_and_ends_the_changed_ones_instances() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -913,11 +914,17 @@ fn a_changed_journey_file_keeps_the_unchanged_journeys_and_ends_the_changed_ones
     std::thread::sleep(Duration::from_millis(2500));
     h.kill();
 
-    std::fs::write(dir.path().join("journeys.yaml"), journeys(2)).unwrap();
+    let ping = "---\njourney: ping\nentry: { event: Ping, where: \"in_segment('pro')\" }\n\
+                reentry: always\nsteps:\n  - update_trait: { name: pinged, value: \"yes\" }\n";
+    std::fs::write(
+        dir.path().join("journeys.yaml"),
+        format!("{}{ping}", journeys(2)),
+    )
+    .unwrap();
     let mut h = Herald::start(dir.path(), &config);
     let said = h.stderr_text();
     assert!(
-        said.contains("journeys changed: thanks; removed: none"),
+        said.contains("journeys changed: thanks; removed: none; new: ping"),
         "{said}"
     );
     let repeat = members(&h, "repeat_buyers");
@@ -962,6 +969,31 @@ fn a_changed_journey_file_keeps_the_unchanged_journeys_and_ends_the_changed_ones
             .map(|(k, _)| k.clone())
             .collect();
         keys.len() == repeat.len()
+    });
+    // ping enters exactly the users in pro: it learnt pro's members at the restart.
+    let pro = members(&h, "pro");
+    let pinged: Vec<Json> = (0..40)
+        .map(|u| {
+            json!({"type": "track", "userId": format!("u{u}"), "event": "Ping",
+                   "messageId": format!("ping-{u}")})
+        })
+        .collect();
+    let (status, body) = h.post("/v1/batch", "wk", &json!({ "batch": pinged }).to_string());
+    assert_eq!(status, 200, "{body}");
+    let want: BTreeSet<String> = (0..40)
+        .map(|u| format!("u{u}"))
+        .filter(|u| pro.contains(u))
+        .collect();
+    assert!(!want.is_empty() && want.len() < 40, "{want:?}");
+    let entered_ping = |h: &Herald| -> BTreeSet<String> {
+        h.output("journey_events.jsonl")
+            .iter()
+            .filter(|r| r["journey"] == "ping" && r["kind"] == "entered")
+            .map(|r| r["user_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    h.wait_for("ping's entries", Duration::from_secs(30), |h| {
+        entered_ping(h) == want
     });
     assert!(h.stop().success());
     let h = Herald::start(dir.path(), &config);

@@ -133,6 +133,10 @@ pub struct Restored {
     /// Exit rows, at `at`, of the instances whose journey changed or went with a changed
     /// journey file ([`crate::journey::machine::remap_journey_chain`]).
     pub journey_exits: Vec<JOut>,
+    /// Segments the journeys read now and did not before (kept ones, whose memberships
+    /// are carried over and so do not change at `at`): the journey state learns their
+    /// members from the restored segment state.
+    pub journey_seed: Vec<u16>,
 }
 
 /// Checkpointing for [`build_segments_durable`].
@@ -303,7 +307,7 @@ pub fn build_segments_live<'s>(
         Some(d) => (Some(d.parts), d.restored),
         None => (None, None),
     };
-    let (restored_at, seg_parts, journey_parts, reevaluate, backfill, journey_exits) =
+    let (restored_at, seg_parts, journey_parts, reevaluate, backfill, journey_exits, seed) =
         match restored {
             Some(r) => (
                 Some(r.at),
@@ -312,8 +316,17 @@ pub fn build_segments_live<'s>(
                 r.reevaluate,
                 r.backfill,
                 r.journey_exits,
+                r.journey_seed,
             ),
-            None => (None, Vec::new(), Vec::new(), false, None, Vec::new()),
+            None => (
+                None,
+                Vec::new(),
+                Vec::new(),
+                false,
+                None,
+                Vec::new(),
+                Vec::new(),
+            ),
         };
 
     // update_trait writes come back as identify events, one millisecond later. The loop
@@ -340,6 +353,7 @@ pub fn build_segments_live<'s>(
     if parts.is_some() {
         seg_state.track_changes();
     }
+    let mut seeded: Vec<(String, u16)> = Vec::new();
     if let Some(at) = restored_at {
         if let Err(e) = seg_state.restore(seg_parts, at) {
             // The engine checks the chain before building; a broken one here is a bug.
@@ -347,6 +361,15 @@ pub fn build_segments_live<'s>(
         }
         if let Some(b) = backfill {
             seg_state.graft(b);
+        }
+        // The members of the segments the journeys newly read (see `Restored`), as
+        // carried over: what the evaluation at `at` changes reaches them as changes.
+        if !seed.is_empty() {
+            seg_state.for_each_member(plan.segments.len(), &mut |user, s| {
+                if seed.contains(&s) {
+                    seeded.push((user.to_string(), s));
+                }
+            });
         }
         if reevaluate {
             seg_state.reevaluate_all(at);
@@ -400,7 +423,7 @@ pub fn build_segments_live<'s>(
             set,
             ctl,
             parts,
-            restored_at.map(|at| (at, journey_parts, journey_exits)),
+            restored_at.map(|at| (at, journey_parts, journey_exits, seeded)),
         );
         journey_state = Some(handle);
         if let Some(feedback) = feedback {

@@ -192,6 +192,8 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
                 reevaluate: true,
                 backfill,
                 journey_exits,
+                // The changed journey files here read no segment the old ones did not.
+                journey_seed: Vec::new(),
             }
         });
         let durability = Durability {

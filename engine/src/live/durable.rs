@@ -989,6 +989,8 @@ pub struct WorkerParts {
     pub backfill: Option<herald_operators::state::Backfill>,
     /// The journey file changed since: how its journeys map to the new one's.
     pub journey_remap: Option<Arc<herald_operators::journey::machine::JourneyRemap>>,
+    /// Kept segments the journeys now read and did not before ([`Restored::journey_seed`]).
+    pub journey_seed: Vec<u16>,
 }
 
 impl WorkerParts {
@@ -1019,6 +1021,7 @@ impl WorkerParts {
                 r.journeys.push(j.machine);
             }
         }
+        r.journey_seed = self.journey_seed;
         if let Some(j) = &self.journey_remap {
             r.journey_exits = herald_operators::journey::machine::remap_journey_chain(
                 &mut r.journeys,

@@ -455,7 +455,7 @@ where
             &plan,
             texts,
             &catalog.changes,
-            journeys.is_some(),
+            journeys.as_ref(),
             &ingest_tx,
         )?)
     } else {
@@ -914,9 +914,10 @@ fn recover(
     plan: &Plan,
     (segments_text, journeys_text): (String, String),
     changes: &[durable::DefChange],
-    journeys: bool,
+    journey_set: Option<&herald_operators::journey::JourneySet>,
     workers: &[Sender<durable::Fed>],
 ) -> Result<Recovery, EngineError> {
+    let journeys = journey_set.is_some();
     let dir = &config.checkpoint.dir;
     // A local directory that cannot be used is the config's fault; object storage that
     // does not answer is an outage.
@@ -932,7 +933,7 @@ fn recover(
     let (process, processes) = config.processes();
     let mut remap = None;
     let mut backfills: Vec<Option<herald_operators::state::Backfill>> = Vec::new();
-    let mut journey_remap: JourneyCarry = None;
+    let mut journey_remap: JourneyCarry = (None, Vec::new());
     if let Some(m) = &manifest {
         let why = if m.workers != n {
             Some(format!(
@@ -945,7 +946,7 @@ fn recover(
                 m.processes
             ))
         } else if m.definitions != definitions || m.journeys != journeys {
-            match carry_over(m, plan, &journeys_text).and_then(|(r, j)| {
+            match carry_over(m, plan, (&journeys_text, journey_set)).and_then(|(r, j)| {
                 if r.missing().is_empty() {
                     return Ok((r, j));
                 }
@@ -954,7 +955,7 @@ fn recover(
                 Ok((r, j))
             }) {
                 Ok((r, j)) => {
-                    let journeys_said = match &j {
+                    let journeys_said = match &j.0 {
                         Some(j) => format!(
                             "; journeys changed: {}; removed: {}; new: {} (instances in \
                              progress of a changed or removed journey exit at {})",
@@ -1044,7 +1045,8 @@ fn recover(
                     journeys: journeys && m.journeys,
                     remap: remap.clone(),
                     backfill: backfills.next().flatten(),
-                    journey_remap: journey_remap.clone(),
+                    journey_remap: journey_remap.0.clone(),
+                    journey_seed: journey_remap.1.clone(),
                 });
             }
             let mut snapshot = None;
@@ -1185,8 +1187,11 @@ fn cut_archive(config: &Config, at: herald_operators::time::Time) -> Result<(), 
 }
 
 /// How a checkpoint's journeys map to a changed journey file's (None: the file did not
-/// change).
-type JourneyCarry = Option<Arc<herald_operators::journey::machine::JourneyRemap>>;
+/// change), and the kept segments the journeys now read and did not before.
+type JourneyCarry = (
+    Option<Arc<herald_operators::journey::machine::JourneyRemap>>,
+    Vec<u16>,
+);
 
 /// Whether a checkpoint taken with other definitions can be carried over to `plan` and
 /// the journey file `journeys_text` (see [`herald_operators::plan::Remap`] and
@@ -1194,7 +1199,7 @@ type JourneyCarry = Option<Arc<herald_operators::journey::machine::JourneyRemap>
 fn carry_over(
     m: &durable::Manifest,
     plan: &Plan,
-    journeys_text: &str,
+    (journeys_text, new_set): (&str, Option<&herald_operators::journey::JourneySet>),
 ) -> Result<(herald_operators::plan::Remap, JourneyCarry), String> {
     use herald_operators::journey::{compile_journeys, machine::JourneyRemap, parse_journeys};
     if m.segments_text.is_empty() {
@@ -1236,6 +1241,7 @@ fn carry_over(
         }
         _ => None,
     };
+    let old_read = defs.as_ref().map(|(_, read, _)| read.clone());
     let defs = defs.map(|(d, read, _)| (d, read));
     // The changes through the API that were in force at the checkpoint, over its file.
     let mut at_checkpoint = definitions::Catalog::new(old, old_plan, defs);
@@ -1249,7 +1255,29 @@ fn carry_over(
         ));
     }
     let old = (*at_checkpoint.plan).clone();
-    Ok((plan.remap_from(&old), journeys))
+    let remap = plan.remap_from(&old);
+    // Kept segments the journeys now read and did not: their members are carried over,
+    // so no change at the restart tells the journeys of them.
+    let seed = match new_set {
+        Some(set) => {
+            let mut before = vec![false; plan.segments.len()];
+            let mut kept = vec![false; plan.segments.len()];
+            for (o, n) in remap.segments.iter().enumerate() {
+                if let Some(n) = n {
+                    kept[*n] = true;
+                    before[*n] |= old_read.as_ref().is_some_and(|r| r.get(o) == Some(&true));
+                }
+            }
+            set.segments_read()
+                .iter()
+                .enumerate()
+                .filter(|(s, read)| **read && kept[*s] && !before[*s])
+                .map(|(s, _)| s as u16)
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    Ok((remap, (journeys, seed)))
 }
 
 /// Per-segment state of a driver part (list and audience members), re-keyed to a changed

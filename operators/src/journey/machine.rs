@@ -894,6 +894,19 @@ impl Machine {
         Ok(())
     }
 
+    /// Memberships of segments the journeys did not read before a restore (a new or
+    /// changed journey file): the machine learns them as they are, with no trigger
+    /// fired (a user already in a segment has not just entered it). `(user, segment)`.
+    pub fn seed_members(&mut self, pairs: Vec<(String, u16)>) {
+        for (user, seg) in pairs {
+            let u = self.intern(&user);
+            add_exact(&mut self.users[u as usize].members, seg, 1);
+            if let Some(c) = &mut self.changed {
+                c.insert(u);
+            }
+        }
+    }
+
     /// Whether user `u`'s instance of journey `j` still waits for instant `t`.
     fn live_timer(&self, t: Time, u: u32, j: u16) -> bool {
         self.users

@@ -48,6 +48,10 @@ impl JourneyHandle {
     }
 }
 
+/// What the journey operator starts from: the checkpoint's instant, its chain of parts,
+/// the rows to emit at that instant, and the memberships to learn without a trigger.
+pub type RestoredJourneys = (Time, Vec<MachinePart>, Vec<JOut>, Vec<(String, u16)>);
+
 /// Which user the merge of stashed input and due timers steps next.
 enum Next {
     Input,
@@ -58,13 +62,14 @@ enum Next {
 /// Runs the journeys over `input`; returns what they emit, each record at its instant,
 /// and a handle on the state. `ctl` (broadcast) carries checkpoint requests, answered
 /// through `parts`; `restored` is a checkpoint's instant, the chain of parts to start
-/// from, and rows to emit at that instant (the exits a changed journey file caused).
+/// from, rows to emit at that instant (the exits a changed journey file caused), and
+/// memberships the journeys learn without a trigger (`Machine::seed_members`).
 pub fn run_journeys<'s>(
     input: VecCollection<'s, Time, (String, JIn), isize>,
     set: Rc<JourneySet>,
     ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
     parts: Option<Rc<dyn PartSink>>,
-    restored: Option<(Time, Vec<MachinePart>, Vec<JOut>)>,
+    restored: Option<RestoredJourneys>,
 ) -> (Stream<'s, Time, Vec<JOut>>, JourneyHandle) {
     let scope = input.inner.scope();
     let shared = Rc::new(RefCell::new(Machine::new(set)));
@@ -84,10 +89,19 @@ pub fn run_journeys<'s>(
                 if parts.is_some() {
                     machine.track_changes();
                 }
-                if let Some((at, chain, exits)) = restored {
+                if let Some((at, chain, exits, seeded)) = restored {
                     if let Err(e) = machine.restore(chain) {
                         panic!("restoring the journeys: {e}");
                     }
+                    // Only this worker's users reach its machine.
+                    let peers = scope.peers() as u64;
+                    let me = scope.index() as u64;
+                    machine.seed_members(
+                        seeded
+                            .into_iter()
+                            .filter(|(u, _)| user_hash(u) % peers == me)
+                            .collect(),
+                    );
                     cap = Some(initial.delayed(&at));
                     at_restore = exits;
                 }
