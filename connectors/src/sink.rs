@@ -170,6 +170,27 @@ pub fn write_changes_parquet(
     })
 }
 
+/// How Herald writes its Parquet tables: zstd-compressed.
+fn parquet_props() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build()
+}
+
+/// Record batches as the bytes of one Parquet file, written as [`write_parquet`] writes.
+pub(crate) fn parquet_bytes(
+    schema: Arc<Schema>,
+    batches: &[RecordBatch],
+) -> Result<Vec<u8>, ParquetError> {
+    let mut bytes = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut bytes, schema, Some(parquet_props()))?;
+    for b in batches {
+        w.write(b)?;
+    }
+    w.close()?;
+    Ok(bytes)
+}
+
 /// Writes `items` as a zstd-compressed Parquet file with `schema`, in record batches of
 /// at most [`PARQUET_BATCH_ROWS`] rows whose columns `columns` builds.
 pub(crate) fn write_parquet<T>(
@@ -178,9 +199,7 @@ pub(crate) fn write_parquet<T>(
     items: &[T],
     columns: impl Fn(&[T]) -> Vec<ArrayRef>,
 ) -> Result<(), ConnectorError> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
+    let props = parquet_props();
     let mut out = OutputFile::create(url_or_path)?;
     let err = |e| parquet_write_err(url_or_path, e);
     let mut writer =

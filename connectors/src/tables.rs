@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, Int64Array, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::record_batch::RecordBatch;
 use herald_operators::event::{Event, EventType};
 use herald_operators::journey::{JourneyRow, MessageAction};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -405,22 +406,105 @@ pub fn write_partitioned(
     Ok(written)
 }
 
-/// Cuts the Parquet files of `table` under `prefix` that one writer wrote (their names
-/// start with `writer`, as `part-p0-`) back to the rows before instant `at` (ms, by the
-/// table's partition column): a restart from a checkpoint at `at` derives every later row
-/// again, so the earlier run's copies go. Only the partitions from `at`'s hour on are
-/// read; a file left with no row is removed, one left with some is rewritten whole
-/// ([`crate::store::write_all`] is atomic). Returns the rows removed.
-pub fn cut_partitioned(
+/// Cuts one writer's Parquet files of every table under `prefix` back to a checkpoint at
+/// instant `at` (ms), for a restart that derives what followed it again: the files of
+/// the writer whose names start with `writer` (as `part-p0-`) lose
+///
+/// * in `events`: the events fed again (`refed`, the message ids of the ingest log's
+///   records from `at` on) in the copy received from `at` on, and the journeys'
+///   `update_trait` writes applied from `at` on (they are derived again);
+/// * in `delivery_outcomes`: the rows of the outcome events fed again (partitioned by
+///   the outcome's own instant, so read from the partition of `refed_from`, the earliest
+///   timestamp among them);
+/// * in `segment_changes`, `journey_events` and `messages`: every row at or after `at`
+///   (their instants are the dataflow's).
+///
+/// Only partitions from the first that can hold such rows are read; a file left with no
+/// row is removed, one left with some rewritten whole ([`crate::store::write_all`] is
+/// atomic). Returns the rows removed per table.
+pub fn cut_to_checkpoint(
+    prefix: &str,
+    writer: &str,
+    at: i64,
+    refed: &std::collections::HashSet<String>,
+    refed_from: i64,
+) -> Result<Vec<(&'static str, u64)>, ConnectorError> {
+    let times = |b: &RecordBatch, col: usize| -> Option<TimestampMillisecondArray> {
+        b.column(col)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .cloned()
+    };
+    let strings = |b: &RecordBatch, name: &str| -> Option<StringArray> {
+        b.column_by_name(name)?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .cloned()
+    };
+    let mut out = Vec::new();
+    for table in TABLES {
+        let (from, drop): (i64, Box<RowsToDrop>) = match table.name {
+            "events" => (
+                at,
+                Box::new(|b: &RecordBatch| {
+                    let (ids, ctx) = (strings(b, "message_id")?, strings(b, "context")?);
+                    let received = times(b, EVENTS.partition_by)?;
+                    let marker = format!(
+                        "\"{}\":true",
+                        herald_operators::journey::compile::JOURNEY_WRITE_KEY
+                    );
+                    Some(
+                        (0..b.num_rows())
+                            .map(|i| {
+                                let later = received.value(i) >= at;
+                                Some(
+                                    later
+                                        && (refed.contains(ids.value(i))
+                                            || ctx.value(i).contains(&marker)),
+                                )
+                            })
+                            .collect(),
+                    )
+                }),
+            ),
+            "delivery_outcomes" => (
+                refed_from.min(at),
+                Box::new(|b: &RecordBatch| {
+                    let ids = strings(b, "id")?;
+                    Some(
+                        (0..b.num_rows())
+                            .map(|i| Some(refed.contains(ids.value(i))))
+                            .collect(),
+                    )
+                }),
+            ),
+            _ => (
+                at,
+                Box::new(move |b: &RecordBatch| {
+                    let t = times(b, table.partition_by)?;
+                    Some(t.iter().map(|t| Some(t.is_some_and(|t| t >= at))).collect())
+                }),
+            ),
+        };
+        let removed = cut_files(prefix, table, writer, &partition(from), &*drop)?;
+        out.push((table.name, removed));
+    }
+    Ok(out)
+}
+
+/// Which rows of a record batch go (true), or `None` for a batch not of the table.
+type RowsToDrop<'a> = dyn Fn(&RecordBatch) -> Option<arrow::array::BooleanArray> + 'a;
+
+/// Removes from one writer's files of `table`, in partitions from `from` on, the rows
+/// `drop` marks; see [`cut_to_checkpoint`].
+fn cut_files(
     prefix: &str,
     table: &Table,
     writer: &str,
-    at: i64,
+    from: &str,
+    drop: &RowsToDrop,
 ) -> Result<u64, ConnectorError> {
-    use arrow::array::BooleanArray;
-    use parquet::arrow::ArrowWriter;
     let base = format!("{}/{}/", prefix.trim_end_matches('/'), table.name);
-    let from = partition(at);
     let mut removed = 0;
     for file in crate::store::list(&base)? {
         let Some(rest) = file.rfind("/date=").map(|i| &file[i + 1..]) else {
@@ -430,7 +514,7 @@ pub fn cut_partitioned(
             Some(x) => x,
             None => continue,
         };
-        if part < from.as_str() || !name.starts_with(writer) || !name.ends_with(".parquet") {
+        if part < from || !name.starts_with(writer) || !name.ends_with(".parquet") {
             continue;
         }
         let bad = |what: String| ConnectorError::input(&file, what);
@@ -443,18 +527,13 @@ pub fn cut_partitioned(
         let (mut kept, mut dropped) = (Vec::new(), 0);
         for batch in reader {
             let batch = batch.map_err(|e| bad(format!("cannot read a row group: {e}")))?;
-            let times = batch
-                .column(table.partition_by)
-                .as_any()
-                .downcast_ref::<TimestampMillisecondArray>()
-                .ok_or_else(|| bad("its partition column is not a millisecond timestamp".into()))?;
-            let before: BooleanArray = times
-                .iter()
-                .map(|t| Some(t.is_some_and(|t| t < at)))
-                .collect();
-            let batch = arrow::compute::filter_record_batch(&batch, &before)
+            let gone =
+                drop(&batch).ok_or_else(|| bad(format!("not a `{}` table file", table.name)))?;
+            let keep = arrow::compute::not(&gone)
                 .map_err(|e| bad(format!("cannot filter a row group: {e}")))?;
-            dropped += (times.len() - batch.num_rows()) as u64;
+            let batch = arrow::compute::filter_record_batch(&batch, &keep)
+                .map_err(|e| bad(format!("cannot filter a row group: {e}")))?;
+            dropped += (gone.len() - batch.num_rows()) as u64;
             if batch.num_rows() > 0 {
                 kept.push(batch);
             }
@@ -467,17 +546,11 @@ pub fn cut_partitioned(
             crate::store::remove(&file)?;
             continue;
         }
-        let props = parquet::file::properties::WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-            .build();
-        let mut bytes = Vec::new();
-        let write_err = |e: parquet::errors::ParquetError| bad(format!("cannot rewrite: {e}"));
-        let mut w = ArrowWriter::try_new(&mut bytes, schema, Some(props)).map_err(write_err)?;
-        for b in &kept {
-            w.write(b).map_err(write_err)?;
-        }
-        w.close().map_err(write_err)?;
-        crate::store::write_all(&file, bytes)?;
+        crate::store::write_all(
+            &file,
+            crate::sink::parquet_bytes(schema, &kept)
+                .map_err(|e| bad(format!("cannot rewrite: {e}")))?,
+        )?;
     }
     Ok(removed)
 }
@@ -524,7 +597,12 @@ pub fn for_each_archived_event(
     f: &mut dyn FnMut(Event, i64),
 ) -> Result<(), ConnectorError> {
     for file in &crate::store::parquet_files(location)? {
-        read_archive_file(file, f)?;
+        match read_archive_file(file, f) {
+            // Gone since it was listed: a restart's cut removed a file that held only
+            // rows it derives again.
+            Err(ConnectorError::NotFound { .. }) => {}
+            r => r?,
+        }
     }
     Ok(())
 }
@@ -653,10 +731,9 @@ mod tests {
     }
 
     #[test]
-    fn a_writers_files_are_cut_back_to_the_rows_before_an_instant() {
+    fn a_writers_files_are_cut_back_to_what_a_restart_derives_again() {
         let dir = tempfile::tempdir().unwrap();
         let prefix = dir.path().to_str().unwrap().to_string();
-        let hour = 3_600_000;
         let t0 = 1_763_769_600_000;
         let ev = |i: i64| Event {
             user: format!("u{i}"),
@@ -668,16 +745,37 @@ mod tests {
             context: Map::new(),
             traits: Map::new(),
         };
-        // Writer p0: rows over three hours, one file per hour; writer p1 the same.
-        let received = |i: i64| t0 + i * hour / 2;
+        let change = |i: i64| {
+            change_row(
+                &SegmentChange {
+                    segment: "s".into(),
+                    user_id: format!("u{i}"),
+                    diff: 1,
+                    time: received(i),
+                },
+                1,
+            )
+        };
+        // Writers p0 and p1: six events and six changes over three hours each.
+        fn received(i: i64) -> i64 {
+            1_763_769_600_000 + i * 3_600_000 / 2
+        }
         for writer in ["part-p0-1-000001", "part-p1-1-000001"] {
             let rows: Vec<Row> = (0..6).map(|i| event_row(&ev(i), received(i))).collect();
             write_partitioned(&prefix, &EVENTS, &rows, writer).unwrap();
+            let rows: Vec<Row> = (0..6).map(change).collect();
+            write_partitioned(&prefix, &SEGMENT_CHANGES, &rows, writer).unwrap();
         }
-        // Cut p0 at row 3's instant: the first hour's file stays as it is, the second
-        // keeps row 2, the third goes.
-        let removed = cut_partitioned(&prefix, &EVENTS, "part-p0-", received(3)).unwrap();
-        assert_eq!(removed, 3);
+        // A restart of p0 at row 3's instant feeds m3..m5 again, and m1 (a resend whose
+        // first copy, received before, stays).
+        let refed: std::collections::HashSet<String> = ["m1", "m3", "m4", "m5"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let at = received(3);
+        let removed = cut_to_checkpoint(&prefix, "part-p0-", at, &refed, t0).unwrap();
+        assert!(removed.contains(&("events", 3)), "{removed:?}");
+        assert!(removed.contains(&("segment_changes", 3)), "{removed:?}");
         let mut left: Vec<(String, i64)> = read_archived_events(&format!("{prefix}/events/"))
             .unwrap()
             .into_iter()
@@ -695,10 +793,8 @@ mod tests {
             "{files:?}"
         );
         // Nothing at or after the instant is left: cutting again removes nothing.
-        assert_eq!(
-            cut_partitioned(&prefix, &EVENTS, "part-p0-", received(3)).unwrap(),
-            0
-        );
+        let again = cut_to_checkpoint(&prefix, "part-p0-", at, &refed, t0).unwrap();
+        assert!(again.iter().all(|(_, n)| *n == 0), "{again:?}");
     }
 
     #[test]

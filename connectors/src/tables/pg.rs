@@ -43,16 +43,23 @@ pub fn create_table_sql(schema: &str, table: &Table) -> String {
     create_sql(&format!("{schema}.{}", table.name), table)
 }
 
-/// `CREATE TABLE IF NOT EXISTS qualified (…)` with the table's columns and key, then an
-/// `ALTER TABLE … ADD COLUMN IF NOT EXISTS` for each nullable column: a table an earlier
-/// Herald created gets the columns added since (they are nullable, NULL in its rows).
+/// `CREATE TABLE IF NOT EXISTS qualified (…)` with the table's columns and key, then, for
+/// each nullable column, an `ALTER TABLE … ADD COLUMN` run only when the table lacks it:
+/// a table an earlier Herald created gets the columns added since (they are nullable,
+/// NULL in its rows), and a table that has them takes no lock.
 fn create_sql(qualified: &str, table: &Table) -> String {
+    let (schema, name) = match qualified.split_once('.') {
+        Some((s, t)) => (format!("'{s}'"), t),
+        None => ("current_schema()".to_string(), qualified),
+    };
     let mut sql = create_table_only(qualified, table);
     for c in table.columns.iter().filter(|c| c.nullable) {
         sql.push_str(&format!(
-            "; ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS {} {}",
-            c.name,
-            pg_type(c.ty)
+            "; DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM information_schema.columns \
+             WHERE table_schema = {schema} AND table_name = '{name}' AND column_name = '{c}') \
+             THEN ALTER TABLE {qualified} ADD COLUMN {c} {ty}; END IF; END $$",
+            c = c.name,
+            ty = pg_type(c.ty)
         ));
     }
     sql

@@ -995,8 +995,7 @@ pub struct WorkerParts {
 
 impl WorkerParts {
     /// Reads worker `w`'s chain: the state to restore and the journeys' trait writes the
-    /// last part carried. Rebuilt history must hold as many events as the state had
-    /// applied; else the archive is not the state's whole history, and it is refused.
+    /// last part carried.
     pub fn read(self, w: usize) -> Result<(Restored, Vec<Event>), String> {
         let mut r = Restored {
             at: self.at,
@@ -1029,16 +1028,7 @@ impl WorkerParts {
                 self.at,
             );
         }
-        if let Some(b) = self.backfill {
-            let applied = r.segments.last().map_or(0, SegmentPart::events_applied);
-            if b.events != applied {
-                return Err(format!(
-                    "the events archive is not the whole history of the state: worker {w}                      had applied {applied} events before the checkpoint at {}, and the                      archive holds {} of its users' (was `[export]` turned on after the                      state began, or were archive files removed?). Start with the segment                      file the checkpoint was taken with, or move the state directory away                      and replay the archive to rebuild",
-                    self.at, b.events
-                ));
-            }
-            r.backfill = Some(b);
-        }
+        r.backfill = self.backfill;
         Ok((r, writes))
     }
 }

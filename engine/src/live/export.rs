@@ -116,17 +116,17 @@ impl Exporter {
         }))
     }
 
+    /// When the oldest row waiting in any buffer arrived.
+    fn oldest(&self) -> Option<Instant> {
+        self.buffers.iter().filter_map(|b| b.since).min()
+    }
+
     /// Runs until [`ExportMsg::Stop`] or every sender is gone, then writes what is left.
     pub fn run(mut self, rx: Receiver<ExportMsg>, live: &Live) -> Result<(), EngineError> {
         loop {
-            let wait = self
-                .buffers
-                .iter()
-                .filter_map(|b| b.since)
-                .min()
-                .map_or(self.flush_every, |s| {
-                    (s + self.flush_every).saturating_duration_since(Instant::now())
-                });
+            let wait = self.oldest().map_or(self.flush_every, |s| {
+                (s + self.flush_every).saturating_duration_since(Instant::now())
+            });
             match rx.recv_timeout(wait) {
                 Ok(ExportMsg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(msg) => {
@@ -135,10 +135,7 @@ impl Exporter {
                     // stream never lets the wait above time out). Stopping: the workers
                     // wait for what the archive confirms, so it is written now.
                     let due = self
-                        .buffers
-                        .iter()
-                        .filter_map(|b| b.since)
-                        .min()
+                        .oldest()
                         .is_some_and(|s| s.elapsed() >= self.flush_every);
                     if due || (live.stopping() && self.pending_watermark.is_some()) {
                         self.flush_all(live)?;

@@ -951,6 +951,15 @@ fn recover(
                     return Ok((r, j));
                 }
                 let built = rebuild::new_history(config, plan, &r, m.at)?;
+                // Each worker's rebuild must have applied as many events as its state had:
+                // checked before anything (the archive's cut) is changed.
+                let last = *m.chain.last().unwrap_or(&m.at);
+                for (w, b) in built.iter().enumerate() {
+                    let g = process * n + w;
+                    let part: herald_operators::dataflow::SegmentPart =
+                        store.read_part(last, &format!("w{g}.segments"))?;
+                    rebuild::check_whole(&part, b, g, m.at)?;
+                }
                 backfills = built.into_iter().map(Some).collect();
                 Ok((r, j))
             }) {
@@ -1081,7 +1090,7 @@ fn recover(
             if !config.output.dir.is_empty() {
                 sink::cut_to_checkpoint(&config.output.dir, &files)?;
             }
-            cut_archive(config, m.at)?;
+            cut_archive(config, m.at, &records)?;
             chain = m.chain.clone();
             sink_resume = Some(topics);
             tracing::info!(
@@ -1099,7 +1108,7 @@ fn recover(
             if !config.output.dir.is_empty() {
                 sink::cut_to_checkpoint(&config.output.dir, &Default::default())?;
             }
-            cut_archive(config, records[0].at)?;
+            cut_archive(config, records[0].at, &records)?;
             tracing::info!(
                 "no checkpoint yet; {} logged events fed again",
                 records.len()
@@ -1152,36 +1161,38 @@ fn recover(
     })
 }
 
-/// Cuts this process's `[export]` Parquet files back to the rows before `at`: a restart
-/// from a checkpoint at `at` derives every later event, change, journey event and
-/// message again, so the copies an earlier run wrote go (the PostgreSQL load is keyed by
-/// each row's identity already). Delivery outcomes are not derived again (the outbox
-/// sends once), so they stay.
-fn cut_archive(config: &Config, at: herald_operators::time::Time) -> Result<(), EngineError> {
+/// Cuts this process's `[export]` Parquet files back to a checkpoint at `at`: a restart
+/// derives again what followed it (`records`, the log's events from `at` on, are fed
+/// again), so the copies an earlier run wrote go (`tables::cut_to_checkpoint`; the
+/// PostgreSQL load is keyed by each row's identity already).
+fn cut_archive(
+    config: &Config,
+    at: herald_operators::time::Time,
+    records: &[durable::Fed],
+) -> Result<(), EngineError> {
     use herald_connectors::tables;
     let Some(prefix) = config.export.as_ref().and_then(|x| x.parquet.as_ref()) else {
         return Ok(());
     };
     let writer = format!("part-p{}-", config.processes().0);
-    for table in [
-        &tables::EVENTS,
-        &tables::SEGMENT_CHANGES,
-        &tables::JOURNEY_EVENTS,
-        &tables::MESSAGES,
-    ] {
-        let removed = tables::cut_partitioned(prefix, table, &writer, at as i64).map_err(|e| {
+    let refed: std::collections::HashSet<String> =
+        records.iter().map(|f| f.ev.message_id.clone()).collect();
+    let refed_from = records
+        .iter()
+        .map(|f| f.ev.timestamp)
+        .min()
+        .unwrap_or(at as i64);
+    let removed = tables::cut_to_checkpoint(prefix, &writer, at as i64, &refed, refed_from)
+        .map_err(|e| {
             EngineError::Unavailable(format!(
-                "`export.parquet`: cutting the {} table back to the checkpoint: {e}",
-                table.name
+                "`export.parquet`: cutting the tables back to the checkpoint: {e}"
             ))
         })?;
-        if removed > 0 {
-            tracing::info!(
-                "export: {removed} rows of {} at or after {at} removed (derived again from \
-                 the checkpoint)",
-                table.name
-            );
-        }
+    for (table, n) in removed.into_iter().filter(|(_, n)| *n > 0) {
+        tracing::info!(
+            "export: {n} rows of {table} removed, from the checkpoint at {at} on (derived \
+             again)"
+        );
     }
     Ok(())
 }

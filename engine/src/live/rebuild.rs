@@ -3,16 +3,17 @@
 //! trait's snapshot cells come from the last snapshot, which the checkpoint holds whole:
 //! worker 0 feeds them at the restart).
 //!
-//! Owns [`new_history`]. The checkpoint at `F` holds the state after every event
-//! stamped before `F`; the archive holds every one of those events (a checkpoint is
-//! complete only once the archive has caught up with it), each with its stamp as
-//! `received_at`. So the events of the archive received before `F`, applied to the new
-//! aggregates and traits alone in stamp order at their stamps, with the live state's
-//! deduplication, give each user's cells of them exactly as a state built with the new
-//! file from the start would hold them at `F` ([`herald_operators::state::Backfiller`]). Each worker
-//! checks, as it restores, that the rebuild applied as many events as its state did
-//! before `F`: an archive that misses some (`[export]` turned on after the state began,
-//! files removed) is refused, never read as the whole history.
+//! Owns [`new_history`] and [`check_whole`]. The checkpoint at `F` holds the state after
+//! every event stamped before `F`; the archive holds every one of those events (a
+//! checkpoint is complete only once the archive has caught up with it), each with its
+//! stamp as `received_at`. So the events of the archive received before `F`, applied to
+//! the new aggregates and traits alone in stamp order at their stamps, with the live
+//! state's deduplication, give each user's cells of them exactly as a state built with
+//! the new file from the start would hold them at `F`
+//! ([`herald_operators::state::Backfiller`]). Before anything is changed, each worker's
+//! rebuild is checked to hold as many events as its state had applied before `F`
+//! ([`check_whole`]): an archive that misses some is refused, never read as the whole
+//! history.
 
 use std::rc::Rc;
 use std::time::Instant;
@@ -20,12 +21,32 @@ use std::time::Instant;
 use herald_connectors::tables;
 use herald_connectors::ConnectorError;
 use herald_operators::dataflow::user_hash;
+use herald_operators::dataflow::SegmentPart;
 use herald_operators::plan::{Plan, Remap};
 use herald_operators::project::Projected;
 use herald_operators::state::{Backfill, Backfiller};
 use herald_operators::time::Time;
 
 use crate::config::Config;
+
+/// Whether the rebuild `b` of global worker `w` holds the whole history its restored
+/// state `part` (the last of its chain, taken at `at`) was built from: as many events.
+pub fn check_whole(part: &SegmentPart, b: &Backfill, w: usize, at: Time) -> Result<(), String> {
+    let applied = part.events_applied();
+    if b.events == applied {
+        return Ok(());
+    }
+    Err(format!(
+        "the events archive is not the whole history of the state: worker {w} had applied \
+         {applied} events before the checkpoint at {at}, and the archive holds {} of its \
+         users'. Causes: `[export]` turned on after the state began, archive files removed, \
+         an archive written by a Herald before 2026-12-04 (its `received_at` is not the \
+         instant an event was applied, and journeys' `update_trait` writes are not in it), \
+         or a changed `engine.dedup_horizon`. Start with the segment file the checkpoint was \
+         taken with, or move the state directory away and replay the archive to rebuild",
+        b.events
+    ))
+}
 
 /// The events archive's location under `[export] parquet`, if the config writes one.
 pub fn archive_location(config: &Config) -> Option<String> {

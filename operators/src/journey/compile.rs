@@ -48,9 +48,13 @@ pub fn archived_write(ev: &crate::event::Event) -> crate::event::Event {
     ev
 }
 
-/// Whether an archived event is a journey's `update_trait` write.
+/// Whether an archived event is a journey's `update_trait` write (marked, with the
+/// `herald-` message id journeys give their writes: a user's own event that sets the key
+/// is not taken for one).
 pub fn is_archived_write(ev: &crate::event::Event) -> bool {
     ev.context.get(JOURNEY_WRITE_KEY) == Some(&serde_json::Value::Bool(true))
+        && ev.message_id.starts_with("herald-")
+        && ev.kind == crate::event::EventType::Identify
 }
 
 /// A compiled trigger.
