@@ -118,7 +118,13 @@ if [ -n "${REBUILD:-}" ]; then
   rebuild_ms=$(( $(date +%s%3N) - rebuild_t0 ))
   echo "restart with a new aggregate, to serving: ${rebuild_ms} ms"
   echo "  $(grep -o 'rebuilt a new aggregate.*' "$DIR/stderr" | tail -1)"
-  top=$(query /v1/segments | python3 -c "import json,sys; print({s['name']: s['size'] for s in json.load(sys.stdin)['segments']}['rebuilt_top'])")
-  echo "rebuilt_top after the restart: $top (want $(( USERS / 5 )))"
+  # The changes at the restart's instant reach the query API once the sink releases them.
+  top=0
+  for _ in $(seq 300); do
+    top=$(query /v1/segments | python3 -c "import json,sys; print({s['name']: s['size'] for s in json.load(sys.stdin)['segments']}['rebuilt_top'])")
+    [ "$top" = "$(( USERS / 5 ))" ] && break
+    sleep 0.2
+  done
+  echo "rebuilt_top after the restart: $top (want $(( USERS / 5 ))), $(( $(date +%s%3N) - rebuild_t0 )) ms after the start"
   kill -TERM $PID; wait $PID
 fi
