@@ -792,6 +792,35 @@ mod tests {
             2,
             "{files:?}"
         );
+        // Delivery outcomes: the rows of the outcome events fed again go, wherever their
+        // own instant puts them; the others stay.
+        let outcome = |id: &str, ts: i64| Event {
+            user: "u1".into(),
+            kind: EventType::Track,
+            event: Some("Message Sent".into()),
+            message_id: id.into(),
+            timestamp: ts,
+            properties: serde_json::json!({"message_id": "m1", "channel": "sms"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            context: Map::new(),
+            traits: Map::new(),
+        };
+        let rows: Vec<Row> = [("herald-sent-a", t0), ("herald-sent-b", t0 + 1)]
+            .iter()
+            .map(|(id, ts)| outcome_row(&outcome(id, *ts)).unwrap())
+            .collect();
+        write_partitioned(&prefix, &DELIVERY_OUTCOMES, &rows, "part-p0-1-000002").unwrap();
+        let refed: std::collections::HashSet<String> = ["herald-sent-b".to_string()].into();
+        let cut = cut_to_checkpoint(&prefix, "part-p0-", at, &refed, t0).unwrap();
+        assert!(cut.contains(&("delivery_outcomes", 1)), "{cut:?}");
+        let left: u64 = crate::store::list(&format!("{prefix}/delivery_outcomes/"))
+            .unwrap()
+            .iter()
+            .map(|f| parquet_rows(f).unwrap())
+            .sum();
+        assert_eq!(left, 1);
         // Nothing at or after the instant is left: cutting again removes nothing.
         let again = cut_to_checkpoint(&prefix, "part-p0-", at, &refed, t0).unwrap();
         assert!(again.iter().all(|(_, n)| *n == 0), "{again:?}");

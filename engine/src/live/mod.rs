@@ -1177,8 +1177,11 @@ fn cut_archive(
     let writer = format!("part-p{}-", config.processes().0);
     let refed: std::collections::HashSet<String> =
         records.iter().map(|f| f.ev.message_id.clone()).collect();
+    // Delivery-outcome rows are partitioned by the outcome's own instant: read from the
+    // earliest among the outcome events fed again.
     let refed_from = records
         .iter()
+        .filter(|f| tables::outcome_row(&f.ev).is_some())
         .map(|f| f.ev.timestamp)
         .min()
         .unwrap_or(at as i64);
