@@ -104,6 +104,18 @@ fn membership(changes: &[Json]) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+/// A config exporting to `schema` of the test PostgreSQL only, with `workers` and the
+/// `extra` sections.
+fn pg_export_config(workers: usize, schema: &str, extra: &str) -> String {
+    format!(
+        "[engine]\nsegments = \"segments.sql\"\nworkers = {workers}\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n{extra}\
+         [warehouse]\npostgres = \"{}\"\n\
+         [export]\npostgres_schema = \"{schema}\"\nflush_every = \"1 second\"\n",
+        pg()
+    )
+}
+
 fn read_jsonl(path: &Path) -> Vec<Json> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -390,13 +402,7 @@ fn a_warehouse_that_refuses_rows_is_retried_and_loses_nothing() {
         "CREATE SEGMENT buyers AS count(*) FILTER (WHERE event = 'Order Completed') >= 1;\n",
     )
     .unwrap();
-    let config = format!(
-        "[engine]\nsegments = \"segments.sql\"\nworkers = 1\n\
-         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
-         [warehouse]\npostgres = \"{}\"\n\
-         [export]\npostgres_schema = \"{schema}\"\nflush_every = \"1 second\"\n",
-        pg()
-    );
+    let config = pg_export_config(1, &schema, "");
     let mut h = Herald::start(dir.path(), &config);
     // The tables exist once Herald listens; now the warehouse refuses every event row.
     query(&format!(
@@ -459,14 +465,7 @@ fn segment_changes_rows_say_which_definition_version_made_them() {
         "CREATE SEGMENT pro AS plan = 'pro';\nCREATE SEGMENT free AS plan = 'free';\n",
     )
     .unwrap();
-    let config = format!(
-        "[engine]\nsegments = \"segments.sql\"\nworkers = 2\n\
-         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
-         [checkpoint]\nevery = \"1 second\"\n\
-         [warehouse]\npostgres = \"{}\"\n\
-         [export]\npostgres_schema = \"{schema}\"\nflush_every = \"1 second\"\n",
-        pg()
-    );
+    let config = pg_export_config(2, &schema, "[checkpoint]\nevery = \"1 second\"\n");
     let mut h = Herald::start(dir.path(), &config);
     let items: Vec<String> = (0..30)
         .map(|i| {

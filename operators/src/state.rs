@@ -1739,12 +1739,10 @@ impl SegmentState {
         user.seen_from = seen_from;
         let mismatches = std::cell::Cell::new(0);
         let ctx = EventCtx(ev, &mismatches);
+        // A rebuild's slots; `None` on the dataflow's own state.
+        let only = self.only.as_deref();
         for (i, slot) in plan.aggs.iter().enumerate() {
-            if self
-                .only
-                .as_ref()
-                .is_some_and(|o| !o[plan.agg_slot(i) as usize])
-            {
+            if only.is_some_and(|o| !o[plan.agg_slot(i) as usize]) {
                 continue;
             }
             if let Some((field, want)) = &self.t.agg_guards[i] {
@@ -1860,7 +1858,7 @@ impl SegmentState {
         }
         for (slot, val) in ev.traits.iter() {
             let slot = *slot;
-            if self.only.as_ref().is_some_and(|o| !o[slot as usize]) {
+            if only.is_some_and(|o| !o[slot as usize]) {
                 continue;
             }
             let at = user.cells.binary_search_by_key(&slot, Cell::slot);

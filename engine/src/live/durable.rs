@@ -987,6 +987,8 @@ pub struct WorkerParts {
     /// The history of the aggregates the new file reads and the state lacks, rebuilt
     /// from the events archive (`live::rebuild`).
     pub backfill: Option<herald_operators::state::Backfill>,
+    /// The chain's last segment part, when it was read already (to check a rebuild).
+    pub last_part: Option<SegmentPart>,
     /// The journey file changed since: how its journeys map to the new one's.
     pub journey_remap: Option<Arc<herald_operators::journey::machine::JourneyRemap>>,
     /// Kept segments the journeys now read and did not before ([`Restored::journey_seed`]).
@@ -996,14 +998,18 @@ pub struct WorkerParts {
 impl WorkerParts {
     /// Reads worker `w`'s chain: the state to restore and the journeys' trait writes the
     /// last part carried.
-    pub fn read(self, w: usize) -> Result<(Restored, Vec<Event>), String> {
+    pub fn read(mut self, w: usize) -> Result<(Restored, Vec<Event>), String> {
         let mut r = Restored {
             at: self.at,
             ..Default::default()
         };
         let mut writes = Vec::new();
+        let last = self.chain.last().copied();
         for &t in &self.chain {
-            let mut seg: SegmentPart = self.store.read_part(t, &format!("w{w}.segments"))?;
+            let mut seg: SegmentPart = match self.last_part.take().filter(|_| Some(t) == last) {
+                Some(p) => p,
+                None => self.store.read_part(t, &format!("w{w}.segments"))?,
+            };
             if let Some(m) = &self.remap {
                 seg.remap(m);
                 r.reevaluate = true;

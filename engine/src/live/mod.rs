@@ -932,7 +932,12 @@ fn recover(
     let n = config.engine.workers;
     let (process, processes) = config.processes();
     let mut remap = None;
-    let mut backfills: Vec<Option<herald_operators::state::Backfill>> = Vec::new();
+    // Per local worker: the rebuilt history, and the chain's last part it was checked
+    // against (handed to the worker, which would otherwise read it again).
+    let mut backfills: Vec<(
+        herald_operators::state::Backfill,
+        herald_operators::dataflow::SegmentPart,
+    )> = Vec::new();
     let mut journey_remap: JourneyCarry = (None, Vec::new());
     if let Some(m) = &manifest {
         let why = if m.workers != n {
@@ -954,13 +959,13 @@ fn recover(
                 // Each worker's rebuild must have applied as many events as its state had:
                 // checked before anything (the archive's cut) is changed.
                 let last = *m.chain.last().unwrap_or(&m.at);
-                for (w, b) in built.iter().enumerate() {
+                for (w, b) in built.into_iter().enumerate() {
                     let g = process * n + w;
                     let part: herald_operators::dataflow::SegmentPart =
                         store.read_part(last, &format!("w{g}.segments"))?;
-                    rebuild::check_whole(&part, b, g, m.at)?;
+                    rebuild::check_whole(&part, &b, g, m.at)?;
+                    backfills.push((b, part));
                 }
-                backfills = built.into_iter().map(Some).collect();
                 Ok((r, j))
             }) {
                 Ok((r, j)) => {
@@ -1046,6 +1051,7 @@ fn recover(
             // Each worker reads its own parts, in parallel, on its thread.
             let mut backfills = std::mem::take(&mut backfills).into_iter();
             for slot in restored.iter_mut() {
+                let (backfill, last_part) = backfills.next().unzip();
                 *slot = Some(durable::WorkerParts {
                     store: store.clone(),
                     at: m.at,
@@ -1053,7 +1059,8 @@ fn recover(
                     // A checkpoint taken without journeys has no journey parts.
                     journeys: journeys && m.journeys,
                     remap: remap.clone(),
-                    backfill: backfills.next().flatten(),
+                    backfill,
+                    last_part,
                     journey_remap: journey_remap.0.clone(),
                     journey_seed: journey_remap.1.clone(),
                 });
@@ -1082,7 +1089,7 @@ fn recover(
                 snapshot: snapshot.map(|(at, rows)| (at, Arc::new(rows))),
                 new_traits: remap
                     .as_deref()
-                    .map(|r| r.new_traits.iter().map(|(s, _)| *s).collect())
+                    .map(|r| r.new_trait_slots())
                     .unwrap_or_default(),
                 audiences: by_new_segment(last_driver.audiences, remap.as_deref()),
                 lists: by_new_segment(last_driver.lists, remap.as_deref()),

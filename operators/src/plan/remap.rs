@@ -63,6 +63,11 @@ impl Remap {
             .map(|(s, _)| *s)
             .collect()
     }
+
+    /// The slots of the new traits alone (their snapshot cells come from the snapshot).
+    pub fn new_trait_slots(&self) -> Vec<u32> {
+        self.new_traits.iter().map(|(s, _)| *s).collect()
+    }
 }
 
 impl Plan {
