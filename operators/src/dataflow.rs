@@ -80,6 +80,14 @@ pub enum Ctl {
     /// Switch to definitions version `N` at the update's instant (after a checkpoint
     /// part at it, before any input at it): its plan comes from [`Definitions`].
     Define(u64),
+    /// Pause (or resume) a journey (its index) from the update's instant on, after a
+    /// checkpoint part at it ([`crate::journey::machine::Machine::set_paused`]).
+    Pause {
+        /// The journey's index in the journey set.
+        journey: u16,
+        /// Paused from then on (false: resumed).
+        paused: bool,
+    },
 }
 
 /// Where the segment operator finds the plan of a definitions version
@@ -145,6 +153,8 @@ pub struct Durability {
     pub parts: Rc<dyn PartSink>,
     /// Where to start from, if anywhere.
     pub restored: Option<Restored>,
+    /// The journeys (indices) paused at the start, kept from an earlier run.
+    pub journeys_paused: Vec<u16>,
 }
 
 /// The input handles of the segment dataflow.
@@ -303,9 +313,9 @@ pub fn build_segments_live<'s>(
     let (events_in, events) = scope.new_collection::<Projected, isize>();
     let (facts_in, facts) = scope.new_collection::<UserFact, isize>();
     let (ctl_in, ctl) = scope.new_collection::<Ctl, isize>();
-    let (parts, restored) = match durability {
-        Some(d) => (Some(d.parts), d.restored),
-        None => (None, None),
+    let (parts, restored, paused) = match durability {
+        Some(d) => (Some(d.parts), d.restored, d.journeys_paused),
+        None => (None, None, Vec::new()),
     };
     let (restored_at, seg_parts, journey_parts, reevaluate, backfill, journey_exits, seed) =
         match restored {
@@ -424,6 +434,7 @@ pub fn build_segments_live<'s>(
             ctl,
             parts,
             restored_at.map(|at| (at, journey_parts, journey_exits, seeded)),
+            paused,
         );
         journey_state = Some(handle);
         if let Some(feedback) = feedback {

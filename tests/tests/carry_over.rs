@@ -199,6 +199,7 @@ fn run(r: &Run, parts: Parts) -> (Changes, Journeyed) {
         let durability = Durability {
             parts: Rc::new(Collect(Arc::clone(&parts), index)),
             restored,
+            journeys_paused: Vec::new(),
         };
         let probe = timely::dataflow::operators::probe::Handle::new();
         let (sink, names, jsink) = (Arc::clone(&sink), names.clone(), Arc::clone(&jsink));

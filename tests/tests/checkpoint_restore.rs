@@ -131,6 +131,7 @@ fn run(
                 parts: Arc::clone(&parts),
             }),
             restored,
+            journeys_paused: Vec::new(),
         };
         let probe = timely::dataflow::operators::probe::Handle::new();
         let sink = Arc::clone(&sink);

@@ -10,6 +10,11 @@
 //!   membership would be now, against the version in force, applying nothing;
 //! - `GET /v1/users/{id}/explain?segment=NAME[&at=RFC3339]` (read key): why the user is
 //!   or is not a member ([`herald_operators::why`]).
+//! - `GET /v1/journeys` (read key): every journey, paused or not;
+//!   `POST /v1/journeys/{name}/pause` and `/resume` (admin key): from worker 0's current
+//!   instant on, the journey admits no entries and its instances stay at their step
+//!   (exit rules still apply); on resume, those whose timer fell due go on at once. Kept
+//!   like a definitions change, so a pause outlives restarts.
 //!
 //! Statement errors are `herald check`'s: 400 with `line`, `column` and `message`.
 //! Questions about the state are answered by the worker that holds it (a query channel
@@ -33,7 +38,7 @@ use serde_json::{json, Value as Json};
 
 use super::definitions::{Refusal, Request, Source};
 use super::http::{read_body, App};
-use super::worker::{DefineReq, Query as WorkerQuery, QueryError};
+use super::worker::{DefineReq, Feed, Query as WorkerQuery, QueryError};
 
 /// The largest statement accepted.
 const STATEMENT_LIMIT: usize = 64 * 1024;
@@ -123,7 +128,11 @@ pub(super) async fn get_segment(State(app): State<App>, Path(name): Path<String>
             json!({"version": 1, "source": "file", "definition": text, "effective_at": null}),
         );
     }
-    for c in defs.changes.iter().filter(|c| c.name == name) {
+    for c in defs
+        .changes
+        .iter()
+        .filter(|c| c.kind.is_segment() && c.name == name)
+    {
         versions.push(json!({
             "version": c.version,
             "source": "api",
@@ -229,51 +238,17 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     live.defs_version.fetch_add(1, Ordering::AcqRel);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let req = DefineReq { version, reply: tx };
-    if live.defines.send(req).is_err() {
-        return unavailable("the workers have stopped".into());
-    }
-    let at = match tokio::time::timeout(ANSWER_WAIT, rx).await {
-        Ok(Ok(at)) => at,
-        // Kept and in the catalog: it takes effect when worker 0 takes it, at the latest
-        // at the next start.
-        _ => {
+    let what = format!("'{name}' version {seg_version}");
+    let at = match take_effect(app, Feed::Define(version), &what).await {
+        Ok(at) => at,
+        Err(Effect::Pending) => {
             return reply(
                 StatusCode::ACCEPTED,
-                json!({
-                    "segment": name,
-                    "version": seg_version,
-                    "pending": true,
-                    "error": format!("kept, but worker 0 did not take it within {ANSWER_WAIT:?} \
-                        (is Herald stopping?): it takes effect when it does, at the latest at the \
-                        next start"),
-                }),
+                json!({"segment": name, "version": seg_version, "pending": true, "error": PENDING}),
             )
         }
+        Err(Effect::Failed(r)) => return r,
     };
-    // Worker 0 recorded the instant in the catalog; now on disk too.
-    let changes = match live.defs.read() {
-        Ok(d) => d.changes.clone(),
-        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    };
-    if let Err(e) = keep(app, changes).await {
-        tracing::warn!(
-            "definitions: cannot record the instant of '{name}' version {seg_version}: {e}"
-        );
-    }
-    // Answer once the query API holds every change at `at`.
-    let waited = Instant::now();
-    while live.released.load(Ordering::Acquire) <= at {
-        if waited.elapsed() > EFFECT_WAIT || live.stopping() {
-            return unavailable(format!(
-                "the change took effect at {} and its changes have not reached the query API \
-                 within {EFFECT_WAIT:?}",
-                format_rfc3339_ms(at as i64)
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     if let Ok(mut d) = live.defs.write() {
         d.forget_before(version);
     }
@@ -304,6 +279,154 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
             "size": size,
         }),
     )
+}
+
+/// What a change kept but not answered for says.
+const PENDING: &str = "kept, but worker 0 did not take it in time (is Herald stopping?): it \
+    takes effect when it does, at the latest at the next start";
+
+/// Why [`take_effect`] gave no instant.
+enum Effect {
+    /// Kept and in the catalog, but worker 0 did not take it in time: it takes effect when
+    /// it does, at the latest at the next start.
+    Pending,
+    /// The reply to give.
+    Failed(Response),
+}
+
+/// Feeds the catalog's latest change (kept, committed) to worker 0, which puts it in force
+/// at its current instant; records that instant on disk; returns it once the query API
+/// holds every change at it.
+async fn take_effect(app: &App, feed: Feed, what: &str) -> Result<Time, Effect> {
+    let live = &app.live;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if live.defines.send(DefineReq { feed, reply: tx }).is_err() {
+        return Err(Effect::Failed(unavailable(
+            "the workers have stopped".into(),
+        )));
+    }
+    let Ok(Ok(at)) = tokio::time::timeout(ANSWER_WAIT, rx).await else {
+        return Err(Effect::Pending);
+    };
+    // Worker 0 recorded the instant in the catalog; now on disk too.
+    let changes = match live.defs.read() {
+        Ok(d) => d.changes.clone(),
+        Err(_) => {
+            return Err(Effect::Failed(
+                StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            ))
+        }
+    };
+    if let Err(e) = keep(app, changes).await {
+        tracing::warn!("definitions: cannot record the instant of {what}: {e}");
+    }
+    let waited = Instant::now();
+    while live.released.load(Ordering::Acquire) <= at {
+        if waited.elapsed() > EFFECT_WAIT || live.stopping() {
+            return Err(Effect::Failed(unavailable(format!(
+                "the change took effect at {} and its changes have not reached the query API \
+                 within {EFFECT_WAIT:?}",
+                format_rfc3339_ms(at as i64)
+            ))));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(at)
+}
+
+/// `POST /v1/journeys/{name}/pause`.
+pub(super) async fn pause_journey(State(app): State<App>, Path(name): Path<String>) -> Response {
+    pause(&app, &name, true).await
+}
+
+/// `POST /v1/journeys/{name}/resume`.
+pub(super) async fn resume_journey(State(app): State<App>, Path(name): Path<String>) -> Response {
+    pause(&app, &name, false).await
+}
+
+/// Pauses or resumes a journey from worker 0's current instant on (see
+/// [`herald_operators::journey::machine::Machine::set_paused`]); kept like a definitions
+/// change.
+async fn pause(app: &App, name: &str, paused: bool) -> Response {
+    if let Some(r) = single_process(app) {
+        return r;
+    }
+    let live = &app.live;
+    if live.stopping() {
+        return unavailable("Herald is shutting down; retry against the next start".into());
+    }
+    let _one = live.defs_change.lock().await;
+    let (j, change, mut changes) = {
+        let Ok(defs) = live.defs.read() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        let (j, change) = match defs.plan_pause(name, paused) {
+            Ok(x) => x,
+            Err(r) => return refusal(r),
+        };
+        let now = defs.pause_of(j);
+        if now.map_or(!paused, |(p, _)| p == paused) {
+            return reply(
+                StatusCode::OK,
+                json!({
+                    "journey": name,
+                    "paused": paused,
+                    "unchanged": true,
+                    "effective_at": now.and_then(|(_, at)| at).map(|t| format_rfc3339_ms(t as i64)),
+                }),
+            );
+        }
+        (j, change, defs.changes.clone())
+    };
+    changes.push(change.clone());
+    if let Err(e) = keep(app, changes).await {
+        return unavailable(format!("cannot keep the change: {e}"));
+    }
+    match live.defs.write() {
+        Ok(mut d) => d.commit_pause(j, change),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+    let verb = if paused { "paused" } else { "resumed" };
+    let what = format!("journey '{name}' {verb}");
+    let at = match take_effect(app, Feed::Pause(j as u16, paused), &what).await {
+        Ok(at) => at,
+        Err(Effect::Pending) => {
+            return reply(
+                StatusCode::ACCEPTED,
+                json!({"journey": name, "paused": paused, "pending": true, "error": PENDING}),
+            )
+        }
+        Err(Effect::Failed(r)) => return r,
+    };
+    tracing::info!(
+        "{what} through the API, from {}",
+        format_rfc3339_ms(at as i64)
+    );
+    reply(
+        StatusCode::OK,
+        json!({"journey": name, "paused": paused, "effective_at": format_rfc3339_ms(at as i64)}),
+    )
+}
+
+/// `GET /v1/journeys`: every journey, whether it is paused and since when.
+pub(super) async fn journeys(State(app): State<App>) -> Response {
+    let Ok(defs) = app.live.defs.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let list: Vec<Json> = defs
+        .journey_names()
+        .iter()
+        .enumerate()
+        .map(|(j, name)| {
+            let p = defs.pause_of(j);
+            json!({
+                "name": name,
+                "paused": p.is_some_and(|(p, _)| p),
+                "changed_at": p.and_then(|(_, at)| at).map(|t| format_rfc3339_ms(t as i64)),
+            })
+        })
+        .collect();
+    reply(StatusCode::OK, json!({ "journeys": list }))
 }
 
 /// Writes the definitions to `checkpoint.dir` (nothing without durable state).
@@ -469,6 +592,7 @@ pub(super) async fn user_journeys(State(app): State<App>, Path(id): Path<String>
                 "entries": j.entries,
                 "last_entry": at(j.last_entry),
                 "sends_in_frequency_cap": j.sends_in_cap,
+                "paused": j.paused,
                 "active": j.active.as_ref().map(|a| json!({
                     "instance": a.instance,
                     "entered_at": at(Some(a.entered_at)),

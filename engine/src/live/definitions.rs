@@ -20,7 +20,9 @@
 //! - the changes are kept (`DEFINITIONS.json` in `checkpoint.dir`) and applied over the
 //!   segment file at every start: for a segment changed through the API the API's
 //!   version wins; a change that no longer applies to an edited file is dropped with a
-//!   warning.
+//!   warning;
+//! - a journey paused through the API stays paused across restarts until it is resumed
+//!   (a pause of a journey the journey file no longer has is dropped with a warning).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ use herald_operators::plan::Plan;
 use herald_operators::time::Time;
 use herald_operators::value::Value;
 
-use super::durable::DefChange;
+use super::durable::{ChangeKind, DefChange};
 
 /// Where a segment's definition in force comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +150,9 @@ pub struct Catalog {
     read_by_journeys: Vec<bool>,
     /// Per segment the file declares, its definition there (version 1).
     file_texts: Vec<String>,
+    /// Per journey (by index), the instant of its latest pause or resume through the API
+    /// (None: not yet in force) and whether it is paused; `None`: never changed.
+    paused: Vec<Option<(bool, Option<Time>)>>,
 }
 
 fn entry_of(def: &herald_operators::ast::SegmentDef) -> Entry {
@@ -193,6 +198,7 @@ impl Catalog {
             Some((d, r)) => (Some(d), r),
             None => (None, Vec::new()),
         };
+        let paused = vec![None; journeys.as_ref().map_or(0, Vec::len)];
         Catalog {
             file,
             plans: BTreeMap::from([(0, plan.clone())]),
@@ -203,7 +209,51 @@ impl Catalog {
             journeys,
             read_by_journeys,
             file_texts,
+            paused,
         }
+    }
+
+    /// The journeys' names, by index (none without journeys).
+    pub fn journey_names(&self) -> Vec<&str> {
+        self.journeys
+            .iter()
+            .flatten()
+            .map(|d| d.name.as_str())
+            .collect()
+    }
+
+    /// Journey `j`'s pause through the API: `(paused, since)` (None: never changed).
+    pub fn pause_of(&self, j: usize) -> Option<(bool, Option<Time>)> {
+        self.paused.get(j).copied().flatten()
+    }
+
+    /// The journeys paused, by index.
+    pub fn paused_journeys(&self) -> Vec<u16> {
+        (0..self.paused.len())
+            .filter(|&j| self.pause_of(j).is_some_and(|(p, _)| p))
+            .map(|j| j as u16)
+            .collect()
+    }
+
+    /// Checks a pause (or resume) of journey `name`: its index and the change; changes
+    /// nothing.
+    pub fn plan_pause(&self, name: &str, paused: bool) -> Result<(usize, DefChange), Refusal> {
+        let Some(j) = self.journey_names().iter().position(|n| *n == name) else {
+            return Err(Refusal::NotFound(if self.journeys.is_none() {
+                "this Herald runs no journeys (engine.journeys)".into()
+            } else {
+                format!("no journey named '{name}'")
+            }));
+        };
+        Ok((j, DefChange::pause(name, paused)))
+    }
+
+    /// Puts a planned pause (or resume) of journey `j` in force.
+    pub fn commit_pause(&mut self, j: usize, change: DefChange) {
+        if let Some(p) = self.paused.get_mut(j) {
+            *p = Some((change.kind == ChangeKind::PauseJourney, change.at));
+        }
+        self.changes.push(change);
     }
 
     /// Segment `i`'s definition in the segment file, if the file declares it.
@@ -326,6 +376,7 @@ impl Catalog {
             plan,
             index,
             change: DefChange {
+                kind: ChangeKind::Segment,
                 name: name.to_string(),
                 version,
                 text,
@@ -373,10 +424,18 @@ impl Catalog {
 
     /// Records the instant the latest change took effect.
     pub fn set_effective(&mut self, at: Time) {
-        if let Some(c) = self.changes.last_mut() {
-            c.at = Some(at);
-            if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == c.name) {
+        let Some(c) = self.changes.last_mut() else {
+            return;
+        };
+        c.at = Some(at);
+        let (segment, name) = (c.kind.is_segment(), c.name.clone());
+        if segment {
+            if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == name) {
                 e.at = Some(at);
+            }
+        } else if let Some(j) = self.journey_names().iter().position(|n| *n == name) {
+            if let Some(Some((_, since))) = self.paused.get_mut(j) {
+                *since = Some(at);
             }
         }
     }
@@ -395,7 +454,11 @@ impl Catalog {
         let name = &self.entries.get(index)?.name;
         let mut changed = false;
         let mut list = Vec::new();
-        for c in self.changes.iter().filter(|c| &c.name == name) {
+        for c in self
+            .changes
+            .iter()
+            .filter(|c| c.kind.is_segment() && &c.name == name)
+        {
             changed = true;
             if let Some(at) = c.at {
                 list.push((at, c.version));
@@ -413,6 +476,9 @@ impl Catalog {
         for e in self.entries.iter_mut().filter(|e| e.source == Source::Api) {
             clamp(&mut e.at);
         }
+        for (_, since) in self.paused.iter_mut().flatten() {
+            clamp(since);
+        }
     }
 
     /// Forgets the plans of versions before `v` (the dataflow has switched past them).
@@ -426,6 +492,22 @@ impl Catalog {
     pub fn replay(&mut self, changes: &[DefChange], at_start: Option<Time>) -> Vec<String> {
         let mut warnings = Vec::new();
         for c in changes {
+            if !c.kind.is_segment() {
+                let paused = c.kind == ChangeKind::PauseJourney;
+                match self.plan_pause(&c.name, paused) {
+                    Ok((j, mut p)) => {
+                        p.at = c.at.or(at_start);
+                        self.commit_pause(j, p);
+                    }
+                    Err(e) => warnings.push(format!(
+                        "the {} of journey '{}' through the API no longer applies to the \
+                         journey file, and is dropped: {e}",
+                        if paused { "pause" } else { "resume" },
+                        c.name
+                    )),
+                }
+                continue;
+            }
             let req = if c.deleted {
                 Request::Delete
             } else {
@@ -565,5 +647,84 @@ mod tests {
         let mut edited = catalog("CREATE SEGMENT b AS plan = 'pro';");
         let w = edited.replay(&c.changes, None);
         assert_eq!(w.len(), 2, "{w:?}");
+    }
+}
+
+#[cfg(test)]
+mod pause_tests {
+    use super::*;
+    use crate::live::durable::definitions_hash_with;
+    use herald_operators::journey::{compile_journeys, parse_journeys};
+
+    fn catalog(journeys: &str) -> Catalog {
+        let file = herald_operators::lang::parse::parse_segments(
+            "CREATE SEGMENT a AS count(*) >= 2;\nCREATE SEGMENT k AS count(*) >= 1;",
+        )
+        .unwrap();
+        let defs = parse_journeys(journeys).unwrap();
+        let set = compile_journeys(&file, &defs).unwrap();
+        let read = set.segments_read();
+        Catalog::new(file, set.plan, Some((defs, read)))
+    }
+
+    const JOURNEYS: &str = "journey: j\nentry: { event: A }\nsteps: []\n---\n\
+        journey: k\nentry: { event: B }\nsteps: []";
+
+    #[test]
+    fn pauses_are_kept_apart_from_segment_versions_and_replay() {
+        let mut c = catalog(JOURNEYS);
+        assert!(matches!(
+            c.plan_pause("nope", true),
+            Err(Refusal::NotFound(_))
+        ));
+        let (j, p) = c.plan_pause("k", true).unwrap();
+        assert_eq!(j, 1);
+        c.commit_pause(j, p);
+        c.set_effective(9);
+        assert_eq!(c.paused_journeys(), [1]);
+        assert_eq!(c.pause_of(1), Some((true, Some(9))));
+        assert_eq!(c.pause_of(0), None);
+        // Segment `k` (named like the journey) has no version of the pause's.
+        assert_eq!(c.versions(1), None);
+        let p = c
+            .plan_change("k", Request::Put("CREATE SEGMENT k AS count(*) >= 3;"))
+            .unwrap();
+        c.commit(p);
+        c.set_effective(11);
+        assert_eq!(c.versions(1).unwrap().at(12), 2);
+        assert_eq!(
+            c.pause_of(1),
+            Some((true, Some(9))),
+            "the segment's instant"
+        );
+        // The definitions hash is the segment changes' alone.
+        let segments: Vec<DefChange> = c
+            .changes
+            .iter()
+            .filter(|x| x.kind.is_segment())
+            .cloned()
+            .collect();
+        assert_eq!(
+            definitions_hash_with("s", "j", &c.changes),
+            definitions_hash_with("s", "j", &segments)
+        );
+        // Recorded and replayed: paused again; resumed, it is not.
+        let (j, p) = c.plan_pause("j", true).unwrap();
+        c.commit_pause(j, p);
+        let (j, p) = c.plan_pause("j", false).unwrap();
+        c.commit_pause(j, p);
+        let json = serde_json::to_string(&c.changes).unwrap();
+        let kept: Vec<DefChange> = serde_json::from_str(&json).unwrap();
+        let mut again = catalog(JOURNEYS);
+        assert!(again.replay(&kept, Some(20)).is_empty());
+        assert_eq!(again.paused_journeys(), [1]);
+        assert_eq!(again.pause_of(0), Some((false, Some(20))));
+        assert_eq!(again.versions(1).unwrap().at(12), 2);
+        // A journey file without `k`: its pause goes, with a warning.
+        let mut edited = catalog("journey: j\nentry: { event: A }\nsteps: []");
+        let w = edited.replay(&kept, None);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("journey 'k'"), "{w:?}");
+        assert!(edited.paused_journeys().is_empty());
     }
 }

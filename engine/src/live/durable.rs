@@ -509,11 +509,14 @@ pub struct Manifest {
     pub segment_changes: Vec<DefChange>,
 }
 
-/// One change of the segment set through the API: a new version of a segment, or its
-/// deletion.
+/// One change of the definitions through the API: a new version of a segment, or its
+/// deletion; or a journey paused or resumed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefChange {
-    /// The segment.
+    /// What changes (a segment when the field is absent).
+    #[serde(default, skip_serializing_if = "ChangeKind::is_segment")]
+    pub kind: ChangeKind,
+    /// The segment (or journey).
     pub name: String,
     /// Its version (the segment file's definition is version 1).
     pub version: u32,
@@ -524,6 +527,44 @@ pub struct DefChange {
     pub deleted: bool,
     /// The instant it took effect (None: not yet known when it was recorded).
     pub at: Option<Time>,
+}
+
+/// What a [`DefChange`] changes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// A segment's definition.
+    #[default]
+    Segment,
+    /// A journey paused from the change's instant on.
+    PauseJourney,
+    /// A journey resumed from the change's instant on.
+    ResumeJourney,
+}
+
+impl ChangeKind {
+    /// Whether it is a segment's change.
+    pub fn is_segment(&self) -> bool {
+        *self == ChangeKind::Segment
+    }
+}
+
+impl DefChange {
+    /// A journey paused (or resumed) through the API.
+    pub fn pause(journey: &str, paused: bool) -> DefChange {
+        DefChange {
+            kind: if paused {
+                ChangeKind::PauseJourney
+            } else {
+                ChangeKind::ResumeJourney
+            },
+            name: journey.to_string(),
+            version: 0,
+            text: String::new(),
+            deleted: false,
+            at: None,
+        }
+    }
 }
 
 /// `DEFINITIONS.json`: every change through the API, in order.
@@ -1279,13 +1320,15 @@ pub fn run_checkpointer(
     Ok(committed)
 }
 
-/// [`definitions_hash`] of the segment and journey files' texts and the changes through
-/// the API over them (none: the files' hash alone, as before there were any).
+/// [`definitions_hash`] of the segment and journey files' texts and the segment changes
+/// through the API over them (none: the files' hash alone, as before there were any).
+/// Pauses change no plan or state layout, and are left out.
 pub fn definitions_hash_with(segments: &str, journeys: &str, changes: &[DefChange]) -> String {
+    let changes: Vec<&DefChange> = changes.iter().filter(|c| c.kind.is_segment()).collect();
     if changes.is_empty() {
         return definitions_hash(&[segments, journeys]);
     }
-    let changes = serde_json::to_string(changes).unwrap_or_default();
+    let changes = serde_json::to_string(&changes).unwrap_or_default();
     definitions_hash(&[segments, journeys, &changes])
 }
 

@@ -161,10 +161,13 @@ pub fn routers(live: Arc<Live>) -> Result<(Router, Router), EngineError> {
         .route("/v1/users/{id}", get(user))
         .route("/v1/users/{id}/explain", get(defs::explain))
         .route("/v1/users/{id}/journeys", get(defs::user_journeys))
+        .route("/v1/journeys", get(defs::journeys))
         .route("/metrics", get(metrics))
         .route_layer(guard(Role::Read));
     let act = Router::new()
         .route("/v1/journeys/{name}/trigger", post(trigger))
+        .route("/v1/journeys/{name}/pause", post(defs::pause_journey))
+        .route("/v1/journeys/{name}/resume", post(defs::resume_journey))
         .route("/v1/engagement", post(super::engagement::engagement))
         .route(
             "/v1/segments/{name}",
@@ -186,7 +189,7 @@ async fn not_here(State(app): State<App>, uri: axum::http::Uri) -> Response {
         "/v1/segments",
         "/v1/users/",
         "/metrics",
-        "/v1/journeys/",
+        "/v1/journeys",
         "/v1/engagement",
     ];
     let detail = if admin.iter().any(|p| path.starts_with(p)) {

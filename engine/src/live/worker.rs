@@ -96,10 +96,18 @@ const EXPLAIN_STEPS: usize = 10_000;
 /// A definitions change for worker 0 to feed at its current instant (the catalog's
 /// latest change).
 pub(crate) struct DefineReq {
-    /// The definitions version to switch to.
-    pub version: u64,
+    /// What to feed.
+    pub feed: Feed,
     /// Told the instant it takes effect at.
     pub reply: tokio::sync::oneshot::Sender<Time>,
+}
+
+/// What a [`DefineReq`] feeds.
+pub(crate) enum Feed {
+    /// Switch to this definitions version.
+    Define(u64),
+    /// Pause (true) or resume journey `j`.
+    Pause(u16, bool),
 }
 
 /// Channels the workers take theirs from, by local index.
@@ -491,6 +499,11 @@ fn run(
             on_part: (local == 0 && process > 0).then(|| process_parts(live, tx.clone())),
         }),
         restored,
+        journeys_paused: live
+            .defs
+            .read()
+            .map(|d| d.paused_journeys())
+            .unwrap_or_default(),
     });
     let checkpoint_every = live
         .config
@@ -767,7 +780,13 @@ fn run(
                 if let Some(tx) = &live.checkpointer {
                     let _ = tx.send(CkMsg::Definitions(cur, changes));
                 }
-                inputs.ctl.update(Ctl::Define(d.version), 1);
+                inputs.ctl.update(
+                    match d.feed {
+                        Feed::Define(v) => Ctl::Define(v),
+                        Feed::Pause(journey, paused) => Ctl::Pause { journey, paused },
+                    },
+                    1,
+                );
                 fed_at_cur = true;
                 let _ = d.reply.send(cur);
             }

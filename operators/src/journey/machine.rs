@@ -525,6 +525,8 @@ pub struct JourneyStatus {
     pub sends_in_cap: Option<u32>,
     /// The instance in progress, if any.
     pub active: Option<ActiveStatus>,
+    /// Whether the journey is paused.
+    pub paused: bool,
 }
 
 /// An instance in progress.
@@ -559,6 +561,8 @@ pub struct Machine {
     /// keys of those forgotten since.
     changed: Option<hashbrown::HashSet<u32>>,
     removed: Vec<Box<str>>,
+    /// Per journey, whether it is paused ([`Machine::set_paused`]).
+    paused: Vec<bool>,
 }
 
 /// The journey state of one worker, or what changed in it since the previous part, as a
@@ -721,12 +725,15 @@ struct At<'a> {
     timers: &'a mut Timers,
     out: &'a mut Vec<JOut>,
     seq: u32,
+    /// Per journey, whether it is paused.
+    paused: &'a [bool],
 }
 
 impl Machine {
     /// A machine for the compiled journeys.
     pub fn new(set: Rc<JourneySet>) -> Machine {
         Machine {
+            paused: vec![false; set.journeys.len()],
             set,
             index: hashbrown::HashTable::new(),
             users: Vec::new(),
@@ -806,8 +813,10 @@ impl Machine {
             .journeys
             .iter()
             .zip(state.journeys.iter())
-            .filter(|(_, j)| j.entries > 0 || j.active.is_some())
-            .map(|(cj, j)| JourneyStatus {
+            .enumerate()
+            .filter(|(_, (_, j))| j.entries > 0 || j.active.is_some())
+            .map(|(ji, (cj, j))| JourneyStatus {
+                paused: self.is_paused(ji),
                 journey: cj.name.clone(),
                 entries: j.entries,
                 last_entry: opt(j.last_entry),
@@ -879,8 +888,10 @@ impl Machine {
             }
         }
         let changed = self.changed.take();
+        let paused = std::mem::take(&mut self.paused);
         *self = Machine::new(Rc::clone(&self.set));
         self.changed = changed;
+        self.paused = paused;
         for (k, mut state) in users {
             let u = self.intern(&k);
             state.key = k.into();
@@ -907,13 +918,73 @@ impl Machine {
         }
     }
 
-    /// Whether user `u`'s instance of journey `j` still waits for instant `t`.
+    /// Pauses or resumes journey `j` from instant `t` on (the operator calls it before it
+    /// steps anyone at `t`). A paused journey admits no entries and its instances in
+    /// progress stay at their step: a timer that falls due, or an awaited event, passes
+    /// them by. Its exit rules still apply. On resume, every instance whose timer fell
+    /// due during the pause goes on at `t`, as if its wait had ended then.
+    pub fn set_paused(&mut self, j: usize, paused: bool, t: Time) {
+        let Some(p) = self.paused.get_mut(j) else {
+            return;
+        };
+        let was = std::mem::replace(p, paused);
+        if was && !paused {
+            self.resume_overdue(j, t);
+        }
+    }
+
+    /// Whether journey `j` is paused.
+    pub fn is_paused(&self, j: usize) -> bool {
+        self.paused.get(j) == Some(&true)
+    }
+
+    /// At the start: the journeys paused from it on; after a restore at `at`, the
+    /// instances of the others whose timer fell due while they were paused before it go
+    /// on at `at`.
+    pub fn start_paused(&mut self, paused: &[u16], at: Option<Time>) {
+        for p in &mut self.paused {
+            *p = false;
+        }
+        for &j in paused {
+            if let Some(p) = self.paused.get_mut(j as usize) {
+                *p = true;
+            }
+        }
+        if let Some(at) = at {
+            for j in 0..self.paused.len() {
+                if !self.paused[j] {
+                    self.resume_overdue(j, at);
+                }
+            }
+        }
+    }
+
+    /// Arms at `t` every instance of journey `j` whose timer is before `t`.
+    fn resume_overdue(&mut self, j: usize, t: Time) {
+        for (u, st) in self.users.iter_mut().enumerate() {
+            let Some(inst) = st.journeys.get_mut(j).and_then(|x| x.active.as_mut()) else {
+                continue;
+            };
+            if inst.wake != NONE && inst.wake < t {
+                inst.wake = t;
+                self.timers.arm(t, u as u32, j as u16);
+                if let Some(c) = &mut self.changed {
+                    c.insert(u as u32);
+                }
+            }
+        }
+    }
+
+    /// Whether user `u`'s instance of journey `j` still waits for instant `t` (a paused
+    /// journey's timers are dropped as they come up: the resume arms them again).
     fn live_timer(&self, t: Time, u: u32, j: u16) -> bool {
-        self.users
-            .get(u as usize)
-            .and_then(|s| s.journeys.get(j as usize))
-            .and_then(|js| js.active.as_ref())
-            .is_some_and(|i| i.wake == t)
+        !self.is_paused(j as usize)
+            && self
+                .users
+                .get(u as usize)
+                .and_then(|s| s.journeys.get(j as usize))
+                .and_then(|js| js.active.as_ref())
+                .is_some_and(|i| i.wake == t)
     }
 
     /// The earliest pending timer. Drops the stale timers in front of it, and opens the
@@ -1074,6 +1145,7 @@ impl Machine {
             timers: &mut self.timers,
             out,
             seq: 0,
+            paused: &self.paused,
         };
         for j in 0..set.journeys.len() {
             at.journey(&mut state, j);
@@ -1182,6 +1254,10 @@ impl<'a> At<'a> {
                     self.row(j, &inst, Kind::Exited, "", None, Some(x.label.clone()));
                 }
             }
+        }
+        // A paused journey: exits only.
+        if self.paused.get(ji) == Some(&true) {
+            return;
         }
         // 2. Resume.
         if let Some(mut inst) = state.journeys[ji].active.take() {
@@ -1559,5 +1635,96 @@ mod pair_tests {
         ] {
             assert_eq!(Pair::new(u, j).get(), (u, j));
         }
+    }
+}
+
+#[cfg(test)]
+mod pause_tests {
+    use super::*;
+    use crate::journey::{compile_journeys, parse_journeys};
+
+    const JOURNEYS: &str = "journey: j\nentry: { event: A }\nexit:\n  - event: Stop\n\
+        steps:\n  - wait: 1 second\n  - send: { channel: webhook, template: t }\n";
+
+    fn machine() -> Machine {
+        let file =
+            crate::lang::parse::parse_segments("CREATE SEGMENT s AS count(*) >= 1;").unwrap();
+        let defs = parse_journeys(JOURNEYS).unwrap();
+        Machine::new(Rc::new(compile_journeys(&file, &defs).unwrap()))
+    }
+
+    fn ev(user: &str, name: &str, t: i64) -> (JIn, isize) {
+        let e = Event {
+            user: user.into(),
+            kind: EventType::Track,
+            event: Some(name.into()),
+            message_id: format!("{user}-{name}-{t}"),
+            timestamp: t,
+            properties: Map::new(),
+            context: Map::new(),
+            traits: Map::new(),
+        };
+        (JIn::Event(e), 1)
+    }
+
+    /// `(time, user, kind)` of every row.
+    fn rows(out: &[JOut]) -> Vec<(i64, String, &'static str)> {
+        out.iter()
+            .filter_map(|o| match o {
+                JOut::Row(r) => Some((r.time, r.user_id.clone(), r.kind.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Fires every timer up to `until`, in order.
+    fn run_timers(m: &mut Machine, until: Time, out: &mut Vec<JOut>) {
+        while let Some(t) = m.next_timer().filter(|t| *t <= until) {
+            for u in m.due(t, usize::MAX) {
+                m.step_user(u, t, Vec::new(), out);
+            }
+        }
+    }
+
+    #[test]
+    fn a_paused_journey_admits_no_one_holds_its_instances_and_resumes_them() {
+        let mut m = machine();
+        let mut out = Vec::new();
+        m.step("u1", 1000, vec![ev("u1", "A", 1000)], &mut out);
+        m.step("u3", 1000, vec![ev("u3", "A", 1000)], &mut out);
+        m.set_paused(0, true, 1500);
+        assert!(m.is_paused(0));
+        out.clear();
+        // No entry; an exit rule still ends an instance; the timer at 2000 passes by.
+        m.step("u2", 1600, vec![ev("u2", "A", 1600)], &mut out);
+        m.step("u3", 1700, vec![ev("u3", "Stop", 1700)], &mut out);
+        run_timers(&mut m, 4999, &mut out);
+        assert_eq!(rows(&out), [(1700, "u3".into(), "exited")]);
+        assert_eq!(m.next_timer(), None);
+        // The checkpoint's part, restored: paused it still holds; resumed at the restart,
+        // the overdue instance goes on there.
+        for (paused, want) in [(vec![0u16], None), (vec![], Some(4000))] {
+            let mut back = machine();
+            back.restore([m.part(true)]).unwrap();
+            back.start_paused(&paused, Some(4000));
+            assert_eq!(back.next_timer(), want, "paused {paused:?}");
+        }
+        // Resumed at 5000: u1's wait ended during the pause, so it goes on at 5000.
+        out.clear();
+        m.set_paused(0, false, 5000);
+        assert_eq!(m.next_timer(), Some(5000));
+        run_timers(&mut m, 10_000, &mut out);
+        assert_eq!(
+            rows(&out),
+            [
+                (5000, "u1".into(), "step"),
+                (5000, "u1".into(), "sent"),
+                (5000, "u1".into(), "completed"),
+            ]
+        );
+        // And it admits entries again.
+        out.clear();
+        m.step("u2", 6000, vec![ev("u2", "A", 6000)], &mut out);
+        assert_eq!(rows(&out)[0], (6000, "u2".into(), "entered"));
     }
 }

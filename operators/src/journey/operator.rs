@@ -52,6 +52,13 @@ impl JourneyHandle {
 /// the rows to emit at that instant, and the memberships to learn without a trigger.
 pub type RestoredJourneys = (Time, Vec<MachinePart>, Vec<JOut>, Vec<(String, u16)>);
 
+/// A control update the operator takes at its instant.
+enum Control {
+    Checkpoint(crate::dataflow::CheckpointReq),
+    /// A journey (index) paused or resumed.
+    Pause(u16, bool),
+}
+
 /// Which user the merge of stashed input and due timers steps next.
 enum Next {
     Input,
@@ -61,15 +68,17 @@ enum Next {
 
 /// Runs the journeys over `input`; returns what they emit, each record at its instant,
 /// and a handle on the state. `ctl` (broadcast) carries checkpoint requests, answered
-/// through `parts`; `restored` is a checkpoint's instant, the chain of parts to start
-/// from, rows to emit at that instant (the exits a changed journey file caused), and
-/// memberships the journeys learn without a trigger (`Machine::seed_members`).
+/// through `parts`, and pauses ([`Ctl::Pause`]); `restored` is a checkpoint's instant,
+/// the chain of parts to start from, rows to emit at that instant (the exits a changed
+/// journey file caused), and memberships the journeys learn without a trigger
+/// (`Machine::seed_members`); `paused`: the journeys paused from the start.
 pub fn run_journeys<'s>(
     input: VecCollection<'s, Time, (String, JIn), isize>,
     set: Rc<JourneySet>,
     ctl: Stream<'s, Time, Vec<(Ctl, Time, isize)>>,
     parts: Option<Rc<dyn PartSink>>,
     restored: Option<RestoredJourneys>,
+    paused: Vec<u16>,
 ) -> (Stream<'s, Time, Vec<JOut>>, JourneyHandle) {
     let scope = input.inner.scope();
     let shared = Rc::new(RefCell::new(Machine::new(set)));
@@ -89,10 +98,12 @@ pub fn run_journeys<'s>(
                 if parts.is_some() {
                     machine.track_changes();
                 }
+                let mut start = None;
                 if let Some((at, chain, exits, seeded)) = restored {
                     if let Err(e) = machine.restore(chain) {
                         panic!("restoring the journeys: {e}");
                     }
+                    start = Some(at);
                     // Only this worker's users reach its machine.
                     let peers = scope.peers() as u64;
                     let me = scope.index() as u64;
@@ -105,9 +116,10 @@ pub fn run_journeys<'s>(
                     cap = Some(initial.delayed(&at));
                     at_restore = exits;
                 }
+                machine.start_paused(&paused, start);
             }
-            // Checkpoint requests not yet answered, by instant.
-            let mut requests: BTreeMap<Time, Vec<crate::dataflow::CheckpointReq>> = BTreeMap::new();
+            // Checkpoint requests not yet answered, and pauses not yet in force, by instant.
+            let mut requests: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
             // update_trait writes emitted at the last instant stepped, by target instant.
             let mut writes: Vec<(Time, Event)> = Vec::new();
             let mut outs: Vec<JOut> = Vec::new();
@@ -129,15 +141,21 @@ pub fn run_journeys<'s>(
                 ctl_in.for_each_stamp(|c, data| {
                     for batch in data {
                         for (x, t, r) in batch.drain(..) {
-                            if let (Ctl::Checkpoint(req), true, true) = (x, r > 0, parts.is_some())
-                            {
-                                if let Some(c) = c.retain_least(output.output_index()) {
-                                    if cap.as_ref().is_none_or(|k| c.time() < k.time()) {
-                                        cap = Some(c);
-                                    }
+                            let control = match x {
+                                Ctl::Checkpoint(req) if r > 0 && parts.is_some() => {
+                                    Control::Checkpoint(req)
                                 }
-                                requests.entry(t).or_default().push(req);
+                                Ctl::Pause { journey, paused } if r > 0 => {
+                                    Control::Pause(journey, paused)
+                                }
+                                _ => continue,
+                            };
+                            if let Some(c) = c.retain_least(output.output_index()) {
+                                if cap.as_ref().is_none_or(|k| c.time() < k.time()) {
+                                    cap = Some(c);
+                                }
                             }
+                            requests.entry(t).or_default().push(control);
                         }
                     }
                 });
@@ -161,11 +179,12 @@ pub fn run_journeys<'s>(
                     if frontier.less_equal(&next) || ctl_frontier.less_equal(&next) {
                         break;
                     }
-                    // A checkpoint at `next` holds the state before anything at it.
+                    // A checkpoint at `next` holds the state before anything at it; pauses
+                    // at `next` are in force from it on.
                     if let Some(reqs) = requests.remove(&next) {
                         writes.retain(|(t, _)| *t >= next);
-                        if let Some(p) = &parts {
-                            for req in reqs {
+                        for req in reqs.iter() {
+                            if let (Control::Checkpoint(req), Some(p)) = (req, &parts) {
                                 p.journeys(
                                     next,
                                     JourneysPart {
@@ -173,6 +192,11 @@ pub fn run_journeys<'s>(
                                         writes: writes.iter().map(|(_, e)| e.clone()).collect(),
                                     },
                                 );
+                            }
+                        }
+                        for req in reqs {
+                            if let Control::Pause(j, paused) = req {
+                                machine.set_paused(j as usize, paused, next);
                             }
                         }
                     }
