@@ -248,3 +248,188 @@ fn a_paused_journey_admits_no_one_holds_its_instances_and_resumes_after_a_kill()
     assert_eq!(kinds(&h, "a2"), ["entered", "step", "exited"]);
     assert!(h.stop().success());
 }
+
+/// A journey's version `n`: wait `secs`, then send template `drip{n}`.
+fn drip(n: u32, secs: u32) -> String {
+    format!(
+        "journey: drip\nentry: {{ event: Signed Up }}\nexit:\n  - event: Unsubscribed\n\
+         steps:\n  - wait: {secs} seconds\n  - send: {{ channel: webhook, template: drip{n} }}\n"
+    )
+}
+
+/// `(user, template, time)` of every message.
+fn messages(h: &Herald) -> Vec<(String, String, i64)> {
+    h.output("messages.jsonl")
+        .iter()
+        .map(|m| {
+            (
+                m["user_id"].as_str().unwrap().to_string(),
+                m["template"].as_str().unwrap().to_string(),
+                ms(&m["time"]),
+            )
+        })
+        .collect()
+}
+
+/// The processing instant of `user`'s latest `kind` row.
+fn row_at(h: &Herald, user: &str, kind: &str) -> i64 {
+    h.output("journey_events.jsonl")
+        .iter()
+        .filter(|r| r["user_id"] == user && r["kind"] == kind)
+        .map(|r| ms(&r["time"]))
+        .next_back()
+        .unwrap()
+}
+
+#[test]
+fn journey_versions_drain_or_restart_their_instances_and_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    std::fs::write(dir.path().join("journeys.yaml"), drip(1, 3)).unwrap();
+    let config =
+        "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
+         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
+         [checkpoint]\nevery = \"1 second\"\n";
+    let mut h = Herald::start(dir.path(), config);
+    let track = |h: &Herald, user: &str, event: &str| {
+        let (s, b) = h.post(
+            "/v1/track",
+            "wk",
+            &format!(r#"{{"userId":"{user}","event":"{event}"}}"#),
+        );
+        assert_eq!(s, 200, "{b}");
+    };
+    let put = |h: &Herald, path: &str, yaml: &str| h.request("PUT", path, common::ADMIN_KEY, yaml);
+    track(&h, "d1", "Signed Up");
+    h.wait_for("d1 entered", Duration::from_secs(10), |h| {
+        kinds(h, "d1") == ["entered", "step"]
+    });
+
+    // Refused, with what is wrong: bad YAML, another name, what the running journeys do
+    // not read, a read key.
+    let (s, e) = put(&h, "/v1/journeys/drip", "journey: [unclosed");
+    assert_eq!(s, 400, "{e}");
+    assert!(e["path"].as_str().unwrap().contains("line"), "{e}");
+    let (s, e) = put(
+        &h,
+        "/v1/journeys/drip",
+        &drip(2, 1).replace("drip\n", "other\n"),
+    );
+    assert_eq!(s, 400, "{e}");
+    let (s, e) = put(
+        &h,
+        "/v1/journeys/drip",
+        &format!(
+            "{}  - wait_until: {{ event: Never Seen, timeout: 1 hour }}\n",
+            drip(2, 1)
+        ),
+    );
+    assert_eq!(s, 422, "{e}");
+    assert!(
+        e["not_maintained"][0]
+            .as_str()
+            .unwrap()
+            .contains("Never Seen"),
+        "{e}"
+    );
+    assert_eq!(
+        h.request("PUT", "/v1/journeys/drip", common::READ_KEY, &drip(2, 1))
+            .0,
+        401
+    );
+
+    // Version 2, drained: d1 finishes on version 1 (3 s), d2 enters version 2 (4 s).
+    let (s, v2) = put(&h, "/v1/journeys/drip", &drip(2, 4));
+    assert_eq!(s, 200, "{v2}");
+    assert_eq!(
+        (v2["version"].as_u64(), v2["migrate"].as_str()),
+        (Some(2), Some("drain"))
+    );
+    let (_, same) = put(&h, "/v1/journeys/drip", &drip(2, 4));
+    assert_eq!(same["unchanged"], true, "{same}");
+    track(&h, "d2", "Signed Up");
+    h.wait_for("both messages", Duration::from_secs(15), |h| {
+        messages(h).len() == 2
+    });
+    let m = messages(&h);
+    let d1 = m.iter().find(|x| x.0 == "d1").unwrap();
+    let d2 = m.iter().find(|x| x.0 == "d2").unwrap();
+    assert_eq!(
+        (d1.1.as_str(), d1.2),
+        ("drip1", row_at(&h, "d1", "entered") + 3000)
+    );
+    assert_eq!(
+        (d2.1.as_str(), d2.2),
+        ("drip2", row_at(&h, "d2", "entered") + 4000)
+    );
+    let (_, status) = h.get_json("/v1/users/d2/journeys");
+    assert_eq!(status["journeys"][0]["entries"], 1, "{status}");
+
+    // Version 3 with ?migrate=restart: d3, waiting on version 2, restarts on version 3.
+    track(&h, "d3", "Signed Up");
+    h.wait_for("d3 entered", Duration::from_secs(10), |h| {
+        kinds(h, "d3") == ["entered", "step"]
+    });
+    // A checkpoint (every second) holds d3 waiting.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (s, v3) = put(&h, "/v1/journeys/drip?migrate=restart", &drip(3, 2));
+    assert_eq!(s, 200, "{v3}");
+    let v3_at = ms(&v3["effective_at"]);
+    assert_eq!(
+        kinds(&h, "d3"),
+        ["entered", "step", "exited", "entered", "step"]
+    );
+    assert_eq!(row_at(&h, "d3", "exited"), v3_at);
+    let (_, status) = h.get_json("/v1/users/d3/journeys");
+    assert_eq!(status["journeys"][0]["version"], 3, "{status}");
+    // A kill -9 before its timer; the version and the instance come back.
+    h.kill();
+    let mut h = Herald::start(dir.path(), config);
+    h.wait_for("d3's message", Duration::from_secs(30), |h| {
+        messages(h).iter().any(|m| m.0 == "d3")
+    });
+    // Made after the last checkpoint, the change took effect again at its instant (at
+    // or before the first time): the restart happened there.
+    let restarted = row_at(&h, "d3", "exited");
+    assert!(restarted <= v3_at, "{restarted} {v3_at}");
+    assert_eq!(
+        kinds(&h, "d3"),
+        [
+            "entered",
+            "step",
+            "exited",
+            "entered",
+            "step",
+            "step",
+            "sent",
+            "completed"
+        ]
+    );
+    let d3: Vec<_> = messages(&h).into_iter().filter(|m| m.0 == "d3").collect();
+    assert_eq!(
+        d3,
+        [("d3".to_string(), "drip3".to_string(), restarted + 2000)]
+    );
+    let (_, j) = h.get_json("/v1/journeys/drip");
+    assert_eq!(j["version"], 3, "{j}");
+    let versions: Vec<(u64, &str)> = j["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["version"].as_u64().unwrap(),
+                v["migrate"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(versions, [(1, "drain"), (2, "drain"), (3, "restart")]);
+    assert_eq!(j["definition"].as_str().unwrap(), drip(3, 2).trim());
+    // New entries run version 3.
+    track(&h, "d4", "Signed Up");
+    h.wait_for("d4's message", Duration::from_secs(15), |h| {
+        messages(h).iter().any(|m| m.0 == "d4")
+    });
+    assert_eq!(messages(&h).iter().filter(|m| m.1 == "drip3").count(), 2);
+    assert!(h.stop().success());
+}

@@ -95,6 +95,12 @@ pub enum Ctl {
 /// ([`Plan::compile_over`]).
 pub type Definitions = Rc<dyn Fn(u64) -> Option<Plan>>;
 
+/// Where the operators find the journey set of a definitions version that changed the
+/// journeys ([`Ctl::Define`]; None: the version did not change them). Its plan is the
+/// one [`Definitions`] gives for the same version; a pending version's `from` is set at
+/// the update's instant ([`JourneySet::in_force_at`]).
+pub type JourneyDefinitions = Rc<dyn Fn(u64) -> Option<Rc<JourneySet>>>;
+
 /// A checkpoint request: a full part, or the changes since the part taken at `since`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CheckpointReq {
@@ -297,11 +303,23 @@ pub fn build_segments_durable<'s>(
     journeys: Option<Rc<JourneySet>>,
     durability: Option<Durability>,
 ) -> (SegmentInputs, SegmentOutputs<'s>) {
-    build_segments_live(scope, plan, dedup_horizon_ms, journeys, durability, None)
+    build_segments_live(
+        scope,
+        plan,
+        dedup_horizon_ms,
+        journeys,
+        durability,
+        None,
+        None,
+    )
 }
 
-/// [`build_segments_durable`], whose segments can change while it runs: a
-/// [`Ctl::Define`] switches to the plan `definitions` gives for its version.
+/// [`build_segments_durable`], whose segments and journeys can change while it runs: a
+/// [`Ctl::Define`] switches to the plan `definitions` gives for its version, and to the
+/// journey set `journey_definitions` gives, if the version changed the journeys. A
+/// changed set may add hidden segments after the plan's, versions and journeys; it must
+/// read every segment, trait and event name the running set reads, and no other visible
+/// segment, exposed trait or event name (the engine checks this before it feeds one).
 pub fn build_segments_live<'s>(
     scope: Scope<'s, Time>,
     plan: Rc<Plan>,
@@ -309,6 +327,7 @@ pub fn build_segments_live<'s>(
     journeys: Option<Rc<JourneySet>>,
     durability: Option<Durability>,
     definitions: Option<Definitions>,
+    journey_definitions: Option<JourneyDefinitions>,
 ) -> (SegmentInputs, SegmentOutputs<'s>) {
     let (events_in, events) = scope.new_collection::<Projected, isize>();
     let (facts_in, facts) = scope.new_collection::<UserFact, isize>();
@@ -390,6 +409,14 @@ pub fn build_segments_live<'s>(
     // Segments a definition appends are visible: the bound grows when the operator
     // switches plans, before it emits any change of the new segments.
     let visible = Rc::new(std::cell::Cell::new(plan.visible as u16));
+    // The segments the journeys read: a changed journey set reads more (its new hidden
+    // segments) from the instant it takes effect.
+    let read = Rc::new(RefCell::new(
+        journeys
+            .as_ref()
+            .map(|s| s.segments_read())
+            .unwrap_or_default(),
+    ));
     let out = segment_state(
         keyed,
         ctl.clone(),
@@ -399,6 +426,8 @@ pub fn build_segments_live<'s>(
             parts: parts.clone(),
             definitions,
             visible: visible.clone(),
+            journey_definitions: journey_definitions.clone(),
+            read: read.clone(),
         },
         restored_at,
     );
@@ -414,11 +443,10 @@ pub fn build_segments_live<'s>(
     let mut journey_state = None;
     let journey_out = journeys.map(|set| {
         // Changes of segments no journey reads are not the journeys' to keep.
-        let read = set.segments_read();
         let input = out
             .flat_map(move |((user, o), t, r)| {
                 let x = match o {
-                    StateOut::Change(seg) if read.get(seg as usize) == Some(&true) => {
+                    StateOut::Change(seg) if read.borrow().get(seg as usize) == Some(&true) => {
                         JIn::Member(seg)
                     }
                     StateOut::Change(_) => return None,
@@ -435,6 +463,7 @@ pub fn build_segments_live<'s>(
             parts,
             restored_at.map(|at| (at, journey_parts, journey_exits, seeded)),
             paused,
+            journey_definitions,
         );
         journey_state = Some(handle);
         if let Some(feedback) = feedback {
@@ -468,6 +497,8 @@ struct Hooks {
     parts: Option<Rc<dyn PartSink>>,
     definitions: Option<Definitions>,
     visible: Rc<std::cell::Cell<u16>>,
+    journey_definitions: Option<JourneyDefinitions>,
+    read: Rc<RefCell<Vec<bool>>>,
 }
 
 /// The keyed operator over [`SegmentState`]; see the module docs.
@@ -479,10 +510,12 @@ fn segment_state<'s>(
     restored_at: Option<Time>,
 ) -> Stream<'s, Time, Vec<StateUpdate>> {
     let Hooks {
-        journeys,
+        mut journeys,
         parts,
         definitions,
         visible,
+        journey_definitions,
+        read,
     } = hooks;
     keyed.binary_frontier(
         ctl,
@@ -572,6 +605,10 @@ fn segment_state<'s>(
                                 .unwrap_or_else(|| panic!("definitions version {v} is unknown"));
                             visible.set(visible.get().max(plan.visible as u16));
                             st.set_plan(Rc::new(plan), t);
+                            if let Some(set) = journey_definitions.as_ref().and_then(|j| j(*v)) {
+                                *read.borrow_mut() = set.segments_read();
+                                journeys = Some(set);
+                            }
                         }
                     }
                     while let Some((_, c, r)) = clocks.get(ci).filter(|x| x.0 == t) {

@@ -47,7 +47,7 @@ fn run(
         let sink = Arc::clone(&sink);
         let mut inputs = w.dataflow::<Time, _, _>(|scope| {
             let (inputs, outputs) =
-                build_segments_live(scope, plan.clone(), -1, None, None, Some(definitions));
+                build_segments_live(scope, plan.clone(), -1, None, None, Some(definitions), None);
             outputs
                 .changes
                 .inner

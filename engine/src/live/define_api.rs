@@ -84,6 +84,15 @@ fn refusal(r: Refusal) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY,
             json!({ "error": r.to_string(), "not_maintained": list }),
         ),
+        Refusal::Journey(e) => reply(
+            StatusCode::BAD_REQUEST,
+            json!({
+                "error": e.to_string(),
+                "journey": e.journey,
+                "path": e.path,
+                "message": e.message,
+            }),
+        ),
     }
 }
 
@@ -408,7 +417,22 @@ async fn pause(app: &App, name: &str, paused: bool) -> Response {
     )
 }
 
-/// `GET /v1/journeys`: every journey, whether it is paused and since when.
+/// Journey `j` of the catalog as the API lists it.
+fn journey_json(defs: &super::definitions::Catalog, j: usize, name: &str) -> Json {
+    let p = defs.pause_of(j);
+    let version = defs
+        .journey_set()
+        .and_then(|s| s.journeys.get(j))
+        .map_or(1, |c| c.version);
+    json!({
+        "name": name,
+        "version": version,
+        "paused": p.is_some_and(|(p, _)| p),
+        "changed_at": p.and_then(|(_, at)| at).map(|t| format_rfc3339_ms(t as i64)),
+    })
+}
+
+/// `GET /v1/journeys`: every journey, its version, whether it is paused and since when.
 pub(super) async fn journeys(State(app): State<App>) -> Response {
     let Ok(defs) = app.live.defs.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -417,16 +441,152 @@ pub(super) async fn journeys(State(app): State<App>) -> Response {
         .journey_names()
         .iter()
         .enumerate()
-        .map(|(j, name)| {
-            let p = defs.pause_of(j);
+        .map(|(j, name)| journey_json(&defs, j, name))
+        .collect();
+    reply(StatusCode::OK, json!({ "journeys": list }))
+}
+
+/// `GET /v1/journeys/{name}`: as listed, with its definition and every version.
+pub(super) async fn get_journey(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let Ok(defs) = app.live.defs.read() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let Some(j) = defs.journey_names().iter().position(|n| *n == name) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("no journey named '{name}'") }),
+        );
+    };
+    let mut out = journey_json(&defs, j, &name);
+    let versions: Vec<Json> = defs
+        .journey_versions(&name)
+        .into_iter()
+        .map(|(v, text, at, restart)| {
             json!({
-                "name": name,
-                "paused": p.is_some_and(|(p, _)| p),
-                "changed_at": p.and_then(|(_, at)| at).map(|t| format_rfc3339_ms(t as i64)),
+                "version": v,
+                "source": if v == 1 && at.is_none() { "file" } else { "api" },
+                "definition": text,
+                "effective_at": at.map(|t| format_rfc3339_ms(t as i64)),
+                "migrate": if restart { "restart" } else { "drain" },
             })
         })
         .collect();
-    reply(StatusCode::OK, json!({ "journeys": list }))
+    out["definition"] = versions
+        .last()
+        .map_or(Json::Null, |v| v["definition"].clone());
+    out["versions"] = Json::Array(versions);
+    reply(StatusCode::OK, out)
+}
+
+#[derive(Deserialize)]
+pub(super) struct PutJourneyQuery {
+    migrate: Option<String>,
+}
+
+/// `PUT /v1/journeys/{name}[?migrate=restart]`, body one journey's YAML: a new version
+/// (or a new journey), in force from worker 0's current instant. Instances in progress
+/// finish on the version they entered (drain), or with `?migrate=restart` exit and enter
+/// the new version at that instant.
+pub(super) async fn put_journey(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<PutJourneyQuery>,
+    body: Body,
+) -> Response {
+    if let Some(r) = single_process(&app) {
+        return r;
+    }
+    let restart = match q.migrate.as_deref() {
+        None | Some("drain") => false,
+        Some("restart") => true,
+        Some(other) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({ "error": format!("migrate={other}: expected drain or restart") }),
+            )
+        }
+    };
+    let text = match statement(&app, body).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let live = &app.live;
+    if live.stopping() {
+        return unavailable("Herald is shutting down; retry against the next start".into());
+    }
+    let _one = live.defs_change.lock().await;
+    let (planned, mut changes) = {
+        let Ok(defs) = live.defs.read() else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if let Some((v, Some(current), _, _)) = defs.journey_versions(&name).pop() {
+            if current.trim() == text.trim() {
+                return reply(
+                    StatusCode::OK,
+                    json!({"journey": name, "version": v, "unchanged": true}),
+                );
+            }
+        }
+        match defs.plan_journey(&name, &text, restart) {
+            Ok(p) => (p, defs.changes.clone()),
+            Err(r) => return refusal(r),
+        }
+    };
+    // Its sends need templates and channels, as at a start.
+    if let Some(n) = &live.config.notify {
+        let checked = crate::check::load_templates(&n.templates).and_then(|t| {
+            crate::check::check_sends("the journey", &planned.set, &t, Some(&n.channels()))
+        });
+        if let Err(e) = checked {
+            return reply(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() }));
+        }
+    }
+    let (version, created) = (planned.change.version, planned.created);
+    changes.push(planned.change.clone());
+    if let Err(e) = keep(&app, changes).await {
+        return unavailable(format!("cannot keep the definition: {e}"));
+    }
+    if let Ok(mut s) = live.state.write() {
+        s.grow(planned.set.plan.segments.len());
+    }
+    let defs_version = match live.defs.write() {
+        Ok(mut d) => d.commit_journey(planned),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    live.defs_version.fetch_add(1, Ordering::AcqRel);
+    let what = format!("journey '{name}' version {version}");
+    let at = match take_effect(&app, Feed::Define(defs_version), &what).await {
+        Ok(at) => at,
+        Err(Effect::Pending) => {
+            return reply(
+                StatusCode::ACCEPTED,
+                json!({"journey": name, "version": version, "pending": true, "error": PENDING}),
+            )
+        }
+        Err(Effect::Failed(r)) => return r,
+    };
+    if let Ok(mut d) = live.defs.write() {
+        d.forget_before(defs_version);
+    }
+    let migrate = if restart { "restart" } else { "drain" };
+    tracing::info!(
+        "{what} {} through the API, in force from {} (instances in progress: {migrate})",
+        if created { "created" } else { "made" },
+        format_rfc3339_ms(at as i64)
+    );
+    reply(
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        json!({
+            "journey": name,
+            "version": version,
+            "effective_at": format_rfc3339_ms(at as i64),
+            "migrate": migrate,
+        }),
+    )
 }
 
 /// Writes the definitions to `checkpoint.dir` (nothing without durable state).
@@ -593,6 +753,7 @@ pub(super) async fn user_journeys(State(app): State<App>, Path(id): Path<String>
                 "last_entry": at(j.last_entry),
                 "sends_in_frequency_cap": j.sends_in_cap,
                 "paused": j.paused,
+                "version": j.version,
                 "active": j.active.as_ref().map(|a| json!({
                     "instance": a.instance,
                     "entered_at": at(Some(a.entered_at)),

@@ -28,7 +28,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use herald_operators::ast::{Expr, SegmentBody, SegmentFile};
-use herald_operators::journey::file::JourneyDef;
+use herald_operators::journey::compile::{compile_journey_versions, JourneyVersion, PENDING};
+use herald_operators::journey::file::{JourneyDef, JourneyError};
+use herald_operators::journey::JourneySet;
 use herald_operators::lang::parse::{parse_statement_into, SegmentError};
 use herald_operators::plan::Plan;
 use herald_operators::time::Time;
@@ -83,6 +85,8 @@ pub enum Refusal {
     Conflict(String),
     /// The change reads what the state does not maintain (each part named).
     NotMaintained(Vec<String>),
+    /// The journey does not parse or check, as `herald check` would say.
+    Journey(JourneyError),
 }
 
 impl std::fmt::Display for Refusal {
@@ -97,6 +101,7 @@ impl std::fmt::Display for Refusal {
                  by replaying the events archive into an empty state directory",
                 list.join("; ")
             ),
+            Refusal::Journey(e) => write!(f, "{e}"),
         }
     }
 }
@@ -112,6 +117,44 @@ pub struct Planned {
     pub index: usize,
     /// The change, as recorded.
     pub change: DefChange,
+}
+
+/// A journey version checked and compiled, not yet in force.
+#[derive(Debug)]
+pub struct PlannedJourney {
+    /// The journey set with it, over the running plan's slots.
+    pub set: JourneySet,
+    /// Its definition.
+    pub def: JourneyDef,
+    /// Whether it creates the journey.
+    pub created: bool,
+    /// The change, as recorded.
+    pub change: DefChange,
+}
+
+/// The journey file's documents, one per journey (empty texts when they cannot be told
+/// apart).
+fn journey_documents(text: &str, n: usize) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            docs.push(String::new());
+        } else {
+            let d = docs.last_mut().expect("one at least");
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs.retain(|d| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    let docs: Vec<String> = docs.into_iter().map(|d| d.trim().to_string()).collect();
+    if docs.len() == n {
+        docs
+    } else {
+        vec![String::new(); n]
+    }
 }
 
 /// When a segment's versions took effect: `(instant, version)`, in order.
@@ -144,8 +187,16 @@ pub struct Catalog {
     pub version: u64,
     /// Plans by definitions version, for the dataflow.
     plans: BTreeMap<u64, Arc<Plan>>,
-    /// The journeys, to compile their conditions against a changed file.
-    journeys: Option<Vec<JourneyDef>>,
+    /// Every version of every journey, in the order they were made (the journey file's,
+    /// then each change through the API), to compile their conditions against a changed
+    /// file and the hidden segments of each version after the earlier ones'.
+    journeys: Option<Vec<JourneyVersion>>,
+    /// The journey set in force (None: no journeys).
+    set: Option<Arc<JourneySet>>,
+    /// The journey sets of the definitions versions that changed the journeys.
+    sets: BTreeMap<u64, Arc<JourneySet>>,
+    /// Per journey the file declares (by index), its text there.
+    journey_texts: Vec<String>,
     /// Per segment index, whether a journey reads it.
     read_by_journeys: Vec<bool>,
     /// Per segment the file declares, its definition there (version 1).
@@ -189,16 +240,21 @@ impl Catalog {
     pub fn new(
         file: SegmentFile,
         plan: Plan,
-        journeys: Option<(Vec<JourneyDef>, Vec<bool>)>,
+        journeys: Option<(Vec<JourneyDef>, JourneySet, &str)>,
     ) -> Catalog {
         let entries: Vec<Entry> = file.segments.iter().map(entry_of).collect();
         let file_texts = entries.iter().map(|e| e.text.clone()).collect();
         let plan = Arc::new(plan);
-        let (journeys, read_by_journeys) = match journeys {
-            Some((d, r)) => (Some(d), r),
-            None => (None, Vec::new()),
+        let (journeys, set, read_by_journeys, journey_texts) = match journeys {
+            Some((d, set, text)) => {
+                let texts = journey_documents(text, d.len());
+                let read = set.segments_read();
+                let v = d.into_iter().map(JourneyVersion::of_file).collect();
+                (Some(v), Some(Arc::new(set)), read, texts)
+            }
+            None => (None, None, Vec::new(), Vec::new()),
         };
-        let paused = vec![None; journeys.as_ref().map_or(0, Vec::len)];
+        let paused = vec![None; set.as_ref().map_or(0, |s| s.journeys.len())];
         Catalog {
             file,
             plans: BTreeMap::from([(0, plan.clone())]),
@@ -207,6 +263,9 @@ impl Catalog {
             changes: Vec::new(),
             version: 0,
             journeys,
+            set,
+            sets: BTreeMap::new(),
+            journey_texts,
             read_by_journeys,
             file_texts,
             paused,
@@ -215,11 +274,180 @@ impl Catalog {
 
     /// The journeys' names, by index (none without journeys).
     pub fn journey_names(&self) -> Vec<&str> {
-        self.journeys
+        self.set
             .iter()
-            .flatten()
-            .map(|d| d.name.as_str())
+            .flat_map(|s| s.journeys.iter().map(|j| j.name.as_str()))
             .collect()
+    }
+
+    /// The journey set in force.
+    pub fn journey_set(&self) -> Option<&Arc<JourneySet>> {
+        self.set.as_ref()
+    }
+
+    /// The journey set of definitions version `v`, if that version changed the journeys.
+    pub fn journeys_of(&self, v: u64) -> Option<Arc<JourneySet>> {
+        self.sets.get(&v).cloned()
+    }
+
+    /// Journey `name`'s versions: `(version, text (None: the file's, not found), the
+    /// instant it took effect (None: the start or not yet), restart)`, oldest first.
+    pub fn journey_versions(&self, name: &str) -> Vec<(u32, Option<String>, Option<Time>, bool)> {
+        let mut out = Vec::new();
+        if let Some(j) = self.journey_names().iter().position(|n| *n == name) {
+            if self.journey_texts.len() > j {
+                out.push((1, Some(self.journey_texts[j].clone()), None, false));
+            }
+        }
+        for c in self
+            .changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Journey && c.name == name)
+        {
+            out.push((c.version, Some(c.text.clone()), c.at, c.restart));
+        }
+        out
+    }
+
+    /// Checks and compiles a new version of journey `name` (a new journey if there is
+    /// none by that name) from its YAML; changes nothing. See the module docs for what it
+    /// may read.
+    pub fn plan_journey(
+        &self,
+        name: &str,
+        yaml: &str,
+        restart: bool,
+    ) -> Result<PlannedJourney, Refusal> {
+        let (Some(versions), Some(running)) = (&self.journeys, &self.set) else {
+            return Err(Refusal::Conflict(
+                "this Herald runs no journeys: journeys start in the journey file                  (engine.journeys), then change here"
+                    .into(),
+            ));
+        };
+        let mut defs = herald_operators::journey::parse_journeys(yaml).map_err(Refusal::Journey)?;
+        if defs.len() != 1 || defs[0].name != name {
+            return Err(Refusal::Journey(JourneyError {
+                journey: defs
+                    .first()
+                    .map_or_else(|| name.to_string(), |d| d.name.clone()),
+                path: "journey".into(),
+                message: format!(
+                    "the body must define exactly one journey, named '{name}' as the URL says"
+                ),
+            }));
+        }
+        let def = defs.remove(0);
+        let index = running.journeys.iter().position(|j| j.name == name);
+        if restart && index.is_some_and(|j| self.pause_of(j).is_some_and(|(p, _)| p)) {
+            return Err(Refusal::Conflict(format!(
+                "journey '{name}' is paused: resume it before a change that restarts its \
+                 instances (or change it without ?migrate=restart)"
+            )));
+        }
+        let version = index.map_or(1, |j| running.journeys[j].version + 1);
+        let mut all = versions.clone();
+        all.push(JourneyVersion {
+            def: def.clone(),
+            version,
+            from: PENDING,
+            restart,
+        });
+        let set = compile_journey_versions(&self.file, &all, Some(&self.plan), &running.traits)
+            .map_err(|e| match e.journey.is_empty() {
+                // The running plan's slots lack what it reads.
+                true => Refusal::NotMaintained(vec![e.message]),
+                false => Refusal::Journey(e),
+            })?;
+        // Only what the running dataflow already feeds the journeys.
+        let mut missing = Vec::new();
+        for t in &set.traits[running.traits.len()..] {
+            missing.push(format!(
+                "trait `{t}`, which no running journey reads (the journeys are told of the \
+                 traits they read only)"
+            ));
+        }
+        for e in set.events.difference(&running.events) {
+            missing.push(format!(
+                "events named '{e}', which no running journey listens to (only those are \
+                 kept whole)"
+            ));
+        }
+        if set.writes_traits() && !running.writes_traits() {
+            missing.push("an update_trait step, and no running journey writes traits".into());
+        }
+        let before = running.segments_read();
+        for (s, read) in set.segments_read().iter().enumerate() {
+            if *read && s < self.plan.visible && before.get(s) != Some(&true) {
+                missing.push(format!(
+                    "segment '{}', which no running journey reads (the journeys hold the \
+                     members of the segments they read only)",
+                    self.plan.segments[s].name
+                ));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Refusal::NotMaintained(missing));
+        }
+        Ok(PlannedJourney {
+            set,
+            def,
+            created: index.is_none(),
+            change: DefChange {
+                kind: ChangeKind::Journey,
+                name: name.to_string(),
+                version,
+                text: yaml.trim().to_string(),
+                deleted: false,
+                at: None,
+                restart,
+            },
+        })
+    }
+
+    /// Puts a planned journey version in force as the next definitions version; returns
+    /// it.
+    pub fn commit_journey(&mut self, p: PlannedJourney) -> u64 {
+        let PlannedJourney {
+            set, change, def, ..
+        } = p;
+        if let Some(v) = &mut self.journeys {
+            v.push(JourneyVersion {
+                def,
+                version: change.version,
+                from: change.at.unwrap_or(PENDING),
+                restart: change.restart,
+            });
+        }
+        let set = Arc::new(set);
+        self.paused.resize(set.journeys.len(), None);
+        self.read_by_journeys = set.segments_read();
+        self.plan = Arc::new(set.plan.clone());
+        self.set = Some(set.clone());
+        self.changes.push(change);
+        self.version += 1;
+        self.plans.insert(self.version, self.plan.clone());
+        self.sets.insert(self.version, set);
+        self.version
+    }
+
+    /// Records that journey `name`'s version `version` admits entries from `at`.
+    fn set_journey_from(&mut self, name: &str, version: u32, at: Time) {
+        if let Some(v) = self
+            .journeys
+            .iter_mut()
+            .flatten()
+            .find(|v| v.def.name == name && v.version == version)
+        {
+            v.from = at;
+        }
+        if let Some(set) = &mut self.set {
+            let s = Arc::make_mut(set);
+            for j in s.journeys.iter_mut().chain(s.older.iter_mut().flatten()) {
+                if j.name == name && j.version == version {
+                    j.from = at;
+                }
+            }
+        }
     }
 
     /// Journey `j`'s pause through the API: `(paused, since)` (None: never changed).
@@ -360,13 +588,13 @@ impl Catalog {
                 (file, index, String::new(), true)
             }
         };
-        let plan = match &self.journeys {
-            Some(defs) => {
-                herald_operators::journey::compile_journeys_over(&file, defs, Some(&self.plan))
+        let plan = match (&self.journeys, &self.set) {
+            (Some(versions), Some(set)) => {
+                compile_journey_versions(&file, versions, Some(&self.plan), &set.traits)
                     .map(|set| set.plan)
                     .map_err(|e| Refusal::NotMaintained(vec![e.message]))?
             }
-            None => Plan::compile_over(&file, file.segments.len(), &[], &self.plan)
+            _ => Plan::compile_over(&file, file.segments.len(), &[], &self.plan)
                 .map(|(p, _)| p)
                 .map_err(Refusal::NotMaintained)?,
         };
@@ -382,6 +610,7 @@ impl Catalog {
                 text,
                 deleted,
                 at: None,
+                restart: false,
             },
         })
     }
@@ -428,8 +657,11 @@ impl Catalog {
             return;
         };
         c.at = Some(at);
-        let (segment, name) = (c.kind.is_segment(), c.name.clone());
-        if segment {
+        let (segment, name, kind, version) =
+            (c.kind.is_segment(), c.name.clone(), c.kind, c.version);
+        if kind == ChangeKind::Journey {
+            self.set_journey_from(&name, version, at);
+        } else if segment {
             if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == name) {
                 e.at = Some(at);
             }
@@ -479,11 +711,21 @@ impl Catalog {
         for (_, since) in self.paused.iter_mut().flatten() {
             clamp(since);
         }
+        let journeys: Vec<(String, u32, Option<Time>)> = self
+            .changes
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Journey)
+            .map(|c| (c.name.clone(), c.version, c.at))
+            .collect();
+        for (name, version, at) in journeys {
+            self.set_journey_from(&name, version, at.unwrap_or(0));
+        }
     }
 
     /// Forgets the plans of versions before `v` (the dataflow has switched past them).
     pub fn forget_before(&mut self, v: u64) {
         self.plans.retain(|k, _| *k >= v);
+        self.sets.retain(|k, _| *k >= v);
     }
 
     /// Applies recorded changes (from `DEFINITIONS.json` or a checkpoint) in order, as at
@@ -492,6 +734,25 @@ impl Catalog {
     pub fn replay(&mut self, changes: &[DefChange], at_start: Option<Time>) -> Vec<String> {
         let mut warnings = Vec::new();
         for c in changes {
+            if c.kind == ChangeKind::Journey {
+                match self.plan_journey(&c.name, &c.text, c.restart) {
+                    Ok(mut p) => {
+                        p.change.version = c.version;
+                        p.change.at = c.at.or(at_start);
+                        let at = p.change.at;
+                        self.commit_journey(p);
+                        if let Some(at) = at {
+                            self.set_journey_from(&c.name, c.version, at);
+                        }
+                    }
+                    Err(e) => warnings.push(format!(
+                        "the change through the API to journey '{}' (version {}) no longer \
+                         applies, and is dropped: {e}",
+                        c.name, c.version
+                    )),
+                }
+                continue;
+            }
             if !c.kind.is_segment() {
                 let paused = c.kind == ChangeKind::PauseJourney;
                 match self.plan_pause(&c.name, paused) {
@@ -663,8 +924,7 @@ mod pause_tests {
         .unwrap();
         let defs = parse_journeys(journeys).unwrap();
         let set = compile_journeys(&file, &defs).unwrap();
-        let read = set.segments_read();
-        Catalog::new(file, set.plan, Some((defs, read)))
+        Catalog::new(file, set.plan.clone(), Some((defs, set, journeys)))
     }
 
     const JOURNEYS: &str = "journey: j\nentry: { event: A }\nsteps: []\n---\n\
@@ -726,5 +986,62 @@ mod pause_tests {
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("journey 'k'"), "{w:?}");
         assert!(edited.paused_journeys().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod journey_version_tests {
+    use super::*;
+    use herald_operators::journey::{compile_journeys, parse_journeys};
+
+    const SQL: &str = "CREATE SEGMENT a AS count(*) >= 2;\nCREATE SEGMENT b AS count(*) >= 3;";
+    const J: &str = "journey: j\nentry: { segment_entered: a }\nsteps:\n  - branch:\n      - when: \"count(*) >= 4\"\n        steps: []";
+
+    fn catalog() -> Catalog {
+        let file = herald_operators::lang::parse::parse_segments(SQL).unwrap();
+        let defs = parse_journeys(J).unwrap();
+        let set = compile_journeys(&file, &defs).unwrap();
+        Catalog::new(file, set.plan.clone(), Some((defs, set, J)))
+    }
+
+    #[test]
+    fn a_journey_version_reads_only_what_the_running_journeys_are_fed_and_replays() {
+        let mut c = catalog();
+        let v2 = J.replace(">= 4", ">= 5");
+        let p = c.plan_journey("j", &v2, false).unwrap();
+        assert_eq!((p.change.version, p.created), (2, false));
+        let hidden = p.set.plan.segments.len();
+        assert_eq!(c.commit_journey(p), 1);
+        c.set_effective(50);
+        assert_eq!(c.plan.segments.len(), hidden);
+        assert_eq!(c.journey_set().unwrap().journeys[0].from, 50);
+        // Refused: a segment no running journey reads, an unknown one, another name.
+        let Err(Refusal::NotMaintained(m)) = c.plan_journey(
+            "j",
+            &v2.replace("segment_entered: a", "segment_entered: b"),
+            false,
+        ) else {
+            panic!("refused")
+        };
+        assert!(m[0].contains("segment 'b'"), "{m:?}");
+        assert!(matches!(
+            c.plan_journey(
+                "j",
+                &v2.replace("segment_entered: a", "segment_entered: zz"),
+                false
+            ),
+            Err(Refusal::Journey(_))
+        ));
+        assert!(matches!(
+            c.plan_journey("k", &v2, false),
+            Err(Refusal::Journey(_))
+        ));
+        // Recorded and replayed over the same files: the same plan and versions.
+        let mut again = catalog();
+        assert!(again.replay(&c.changes, None).is_empty());
+        assert_eq!(again.plan, c.plan);
+        assert_eq!(again.journey_versions("j"), c.journey_versions("j"));
+        assert_eq!(again.journey_set().unwrap().journeys[0].from, 50);
+        assert_eq!(again.journey_versions("j")[0].1.as_deref(), Some(J));
     }
 }

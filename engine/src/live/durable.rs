@@ -527,6 +527,10 @@ pub struct DefChange {
     pub deleted: bool,
     /// The instant it took effect (None: not yet known when it was recorded).
     pub at: Option<Time>,
+    /// A journey version with `?migrate=restart`: the instances in progress restarted on
+    /// it (else they finish on the version they entered).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
 }
 
 /// What a [`DefChange`] changes.
@@ -540,12 +544,20 @@ pub enum ChangeKind {
     PauseJourney,
     /// A journey resumed from the change's instant on.
     ResumeJourney,
+    /// A journey's new version (its YAML in `text`).
+    Journey,
 }
 
 impl ChangeKind {
     /// Whether it is a segment's change.
     pub fn is_segment(&self) -> bool {
         *self == ChangeKind::Segment
+    }
+
+    /// Whether it changes what the state holds (a segment or a journey version; not a
+    /// pause).
+    pub fn changes_plan(&self) -> bool {
+        matches!(self, ChangeKind::Segment | ChangeKind::Journey)
     }
 }
 
@@ -563,6 +575,7 @@ impl DefChange {
             text: String::new(),
             deleted: false,
             at: None,
+            restart: false,
         }
     }
 }
@@ -1324,7 +1337,7 @@ pub fn run_checkpointer(
 /// through the API over them (none: the files' hash alone, as before there were any).
 /// Pauses change no plan or state layout, and are left out.
 pub fn definitions_hash_with(segments: &str, journeys: &str, changes: &[DefChange]) -> String {
-    let changes: Vec<&DefChange> = changes.iter().filter(|c| c.kind.is_segment()).collect();
+    let changes: Vec<&DefChange> = changes.iter().filter(|c| c.kind.changes_plan()).collect();
     if changes.is_empty() {
         return definitions_hash(&[segments, journeys]);
     }

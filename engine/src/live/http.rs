@@ -162,11 +162,13 @@ pub fn routers(live: Arc<Live>) -> Result<(Router, Router), EngineError> {
         .route("/v1/users/{id}/explain", get(defs::explain))
         .route("/v1/users/{id}/journeys", get(defs::user_journeys))
         .route("/v1/journeys", get(defs::journeys))
+        .route("/v1/journeys/{name}", get(defs::get_journey))
         .route("/metrics", get(metrics))
         .route_layer(guard(Role::Read));
     let act = Router::new()
         .route("/v1/journeys/{name}/trigger", post(trigger))
         .route("/v1/journeys/{name}/pause", post(defs::pause_journey))
+        .route("/v1/journeys/{name}", axum::routing::put(defs::put_journey))
         .route("/v1/journeys/{name}/resume", post(defs::resume_journey))
         .route("/v1/engagement", post(super::engagement::engagement))
         .route(
@@ -392,11 +394,13 @@ async fn trigger(State(app): State<App>, Path(name): Path<String>, body: Body) -
         Err(resp) => return resp,
     };
     let live = &app.live;
-    let journey = live
-        .journeys
-        .as_ref()
-        .and_then(|s| s.journeys.iter().find(|j| j.name == name));
-    let Some(journey) = journey else {
+    // The versions in force (journeys change through the definitions API).
+    let entry = live.defs.read().ok().and_then(|d| {
+        let set = d.journey_set()?;
+        let j = set.journeys.iter().find(|j| j.name == name)?;
+        Some(j.entry.clone())
+    });
+    let Some(entry) = entry else {
         return refuse(
             &app,
             StatusCode::NOT_FOUND,
@@ -404,7 +408,7 @@ async fn trigger(State(app): State<App>, Path(name): Path<String>, body: Body) -
             format!("no journey named '{name}'"),
         );
     };
-    if journey.entry != CTrigger::Api {
+    if entry != CTrigger::Api {
         return refuse(
             &app,
             StatusCode::CONFLICT,

@@ -349,7 +349,7 @@ where
         Some(path) => crate::check::read_text(path, "journey")?,
         None => String::new(),
     };
-    let journeys = match &config.engine.journeys {
+    let mut journeys = match &config.engine.journeys {
         Some(path) => {
             let set = crate::check::journeys_from_text(path, &journeys_text, &file)?;
             plan = set.plan.clone();
@@ -399,7 +399,8 @@ where
                     err,
                 }
             })?,
-            set.segments_read(),
+            set.clone(),
+            journeys_text.as_str(),
         )),
         None => None,
     };
@@ -473,6 +474,11 @@ where
         0 => now_ms(),
         at => at,
     });
+    // Journey versions through the API: the set in force runs (every version, the
+    // earlier ones for the instances that entered under them), each from its instant.
+    if let (Some(set), true) = (catalog.journey_set(), journeys.is_some()) {
+        journeys = Some((**set).clone());
+    }
     let limits = Limits {
         max_message_bytes: config.engine.max_message_bytes,
     };
@@ -950,6 +956,21 @@ fn recover(
                 "it was taken by {} processes and this cluster has {processes}",
                 m.processes
             ))
+        } else if m.journeys_text != journeys_text
+            && m.journeys
+            && changes
+                .iter()
+                .chain(&m.segment_changes)
+                .any(|c| c.kind == durable::ChangeKind::Journey)
+        {
+            Some(
+                "the journey file changed since it was taken, and journeys were also changed \
+                 through the API: the two cannot be carried over together. Either restore the \
+                 journey file it was taken with, or stop Herald, put the API's versions in the \
+                 journey file and remove the journey entries (\"kind\": \"journey\") from \
+                 checkpoints/DEFINITIONS.json"
+                    .to_string(),
+            )
         } else if m.definitions != definitions || m.journeys != journeys {
             match carry_over(m, plan, (&journeys_text, journey_set)).and_then(|(r, j)| {
                 if r.missing().is_empty() {
@@ -1263,7 +1284,7 @@ fn carry_over(
         _ => None,
     };
     let old_read = defs.as_ref().map(|(_, read, _)| read.clone());
-    let defs = defs.map(|(d, read, _)| (d, read));
+    let defs = defs.map(|(d, _, set)| (d, set, m.journeys_text.as_str()));
     // The changes through the API that were in force at the checkpoint, over its file.
     let mut at_checkpoint = definitions::Catalog::new(old, old_plan, defs);
     if let Some(w) = at_checkpoint

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use herald_operators::dataflow::{
-    build_segments_live, CheckpointReq, Ctl, Definitions, Durability, SegmentInputs, StateHandle,
+    build_segments_live, CheckpointReq, Ctl, Definitions, Durability, JourneyDefinitions,
+    SegmentInputs, StateHandle,
 };
 use herald_operators::eval::CExpr;
 use herald_operators::event::Event;
@@ -526,6 +527,11 @@ fn run(
             let plan = defs_live.defs.read().ok()?.plan_of(v)?;
             Some((*plan).clone())
         });
+        let defs_live = Arc::clone(live);
+        let journey_definitions: JourneyDefinitions = Rc::new(move |v| {
+            let set = defs_live.defs.read().ok()?.journeys_of(v)?;
+            Some(Rc::new((*set).clone()))
+        });
         let (inputs, outputs) = build_segments_live(
             scope,
             plan.clone(),
@@ -533,6 +539,7 @@ fn run(
             journeys,
             durability,
             Some(definitions),
+            Some(journey_definitions),
         );
         if let Some(j) = outputs.journeys {
             let sink = live.sink.clone();

@@ -24,6 +24,7 @@ use crate::eval::CExpr;
 use crate::journey::file::{Cond, JourneyDef, JourneyError, Reentry, StepDef, Trigger, CHANNELS};
 use crate::lang::ast::Pos;
 use crate::plan::Plan;
+use crate::time::Time;
 use crate::value::Value;
 
 /// The event name that records an API trigger: `POST /v1/journeys/{name}/trigger` becomes a
@@ -162,6 +163,43 @@ pub struct CJourney {
     pub paths: Vec<String>,
     /// Variant names of its split(s).
     pub variants: Vec<String>,
+    /// Its version: 1 for the journey file's, then one more per change through the API.
+    pub version: u32,
+    /// The instant from which it admits entries ([`PENDING`]: from the instant its
+    /// change takes effect, set then by [`JourneySet::in_force_at`]). An instance runs on
+    /// the version in force at its entry (see [`JourneySet::program`]).
+    pub from: Time,
+    /// When it takes effect, the instances in progress on older versions restart on it
+    /// (`?migrate=restart`) rather than finish where they are (drain).
+    pub restart: bool,
+}
+
+/// [`CJourney::from`] of a version whose change has not taken effect yet.
+pub const PENDING: Time = Time::MAX;
+
+/// A journey definition with its version, as [`compile_journey_versions`] takes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JourneyVersion {
+    /// The definition.
+    pub def: JourneyDef,
+    /// Its version (1: the journey file's).
+    pub version: u32,
+    /// The instant it admits entries from (0: the start; [`PENDING`]: not yet known).
+    pub from: Time,
+    /// `?migrate=restart`: see [`CJourney::restart`].
+    pub restart: bool,
+}
+
+impl JourneyVersion {
+    /// The journey file's version of `def`.
+    pub fn of_file(def: JourneyDef) -> JourneyVersion {
+        JourneyVersion {
+            def,
+            version: 1,
+            from: 0,
+            restart: false,
+        }
+    }
 }
 
 /// Journeys compiled with the segment set they read.
@@ -169,8 +207,12 @@ pub struct CJourney {
 pub struct JourneySet {
     /// Segments (visible first, then hidden) and slots.
     pub plan: Plan,
-    /// Journeys in file order.
+    /// Journeys in file order (then those created through the API), each its version in
+    /// force.
     pub journeys: Vec<CJourney>,
+    /// Per journey, its earlier versions, oldest first: instances that entered under one
+    /// finish on it (drain).
+    pub older: Vec<Vec<CJourney>>,
     /// Names of the exposed traits, by exposed position.
     pub traits: Vec<String>,
     /// For every plan trait index, its exposed position.
@@ -182,13 +224,49 @@ pub struct JourneySet {
 }
 
 impl JourneySet {
+    /// Every version of every journey: those in force, then the earlier ones.
+    pub fn all(&self) -> impl Iterator<Item = &CJourney> {
+        self.journeys.iter().chain(self.older.iter().flatten())
+    }
+
+    /// The version of journey `j` an instance that entered at `entered_at` runs on: the
+    /// latest that admitted entries at that instant.
+    pub fn program(&self, j: usize, entered_at: Time) -> &CJourney {
+        let current = &self.journeys[j];
+        if current.from <= entered_at {
+            return current;
+        }
+        let older = self.older.get(j).map_or(&[][..], Vec::as_slice);
+        older
+            .iter()
+            .rev()
+            .find(|v| v.from <= entered_at)
+            .or(older.first())
+            .unwrap_or(current)
+    }
+
+    /// The set with every version whose change is pending in force from `t`.
+    pub fn in_force_at(&self, t: Time) -> JourneySet {
+        let mut set = self.clone();
+        for j in set
+            .journeys
+            .iter_mut()
+            .chain(set.older.iter_mut().flatten())
+        {
+            if j.from == PENDING {
+                j.from = t;
+            }
+        }
+        set
+    }
+
     /// Per plan segment, whether a journey reads its membership: a trigger (entry or
     /// exit), an `in_segment` in a condition, or a branch arm's hidden segment. The
     /// journeys need no other segment's changes.
     pub fn segments_read(&self) -> Vec<bool> {
         let mut named: Vec<usize> = Vec::new();
         let mut conds: Vec<&CExpr> = Vec::new();
-        for j in &self.journeys {
+        for j in self.all() {
             for t in std::iter::once(&j.entry).chain(j.exits.iter().map(|x| &x.trigger)) {
                 if let CTrigger::Entered(s) | CTrigger::Exited(s) = t {
                     named.push(*s as usize);
@@ -225,15 +303,15 @@ impl JourneySet {
 
     /// Whether some journey has an `update_trait` step (so its writes loop back).
     pub fn writes_traits(&self) -> bool {
-        self.journeys
-            .iter()
+        self.all()
             .any(|j| j.ops.iter().any(|o| matches!(o, Op::UpdateTrait { .. })))
     }
 
-    /// Every `send` step: `(journey, step path, channel, template)`, in file order.
+    /// Every `send` step of every version: `(journey, step path, channel, template)`, in
+    /// file order.
     pub fn sends(&self) -> Vec<(&str, &str, &str, &str)> {
         let mut out = Vec::new();
-        for j in &self.journeys {
+        for j in self.all() {
             for (op, path) in j.ops.iter().zip(&j.paths) {
                 if let Op::Send {
                     channel, template, ..
@@ -269,6 +347,8 @@ struct Builder<'a> {
     extras: Vec<Expr>,
     traits: BTreeSet<String>,
     journey: String,
+    /// The hidden segments' name prefix: the journey's name, with `@N` for version N > 1.
+    prefix: String,
 }
 
 /// Where a compiled condition will be found after `Plan::compile_with`.
@@ -306,7 +386,7 @@ impl Builder<'_> {
         for r in &c.refs {
             self.segment(r, path)?;
         }
-        Ok(self.hide(format!("{}:{path}", self.journey), c.expr.clone()))
+        Ok(self.hide(format!("{}:{path}", self.prefix), c.expr.clone()))
     }
 
     /// A `where`: aggregate parts hoisted into hidden segments, the rest compiled as an
@@ -335,7 +415,7 @@ impl Builder<'_> {
                 ));
             }
             *n += 1;
-            let base = format!("{}:{path}:{n}", self.journey);
+            let base = format!("{}:{path}:{n}", self.prefix);
             let t = self.hide(format!("{base}:true"), e.clone());
             let f = self.hide(format!("{base}:false"), Expr::Not(Box::new(e.clone())));
             // TRUE when in `t`, FALSE when in `f`, else NULL.
@@ -582,18 +662,40 @@ pub fn compile_journeys_over(
     defs: &[JourneyDef],
     base: Option<&Plan>,
 ) -> Result<JourneySet, JourneyError> {
+    let versions: Vec<JourneyVersion> = defs.iter().cloned().map(JourneyVersion::of_file).collect();
+    compile_journey_versions(file, &versions, base, &[])
+}
+
+/// Compiles journeys with versions: `versions` in the order they were made (the journey
+/// file's, then each change through the API), so that the hidden segments of a later
+/// version come after those of every earlier one and a running plan's indices stay.
+/// Journeys are indexed by their name's first appearance; each is its latest version,
+/// the earlier ones in [`JourneySet::older`]. `traits`: exposed traits to keep at their
+/// positions (a running set's), before any new ones.
+pub fn compile_journey_versions(
+    file: &SegmentFile,
+    versions: &[JourneyVersion],
+    base: Option<&Plan>,
+    traits: &[String],
+) -> Result<JourneySet, JourneyError> {
     let mut b = Builder {
         file,
         hidden: vec![],
         extras: vec![],
-        traits: BTreeSet::new(),
+        traits: traits.iter().cloned().collect(),
         journey: String::new(),
+        prefix: String::new(),
     };
     let mut events = BTreeSet::new();
     // Per journey: entry cond, exit conds, program.
     let mut staged = Vec::new();
-    for d in defs {
+    for v in versions {
+        let d = &v.def;
         b.journey = d.name.clone();
+        b.prefix = match v.version {
+            0 | 1 => d.name.clone(),
+            n => format!("{}@{n}", d.name),
+        };
         let trigger_segment = |b: &Builder, t: &Trigger, path: &str| -> Result<(), JourneyError> {
             match t {
                 Trigger::SegmentEntered(s) | Trigger::SegmentExited(s) => b.segment(s, path),
@@ -679,8 +781,9 @@ pub fn compile_journeys_over(
     let pos_of = |name: &str| trait_names.iter().position(|n| n == name).map(|p| p as u16);
     let seg = |name: &str| plan.segment_index(name).map(|i| i as u16);
 
-    let mut journeys = Vec::new();
-    for (d, (entry_cond, exit_conds, mut p)) in defs.iter().zip(staged) {
+    let mut compiled = Vec::new();
+    for (v, (entry_cond, exit_conds, mut p)) in versions.iter().zip(staged) {
+        let d = &v.def;
         let trig = |t: &Trigger| -> CTrigger {
             match t {
                 Trigger::Event(e) => CTrigger::Event(e.clone()),
@@ -715,7 +818,10 @@ pub fn compile_journeys_over(
                 *opt_out = pos_of(&format!("{channel}_opt_out")).unwrap_or(u16::MAX);
             }
         }
-        journeys.push(CJourney {
+        compiled.push(CJourney {
+            version: v.version,
+            from: v.from,
+            restart: v.restart,
             name: d.name.clone(),
             entry: trig(&d.entry),
             entry_cond: entry_cond.map(|x| extras[x.0].clone()),
@@ -738,10 +844,26 @@ pub fn compile_journeys_over(
             variants: p.variants,
         });
     }
+    // By name, in order of first appearance; each name's versions by `from` (stable).
+    let mut by_name: Vec<Vec<CJourney>> = Vec::new();
+    for c in compiled {
+        match by_name.iter_mut().find(|v| v[0].name == c.name) {
+            Some(v) => v.push(c),
+            None => by_name.push(vec![c]),
+        }
+    }
+    let mut journeys = Vec::new();
+    let mut older = Vec::new();
+    for mut v in by_name {
+        v.sort_by_key(|c| c.from);
+        journeys.push(v.pop().expect("one version at least"));
+        older.push(v);
+    }
     let timezone = pos_of("timezone");
     Ok(JourneySet {
         plan,
         journeys,
+        older,
         traits: trait_names,
         trait_pos,
         timezone,

@@ -527,6 +527,8 @@ pub struct JourneyStatus {
     pub active: Option<ActiveStatus>,
     /// Whether the journey is paused.
     pub paused: bool,
+    /// The version the instance in progress runs on.
+    pub version: Option<u32>,
 }
 
 /// An instance in progress.
@@ -817,6 +819,10 @@ impl Machine {
             .filter(|(_, (_, j))| j.entries > 0 || j.active.is_some())
             .map(|(ji, (cj, j))| JourneyStatus {
                 paused: self.is_paused(ji),
+                version: j
+                    .active
+                    .as_ref()
+                    .map(|i| self.set.program(ji, i.entered_at).version),
                 journey: cj.name.clone(),
                 entries: j.entries,
                 last_entry: opt(j.last_entry),
@@ -824,14 +830,23 @@ impl Machine {
                 active: j.active.as_ref().map(|i| ActiveStatus {
                     instance: i.number,
                     entered_at: i.entered_at,
-                    step: cj.paths.get(i.pc as usize).cloned().unwrap_or_default(),
+                    step: self
+                        .set
+                        .program(ji, i.entered_at)
+                        .paths
+                        .get(i.pc as usize)
+                        .cloned()
+                        .unwrap_or_default(),
                     waiting: match i.waiting {
                         Waiting::Timer => "timer",
                         Waiting::Event => "event",
                         Waiting::Quiet => "quiet_hours",
                     },
                     wake: i.wake(),
-                    variant: i.variant.and_then(|v| cj.variants.get(v as usize).cloned()),
+                    variant: i.variant.and_then(|v| {
+                        let cj = self.set.program(ji, i.entered_at);
+                        cj.variants.get(v as usize).cloned()
+                    }),
                 }),
             })
             .collect()
@@ -931,6 +946,97 @@ impl Machine {
         if was && !paused {
             self.resume_overdue(j, t);
         }
+    }
+
+    /// Switches to a changed journey set at instant `t` (the operator calls it before it
+    /// steps anyone at `t`): journeys keep their indices, a new one is appended, and each
+    /// version in force admits entries from `t` (`set` has every pending version's `from`
+    /// at `t`, [`JourneySet::in_force_at`]). Instances in progress finish on the version
+    /// they entered (drain), unless the new version says `restart`: then each exits at `t`
+    /// (reason `migrated`) and enters the new version there, keeping its trigger, in
+    /// user order. Appends what that emits to `out`.
+    pub fn set_journeys(&mut self, set: Rc<JourneySet>, t: Time, out: &mut Vec<JOut>) {
+        let restart: Vec<usize> = (0..set.journeys.len())
+            .filter(|&j| {
+                let new = &set.journeys[j];
+                new.restart
+                    && new.from == t
+                    && self
+                        .set
+                        .journeys
+                        .get(j)
+                        .is_some_and(|o| o.version != new.version)
+            })
+            .collect();
+        self.paused.resize(set.journeys.len(), false);
+        self.set = set;
+        for j in restart {
+            self.migrate_all(j, t, out);
+        }
+    }
+
+    /// After a restore at `at`: a version with `restart` in force from `at` on (its change
+    /// took effect after the checkpoint, and takes effect again at the restart) restarts
+    /// the instances in progress, as [`Machine::set_journeys`] did when it was made.
+    pub fn restart_from(&mut self, at: Time, out: &mut Vec<JOut>) {
+        let restart: Vec<usize> = (0..self.set.journeys.len())
+            .filter(|&j| {
+                let c = &self.set.journeys[j];
+                c.restart && c.from >= at && !self.set.older[j].is_empty()
+            })
+            .collect();
+        for j in restart {
+            self.migrate_all(j, at, out);
+        }
+    }
+
+    /// [`At::migrate`] for every user with an instance of journey `j` that entered before
+    /// `t`, in user order.
+    fn migrate_all(&mut self, j: usize, t: Time, out: &mut Vec<JOut>) {
+        {
+            let mut users: Vec<u32> = (0..self.users.len() as u32)
+                .filter(|&u| {
+                    self.users[u as usize]
+                        .journeys
+                        .get(j)
+                        .and_then(|x| x.active.as_ref())
+                        .is_some_and(|i| i.entered_at < t)
+                })
+                .collect();
+            users.sort_by(|a, b| {
+                self.users[*a as usize]
+                    .key
+                    .cmp(&self.users[*b as usize].key)
+            });
+            let set = Rc::clone(&self.set);
+            for u in users {
+                if let Some(c) = &mut self.changed {
+                    c.insert(u);
+                }
+                let mut state = std::mem::take(&mut self.users[u as usize]);
+                let key = std::mem::take(&mut state.key);
+                let mut at = At {
+                    set: &set,
+                    user: &key,
+                    u,
+                    t,
+                    events: &[],
+                    changes: &[],
+                    timers: &mut self.timers,
+                    out,
+                    seq: 0,
+                    paused: &self.paused,
+                };
+                at.migrate(&mut state, j);
+                state.key = key;
+                self.users[u as usize] = state;
+            }
+        }
+    }
+
+    /// The journey set in force.
+    pub fn set(&self) -> &Rc<JourneySet> {
+        &self.set
     }
 
     /// Whether journey `j` is paused.
@@ -1238,9 +1344,10 @@ impl<'a> At<'a> {
     fn journey(&mut self, state: &mut UserState, ji: usize) {
         let set = self.set;
         let j = &set.journeys[ji];
-        // 1. Exits.
+        // 1. Exits: the instance's version's rules.
         if let Some(inst) = state.journeys[ji].active.as_ref() {
             if inst.entered_at < self.t {
+                let j = set.program(ji, inst.entered_at);
                 let hit = j
                     .exits
                     .iter()
@@ -1259,8 +1366,9 @@ impl<'a> At<'a> {
         if self.paused.get(ji) == Some(&true) {
             return;
         }
-        // 2. Resume.
+        // 2. Resume, on the instance's version.
         if let Some(mut inst) = state.journeys[ji].active.take() {
+            let j = set.program(ji, inst.entered_at);
             let mut resume = false;
             if let (
                 Waiting::Event,
@@ -1344,6 +1452,46 @@ impl<'a> At<'a> {
         self.run(state, ji, inst, false);
     }
 
+    /// `?migrate=restart`: the instance in progress of journey `ji` exits (reason
+    /// `migrated`) and a new one enters the version in force at `t`, with the old one's
+    /// trigger; its entry instant (part of its message ids) is `t`.
+    fn migrate(&mut self, state: &mut UserState, ji: usize) {
+        let Some(old) = state.journeys[ji].active.take() else {
+            return;
+        };
+        let set = self.set;
+        self.row(
+            set.program(ji, old.entered_at),
+            &old,
+            Kind::Exited,
+            "",
+            None,
+            Some("migrated".into()),
+        );
+        let js = &mut state.journeys[ji];
+        js.entries += 1;
+        js.last_entry = self.t;
+        let inst = Instance {
+            number: js.entries,
+            entry: self.t as i64,
+            entered_at: self.t,
+            pc: 0,
+            variant: None,
+            waiting: Waiting::Timer,
+            wake: NONE,
+            trigger: old.trigger,
+        };
+        self.row(
+            &set.journeys[ji],
+            &inst,
+            Kind::Entered,
+            "",
+            None,
+            Some("migrated".into()),
+        );
+        self.run(state, ji, inst, false);
+    }
+
     /// Stops the instance's timer. Nothing to do: the wheel drops a timer whose instance
     /// no longer waits for it when it comes up (see [`Timers`]).
     fn cancel(&mut self, _inst: &Instance, _ji: usize) {}
@@ -1375,7 +1523,7 @@ impl<'a> At<'a> {
         mut resumed_send: bool,
     ) {
         let set = self.set;
-        let j = &set.journeys[ji];
+        let j = set.program(ji, inst.entered_at);
         let t = self.t;
         loop {
             let path = j.paths[inst.pc as usize].as_str();
@@ -1726,5 +1874,70 @@ mod pause_tests {
         out.clear();
         m.step("u2", 6000, vec![ev("u2", "A", 6000)], &mut out);
         assert_eq!(rows(&out)[0], (6000, "u2".into(), "entered"));
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+    use crate::journey::compile::{compile_journey_versions, JourneyVersion, PENDING};
+    use crate::journey::parse_journeys;
+
+    fn version(yaml: &str, version: u32, from: Time) -> JourneyVersion {
+        JourneyVersion {
+            def: parse_journeys(yaml).unwrap().remove(0),
+            version,
+            from,
+            restart: false,
+        }
+    }
+
+    const A1: &str = "journey: a\nentry: { event: A }\nsteps:\n  - branch:\n      - when: \"count(*) >= 2\"\n        steps: []";
+    const B: &str = "journey: b\nentry: { event: B }\nsteps:\n  - branch:\n      - when: \"count(*) >= 3\"\n        steps: []";
+    const A2: &str = "journey: a\nentry: { event: A }\nsteps:\n  - branch:\n      - when: \"count(*) >= 5\"\n        steps: []";
+
+    #[test]
+    fn a_later_version_adds_hidden_segments_after_every_earlier_one_and_runs_its_entries() {
+        let file =
+            crate::lang::parse::parse_segments("CREATE SEGMENT s AS count(*) >= 1;").unwrap();
+        let one =
+            compile_journey_versions(&file, &[version(A1, 1, 0), version(B, 1, 0)], None, &[])
+                .unwrap();
+        let two = compile_journey_versions(
+            &file,
+            &[version(A1, 1, 0), version(B, 1, 0), version(A2, 2, PENDING)],
+            Some(&one.plan),
+            &one.traits,
+        )
+        .unwrap();
+        let names = |set: &JourneySet| -> Vec<String> {
+            set.plan.segments.iter().map(|s| s.name.clone()).collect()
+        };
+        // The running plan's indices stay; version 2's condition comes last.
+        assert_eq!(names(&two)[..names(&one).len()], names(&one)[..]);
+        assert_eq!(names(&two).last().unwrap(), "a@2:steps[0].branch[0].when");
+        assert_eq!(two.journeys.len(), 2, "journeys by name");
+        assert_eq!((two.journeys[0].version, two.older[0].len()), (2, 1));
+        // Entries before the change run version 1, from it on version 2.
+        let two = two.in_force_at(1000);
+        assert_eq!(two.program(0, 999).version, 1);
+        assert_eq!(two.program(0, 1000).version, 2);
+        assert_eq!(two.program(1, 5).version, 1);
+        let arm = |c: &CJourney| match &c.ops[0] {
+            Op::Branch { arms, .. } => arms[0].0 as usize,
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            two.plan.segments[arm(two.program(0, 0))].name,
+            "a:steps[0].branch[0].when"
+        );
+        assert_eq!(
+            two.plan.segments[arm(two.program(0, 2000))].name,
+            "a@2:steps[0].branch[0].when"
+        );
+        assert!(
+            two.segments_read()[arm(two.program(0, 0))],
+            "the old version's too"
+        );
     }
 }

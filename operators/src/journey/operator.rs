@@ -57,6 +57,8 @@ enum Control {
     Checkpoint(crate::dataflow::CheckpointReq),
     /// A journey (index) paused or resumed.
     Pause(u16, bool),
+    /// A changed journey set ([`Ctl::Define`]).
+    Define(Rc<JourneySet>),
 }
 
 /// Which user the merge of stashed input and due timers steps next.
@@ -79,6 +81,7 @@ pub fn run_journeys<'s>(
     parts: Option<Rc<dyn PartSink>>,
     restored: Option<RestoredJourneys>,
     paused: Vec<u16>,
+    definitions: Option<crate::dataflow::JourneyDefinitions>,
 ) -> (Stream<'s, Time, Vec<JOut>>, JourneyHandle) {
     let scope = input.inner.scope();
     let shared = Rc::new(RefCell::new(Machine::new(set)));
@@ -117,6 +120,9 @@ pub fn run_journeys<'s>(
                     at_restore = exits;
                 }
                 machine.start_paused(&paused, start);
+                if let Some(at) = start {
+                    machine.restart_from(at, &mut at_restore);
+                }
             }
             // Checkpoint requests not yet answered, and pauses not yet in force, by instant.
             let mut requests: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
@@ -147,6 +153,12 @@ pub fn run_journeys<'s>(
                                 }
                                 Ctl::Pause { journey, paused } if r > 0 => {
                                     Control::Pause(journey, paused)
+                                }
+                                Ctl::Define(v) if r > 0 => {
+                                    match definitions.as_ref().and_then(|d| d(v)) {
+                                        Some(set) => Control::Define(set),
+                                        None => continue,
+                                    }
                                 }
                                 _ => continue,
                             };
@@ -193,6 +205,19 @@ pub fn run_journeys<'s>(
                                     },
                                 );
                             }
+                        }
+                        // A changed journey set before the pauses at the same instant (a
+                        // pause names an index the new set may have added).
+                        for req in &reqs {
+                            if let Control::Define(set) = req {
+                                let set = Rc::new(set.in_force_at(next));
+                                machine.set_journeys(set, next, &mut outs);
+                            }
+                        }
+                        if !outs.is_empty() {
+                            output
+                                .session(&c.delayed(&next))
+                                .give_iterator(outs.drain(..));
                         }
                         for req in reqs {
                             if let Control::Pause(j, paused) = req {
