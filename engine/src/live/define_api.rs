@@ -451,7 +451,7 @@ pub(super) async fn get_journey(State(app): State<App>, Path(name): Path<String>
     let Ok(defs) = app.live.defs.read() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let Some(j) = defs.journey_names().iter().position(|n| *n == name) else {
+    let Some(j) = defs.journey_index(&name) else {
         return reply(
             StatusCode::NOT_FOUND,
             json!({ "error": format!("no journey named '{name}'") }),
@@ -461,13 +461,13 @@ pub(super) async fn get_journey(State(app): State<App>, Path(name): Path<String>
     let versions: Vec<Json> = defs
         .journey_versions(&name)
         .into_iter()
-        .map(|(v, text, at, restart)| {
+        .map(|v| {
             json!({
-                "version": v,
-                "source": if v == 1 && at.is_none() { "file" } else { "api" },
-                "definition": text,
-                "effective_at": at.map(|t| format_rfc3339_ms(t as i64)),
-                "migrate": if restart { "restart" } else { "drain" },
+                "version": v.version,
+                "source": if v.from_file { "file" } else { "api" },
+                "definition": v.text,
+                "effective_at": v.at.map(|t| format_rfc3339_ms(t as i64)),
+                "migrate": if v.restart { "restart" } else { "drain" },
             })
         })
         .collect();
@@ -519,11 +519,11 @@ pub(super) async fn put_journey(
         let Ok(defs) = live.defs.read() else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
-        if let Some((v, Some(current), _, _)) = defs.journey_versions(&name).pop() {
-            if current.trim() == text.trim() {
+        if let Some(v) = defs.journey_versions(&name).pop() {
+            if v.text.as_deref().map(str::trim) == Some(text.trim()) {
                 return reply(
                     StatusCode::OK,
-                    json!({"journey": name, "version": v, "unchanged": true}),
+                    json!({"journey": name, "version": v.version, "unchanged": true}),
                 );
             }
         }

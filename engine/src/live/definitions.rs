@@ -119,6 +119,21 @@ pub struct Planned {
     pub change: DefChange,
 }
 
+/// One version of a journey, as the API lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JourneyVersionInfo {
+    /// Its number.
+    pub version: u32,
+    /// Its YAML (None: the journey file's, which could not be told apart).
+    pub text: Option<String>,
+    /// The instant it took effect (None: the start, or not yet).
+    pub at: Option<Time>,
+    /// Made with `?migrate=restart`.
+    pub restart: bool,
+    /// The journey file's.
+    pub from_file: bool,
+}
+
 /// A journey version checked and compiled, not yet in force.
 #[derive(Debug)]
 pub struct PlannedJourney {
@@ -280,6 +295,11 @@ impl Catalog {
             .collect()
     }
 
+    /// The index of journey `name`.
+    pub fn journey_index(&self, name: &str) -> Option<usize> {
+        self.journey_names().iter().position(|n| *n == name)
+    }
+
     /// The journey set in force.
     pub fn journey_set(&self) -> Option<&Arc<JourneySet>> {
         self.set.as_ref()
@@ -290,13 +310,19 @@ impl Catalog {
         self.sets.get(&v).cloned()
     }
 
-    /// Journey `name`'s versions: `(version, text (None: the file's, not found), the
-    /// instant it took effect (None: the start or not yet), restart)`, oldest first.
-    pub fn journey_versions(&self, name: &str) -> Vec<(u32, Option<String>, Option<Time>, bool)> {
+    /// Journey `name`'s versions, oldest first.
+    pub fn journey_versions(&self, name: &str) -> Vec<JourneyVersionInfo> {
         let mut out = Vec::new();
-        if let Some(j) = self.journey_names().iter().position(|n| *n == name) {
+        if let Some(j) = self.journey_index(name) {
             if self.journey_texts.len() > j {
-                out.push((1, Some(self.journey_texts[j].clone()), None, false));
+                let text = &self.journey_texts[j];
+                out.push(JourneyVersionInfo {
+                    version: 1,
+                    text: (!text.is_empty()).then(|| text.clone()),
+                    at: None,
+                    restart: false,
+                    from_file: true,
+                });
             }
         }
         for c in self
@@ -304,7 +330,13 @@ impl Catalog {
             .iter()
             .filter(|c| c.kind == ChangeKind::Journey && c.name == name)
         {
-            out.push((c.version, Some(c.text.clone()), c.at, c.restart));
+            out.push(JourneyVersionInfo {
+                version: c.version,
+                text: Some(c.text.clone()),
+                at: c.at,
+                restart: c.restart,
+                from_file: false,
+            });
         }
         out
     }
@@ -318,9 +350,22 @@ impl Catalog {
         yaml: &str,
         restart: bool,
     ) -> Result<PlannedJourney, Refusal> {
+        self.plan_journey_as(name, yaml, restart, None)
+    }
+
+    /// [`Catalog::plan_journey`] as version `recorded` (a replayed change keeps its
+    /// number, and so the names of its hidden segments), else the next one.
+    fn plan_journey_as(
+        &self,
+        name: &str,
+        yaml: &str,
+        restart: bool,
+        recorded: Option<u32>,
+    ) -> Result<PlannedJourney, Refusal> {
         let (Some(versions), Some(running)) = (&self.journeys, &self.set) else {
             return Err(Refusal::Conflict(
-                "this Herald runs no journeys: journeys start in the journey file                  (engine.journeys), then change here"
+                "this Herald runs no journeys: journeys start in the journey file \
+                 (engine.journeys), then change here"
                     .into(),
             ));
         };
@@ -344,7 +389,8 @@ impl Catalog {
                  instances (or change it without ?migrate=restart)"
             )));
         }
-        let version = index.map_or(1, |j| running.journeys[j].version + 1);
+        let version =
+            recorded.unwrap_or_else(|| index.map_or(1, |j| running.journeys[j].version + 1));
         let mut all = versions.clone();
         all.push(JourneyVersion {
             def: def.clone(),
@@ -360,7 +406,7 @@ impl Catalog {
             })?;
         // Only what the running dataflow already feeds the journeys.
         let mut missing = Vec::new();
-        for t in &set.traits[running.traits.len()..] {
+        for t in set.traits.iter().filter(|t| !running.traits.contains(t)) {
             missing.push(format!(
                 "trait `{t}`, which no running journey reads (the journeys are told of the \
                  traits they read only)"
@@ -441,8 +487,7 @@ impl Catalog {
             v.from = at;
         }
         if let Some(set) = &mut self.set {
-            let s = Arc::make_mut(set);
-            for j in s.journeys.iter_mut().chain(s.older.iter_mut().flatten()) {
+            for j in Arc::make_mut(set).all_mut() {
                 if j.name == name && j.version == version {
                     j.from = at;
                 }
@@ -466,7 +511,7 @@ impl Catalog {
     /// Checks a pause (or resume) of journey `name`: its index and the change; changes
     /// nothing.
     pub fn plan_pause(&self, name: &str, paused: bool) -> Result<(usize, DefChange), Refusal> {
-        let Some(j) = self.journey_names().iter().position(|n| *n == name) else {
+        let Some(j) = self.journey_index(name) else {
             return Err(Refusal::NotFound(if self.journeys.is_none() {
                 "this Herald runs no journeys (engine.journeys)".into()
             } else {
@@ -665,7 +710,7 @@ impl Catalog {
             if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == name) {
                 e.at = Some(at);
             }
-        } else if let Some(j) = self.journey_names().iter().position(|n| *n == name) {
+        } else if let Some(j) = self.journey_index(&name) {
             if let Some(Some((_, since))) = self.paused.get_mut(j) {
                 *since = Some(at);
             }
@@ -735,9 +780,8 @@ impl Catalog {
         let mut warnings = Vec::new();
         for c in changes {
             if c.kind == ChangeKind::Journey {
-                match self.plan_journey(&c.name, &c.text, c.restart) {
+                match self.plan_journey_as(&c.name, &c.text, c.restart, Some(c.version)) {
                     Ok(mut p) => {
-                        p.change.version = c.version;
                         p.change.at = c.at.or(at_start);
                         let at = p.change.at;
                         self.commit_journey(p);
@@ -1042,6 +1086,6 @@ mod journey_version_tests {
         assert_eq!(again.plan, c.plan);
         assert_eq!(again.journey_versions("j"), c.journey_versions("j"));
         assert_eq!(again.journey_set().unwrap().journeys[0].from, 50);
-        assert_eq!(again.journey_versions("j")[0].1.as_deref(), Some(J));
+        assert_eq!(again.journey_versions("j")[0].text.as_deref(), Some(J));
     }
 }

@@ -478,6 +478,15 @@ where
     // earlier ones for the instances that entered under them), each from its instant.
     if let (Some(set), true) = (catalog.journey_set(), journeys.is_some()) {
         journeys = Some((**set).clone());
+        // Their sends need templates and channels, as the file's did above.
+        if let (Some(n), Some(t)) = (&config.notify, &templates) {
+            crate::check::check_sends(
+                "the journeys changed through the API",
+                set,
+                t,
+                Some(&n.channels()),
+            )?;
+        }
     }
     let limits = Limits {
         max_message_bytes: config.engine.max_message_bytes,

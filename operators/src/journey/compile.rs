@@ -245,14 +245,17 @@ impl JourneySet {
             .unwrap_or(current)
     }
 
+    /// [`JourneySet::all`], to change.
+    pub fn all_mut(&mut self) -> impl Iterator<Item = &mut CJourney> {
+        self.journeys
+            .iter_mut()
+            .chain(self.older.iter_mut().flatten())
+    }
+
     /// The set with every version whose change is pending in force from `t`.
     pub fn in_force_at(&self, t: Time) -> JourneySet {
         let mut set = self.clone();
-        for j in set
-            .journeys
-            .iter_mut()
-            .chain(set.older.iter_mut().flatten())
-        {
+        for j in set.all_mut() {
             if j.from == PENDING {
                 j.from = t;
             }
@@ -670,8 +673,9 @@ pub fn compile_journeys_over(
 /// file's, then each change through the API), so that the hidden segments of a later
 /// version come after those of every earlier one and a running plan's indices stay.
 /// Journeys are indexed by their name's first appearance; each is its latest version,
-/// the earlier ones in [`JourneySet::older`]. `traits`: exposed traits to keep at their
-/// positions (a running set's), before any new ones.
+/// the earlier ones in [`JourneySet::older`]. `traits`: exposed traits to keep exposed
+/// (a running set's); exposed traits are numbered in name order, so a set that exposes
+/// no other keeps the running set's positions.
 pub fn compile_journey_versions(
     file: &SegmentFile,
     versions: &[JourneyVersion],

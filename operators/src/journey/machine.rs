@@ -28,7 +28,7 @@ use crate::ast::EventField;
 use crate::eval::{eval_ref, CExpr, Context};
 use crate::event::{Event, EventType};
 use crate::journey::compile::{
-    CJourney, CTrigger, JourneySet, Op, API_TRIGGER_EVENT, API_TRIGGER_KEY,
+    CJourney, CTrigger, JourneySet, Op, API_TRIGGER_EVENT, API_TRIGGER_KEY, PENDING,
 };
 use crate::journey::file::Reentry;
 use crate::journey::quiet::{quiet_until, zone};
@@ -817,37 +817,32 @@ impl Machine {
             .zip(state.journeys.iter())
             .enumerate()
             .filter(|(_, (_, j))| j.entries > 0 || j.active.is_some())
-            .map(|(ji, (cj, j))| JourneyStatus {
-                paused: self.is_paused(ji),
-                version: j
+            .map(|(ji, (cj, j))| {
+                // The instance's own version.
+                let active = j
                     .active
                     .as_ref()
-                    .map(|i| self.set.program(ji, i.entered_at).version),
-                journey: cj.name.clone(),
-                entries: j.entries,
-                last_entry: opt(j.last_entry),
-                sends_in_cap: j.sends.as_ref().map(|s| s.len() as u32),
-                active: j.active.as_ref().map(|i| ActiveStatus {
-                    instance: i.number,
-                    entered_at: i.entered_at,
-                    step: self
-                        .set
-                        .program(ji, i.entered_at)
-                        .paths
-                        .get(i.pc as usize)
-                        .cloned()
-                        .unwrap_or_default(),
-                    waiting: match i.waiting {
-                        Waiting::Timer => "timer",
-                        Waiting::Event => "event",
-                        Waiting::Quiet => "quiet_hours",
-                    },
-                    wake: i.wake(),
-                    variant: i.variant.and_then(|v| {
-                        let cj = self.set.program(ji, i.entered_at);
-                        cj.variants.get(v as usize).cloned()
+                    .map(|i| (i, self.set.program(ji, i.entered_at)));
+                JourneyStatus {
+                    paused: self.is_paused(ji),
+                    version: active.map(|(_, v)| v.version),
+                    journey: cj.name.clone(),
+                    entries: j.entries,
+                    last_entry: opt(j.last_entry),
+                    sends_in_cap: j.sends.as_ref().map(|s| s.len() as u32),
+                    active: active.map(|(i, v)| ActiveStatus {
+                        instance: i.number,
+                        entered_at: i.entered_at,
+                        step: v.paths.get(i.pc as usize).cloned().unwrap_or_default(),
+                        waiting: match i.waiting {
+                            Waiting::Timer => "timer",
+                            Waiting::Event => "event",
+                            Waiting::Quiet => "quiet_hours",
+                        },
+                        wake: i.wake(),
+                        variant: i.variant.and_then(|x| v.variants.get(x as usize).cloned()),
                     }),
-                }),
+                }
             })
             .collect()
     }
@@ -956,33 +951,22 @@ impl Machine {
     /// (reason `migrated`) and enters the new version there, keeping its trigger, in
     /// user order. Appends what that emits to `out`.
     pub fn set_journeys(&mut self, set: Rc<JourneySet>, t: Time, out: &mut Vec<JOut>) {
-        let restart: Vec<usize> = (0..set.journeys.len())
-            .filter(|&j| {
-                let new = &set.journeys[j];
-                new.restart
-                    && new.from == t
-                    && self
-                        .set
-                        .journeys
-                        .get(j)
-                        .is_some_and(|o| o.version != new.version)
-            })
-            .collect();
         self.paused.resize(set.journeys.len(), false);
         self.set = set;
-        for j in restart {
-            self.migrate_all(j, t, out);
-        }
+        self.restart_from(t, out);
     }
 
-    /// After a restore at `at`: a version with `restart` in force from `at` on (its change
-    /// took effect after the checkpoint, and takes effect again at the restart) restarts
-    /// the instances in progress, as [`Machine::set_journeys`] did when it was made.
+    /// The instances in progress restart on the version in force when a version with
+    /// `restart` takes effect at or after `at`: at [`Machine::set_journeys`], or after a
+    /// restore at `at` (a change made after the checkpoint takes effect again there). A
+    /// paused journey's instances are not restarted (they drain): its steps must not run.
     pub fn restart_from(&mut self, at: Time, out: &mut Vec<JOut>) {
         let restart: Vec<usize> = (0..self.set.journeys.len())
             .filter(|&j| {
-                let c = &self.set.journeys[j];
-                c.restart && c.from >= at && !self.set.older[j].is_empty()
+                !self.is_paused(j)
+                    && std::iter::once(&self.set.journeys[j])
+                        .chain(self.set.older.get(j).into_iter().flatten())
+                        .any(|c| c.restart && c.from != PENDING && c.from >= at)
             })
             .collect();
         for j in restart {
@@ -1065,19 +1049,23 @@ impl Machine {
         }
     }
 
-    /// Arms at `t` every instance of journey `j` whose timer is before `t`.
+    /// Arms again every timer of journey `j` (the wheel dropped them while it was
+    /// paused), those that fell due before `t` at `t`.
     fn resume_overdue(&mut self, j: usize, t: Time) {
         for (u, st) in self.users.iter_mut().enumerate() {
             let Some(inst) = st.journeys.get_mut(j).and_then(|x| x.active.as_mut()) else {
                 continue;
             };
-            if inst.wake != NONE && inst.wake < t {
+            if inst.wake == NONE {
+                continue;
+            }
+            if inst.wake < t {
                 inst.wake = t;
-                self.timers.arm(t, u as u32, j as u16);
                 if let Some(c) = &mut self.changed {
                     c.insert(u as u32);
                 }
             }
+            self.timers.arm(inst.wake, u as u32, j as u16);
         }
     }
 
@@ -1874,6 +1862,27 @@ mod pause_tests {
         out.clear();
         m.step("u2", 6000, vec![ev("u2", "A", 6000)], &mut out);
         assert_eq!(rows(&out)[0], (6000, "u2".into(), "entered"));
+    }
+
+    #[test]
+    fn a_resume_before_a_timer_is_due_keeps_it_at_its_instant() {
+        for resume in [1800, 2000] {
+            let mut m = machine();
+            let mut out = Vec::new();
+            m.step("u1", 1000, vec![ev("u1", "A", 1000)], &mut out);
+            m.set_paused(0, true, 1500);
+            // The paused journey's timer at 2000 goes from the wheel as the operator
+            // looks for its next instant.
+            assert_eq!(m.next_timer(), None);
+            m.set_paused(0, false, resume);
+            out.clear();
+            run_timers(&mut m, 10_000, &mut out);
+            assert_eq!(
+                rows(&out)[0],
+                (2000, "u1".into(), "step"),
+                "resumed at {resume}"
+            );
+        }
     }
 }
 

@@ -175,6 +175,7 @@ pub fn run_journeys<'s>(
                 // The restore's rows, at its instant (the capability is still there: the
                 // first activation has not moved it).
                 if !at_restore.is_empty() {
+                    keep_writes(&at_restore, &mut writes, parts.is_some());
                     output.session(c).give_iterator(at_restore.drain(..));
                 }
                 // A burst (a million timers at one instant, a replay's final catch-up) is
@@ -215,6 +216,7 @@ pub fn run_journeys<'s>(
                             }
                         }
                         if !outs.is_empty() {
+                            keep_writes(&outs, &mut writes, parts.is_some());
                             output
                                 .session(&c.delayed(&next))
                                 .give_iterator(outs.drain(..));
@@ -276,12 +278,8 @@ pub fn run_journeys<'s>(
                             }
                         }
                         budget -= 1;
-                        for o in outs.drain(..) {
-                            if let (JOut::Write(ev, t), true) = (&o, parts.is_some()) {
-                                writes.push((*t, ev.clone()));
-                            }
-                            session.give(o);
-                        }
+                        keep_writes(&outs, &mut writes, parts.is_some());
+                        session.give_iterator(outs.drain(..));
                     }
                 }
                 match next_instant(&stash, machine, &requests) {
@@ -292,6 +290,19 @@ pub fn run_journeys<'s>(
         },
     );
     (out, handle)
+}
+
+/// Keeps the `update_trait` writes among `outs` for the next checkpoint part, when parts
+/// are taken (`keep`): a write targets a later instant, and a checkpoint between the two
+/// must feed it again at a restore.
+fn keep_writes(outs: &[JOut], writes: &mut Vec<(Time, Event)>, keep: bool) {
+    if keep {
+        for o in outs {
+            if let JOut::Write(ev, at) = o {
+                writes.push((*at, ev.clone()));
+            }
+        }
+    }
 }
 
 /// The earliest instant the operator still has to take: stashed input, a timer or a
