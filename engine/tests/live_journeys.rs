@@ -139,6 +139,29 @@ fn api_triggers_timers_and_exits_run_on_the_wall_clock() {
     assert!(h.stop().success());
 }
 
+/// Journeys with checkpoints every second.
+const DURABLE: &str =
+    "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
+     [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
+     [checkpoint]\nevery = \"1 second\"\n";
+
+fn start_durable(journeys: &str) -> (tempfile::TempDir, Herald) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
+    std::fs::write(dir.path().join("journeys.yaml"), journeys).unwrap();
+    let h = Herald::start(dir.path(), DURABLE);
+    (dir, h)
+}
+
+fn track(h: &Herald, user: &str, event: &str) {
+    let (s, b) = h.post(
+        "/v1/track",
+        "wk",
+        &format!(r#"{{"userId":"{user}","event":"{event}"}}"#),
+    );
+    assert_eq!(s, 200, "{b}");
+}
+
 const DRIP: &str = r#"
 journey: drip
 entry: { event: Signed Up }
@@ -155,22 +178,7 @@ fn ms(t: &serde_json::Value) -> i64 {
 
 #[test]
 fn a_paused_journey_admits_no_one_holds_its_instances_and_resumes_after_a_kill() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
-    std::fs::write(dir.path().join("journeys.yaml"), DRIP).unwrap();
-    let config =
-        "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
-         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
-         [checkpoint]\nevery = \"1 second\"\n";
-    let mut h = Herald::start(dir.path(), config);
-    let track = |h: &Herald, user: &str, event: &str| {
-        let (s, b) = h.post(
-            "/v1/track",
-            "wk",
-            &format!(r#"{{"userId":"{user}","event":"{event}"}}"#),
-        );
-        assert_eq!(s, 200, "{b}");
-    };
+    let (dir, mut h) = start_durable(DRIP);
     for u in ["a1", "a2"] {
         track(&h, u, "Signed Up");
     }
@@ -199,7 +207,7 @@ fn a_paused_journey_admits_no_one_holds_its_instances_and_resumes_after_a_kill()
     assert!(h.output("messages.jsonl").is_empty());
     h.kill();
 
-    let mut h = Herald::start(dir.path(), config);
+    let mut h = Herald::start(dir.path(), DURABLE);
     h.wait_for("the restart", Duration::from_secs(30), |h| {
         h.get_json("/v1/journeys").0 == 200
     });
@@ -283,22 +291,7 @@ fn row_at(h: &Herald, user: &str, kind: &str) -> i64 {
 
 #[test]
 fn journey_versions_drain_or_restart_their_instances_and_survive_a_kill() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("segments.sql"), SEGMENTS).unwrap();
-    std::fs::write(dir.path().join("journeys.yaml"), drip(1, 3)).unwrap();
-    let config =
-        "[engine]\nsegments = \"segments.sql\"\njourneys = \"journeys.yaml\"\nworkers = 2\n\
-         [http]\nlisten = \"127.0.0.1:0\"\nwrite_keys = [\"wk\"]\n\
-         [checkpoint]\nevery = \"1 second\"\n";
-    let mut h = Herald::start(dir.path(), config);
-    let track = |h: &Herald, user: &str, event: &str| {
-        let (s, b) = h.post(
-            "/v1/track",
-            "wk",
-            &format!(r#"{{"userId":"{user}","event":"{event}"}}"#),
-        );
-        assert_eq!(s, 200, "{b}");
-    };
+    let (dir, mut h) = start_durable(&drip(1, 3));
     let put = |h: &Herald, path: &str, yaml: &str| h.request("PUT", path, common::ADMIN_KEY, yaml);
     track(&h, "d1", "Signed Up");
     h.wait_for("d1 entered", Duration::from_secs(10), |h| {
@@ -384,7 +377,7 @@ fn journey_versions_drain_or_restart_their_instances_and_survive_a_kill() {
     assert_eq!(status["journeys"][0]["version"], 3, "{status}");
     // A kill -9 before its timer; the version and the instance come back.
     h.kill();
-    let mut h = Herald::start(dir.path(), config);
+    let mut h = Herald::start(dir.path(), DURABLE);
     h.wait_for("d3's message", Duration::from_secs(30), |h| {
         messages(h).iter().any(|m| m.0 == "d3")
     });

@@ -246,21 +246,12 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
         Ok(mut d) => d.commit(planned),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
-    live.defs_version.fetch_add(1, Ordering::AcqRel);
     let what = format!("'{name}' version {seg_version}");
-    let at = match take_effect(app, Feed::Define(version), &what).await {
+    let pending = json!({"segment": name, "version": seg_version});
+    let at = match switch(app, version, &what, pending).await {
         Ok(at) => at,
-        Err(Effect::Pending) => {
-            return reply(
-                StatusCode::ACCEPTED,
-                json!({"segment": name, "version": seg_version, "pending": true, "error": PENDING}),
-            )
-        }
-        Err(Effect::Failed(r)) => return r,
+        Err(r) => return r,
     };
-    if let Ok(mut d) = live.defs.write() {
-        d.forget_before(version);
-    }
     let size = live.state.read().map_or(0, |s| s.size(index));
     tracing::info!(
         "segment '{name}' version {seg_version} {} through the API, in force from {}",
@@ -339,6 +330,27 @@ async fn take_effect(app: &App, feed: Feed, what: &str) -> Result<Time, Effect> 
             ))));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(at)
+}
+
+/// Switches the dataflow to definitions version `version` (committed to the catalog and
+/// kept): [`take_effect`], then the catalog forgets the plans before it. The error is the
+/// reply to give (`202` with `pending`'s fields when worker 0 did not take it in time).
+async fn switch(app: &App, version: u64, what: &str, mut pending: Json) -> Result<Time, Response> {
+    let live = &app.live;
+    live.defs_version.fetch_add(1, Ordering::AcqRel);
+    let at = match take_effect(app, Feed::Define(version), what).await {
+        Ok(at) => at,
+        Err(Effect::Pending) => {
+            pending["pending"] = Json::Bool(true);
+            pending["error"] = Json::String(PENDING.into());
+            return Err(reply(StatusCode::ACCEPTED, pending));
+        }
+        Err(Effect::Failed(r)) => return Err(r),
+    };
+    if let Ok(mut d) = live.defs.write() {
+        d.forget_before(version);
     }
     Ok(at)
 }
@@ -553,21 +565,12 @@ pub(super) async fn put_journey(
         Ok(mut d) => d.commit_journey(planned),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
-    live.defs_version.fetch_add(1, Ordering::AcqRel);
     let what = format!("journey '{name}' version {version}");
-    let at = match take_effect(&app, Feed::Define(defs_version), &what).await {
+    let pending = json!({"journey": name, "version": version});
+    let at = match switch(&app, defs_version, &what, pending).await {
         Ok(at) => at,
-        Err(Effect::Pending) => {
-            return reply(
-                StatusCode::ACCEPTED,
-                json!({"journey": name, "version": version, "pending": true, "error": PENDING}),
-            )
-        }
-        Err(Effect::Failed(r)) => return r,
+        Err(r) => return r,
     };
-    if let Ok(mut d) = live.defs.write() {
-        d.forget_before(defs_version);
-    }
     let migrate = if restart { "restart" } else { "drain" };
     tracing::info!(
         "{what} {} through the API, in force from {} (instances in progress: {migrate})",
