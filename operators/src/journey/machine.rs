@@ -977,50 +977,43 @@ impl Machine {
     /// [`At::migrate`] for every user with an instance of journey `j` that entered before
     /// `t`, in user order.
     fn migrate_all(&mut self, j: usize, t: Time, out: &mut Vec<JOut>) {
-        {
-            let mut users: Vec<u32> = (0..self.users.len() as u32)
-                .filter(|&u| {
-                    self.users[u as usize]
-                        .journeys
-                        .get(j)
-                        .and_then(|x| x.active.as_ref())
-                        .is_some_and(|i| i.entered_at < t)
-                })
-                .collect();
-            users.sort_by(|a, b| {
-                self.users[*a as usize]
-                    .key
-                    .cmp(&self.users[*b as usize].key)
-            });
-            let set = Rc::clone(&self.set);
-            for u in users {
-                if let Some(c) = &mut self.changed {
-                    c.insert(u);
-                }
-                let mut state = std::mem::take(&mut self.users[u as usize]);
-                let key = std::mem::take(&mut state.key);
-                let mut at = At {
-                    set: &set,
-                    user: &key,
-                    u,
-                    t,
-                    events: &[],
-                    changes: &[],
-                    timers: &mut self.timers,
-                    out,
-                    seq: 0,
-                    paused: &self.paused,
-                };
-                at.migrate(&mut state, j);
-                state.key = key;
-                self.users[u as usize] = state;
+        let mut users: Vec<u32> = (0..self.users.len() as u32)
+            .filter(|&u| {
+                self.users[u as usize]
+                    .journeys
+                    .get(j)
+                    .and_then(|x| x.active.as_ref())
+                    .is_some_and(|i| i.entered_at < t)
+            })
+            .collect();
+        users.sort_by(|a, b| {
+            self.users[*a as usize]
+                .key
+                .cmp(&self.users[*b as usize].key)
+        });
+        let set = Rc::clone(&self.set);
+        for u in users {
+            if let Some(c) = &mut self.changed {
+                c.insert(u);
             }
+            let mut state = std::mem::take(&mut self.users[u as usize]);
+            let key = std::mem::take(&mut state.key);
+            let mut at = At {
+                set: &set,
+                user: &key,
+                u,
+                t,
+                events: &[],
+                changes: &[],
+                timers: &mut self.timers,
+                out,
+                seq: 0,
+                paused: &self.paused,
+            };
+            at.migrate(&mut state, j);
+            state.key = key;
+            self.users[u as usize] = state;
         }
-    }
-
-    /// The journey set in force.
-    pub fn set(&self) -> &Rc<JourneySet> {
-        &self.set
     }
 
     /// Whether journey `j` is paused.

@@ -124,7 +124,8 @@ pub fn run_journeys<'s>(
                     machine.restart_from(at, &mut at_restore);
                 }
             }
-            // Checkpoint requests not yet answered, and pauses not yet in force, by instant.
+            // Checkpoint requests not yet answered, and journey sets and pauses not yet in
+            // force, by instant.
             let mut requests: BTreeMap<Time, Vec<Control>> = BTreeMap::new();
             // update_trait writes emitted at the last instant stepped, by target instant.
             let mut writes: Vec<(Time, Event)> = Vec::new();
