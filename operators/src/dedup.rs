@@ -11,7 +11,9 @@
 //! collision is astronomically unlikely). A replay remembers every pair of its input; the
 //! live service ([`Dedup::forgetting`]) forgets a pair once its clock is a horizon past the
 //! instant the pair *arrived*, so memory is bounded by one horizon of traffic and a
-//! rebuild from a topic's start (old timestamps, arriving now) is still deduplicated.
+//! rebuild from a topic's start (old timestamps, arriving now) is still deduplicated. It
+//! forgets at exactly that instant whether or not it has pruned the pair yet, so a
+//! rebuild from the events archive (which prunes at other moments) decides alike.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -102,7 +104,13 @@ impl Dedup {
         h.update(message_id.as_bytes());
         let admitted = match self.seen.entry(h.digest128()) {
             Entry::Occupied(mut first) => {
-                if timestamp.abs_diff(first.get().0) <= self.horizon_ms as u64 {
+                // A forgetting deduplicator has forgotten a pair a horizon after it
+                // arrived, whether or not its pruning has come round to it yet: what it
+                // admits does not depend on when it prunes (a rebuild of the same input
+                // prunes at other moments, and must decide alike).
+                let forgotten =
+                    self.forget && arrived > first.get().1.saturating_add(self.horizon_ms as u64);
+                if !forgotten && timestamp.abs_diff(first.get().0) <= self.horizon_ms as u64 {
                     false
                 } else {
                     first.insert((timestamp, arrived));
@@ -206,5 +214,19 @@ mod tests {
         }
         // Pruned at 2 000: the pair that arrived at 1 000 is gone, so it is new again.
         assert!(d.admit("u", "m", 5, 2_000));
+    }
+
+    #[test]
+    fn a_forgetting_dedup_forgets_at_the_horizon_whether_or_not_it_has_pruned() {
+        let mut d = Dedup::forgetting(10);
+        assert!(d.admit("u", "m", 5, 1_000));
+        // No pruning in between (too few admits): within a horizon of its arrival it is
+        // a duplicate, past it a new message.
+        assert!(!d.admit("u", "m", 5, 1_010));
+        assert!(d.admit("u", "m", 5, 1_011));
+        assert!(
+            !d.admit("u", "m", 5, 1_015),
+            "the horizon counts from the new one"
+        );
     }
 }
