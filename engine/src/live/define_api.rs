@@ -242,13 +242,13 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
     if let Ok(mut s) = live.state.write() {
         s.grow(planned.file.segments.len());
     }
-    let version = match live.defs.write() {
-        Ok(mut d) => d.commit(planned),
+    let (version, change) = match live.defs.write() {
+        Ok(mut d) => (d.commit(planned), d.changes.len() - 1),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     let what = format!("'{name}' version {seg_version}");
     let pending = json!({"segment": name, "version": seg_version});
-    let at = match switch(app, version, &what, pending).await {
+    let at = match switch(app, (version, change), &what, pending).await {
         Ok(at) => at,
         Err(r) => return r,
     };
@@ -294,13 +294,18 @@ enum Effect {
     Failed(Response),
 }
 
-/// Feeds the catalog's latest change (kept, committed) to worker 0, which puts it in force
-/// at its current instant; records that instant on disk; returns it once the query API
-/// holds every change at it.
-async fn take_effect(app: &App, feed: Feed, what: &str) -> Result<Time, Effect> {
+/// Feeds change `change` (kept, committed; its position in the catalog's changes) to
+/// worker 0, which puts it in force at its current instant and records that instant on
+/// it; writes the instant to disk; returns it once the query API holds every change at it.
+async fn take_effect(app: &App, feed: Feed, change: usize, what: &str) -> Result<Time, Effect> {
     let live = &app.live;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if live.defines.send(DefineReq { feed, reply: tx }).is_err() {
+    let req = DefineReq {
+        feed,
+        change,
+        reply: tx,
+    };
+    if live.defines.send(req).is_err() {
         return Err(Effect::Failed(unavailable(
             "the workers have stopped".into(),
         )));
@@ -334,13 +339,18 @@ async fn take_effect(app: &App, feed: Feed, what: &str) -> Result<Time, Effect> 
     Ok(at)
 }
 
-/// Switches the dataflow to definitions version `version` (committed to the catalog and
-/// kept): [`take_effect`], then the catalog forgets the plans before it. The error is the
+/// Switches the dataflow to definitions version `version` (change `change`, committed to
+/// the catalog and kept): [`take_effect`], then the catalog forgets the plans before it. The error is the
 /// reply to give (`202` with `pending`'s fields when worker 0 did not take it in time).
-async fn switch(app: &App, version: u64, what: &str, mut pending: Json) -> Result<Time, Response> {
+async fn switch(
+    app: &App,
+    (version, change): (u64, usize),
+    what: &str,
+    mut pending: Json,
+) -> Result<Time, Response> {
     let live = &app.live;
     live.defs_version.fetch_add(1, Ordering::AcqRel);
-    let at = match take_effect(app, Feed::Define(version), what).await {
+    let at = match take_effect(app, Feed::Define(version), change, what).await {
         Ok(at) => at,
         Err(Effect::Pending) => {
             pending["pending"] = Json::Bool(true);
@@ -403,13 +413,16 @@ async fn pause(app: &App, name: &str, paused: bool) -> Response {
     if let Err(e) = keep(app, changes).await {
         return unavailable(format!("cannot keep the change: {e}"));
     }
-    match live.defs.write() {
-        Ok(mut d) => d.commit_pause(j, change),
+    let index = match live.defs.write() {
+        Ok(mut d) => {
+            d.commit_pause(j, change);
+            d.changes.len() - 1
+        }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    };
     let verb = if paused { "paused" } else { "resumed" };
     let what = format!("journey '{name}' {verb}");
-    let at = match take_effect(app, Feed::Pause(j as u16, paused), &what).await {
+    let at = match take_effect(app, Feed::Pause(j as u16, paused), index, &what).await {
         Ok(at) => at,
         Err(Effect::Pending) => {
             return reply(
@@ -562,7 +575,7 @@ pub(super) async fn put_journey(
         s.grow(planned.set.plan.segments.len());
     }
     let defs_version = match live.defs.write() {
-        Ok(mut d) => d.commit_journey(planned),
+        Ok(mut d) => (d.commit_journey(planned), d.changes.len() - 1),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     let what = format!("journey '{name}' version {version}");

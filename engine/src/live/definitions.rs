@@ -698,7 +698,14 @@ impl Catalog {
 
     /// Records the instant the latest change took effect.
     pub fn set_effective(&mut self, at: Time) {
-        let Some(c) = self.changes.last_mut() else {
+        if let Some(i) = self.changes.len().checked_sub(1) {
+            self.set_effective_of(i, at);
+        }
+    }
+
+    /// Records the instant change `i` (its position in [`Catalog::changes`]) took effect.
+    pub fn set_effective_of(&mut self, i: usize, at: Time) {
+        let Some(c) = self.changes.get_mut(i) else {
             return;
         };
         c.at = Some(at);
@@ -1012,11 +1019,16 @@ mod pause_tests {
             definitions_hash_with("s", "j", &c.changes),
             definitions_hash_with("s", "j", &segments)
         );
-        // Recorded and replayed: paused again; resumed, it is not.
+        // Recorded and replayed: paused again; resumed, it is not. Two changes taken
+        // apart: each gets its own instant.
         let (j, p) = c.plan_pause("j", true).unwrap();
         c.commit_pause(j, p);
+        let first = c.changes.len() - 1;
         let (j, p) = c.plan_pause("j", false).unwrap();
         c.commit_pause(j, p);
+        c.set_effective_of(first, 13);
+        assert_eq!(c.changes[first].at, Some(13));
+        assert_eq!(c.changes.last().unwrap().at, None, "not taken yet");
         let json = serde_json::to_string(&c.changes).unwrap();
         let kept: Vec<DefChange> = serde_json::from_str(&json).unwrap();
         let mut again = catalog(JOURNEYS);

@@ -94,11 +94,12 @@ pub(crate) enum QueryError {
 /// Which part of a user's history the explanation runs forward through by time alone.
 const EXPLAIN_STEPS: usize = 10_000;
 
-/// A definitions change for worker 0 to feed at its current instant (the catalog's
-/// latest change).
+/// A definitions change for worker 0 to feed at its current instant.
 pub(crate) struct DefineReq {
     /// What to feed.
     pub feed: Feed,
+    /// The change's position in the catalog's changes (its instant is recorded there).
+    pub change: usize,
     /// Told the instant it takes effect at.
     pub reply: tokio::sync::oneshot::Sender<Time>,
 }
@@ -778,7 +779,7 @@ fn run(
                 // (it labels each change with the version in force at its instant).
                 let changes = match live.defs.write() {
                     Ok(mut defs) => {
-                        defs.set_effective(cur);
+                        defs.set_effective_of(d.change, cur);
                         defs.changes.clone()
                     }
                     Err(_) => return Err("the definitions catalog is poisoned".into()),
