@@ -195,14 +195,11 @@ pub(super) async fn delete_segment(State(app): State<App>, Path(name): Path<Stri
 /// Applies a change: checked and compiled, kept, fed to the dataflow at worker 0's
 /// current instant; answers once the query API reflects it.
 async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
-    if let Some(r) = single_process(app) {
-        return r;
-    }
+    let _one = match begin(app).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let live = &app.live;
-    if live.stopping() {
-        return unavailable("Herald is shutting down; retry against the next start".into());
-    }
-    let _one = live.defs_change.lock().await;
     let deleting = matches!(req, Request::Delete);
     let (planned, mut changes, created) = {
         let Ok(defs) = live.defs.read() else {
@@ -248,7 +245,7 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
     };
     let what = format!("'{name}' version {seg_version}");
     let pending = json!({"segment": name, "version": seg_version});
-    let at = match switch(app, (version, change), &what, pending).await {
+    let at = match switch(app, Feed::Define(version), change, &what, pending).await {
         Ok(at) => at,
         Err(r) => return r,
     };
@@ -265,11 +262,7 @@ async fn apply(app: &App, name: &str, req: Request<'_>) -> Response {
         format_rfc3339_ms(at as i64)
     );
     reply(
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
+        created_or_ok(created),
         json!({
             "segment": name,
             "version": seg_version,
@@ -339,18 +332,26 @@ async fn take_effect(app: &App, feed: Feed, change: usize, what: &str) -> Result
     Ok(at)
 }
 
-/// Switches the dataflow to definitions version `version` (change `change`, committed to
-/// the catalog and kept): [`take_effect`], then the catalog forgets the plans before it. The error is the
-/// reply to give (`202` with `pending`'s fields when worker 0 did not take it in time).
+/// Puts change `change` (committed to the catalog and kept) in force through `feed`:
+/// [`take_effect`], then, for a new definitions version, the catalog forgets the plans
+/// before it. The error is the reply to give (`202` with `pending`'s fields when worker 0
+/// did not take it in time).
 async fn switch(
     app: &App,
-    (version, change): (u64, usize),
+    feed: Feed,
+    change: usize,
     what: &str,
     mut pending: Json,
 ) -> Result<Time, Response> {
     let live = &app.live;
-    live.defs_version.fetch_add(1, Ordering::AcqRel);
-    let at = match take_effect(app, Feed::Define(version), change, what).await {
+    let version = match feed {
+        Feed::Define(v) => {
+            live.defs_version.fetch_add(1, Ordering::AcqRel);
+            Some(v)
+        }
+        Feed::Pause(..) => None,
+    };
+    let at = match take_effect(app, feed, change, what).await {
         Ok(at) => at,
         Err(Effect::Pending) => {
             pending["pending"] = Json::Bool(true);
@@ -359,10 +360,33 @@ async fn switch(
         }
         Err(Effect::Failed(r)) => return Err(r),
     };
-    if let Ok(mut d) = live.defs.write() {
-        d.forget_before(version);
+    if let (Some(v), Ok(mut d)) = (version, live.defs.write()) {
+        d.forget_before(v);
     }
     Ok(at)
+}
+
+/// The prologue of every change through the API: refused in a cluster or while stopping;
+/// else the lock that takes changes one at a time.
+async fn begin(app: &App) -> Result<tokio::sync::MutexGuard<'_, ()>, Response> {
+    if let Some(r) = single_process(app) {
+        return Err(r);
+    }
+    if app.live.stopping() {
+        return Err(unavailable(
+            "Herald is shutting down; retry against the next start".into(),
+        ));
+    }
+    Ok(app.live.defs_change.lock().await)
+}
+
+/// `201` for what a change created, else `200`.
+fn created_or_ok(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
 }
 
 /// `POST /v1/journeys/{name}/pause`.
@@ -379,14 +403,11 @@ pub(super) async fn resume_journey(State(app): State<App>, Path(name): Path<Stri
 /// [`herald_operators::journey::machine::Machine::set_paused`]); kept like a definitions
 /// change.
 async fn pause(app: &App, name: &str, paused: bool) -> Response {
-    if let Some(r) = single_process(app) {
-        return r;
-    }
+    let _one = match begin(app).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let live = &app.live;
-    if live.stopping() {
-        return unavailable("Herald is shutting down; retry against the next start".into());
-    }
-    let _one = live.defs_change.lock().await;
     let (j, change, mut changes) = {
         let Ok(defs) = live.defs.read() else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -415,22 +436,17 @@ async fn pause(app: &App, name: &str, paused: bool) -> Response {
     }
     let index = match live.defs.write() {
         Ok(mut d) => {
-            d.commit_pause(j, change);
+            d.commit_pause(change);
             d.changes.len() - 1
         }
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     let verb = if paused { "paused" } else { "resumed" };
     let what = format!("journey '{name}' {verb}");
-    let at = match take_effect(app, Feed::Pause(j as u16, paused), index, &what).await {
+    let pending = json!({"journey": name, "paused": paused});
+    let at = match switch(app, Feed::Pause(j as u16, paused), index, &what, pending).await {
         Ok(at) => at,
-        Err(Effect::Pending) => {
-            return reply(
-                StatusCode::ACCEPTED,
-                json!({"journey": name, "paused": paused, "pending": true, "error": PENDING}),
-            )
-        }
-        Err(Effect::Failed(r)) => return r,
+        Err(r) => return r,
     };
     tracing::info!(
         "{what} through the API, from {}",
@@ -518,9 +534,6 @@ pub(super) async fn put_journey(
     Query(q): Query<PutJourneyQuery>,
     body: Body,
 ) -> Response {
-    if let Some(r) = single_process(&app) {
-        return r;
-    }
     let restart = match q.migrate.as_deref() {
         None | Some("drain") => false,
         Some("restart") => true,
@@ -535,11 +548,11 @@ pub(super) async fn put_journey(
         Ok(t) => t,
         Err(r) => return r,
     };
+    let _one = match begin(&app).await {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
     let live = &app.live;
-    if live.stopping() {
-        return unavailable("Herald is shutting down; retry against the next start".into());
-    }
-    let _one = live.defs_change.lock().await;
     let (planned, mut changes) = {
         let Ok(defs) = live.defs.read() else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -557,11 +570,14 @@ pub(super) async fn put_journey(
             Err(r) => return refusal(r),
         }
     };
-    // Its sends need templates and channels, as at a start.
-    if let Some(n) = &live.config.notify {
-        let checked = crate::check::load_templates(&n.templates).and_then(|t| {
-            crate::check::check_sends("the journey", &planned.set, &t, Some(&n.channels()))
-        });
+    // Its sends need the running notifier's templates and channels, as at a start.
+    if let (Some(n), Some(notify)) = (&live.config.notify, live.notify.get()) {
+        let checked = crate::check::check_sends(
+            "the journey",
+            &planned.set,
+            &notify.templates,
+            Some(&n.channels()),
+        );
         if let Err(e) = checked {
             return reply(StatusCode::BAD_REQUEST, json!({ "error": e.to_string() }));
         }
@@ -574,13 +590,13 @@ pub(super) async fn put_journey(
     if let Ok(mut s) = live.state.write() {
         s.grow(planned.set.plan.segments.len());
     }
-    let defs_version = match live.defs.write() {
+    let (defs_version, change) = match live.defs.write() {
         Ok(mut d) => (d.commit_journey(planned), d.changes.len() - 1),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
     let what = format!("journey '{name}' version {version}");
     let pending = json!({"journey": name, "version": version});
-    let at = match switch(&app, defs_version, &what, pending).await {
+    let at = match switch(&app, Feed::Define(defs_version), change, &what, pending).await {
         Ok(at) => at,
         Err(r) => return r,
     };
@@ -591,11 +607,7 @@ pub(super) async fn put_journey(
         format_rfc3339_ms(at as i64)
     );
     reply(
-        if created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        },
+        created_or_ok(created),
         json!({
             "journey": name,
             "version": version,

@@ -216,9 +216,6 @@ pub struct Catalog {
     read_by_journeys: Vec<bool>,
     /// Per segment the file declares, its definition there (version 1).
     file_texts: Vec<String>,
-    /// Per journey (by index), the instant of its latest pause or resume through the API
-    /// (None: not yet in force) and whether it is paused; `None`: never changed.
-    paused: Vec<Option<(bool, Option<Time>)>>,
 }
 
 fn entry_of(def: &herald_operators::ast::SegmentDef) -> Entry {
@@ -269,7 +266,6 @@ impl Catalog {
             }
             None => (None, None, Vec::new(), Vec::new()),
         };
-        let paused = vec![None; set.as_ref().map_or(0, |s| s.journeys.len())];
         Catalog {
             file,
             plans: BTreeMap::from([(0, plan.clone())]),
@@ -283,7 +279,6 @@ impl Catalog {
             journey_texts,
             read_by_journeys,
             file_texts,
-            paused,
         }
     }
 
@@ -465,7 +460,6 @@ impl Catalog {
             });
         }
         let set = Arc::new(set);
-        self.paused.resize(set.journeys.len(), None);
         self.read_by_journeys = set.segments_read();
         self.plan = Arc::new(set.plan.clone());
         self.set = Some(set.clone());
@@ -495,14 +489,23 @@ impl Catalog {
         }
     }
 
-    /// Journey `j`'s pause through the API: `(paused, since)` (None: never changed).
+    /// Journey `j`'s pause through the API: `(paused, since)` from its latest pause or
+    /// resume (since: None until it takes effect; None: never changed).
     pub fn pause_of(&self, j: usize) -> Option<(bool, Option<Time>)> {
-        self.paused.get(j).copied().flatten()
+        let name = *self.journey_names().get(j)?;
+        self.changes
+            .iter()
+            .rev()
+            .find(|c| {
+                matches!(c.kind, ChangeKind::PauseJourney | ChangeKind::ResumeJourney)
+                    && c.name == name
+            })
+            .map(|c| (c.kind == ChangeKind::PauseJourney, c.at))
     }
 
     /// The journeys paused, by index.
     pub fn paused_journeys(&self) -> Vec<u16> {
-        (0..self.paused.len())
+        (0..self.journey_names().len())
             .filter(|&j| self.pause_of(j).is_some_and(|(p, _)| p))
             .map(|j| j as u16)
             .collect()
@@ -521,11 +524,8 @@ impl Catalog {
         Ok((j, DefChange::pause(name, paused)))
     }
 
-    /// Puts a planned pause (or resume) of journey `j` in force.
-    pub fn commit_pause(&mut self, j: usize, change: DefChange) {
-        if let Some(p) = self.paused.get_mut(j) {
-            *p = Some((change.kind == ChangeKind::PauseJourney, change.at));
-        }
+    /// Puts a planned pause (or resume) in force.
+    pub fn commit_pause(&mut self, change: DefChange) {
         self.changes.push(change);
     }
 
@@ -709,17 +709,12 @@ impl Catalog {
             return;
         };
         c.at = Some(at);
-        let (segment, name, kind, version) =
-            (c.kind.is_segment(), c.name.clone(), c.kind, c.version);
+        let (name, kind, version) = (c.name.clone(), c.kind, c.version);
         if kind == ChangeKind::Journey {
             self.set_journey_from(&name, version, at);
-        } else if segment {
+        } else if kind.is_segment() {
             if let Some(e) = self.entries.iter_mut().rev().find(|e| e.name == name) {
                 e.at = Some(at);
-            }
-        } else if let Some(j) = self.journey_index(&name) {
-            if let Some(Some((_, since))) = self.paused.get_mut(j) {
-                *since = Some(at);
             }
         }
     }
@@ -759,9 +754,6 @@ impl Catalog {
         self.changes.iter_mut().for_each(|c| clamp(&mut c.at));
         for e in self.entries.iter_mut().filter(|e| e.source == Source::Api) {
             clamp(&mut e.at);
-        }
-        for (_, since) in self.paused.iter_mut().flatten() {
-            clamp(since);
         }
         let journeys: Vec<(String, u32, Option<Time>)> = self
             .changes
@@ -807,9 +799,9 @@ impl Catalog {
             if !c.kind.is_segment() {
                 let paused = c.kind == ChangeKind::PauseJourney;
                 match self.plan_pause(&c.name, paused) {
-                    Ok((j, mut p)) => {
+                    Ok((_, mut p)) => {
                         p.at = c.at.or(at_start);
-                        self.commit_pause(j, p);
+                        self.commit_pause(p);
                     }
                     Err(e) => warnings.push(format!(
                         "the {} of journey '{}' through the API no longer applies to the \
@@ -990,7 +982,7 @@ mod pause_tests {
         ));
         let (j, p) = c.plan_pause("k", true).unwrap();
         assert_eq!(j, 1);
-        c.commit_pause(j, p);
+        c.commit_pause(p);
         c.set_effective(9);
         assert_eq!(c.paused_journeys(), [1]);
         assert_eq!(c.pause_of(1), Some((true, Some(9))));
@@ -1021,11 +1013,11 @@ mod pause_tests {
         );
         // Recorded and replayed: paused again; resumed, it is not. Two changes taken
         // apart: each gets its own instant.
-        let (j, p) = c.plan_pause("j", true).unwrap();
-        c.commit_pause(j, p);
+        let (_, p) = c.plan_pause("j", true).unwrap();
+        c.commit_pause(p);
         let first = c.changes.len() - 1;
-        let (j, p) = c.plan_pause("j", false).unwrap();
-        c.commit_pause(j, p);
+        let (_, p) = c.plan_pause("j", false).unwrap();
+        c.commit_pause(p);
         c.set_effective_of(first, 13);
         assert_eq!(c.changes[first].at, Some(13));
         assert_eq!(c.changes.last().unwrap().at, None, "not taken yet");

@@ -478,8 +478,13 @@ where
     // earlier ones for the instances that entered under them), each from its instant.
     if let (Some(set), true) = (catalog.journey_set(), journeys.is_some()) {
         journeys = Some((**set).clone());
-        // Their sends need templates and channels, as the file's did above.
-        if let (Some(n), Some(t)) = (&config.notify, &templates) {
+        // Versions through the API: their sends need templates and channels, as the
+        // file's did above.
+        let versions = catalog
+            .changes
+            .iter()
+            .any(|c| c.kind == durable::ChangeKind::Journey);
+        if let (Some(n), Some(t), true) = (&config.notify, &templates, versions) {
             crate::check::check_sends(
                 "the journeys changed through the API",
                 set,

@@ -939,7 +939,7 @@ impl Machine {
         };
         let was = std::mem::replace(p, paused);
         if was && !paused {
-            self.resume_overdue(j, t);
+            self.rearm(j, t, false);
         }
     }
 
@@ -1034,22 +1034,24 @@ impl Machine {
             }
         }
         if let Some(at) = at {
+            // The restore armed every timer; only the overdue ones move.
             for j in 0..self.paused.len() {
                 if !self.paused[j] {
-                    self.resume_overdue(j, at);
+                    self.rearm(j, at, true);
                 }
             }
         }
     }
 
-    /// Arms again every timer of journey `j` (the wheel dropped them while it was
-    /// paused), those that fell due before `t` at `t`.
-    fn resume_overdue(&mut self, j: usize, t: Time) {
+    /// Arms again the timers of journey `j` (every one, `overdue`: only those before
+    /// `t`; the wheel dropped them while it was paused), those that fell due before `t`
+    /// at `t`.
+    fn rearm(&mut self, j: usize, t: Time, overdue: bool) {
         for (u, st) in self.users.iter_mut().enumerate() {
             let Some(inst) = st.journeys.get_mut(j).and_then(|x| x.active.as_mut()) else {
                 continue;
             };
-            if inst.wake == NONE {
+            if inst.wake == NONE || (overdue && inst.wake >= t) {
                 continue;
             }
             if inst.wake < t {
